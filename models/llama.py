@@ -1,0 +1,145 @@
+"""Llama-family decoder in Flax NNX: RMSNorm, RoPE (with Llama-3 scaling), GQA, SwiGLU.
+
+Weights are stored [in, out]. Attention is a pluggable function (see `attention.py`), so the same
+model runs with no cache, a contiguous cache, or the paged Pallas kernels of the serving engine.
+The forward can also return the hidden state after one chosen layer: the probe tap of TRAIL.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .attention import AttentionFn, dense_causal_attention
+from .config import ModelConfig, RopeScaling
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> jax.Array:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+    low_wavelen = scaling.original_max_position / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (scaling.original_max_position / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    is_mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return jnp.where(is_mid, blended, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """x [B, T, H, D]; rotate-half convention of Hugging Face Llama."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def _dense(rngs: nnx.Rngs, fan_in: int, fan_out: int, param_dtype) -> nnx.Param:
+    init = nnx.initializers.normal(stddev=fan_in ** -0.5)
+    return nnx.Param(init(rngs.params(), (fan_in, fan_out), param_dtype))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, hd = cfg.d_model, cfg.head_dim
+        self.cfg = cfg
+        self.dtype = dtype
+        self.attn_norm = RMSNorm(d, cfg.norm_eps, param_dtype)
+        self.q_proj = _dense(rngs, d, cfg.n_heads * hd, param_dtype)
+        self.k_proj = _dense(rngs, d, cfg.n_kv_heads * hd, param_dtype)
+        self.v_proj = _dense(rngs, d, cfg.n_kv_heads * hd, param_dtype)
+        self.o_proj = _dense(rngs, cfg.n_heads * hd, d, param_dtype)
+        if cfg.attention_bias:
+            self.q_bias = nnx.Param(jnp.zeros((cfg.n_heads * hd,), param_dtype))
+            self.k_bias = nnx.Param(jnp.zeros((cfg.n_kv_heads * hd,), param_dtype))
+            self.v_bias = nnx.Param(jnp.zeros((cfg.n_kv_heads * hd,), param_dtype))
+        self.mlp_norm = RMSNorm(d, cfg.norm_eps, param_dtype)
+        self.gate_proj = _dense(rngs, d, cfg.ffn_dim, param_dtype)
+        self.up_proj = _dense(rngs, d, cfg.ffn_dim, param_dtype)
+        self.down_proj = _dense(rngs, cfg.ffn_dim, d, param_dtype)
+
+    def _proj(self, x, w, bias_name: str | None = None):
+        y = x @ w[...].astype(self.dtype)
+        if bias_name is not None and self.cfg.attention_bias:
+            y = y + getattr(self, bias_name)[...].astype(self.dtype)
+        return y
+
+    def __call__(self, x, positions, inv_freq, layer_cache, attn_fn: AttentionFn, meta):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        h = self.attn_norm(x)
+        q = self._proj(h, self.q_proj, "q_bias").reshape(b, t, cfg.n_heads, cfg.head_dim)
+        k = self._proj(h, self.k_proj, "k_bias").reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        v = self._proj(h, self.v_proj, "v_bias").reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        attn, layer_cache = attn_fn(q, k, v, layer_cache, meta)
+        x = x + self._proj(attn.reshape(b, t, cfg.n_heads * cfg.head_dim), self.o_proj)
+        h = self.mlp_norm(x)
+        mlp = jax.nn.silu(self._proj(h, self.gate_proj)) * self._proj(h, self.up_proj)
+        return x + self._proj(mlp, self.down_proj), layer_cache
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V], or [B, V] when logits_index is given
+    caches: Any  # the updated per-layer caches (same structure as given)
+    tap: jax.Array | None  # hidden state after layer `tap_layer`: [B, T, d_model]
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs | None = None):
+        param_dtype = param_dtype or dtype
+        rngs = rngs or nnx.Rngs(0)
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (cfg.vocab_size, cfg.d_model),
+                                                             param_dtype))
+        self.layers = nnx.List([Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = _dense(rngs, cfg.d_model, cfg.vocab_size, param_dtype)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, caches: Any = None,
+                 attn_fn: AttentionFn = dense_causal_attention, meta: Any = None,
+                 tap_layer: int | None = None, logits_index: jax.Array | None = None) -> ModelOutput:
+        """tokens/positions [B, T]. `tap_layer` L returns the hidden state after layer L (0-based:
+        L = 0 is the output of the first block). `logits_index` [B] picks one position per row before
+        the LM head, so prefill does not compute logits for every prompt token."""
+        cfg = self.cfg
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        caches = list(caches) if caches is not None else [None] * cfg.n_layers
+        tap = None
+        for i, layer in enumerate(self.layers):
+            x, caches[i] = layer(x, positions, inv_freq, caches[i], attn_fn, meta)
+            if tap_layer is not None and i == tap_layer:
+                tap = x
+        if logits_index is not None:
+            x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
+        x = self.final_norm(x)
+        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.dot(x, head.astype(self.dtype), preferred_element_type=jnp.float32)
+        return ModelOutput(logits, caches, tap)
