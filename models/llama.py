@@ -109,7 +109,8 @@ class ModelOutput(NamedTuple):
 
 
 class Llama(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs | None = None):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=None,
+                 rngs: nnx.Rngs | None = None):
         param_dtype = param_dtype or dtype
         rngs = rngs or nnx.Rngs(0)
         self.cfg = cfg
