@@ -106,6 +106,7 @@ class ModelOutput(NamedTuple):
     logits: jax.Array  # [B, T, V], or [B, V] when logits_index is given
     caches: Any  # the updated per-layer caches (same structure as given)
     tap: jax.Array | None  # hidden state after layer `tap_layer`: [B, T, d_model]
+    # (a tuple of layers gives them stacked: [n_taps, B, T, d_model])
 
 
 class Llama(nnx.Module):
@@ -125,7 +126,8 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, caches: Any = None,
                  attn_fn: AttentionFn = dense_causal_attention, meta: Any = None,
-                 tap_layer: int | None = None, logits_index: jax.Array | None = None) -> ModelOutput:
+                 tap_layer: int | tuple[int, ...] | None = None,
+                 logits_index: jax.Array | None = None) -> ModelOutput:
         """tokens/positions [B, T]. `tap_layer` L returns the hidden state after layer L (0-based:
         L = 0 is the output of the first block). `logits_index` [B] picks one position per row before
         the LM head, so prefill does not compute logits for every prompt token."""
@@ -134,10 +136,19 @@ class Llama(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         caches = list(caches) if caches is not None else [None] * cfg.n_layers
         tap = None
+        # A tuple of layers (probe training sweeps layers in one forward) stacks their states.
+        taps = {} if isinstance(tap_layer, tuple) else None
         for i, layer in enumerate(self.layers):
             x, caches[i] = layer(x, positions, inv_freq, caches[i], attn_fn, meta)
-            if tap_layer is not None and i == tap_layer:
+            if taps is not None and i in tap_layer:
+                taps[i] = x
+            elif tap_layer is not None and i == tap_layer:
                 tap = x
+        if taps is not None:
+            missing = [t for t in tap_layer if t not in taps]
+            if missing:
+                raise ValueError(f"tap layers {missing} out of range for {cfg.n_layers} layers")
+            tap = jnp.stack([taps[t] for t in tap_layer])
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
         x = self.final_norm(x)

@@ -24,6 +24,7 @@ class EngineStats:
     # token-aware routing: prompt tokens + predicted remaining tokens of every unfinished request
     outstanding_tokens: float = 0.0
     finished_by_reason: dict[str, int] = field(default_factory=dict)
+    steps: int = 0  # engine steps run so far (lets tests bound how fast a cancel frees resources)
 
 
 @dataclass

@@ -1,0 +1,261 @@
+"""Benchmark the paged-attention kernels on the GPU against JAX's kernel, the jnp reference, the
+HBM copy ceiling and dense causal flash attention. Writes benchmarks/results/kernels.json (and a copy
+under $OUT when set).
+
+    python benchmarks/kernels.py [--quick]
+
+Timing: each op runs K times inside one jitted fori_loop (its output feeds the next call's query, so
+nothing is hoisted) and alternates between two disjoint sets of pages so the KV working set is
+2x the shape's cache (past L2); median over repeats of (wall time / K) after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jtrail.kernels import reference
+from jtrail.kernels.paged_attention_gpu import decode_attention_pallas, prefill_attention_pallas_gpu
+
+HQ, HKV, D, PAGE, DT = 32, 8, 128, 16, jnp.bfloat16
+
+
+def bench(fn, *args, iters: int = 20, reps: int = 7) -> float:
+    """Median seconds per call of fn(q, tables, *rest) -> q-shaped, chained `iters` times in one jit.
+
+    The chain is unrolled in Python (an XLA while loop on GPU syncs with the host every trip, which
+    would add ~10 us to every call); each call's output is the next call's query.
+    """
+
+    @jax.jit
+    def loop(q, tables, *rest):
+        for i in range(iters):
+            q = fn(q, tables[i % 2], *rest).astype(q.dtype)
+        return q
+
+    jax.block_until_ready(loop(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(loop(*args))
+        times.append((time.perf_counter() - t0) / iters)
+    return float(np.median(times))
+
+
+def copy_bandwidth(iters: int = 10) -> float:
+    """Read+write bytes per second of a chained elementwise op over 1 GiB of bf16."""
+    x = jax.random.normal(jax.random.key(0), (512 * 1024 * 1024,), jnp.bfloat16)
+
+    @jax.jit
+    def f(x):
+        for _ in range(iters):
+            x = x * 1.0001
+        return x
+
+    jax.block_until_ready(f(x))
+    ts = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x))
+        ts.append((time.perf_counter() - t0) / iters)
+    return 2 * x.nbytes / float(np.median(ts))
+
+
+def make_cache(key, b: int, ctx: int):
+    """Two disjoint block-table sets over one shuffled cache; returns (k, v, tables [2, B, P])."""
+    p = ctx // PAGE
+    num_pages = 2 * b * p + 1
+    kk, kv, kp = jax.random.split(key, 3)
+    k = jax.random.normal(kk, (HKV, num_pages, PAGE, D), DT)
+    v = jax.random.normal(kv, (HKV, num_pages, PAGE, D), DT)
+    perm = jax.random.permutation(kp, num_pages - 1)[: 2 * b * p] + 1  # page 0 stays null
+    return k, v, perm.reshape(2, b, p).astype(jnp.int32)
+
+
+def rel_err(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def decode_rows(b: int, ctx: int, copy_bw: float, variants: list[dict]) -> list[dict]:
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+    k, v, tables = make_cache(jax.random.key(b * ctx), b, ctx)
+    q = jax.random.normal(jax.random.key(1), (b, HQ, D), DT)
+    lengths = jnp.full((b,), ctx, jnp.int32)
+    nbytes = 2 * b * ctx * HKV * D * 2 + 2 * q.nbytes
+    scale = D**-0.5
+    ref = reference.decode_attention(q, k, v, lengths, tables[0])
+    t_jax = bench(lambda q, t, k, v, n: paged_attention(q * scale, k, v, t, n), q, tables, k, v, lengths)
+    t_ref = bench(lambda q, t, k, v, n: reference.decode_attention(q, k, v, n, t), q, tables, k, v, lengths)
+    rows = []
+    for var in variants:
+        try:
+            f = lambda q, t, k, v, n, var=var: decode_attention_pallas(q, k, v, n, t, **var)
+            err = rel_err(f(q, tables[0], k, v, lengths), ref)
+            t = bench(f, q, tables, k, v, lengths)
+        except Exception as e:  # a variant that fails to compile is reported, not fatal
+            print(f"decode b{b} ctx{ctx} {var}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        rows.append(dict(kind="decode", batch=b, ctx=ctx, variant=var, us=t * 1e6, rel_err=err,
+                         tb_s=nbytes / t / 1e12, copy_frac=nbytes / t / copy_bw,
+                         jax_us=t_jax * 1e6, speedup_vs_jax=t_jax / t, ref_us=t_ref * 1e6,
+                         speedup_vs_ref=t_ref / t))
+        print(f"decode b{b:4d} ctx{ctx:5d} {str(var):60s} {t*1e6:8.1f}us {rows[-1]['tb_s']:.2f}TB/s "
+              f"copy {rows[-1]['copy_frac']:.2f} vsJAX {t_jax/t:.2f}x vsRef {t_ref/t:.2f}x err {err:.1e}",
+              flush=True)
+    return rows
+
+
+def prefill_rows(b: int, t_len: int, variants: list[dict]) -> list[dict]:
+    k, v, tables = make_cache(jax.random.key(7), b, t_len)
+    q = jax.random.normal(jax.random.key(2), (b, t_len, HQ, D), DT)
+    q_start = jnp.zeros((b,), jnp.int32)
+    q_lens = jnp.full((b,), t_len, jnp.int32)
+    kd = jax.random.normal(jax.random.key(3), (b, t_len, HKV, D), DT)
+    vd = jax.random.normal(jax.random.key(4), (b, t_len, HKV, D), DT)
+    impl = "cudnn"
+    try:
+        dense = lambda q, t, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                implementation="cudnn")
+        t_dense = bench(dense, q, tables, kd, vd)
+    except Exception as e:
+        print("cudnn flash unavailable:", type(e).__name__, str(e)[:200])
+        impl = "xla"
+        dense = lambda q, t, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        t_dense = bench(dense, q, tables, kd, vd)
+    ref = reference.prefill_attention(q, k, v, q_start, q_lens, tables[0])
+    flops = 4 * b * HQ * D * t_len * (t_len + 1) / 2
+    rows = []
+    for var in variants:
+        try:
+            f = lambda q, t, k, v, var=var: prefill_attention_pallas_gpu(q, k, v, q_start, q_lens, t, **var)
+            err = rel_err(f(q, tables[0], k, v), ref)
+            t = bench(f, q, tables, k, v, iters=5, reps=5)
+        except Exception as e:
+            print(f"prefill b{b} T{t_len} {var}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        rows.append(dict(kind="prefill", batch=b, ctx=t_len, variant=var, us=t * 1e6, rel_err=err,
+                         tflops=flops / t / 1e12, dense_impl=impl, dense_us=t_dense * 1e6,
+                         time_vs_dense=t / t_dense))
+        print(f"prefill b{b} T{t_len} {str(var):50s} {t*1e6:8.1f}us {flops/t/1e12:6.1f}TFLOP/s "
+              f"dense[{impl}] {t_dense*1e6:8.1f}us ratio {t/t_dense:.2f} err {err:.1e}", flush=True)
+    return rows
+
+
+def gpu_check() -> dict:
+    """Correctness on the GPU itself: ragged lengths, every slot outside a sequence is NaN."""
+    from jtrail.kernels import ops
+
+    out = {}
+    rng = np.random.default_rng(0)
+    for dt in (jnp.float32, jnp.bfloat16):
+        for hq, hkv, d in ((32, 8, 128), (9, 3, 64), (8, 8, 64)):
+            b, p = 5, 9
+            lens = np.array([1, PAGE, PAGE + 1, p * PAGE, 37])
+            num_pages = b * p + 3
+            k = np.full((hkv, num_pages, PAGE, d), np.nan, np.float32)
+            v = k.copy()
+            tables = (rng.permutation(num_pages - 1)[: b * p] + 1).reshape(b, p).astype(np.int32)
+            for i, n in enumerate(lens):
+                for pos in range(n):
+                    pg, off = tables[i, pos // PAGE], pos % PAGE
+                    k[:, pg, off] = rng.standard_normal((hkv, d))
+                    v[:, pg, off] = rng.standard_normal((hkv, d))
+                tables[i, -(-n // PAGE):] = 0  # unused entries point at the (NaN) null page
+            k, v, tables = jnp.asarray(k, dt), jnp.asarray(v, dt), jnp.asarray(tables)
+            q = jnp.asarray(rng.standard_normal((b, hq, d)), dt)
+            lj = jnp.asarray(lens, jnp.int32)
+            r = reference.decode_attention(q, k, v, lj, tables, softcap=30.0)
+            o = ops.decode_attention(q, k, v, lj, tables, softcap=30.0, impl="pallas")
+            out[f"decode_{np.dtype(dt).name}_{hq}_{hkv}_{d}"] = rel_err(o, r)
+            for ns in (2, 4):
+                o = ops.decode_attention(q, k, v, lj, tables, impl="pallas", num_splits=ns,
+                                         pages_per_block=2)
+                r = reference.decode_attention(q, k, v, lj, tables)
+                out[f"decode_split{ns}_{np.dtype(dt).name}_{hq}_{hkv}_{d}"] = rel_err(o, r)
+            t = 24
+            qp = jnp.asarray(rng.standard_normal((b, t, hq, d)), dt)
+            qs = jnp.asarray(np.maximum(lens - 20, 0), jnp.int32)
+            ql = jnp.asarray(np.minimum(lens, 20), jnp.int32)
+            r = reference.prefill_attention(qp, k, v, qs, ql, tables)
+            o = ops.prefill_attention(qp, k, v, qs, ql, tables, impl="pallas")
+            out[f"prefill_{np.dtype(dt).name}_{hq}_{hkv}_{d}"] = rel_err(o, r)
+            kn = jnp.asarray(rng.standard_normal((6, hkv, d)), dt)
+            sm = jnp.asarray([3, -1, 17, 40, -5, 2], jnp.int32)
+            rk, rv = reference.write_kv(k, v, kn, kn * 2, sm)
+            ok, ov = ops.write_kv(jnp.array(k), jnp.array(v), kn, kn * 2, sm, impl="pallas")
+            same = np.array_equal(np.asarray(ok, np.float32), np.asarray(rk, np.float32), equal_nan=True)
+            same_v = np.array_equal(np.asarray(ov, np.float32), np.asarray(rv, np.float32), equal_nan=True)
+            out[f"write_kv_{np.dtype(dt).name}_{hq}_{hkv}_{d}_exact"] = bool(same and same_v)
+    for name, val in out.items():
+        print(f"check {name}: {val}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    checks = gpu_check()
+    bw = copy_bandwidth()
+    print(f"device {jax.devices()[0].device_kind}  jax {jax.__version__}  copy bw {bw/1e12:.2f} TB/s")
+    dv = [dict(pages_per_block=p, num_splits=s, num_warps=w) for p in (4, 8) for s in (1, 2)
+          for w in (4, 8)]
+    if args.quick:
+        dv = dv[:2]
+    table = decode_rows(64, 512, bw, dv)
+    lv = [dict(pages_per_block=8, num_splits=s, num_warps=4) for s in (1, 2, 4)]
+    for b, ctx in ((32, 2048), (64, 2048), (32, 4096), (128, 1024), (8, 4096)):
+        table += decode_rows(b, ctx, bw, lv)
+    pv = [dict(block_t=bt, pages_per_block=p, num_warps=w) for bt in (16, 32) for p in (2, 4) for w in (4, 8)]
+    table += prefill_rows(4, 1024, pv)
+
+    def best(kind, pred):
+        rs = [r for r in table if r["kind"] == kind and pred(r)]
+        groups = {}
+        for r in rs:  # best variant per shape
+            key = (r["batch"], r["ctx"])
+            if key not in groups or r["us"] < groups[key]["us"]:
+                groups[key] = r
+        return list(groups.values())
+
+    bar1 = best("decode", lambda r: r["batch"] == 64 and r["ctx"] == 512)
+    bar2 = best("decode", lambda r: r["batch"] >= 32 and r["ctx"] >= 2048)
+    bar3 = best("prefill", lambda r: True)
+    bars = dict(
+        decode_speedup_vs_jax=bar1[0]["speedup_vs_jax"] if bar1 else None,
+        decode_bw_fraction_long=min(r["copy_frac"] for r in bar2) if bar2 else None,
+        prefill_time_vs_dense_flash=max(r["time_vs_dense"] for r in bar3) if bar3 else None,
+    )
+    res = dict(command="python benchmarks/kernels.py " + " ".join(sys.argv[1:]),
+               device=jax.devices()[0].device_kind, jax_version=jax.__version__,
+               date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+               git_commit=os.environ.get("GIT_COMMIT") or _git_commit(),
+               copy_bw_tb_s=bw / 1e12, shapes=dict(hq=HQ, hkv=HKV, d=D, page=PAGE, dtype="bfloat16"),
+               checks=checks, table=table, best=bar1 + best("decode", lambda r: True) + bar3, bars=bars)
+    print(json.dumps(bars))
+    for d in ("benchmarks/results", os.environ.get("OUT")):
+        if d:
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, "kernels.json"), "w") as fh:
+                json.dump(res, fh, indent=1)
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""`jtrail.LLM`: offline generation API (vLLM-style `generate` and `chat`).
+
+The API validates requests and turns text into ids; a backend turns ids into tokens. Today the backend
+is the simple batched generator of `jtrail.models.generate`; the serving engine plugs in later behind
+the same `Backend` protocol without changing this file's public surface.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import jax.numpy as jnp
+
+from jtrail.models.generate import GenerationResult, Generator
+from jtrail.models.loader import LoadedModel, load_model
+from jtrail.serving.sequence import FinishReason, InvalidRequestError, SamplingParams
+
+Message = dict[str, str]
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class Completion:
+    prompt: str | None  # the prompt text (after the chat template for chat()); None for id prompts
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class Backend(Protocol):
+    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+                 progress: bool = True) -> list[GenerationResult]: ...
+
+
+class LLM:
+    """Load a model (None = the embedded SmolLM2-135M-Instruct GGUF) and generate from it."""
+
+    def __init__(self, model: str | os.PathLike | None = None, dtype=jnp.float32, max_batch: int = 16,
+                 backend: Backend | None = None, progress: bool = True):
+        self.loaded: LoadedModel = load_model(model, dtype=dtype, progress=progress)
+        self.cfg = self.loaded.cfg
+        self.tokenizer = self.loaded.tokenizer
+        self.backend: Backend = backend or Generator(self.loaded.model, self.tokenizer, max_batch=max_batch)
+        self.progress = progress
+
+    def _params(self, params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * n
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        params = list(params)
+        if len(params) != n:
+            raise InvalidRequestError("sampling_params", f"got {len(params)} for {n} prompts")
+        for p in params:
+            if not isinstance(p, SamplingParams):
+                raise InvalidRequestError("sampling_params", f"expected SamplingParams, got {type(p).__name__}")
+        return params
+
+    def _check_ids(self, ids: list[int], p: SamplingParams) -> None:
+        if not ids:
+            raise InvalidRequestError("prompt", "prompt is empty")
+        if len(ids) >= self.cfg.max_seq_len:
+            raise InvalidRequestError("prompt", f"{len(ids)} tokens do not fit the {self.cfg.max_seq_len}-token "
+                                                f"context with room to generate")
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise InvalidRequestError("prompt", f"token ids out of range [0, {self.cfg.vocab_size}): {bad[:5]}")
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """Complete each prompt (text, or a list of token ids); returns one Completion per prompt, in order."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise InvalidRequestError("prompts", "no prompts given")
+        params = self._params(sampling_params, len(prompts))
+        texts: list[str | None] = []
+        ids: list[list[int]] = []
+        for pr in prompts:
+            if isinstance(pr, str):
+                if not pr.strip():
+                    raise InvalidRequestError("prompt", "prompt is empty")
+                texts.append(pr)
+                ids.append(self.tokenizer.encode(pr))
+            else:
+                texts.append(None)
+                ids.append([int(t) for t in pr])
+        for i, p in zip(ids, params, strict=True):
+            self._check_ids(i, p)
+        results = self.backend.generate(ids, params, progress=self.progress)
+        return [Completion(t, r.text, r.token_ids, FinishReason(r.finish_reason), r.prompt_tokens)
+                for t, r in zip(texts, results, strict=True)]
+
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        if not messages:
+            raise InvalidRequestError("messages", "conversation is empty")
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise InvalidRequestError("messages", f"each message needs 'role' and 'content', got {m!r}")
+            if m["role"] not in _ROLES:
+                raise InvalidRequestError("messages", f"unknown role {m['role']!r}; expected one of {_ROLES}")
+        if not any(str(m["content"]).strip() for m in messages if m["role"] == "user"):
+            raise InvalidRequestError("messages", "no non-empty user message")
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        except ValueError as e:  # ChatTemplateError: the template itself rejected the conversation
+            raise InvalidRequestError("messages", str(e)) from e
+
+    def chat(self, messages: Sequence[Message] | Sequence[Sequence[Message]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """One conversation ([{"role", "content"}, ...]) or a list of them; answers each with the
+        checkpoint's chat template."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if not convs:
+            raise InvalidRequestError("messages", "no conversations given")
+        rendered = [self.render_chat(c) for c in convs]  # type: ignore[arg-type]
+        # Special tokens in the template (<|im_start|>) are matched by the tokenizer as added tokens.
+        return self.generate(rendered, sampling_params)

@@ -1,0 +1,195 @@
+"""`jtrail serve` and `jtrail client`: run the gRPC server, or stream one answer from it.
+
+    jtrail serve --host 127.0.0.1 --port 50051 --policy trail
+    jtrail client "What is the capital of France?" --max-tokens 32
+
+`python -m jtrail.serve ...` runs `serve` directly (the tests start the server this way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from jtrail.serving.engine_api import AsyncEngine
+
+log = logging.getLogger("jtrail.serve")
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one")
+    p.add_argument("--model", default=None, help="GGUF file, HF directory or named shape (default: "
+                   "the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--policy", default="fcfs", help="scheduling policy name (fcfs, priority, trail, ...)")
+    p.add_argument("--probe", default=None,
+                   help="probe head directory; 'none' disables (default: the shipped probe)")
+    p.add_argument("--slots", type=int, default=8, help="batch slots")
+    p.add_argument("--pages", type=int, default=512, help="KV cache pages")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    p.add_argument("--max-context", type=int, default=2048, help="max prompt + output tokens")
+    p.add_argument("--max-queue", type=int, default=1024, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of a request")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus HTTP port (0: free port)")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds to drain streams on shutdown")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="devices to shard the model over")
+    p.add_argument("--mock", action="store_true", help="serve fake tokens with no model (for tests)")
+    p.add_argument("--mock-step-delay", type=float, default=0.002, help="mock engine seconds per step")
+
+
+def check_policy(name: str) -> None:
+    """Fail fast, before loading any model, on a policy name the scheduler does not know."""
+    try:
+        from jtrail.serving.scheduler.registry import make_policy
+    except ImportError:  # the registry is not there yet: only fcfs exists
+        if name != "fcfs":
+            raise ValueError(f"unknown policy {name!r} (available: 'fcfs')") from None
+        return
+    try:
+        make_policy(name)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"unknown policy {name!r}: {e}") from None
+
+
+def build_engine(args: argparse.Namespace) -> AsyncEngine:
+    if args.mock:
+        from jtrail.serving.mock_engine import MockEngine, MockEngineConfig
+
+        return MockEngine(MockEngineConfig(
+            num_slots=args.slots, num_pages=args.pages, page_size=args.page_size, max_queue=args.max_queue,
+            step_delay_s=args.mock_step_delay, max_context=args.max_context, policy=args.policy))
+    return build_real_engine(args)
+
+
+def build_real_engine(args: argparse.Namespace) -> AsyncEngine:
+    """The model-backed engine: loader -> LLMEngine -> AsyncLLMEngine (imported lazily: JAX is slow)."""
+    try:  # first, so a missing engine fails before the slow model load
+        from jtrail.serving.async_engine import AsyncLLMEngine
+    except ImportError as e:
+        raise RuntimeError(f"the model-backed engine is not available ({e}); use --mock") from e
+    from jtrail.models.loader import load_model
+    from jtrail.serving.engine import EngineConfig, LLMEngine
+
+    loaded = load_model(args.model)
+    model = loaded.model
+    if args.tensor_parallel > 1:
+        from jtrail.models.sharding import check_tp_compatible, make_mesh, shard_model
+
+        check_tp_compatible(loaded.cfg, args.tensor_parallel)
+        model = shard_model(model, make_mesh(args.tensor_parallel))
+    probe, predictor = _load_probe(args.probe, default_model=args.model is None)
+    cfg = EngineConfig(num_slots=args.slots, num_pages=args.pages, page_size=args.page_size,
+                       max_model_len=args.max_context, policy=args.policy, max_queue=args.max_queue)
+    engine = LLMEngine(model, loaded.tokenizer, cfg, probe=probe, predictor=predictor)
+    return AsyncLLMEngine(engine)
+
+
+def _load_probe(spec: str | None, default_model: bool) -> tuple[object | None, object | None]:
+    """(probe head, TRAIL predictor) from `spec`; with no spec, the shipped probe for the embedded model.
+
+    `--probe none` turns length prediction off (fcfs/priority do not need it)."""
+    from pathlib import Path
+
+    from jtrail.models.probe_io import default_probe_path, load_probe
+    from jtrail.serving.predictor import TrailPredictor
+
+    if spec is not None and spec.lower() == "none":
+        return None, None
+    path = Path(spec) if spec else default_probe_path()
+    if spec is None and (not default_model or not path.exists()):
+        log.warning("no probe: length prediction is off (pass --probe PATH)")
+        return None, None
+    head, pcfg, _ = load_probe(path)
+    return head, TrailPredictor(pcfg.bin_edges, pcfg.midpoints)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    from jtrail.serving.server import JtrailServer, ServerConfig
+
+    engine = build_engine(args)
+    server = JtrailServer(engine, ServerConfig(
+        host=args.host, port=args.port, metrics_port=args.metrics_port, grace_s=args.grace,
+        default_max_tokens=args.max_tokens, max_queue=args.max_queue))
+    server.on_started = lambda: print(  # one parseable line: scripts and tests wait for it
+        f"jtrail: serving on {args.host}:{server.port} metrics_port={server.metrics_port}", flush=True)
+    await server.serve_forever()
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        check_policy(args.policy)
+        for name in ("slots", "pages", "page_size", "max_queue", "max_context", "tensor_parallel"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        asyncio.run(_serve(args))
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"jtrail serve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", default=None, help="prompt text (sent as a chat user message)")
+    p.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
+    p.add_argument("--raw", action="store_true", help="send the prompt as plain text, not chat")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument("--info", action="store_true", help="print server info and health, then exit")
+
+
+def run_client(args: argparse.Namespace) -> int:
+    import grpc
+
+    from jtrail.client import Client
+
+    with Client(args.target) as c:
+        try:
+            if args.info or args.prompt is None:
+                print(f"health: {c.health()}")
+                print(c.server_info(), end="")
+                return 0
+            prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
+            last = None
+            for d in c.generate(prompt, timeout=args.timeout, max_tokens=args.max_tokens,
+                                temperature=args.temperature, top_p=args.top_p, seed=args.seed):
+                print(d.text, end="", flush=True)
+                last = d
+            if last is not None:
+                print(f"\n[{last.finish_reason}; prompt {last.prompt_tokens} tokens, "
+                      f"completion {last.completion_tokens} tokens]", file=sys.stderr)
+        except grpc.RpcError as e:
+            print(f"jtrail client: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    """Register `jtrail serve` on the CLI's subparsers."""
+    p = sub.add_parser("serve", help="run the gRPC server (default: embedded SmolLM2 on 127.0.0.1:50051)")
+    add_serve_args(p)
+    p.set_defaults(func=run_serve)
+
+
+def add_client(sub: argparse._SubParsersAction) -> None:
+    """Register `jtrail client` on the CLI's subparsers."""
+    p = sub.add_parser("client", help="send a prompt to a jtrail server and stream the answer")
+    add_client_args(p)
+    p.set_defaults(func=run_client)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="jtrail serve", description="Run the jtrail gRPC server.")
+    add_serve_args(p)
+    return run_serve(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

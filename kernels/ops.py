@@ -1,0 +1,82 @@
+"""Dispatchers: the engine calls these; `impl` picks the kernel.
+
+impl:
+  "auto"             Pallas on gpu/tpu, the jnp reference on cpu (Pallas needs interpret mode there).
+  "pallas"           Pallas, lowered for jax.default_backend() (Triton on gpu, Mosaic on tpu).
+  "pallas_interpret" the GPU-style Pallas kernels run in interpret mode (any backend; tests).
+  "tpu_interpret"    the TPU (Mosaic) kernels run in Pallas TPU interpret mode (tests on cpu).
+  "reference"        plain jnp (kernels/reference.py).
+Signatures and layout: see kernels/reference.py.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from . import reference
+
+IMPLS = ("auto", "pallas", "pallas_interpret", "tpu_interpret", "reference")
+
+
+def _resolve(impl: str) -> tuple[str, bool]:
+    """-> (backend family "gpu" | "tpu" | "reference", interpret flag)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    backend = jax.default_backend()
+    if impl == "reference" or (impl == "auto" and backend not in ("gpu", "tpu")):
+        return "reference", False
+    if impl == "pallas_interpret":
+        return "gpu", True
+    if impl == "tpu_interpret":
+        return "tpu", True
+    if backend not in ("gpu", "tpu"):
+        raise ValueError(f"impl='pallas' needs a gpu or tpu backend, got {backend!r}; "
+                         "use 'pallas_interpret' on cpu")
+    return backend, False
+
+
+def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, *, impl: str = "auto"):
+    """Scatter new K/V tokens into their page slots (see reference.write_kv)."""
+    fam, interpret = _resolve(impl)
+    if fam == "reference":
+        return reference.write_kv(k_pages, v_pages, k_new, v_new, slot_mapping)
+    from .kv_write import write_kv_pallas
+
+    return write_kv_pallas(k_pages, v_pages, k_new, v_new, slot_mapping,
+                           backend=fam, interpret=interpret)
+
+
+def decode_attention(q, k_pages, v_pages, lengths, block_tables, *, scale=None, softcap=None,
+                     impl: str = "auto", **tuning):
+    """One query token per sequence over its pages (see reference.decode_attention)."""
+    fam, interpret = _resolve(impl)
+    if fam == "reference":
+        return reference.decode_attention(q, k_pages, v_pages, lengths, block_tables,
+                                          scale=scale, softcap=softcap)
+    if fam == "tpu":
+        from .paged_attention_tpu import decode_attention_tpu
+
+        return decode_attention_tpu(q, k_pages, v_pages, lengths, block_tables, scale=scale,
+                                    softcap=softcap, interpret=interpret, **tuning)
+    from .paged_attention_gpu import decode_attention_pallas
+
+    return decode_attention_pallas(q, k_pages, v_pages, lengths, block_tables, scale=scale,
+                                   softcap=softcap, interpret=interpret, **tuning)
+
+
+def prefill_attention(q, k_pages, v_pages, q_start, q_lens, block_tables, *, scale=None,
+                      softcap=None, impl: str = "auto", **tuning):
+    """A chunk of queries per sequence, causal over its pages (see reference.prefill_attention)."""
+    fam, interpret = _resolve(impl)
+    if fam == "reference":
+        return reference.prefill_attention(q, k_pages, v_pages, q_start, q_lens, block_tables,
+                                           scale=scale, softcap=softcap)
+    if fam == "tpu":
+        from .paged_attention_tpu import prefill_attention_tpu
+
+        return prefill_attention_tpu(q, k_pages, v_pages, q_start, q_lens, block_tables,
+                                     scale=scale, softcap=softcap, interpret=interpret, **tuning)
+    from .paged_attention_gpu import prefill_attention_pallas_gpu
+
+    return prefill_attention_pallas_gpu(q, k_pages, v_pages, q_start, q_lens, block_tables,
+                                        scale=scale, softcap=softcap, interpret=interpret, **tuning)

@@ -1,0 +1,152 @@
+"""Shared machinery of the rank-ordered policies (priority, srpt-oracle, trail, gittins).
+
+Each policy defines `rank(seq)` (lower runs first; in tokens for the length-aware ones). This class
+turns a rank into a full policy:
+- waiting queue ordered by (rank aged by waiting time, arrival time, request id);
+- admission into free slots in that order, optionally memory-aware (memory.py);
+- limited preemption (TRAIL): when the batch is full, the best waiting request may preempt the
+  running request with the largest rank among those still preemptible (generated <= c x initial
+  prediction; c = inf: always, c = 0: never), only if that rank exceeds the waiting one's by more
+  than `margin`; requests past the cutoff are never preempted;
+- victim choice when memory runs out: "recent" (vLLM), "least_work" or "longest";
+- preemption-rate reporting (`stats`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..sequence import InvalidRequestError, Sequence
+from .aging import Aging
+from .base import Decision, Policy, SchedulerState
+from .memory import MemoryGuard, least_work_victim
+from .waitqueue import WaitIndex
+
+VICTIM_RULES = ("recent", "least_work", "longest")
+
+
+@dataclass
+class PolicyStats:
+    schedule_calls: int = 0
+    admissions_proposed: int = 0
+    preemptions: int = 0  # decided in schedule()
+    victims: int = 0  # chosen in choose_victim() when memory ran out
+
+    @property
+    def preemption_rate(self) -> float:
+        """Preemptions (both kinds) per proposed admission."""
+        return (self.preemptions + self.victims) / max(self.admissions_proposed, 1)
+
+
+class RankedPolicy(Policy):
+    name = "ranked"
+
+    def __init__(self, *, c: float = math.inf, margin: float = 0.0, aging: float = 0.0,
+                 memory: MemoryGuard | None = None, victim: str = "recent", unknown_rank: float = 0.0,
+                 preempt: bool = True):
+        if not c >= 0:
+            raise InvalidRequestError("c", f"must be >= 0, got {c!r}")
+        if not margin >= 0:
+            raise InvalidRequestError("margin", f"must be >= 0, got {margin!r}")
+        if victim not in VICTIM_RULES:
+            raise InvalidRequestError("victim", f"must be one of {VICTIM_RULES}, got {victim!r}")
+        self.c, self.margin, self.victim = float(c), float(margin), victim
+        self.aging = Aging(float(aging))
+        self.memory = memory
+        self.unknown_rank = float(unknown_rank)
+        self.preempt = preempt and self.c > 0
+        self.stats = PolicyStats()
+        self._index = WaitIndex(self._key)
+
+    # --- ranks ---------------------------------------------------------------------------------------
+    def rank(self, seq: Sequence) -> float:
+        """Lower runs first. Must not change while the sequence waits."""
+        p = seq.predicted_remaining
+        return self.unknown_rank if p is None else float(p)
+
+    def _key(self, seq: Sequence) -> tuple:
+        return (self.aging.static_key(self.rank(seq), seq.arrival_time), seq.arrival_time, seq.request_id)
+
+    def preemptible(self, seq: Sequence) -> bool:
+        if not self.preempt:
+            return False
+        if self.c == math.inf:
+            return True
+        init = seq.initial_prediction
+        return init is not None and seq.num_generated <= self.c * init
+
+    # --- the interface -------------------------------------------------------------------------------
+    def schedule(self, state: SchedulerState) -> Decision:
+        self.stats.schedule_calls += 1
+        ordered = self._index.ordered(state.waiting)
+        admit: list[Sequence] = []
+        free = state.free_slots
+        budget = None
+        if self.memory is not None and state.waiting:
+            budget = self.memory.budget(state.running, state.free_pages, state.total_pages, state.page_size)
+        nxt = None
+        for w in ordered:
+            if free <= 0:
+                nxt = w
+                break
+            if budget is not None:
+                need = self.memory.admission_pages(w, state.page_size)
+                if need > budget and (state.running or admit):
+                    break  # keep the order: nothing jumps a request that does not fit yet
+                budget -= need
+            admit.append(w)
+            free -= 1
+        preempt: list[Sequence] = []
+        if nxt is not None and self.preempt and state.running:
+            preempt = self._preemptions(nxt, ordered, state, admit)
+        ordered.close()  # puts the consumed heap entries back
+        self._index.watch(admit)
+        self._index.watch(preempt)
+        self.stats.admissions_proposed += len(admit)
+        self.stats.preemptions += len(preempt)
+        return Decision(preempt=preempt, admit=admit)
+
+    def _preemptions(self, first: Sequence, rest, state: SchedulerState,
+                     admit: list[Sequence]) -> list[Sequence]:
+        cands = [r for r in state.running if self.preemptible(r)]
+        if not cands:
+            return []
+        # waiting ranks only get worse down the queue, so one failed comparison ends the search
+        if not self._beats(first, max(cands, key=self.rank), state.now):
+            return []
+        cands.sort(key=self.rank, reverse=True)
+        out: list[Sequence] = []
+        w: Sequence | None = first
+        for r in cands:
+            if w is None:
+                break
+            if not self._beats(w, r, state.now):
+                break
+            out.append(r)
+            admit.append(w)
+            w = next(rest, None)
+        return out
+
+    def _beats(self, waiting: Sequence, running: Sequence, now: float) -> bool:
+        """Whether `waiting` (aged rank) may take `running`'s slot: strictly better by > margin."""
+        aged = self.aging.effective(self.rank(waiting), waiting.arrival_time, now)
+        return self.rank(running) > aged + self.margin
+
+    def choose_victim(self, running: list[Sequence], now: float) -> Sequence:
+        if self.victim == "least_work":
+            v = least_work_victim(running)
+        elif self.victim == "longest":
+            pool = [r for r in running if self.preemptible(r)] or running
+            v = max(pool, key=lambda s: (self.rank(s), s.arrival_time))
+        else:
+            v = super().choose_victim(running, now)
+        self.stats.victims += 1
+        self._index.watch([v])
+        return v
+
+    def on_arrival(self, seq: Sequence, now: float) -> None:
+        self._index.add(seq)
+
+    def on_finish(self, seq: Sequence, now: float) -> None:
+        self._index.discard(seq)

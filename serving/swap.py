@@ -1,0 +1,67 @@
+"""Swap preemption: copy a sequence's KV pages to host memory and back.
+
+Page lists are padded to a power-of-two bucket (pads point at the null page 0), so the jitted
+gather / scatter compile once per bucket, not once per sequence length. Swap-in donates the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .block_manager import NULL_PAGE
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclass
+class SwappedKV:
+    """Host copy of one sequence's pages: [n_layers, 2 (k/v), Hkv, n_pages, page_size, D]."""
+
+    data: np.ndarray
+    num_pages: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+
+class Swapper:
+    def __init__(self) -> None:
+        self.trace_count = 0
+        self._gather = jax.jit(self._gather_impl)
+        self._scatter = jax.jit(self._scatter_impl, donate_argnums=(0,))
+
+    def _gather_impl(self, caches, pages):
+        self.trace_count += 1
+        return jnp.stack([jnp.stack([k[:, pages], v[:, pages]]) for k, v in caches])
+
+    def _scatter_impl(self, caches, pages, data):
+        self.trace_count += 1
+        # Pads target the null page; their content is never read, so the duplicate writes are harmless.
+        return [(k.at[:, pages].set(data[i, 0].astype(k.dtype)), v.at[:, pages].set(data[i, 1].astype(v.dtype)))
+                for i, (k, v) in enumerate(caches)]
+
+    def _padded(self, pages: list[int]) -> np.ndarray:
+        out = np.full((_bucket(len(pages)),), NULL_PAGE, np.int32)
+        out[:len(pages)] = pages
+        return out
+
+    def swap_out(self, caches, pages: list[int]) -> SwappedKV:
+        """Copy `pages` (in block-table order) to host; the caller then frees them."""
+        data = np.asarray(jax.device_get(self._gather(caches, self._padded(pages))))
+        return SwappedKV(data[:, :, :, :len(pages)].copy(), len(pages))
+
+    def swap_in(self, caches, pages: list[int], saved: SwappedKV):
+        """Write the saved KV into freshly allocated `pages`; returns the new caches."""
+        if len(pages) != saved.num_pages:
+            raise ValueError(f"swap-in needs {saved.num_pages} pages, got {len(pages)}")
+        padded = self._padded(pages)
+        data = np.zeros(saved.data.shape[:3] + (len(padded),) + saved.data.shape[4:], saved.data.dtype)
+        data[:, :, :, :len(pages)] = saved.data
+        return self._scatter(caches, padded, data)

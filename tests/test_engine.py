@@ -1,0 +1,213 @@
+"""LLMEngine: continuous batching equals per-request dense recomputation (greedy, f32, CPU), with and
+without preemption in both modes; bounded compilations; cancel; in-graph probe tap; sampling."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jtrail.models.attention import DenseMeta
+from jtrail.models.config import NAMED_CONFIGS
+from jtrail.models.llama import Llama
+from jtrail.models.probe import ProbeConfig, ProbeHead
+from jtrail.serving.engine import EngineConfig, LLMEngine
+from jtrail.serving.sequence import FinishReason, InvalidRequestError, QueueFullError, SamplingParams, Status
+
+CFG = NAMED_CONFIGS["tiny"]
+MAX_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def model() -> Llama:
+    return Llama(CFG, dtype=jnp.float32, rngs=nnx.Rngs(7))
+
+
+def dense_greedy(model: Llama, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
+    """Independent reference: no cache, the whole sequence recomputed each token, rows right-padded
+    (dense attention masks padding, so rows cannot see each other)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def last_logits(state, toks, lengths):
+        m = nnx.merge(graphdef, state)
+        pos = jnp.broadcast_to(jnp.arange(toks.shape[1])[None], toks.shape)
+        return m(toks, pos, meta=DenseMeta(lengths), logits_index=lengths - 1).logits
+
+    seqs = [list(p) for p in prompts]
+    outs: list[list[int]] = [[] for _ in prompts]
+    for _ in range(max(max_tokens)):
+        toks = np.zeros((len(seqs), MAX_LEN), np.int32)
+        for i, s in enumerate(seqs):
+            toks[i, :len(s)] = s
+        lengths = np.array([len(s) for s in seqs], np.int32)
+        nxt = np.asarray(jnp.argmax(last_logits(state, toks, lengths), -1))
+        for i in range(len(seqs)):
+            if len(outs[i]) < max_tokens[i]:
+                outs[i].append(int(nxt[i]))
+                seqs[i].append(int(nxt[i]))
+    return outs
+
+
+def workload(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, CFG.vocab_size, rng.integers(1, 40)).tolist() for _ in range(n)]
+    max_tokens = [int(rng.integers(1, 14)) for _ in range(n)]
+    return prompts, max_tokens
+
+
+def small_config(**kw) -> EngineConfig:
+    base = dict(num_slots=8, page_size=4, num_pages=160, max_model_len=MAX_LEN, prefill_buckets=(8, 16, 32),
+                max_prefill_tokens_per_step=40, decode_steps_per_call=2, kernel_impl="reference")
+    base.update(kw)
+    return EngineConfig(**base)
+
+
+def run_engine(engine: LLMEngine, prompts, max_tokens, preempt_rate: float = 0.0, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    seqs = [engine.add_request(f"r{i}", p, SamplingParams(max_tokens=m, ignore_eos=True))
+            for i, (p, m) in enumerate(zip(prompts, max_tokens, strict=True))]
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        engine.blocks.check_invariants()
+        for s in list(engine.running):
+            if rng.random() < preempt_rate:
+                engine.preempt(s)
+        steps += 1
+        assert steps < 5000
+    assert engine.blocks.num_free == engine.blocks.num_usable  # nothing leaked
+    assert sorted(engine.free_slots) == list(range(engine.config.num_slots))
+    return seqs
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    prompts, max_tokens = workload(64, seed=1)
+    return prompts, max_tokens, dense_greedy(model, prompts, max_tokens)
+
+
+@pytest.mark.parametrize("mode,rate,pages", [("recompute", 0.0, 160), ("recompute", 0.15, 160),
+                                             ("swap", 0.15, 160), ("recompute", 0.0, 40), ("swap", 0.0, 40)])
+def test_batched_equals_alone(model, reference, mode, rate, pages):
+    prompts, max_tokens, expected = reference
+    engine = LLMEngine(model, config=small_config(preemption_mode=mode, num_pages=pages))
+    seqs = run_engine(engine, prompts, max_tokens, preempt_rate=rate, seed=3)
+    if rate > 0 or pages < 100:  # the scenario must really preempt (forced, or out of pages)
+        assert engine.num_preemptions > 0
+    for s, exp in zip(seqs, expected, strict=True):
+        assert s.output_ids == exp, s.request_id
+        assert s.finish_reason is FinishReason.LENGTH
+        assert len(s.token_times) == len(exp) and s.first_token_time <= s.finish_time
+
+
+def test_compilations_bounded(model):
+    cfg = small_config(preemption_mode="swap", num_pages=60, num_slots=6)
+    engine = LLMEngine(model, config=cfg)
+    prompts, max_tokens = workload(200, seed=5)
+    run_engine(engine, prompts, max_tokens, preempt_rate=0.05, seed=9)
+    assert engine.num_preemptions > 0
+    # one decode graph + one per prefill bucket; swap: one gather + one scatter per page-count bucket
+    assert engine.runner.trace_counts["decode"] == 1
+    assert engine.runner.trace_counts["prefill"] <= len(cfg.prefill_buckets)
+    assert engine.swapper.trace_count <= 2 * 5  # buckets 1, 2, 4, 8, 16 pages (<= 64 tokens / 4)
+
+
+def test_cancel_frees_slot_and_pages(model):
+    engine = LLMEngine(model, config=small_config())
+    engine.add_request("a", list(range(3, 30)), SamplingParams(max_tokens=40, ignore_eos=True))
+    engine.add_request("b", list(range(3, 10)), SamplingParams(max_tokens=40, ignore_eos=True))
+    engine.step()
+    engine.step()
+    a = engine.requests["a"]
+    assert a.status is Status.RUNNING and a.block_table
+    used = engine.blocks.num_used
+    n_a = len(a.block_table)
+    out = engine.abort("a")
+    assert out.finished and out.finish_reason is FinishReason.CANCELLED
+    assert engine.blocks.num_used == used - n_a and a.block_table == [] and a.slot is None
+    assert len(engine.free_slots) == engine.config.num_slots - 1
+    assert engine.abort("a") is None
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.blocks.num_used == 0
+
+
+def test_bad_requests(model):
+    engine = LLMEngine(model, config=small_config(max_queue=2))
+    with pytest.raises(InvalidRequestError):
+        engine.add_request("x", [], SamplingParams())
+    with pytest.raises(InvalidRequestError):
+        engine.add_request("x", [CFG.vocab_size], SamplingParams())
+    with pytest.raises(InvalidRequestError):
+        engine.add_request("x", [5] * MAX_LEN, SamplingParams())
+    engine.add_request("x", [5], SamplingParams())
+    with pytest.raises(InvalidRequestError):
+        engine.add_request("x", [5], SamplingParams())
+    engine.add_request("y", [5], SamplingParams())
+    with pytest.raises(QueueFullError):
+        engine.add_request("z", [5], SamplingParams())
+    with pytest.raises(ValueError):
+        EngineConfig(preemption_mode="drop")
+
+
+def test_stop_token_and_eos(model, reference):
+    prompts, _, expected = reference
+    # choose a stop id that appears mid-output in the greedy reference of a request
+    i, j = next((i, j) for i, e in enumerate(expected) for j in range(1, len(e)) if e[j] not in e[:j])
+    engine = LLMEngine(model, config=small_config())
+    s = engine.add_request("s", prompts[i], SamplingParams(max_tokens=30, ignore_eos=True,
+                                                           stop_token_ids=(expected[i][j],)))
+    while engine.has_unfinished():
+        engine.step()
+    assert s.output_ids == expected[i][:j + 1] and s.finish_reason is FinishReason.STOP
+
+
+class Recorder:
+    def __init__(self):
+        self.prefill, self.decode = {}, {}
+
+    def on_prefill(self, seq, probs):
+        self.prefill[seq.request_id] = np.array(probs)
+
+    def on_decode(self, seq, probs, n_new):
+        self.decode.setdefault(seq.request_id, []).append((seq.num_generated, n_new, np.array(probs)))
+
+
+def test_probe_tap_matches_dense(model):
+    probe = ProbeHead(ProbeConfig(d_model=CFG.d_model, layer=0, hidden=32), rngs=nnx.Rngs(3))
+    rec = Recorder()
+    engine = LLMEngine(model, config=small_config(max_prefill_tokens_per_step=8), probe=probe, predictor=rec)
+    prompt = list(range(10, 31))  # 21 tokens: prefill runs in 3 chunks under the budget of 8
+    seq = engine.add_request("p", prompt, SamplingParams(max_tokens=5, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    full = seq.all_ids
+    toks = jnp.asarray(full, jnp.int32)[None]
+    tap = model(toks, jnp.arange(len(full))[None], tap_layer=0).tap[0]
+    want_prefill = np.asarray(probe.probs(tap[:len(prompt)].mean(0)))
+    np.testing.assert_allclose(rec.prefill["p"], want_prefill, atol=1e-5)
+    # each decode call reports the tap of its last fed token: the one at position num_tokens - 2
+    for n_gen, n_new, probs in rec.decode["p"]:
+        assert n_new >= 1
+        np.testing.assert_allclose(probs, np.asarray(probe.probs(tap[len(prompt) + n_gen - 2])), atol=1e-5)
+
+
+def test_sampling_independent_of_batch(model):
+    params = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = LLMEngine(model, config=small_config())
+    a = alone.add_request("a", [5, 6, 7], params)
+    while alone.has_unfinished():
+        alone.step()
+    busy = LLMEngine(model, config=small_config())
+    prompts, max_tokens = workload(10, seed=2)
+    for i, p in enumerate(prompts):
+        busy.add_request(f"n{i}", p, SamplingParams(max_tokens=max_tokens[i], temperature=0.7, seed=i))
+    b = busy.add_request("a", [5, 6, 7], params)
+    while busy.has_unfinished():
+        busy.step()
+    assert a.output_ids == b.output_ids
+    c_params = SamplingParams(max_tokens=8, temperature=1.0, seed=99, ignore_eos=True)
+    assert alone.generate_batch([[5, 6, 7]], c_params, progress=False)[0].output_ids != a.output_ids

@@ -1,0 +1,144 @@
+"""The server object in-process (MockEngine): streaming, status mapping, deadlines, drain on shutdown."""
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from jtrail.serving.mock_engine import MockEngine, MockEngineConfig, encode_text, fake_token
+from jtrail.serving.proto import jtrail_v1_pb2 as pb
+from jtrail.serving.proto import jtrail_v1_pb2_grpc as pb_grpc
+from jtrail.serving.sequence import RequestOutput, SamplingParams
+from jtrail.serving.server import JtrailServer, ServerConfig
+
+from jtrail.client import AsyncClient
+
+
+class FailingEngine(MockEngine):
+    """Blows up on the prompt "boom" (after validation), like an engine bug would."""
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        if prompt_ids == encode_text("boom"):
+            raise RuntimeError("kaput")
+        async for out in super().generate(request_id, prompt_ids, params, priority):
+            yield out
+
+
+async def _start(engine: MockEngine, **cfg) -> tuple[JtrailServer, AsyncClient]:
+    server = JtrailServer(engine, ServerConfig(port=0, stats_interval_s=0.05, **cfg))
+    await server.start()
+    return server, AsyncClient(f"127.0.0.1:{server.port}")
+
+
+async def _status(agen) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as e:
+        async for _ in agen:
+            pass
+    return e.value
+
+
+async def _wait_idle(client: AsyncClient, timeout: float = 3.0) -> pb.StatsResponse:
+    for _ in range(int(timeout / 0.01)):
+        s = await client.stats()
+        if s.running == 0 and s.waiting == 0 and s.pages_used == 0:
+            return s
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"engine never went idle: {s}")
+
+
+def test_stream_info_and_invalid_arguments() -> None:
+    async def main() -> None:
+        engine = MockEngine(MockEngineConfig(max_context=64, step_delay_s=0.0, num_pages=64, page_size=4))
+        server, c = await _start(engine, max_queue=7)
+        try:
+            deltas = [d async for d in c.generate("hi there", max_tokens=9)]
+            ids = [t for d in deltas for t in d.token_ids]
+            assert ids == [fake_token(encode_text("hi there"), k) for k in range(9)]
+            assert [d.finish_reason for d in deltas] == [None] * 8 + ["length"]
+            assert (deltas[-1].prompt_tokens, deltas[-1].completion_tokens) == (8, 9)
+            assert deltas[0].remaining_estimate == 8.0
+            chat = [d async for d in c.generate([{"role": "user", "content": "yo"}], max_tokens=2)]
+            assert chat[-1].completion_tokens == 2 and chat[-1].prompt_tokens > 2
+            info = await c.server_info()
+            assert (info.model, info.max_context, info.policy, info.max_queue) == ("mock", 64, "fcfs", 7)
+            assert info.stats.finished_by_reason["length"] == 2
+
+            cases = [(("",), {}, "prompt"), (([],), {}, "prompt"),
+                     (("hi",), {"max_tokens": -1}, "max_tokens"), (("hi",), {"max_tokens": 0}, "max_tokens"),
+                     (("hi",), {"max_tokens": 10**9}, "max_tokens"),
+                     (("hi",), {"temperature": -0.5}, "temperature"),
+                     (("hi",), {"top_p": 0.0}, "top_p"), (("hi",), {"top_p": 1.5}, "top_p"),
+                     (("x" * 100,), {}, "prompt"), (([10**6],), {}, "prompt.token_ids")]
+            for args, kw, field in cases:
+                err = await _status(c.generate(*args, **kw))
+                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (args, kw, err)
+                assert f"{field}:" in err.details(), (field, err.details())
+            empty = pb_grpc.JtrailStub(c.channel).Generate(pb.GenerateRequest())  # no prompt at all
+            err = await _status(empty)
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in err.details()
+            assert (await c.health()) == "SERVING"
+            text = server.metrics.render().decode()
+            assert 'jtrail_requests_finished_total{reason="length"} 2.0' in text
+            assert "jtrail_time_to_first_token_seconds_count 2.0" in text
+            assert 'jtrail_requests_rejected_total{code="INVALID_ARGUMENT"} 11.0' in text
+        finally:
+            await c.close()
+            await server.stop(0.5)
+
+    asyncio.run(main())
+
+
+def test_deadline_queue_full_engine_error_and_recovery() -> None:
+    async def main() -> None:
+        engine = FailingEngine(MockEngineConfig(num_slots=1, max_queue=1, step_delay_s=0.01))
+        server, c = await _start(engine)
+        try:
+            err = await _status(c.generate("slow", max_tokens=500, timeout=0.15))
+            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await _wait_idle(c)  # the server aborted the request in the engine
+
+            running = c.generate("a", max_tokens=500)
+            await anext(running)
+            queued = c.generate("b", max_tokens=500)
+            queued_first = asyncio.create_task(anext(queued))
+            for _ in range(300):
+                if (await c.stats()).waiting == 1:
+                    break
+                await asyncio.sleep(0.01)
+            err = await _status(c.generate("c", max_tokens=5))
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+            await running.aclose()  # client cancels: its slot goes to the queued request
+            await queued_first
+            await queued.aclose()
+            await _wait_idle(c)
+
+            err = await _status(c.generate("boom", max_tokens=5))
+            assert err.code() == grpc.StatusCode.INTERNAL and "kaput" in err.details()
+            ok = [d async for d in c.generate("fine", max_tokens=3)]  # still serving
+            assert ok[-1].finish_reason == "length" and ok[-1].completion_tokens == 3
+            assert (await c.stats()).finished_by_reason["cancelled"] == 3
+        finally:
+            await c.close()
+            await server.stop(0.5)
+
+    asyncio.run(main())
+
+
+def test_graceful_shutdown_drains_in_flight_stream() -> None:
+    async def main() -> None:
+        server, c = await _start(MockEngine(MockEngineConfig(step_delay_s=0.01)))
+        try:
+            stream = c.generate("drain me", max_tokens=30)
+            first = await anext(stream)
+            stopping = asyncio.create_task(server.stop(grace_s=10.0))
+            rest = [d async for d in stream]
+            assert [first, *rest][-1].completion_tokens == 30 and rest[-1].finish_reason == "length"
+            await stopping
+            err = await _status(c.generate("late", max_tokens=2, timeout=2.0))
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await c.close()
+            await server.stop(0.1)
+
+    asyncio.run(main())
