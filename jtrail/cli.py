@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from jtrail.probe_cli import add_train_probe
 from jtrail.serve import add_client, add_serve
 
 
@@ -71,6 +72,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_generate,
     add_serve,
     add_client,
+    add_train_probe,
 ]
 
 

@@ -30,11 +30,12 @@ from jtrail.models.attention import (
     init_contiguous_cache,
 )
 from jtrail.models.llama import Llama
+from jtrail.serving.sequence import JtrailError
 
 _F16_MAX = float(np.finfo(np.float16).max)
 
 
-class FeatureCacheError(ValueError):
+class FeatureCacheError(JtrailError, ValueError):
     """A features cache file that is missing fields or does not match the requested layers."""
 
 
@@ -87,7 +88,7 @@ class ProbeFeatures:
                        max_new_tokens=int(z["max_new_tokens"]))
 
 
-def bucket_length(n: int, minimum: int = 16) -> int:
+def bucket_length(n: int, minimum: int = 64) -> int:
     """Next power of two >= n: few distinct shapes, at most 2x padding."""
     return max(minimum, 1 << max(0, int(n - 1).bit_length()))
 
@@ -203,7 +204,8 @@ def collect_features(model: Llama, prompts: Sequence[Sequence[int]], answers: Se
         for r, i in enumerate(idx):
             toks[r, :len(seqs[i])] = seqs[i]
             lens[r], plens[r] = len(seqs[i]), len(prompts[i])
-        pm, tap = _tap_batch(graphdef, state, jnp.asarray(toks), jnp.asarray(lens), jnp.asarray(plens), layers)
+        pm, tap = _tap_batch(graphdef, state, jnp.asarray(toks), jnp.asarray(lens), jnp.asarray(plens),
+                             layers)
         pm, tap = np.asarray(pm), np.asarray(tap)
         for r, i in enumerate(idx):
             prompt_states[i] = pm[:, r]

@@ -8,6 +8,8 @@ linear layer, so the saved head takes raw hidden states exactly as the engine's 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -21,9 +23,10 @@ from tqdm.auto import tqdm
 from jtrail.models.probe import ProbeConfig, ProbeHead, equal_bins, log_bins
 from jtrail.probe_data import ProbeFeatures
 from jtrail.probe_eval import LayerEval, evaluate_probs
+from jtrail.serving.sequence import JtrailError
 
 
-class ProbeTrainingError(ValueError):
+class ProbeTrainingError(JtrailError, ValueError):
     """Bad training options or data (e.g. a bins spec that cannot be parsed, too few requests)."""
 
 
@@ -61,7 +64,7 @@ def parse_bins(spec: str) -> tuple[float, ...]:
             return equal_bins(k, hi) if kind == "equal" else log_bins(k, hi)
         if kind == "edges":
             edges = tuple(float(x) for x in rest.split(","))
-            if len(edges) < 3 or edges[0] != 0.0 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+            if len(edges) < 3 or edges[0] != 0.0 or np.any(np.diff(edges) <= 0):
                 raise ValueError("need >= 3 strictly increasing edges starting at 0")
             return edges
     except ValueError as e:
@@ -78,6 +81,32 @@ def split_requests(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, 
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+@functools.lru_cache(maxsize=16)
+def _optimizer(lr: float, weight_decay: float, total: int) -> optax.GradientTransformation:
+    """AdamW + warmup-cosine; cached so equal settings give the same (hashable, static) object."""
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, min(200, total // 20)), total,
+                                               end_value=lr * 0.02)
+    return optax.adamw(sched, weight_decay=weight_decay)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _train_chunk(graphdef, tx, params, opt_state, xd, yd, mu, sd, idx):
+    """A scan of minibatch steps; idx [C, B] indexes the device-resident samples xd/yd."""
+    def loss_fn(p, xb, yb):
+        logits = nnx.merge(graphdef, p)(xb)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    def step(carry, ib):
+        p, o = carry
+        xb = (xd[ib].astype(jnp.float32) - mu) / sd
+        loss, g = jax.value_and_grad(loss_fn)(p, xb, yd[ib])
+        upd, o = tx.update(g, o, p)
+        return (optax.apply_updates(p, upd), o), loss
+
+    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), idx)
+    return params, opt_state, losses.mean()
+
+
 def train_head(x: np.ndarray, y: np.ndarray, cfg: ProbeConfig, opts: TrainOptions, desc: str = "train",
                progress: bool = True) -> tuple[ProbeHead, list[float]]:
     """x [S, d] hidden states (any float dtype), y [S] bin labels -> trained head, loss per call."""
@@ -88,34 +117,16 @@ def train_head(x: np.ndarray, y: np.ndarray, cfg: ProbeConfig, opts: TrainOption
     mu = sub.mean(0)
     sd = sub.std(0)
     sd = np.maximum(sd, 1e-3 * float(sd.mean()) + 1e-6)  # dead dimensions must not blow up
-    head = ProbeHead(cfg, rngs=nnx.Rngs(opts.seed))
+    # Train under a canonical config (layer 0) so every layer shares one compiled step.
+    head = ProbeHead(dataclasses.replace(cfg, layer=0), rngs=nnx.Rngs(opts.seed))
     graphdef, params = nnx.split(head, nnx.Param)
     bs = min(opts.batch_size, len(x))
     steps_per_epoch = math.ceil(len(x) / bs)
     chunk = min(opts.steps_per_call, steps_per_epoch * opts.epochs)
     calls = math.ceil(steps_per_epoch * opts.epochs / chunk)
     total = calls * chunk
-    sched = optax.warmup_cosine_decay_schedule(0.0, opts.lr, max(1, min(200, total // 20)), total,
-                                               end_value=opts.lr * 0.02)
-    tx = optax.adamw(sched, weight_decay=opts.weight_decay)
+    tx = _optimizer(opts.lr, opts.weight_decay, total)
     opt_state = tx.init(params)
-
-    def loss_fn(p, xb, yb):
-        logits = nnx.merge(graphdef, p)(xb)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-    @jax.jit
-    def run(p, o, xd, yd, mu_d, sd_d, idx):
-        def step(carry, ib):
-            p, o = carry
-            xb = (xd[ib].astype(jnp.float32) - mu_d) / sd_d
-            loss, g = jax.value_and_grad(loss_fn)(p, xb, yd[ib])
-            upd, o = tx.update(g, o, p)
-            return (optax.apply_updates(p, upd), o), loss
-
-        (p, o), losses = jax.lax.scan(step, (p, o), idx)
-        return p, o, losses.mean()
-
     xd, yd = jnp.asarray(x), jnp.asarray(y, jnp.int32)
     mu_d, sd_d = jnp.asarray(mu), jnp.asarray(sd)
     # Enough epoch permutations to fill `total` steps; the tail of each permutation wraps around.
@@ -125,11 +136,12 @@ def train_head(x: np.ndarray, y: np.ndarray, cfg: ProbeConfig, opts: TrainOption
     losses = []
     bar = tqdm(range(calls), desc=desc, unit="chunk", disable=not progress)
     for c in bar:
-        params, opt_state, loss = run(params, opt_state, xd, yd, mu_d, sd_d,
-                                      jnp.asarray(batches[c * chunk:(c + 1) * chunk]))
+        params, opt_state, loss = _train_chunk(graphdef, tx, params, opt_state, xd, yd, mu_d, sd_d,
+                                               jnp.asarray(batches[c * chunk:(c + 1) * chunk]))
         losses.append(float(loss))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     nnx.update(head, params)
+    head.cfg = cfg
     # Fold the standardization: W' = W / sd (per input row), b' = b - (mu / sd) @ W.
     w = np.asarray(head.fc1.kernel[...], np.float64)
     b = np.asarray(head.fc1.bias[...], np.float64)
@@ -138,10 +150,21 @@ def train_head(x: np.ndarray, y: np.ndarray, cfg: ProbeConfig, opts: TrainOption
     return head, losses
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _probs(graphdef, state, x):
+    return nnx.merge(graphdef, state).probs(x)
+
+
 def head_probs(head: ProbeHead, x: np.ndarray, batch: int = 65536) -> np.ndarray:
-    """Softmax bin probabilities [S, K] for hidden states x [S, d], in device-sized chunks."""
-    fn = nnx.jit(lambda h, xb: h.probs(xb))
-    outs = [np.asarray(fn(head, jnp.asarray(x[i:i + batch]))) for i in range(0, len(x), batch)]
+    """Softmax bin probabilities [S, K] for hidden states x [S, d], in chunks padded to a power of two
+    (few compiled shapes)."""
+    graphdef, state = nnx.split(head)
+    outs = []
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        rows = min(batch, 1 << max(0, len(xb) - 1).bit_length())
+        pad = np.zeros((rows - len(xb), x.shape[1]), x.dtype)
+        outs.append(np.asarray(_probs(graphdef, state, jnp.asarray(np.concatenate([xb, pad]))))[:len(xb)])
     return np.concatenate(outs) if outs else np.zeros((0, head.cfg.num_bins), np.float32)
 
 
@@ -191,3 +214,4 @@ def train_and_evaluate(feats: ProbeFeatures, opts: TrainOptions, layers: tuple[i
 
 def best_layer(results: dict[int, LayerResult]) -> int:
     return min(results, key=lambda k: results[k].eval.metrics["refined_mae"])
+

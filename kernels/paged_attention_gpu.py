@@ -31,7 +31,7 @@ _LOG2E = 1.4426950408889634
 
 def _kernel(qstart_ref, qlen_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *ml_refs, g: int,
             block_t: int, ppb: int, page_size: int, num_splits: int, pages_per_split: int,
-            scale: float, softcap: float | None):
+            scale: float, softcap: float | None, mask_all: bool):
     b = pl.program_id(0)
     i = pl.program_id(2)
     tb, s = i // num_splits, i % num_splits
@@ -53,7 +53,7 @@ def _kernel(qstart_ref, qlen_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *ml_refs, 
     # Blocks ending at or before the first row's position + 1 are visible to every row: they skip
     # all masking (the common case: all but the last block in decode and below the diagonal).
     full_end = jnp.minimum(q_start + tb * block_t + 1, kv_end)
-    n_full = jnp.clip(full_end // blk - p_lo // ppb, 0, n_blocks)
+    n_full = 0 if mask_all else jnp.clip(full_end // blk - p_lo // ppb, 0, n_blocks)
     q = q_ref[...]
     qk_scale = scale * _LOG2E if softcap is None else scale  # exp2 domain, folded into one multiply
 
@@ -102,7 +102,7 @@ def _kernel(qstart_ref, qlen_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *ml_refs, 
 
 def paged_attention_gpu(pq: PackedQ, k_pages, v_pages, block_tables, *, scale: float,
                         softcap: float | None, pages_per_block: int, num_splits: int,
-                        num_warps: int, num_stages: int, interpret: bool):
+                        num_warps: int, num_stages: int, interpret: bool, mask_all: bool = False):
     """Run the kernel on packed queries; returns output packed like pq.q."""
     try:  # jax <= 0.11 names the Triton backend module `triton`
         from jax.experimental.pallas import triton as plgpu
@@ -119,7 +119,8 @@ def paged_attention_gpu(pq: PackedQ, k_pages, v_pages, block_tables, *, scale: f
     bt = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, padded - max_pages)))
     kernel = functools.partial(
         _kernel, g=pq.g, block_t=pq.block_t, ppb=ppb, page_size=page_size,
-        num_splits=num_splits, pages_per_split=pages_per_split, scale=scale, softcap=softcap)
+        num_splits=num_splits, pages_per_split=pages_per_split, scale=scale, softcap=softcap,
+        mask_all=mask_all)
     grid = (b, hkv, ntb * num_splits)
     # Scalars and block tables: the whole (small) array in every program, indexed by program id.
     whole1 = pl.BlockSpec((b,), lambda i, h, j: (0,))
@@ -153,32 +154,35 @@ def paged_attention_gpu(pq: PackedQ, k_pages, v_pages, block_tables, *, scale: f
     return merge_splits(*out).astype(pq.q.dtype)
 
 
-def _auto_splits(batch: int, hkv: int, max_pages: int, page_size: int) -> int:
-    """Enough programs to fill ~2 waves of a large GPU, but >= 512 tokens per split."""
-    programs = batch * hkv
+def _auto_splits(max_pages: int, page_size: int) -> int:
+    """Split-K for long contexts: up to 4 splits of >= 512 tokens (measured best on H200, see
+    benchmarks/KERNEL_NOTES.md); short contexts keep one program per (sequence, kv head)."""
     splits = 1
-    while programs * splits < 264 and max_pages * page_size // (splits * 2) >= 512:
+    while splits < 4 and max_pages * page_size // (splits * 2) >= 512:
         splits *= 2
     return splits
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "softcap", "pages_per_block", "num_splits",
-                                             "num_warps", "num_stages", "interpret"))
+                                             "num_warps", "num_stages", "interpret", "mask_all"))
 def decode_attention_pallas(q, k_pages, v_pages, lengths, block_tables, *, scale=None,
-                            softcap=None, pages_per_block=None, num_splits=None, num_warps=4,
-                            num_stages=2, interpret=False):
+                            softcap=None, pages_per_block=None, num_splits=None, num_warps=2,
+                            num_stages=1, interpret=False, mask_all=False):
     """Decode: q [B, Hq, D] -> [B, Hq, D] (see reference.decode_attention)."""
     check_inputs(q[:, None], k_pages, v_pages, block_tables)
     lengths = lengths.astype(jnp.int32)
     _, num_pages, page_size, d = k_pages.shape
     pq = pack_queries(q[:, None], k_pages.shape[0], lengths - 1, (lengths > 0).astype(jnp.int32),
                       block_t=1)
-    ppb = pages_per_block or max(1, 128 // page_size)
+    # Defaults from the H200 sweep: 64 tokens per step, 2 warps, no smem pipelining (num_stages=1):
+    # small programs -> many resident per SM, which hides the gather latency best.
+    ppb = pages_per_block or max(1, 64 // page_size)
     ppb = min(ppb, pl.next_power_of_2(block_tables.shape[1]))
-    splits = num_splits or _auto_splits(q.shape[0], k_pages.shape[0], block_tables.shape[1], page_size)
+    splits = num_splits or _auto_splits(block_tables.shape[1], page_size)
     out = paged_attention_gpu(pq, k_pages, v_pages, block_tables, scale=d**-0.5 if scale is None
                               else scale, softcap=softcap, pages_per_block=ppb, num_splits=splits,
-                              num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+                              num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                              mask_all=mask_all)
     return unpack_output(out, pq)[:, 0]
 
 
@@ -186,7 +190,7 @@ def decode_attention_pallas(q, k_pages, v_pages, lengths, block_tables, *, scale
                                              "num_warps", "num_stages", "interpret"))
 def prefill_attention_pallas_gpu(q, k_pages, v_pages, q_start, q_lens, block_tables, *,
                                  scale=None, softcap=None, block_t=None, pages_per_block=None,
-                                 num_warps=4, num_stages=2, interpret=False):
+                                 num_warps=4, num_stages=1, interpret=False):
     """Prefill: q [B, T, Hq, D] -> [B, T, Hq, D] (see reference.prefill_attention)."""
     check_inputs(q, k_pages, v_pages, block_tables)
     _, num_pages, page_size, d = k_pages.shape

@@ -40,9 +40,10 @@ def probe_config_to_dict(cfg: ProbeConfig) -> dict[str, Any]:
 
 def probe_config_from_dict(d: dict[str, Any]) -> ProbeConfig:
     try:
+        last = d.get("last_bin_value")
         return ProbeConfig(d_model=int(d["d_model"]), layer=int(d["layer"]),
                            bin_edges=tuple(float(e) for e in d["bin_edges"]), hidden=int(d["hidden"]),
-                           last_bin_value=None if d.get("last_bin_value") is None else float(d["last_bin_value"]))
+                           last_bin_value=None if last is None else float(last))
     except (KeyError, TypeError, ValueError) as e:
         raise ProbeFileError(f"bad probe_config in metadata: {e!r}") from e
 

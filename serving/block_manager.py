@@ -82,7 +82,8 @@ class BlockManager:
         n = 0
         for p in seq.block_table:
             if self._owner.get(p) != seq.request_id:
-                raise AssertionError(f"page {p} in {seq.request_id!r}'s table is owned by {self._owner.get(p)!r}")
+                owner = self._owner.get(p)
+                raise AssertionError(f"page {p} in {seq.request_id!r}'s table is owned by {owner!r}")
             del self._owner[p]
             self._free.append(p)
             n += 1

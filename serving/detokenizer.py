@@ -39,3 +39,13 @@ class IncrementalDetokenizer:
             self.text += delta
             return delta
         return ""
+
+    def flush(self) -> str:
+        """At finish: emit what is still held back (an incomplete character decodes as U+FFFD)."""
+        if self.tokenizer is None or self.read_offset == len(self.ids):
+            return ""
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        delta = self.tokenizer.decode(self.ids[self.prefix_offset:])[len(prefix):]
+        self.prefix_offset = self.read_offset = len(self.ids)
+        self.text += delta
+        return delta

@@ -19,14 +19,21 @@ import numpy as np
 
 from ..models.llama import Llama
 from ..models.probe import ProbeHead
+from . import swap
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer, Tokenizer
 from .engine_api import EngineStats
 from .model_runner import ModelRunner, SamplingRows
 from .scheduler.base import Policy, SchedulerState
-from .sequence import (FinishReason, InvalidRequestError, QueueFullError, RequestOutput, SamplingParams,
-                       Sequence, Status)
-from .swap import SwappedKV, Swapper
+from .sequence import (
+    FinishReason,
+    InvalidRequestError,
+    QueueFullError,
+    RequestOutput,
+    SamplingParams,
+    Sequence,
+    Status,
+)
 
 
 @dataclass
@@ -44,6 +51,7 @@ class EngineConfig:
     kernel_impl: str = "auto"
     max_queue: int = 4096
     seed: int = 0  # seeds requests that give none
+    tensor_parallel: int = 1  # [issue 8] shard weights + KV pages over this many local devices
 
     def __post_init__(self) -> None:
         if self.preemption_mode not in ("recompute", "swap"):
@@ -81,40 +89,32 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_slots=cfg.num_slots, num_pages=cfg.num_pages,
                                   page_size=cfg.page_size, max_model_len=cfg.max_model_len,
                                   decode_steps=cfg.decode_steps_per_call, kv_dtype=cfg.dtype,
-                                  impl=cfg.kernel_impl, probe=probe)
-        self.swapper = Swapper()
+                                  impl=cfg.kernel_impl, probe=probe,
+                                  tensor_parallel=cfg.tensor_parallel)  # [issue 8]
         self.requests: dict[str, Sequence] = {}
         self.waiting: list[Sequence] = []  # waiting + swapped
         self.running: list[Sequence] = []  # admission order
         self.free_slots = list(range(cfg.num_slots - 1, -1, -1))
         self._prefilled: set[str] = set()  # running sequences whose KV covers all but the last token
         self._tap: dict[str, jax.Array] = {}  # running prompt-tap sums of partially prefilled seqs
-        self._swapped: dict[str, SwappedKV] = {}
+        self._swapped: dict[str, swap.SwappedKV] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._seed: dict[str, int] = {}
         self._outs: dict[str, RequestOutput] = {}
         self._rng = np.random.default_rng(cfg.seed)
         self.num_preemptions = 0
+        self.steps = 0
         self.finished_by_reason: dict[str, int] = {}
 
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams | None = None,
                     priority: int = 0, arrival_time: float | None = None) -> Sequence:
         params = params or SamplingParams()
-        cfg, vocab = self.config, self.model_cfg.vocab_size
+        self.validate_request(prompt_ids, params)
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
-        if not prompt_ids:
-            raise InvalidRequestError("prompt", "must contain at least one token")
-        if any((not isinstance(t, int | np.integer)) or t < 0 or t >= vocab for t in prompt_ids):
-            raise InvalidRequestError("prompt", f"token ids must be integers in [0, {vocab})")
-        if len(prompt_ids) >= cfg.max_model_len:
-            raise InvalidRequestError("prompt", f"{len(prompt_ids)} tokens leave no room under "
-                                      f"max_model_len={cfg.max_model_len}")
-        if self.blocks.pages_for(len(prompt_ids) + 1) > self.blocks.num_usable:
-            raise InvalidRequestError("prompt", "longer than the whole KV cache")
-        if len(self.waiting) >= cfg.max_queue:
-            raise QueueFullError(f"waiting queue is full ({cfg.max_queue} requests)")
+        if len(self.waiting) >= self.config.max_queue:
+            raise QueueFullError(f"waiting queue is full ({self.config.max_queue} requests)")
         now = time.monotonic()
         seq = Sequence(request_id, [int(t) for t in prompt_ids], params,
                        arrival_time if arrival_time is not None else now, priority=priority)
@@ -124,6 +124,22 @@ class LLMEngine:
         self._seed[request_id] = params.seed if params.seed is not None else int(self._rng.integers(2**31))
         self.policy.on_arrival(seq, now)
         return seq
+
+    def validate_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError for a request this engine can never serve (reads config only, so
+        the async front end may call it from its own thread)."""
+        cfg, vocab = self.config, self.model_cfg.vocab_size
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params", "must be a SamplingParams")
+        if not prompt_ids:
+            raise InvalidRequestError("prompt", "must contain at least one token")
+        if any((not isinstance(t, int | np.integer)) or t < 0 or t >= vocab for t in prompt_ids):
+            raise InvalidRequestError("prompt", f"token ids must be integers in [0, {vocab})")
+        if len(prompt_ids) >= cfg.max_model_len:
+            raise InvalidRequestError("prompt", f"{len(prompt_ids)} tokens leave no room under "
+                                      f"max_model_len={cfg.max_model_len}")
+        if self.blocks.pages_for(len(prompt_ids) + 1) > self.blocks.num_usable:
+            raise InvalidRequestError("prompt", "longer than the whole KV cache")
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancel: frees the slot and pages at once. None if the request is unknown or done."""
@@ -139,6 +155,7 @@ class LLMEngine:
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         now = time.monotonic()
+        self.steps += 1
         self._outs = {}
         decision = self.policy.schedule(self._scheduler_state(now))
         for seq in decision.preempt:
@@ -164,13 +181,15 @@ class LLMEngine:
         if seq not in self.waiting:
             return True  # stale entry from the policy: skip it, keep going
         saved = self._swapped.get(seq.request_id)
-        need = saved.num_pages if saved is not None else self.blocks.pages_for(seq.num_tokens)
+        # Pages for every token so far (a request swapped mid-prefill still has chunks to write).
+        need = self.blocks.pages_for(seq.num_tokens)
         if not self.free_slots or not self.blocks.can_allocate(need):
             return False
         self.waiting.remove(seq)
         pages = self.blocks.allocate(seq, need)
         if saved is not None:
-            self.runner.caches = self.swapper.swap_in(self.runner.caches, pages, self._swapped.pop(seq.request_id))
+            self._swapped.pop(seq.request_id)
+            self.runner.caches = swap.swap_in(self.runner.caches, pages[:saved.num_pages], saved)
         seq.slot = self.free_slots.pop()
         seq.status = Status.RUNNING
         seq.admitted_time = now
@@ -185,7 +204,7 @@ class LLMEngine:
             raise ValueError(f"{seq.request_id!r} is not running")
         if self.config.preemption_mode == "swap":
             keep = self.blocks.pages_for(seq.num_computed_tokens)
-            self._swapped[seq.request_id] = self.swapper.swap_out(self.runner.caches, seq.block_table[:keep])
+            self._swapped[seq.request_id] = swap.swap_out(self.runner.caches, seq.block_table[:keep])
             seq.status = Status.SWAPPED
         else:
             seq.num_computed_tokens = 0
@@ -242,7 +261,7 @@ class LLMEngine:
         cfg = self.config
         batch: list[tuple[Sequence, int]] = []
         for seq in list(self.running):
-            if seq.request_id in skip or seq.request_id not in self._prefilled or seq.status is not Status.RUNNING:
+            if seq.request_id in skip or seq.request_id not in self._prefilled:
                 continue
             n = min(cfg.decode_steps_per_call, seq.max_remaining, cfg.max_model_len - seq.num_tokens)
             # KV for positions up to num_tokens - 1 + n - 1 is written by this call.
@@ -265,7 +284,8 @@ class LLMEngine:
             tokens[b], positions[b], n_valid[b] = seq.all_ids[-1], seq.num_tokens - 1, n
             tables[b, :len(seq.block_table)] = seq.block_table
             rows[b] = seq
-        out_tokens, out_probs = self.runner.decode(tokens, positions, n_valid, tables, self._sampling_rows(rows))
+        samp = self._sampling_rows(rows)
+        out_tokens, out_probs = self.runner.decode(tokens, positions, n_valid, tables, samp)
         return batch, out_tokens, out_probs
 
     def _postprocess_decode(self, decoded) -> None:
@@ -334,6 +354,7 @@ class LLMEngine:
         seq.status, seq.finish_reason, seq.finish_time = Status.FINISHED, reason, now
         out = self._out(seq)
         out.finished, out.finish_reason = True, reason
+        out.new_text += self._detok[seq.request_id].flush()
         self.finished_by_reason[reason.value] = self.finished_by_reason.get(reason.value, 0) + 1
         self.policy.on_finish(seq, now)
         if free:
@@ -358,7 +379,7 @@ class LLMEngine:
             outstanding_tokens=float(sum(s.num_prompt_tokens + (s.predicted_remaining if s.predicted_remaining
                                                                  is not None else s.max_remaining)
                                          for s in seqs)),
-            finished_by_reason=dict(self.finished_by_reason))
+            finished_by_reason=dict(self.finished_by_reason), steps=self.steps)
 
     def generate_batch(self, prompt_ids_list: list[list[int]],
                        params_list: SamplingParams | list[SamplingParams] | None = None,
@@ -369,7 +390,8 @@ class LLMEngine:
         if len(params_list) != len(prompt_ids_list):
             raise InvalidRequestError("params", "need one SamplingParams per prompt")
         base = f"batch{time.monotonic_ns()}-"
-        seqs = [self.add_request(f"{base}{i}", p, sp) for i, (p, sp) in enumerate(zip(prompt_ids_list, params_list))]
+        seqs = [self.add_request(f"{base}{i}", p, sp)
+                for i, (p, sp) in enumerate(zip(prompt_ids_list, params_list, strict=True))]
         bar = None
         if progress:
             from tqdm.auto import tqdm

@@ -3,7 +3,8 @@
 The cache is a list (one per layer) of (k_pages, v_pages), each [Hkv, num_pages, page_size, D],
 donated through every jitted call so XLA updates it in place. Shapes are static: decode always runs
 all `num_slots` rows for `decode_steps` steps; prefill runs one sequence's chunk padded to a bucket
-length, so the number of compilations is 1 + len(prefill_buckets) (+ swap buckets, see swap.py).
+length, so the number of compilations is 1 + len(prefill_buckets) (+ swap buckets, see swap.py). The
+jitted steps are module-level functions keyed on `StepStatics`, so engines share compiled code.
 
 Each call returns sampled tokens and, when a probe is loaded, the probe's bin probabilities computed
 in the same graph from the tap (hidden state after `probe.cfg.layer`). With no probe, tap_layer is
@@ -12,17 +13,22 @@ None and the probe code is not traced at all.
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ..kernels import ops
 from ..models.llama import Llama
 from ..models.probe import ProbeHead
 from ..models.sampling import sample_tokens
+from ..models.sharding import kv_sharding, make_mesh, shard_attention_fn, shard_model  # [issue 8]
 
 
 class PagedMeta(NamedTuple):
@@ -70,67 +76,126 @@ def _sample(logits: jax.Array, s: SamplingRows, offset: jax.Array | int = 0) -> 
     return sample_tokens(logits, keys, s.temperature, s.top_p, s.top_k)
 
 
+@dataclass(frozen=True)
+class StepStatics:
+    """Everything static about a step: the jit cache key. Engines with equal statics (and shapes)
+    share compiled code, so tests and benchmarks that build several engines compile once."""
+
+    graphdef: Any
+    probe_graphdef: Any
+    probe_layer: int | None
+    page_size: int
+    decode_steps: int
+    impl: str
+    num_bins: int
+    mesh: Any = None  # [issue 8] tensor-parallel jax.sharding.Mesh; None = one device
+
+
+TRACE_COUNTS: Counter = Counter()  # (kind, statics) -> number of traces = number of compilations
+
+
+def _attention(st: StepStatics):
+    """[issue 8] Under TP the paged kernels run once per kv-head shard (shard_map)."""
+    attn_fn = make_paged_attention(st.impl)
+    return attn_fn if st.mesh is None else shard_attention_fn(attn_fn, st.mesh, "paged")
+
+
+def _probe_probs(st: StepStatics, probe_state, h: jax.Array) -> jax.Array:
+    return nnx.merge(st.probe_graphdef, probe_state).probs(h)
+
+
+@partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _prefill_step(st: StepStatics, state, caches, probe_state, tokens, positions, slot_mapping, block_table,
+                  q_len, n_prompt, tap_acc, samp: SamplingRows):
+    TRACE_COUNTS["prefill", st] += 1
+    model = nnx.merge(st.graphdef, state)
+    meta = PagedMeta(slot_mapping, block_table, positions[:, 0], q_len)
+    out = model(tokens, positions, caches, _attention(st), meta, tap_layer=st.probe_layer,
+                logits_index=jnp.maximum(q_len - 1, 0))
+    token = _sample(out.logits, samp)
+    probs = None
+    if st.probe_layer is not None:
+        # Running sum over prompt tokens only (a resumed request re-prefills its outputs too).
+        t = tokens.shape[1]
+        valid = (jnp.arange(t)[None, :] < q_len[:, None]) & (positions < n_prompt)
+        tap = jnp.where(valid[..., None], out.tap.astype(jnp.float32), 0.0)
+        tap_acc = tap_acc + jnp.sum(tap, axis=(0, 1))
+        count = jnp.maximum(jnp.minimum(positions[0, 0] + q_len[0], n_prompt), 1)
+        probs = _probe_probs(st, probe_state, tap_acc / count.astype(jnp.float32))
+    return out.caches, token, probs, tap_acc
+
+
+@partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _decode_steps(st: StepStatics, state, caches, probe_state, tokens, positions, n_valid, block_tables,
+                  samp: SamplingRows):
+    TRACE_COUNTS["decode", st] += 1
+    model = nnx.merge(st.graphdef, state)
+    attn_fn = _attention(st)
+    rows = jnp.arange(tokens.shape[0])
+    n, ps = st.decode_steps, st.page_size
+
+    def one_step(j, carry):
+        caches, tok, out_tokens, out_probs = carry
+        pos = positions + j
+        live = j < n_valid
+        page = block_tables[rows, jnp.minimum(pos // ps, block_tables.shape[1] - 1)]
+        slot = jnp.where(live, page * ps + pos % ps, -1)
+        meta = PagedMeta(slot, block_tables, pos, live.astype(jnp.int32))
+        out = model(tok[:, None], pos[:, None], caches, attn_fn, meta, tap_layer=st.probe_layer,
+                    logits_index=jnp.zeros_like(tok))
+        new = _sample(out.logits, samp, j)
+        out_tokens = out_tokens.at[j].set(new)
+        if st.probe_layer is not None:
+            out_probs = out_probs.at[j].set(_probe_probs(st, probe_state, out.tap[:, 0]))
+        return out.caches, new, out_tokens, out_probs
+
+    init = (caches, tokens, jnp.zeros((n, tokens.shape[0]), jnp.int32),
+            jnp.zeros((n, tokens.shape[0], max(st.num_bins, 1)), jnp.float32))
+    caches, _, out_tokens, out_probs = jax.lax.fori_loop(0, n, one_step, init)
+    return caches, out_tokens, (out_probs if st.probe_layer is not None else None)
+
+
 class ModelRunner:
     def __init__(self, model: Llama, *, num_slots: int, num_pages: int, page_size: int,
                  max_model_len: int, decode_steps: int = 1, kv_dtype: Any = None, impl: str = "auto",
-                 probe: ProbeHead | None = None):
+                 probe: ProbeHead | None = None, tensor_parallel: int = 1):
         cfg = model.cfg
+        # [issue 8] tensor parallelism: weights and KV pages sharded over kv heads on a mesh of
+        # `tensor_parallel` local devices; XLA partitions the jitted steps from these shardings.
+        mesh = make_mesh(tensor_parallel) if tensor_parallel > 1 else None
+        if mesh is not None:
+            shard_model(model, mesh)
         self.cfg = cfg
         self.num_slots = num_slots
         self.num_pages = num_pages
         self.page_size = page_size
         self.max_pages_per_seq = -(-max_model_len // page_size)
-        self.decode_steps = decode_steps
-        self.impl = impl
         kv_dtype = kv_dtype or model.dtype
         shape = (cfg.n_kv_heads, num_pages, page_size, cfg.head_dim)
-        self.caches = [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(cfg.n_layers)]
-        self.graphdef, self.state = nnx.split(model)
-        self.probe_layer = probe.cfg.layer if probe is not None else None
+        kv_dev = kv_sharding(mesh, "paged") if mesh is not None else None  # [issue 8]
+        self.caches = [(jnp.zeros(shape, kv_dtype, device=kv_dev), jnp.zeros(shape, kv_dtype, device=kv_dev))
+                       for _ in range(cfg.n_layers)]
+        graphdef, self.state = nnx.split(model)
+        probe_graphdef, self.probe_state = None, None
         if probe is not None:
             if not 0 <= probe.cfg.layer < cfg.n_layers:
                 raise ValueError(f"probe layer {probe.cfg.layer} outside [0, {cfg.n_layers})")
-            self.probe_graphdef, self.probe_state = nnx.split(probe)
-            self.num_bins = probe.cfg.num_bins
-        else:
-            self.probe_graphdef, self.probe_state, self.num_bins = None, None, 0
-        self.attn_fn = make_paged_attention(impl)
-        self.trace_counts = {"prefill": 0, "decode": 0}  # incremented at trace time = compilations
-        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
-        self._decode = jax.jit(self._decode_impl, donate_argnums=(1,))
+            probe_graphdef, self.probe_state = nnx.split(probe)
+            if mesh is not None:  # [issue 8] the probe head is small: replicated
+                self.probe_state = jax.device_put(self.probe_state, NamedSharding(mesh, PartitionSpec()))
+        layer, bins = (probe.cfg.layer, probe.cfg.num_bins) if probe is not None else (None, 0)
+        self.statics = StepStatics(graphdef, probe_graphdef, layer, page_size, decode_steps, impl, bins,
+                                   mesh)  # [issue 8]
 
     @property
-    def num_compilations(self) -> int:
-        return sum(self.trace_counts.values())
-
-    def _probe_probs(self, probe_state, h: jax.Array) -> jax.Array:
-        probe = nnx.merge(self.probe_graphdef, probe_state)
-        return probe.probs(h)
-
-    # ---- prefill: one sequence's chunk [1, T] -----------------------------------------------------
-    def _prefill_impl(self, state, caches, probe_state, tokens, positions, slot_mapping, block_table,
-                      q_len, n_prompt, tap_acc, samp: SamplingRows):
-        self.trace_counts["prefill"] += 1
-        model = nnx.merge(self.graphdef, state)
-        meta = PagedMeta(slot_mapping, block_table, positions[:, 0], q_len)
-        out = model(tokens, positions, caches, self.attn_fn, meta, tap_layer=self.probe_layer,
-                    logits_index=jnp.maximum(q_len - 1, 0))
-        token = _sample(out.logits, samp)
-        probs = None
-        if self.probe_layer is not None:
-            # Running mean over prompt tokens only (a resumed request re-prefills its outputs too).
-            t = tokens.shape[1]
-            valid = (jnp.arange(t)[None, :] < q_len[:, None]) & (positions < n_prompt)
-            tap_acc = tap_acc + jnp.sum(jnp.where(valid[..., None], out.tap.astype(jnp.float32), 0.0),
-                                        axis=(0, 1))
-            count = jnp.maximum(jnp.minimum(positions[0, 0] + q_len[0], n_prompt), 1)
-            probs = self._probe_probs(probe_state, tap_acc / count.astype(jnp.float32))
-        return out.caches, token, probs, tap_acc
+    def trace_counts(self) -> dict[str, int]:
+        """Compilations of this runner's steps (shared with runners of equal statics)."""
+        return {k: TRACE_COUNTS[k, self.statics] for k in ("prefill", "decode")}
 
     def prefill(self, tokens: list[int], start: int, bucket: int, n_prompt: int, block_table: list[int],
                 tap_acc: jax.Array | None, samp: SamplingRows):
         """Compute KV for tokens at positions [start, start+len(tokens)) and sample the token after
-        the last one. Returns (token [1], probs [K] or None, tap_acc) as device arrays."""
+        the last one. Returns (token [1], probs [1, K] or None, tap_acc) as device arrays."""
         n = len(tokens)
         toks = np.zeros((1, bucket), np.int32)
         toks[0, :n] = tokens
@@ -142,46 +207,17 @@ class ModelRunner:
         slots[:n] = bt[0, p // self.page_size] * self.page_size + p % self.page_size
         if tap_acc is None:
             tap_acc = jnp.zeros((self.cfg.d_model,), jnp.float32)
-        self.caches, token, probs, tap_acc = self._prefill(
-            self.state, self.caches, self.probe_state, toks, pos, slots, bt, np.array([n], np.int32),
-            np.int32(n_prompt), tap_acc, samp)
+        self.caches, token, probs, tap_acc = _prefill_step(
+            self.statics, self.state, self.caches, self.probe_state, toks, pos, slots, bt,
+            np.array([n], np.int32), np.int32(n_prompt), tap_acc, samp)
         return token, (probs[None] if probs is not None else None), tap_acc
-
-    # ---- decode: all slots, `decode_steps` tokens per call ----------------------------------------
-    def _decode_impl(self, state, caches, probe_state, tokens, positions, n_valid, block_tables,
-                     samp: SamplingRows):
-        self.trace_counts["decode"] += 1
-        model = nnx.merge(self.graphdef, state)
-        page_size = self.page_size
-        rows = jnp.arange(tokens.shape[0])
-        k = max(self.num_bins, 1)
-
-        def one_step(j, carry):
-            caches, tok, out_tokens, out_probs = carry
-            pos = positions + j
-            live = j < n_valid
-            page = block_tables[rows, jnp.minimum(pos // page_size, block_tables.shape[1] - 1)]
-            slot = jnp.where(live, page * page_size + pos % page_size, -1)
-            meta = PagedMeta(slot, block_tables, pos, live.astype(jnp.int32))
-            out = model(tok[:, None], pos[:, None], caches, self.attn_fn, meta,
-                        tap_layer=self.probe_layer, logits_index=jnp.zeros_like(tok))
-            new = _sample(out.logits, samp, j)
-            out_tokens = out_tokens.at[j].set(new)
-            if self.probe_layer is not None:
-                out_probs = out_probs.at[j].set(self._probe_probs(probe_state, out.tap[:, 0]))
-            return out.caches, new, out_tokens, out_probs
-
-        n = self.decode_steps
-        init = (caches, tokens, jnp.zeros((n, tokens.shape[0]), jnp.int32),
-                jnp.zeros((n, tokens.shape[0], k), jnp.float32))
-        caches, _, out_tokens, out_probs = jax.lax.fori_loop(0, n, one_step, init)
-        return caches, out_tokens, (out_probs if self.probe_layer is not None else None)
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, n_valid: np.ndarray,
                block_tables: np.ndarray, samp: SamplingRows):
         """tokens/positions/n_valid [S]: the last token of each slot, its position, and how many steps
         the slot may take (0 = empty slot; pages for them must be allocated). Returns device arrays
         tokens [n, S] and probs [n, S, K] or None; step j's token for slot b is at [j, b]."""
-        self.caches, out_tokens, out_probs = self._decode(
-            self.state, self.caches, self.probe_state, tokens, positions, n_valid, block_tables, samp)
+        self.caches, out_tokens, out_probs = _decode_steps(
+            self.statics, self.state, self.caches, self.probe_state, tokens, positions, n_valid,
+            block_tables, samp)
         return out_tokens, out_probs

@@ -104,12 +104,16 @@ class TrailPredictor:
         if seq.posterior is None or seq.tokens_since_refinement >= self.refine_every:
             self.refine(seq, probs, seq.tokens_since_refinement)
         elif seq.predicted_remaining is not None:  # count down between refinements
-            seq.predicted_remaining = _cap(seq, seq.predicted_remaining - n_new)
+            raw = seq.predicted_remaining - n_new
+            seq.predicted_remaining = _cap(seq, raw)
+            if seq.predicted_remaining != raw:  # clamped: not a plain count-down, tell the policies
+                seq.prediction_epoch += 1
 
     def _set(self, seq: Sequence, post: np.ndarray) -> None:
         seq.posterior = post
         seq.predicted_remaining = _cap(seq, float(post @ self.midpoints))
         seq.tokens_since_refinement = 0
+        seq.prediction_epoch += 1
 
 
 class OraclePredictor:
@@ -125,6 +129,7 @@ class OraclePredictor:
     def on_prefill(self, seq: Sequence, probs: np.ndarray | None = None) -> None:
         seq.predicted_remaining = self._exact(seq)
         seq.initial_prediction = float(seq.oracle_remaining_at_start)
+        seq.prediction_epoch += 1
 
     def on_decode(self, seq: Sequence, probs: np.ndarray | None = None, n_new: int = 1) -> None:
         seq.predicted_remaining = self._exact(seq)
@@ -152,9 +157,11 @@ class NoisyOraclePredictor(OraclePredictor):
     def on_prefill(self, seq: Sequence, probs: np.ndarray | None = None) -> None:
         seq.predicted_remaining = self._noisy(seq)
         seq.initial_prediction = seq.predicted_remaining
+        seq.prediction_epoch += 1
 
     def on_decode(self, seq: Sequence, probs: np.ndarray | None = None, n_new: int = 1) -> None:
         seq.predicted_remaining = self._noisy(seq)
+        seq.prediction_epoch += 1
 
     sim_prefill = on_prefill
 
@@ -187,6 +194,29 @@ class RecordedPredictor:
         self.refiner.on_decode(seq, self._row(seq), n_new)
 
 
-# The simulator also drives a plain TrailPredictor only through RecordedPredictor (it needs probs).
-__all__ = ["NoisyOraclePredictor", "OraclePredictor", "RecordedPredictor", "TrailPredictor",
+class SyntheticProbe(RecordedPredictor):
+    """A made-up probe for simulations without recorded outputs: at each refinement the "probe" puts a
+    discretized lognormal (width `sigma`) around the true remaining length times exp(sigma z), and
+    TRAIL's rule refines it, so policies see real posteriors (Gittins needs them)."""
+
+    def __init__(self, refiner: TrailPredictor, sigma: float = 0.5, seed: int = 0):
+        super().__init__(refiner, {})
+        self.sigma, self.seed = sigma, seed
+        e = np.asarray(refiner.bin_edges)
+        self._lo, self._hi = np.maximum(e[:-1], 0.5), e[1:]
+        self._hi[-1] = max(self._hi[-1], 1e9)  # the last bin takes everything longer
+
+    def _row(self, seq: Sequence) -> np.ndarray:
+        from math import erf, log, sqrt
+
+        key = (self.seed, zlib.crc32(seq.request_id.encode()), seq.num_generated)
+        z = np.random.default_rng(key).standard_normal()
+        mu = log(max(float(seq.oracle_remaining or 0), 0.5)) + self.sigma * z
+        cdf = np.vectorize(lambda x: 0.5 * (1 + erf((log(x) - mu) / (self.sigma * sqrt(2)))))
+        q = cdf(self._hi) - cdf(self._lo)
+        q[0] += cdf(self._lo[0])
+        return q + 1e-6
+
+
+__all__ = ["NoisyOraclePredictor", "OraclePredictor", "RecordedPredictor", "SyntheticProbe", "TrailPredictor",
            "transition_matrix"]

@@ -28,7 +28,8 @@ class Router(ABC):
     name = "router"
     uses_tokens = False
 
-    def choose(self, stats: Seq[EngineStats], prompt_tokens: int, predicted_tokens: float | None = None) -> int:
+    def choose(self, stats: Seq[EngineStats], prompt_tokens: int,
+               predicted_tokens: float | None = None) -> int:
         if not stats:
             raise InvalidRequestError("replicas", "no replica to route to")
         return self._choose(stats, prompt_tokens, predicted_tokens)

@@ -88,6 +88,7 @@ class Sequence:
     predicted_remaining: float | None = None  # current estimate of tokens still to generate
     posterior: np.ndarray | None = None  # posterior over remaining-length bins
     tokens_since_refinement: int = 0
+    prediction_epoch: int = 0  # bumped by predictors on a new estimate (not on the count-down)
     oracle_remaining_at_start: int | None = None  # true output length, known only to srpt-oracle / sims
 
     # Accounting

@@ -72,7 +72,8 @@ class SimReplica:
     def __init__(self, policy: Policy, step_model: StepModel, num_slots: int, num_pages: int,
                  page_size: int, swap: bool, predictor: Any, on_finish: Callable[[SimSequence], None],
                  max_jump_steps: int | None = None):
-        self.policy, self.sm, self.slots, self.num_pages, self.ps = policy, step_model, num_slots, num_pages, page_size
+        self.policy, self.sm, self.slots = policy, step_model, num_slots
+        self.num_pages, self.ps = num_pages, page_size
         self.swap, self.predictor, self._on_finish = swap, predictor, on_finish
         self.max_jump = max_jump_steps or (1 << 62)
         self.refine_every = getattr(predictor, "refine_every", None)
@@ -87,6 +88,7 @@ class SimReplica:
         self._prefill: list[tuple[SimSequence, int]] = []  # admitted at this boundary, tokens to prefill
         self.planned: tuple | None = None  # ("wake",) or (t0, steps, n, kv0)
         self.preemptions = 0
+        self._changed = False  # state changed at this boundary: the engine would re-schedule next step
 
     # --- resources -------------------------------------------------------------------------------------
     def used_at(self, step: int) -> int:
@@ -119,10 +121,12 @@ class SimReplica:
             tokens = 0 if s.status is Status.SWAPPED else s._plen + s._gen0
         s.status, s.admitted_time = Status.RUNNING, t
         s._clock, s._s0 = self, self.steps
+        self._changed = True
         self.running.append(s)
         self.offs.append(s._plen + s._gen0 - self.steps)
         self._prefill.append((s, tokens))
-        heapq.heappush(self._fin, (self.steps + s.oracle_remaining_at_start - s._gen0, next(self._tick), s._epoch, s))
+        fin = self.steps + s.oracle_remaining_at_start - s._gen0  # forced length: ends at this step
+        heapq.heappush(self._fin, (fin, next(self._tick), s._epoch, s))
         if self.refine_every:
             due = max(self.refine_every - (s._gen0 - s._ref_gen), 1)
             heapq.heappush(self._ref, (self.steps + due, next(self._tick), s._epoch, s))
@@ -144,6 +148,7 @@ class SimReplica:
         s.status = Status.SWAPPED if self.swap else Status.WAITING
         s.num_preemptions += 1
         self.preemptions += 1
+        self._changed = True
         bisect.insort(self.waiting, s, key=lambda x: x.arrival_time)
         self.waiting_tokens += self._wtok(s)
 
@@ -213,13 +218,18 @@ class SimReplica:
         n = len(self.running)
         if n == 0:
             self._prefill.clear()
+            self._changed = False
             return None
         kv0 = sum(self.offs) + n * self.steps
         if any(tok > 0 for _, tok in self._prefill):
+            self._changed = False
             bt = n - len(self._prefill) + sum(max(tok, 1) for _, tok in self._prefill)
             self.planned = (self.time, 1, n, kv0)
             return self.time + self.sm.step_time(bt, kv0)
-        m = self.max_jump
+        # after a change, one step: the engine's next `schedule` call sees the new state; after that
+        # nothing the policy looks at improves until the next event, so its answer cannot change
+        m = 1 if self._changed else self.max_jump
+        self._changed = False
         fin = self._valid_top(self._fin)
         if fin is not None:
             m = min(m, fin[0] - self.steps)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import heapq
 import time as _time
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,7 +96,8 @@ class SimResult:
             for q in (50, 90, 99):
                 out[f"p{q}_{name}"] = float(np.percentile(x, q)) if len(x) else float("nan")
         out["preemptions_per_request"] = float(np.mean(self.preemptions))
-        out["throughput_tokens_per_s"] = float(self.output_len.sum() / self.makespan) if self.makespan else 0.0
+        span = self.makespan
+        out["throughput_tokens_per_s"] = float(self.output_len.sum() / span) if span else 0.0
         out["requests"] = float(len(self.e2e))
         return out
 

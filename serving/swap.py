@@ -7,6 +7,7 @@ gather / scatter compile once per bucket, not once per sequence length. Swap-in 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -31,37 +32,40 @@ class SwappedKV:
         return self.data.nbytes
 
 
-class Swapper:
-    def __init__(self) -> None:
-        self.trace_count = 0
-        self._gather = jax.jit(self._gather_impl)
-        self._scatter = jax.jit(self._scatter_impl, donate_argnums=(0,))
+TRACE_COUNTS = {"gather": 0, "scatter": 0}  # compilations (module-level jit: shared by engines)
 
-    def _gather_impl(self, caches, pages):
-        self.trace_count += 1
-        return jnp.stack([jnp.stack([k[:, pages], v[:, pages]]) for k, v in caches])
 
-    def _scatter_impl(self, caches, pages, data):
-        self.trace_count += 1
-        # Pads target the null page; their content is never read, so the duplicate writes are harmless.
-        return [(k.at[:, pages].set(data[i, 0].astype(k.dtype)), v.at[:, pages].set(data[i, 1].astype(v.dtype)))
-                for i, (k, v) in enumerate(caches)]
+@jax.jit
+def _gather(caches, pages):
+    TRACE_COUNTS["gather"] += 1
+    return jnp.stack([jnp.stack([k[:, pages], v[:, pages]]) for k, v in caches])
 
-    def _padded(self, pages: list[int]) -> np.ndarray:
-        out = np.full((_bucket(len(pages)),), NULL_PAGE, np.int32)
-        out[:len(pages)] = pages
-        return out
 
-    def swap_out(self, caches, pages: list[int]) -> SwappedKV:
-        """Copy `pages` (in block-table order) to host; the caller then frees them."""
-        data = np.asarray(jax.device_get(self._gather(caches, self._padded(pages))))
-        return SwappedKV(data[:, :, :, :len(pages)].copy(), len(pages))
+@partial(jax.jit, donate_argnums=(0,))
+def _scatter(caches, pages, data):
+    TRACE_COUNTS["scatter"] += 1
+    # Pads target the null page; its content is never read, so the duplicate writes are harmless.
+    return [(k.at[:, pages].set(data[i, 0].astype(k.dtype)), v.at[:, pages].set(data[i, 1].astype(v.dtype)))
+            for i, (k, v) in enumerate(caches)]
 
-    def swap_in(self, caches, pages: list[int], saved: SwappedKV):
-        """Write the saved KV into freshly allocated `pages`; returns the new caches."""
-        if len(pages) != saved.num_pages:
-            raise ValueError(f"swap-in needs {saved.num_pages} pages, got {len(pages)}")
-        padded = self._padded(pages)
-        data = np.zeros(saved.data.shape[:3] + (len(padded),) + saved.data.shape[4:], saved.data.dtype)
-        data[:, :, :, :len(pages)] = saved.data
-        return self._scatter(caches, padded, data)
+
+def _padded(pages: list[int]) -> np.ndarray:
+    out = np.full((_bucket(len(pages)),), NULL_PAGE, np.int32)
+    out[:len(pages)] = pages
+    return out
+
+
+def swap_out(caches, pages: list[int]) -> SwappedKV:
+    """Copy `pages` (in block-table order) to host; the caller then frees them."""
+    data = np.asarray(jax.device_get(_gather(caches, _padded(pages))))
+    return SwappedKV(data[:, :, :, :len(pages)].copy(), len(pages))
+
+
+def swap_in(caches, pages: list[int], saved: SwappedKV):
+    """Write the saved KV into freshly allocated `pages`; returns the new caches (old ones donated)."""
+    if len(pages) != saved.num_pages:
+        raise ValueError(f"swap-in needs {saved.num_pages} pages, got {len(pages)}")
+    padded = _padded(pages)
+    data = np.zeros(saved.data.shape[:3] + (len(padded),) + saved.data.shape[4:], saved.data.dtype)
+    data[:, :, :, :len(pages)] = saved.data
+    return _scatter(caches, padded, data)

@@ -157,12 +157,44 @@ def run_case(cfg, tp: int) -> dict:
     return rep
 
 
+def run_engine_case(cfg, tp: int) -> dict:
+    """The serving engine with tensor_parallel=tp vs 1: same greedy tokens, with swap preemption."""
+    from jtrail.serving.engine import EngineConfig, LLMEngine
+    from jtrail.serving.sequence import SamplingParams
+
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, cfg.vocab_size, int(rng.integers(2, 14))).tolist() for _ in range(6)]
+    outs = {}
+    for degree in (1, tp):
+        model = Llama(cfg, rngs=nnx.Rngs(0))
+        model.embed.set_value(model.embed[...] * 0.05)
+        ecfg = EngineConfig(num_slots=4, page_size=4, num_pages=40, max_model_len=32, prefill_buckets=(16,),
+                            max_prefill_tokens_per_step=32, decode_steps_per_call=2, kernel_impl="reference",
+                            preemption_mode="swap", tensor_parallel=degree)
+        engine = LLMEngine(model, config=ecfg)
+        seqs = [engine.add_request(f"r{i}", p, SamplingParams(max_tokens=8, ignore_eos=True))
+                for i, p in enumerate(prompts)]
+        steps = 0
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+            if steps == 3 and engine.running:  # swap a request's (sharded) pages out and back in
+                engine.preempt(engine.running[0])
+        outs[degree] = [list(s.output_ids) for s in seqs]
+        k_pages = engine.runner.caches[0][0]
+    return {"tp": tp, "tokens_tp1": outs[1], "tokens_tp": outs[tp], "preemptions": engine.num_preemptions,
+            "pages_spec": spec_list(k_pages),
+            "pages_shard_shape": list(k_pages.addressable_shards[0].data.shape),
+            "q_proj_spec": spec_list(engine.runner.state["layers"][0]["q_proj"][...])}
+
+
 def main() -> None:
     assert len(jax.devices()) >= 4, "run with XLA_FLAGS=--xla_force_host_platform_device_count=4"
     tiny = NAMED_CONFIGS["tiny"]
     # 8 q / 4 kv heads so TP=4 is possible; untied lm_head and q/k/v biases exercise more specs.
     wide = tiny.replace(name="wide", n_heads=8, n_kv_heads=4, tie_embeddings=False, attention_bias=True)
-    report = {"tiny_tp2": run_case(tiny, 2), "wide_tp4": run_case(wide, 4)}
+    report = {"tiny_tp2": run_case(tiny, 2), "wide_tp4": run_case(wide, 4),
+              "engine_tp2": run_engine_case(tiny, 2)}
     sys.stdout.write(json.dumps(report) + "\n")
 
 

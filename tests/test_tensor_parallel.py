@@ -32,7 +32,7 @@ def tp_report() -> dict:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={N_FAKE}",
                JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("_tp_child.py"))], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -136,3 +136,12 @@ def test_init_distributed_single_host_is_noop(monkeypatch):
     assert init_distributed() is False
     with pytest.raises(ShardingError, match="multi-host"):
         init_distributed(num_processes=2)
+
+
+def test_engine_tensor_parallel_matches_single_device(tp_report):
+    r = tp_report["engine_tp2"]
+    assert r["tokens_tp"] == r["tokens_tp1"]  # greedy, with a swap preemption of sharded pages
+    assert r["preemptions"] >= 1
+    assert sum(len(set(row)) for row in r["tokens_tp1"]) > 12  # varied output, not one token
+    assert r["pages_spec"] == ["tp", None, None, None] and r["pages_shard_shape"][0] == 1
+    assert r["q_proj_spec"] == [None, "tp"]

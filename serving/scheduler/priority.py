@@ -12,6 +12,7 @@ from .ranked import RankedPolicy
 
 class PriorityPolicy(RankedPolicy):
     name = "priority"
+    counts_down = False
 
     def __init__(self, *, preempt: bool = False, **kw):
         kw.setdefault("c", float("inf"))

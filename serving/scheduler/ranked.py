@@ -21,6 +21,7 @@ from ..sequence import InvalidRequestError, Sequence
 from .aging import Aging
 from .base import Decision, Policy, SchedulerState
 from .memory import MemoryGuard, least_work_victim
+from .runindex import RunIndex
 from .waitqueue import WaitIndex
 
 VICTIM_RULES = ("recent", "least_work", "longest")
@@ -41,6 +42,7 @@ class PolicyStats:
 
 class RankedPolicy(Policy):
     name = "ranked"
+    counts_down = True  # rank falls one per generated token (lengths); False: fixed (priority)
 
     def __init__(self, *, c: float = math.inf, margin: float = 0.0, aging: float = 0.0,
                  memory: MemoryGuard | None = None, victim: str = "recent", unknown_rank: float = 0.0,
@@ -58,6 +60,7 @@ class RankedPolicy(Policy):
         self.preempt = preempt and self.c > 0
         self.stats = PolicyStats()
         self._index = WaitIndex(self._key)
+        self._run = RunIndex(self._run_key, self.preemptible)
 
     # --- ranks ---------------------------------------------------------------------------------------
     def rank(self, seq: Sequence) -> float:
@@ -67,6 +70,10 @@ class RankedPolicy(Policy):
 
     def _key(self, seq: Sequence) -> tuple:
         return (self.aging.static_key(self.rank(seq), seq.arrival_time), seq.arrival_time, seq.request_id)
+
+    def _run_key(self, seq: Sequence) -> float:
+        """Fixed while the sequence runs between refinements (see runindex.py)."""
+        return self.rank(seq) + seq.num_generated if self.counts_down else self.rank(seq)
 
     def preemptible(self, seq: Sequence) -> bool:
         if not self.preempt:
@@ -109,23 +116,20 @@ class RankedPolicy(Policy):
 
     def _preemptions(self, first: Sequence, rest, state: SchedulerState,
                      admit: list[Sequence]) -> list[Sequence]:
-        cands = [r for r in state.running if self.preemptible(r)]
-        if not cands:
-            return []
+        # pairs (best waiting, largest-rank preemptible running) while the waiting one beats it;
         # waiting ranks only get worse down the queue, so one failed comparison ends the search
-        if not self._beats(first, max(cands, key=self.rank), state.now):
-            return []
-        cands.sort(key=self.rank, reverse=True)
+        victims = self._run.ordered(state.running)
         out: list[Sequence] = []
         w: Sequence | None = first
-        for r in cands:
-            if w is None:
-                break
-            if not self._beats(w, r, state.now):
-                break
-            out.append(r)
-            admit.append(w)
-            w = next(rest, None)
+        try:
+            for r in victims:
+                if w is None or not self._beats(w, r, state.now):
+                    break
+                out.append(r)
+                admit.append(w)
+                w = next(rest, None)
+        finally:
+            victims.close()
         return out
 
     def _beats(self, waiting: Sequence, running: Sequence, now: float) -> bool:
@@ -150,3 +154,4 @@ class RankedPolicy(Policy):
 
     def on_finish(self, seq: Sequence, now: float) -> None:
         self._index.discard(seq)
+        self._run.forget(seq)

@@ -1,0 +1,275 @@
+"""Engine decode throughput vs the HBM roofline and vs Hugging Face transformers.
+
+    python benchmarks/engine.py               # GPU: Llama-3-8B shape, random bf16 weights
+    python benchmarks/engine.py --smoke       # CPU: tiny shapes, checks the script end to end
+    python benchmarks/engine.py --smollm2-gguf PATH   # adds real-model (SmolLM2) end-to-end throughput
+
+Decode measurement: for each batch size B, B requests with `ctx`-token contexts are placed in the
+engine as already prefilled (pages allocated, lengths set; the KV pages hold zeros, which does not
+change the work), then `engine.step()` runs `--steps` times, each a jitted call of
+`decode_steps_per_call` tokens per sequence. tokens/s = B * tokens per sequence / wall time of the
+step loop. Roofline: bytes read per token step (all weights except the embedding table, plus every
+sequence's KV) / copy bandwidth measured in this run (preallocated elementwise bf16 op). Host gap:
+1 - (device time of the jitted decode call alone, same inputs) / (engine step wall time).
+The transformers peer runs in a subprocess before JAX touches the GPU (JAX preallocates memory):
+decode tokens/s = B * N / (time of generate(N+1 new tokens) - time of generate(1 new token)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "engine.json"
+
+
+def hf_peer(shape: str, batches: list[int], ctx: int, new_tokens: int) -> dict:
+    """Runs in its own process: transformers generate, random bf16 weights on the GPU."""
+    import torch
+    from jtrail.models.config import NAMED_CONFIGS
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = NAMED_CONFIGS[shape]
+    hf_cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_dim,
+                         num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
+                         num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim, rope_theta=c.rope_theta,
+                         max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(hf_cfg).eval()
+    out = {}
+    for b in batches:
+        ids = torch.randint(3, c.vocab_size, (b, ctx), device="cuda")
+
+        def gen(n, ids=ids):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        gen(2)  # warm-up
+        t1, tn = gen(1), gen(new_tokens + 1)
+        out[str(b)] = {"decode_tokens_per_s": b * new_tokens / (tn - t1), "prefill_s": t1}
+        torch.cuda.empty_cache()
+    return out
+
+
+def run_hf_subprocess(args) -> dict | None:
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return None
+    except ImportError:
+        return None
+    cmd = [sys.executable, __file__, "--hf-peer-only", "--ctx", str(args.ctx), "--hf-new-tokens",
+           str(args.hf_new_tokens), "--hf-batches", ",".join(map(str, args.hf_batches)),
+           "--shape", args.shape]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        print("transformers peer failed:\n", proc.stderr[-3000:], file=sys.stderr)
+        return {"error": proc.stderr[-500:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def copy_bandwidth(jax, jnp, nbytes: int) -> float:
+    """Bytes/s of a preallocated elementwise bf16 op (reads + writes), the measured ceiling."""
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda a: a * jnp.bfloat16(1.0009765625), donate_argnums=0)
+    x = f(x).block_until_ready()
+    n = 20
+    t0 = time.perf_counter()
+    for _ in range(n):
+        x = f(x)
+    x.block_until_ready()
+    return 2 * nbytes * n / (time.perf_counter() - t0)
+
+
+def place_prefilled(engine, b: int, ctx: int, max_tokens: int, rng) -> None:
+    """B running sequences whose first ctx-1 tokens count as computed (decode starts at once)."""
+    from jtrail.serving.sequence import SamplingParams
+
+    now = time.monotonic()
+    for i in range(b):
+        seq = engine.add_request(f"b{i}", rng.integers(3, engine.model_cfg.vocab_size, ctx).tolist(),
+                                 SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        assert engine._admit(seq, now), "KV cache too small for the batch"
+        seq.num_computed_tokens = ctx - 1
+        engine._prefilled.add(seq.request_id)
+
+
+def bench_decode(model, cfg, b: int, args, bw: float) -> dict:
+    import jax
+    import numpy as np
+    from jtrail.serving.engine import EngineConfig, LLMEngine
+
+    k, steps, page = args.decode_steps, args.steps, args.page_size
+    max_len = args.ctx + k * (steps + 2) + page
+    pages = b * -(-max_len // page) + 1
+    ecfg = EngineConfig(num_slots=b, page_size=page, num_pages=pages, max_model_len=max_len,
+                        decode_steps_per_call=k, kernel_impl=args.impl, max_queue=b + 1)
+    engine = LLMEngine(model, config=ecfg)
+    place_prefilled(engine, b, args.ctx, k * (steps + 2), np.random.default_rng(0))
+    t0 = time.perf_counter()
+    engine.step()  # compile + first call
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    wall = time.perf_counter() - t0
+    toks = b * k * steps
+    # device time of the jitted call alone: same shapes, inputs prepared once, back to back
+    r = engine.runner
+    rows = [s for s in engine.running]
+    tokens = np.zeros(b, np.int32)
+    positions = np.zeros(b, np.int32)
+    n_valid = np.full(b, k, np.int32)
+    tables = np.zeros((b, r.max_pages_per_seq), np.int32)
+    for s in rows:
+        positions[s.slot] = s.num_tokens - 1
+        tables[s.slot, :len(s.block_table)] = s.block_table
+    samp = engine._sampling_rows([None] * b)
+    out, _ = r.decode(tokens, positions, n_valid, tables, samp)
+    jax.block_until_ready(out)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out, _ = r.decode(tokens, positions, n_valid, tables, samp)
+    jax.block_until_ready(out)
+    device = (time.perf_counter() - t0) / steps
+    step_wall = wall / steps
+    avg_ctx = args.ctx + k * (steps + 1) / 2
+    weight_bytes = (cfg.num_params - cfg.vocab_size * cfg.d_model * (0 if cfg.tie_embeddings else 1)) * 2
+    kv_bytes = b * avg_ctx * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 2
+    roofline_tps = b / ((weight_bytes + kv_bytes) / bw)
+    del engine, r, out
+    gc.collect()  # free this batch size's KV cache before the next one is allocated
+    return {"batch": b, "ctx": args.ctx, "tokens_per_s": toks / wall, "roofline_tokens_per_s": roofline_tps,
+            "roofline_fraction": toks / wall / roofline_tps, "step_wall_ms": step_wall * 1e3,
+            "device_call_ms": device * 1e3, "host_gap_fraction": max(0.0, 1 - device / step_wall),
+            "compile_s": compile_s, "decode_steps_per_call": k}
+
+
+def bench_smollm2(path: str, args) -> dict:
+    import jax.numpy as jnp
+    import numpy as np
+    from jtrail.models.loader import load_model
+    from jtrail.serving.engine import EngineConfig, LLMEngine
+    from jtrail.serving.sequence import SamplingParams
+
+    lm = load_model(path, dtype=jnp.bfloat16, progress=False)
+    b, plen, gen = args.smollm2_batch, 256, 128
+    pages = b * (plen + gen) // args.page_size + 64
+    ecfg = EngineConfig(num_slots=b, page_size=args.page_size, num_pages=pages,
+                        max_model_len=plen + gen + 16, prefill_buckets=(256, 512, 1024),
+                        max_prefill_tokens_per_step=4096, decode_steps_per_call=args.decode_steps,
+                        kernel_impl=args.impl)
+    engine = LLMEngine(lm.model, lm.tokenizer, ecfg)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, lm.cfg.vocab_size, plen).tolist() for _ in range(b)]
+    params = SamplingParams(max_tokens=gen, ignore_eos=True)
+    engine.generate_batch(prompts[:2], SamplingParams(max_tokens=2 * args.decode_steps + 1), progress=False)
+    t0 = time.perf_counter()
+    engine.generate_batch(prompts, params, progress=False)
+    wall = time.perf_counter() - t0
+    return {"batch": b, "prompt_tokens": plen, "new_tokens": gen, "wall_s": wall,
+            "output_tokens_per_s": b * gen / wall, "note": "end to end incl. prefill, bf16"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU check of the script)")
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--batches", default="32,64,128,256")
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=8, help="timed engine steps per batch size")
+    ap.add_argument("--decode-steps", type=int, default=8, help="decode tokens per jitted call")
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--impl", default="auto")
+    ap.add_argument("--hf-batches", default="32,128")
+    ap.add_argument("--hf-new-tokens", type=int, default=32)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--hf-peer-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--smollm2-gguf", default=None)
+    ap.add_argument("--smollm2-batch", type=int, default=64)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    args.batches = [int(x) for x in args.batches.split(",")]
+    args.hf_batches = [int(x) for x in args.hf_batches.split(",")]
+    if args.hf_peer_only:
+        print(json.dumps(hf_peer(args.shape, args.hf_batches, args.ctx, args.hf_new_tokens)))
+        return
+    if args.smoke:
+        args.shape, args.batches, args.ctx, args.steps, args.decode_steps = "tiny", [2, 4], 48, 3, 2
+        args.page_size, args.no_hf, args.hf_batches = 8, True, []
+
+    hf = None if args.no_hf else run_hf_subprocess(args)  # before JAX claims the GPU
+    # b256 x 1k KV (~38 GB) + 16 GB weights: let JAX's pool take most of the 80 GB
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+    import jax
+    import jax.numpy as jnp
+    from jtrail.models.config import NAMED_CONFIGS
+    from jtrail.models.loader import random_model
+
+    cfg = NAMED_CONFIGS[args.shape]
+    t0 = time.perf_counter()
+    model = random_model(cfg, jnp.bfloat16)
+    jax.block_until_ready(nnx_state(model))
+    init_s = time.perf_counter() - t0
+    bw = copy_bandwidth(jax, jnp, (1 << 20) if args.smoke else (1 << 30))
+    rows = []
+    for b in args.batches:
+        rows.append(bench_decode(model, cfg, b, args, bw))
+        print(json.dumps(rows[-1]), flush=True)
+    by_b = {r["batch"]: r for r in rows}
+    ref_b = 128 if 128 in by_b else args.batches[-1]
+    bars = {"roofline_fraction_b128": by_b[ref_b]["roofline_fraction"],
+            "host_gap_fraction": max(r["host_gap_fraction"] for r in rows),
+            "speedup_vs_transformers_b128": None}
+    if hf and "error" not in hf and str(ref_b) in hf:
+        peer = hf[str(ref_b)]["decode_tokens_per_s"]
+        bars["speedup_vs_transformers_b128"] = by_b[ref_b]["tokens_per_s"] / peer
+    result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})", "jax": jax.__version__,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "git_commit": git_commit(), "shape": args.shape, "dtype": "bfloat16", "smoke": args.smoke,
+        "copy_bandwidth_GBps": bw / 1e9, "weight_init_s": init_s,
+        "decode_measurement": "KV pages allocated for ctx tokens and lengths set directly (no prefill); "
+                              "bars' host gap is the max over batch sizes",
+        "table": rows, "transformers": hf,
+        "smollm2": bench_smollm2(args.smollm2_gguf, args) if args.smollm2_gguf else None,
+        "bars": bars,
+    }
+    text = json.dumps(result, indent=2)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "engine.json").write_text(text)
+    print(json.dumps(bars))
+
+
+def nnx_state(model):
+    from flax import nnx
+
+    return nnx.state(model)
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Open-loop load generator: seeded arrivals, real prompts, in-process engine or gRPC server.
+
+- Arrivals: Poisson at `rate` req/s (exponential gaps), or gamma gaps with coefficient of variation
+  `cv` (cv > 1: burstier than Poisson, cv < 1: smoother); seeded, so every policy sees the same trace.
+- Prompts: ShareGPT, MT-Bench or a user JSONL file through `jtrail.datasets`, chat template applied
+  (the probe was trained on templated prompts).
+- Modes: natural EOS (`max_tokens` cap), or forced lengths (`ignore_eos=True, max_tokens=L_i`: every
+  request generates exactly its profiled length, so every policy does identical work).
+- Targets: `drive_engine` runs an `LLMEngine` in this thread, submitting each request when the wall
+  clock passes its arrival time; `drive_grpc` streams through `jtrail.client.AsyncClient`.
+Times are `time.perf_counter()` seconds on the host, relative to the start of the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from jtrail.serving.sequence import SamplingParams
+
+
+def arrival_times(n: int, rate: float, seed: int, cv: float = 1.0) -> np.ndarray:
+    """n arrival times (s) of a renewal process with mean gap 1/rate; cv = 1 is Poisson."""
+    if n < 0 or not rate > 0 or not cv > 0:
+        raise ValueError(f"need n >= 0, rate > 0 and cv > 0, got {n}, {rate}, {cv}")
+    rng = np.random.default_rng(seed)
+    if cv == 1.0:
+        gaps = rng.exponential(1.0 / rate, n)
+    else:  # gamma with shape k has cv = 1/sqrt(k); scale keeps the mean at 1/rate
+        k = 1.0 / cv**2
+        gaps = rng.gamma(k, 1.0 / (rate * k), n)
+    return np.cumsum(gaps) - (gaps[0] if n else 0.0)  # first request at t = 0
+
+
+def prompt_texts(source: str) -> list[str]:
+    """Deduplicated first user turns of 'sharegpt', 'mtbench' or a JSONL path."""
+    from jtrail import datasets
+
+    if source == "sharegpt":
+        records = datasets.load_sharegpt(require_answer=False)
+    elif source == "mtbench":
+        records = datasets.mtbench_records()
+    else:
+        records = datasets.load_jsonl(source)
+    return list(dict.fromkeys(r.prompt for r in records if r.prompt.strip()))
+
+
+def load_prompt_ids(source: str, tokenizer: Any, n: int, max_prompt_tokens: int, seed: int = 0,
+                    chat: bool = True) -> list[list[int]]:
+    """Up to n tokenized prompts, a seeded sample of the source; over-long prompts are skipped."""
+    texts = prompt_texts(source)
+    order = np.random.default_rng(seed).permutation(len(texts))
+    out: list[list[int]] = []
+    use_chat = chat and bool(getattr(tokenizer, "chat_template", None))
+    for i in order:  # bounded by len(texts)
+        t = texts[int(i)]
+        ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": t}])
+                               if use_chat else t)
+        if 0 < len(ids) <= max_prompt_tokens:
+            out.append(ids)
+            if len(out) >= n:
+                break
+    return out
+
+
+@dataclass
+class Workload:
+    """One trace: every policy runs exactly this (same prompts, arrivals and forced lengths)."""
+
+    prompts: list[list[int]]
+    arrival: np.ndarray  # seconds from the start of the run
+    output_len: np.ndarray  # forced (profiled) lengths, or the cap in natural mode
+    forced: bool = True
+    request_ids: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.arrival = np.asarray(self.arrival, float)
+        self.output_len = np.asarray(self.output_len, np.int64)
+        if not (len(self.prompts) == len(self.arrival) == len(self.output_len)):
+            raise ValueError("prompts, arrival and output_len need the same length")
+        if not self.request_ids:
+            self.request_ids = [f"r{i}" for i in range(len(self.prompts))]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def params(self, i: int) -> SamplingParams:
+        return SamplingParams(max_tokens=int(self.output_len[i]), temperature=0.0, ignore_eos=self.forced)
+
+
+@dataclass
+class RunResult:
+    """Per-request timings (NaN where a request did not finish) and per-step measurements."""
+
+    arrival: np.ndarray
+    first_token: np.ndarray
+    finish: np.ndarray
+    output_tokens: np.ndarray
+    preemptions: np.ndarray
+    itl: np.ndarray  # all inter-token gaps (s), vLLM's ITL samples
+    steps: np.ndarray  # [S, 3]: batch tokens, kv tokens, seconds (in-process runs only)
+    wall_s: float
+
+    @property
+    def completed(self) -> np.ndarray:
+        return np.isfinite(self.finish)
+
+
+def _result(arrival, first, finish, nout, npre, itl: list[float], steps: list, wall: float) -> RunResult:
+    st = np.asarray(steps, float).reshape(-1, 3)
+    return RunResult(np.asarray(arrival, float), first, finish, nout, npre, np.asarray(itl, float), st, wall)
+
+
+def drive_engine(engine: Any, wl: Workload, oracle: bool = True, timeout_s: float = 600.0,
+                 idle_sleep_s: float = 0.002) -> RunResult:
+    """Open loop against an in-process LLMEngine: submit at arrival times, step while work is left.
+
+    `oracle`: give each sequence its true output length (srpt-oracle's rank; the simulator's too).
+    Step records: batch tokens (prefill + decode tokens computed), KV tokens of the sequences that
+    ran (their length before the step), seconds of the step plus our bookkeeping.
+    """
+    n = len(wl)
+    if oracle:  # set before the policy files the request (srpt-oracle ranks it on arrival)
+        lengths = {rid: int(x) for rid, x in zip(wl.request_ids, wl.output_len, strict=True)}
+        inner = engine.policy.on_arrival
+
+        def on_arrival(seq, now, _inner=inner):
+            seq.oracle_remaining_at_start = lengths.get(seq.request_id)
+            _inner(seq, now)
+
+        engine.policy.on_arrival = on_arrival
+    index = {rid: i for i, rid in enumerate(wl.request_ids)}
+    first, finish = np.full(n, np.nan), np.full(n, np.nan)
+    nout, npre = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    last_tok = np.full(n, np.nan)
+    itl: list[float] = []
+    steps: list[tuple[float, float, float]] = []
+    seqs: list[Any] = []
+    t0, m0 = time.perf_counter(), time.monotonic()
+    i = done = 0
+    while done < n:
+        now = time.perf_counter() - t0
+        if now > timeout_s:
+            break
+        while i < n and wl.arrival[i] <= now:  # engine clock is monotonic: give it the true arrival
+            seqs.append(engine.add_request(wl.request_ids[i], wl.prompts[i], wl.params(i),
+                                           arrival_time=m0 + float(wl.arrival[i])))
+            i += 1
+        if not engine.has_unfinished():
+            if i < n:
+                time.sleep(max(0.0, min(idle_sleep_s, wl.arrival[i] - now)))
+            continue
+        before = [(s, s.num_computed_tokens, s.num_generated, s.num_tokens) for s in engine.requests.values()]
+        ts = time.perf_counter()
+        outs = engine.step()
+        te = time.perf_counter()
+        t_rel = te - t0
+        for o in outs:
+            k = index[o.request_id]
+            m = len(o.new_token_ids)
+            if m:
+                if np.isnan(first[k]):
+                    first[k] = t_rel
+                else:
+                    gap = (t_rel - last_tok[k]) / m
+                    itl.extend([gap] * m)
+                last_tok[k] = t_rel
+                nout[k] += m
+            if o.finished:
+                finish[k] = t_rel
+                done += 1
+        bt = kv = 0
+        for s, comp, gen, tok in before:
+            d = max(s.num_computed_tokens - comp, s.num_generated - gen)
+            if d > 0:
+                bt += d
+                kv += tok
+        steps.append((bt, kv, time.perf_counter() - ts))
+    for s in seqs:
+        npre[index[s.request_id]] = s.num_preemptions
+        if not s.is_finished:
+            engine.abort(s.request_id)
+    return _result(wl.arrival, first, finish, nout, npre, itl, steps, time.perf_counter() - t0)
+
+
+async def _grpc_run(target: str, wl: Workload, timeout_s: float) -> RunResult:
+    from jtrail.client import AsyncClient
+
+    n = len(wl)
+    first, finish = np.full(n, np.nan), np.full(n, np.nan)
+    nout, npre = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    itl: list[float] = []
+    t0 = time.perf_counter()
+
+    async def one(k: int, client: AsyncClient) -> None:
+        await asyncio.sleep(max(0.0, wl.arrival[k] - (time.perf_counter() - t0)))
+        last = None
+        p = wl.params(k)
+        async for d in client.generate(wl.prompts[k], timeout=timeout_s, max_tokens=p.max_tokens,
+                                       temperature=0.0, ignore_eos=p.ignore_eos,
+                                       request_id=wl.request_ids[k]):
+            t = time.perf_counter() - t0
+            m = len(d.token_ids)
+            if m:
+                if last is None:
+                    first[k] = t
+                else:
+                    itl.extend([(t - last) / m] * m)
+                last = t
+                nout[k] += m
+            if d.finish_reason is not None:
+                finish[k] = t
+
+    async with AsyncClient(target) as client:
+        tasks = [asyncio.create_task(one(k, client)) for k in range(n)]
+        await asyncio.wait(tasks, timeout=timeout_s)
+        for t in tasks:
+            t.cancel()
+    return _result(wl.arrival, first, finish, nout, npre, itl, [], time.perf_counter() - t0)
+
+
+def drive_grpc(target: str, wl: Workload, timeout_s: float = 600.0) -> RunResult:
+    """Open loop against a `jtrail serve` server (token-id prompts; preemptions are not visible)."""
+    return asyncio.run(_grpc_run(target, wl, timeout_s))

@@ -1,0 +1,58 @@
+"""Latency metrics of one run, with vLLM's definitions.
+
+E2E = finish - arrival; TTFT = first token - arrival; TPOT = (E2E - TTFT) / (output_tokens - 1) over
+requests with more than one output token; ITL = gaps between streamed tokens; throughput = output
+tokens (and requests) per second over the run's makespan (first arrival to last finish).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+PCTS = (50, 90, 99)
+
+
+def _stats(name: str, x: np.ndarray) -> dict[str, float]:
+    x = np.asarray(x, float)
+    x = x[np.isfinite(x)]
+    out = {f"mean_{name}": float(np.mean(x)) if len(x) else float("nan")}
+    for q in PCTS:
+        out[f"p{q}_{name}"] = float(np.percentile(x, q)) if len(x) else float("nan")
+    return out
+
+
+def summarize(res: Any) -> dict[str, float]:
+    """Metrics of a loadgen.RunResult (seconds, tokens/s)."""
+    ok = res.completed
+    e2e = res.finish - res.arrival
+    ttft = res.first_token - res.arrival
+    out: dict[str, float] = {"requests": float(len(e2e)), "completed": float(ok.sum())}
+    out.update(_stats("e2e", e2e[ok]))
+    out.update(_stats("ttft", ttft[np.isfinite(ttft)]))
+    n = res.output_tokens
+    multi = ok & (n > 1)
+    out.update(_stats("tpot", (e2e[multi] - ttft[multi]) / (n[multi] - 1)))
+    out.update(_stats("itl", res.itl))
+    span = float(np.nanmax(res.finish) - np.min(res.arrival)) if ok.any() else float("nan")
+    out["makespan_s"] = span
+    out["throughput_tok_s"] = float(n[ok].sum() / span) if ok.any() and span > 0 else float("nan")
+    out["throughput_req_s"] = float(ok.sum() / span) if ok.any() and span > 0 else float("nan")
+    out["preemptions_per_request"] = float(np.mean(res.preemptions)) if len(res.preemptions) else 0.0
+    out["output_tokens"] = float(n.sum())
+    return out
+
+
+def ratio(a: float, b: float) -> float:
+    """a / b, NaN when undefined (so a missing number never reads as a pass)."""
+    return float(a / b) if b and np.isfinite(a) and np.isfinite(b) else float("nan")
+
+
+def cdf_points(x: np.ndarray, max_points: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted values, cumulative fraction), thinned to at most max_points for small plots/JSON."""
+    x = np.sort(np.asarray(x, float)[np.isfinite(x)])
+    if len(x) == 0:
+        return x, x
+    idx = np.unique(np.linspace(0, len(x) - 1, min(max_points, len(x))).astype(int))
+    return x[idx], (idx + 1) / len(x)

@@ -1,0 +1,223 @@
+"""Serving benchmark: every scheduling policy on the same trace, real engine, real prompts.
+
+    python benchmarks/serving.py [--model GGUF] [--probe DIR] [--prompts sharegpt|mtbench|FILE.jsonl]
+
+1. Profile: greedy natural-EOS answers (capped at --max-output) give each prompt its output length.
+2. Capacity: all requests at t=0 (forced lengths, fcfs) -> max request rate with --slots / --pages.
+3. Sweep: for each rate (fractions of capacity) one seeded Poisson trace; every policy runs it on a
+   fresh engine (forced lengths: identical work); aging variants of `trail` at the top rate.
+4. Simulator: step-time model fitted from the engine's measured steps, same trace, recorded probe
+   outputs -> sim vs engine mean E2E error.
+Writes benchmarks/results/serving.json (+ 2 PNGs), copies them to $OUT when set, prints Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import Workload, arrival_times, drive_engine, load_prompt_ids  # noqa: E402
+from metrics_summary import summarize  # noqa: E402
+from serving_report import analyse, write_outputs  # noqa: E402
+from serving_sim import RecordingPredictor, fit_step_model, sim_errors, simulate_policies  # noqa: E402
+
+
+@dataclass
+class Setup:
+    model: Any
+    tokenizer: Any
+    probe: Any
+    refiner: Any  # TrailPredictor
+    eos: tuple[int, ...]
+    args: argparse.Namespace
+
+
+def log(msg: str, t0: float = time.perf_counter()) -> None:
+    print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
+
+
+def load(args: argparse.Namespace) -> Setup:
+    import jax
+    import jax.numpy as jnp
+    from jtrail.models.loader import load_model
+    from jtrail.models.probe_io import default_probe_path, load_probe
+    from jtrail.serving.predictor import TrailPredictor
+
+    auto = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    dtype = args.dtype if args.dtype != "auto" else auto
+    loaded = load_model(args.model, dtype=jnp.dtype(dtype), progress=False)
+    probe_dir = Path(args.probe) if args.probe else default_probe_path()
+    head, pcfg, _ = load_probe(probe_dir)
+    if pcfg.d_model != loaded.cfg.d_model:
+        raise SystemExit(f"probe d_model {pcfg.d_model} != model d_model {loaded.cfg.d_model}")
+    eos = tuple(dict.fromkeys([*loaded.cfg.eos_ids, *getattr(loaded.tokenizer, "eos_ids", ())]))
+    args.dtype_used, args.probe_used = dtype, str(probe_dir)
+    refiner = TrailPredictor(pcfg.bin_edges, pcfg.midpoints)
+    return Setup(loaded.model, loaded.tokenizer, head, refiner, eos, args)
+
+
+def make_engine(su: Setup, policy: str, kw: dict, predictor: Any = None) -> Any:
+    from jtrail.serving.engine import EngineConfig, LLMEngine
+    from jtrail.serving.scheduler.registry import make_policy
+
+    a = su.args
+    cfg = EngineConfig(num_slots=a.slots, page_size=a.page_size, num_pages=a.pages,
+                       max_model_len=a.max_prompt_tokens + a.max_output + a.page_size,
+                       decode_steps_per_call=a.decode_steps, policy=make_policy(policy, **kw), seed=a.seed)
+    return LLMEngine(su.model, su.tokenizer, cfg, probe=su.probe, predictor=predictor or su.refiner)
+
+
+def profile_lengths(su: Setup, prompts: list[list[int]]) -> np.ndarray:
+    """Natural-EOS greedy output lengths (eos counted; capped at --max-output)."""
+    from jtrail.probe_data import generate_greedy
+
+    answers, _ = generate_greedy(su.model, prompts, su.args.max_output, su.eos, batch_size=64, progress=False)
+    return np.array([max(len(a), 1) for a in answers], np.int64)
+
+
+def warmup(su: Setup, prompts: list[list[int]]) -> None:
+    """Compile every prefill bucket and the decode step before anything is timed."""
+    picks, seen = [], set()
+    for p in sorted(prompts, key=len):
+        b = next((b for b in (16, 32, 64, 128, 256, 512) if b >= len(p)), 512)
+        if b not in seen:
+            seen.add(b)
+            picks.append(p)
+    wl = Workload(picks, np.zeros(len(picks)), np.full(len(picks), 4))
+    eng = make_engine(su, "trail", {})
+    drive_engine(eng, wl, timeout_s=600)
+
+
+def measure_capacity(su: Setup, prompts: list[list[int]], lengths: np.ndarray) -> dict[str, float]:
+    """Saturated throughput: everything arrives at t=0; rate = requests done before the tail drains."""
+    n = min(len(prompts), su.args.capacity_requests)
+    wl = Workload(prompts[:n], np.zeros(n), lengths[:n])
+    res = drive_engine(make_engine(su, "fcfs", {}), wl, timeout_s=su.args.run_timeout)
+    fin = np.sort(res.finish[res.completed])
+    k = max(len(fin) - su.args.slots, 1)  # exclude the tail where the batch is no longer full
+    full = res.steps[res.steps[:, 0] >= su.args.slots]
+    step_s = float(np.median(full[:, 2])) if len(full) else float(np.median(res.steps[:, 2]))
+    return {"requests": float(n), "capacity_req_s": float(k / fin[k - 1]),
+            "tokens_per_s": float(res.output_tokens[:k].sum() / fin[k - 1]),
+            "full_batch_step_s": step_s, "per_request_tok_s": 1.0 / step_s,
+            "preemptions_per_request": float(res.preemptions.mean()), "steps": res.steps}
+
+
+def policy_specs(su: Setup, aging_rates: list[float]) -> tuple[dict, dict]:
+    edges, mids = list(su.refiner.bin_edges), [float(m) for m in su.refiner.midpoints]
+    main = {"fcfs": ("fcfs", {}), "trail": ("trail", {}), "srpt-oracle": ("srpt-oracle", {}),
+            "gittins": ("gittins", {"bin_edges": edges, "midpoints": mids})}
+    main = {k: v for k, v in main.items() if k in su.args.policies.split(",")}
+    aged = {f"trail-aging-{r:.4g}": ("trail", {"aging": r}) for r in aging_rates}
+    return main, aged
+
+
+def sweep(su: Setup, prompts, lengths, cap: dict) -> dict[str, Any]:
+    a = su.args
+    fracs = [float(x) for x in a.rates.split(",")]
+    aging_rates = [float(f) * cap["per_request_tok_s"] for f in a.aging.split(",") if f]
+    main, aged = policy_specs(su, aging_rates)
+    n_runs = len(fracs) * len(main) + len(aged)
+    runs: list[dict[str, Any]] = []
+    steps, top = [], None
+    for ri, frac in enumerate(fracs):
+        rate = frac * cap["capacity_req_s"]
+        is_top = ri == len(fracs) - 1
+        n = int(np.clip(rate * a.budget_s / n_runs * 0.7, a.min_requests, a.max_requests))
+        pick = np.random.default_rng(a.seed + 1000 + ri).choice(len(prompts), n, replace=n > len(prompts))
+        wl = Workload([prompts[i] for i in pick], arrival_times(n, rate, a.seed + ri, a.cv), lengths[pick])
+        specs = {**main, **(aged if is_top else {})}
+        for label, (name, kw) in specs.items():
+            rec = RecordingPredictor(su.refiner) if (is_top and label == "trail") else None
+            eng = make_engine(su, name, kw, rec)
+            res = drive_engine(eng, wl, timeout_s=a.run_timeout)
+            s = summarize(res)
+            del eng
+            steps.append(res.steps)
+            runs.append({"rate_frac": frac, "rate_req_s": rate, "policy": label, "name": name,
+                         "options": kw if name != "gittins" else {}, "aging": kw.get("aging", 0.0), **s,
+                         "_e2e": res.finish - res.arrival, "_ttft": res.first_token - res.arrival})
+            log(f"rate {frac:.2f} ({rate:.2f} req/s, n={n}) {label:>22}: mean e2e {s['mean_e2e']:.3f}s "
+                f"p99 {s['p99_e2e']:.3f}s ttft {s['mean_ttft']:.3f}s preempt/req "
+                f"{s['preemptions_per_request']:.2f} done {int(s['completed'])}/{n}")
+            if rec is not None:
+                top = (wl, rec, specs)
+    return {"runs": runs, "steps": np.concatenate([cap["steps"], *steps]), "top": top,
+            "aging_rates": aging_rates}
+
+
+def run_sim(su: Setup, sw: dict[str, Any]) -> dict[str, Any]:
+    from jtrail.serving.simulator import Resources
+
+    sm, fit = fit_step_model(sw["steps"])
+    if sw["top"] is None:
+        return {"step_model": fit}
+    wl, rec, specs = sw["top"]
+    keep = {k: v for k, v in specs.items() if k in ("fcfs", "trail", "srpt-oracle")}
+    records = rec.records(list(wl.request_ids), len(su.refiner.midpoints))
+    res = Resources(num_slots=su.args.slots, num_pages=su.args.pages, page_size=su.args.page_size)
+    sim = simulate_policies(wl, keep, sm, res, su.refiner, records)
+    top = max(r["rate_frac"] for r in sw["runs"])
+    eng = {r["policy"]: r for r in sw["runs"] if r["rate_frac"] == top}
+    return {"step_model": fit, "sim": sim, "errors": sim_errors(sim, eng)}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="GGUF / HF dir / named shape; default: embedded SmolLM2")
+    p.add_argument("--probe", default=None, help="probe directory; default: the shipped probe")
+    p.add_argument("--prompts", default="sharegpt", help="sharegpt, mtbench or a JSONL file")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--slots", type=int, default=16)
+    p.add_argument("--pages", type=int, default=384, help="KV pages (limited so memory matters)")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--decode-steps", type=int, default=1)
+    p.add_argument("--max-prompt-tokens", type=int, default=512)
+    p.add_argument("--max-output", type=int, default=512, help="cap of the profiled (forced) lengths")
+    p.add_argument("--pool", type=int, default=512, help="prompts profiled")
+    p.add_argument("--capacity-requests", type=int, default=128)
+    p.add_argument("--rates", default="0.5,0.8,0.95", help="fractions of measured capacity")
+    p.add_argument("--policies", default="fcfs,trail,srpt-oracle,gittins")
+    p.add_argument("--aging", default="0.03,0.1,0.3,1", help="trail aging rates, x per-request tok/s")
+    p.add_argument("--budget-s", type=float, default=300.0, help="target wall time of the sweep")
+    p.add_argument("--min-requests", type=int, default=60)
+    p.add_argument("--max-requests", type=int, default=600)
+    p.add_argument("--run-timeout", type=float, default=120.0)
+    p.add_argument("--cv", type=float, default=1.0, help="arrival-gap CV (1 = Poisson)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    args.command = "python benchmarks/serving.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    su = load(args)
+    log(f"model loaded ({args.dtype_used}); probe {args.probe_used}")
+    prompts = load_prompt_ids(args.prompts, su.tokenizer, args.pool, args.max_prompt_tokens, args.seed)
+    t = time.perf_counter()
+    lengths = profile_lengths(su, prompts)
+    log(f"profiled {len(prompts)} prompts in {time.perf_counter() - t:.1f}s: output mean "
+        f"{lengths.mean():.0f}, p50 {np.median(lengths):.0f}, max {lengths.max()} tokens")
+    warmup(su, prompts)
+    log("engine compiled")
+    cap = measure_capacity(su, prompts, lengths)
+    log(f"capacity {cap['capacity_req_s']:.2f} req/s ({cap['tokens_per_s']:.0f} tok/s, full-batch step "
+        f"{cap['full_batch_step_s'] * 1e3:.2f} ms)")
+    sw = sweep(su, prompts, lengths, cap)
+    sim = run_sim(su, sw)
+    log(f"step model {sim['step_model']}; sim errors {sim.get('errors')}")
+    result = analyse(args, lengths, cap, sw, sim)
+    write_outputs(args, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

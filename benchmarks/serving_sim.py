@@ -1,0 +1,85 @@
+"""Simulator vs engine: fit the step-time model from measured engine steps, replay the same trace.
+
+The engine's TRAIL predictor is wrapped so every probe output it sees is recorded per request and
+per generated-token count; the simulator then replays exactly those outputs through the same TRAIL
+refinement (`RecordedPredictor`), with the same policy objects and the same slots/page pool.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from jtrail.serving.predictor import RecordedPredictor, TrailPredictor
+from jtrail.serving.simulator import Resources, Trace, simulate
+from jtrail.serving.step_model import StepModel
+
+
+class RecordingPredictor:
+    """Engine-side predictor that forwards to TRAIL refinement and records every probe output."""
+
+    def __init__(self, inner: TrailPredictor):
+        self.inner = inner
+        self.refine_every = inner.refine_every
+        self.rows: dict[str, dict[int, np.ndarray]] = {}
+
+    def on_prefill(self, seq: Any, probs: np.ndarray) -> None:
+        self.rows.setdefault(seq.request_id, {})[0] = np.array(probs, np.float32)
+        self.inner.on_prefill(seq, probs)
+
+    def on_decode(self, seq: Any, probs: np.ndarray, n_new: int) -> None:
+        self.rows.setdefault(seq.request_id, {})[seq.num_generated] = np.array(probs, np.float32)
+        self.inner.on_decode(seq, probs, n_new)
+
+    def records(self, request_ids: list[str], num_bins: int) -> dict[str, np.ndarray]:
+        """[n+1, K] per request: row t = output after t generated tokens, forward-filled; a request
+        never seen gets a uniform row (no information)."""
+        out = {}
+        for rid in request_ids:
+            got = self.rows.get(rid)
+            if not got:
+                out[rid] = np.full((1, num_bins), 1.0 / num_bins)
+                continue
+            n = max(got) + 1
+            arr = np.empty((n, num_bins), np.float64)
+            cur = got.get(0, np.full(num_bins, 1.0 / num_bins))
+            for t in range(n):
+                cur = got.get(t, cur)
+                arr[t] = cur
+            out[rid] = arr
+        return out
+
+
+def fit_step_model(steps: np.ndarray) -> tuple[StepModel, dict[str, float]]:
+    """Least squares over measured (batch tokens, kv tokens, seconds); returns the model and its fit
+    quality (relative error of the summed time, R^2)."""
+    s = steps[steps[:, 0] > 0]
+    sm = StepModel.fit(s[:, 0], s[:, 1], s[:, 2])
+    pred = sm.a + sm.b * s[:, 0] + sm.c * s[:, 1]
+    ss_res = float(np.sum((s[:, 2] - pred) ** 2))
+    ss_tot = float(np.sum((s[:, 2] - s[:, 2].mean()) ** 2)) or 1.0
+    info = {"a": sm.a, "b": sm.b, "c": sm.c, "steps": float(len(s)), "r2": 1.0 - ss_res / ss_tot,
+            "total_time_rel_error": float(pred.sum() / s[:, 2].sum() - 1.0)}
+    return sm, info
+
+
+def simulate_policies(wl: Any, specs: dict[str, tuple[str, dict]], sm: StepModel, res: Resources,
+                      refiner: TrailPredictor, records: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Run the simulator on the workload for each (label -> (policy, kwargs)); summaries per label."""
+    trace = Trace(wl.arrival, np.array([len(p) for p in wl.prompts]), wl.output_len,
+                  request_ids=list(wl.request_ids))
+    out = {}
+    for label, (name, kw) in specs.items():
+        pred = RecordedPredictor(refiner, records)
+        aging = bool(kw.get("aging"))
+        r = simulate(trace, name, sm, res, predictor=pred, policy_kwargs=dict(kw), predict_at_arrival=False,
+                     max_jump_steps=8 if aging else None)
+        s = r.summary()
+        s["sim_wall_s"] = r.wall_seconds
+        out[label] = s
+    return out
+
+
+def sim_errors(sim: dict[str, dict[str, float]], eng: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Relative error of the simulator's mean E2E against the engine's, per policy label."""
+    return {k: float(sim[k]["mean_e2e"] / eng[k]["mean_e2e"] - 1.0) for k in sim if k in eng}

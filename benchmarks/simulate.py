@@ -1,0 +1,190 @@
+"""Simulator benchmark: speed, agreement with queueing theory, routing and policy comparisons.
+
+    .venv/bin/python benchmarks/simulate.py            # full run (~ a few minutes on one core)
+    .venv/bin/python benchmarks/simulate.py --quick    # smaller sizes, for a smoke test
+
+Writes benchmarks/results/simulate.json. Lengths: real ShareGPT answer lengths when `jtrail.datasets`
+provides them, else a documented lognormal stand-in (median 180 tokens, sigma 1.0, clipped to
+[1, 2048]; mean ~ 290: heavy-tailed like ShareGPT answers). The step model is a documented default
+(`--step-model a,b,c`, seconds) until one fitted on the GPU engine replaces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from jtrail.serving.predictor import NoisyOraclePredictor, SyntheticProbe, TrailPredictor
+from jtrail.serving.queueing import mg1_fcfs_mean_response, mg1_srpt_mean_response
+from jtrail.serving.router import make_router
+from jtrail.serving.simulator import Resources, Trace, simulate
+from jtrail.serving.step_model import StepModel
+
+OUT = Path(__file__).resolve().parent / "results" / "simulate.json"
+EDGES = tuple(float(x) for x in [0, 16, 32, 64, 128, 256, 512, 1024, 2048])  # log-spaced probe bins
+
+
+def lengths(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
+    try:  # real ShareGPT answer lengths, when the datasets module exists
+        from jtrail import datasets  # type: ignore[attr-defined]
+
+        out = np.asarray(datasets.sharegpt_output_lengths(), dtype=np.int64)  # type: ignore[attr-defined]
+        prm = np.asarray(datasets.sharegpt_prompt_lengths(), dtype=np.int64)  # type: ignore[attr-defined]
+        idx = rng.integers(0, len(out), n)
+        return np.clip(prm[idx], 1, 2048), np.clip(out[idx], 1, 2048), "sharegpt"
+    except (ImportError, AttributeError):
+        out = np.clip(np.round(rng.lognormal(np.log(180), 1.0, n)), 1, 2048).astype(np.int64)
+        prm = np.clip(np.round(rng.lognormal(np.log(120), 0.8, n)), 4, 2048).astype(np.int64)
+        return prm, out, "lognormal(median 180, sigma 1.0)"
+
+
+def poisson(n: int, rate: float, rng: np.random.Generator) -> np.ndarray:
+    return np.cumsum(rng.exponential(1.0 / rate, n))
+
+
+def capacity_tokens_per_s(sm: StepModel, slots: int, mean_ctx: float) -> float:
+    """Decode throughput of a full batch (tokens/s): the load reference of the engine model."""
+    return slots / sm.step_time(slots, slots * mean_ctx)
+
+
+def bench_speed(n: int, sm: StepModel, rng) -> dict:
+    prm, out, src = lengths(n, rng)
+    res = Resources(num_slots=64, num_pages=64 * 160, page_size=16)
+    rate = 0.9 * capacity_tokens_per_s(sm, 64, prm.mean() + out.mean() / 2) / out.mean()
+    tr = Trace(poisson(n, rate, rng), prm, out)
+    r = simulate(tr, "trail", sm, res)
+    return {"requests": n, "policy": "trail (oracle)", "slots": 64, "load": 0.9, "wall_s": r.wall_seconds,
+            "us_per_request": 1e6 * r.wall_seconds / n, "mean_e2e_s": float(r.e2e.mean()), "lengths": src}
+
+
+def bench_theory(n: int, rng) -> dict:
+    tick = 1e-3
+    out = np.maximum(1, np.round(rng.lognormal(np.log(800), 0.6, n))).astype(np.int64)
+    lam = 0.75 / (out.mean() * tick)
+    tr = Trace(poisson(n, lam, rng), np.ones(n, np.int64), out)
+    res, sm = Resources(num_slots=1, num_pages=200_000), StepModel(a=tick)
+    rows = {}
+    for pol, f in (("fcfs", mg1_fcfs_mean_response), ("srpt-oracle", mg1_srpt_mean_response)):
+        sim = float(simulate(tr, pol, sm, res).e2e.mean())
+        th = f(lam, out * tick)
+        rows[pol] = {"sim_mean_s": sim, "theory_mean_s": th, "rel_error": abs(sim / th - 1)}
+    return {"requests": n, "load": 0.75, "sizes": "lognormal(median 800 tokens, sigma 0.6), 1 ms/token",
+            **rows}
+
+
+def bench_routing(n: int, sm: StepModel, rng, replicas: int = 8) -> dict:
+    prm, out, _ = lengths(n, rng)
+    slots = 32
+    res = Resources(num_slots=slots, num_pages=slots * 100, page_size=16)
+    rate = 0.9 * replicas * capacity_tokens_per_s(sm, slots, prm.mean() + out.mean() / 2) / out.mean()
+    tr = Trace(poisson(n, rate, rng), prm, out)
+    rows = {}
+    for name in ("round-robin", "least-requests", "power-of-two", "token-aware"):
+        kw = {"page_size": 16} if name == "token-aware" else ({"seed": 0} if name == "power-of-two" else {})
+        r = simulate(tr, "fcfs", sm, res, num_replicas=replicas, router=make_router(name, **kw))
+        rows[name] = {k: v for k, v in r.summary().items() if k in ("mean_e2e", "p99_e2e", "mean_ttft")}
+        rows[name]["wall_s"] = r.wall_seconds
+    ta = rows["token-aware"]["mean_e2e"]
+    return {"replicas": replicas, "slots": slots, "load": 0.9, "requests": n, "policy": "fcfs", "table": rows,
+            "rr_over_token_aware_mean_e2e": rows["round-robin"]["mean_e2e"] / ta,
+            "least_requests_over_token_aware_mean_e2e": rows["least-requests"]["mean_e2e"] / ta}
+
+
+def slot_trace(n: int, slots: int, load: float, rng) -> tuple[Trace, StepModel]:
+    """The slot model: every step takes 1 time unit and yields one token per busy slot."""
+    prm, out, _ = lengths(n, rng)
+    return Trace(poisson(n, load * slots / out.mean(), rng), prm, out), StepModel(a=1.0)
+
+
+def bench_policies(n: int, rng, slots: int = 8) -> dict:
+    tr, sm = slot_trace(n, slots, 0.95, rng)
+    res = Resources(num_slots=slots, num_pages=10**7, page_size=16)
+    probe = SyntheticProbe(TrailPredictor(EDGES, refine_every=16), sigma=0.6, seed=1)
+    runs = {
+        "fcfs": ("fcfs", None, None),
+        "trail (oracle)": ("trail", None, None),
+        "trail (noisy x exp(0.6 z))": ("trail", None, NoisyOraclePredictor(sigma=0.6, refine_every=16, seed=1)),
+        "trail (synthetic probe)": ("trail", None, probe),
+        "srpt-oracle": ("srpt-oracle", None, None),
+        "gittins (synthetic probe)": ("gittins", {"bin_edges": EDGES}, probe),
+    }
+    rows = {}
+    for label, (pol, kw, pred) in runs.items():
+        r = simulate(tr, pol, sm, res, predictor=pred, policy_kwargs=kw)
+        s = r.summary()
+        rows[label] = {k: s[k] for k in ("mean_e2e", "p50_e2e", "p99_e2e", "mean_ttft", "preemptions_per_request")}
+    base = rows["fcfs"]
+    for row in rows.values():
+        row["fcfs_over_mean_e2e"] = base["mean_e2e"] / row["mean_e2e"]
+        row["p99_over_fcfs_p99"] = row["p99_e2e"] / base["p99_e2e"]
+    return {"slots": slots, "load": 0.95, "requests": n, "time_unit": "one step", "table": rows}
+
+
+def bench_aging(n: int, rng, slots: int = 8, rates=(0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)) -> dict:
+    tr, sm = slot_trace(n, slots, 0.95, rng)
+    res = Resources(num_slots=slots, num_pages=10**7, page_size=16)
+    fc = simulate(tr, "fcfs", sm, res).summary()
+    rows = []
+    for a in rates:
+        s = simulate(tr, "trail", sm, res, policy_kwargs={"aging": a}, max_jump_steps=16).summary()
+        rows.append({"aging_tokens_per_step": a, "mean_gain_vs_fcfs": fc["mean_e2e"] / s["mean_e2e"],
+                     "p99_over_fcfs_p99": s["p99_e2e"] / fc["p99_e2e"]})
+    ok = [r for r in rows if r["p99_over_fcfs_p99"] <= 2.0 and r["mean_gain_vs_fcfs"] >= 1.4]
+    pick = min(ok, key=lambda r: r["aging_tokens_per_step"]) if ok else None
+    return {"slots": slots, "load": 0.95, "requests": n, "sweep": rows,
+            "default": pick and pick["aging_tokens_per_step"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--step-model", default="0.008,2e-5,5e-9", help="a,b,c seconds (default: documented guess)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    sm = StepModel(*(float(x) for x in args.step_model.split(",")))
+    q = args.quick
+    rng = np.random.default_rng(args.seed)
+    res = {"speed": bench_speed(50_000 if q else 1_000_000, sm, rng),
+           "theory": bench_theory(20_000 if q else 200_000, rng),
+           "routing": bench_routing(10_000 if q else 100_000, sm, rng),
+           "policies": bench_policies(10_000 if q else 100_000, rng),
+           "aging": bench_aging(5_000 if q else 50_000, rng)}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    doc = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": "cpu (1 core, simulator)",
+           "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "git_commit": commit,
+           "step_model": {"a": sm.a, "b": sm.b, "c": sm.c}, **res,
+           "bars": {"sim_seconds_1m_requests": res["speed"]["wall_s"] if not q else None,
+                    "sim_vs_theory_error": max(res["theory"][p]["rel_error"] for p in ("fcfs", "srpt-oracle")),
+                    "rr_over_token_aware_mean_e2e_sim8": res["routing"]["rr_over_token_aware_mean_e2e"],
+                    "least_requests_over_token_aware_mean_e2e_sim8":
+                        res["routing"]["least_requests_over_token_aware_mean_e2e"]}}
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(doc, indent=2))
+    print(f"1M-request sim: {res['speed']['wall_s']:.1f} s ({res['speed']['us_per_request']:.0f} us/request)")
+    for p in ("fcfs", "srpt-oracle"):
+        t = res["theory"][p]
+        print(f"theory {p:12s} sim {t['sim_mean_s']:.4f} s  theory {t['theory_mean_s']:.4f} s  "
+              f"error {100 * t['rel_error']:.2f}%")
+    print("routing (8 replicas, 90% load): mean E2E rr/token-aware "
+          f"{res['routing']['rr_over_token_aware_mean_e2e']:.3f}, least-requests/token-aware "
+          f"{res['routing']['least_requests_over_token_aware_mean_e2e']:.3f}")
+    print(f"{'policy (slot model, 95%)':30s} {'mean':>9s} {'p99':>9s} {'ttft':>9s} {'gain':>6s} {'p99/fcfs':>8s}")
+    for k, r in res["policies"]["table"].items():
+        print(f"{k:30s} {r['mean_e2e']:9.1f} {r['p99_e2e']:9.1f} {r['mean_ttft']:9.1f} "
+              f"{r['fcfs_over_mean_e2e']:6.2f} {r['p99_over_fcfs_p99']:8.2f}")
+    for r in res["aging"]["sweep"]:
+        print(f"aging {r['aging_tokens_per_step']:<6g} mean gain {r['mean_gain_vs_fcfs']:.2f}  "
+              f"p99/fcfs {r['p99_over_fcfs_p99']:.2f}")
+    print(f"default aging: {res['aging']['default']}  -> {OUT}")
+
+
+if __name__ == "__main__":
+    main()

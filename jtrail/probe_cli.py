@@ -1,0 +1,87 @@
+"""`jtrail train-probe`: argparse wiring only (JAX, Optax and the model load inside the handler, so
+`jtrail --help` stays fast). The work is in `jtrail.probe_pipeline` and `jtrail.train_probe`.
+
+Examples:
+    jtrail train-probe --num-prompts 2000 --max-new-tokens 512 --layers 6,11,16,21 --bins equal:10:512 \
+        --features-cache /tmp/feats.npz
+    jtrail train-probe --from-features /tmp/feats.npz --bins log:10:2048 --epochs 8   # retrain only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    from jtrail.train_probe import ProbeTrainingError
+
+    try:
+        vals = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ProbeTrainingError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals:
+        raise ProbeTrainingError("no layers given")
+    return vals
+
+
+def _run_train_probe(args: argparse.Namespace) -> int:
+    from jtrail.probe_pipeline import DataOptions, run
+    from jtrail.train_probe import TrainOptions
+
+    opts = TrainOptions(bins=args.bins, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                        weight_decay=args.weight_decay, val_fraction=args.val_fraction, seed=args.seed,
+                        hidden=args.hidden)
+    layers = _int_tuple(args.layers) if args.layers else None
+    data = DataOptions(model=args.model, dataset=args.dataset, num_prompts=args.num_prompts,
+                       max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                       layers=layers or DataOptions.layers, dtype=args.dtype, gen_batch=args.gen_batch,
+                       token_budget=args.token_budget, chat=args.chat)
+    cache = args.from_features or args.features_cache
+    command = "jtrail " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    from jtrail.datasets import DatasetError
+    from jtrail.models.probe_io import ProbeFileError
+
+    try:
+        doc = run(data, opts, args.out, args.results, args.plot, cache, command, progress=not args.quiet,
+                  require_cache=args.from_features is not None, train_layers=layers)
+    except (DatasetError, ProbeFileError) as e:
+        print(f"jtrail train-probe: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    b = doc["bars"]
+    print(json.dumps({"bars": b, "ratios": doc["ratios"], "probe_dir": doc.get("probe_dir")}, indent=2))
+    return 0
+
+
+def add_train_probe(sub: argparse._SubParsersAction) -> None:
+    """Register `jtrail train-probe` on an argparse subparsers object."""
+    p = sub.add_parser("train-probe",
+                       help="train TRAIL's length probe head (generate, collect, train, evaluate)")
+    p.add_argument("--model", default=None, help="model spec for load_model (default: embedded SmolLM2)")
+    p.add_argument("--dataset", default="sharegpt", help="sharegpt, mtbench or a JSONL file of prompts")
+    p.add_argument("--num-prompts", type=int, default=2000)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-prompt-tokens", type=int, default=1024)
+    p.add_argument("--layers", default=None, help="comma-separated tap layers (default 6,11,16,21; "
+                                                  "with a features cache: every cached layer)")
+    p.add_argument("--bins", default="equal:10:512", help="equal:K:MAX | log:K:MAX | edges:0,a,b,...")
+    p.add_argument("--out", default="jtrail/assets/probe", help="directory for the best probe")
+    p.add_argument("--results", default="benchmarks/results/probe.json")
+    p.add_argument("--plot", default="benchmarks/results/probe_mae.png")
+    p.add_argument("--features-cache", default=None, help=".npz of features: reused if present, else written")
+    p.add_argument("--from-features", default=None, help="train only from this existing .npz (no model)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--gen-batch", type=int, default=128)
+    p.add_argument("--token-budget", type=int, default=32768, help="tokens per teacher-forced batch")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_train_probe)

@@ -1,0 +1,200 @@
+"""Paged-attention kernels (interpret mode) vs the jnp reference, and the reference vs float64 numpy.
+
+Every KV slot that is not a valid position of its own sequence is NaN, and block-table entries past
+a sequence's pages point at random pages (other sequences' or the NaN null page): any read outside
+the allowed range shows up as NaN in the output.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jtrail.kernels import ops, reference
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}  # rel-norm error, per METHOD.md
+
+
+def rel_err(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    assert np.isfinite(out).all(), "NaN/inf in output: a kernel read a slot it must not"
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def make_cache(rng, lens, hkv, d, page, dtype, spare_pages=2):
+    """NaN-poisoned paged cache holding len(lens) sequences; returns (k, v, tables)."""
+    b, p = len(lens), max(1, max(-(-n // page) for n in lens))
+    num_pages = 1 + b * p + spare_pages
+    k = np.full((hkv, num_pages, page, d), np.nan, np.float32)
+    v = k.copy()
+    tables = (rng.permutation(num_pages - 1)[: b * p] + 1).reshape(b, p)
+    for i, n in enumerate(lens):
+        for pos in range(n):
+            pg, off = tables[i, pos // page], pos % page
+            k[:, pg, off] = rng.standard_normal((hkv, d))
+            v[:, pg, off] = rng.standard_normal((hkv, d))
+        used = -(-n // page)
+        tables[i, used:] = rng.integers(0, num_pages, p - used)  # "may be anything"
+    return jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(tables, jnp.int32)
+
+
+def numpy_prefill(q, k, v, q_start, q_lens, tables, scale, softcap):
+    """Float64 loops straight from the definition (independent of reference.py)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, t, hq, d = q.shape
+    hkv, _, page, _ = k.shape
+    out = np.zeros_like(q)
+    for i in range(b):
+        for j in range(int(q_lens[i])):
+            pos = int(q_start[i]) + j
+            idx = [(tables[i, x // page], x % page) for x in range(pos + 1)]
+            for h in range(hq):
+                kv = h // (hq // hkv)
+                ks = np.stack([k[kv, pg, o] for pg, o in idx])
+                vs = np.stack([v[kv, pg, o] for pg, o in idx])
+                s = ks @ q[i, j, h] * scale
+                if softcap is not None:
+                    s = softcap * np.tanh(s / softcap)
+                w = np.exp(s - s.max())
+                out[i, j, h] = w @ vs / w.sum()
+    return out
+
+
+def test_reference_matches_float64_definition():
+    rng = np.random.default_rng(0)
+    lens = [1, 4, 5, 11]
+    k, v, tables = make_cache(rng, lens, hkv=2, d=8, page=4, dtype=jnp.float32)
+    q = jnp.asarray(rng.standard_normal((4, 3, 6, 8)), jnp.float32)
+    q_lens = np.array([1, 3, 2, 3])
+    q_start = np.array(lens) - q_lens
+    for softcap in (None, 2.0):
+        want = numpy_prefill(q, k, v, q_start, q_lens, np.asarray(tables), 8**-0.5, softcap)
+        got = reference.prefill_attention(q, k, v, jnp.asarray(q_start), jnp.asarray(q_lens), tables,
+                                          softcap=softcap)
+        assert rel_err(got, want) < 1e-5
+        dec = reference.decode_attention(q[:, 0], k, v, jnp.asarray(lens), tables, softcap=softcap)
+        want_dec = numpy_prefill(q[:, :1], k, v, np.array(lens) - 1, np.ones(4), np.asarray(tables),
+                                 8**-0.5, softcap)[:, 0]
+        assert rel_err(dec, want_dec) < 1e-5
+
+
+def _lens(page: int) -> st.SearchStrategy:
+    return st.lists(st.sampled_from([1, page, page + 1, 3 * page + 2]), min_size=1, max_size=3)
+
+
+@settings(max_examples=6, deadline=None)
+@given(data=st.data(), ratio=st.sampled_from([1, 3, 4, 8]),
+       dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), d=st.sampled_from([64, 128]),
+       softcap=st.sampled_from([None, 5.0]), splits=st.sampled_from([1, 2]))
+def test_decode_gpu_kernel_interpret(data, ratio, dtype, d, softcap, splits):
+    page = 8
+    lens = data.draw(_lens(page))
+    rng = np.random.default_rng(len(lens) * 1000 + ratio)
+    k, v, tables = make_cache(rng, lens, hkv=2, d=d, page=page, dtype=dtype)
+    q = jnp.asarray(rng.standard_normal((len(lens), 2 * ratio, d)), dtype)
+    lj = jnp.asarray(lens, jnp.int32)
+    want = reference.decode_attention(q, k, v, lj, tables, softcap=softcap)
+    got = ops.decode_attention(q, k, v, lj, tables, softcap=softcap, impl="pallas_interpret",
+                               num_splits=splits, pages_per_block=2)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    assert rel_err(got, want) < TOL[dtype]
+
+
+@settings(max_examples=4, deadline=None)
+@given(ratio=st.sampled_from([1, 3, 4]), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+       seed=st.integers(0, 10_000), block_t=st.sampled_from([2, 4]))
+def test_prefill_gpu_kernel_interpret(ratio, dtype, seed, block_t):
+    page, t = 4, 6
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(1, 15, 3)
+    q_lens = np.minimum(rng.integers(0, t + 1, 3), lens)  # 0 = whole row invalid
+    q_start = lens - q_lens
+    k, v, tables = make_cache(rng, list(lens), hkv=2, d=64, page=page, dtype=dtype)
+    q = jnp.asarray(rng.standard_normal((3, t, 2 * ratio, 64)), dtype)
+    args = (q, k, v, jnp.asarray(q_start, jnp.int32), jnp.asarray(q_lens, jnp.int32), tables)
+    want = reference.prefill_attention(*args)
+    got = ops.prefill_attention(*args, impl="pallas_interpret", block_t=block_t, pages_per_block=2)
+    assert rel_err(got, want) < TOL[dtype]
+    for i in range(3):  # invalid query rows are exactly zero
+        assert not np.asarray(got[i, q_lens[i]:], np.float32).any()
+
+
+def test_write_kv_then_attend():
+    rng = np.random.default_rng(1)
+    hkv, d, page = 2, 64, 4
+    k, v, tables = make_cache(rng, [5, 3], hkv, d, page, jnp.float32)
+    k, v = jnp.nan_to_num(k), jnp.nan_to_num(v)
+    kn = jnp.asarray(rng.standard_normal((4, hkv, d)), jnp.float32)
+    # Token 5 of seq 0 and token 3 of seq 1, plus two padding slots.
+    tb = np.asarray(tables)
+    slots = jnp.asarray([tb[0, 1] * page + 1, -1, tb[1, 0] * page + 3, -7], jnp.int32)
+    want = reference.write_kv(k, v, kn, 2 * kn, slots)
+    got = ops.write_kv(jnp.array(k), jnp.array(v), kn, 2 * kn, slots, impl="pallas_interpret")
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    assert np.array_equal(np.asarray(got[0][:, tb[0, 1], 1]), np.asarray(kn[0]))
+    q = jnp.asarray(rng.standard_normal((2, 4, d)), jnp.float32)
+    lens = jnp.asarray([6, 4], jnp.int32)
+    out = ops.decode_attention(q, *got, lens, tables, impl="pallas_interpret")
+    assert rel_err(out, reference.decode_attention(q, *want, lens, tables)) < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["pallas_interpret", "tpu_interpret", "reference"])
+def test_zero_length_gives_zeros(impl):
+    rng = np.random.default_rng(2)
+    k, v, tables = make_cache(rng, [0, 9], hkv=1, d=64, page=8, dtype=jnp.float32)
+    q = jnp.asarray(rng.standard_normal((2, 3, 64)), jnp.float32)
+    out = ops.decode_attention(q, k, v, jnp.asarray([0, 9], jnp.int32), tables, impl=impl)
+    assert not np.asarray(out[0]).any()
+    assert rel_err(out[1], reference.decode_attention(q, k, v, jnp.asarray([0, 9]), tables)[1]) < 1e-5
+
+
+@settings(max_examples=3, deadline=None)
+@given(data=st.data(), ratio=st.sampled_from([1, 4, 8]), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]))
+def test_decode_tpu_kernel_interpret(data, ratio, dtype):
+    page = 8
+    lens = data.draw(_lens(page))
+    rng = np.random.default_rng(len(lens) + 7 * ratio)
+    k, v, tables = make_cache(rng, lens, hkv=1, d=128, page=page, dtype=dtype)
+    q = jnp.asarray(rng.standard_normal((len(lens), ratio, 128)), dtype)
+    lj = jnp.asarray(lens, jnp.int32)
+    want = reference.decode_attention(q, k, v, lj, tables, softcap=5.0)
+    got = jax.block_until_ready(ops.decode_attention(q, k, v, lj, tables, softcap=5.0, impl="tpu_interpret"))
+    assert rel_err(got, want) < TOL[dtype]
+
+
+def test_prefill_tpu_kernel_interpret():
+    rng = np.random.default_rng(3)
+    lens = np.array([7, 12])
+    q_lens = np.array([3, 5])
+    k, v, tables = make_cache(rng, list(lens), hkv=2, d=64, page=4, dtype=jnp.float32)
+    q = jnp.asarray(rng.standard_normal((2, 5, 6, 64)), jnp.float32)
+    args = (q, k, v, jnp.asarray(lens - q_lens, jnp.int32), jnp.asarray(q_lens, jnp.int32), tables)
+    got = jax.block_until_ready(ops.prefill_attention(*args, impl="tpu_interpret", block_t=2))
+    assert rel_err(got, reference.prefill_attention(*args)) < 1e-5
+
+
+def test_bad_inputs_raise_clear_errors():
+    k = jnp.zeros((3, 4, 8, 64))
+    tables = jnp.zeros((2, 2), jnp.int32)
+    with pytest.raises(ValueError, match="multiple of num kv heads"):
+        ops.decode_attention(jnp.zeros((2, 4, 64)), k, k, jnp.ones(2, jnp.int32), tables,
+                             impl="pallas_interpret")
+    with pytest.raises(ValueError, match="head_dim"):
+        ops.decode_attention(jnp.zeros((2, 3, 32)), k, k, jnp.ones(2, jnp.int32), tables,
+                             impl="pallas_interpret")
+    with pytest.raises(ValueError, match="block_tables"):
+        ops.decode_attention(jnp.zeros((3, 3, 64)), k, k, jnp.ones(3, jnp.int32), tables,
+                             impl="pallas_interpret")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ops.decode_attention(jnp.zeros((2, 3, 64)), k, k, jnp.ones(2, jnp.int32), tables, impl="cuda")
+    with pytest.raises(ValueError, match="k_new/v_new"):
+        ops.write_kv(k, k, jnp.zeros((2, 3, 32)), jnp.zeros((2, 3, 32)), jnp.zeros(2, jnp.int32),
+                     impl="pallas_interpret")
+    if jax.default_backend() == "cpu":
+        with pytest.raises(ValueError, match="pallas_interpret"):
+            ops.decode_attention(jnp.zeros((2, 3, 64)), k, k, jnp.ones(2, jnp.int32), tables,
+                                 impl="pallas")

@@ -1,0 +1,126 @@
+"""Serving benchmark pieces: seeded arrivals, vLLM metrics, aging default, and forced-length runs of
+the real engine (tiny random model) doing identical work under every policy."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jtrail.models.config import NAMED_CONFIGS
+from jtrail.models.llama import Llama
+from jtrail.models.probe import ProbeConfig, ProbeHead
+from jtrail.serving.engine import EngineConfig, LLMEngine
+from jtrail.serving.predictor import TrailPredictor
+from jtrail.serving.scheduler.registry import make_policy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from loadgen import RunResult, Workload, arrival_times, drive_engine  # noqa: E402
+from metrics_summary import summarize  # noqa: E402
+from serving_report import aging_tradeoff  # noqa: E402
+from serving_sim import RecordingPredictor  # noqa: E402
+
+CFG = NAMED_CONFIGS["tiny"].replace(tie_embeddings=False)
+
+
+def test_arrivals_seeded_and_reproducible():
+    a, b = arrival_times(500, 3.0, seed=7), arrival_times(500, 3.0, seed=7)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, arrival_times(500, 3.0, seed=8))
+    assert a[0] == 0.0 and np.all(np.diff(a) >= 0)
+    np.testing.assert_array_equal(arrival_times(500, 3.0, seed=7, cv=2.0), arrival_times(500, 3.0, 7, 2.0))
+
+
+@pytest.mark.parametrize("cv", [1.0, 2.0, 0.5])
+def test_arrival_rate_and_burstiness(cv):
+    rate, n = 5.0, 40_000
+    gaps = np.diff(arrival_times(n, rate, seed=1, cv=cv))
+    assert abs(gaps.mean() * rate - 1.0) < 0.03  # mean gap 1/rate
+    assert abs(gaps.std() / gaps.mean() - cv) < 0.05 * cv + 0.02
+    if cv == 1.0:  # Poisson: counts in unit windows have variance == mean
+        counts = np.bincount(np.cumsum(gaps).astype(int))[:-1]
+        assert abs(counts.var() / counts.mean() - 1.0) < 0.1
+
+
+def test_summary_uses_vllm_definitions():
+    res = RunResult(arrival=np.array([0.0, 1.0, 2.0]), first_token=np.array([0.5, 1.2, np.nan]),
+                    finish=np.array([2.5, 1.2, np.nan]), output_tokens=np.array([5, 1, 0]),
+                    preemptions=np.array([1, 0, 0]), itl=np.array([0.5, 0.5]), steps=np.zeros((0, 3)),
+                    wall_s=3.0)
+    s = summarize(res)
+    assert s["completed"] == 2 and s["mean_e2e"] == pytest.approx((2.5 + 0.2) / 2)
+    assert s["mean_ttft"] == pytest.approx((0.5 + 0.2) / 2)
+    assert s["mean_tpot"] == pytest.approx((2.5 - 0.5) / 4)  # the 1-token request has no TPOT
+    assert s["preemptions_per_request"] == pytest.approx(1 / 3)
+    assert s["throughput_tok_s"] == pytest.approx(6 / 2.5)
+
+
+def test_aging_default_keeps_p99_and_mean_gain():
+    row = lambda name, aging, mean, p99: {"name": name, "aging": aging, "mean_e2e": mean, "p99_e2e": p99}
+    top = {"fcfs": row("fcfs", 0, 10.0, 20.0), "trail": row("trail", 0.0, 4.0, 70.0),
+           "a1": row("trail", 1.0, 5.0, 39.0), "a2": row("trail", 2.0, 6.5, 30.0),
+           "a3": row("trail", 3.0, 8.0, 22.0)}
+    pts, default = aging_tradeoff(top)
+    assert [p["aging"] for p in pts] == [0.0, 1.0, 2.0, 3.0]
+    assert default == "a1"  # best mean gain with p99 <= 2x fcfs (trail alone: 3.5x) and gain >= 1.4
+    top["a1"]["p99_e2e"] = 45.0
+    assert aging_tradeoff(top)[1] == "a2"
+    top["a2"]["mean_e2e"] = 7.5  # gain 1.33 < 1.4: no default
+    assert aging_tradeoff(top)[1] is None
+
+
+def test_recorded_probe_rows_forward_filled():
+    rec = RecordingPredictor(TrailPredictor(np.linspace(0, 40, 5)))
+
+    class S:
+        request_id, num_generated, max_remaining = "x", 0, 100
+        posterior = predicted_remaining = initial_prediction = None
+        tokens_since_refinement = 0
+
+    s = S()
+    rec.on_prefill(s, np.array([0.1, 0.2, 0.3, 0.4]))
+    s.num_generated = 3
+    rec.on_decode(s, np.array([1.0, 0, 0, 0]), 3)
+    r = rec.records(["x", "unseen"], 4)
+    assert r["x"].shape == (4, 4) and np.allclose(r["x"][2], [0.1, 0.2, 0.3, 0.4]) and r["x"][3, 0] == 1
+    assert np.allclose(r["unseen"], 0.25)
+    assert s.predicted_remaining is not None  # it still drives TRAIL refinement
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = Llama(CFG, dtype=jnp.float32, rngs=nnx.Rngs(3))
+    probe = ProbeHead(ProbeConfig(d_model=CFG.d_model, layer=0, bin_edges=(0, 4, 8, 12, 16), hidden=16),
+                      rngs=nnx.Rngs(1))
+    return model, probe
+
+
+def _engine(tiny, policy: str, slots: int = 4, pages: int = 12) -> LLMEngine:
+    model, probe = tiny
+    cfg = EngineConfig(num_slots=slots, page_size=4, num_pages=pages, max_model_len=48,
+                       prefill_buckets=(8, 16, 32), max_prefill_tokens_per_step=32,
+                       policy=make_policy(policy))
+    return LLMEngine(model, None, cfg, probe=probe, predictor=TrailPredictor(probe.cfg.bin_edges))
+
+
+def test_forced_lengths_identical_work_across_policies(tiny):
+    rng = np.random.default_rng(0)
+    n = 70  # > 64 waiting requests turns on the policies' heap index (srpt-oracle ranks on arrival)
+    prompts = [rng.integers(3, CFG.vocab_size, rng.integers(2, 20)).tolist() for _ in range(n)]
+    lengths = rng.integers(1, 12, n)
+    wl = Workload(prompts, np.zeros(n), lengths)  # everything at t=0: a full queue, preemptions
+    seen = {}
+    for policy in ("fcfs", "trail", "srpt-oracle"):
+        res = drive_engine(_engine(tiny, policy), wl, timeout_s=120)
+        assert res.completed.all(), policy
+        np.testing.assert_array_equal(res.output_tokens, lengths)  # exactly the forced length, no EOS stop
+        assert np.all(res.first_token <= res.finish) and np.all(res.first_token >= res.arrival)
+        assert res.steps.shape[1] == 3 and res.steps[:, 0].sum() >= lengths.sum()
+        assert np.all(res.steps[:, 2] > 0)
+        seen[policy] = summarize(res)
+    assert len({s["output_tokens"] for s in seen.values()}) == 1
+    # the orders differ: SRPT must finish short jobs earlier on average than FCFS on a t=0 burst
+    assert seen["srpt-oracle"]["mean_e2e"] < seen["fcfs"]["mean_e2e"]

@@ -1,0 +1,180 @@
+"""Policies on hand-made traces with exact queueing arithmetic.
+
+Unit step model (every step takes 1 time unit, prefill is free), one batch slot: a request of n tokens
+occupies the slot for n steps, arrivals are picked up at the next step boundary.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from jtrail.serving.scheduler import waitqueue
+from jtrail.serving.scheduler.base import SchedulerState
+from jtrail.serving.scheduler.gittins import GittinsPolicy, gittins_index
+from jtrail.serving.scheduler.memory import MemoryGuard
+from jtrail.serving.scheduler.registry import POLICY_NAMES, make_policy
+from jtrail.serving.sequence import InvalidRequestError, SamplingParams, Sequence, Status
+from jtrail.serving.simulator import Resources, Trace, simulate
+from jtrail.serving.step_model import StepModel
+
+UNIT = StepModel(a=1.0)
+ONE_SLOT = Resources(num_slots=1, num_pages=10_000, page_size=16)
+
+
+def run(policy, arrivals, lengths, priority=None, **kw):
+    tr = Trace(np.array(arrivals, float), np.ones(len(lengths), int), np.array(lengths), priority=priority)
+    return simulate(tr, policy, UNIT, ONE_SLOT, policy_kwargs=kw or None)
+
+
+def test_srpt_order_without_preemption_need():
+    # all at t=0, lengths 5, 3, 8: SRPT serves 3 (done 3), 5 (done 8), 8 (done 16)
+    np.testing.assert_allclose(run("srpt-oracle", [0, 0, 0], [5, 3, 8]).e2e, [8, 3, 16])
+    np.testing.assert_allclose(run("trail", [0, 0, 0], [5, 3, 8]).e2e, [8, 3, 16])
+    np.testing.assert_allclose(run("fcfs", [0, 0, 0], [5, 3, 8]).e2e, [5, 8, 16])
+    # priority: lower value first, then arrival
+    np.testing.assert_allclose(run("priority", [0, 0, 0], [5, 3, 8], priority=np.array([1, 2, 0])).e2e,
+                               [13, 16, 8])
+
+
+def test_srpt_preempts_longer_running_request():
+    # A (10 tokens) from t=0; B (2) arrives at 3.5, picked up at t=4 when A has 6 left > 2: preempt.
+    # B runs 4..6; A resumes (recompute is free here) with 6 left: done at 12.
+    r = run("srpt-oracle", [0, 3.5], [10, 2])
+    np.testing.assert_allclose(r.e2e, [12, 2.5])
+    np.testing.assert_array_equal(r.preemptions, [1, 0])
+    np.testing.assert_allclose(r.ttft, [1, 1.5])
+
+
+@pytest.mark.parametrize("arrive,preempted", [(3.5, True), (4.5, True), (5.5, False)])
+def test_trail_cutoff_at_c_times_initial_prediction(arrive, preempted):
+    # c = 0.5, initial prediction 10: A is preemptible while generated <= 5 (boundary inclusive).
+    # B picked up at ceil(arrive): A has generated ceil(arrive) tokens.
+    r = run("trail", [0, arrive], [10, 2], c=0.5)
+    pick = math.ceil(arrive)
+    if preempted:
+        np.testing.assert_allclose(r.e2e, [12, pick + 2 - arrive])
+        assert r.preemptions[0] == 1
+    else:  # past the cutoff: never preempted, B waits for A
+        np.testing.assert_allclose(r.e2e, [10, 12 - arrive])
+        assert r.preemptions.sum() == 0
+
+
+@pytest.mark.parametrize("margin,preempted", [(3.0, True), (4.0, False)])
+def test_trail_margin(margin, preempted):
+    # at t=4 A's remaining is 6, B's is 2: preempt only if 6 > 2 + margin
+    r = run("trail", [0, 3.5], [10, 2], c=0.8, margin=margin)
+    assert r.preemptions[0] == (1 if preempted else 0)
+    np.testing.assert_allclose(r.e2e, [12, 2.5] if preempted else [10, 8.5])
+
+
+def test_c_zero_never_preempts():
+    r = run("trail", [0, 0.5], [10, 2], c=0)
+    np.testing.assert_allclose(r.e2e, [10, 11.5])
+    assert r.preemptions.sum() == 0
+
+
+def test_aging_bounds_the_wait_of_a_long_request():
+    # shorts of 2 tokens at t = 0, 2, 4, ... keep the slot 100% busy; a long one (50) arrives at 0.5.
+    shorts = [2.0 * k for k in range(60)]
+    arrivals = sorted(shorts + [0.5])
+    lengths = [50 if a == 0.5 else 2 for a in arrivals]
+    li = arrivals.index(0.5)
+    starved = run("trail", arrivals, lengths, c=0)
+    assert starved.e2e[li] == pytest.approx(120 + 50 - 0.5)  # pure SRPT: served after every short
+    # aging 4 tokens/s: long's key 50 + 4*0.5 = 52; a short arriving at ta has key 2 + 4 ta, so shorts
+    # arriving at <= 12 go first (key <= 50) and the long is admitted at t = 14, done at 64.
+    aged = run("trail", arrivals, lengths, c=0, aging=4.0)
+    assert aged.e2e[li] == pytest.approx(64 - 0.5)
+    # the bound: admitted by the overtake time 0.5 + 50/4 plus one short service
+    assert aged.e2e[li] - 50 <= 0.5 + 50 / 4 + 2
+
+
+def mk(i, prompt, pred, gen=0, status=Status.WAITING, arrival=None):
+    t = float(i if arrival is None else arrival)
+    s = Sequence(f"s{i}", [0] * prompt, SamplingParams(max_tokens=1000), t, status=status)
+    s.output_ids = [0] * gen
+    s.predicted_remaining = float(pred)
+    s.initial_prediction = float(pred + gen)
+    return s
+
+
+def test_memory_watermark_admission():
+    # 100 pages of 16 tokens, 10 free, watermark 5%: 5 kept free.
+    # running: 16 tokens, predicted 32 more -> 3 pages at the end, holds 1: reserve 2. Budget 10-5-2 = 3.
+    run_ = mk(0, 16, 32, status=Status.RUNNING)
+    w = [mk(1, 10, 5), mk(2, 20, 10), mk(3, 5, 20)]  # pages: ceil(15/16)=1, ceil(30/16)=2, ceil(25/16)=2
+    pol = make_policy("trail", memory=MemoryGuard(watermark=0.05))
+    st = SchedulerState(w, [run_], free_slots=8, free_pages=10, total_pages=100, page_size=16, now=10.0)
+    assert pol.schedule(st).admit == [w[0], w[1]]  # 1 + 2 = 3 pages; the third does not fit: stop
+    st.free_pages = 12  # budget 5: all three (1 + 2 + 2)
+    assert make_policy("trail", watermark=0.05).schedule(st).admit == w
+    plain = make_policy("trail")  # no guard: slots decide
+    st.free_pages = 1
+    assert plain.schedule(st).admit == w
+
+
+def test_victim_least_work_and_longest():
+    a, b, c = mk(0, 100, 5, gen=50), mk(1, 10, 300, gen=2), mk(2, 40, 50, gen=1)
+    assert make_policy("trail", memory=True, victim="least_work").choose_victim([a, b, c], 0.0) is b
+    assert make_policy("trail").choose_victim([a, b, c], 0.0) is b  # longest predicted
+    b.initial_prediction = 10.0  # b: 2 > 0.1 * 10, past its cutoff
+    pol = make_policy("trail", c=0.1)  # only c (1 <= 0.1*51) is preemptible: prefer it
+    assert pol.choose_victim([a, b, c], 0.0) is c and pol.stats.victims == 1
+
+
+def test_gittins_index_by_hand():
+    e, m = np.array([0.0, 2, 4]), np.array([1.0, 3])
+    # thresholds: d=2: P=.5, E=.5*1+2*.5=1.5 -> 1/3; d=4: P=1, E=2 -> 1/2
+    assert gittins_index(np.array([0.5, 0.5]), e, m) == pytest.approx(0.5)
+    # likely short but possibly very long: Gittins ranks it before a sure 20, the mean (55.5) does not
+    e, m = np.array([0.0, 10, 20, 1000]), np.array([5.0, 15, 510])
+    g = gittins_index(np.array([0.9, 0.0, 0.1]), e, m)
+    assert g == pytest.approx(0.9 / 5.5)
+    pol = GittinsPolicy(bin_edges=e)
+    risky, sure = mk(0, 4, 55.5), mk(1, 4, 20.0)
+    risky.posterior, sure.posterior = np.array([0.9, 0.0, 0.1]), np.array([0.0, 1.0, 0.0])
+    assert pol.rank(risky) == pytest.approx(5.5 / 0.9) and pol.rank(sure) == pytest.approx(15)
+    st = SchedulerState([sure, risky], [], 1, 100, 100, 16, 0.0)
+    assert pol.schedule(st).admit == [risky]
+    assert make_policy("trail").schedule(st).admit == [sure]
+
+
+def test_index_path_equals_plain_sort(monkeypatch):
+    # a long queue (> SMALL) takes the heap path; forcing the plain sort must give identical results
+    rng = np.random.default_rng(1)
+    n = 300
+    lengths = rng.integers(1, 200, n)
+    arr = np.sort(rng.uniform(0, 0.7 * lengths.sum() / 4, n))
+    tr = Trace(arr, rng.integers(1, 50, n), lengths)
+    res = Resources(num_slots=4, num_pages=200, page_size=16)
+    sm = StepModel(a=1.0, b=0.01, c=0.001)
+    kw = dict(c=0.8, margin=2.0, aging=0.5, memory=True)
+    rebuilds = []
+    orig = waitqueue.WaitIndex.rebuild
+    spy = lambda self, w: (rebuilds.append(len(w)), orig(self, w))
+    monkeypatch.setattr(waitqueue.WaitIndex, "rebuild", spy)
+    fast = simulate(tr, "trail", sm, res, policy_kwargs=kw)
+    calls = fast.policy_stats[0].schedule_calls
+    assert rebuilds and max(rebuilds) > waitqueue.SMALL and len(rebuilds) < calls / 10  # heap path, mostly
+    monkeypatch.setattr(waitqueue, "SMALL", 10**9)
+    slow = simulate(tr, "trail", sm, res, policy_kwargs=kw)
+    np.testing.assert_array_equal(fast.e2e, slow.e2e)
+    np.testing.assert_array_equal(fast.preemptions, slow.preemptions)
+
+
+def test_registry_and_errors():
+    assert set(POLICY_NAMES) >= {"fcfs", "priority", "srpt-oracle", "trail", "gittins"}
+    for name in POLICY_NAMES:
+        assert make_policy(name).name == name
+    with pytest.raises(InvalidRequestError):
+        make_policy("lifo")
+    with pytest.raises(InvalidRequestError):
+        make_policy("trail", bogus=1)
+    with pytest.raises(InvalidRequestError):
+        make_policy("trail", c=-1)
+    with pytest.raises(InvalidRequestError):
+        make_policy("trail", aging=-2)
+    with pytest.raises(InvalidRequestError):
+        make_policy("trail", victim="random")
+    with pytest.raises(InvalidRequestError):
+        make_policy("trail", watermark=1.5)

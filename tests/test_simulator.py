@@ -1,0 +1,131 @@
+"""The simulator against queueing theory, against itself stepping one step at a time, and its model."""
+
+import numpy as np
+import pytest
+from jtrail.serving.predictor import NoisyOraclePredictor, RecordedPredictor, TrailPredictor
+from jtrail.serving.queueing import mg1_fcfs_mean_response, mg1_srpt_mean_response
+from jtrail.serving.sequence import InvalidRequestError
+from jtrail.serving.simulator import Resources, Trace, simulate
+from jtrail.serving.step_model import StepModel
+
+
+def mg1_trace(n, rho, seed, tick):
+    rng = np.random.default_rng(seed)
+    out = np.maximum(1, np.round(rng.lognormal(np.log(800), 0.6, n))).astype(int)
+    lam = rho / (out.mean() * tick)
+    return Trace(np.cumsum(rng.exponential(1 / lam, n)), np.ones(n, int), out), lam
+
+
+@pytest.mark.parametrize("policy,formula", [("fcfs", mg1_fcfs_mean_response),
+                                            ("srpt-oracle", mg1_srpt_mean_response)])
+def test_single_slot_matches_mg1_theory(policy, formula):
+    # one slot, step time = 1 ms per token, free prefill/recompute: an M/G/1 queue (preemptive-resume
+    # for SRPT, at token granularity). Theory evaluated on the same sampled sizes.
+    tick = 1e-3
+    tr, lam = mg1_trace(40_000, 0.75, seed=7, tick=tick)
+    r = simulate(tr, policy, StepModel(a=tick), Resources(num_slots=1, num_pages=100_000))
+    theory = formula(lam, tr.output_len * tick)
+    assert abs(r.e2e.mean() / theory - 1) < 0.05
+    if policy == "fcfs":
+        assert r.preemptions.sum() == 0
+
+
+def test_srpt_beats_fcfs_by_theory_ratio():
+    tick = 1e-3
+    tr, lam = mg1_trace(20_000, 0.85, seed=3, tick=tick)
+    s = tr.output_len * tick
+    res = Resources(num_slots=1, num_pages=100_000)
+    sim = simulate(tr, "fcfs", StepModel(a=tick), res).e2e.mean() / simulate(
+        tr, "srpt-oracle", StepModel(a=tick), res).e2e.mean()
+    theory = mg1_fcfs_mean_response(lam, s) / mg1_srpt_mean_response(lam, s)
+    assert theory > 1.5 and abs(sim / theory - 1) < 0.1
+
+
+def random_trace(n=400, seed=0, load=0.9, slots=8):
+    rng = np.random.default_rng(seed)
+    out = rng.integers(1, 300, n)
+    prompt = rng.integers(1, 200, n)
+    sm = StepModel(a=0.01, b=1e-4, c=2e-6)
+    per_tok = sm.a / slots + sm.b + sm.c * 300
+    arr = np.sort(rng.uniform(0, out.sum() * per_tok / load, n))
+    return Trace(arr, prompt, out), sm
+
+
+@pytest.mark.parametrize("policy,kw,swap", [
+    ("fcfs", None, False), ("trail", {"c": 0.8, "margin": 5}, False),
+    ("gittins", None, True), ("srpt-oracle", {"memory": True}, False)])
+def test_event_jumps_equal_step_by_step(policy, kw, swap):
+    # tight memory (forces victim preemptions) and several slots: jumping over steps must give exactly
+    # the per-step simulation's results
+    tr, sm = random_trace()
+    res = Resources(num_slots=8, num_pages=120, page_size=16, preemption="swap" if swap else "recompute")
+    jump = simulate(tr, policy, sm, res, policy_kwargs=kw)
+    step = simulate(tr, policy, sm, res, policy_kwargs=kw, max_jump_steps=1)
+    np.testing.assert_allclose(jump.e2e, step.e2e, rtol=1e-9)
+    np.testing.assert_allclose(jump.ttft, step.ttft, rtol=1e-9)
+    np.testing.assert_array_equal(jump.preemptions, step.preemptions)
+    assert np.all(np.isfinite(jump.e2e)) and np.all(jump.e2e >= jump.ttft) and np.all(jump.ttft > 0)
+    if policy != "fcfs" or swap:
+        return
+    assert jump.preemptions.sum() > 0  # memory was tight enough to matter
+
+
+def test_metrics_follow_vllm_definitions_on_a_hand_trace():
+    # step = 0.5 + 0.1 * batch_tokens: request of prompt 10, 4 tokens alone at t=1:
+    # prefill step 0.5 + 1.0 = 1.5 (first token at 2.5), three decode steps of 0.6: done at 4.3
+    tr = Trace(np.array([1.0]), np.array([10]), np.array([4]))
+    r = simulate(tr, "fcfs", StepModel(a=0.5, b=0.1), Resources(num_slots=2, num_pages=10))
+    assert r.ttft[0] == pytest.approx(1.5) and r.e2e[0] == pytest.approx(3.3)
+    assert r.tpot[0] == pytest.approx(0.6)
+    s = r.summary()
+    assert s["mean_tpot"] == pytest.approx(0.6) and s["p99_e2e"] == pytest.approx(3.3)
+
+
+def test_step_model_closed_form_and_fit():
+    sm = StepModel(a=0.02, b=3e-4, c=1e-6)
+    kv0, n = 5000, 12
+    brute = sum(sm.step_time(n, kv0 + i * n) for i in range(37))
+    assert sm.decode_run_time(n, kv0, 37) == pytest.approx(brute)
+    m = sm.steps_until(n, kv0, brute - 1e-9)
+    assert m == 37 and sm.steps_until(n, kv0, brute + 1e-9) == 38
+    rng = np.random.default_rng(0)
+    bt, kv = rng.integers(1, 512, 200), rng.integers(0, 100_000, 200)
+    y = np.array([sm.step_time(b, k) for b, k in zip(bt, kv, strict=True)])
+    y *= 1 + 0.001 * rng.standard_normal(200)
+    fit = StepModel.fit(bt, kv, y)
+    assert fit.a == pytest.approx(0.02, rel=0.05) and fit.b == pytest.approx(3e-4, rel=0.05)
+    assert fit.c == pytest.approx(1e-6, rel=0.05)
+    with pytest.raises(InvalidRequestError):
+        StepModel(a=-1)
+
+
+def test_recorded_and_noisy_predictors_drive_the_real_policy():
+    tr, sm = random_trace(n=200, seed=5)
+    edges = np.linspace(0, 320, 9)
+    # a perfect recorded probe: one-hot on the true remaining bin at every token
+    recs = {}
+    for i, o in enumerate(tr.output_len):
+        rem = o - np.arange(o + 1)
+        recs[f"r{i}"] = np.eye(8)[np.clip(np.searchsorted(edges[1:-1], rem, side="right"), 0, 7)] + 1e-3
+    res = Resources(num_slots=8, num_pages=400)
+    rec = RecordedPredictor(TrailPredictor(edges, refine_every=8), recs)
+    good = simulate(tr, "trail", sm, res, predictor=rec)
+    noisy = simulate(tr, "trail", sm, res, predictor=NoisyOraclePredictor(sigma=1.5, refine_every=16, seed=2))
+    fcfs = simulate(tr, "fcfs", sm, res)
+    oracle = simulate(tr, "srpt-oracle", sm, res)
+    assert oracle.e2e.mean() <= good.e2e.mean() < fcfs.e2e.mean()
+    assert good.e2e.mean() < noisy.e2e.mean() * 1.02
+
+
+def test_bad_inputs():
+    with pytest.raises(InvalidRequestError):
+        Trace(np.array([1.0, 0.5]), np.array([1, 1]), np.array([1, 1]))
+    with pytest.raises(InvalidRequestError):
+        Trace(np.array([1.0]), np.array([1]), np.array([0]))
+    tr = Trace(np.array([0.0]), np.array([100]), np.array([100]))
+    with pytest.raises(InvalidRequestError):  # does not fit in the KV cache
+        simulate(tr, "fcfs", StepModel(a=1), Resources(num_slots=1, num_pages=4, page_size=16))
+    with pytest.raises(InvalidRequestError):
+        Resources(num_slots=0, num_pages=1)
+    with pytest.raises(InvalidRequestError):
+        simulate(tr, "fcfs", StepModel(a=1), Resources(num_slots=1, num_pages=100), num_replicas=2)

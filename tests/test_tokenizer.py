@@ -1,0 +1,124 @@
+"""Tokenizer built from GGUF metadata: round trips, agreement with transformers' own GGUF tokenizer,
+chat template rendering, tokenizer.json loading, and the byte-level fallback."""
+
+from __future__ import annotations
+
+import json
+
+import jinja2
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from jtrail.models.gguf_loader import open_gguf
+from jtrail.models.loader import embedded_gguf_path
+from jtrail.models.tokenizer import ChatTemplateError, Tokenizer, _bytes_to_unicode
+
+SAMPLES = [
+    "Hello, world! The quick brown fox.",
+    "digits 0123456789 and 3.14159, 1,000,000",
+    "accents: café naïve résumé Ångström über",
+    "CJK: 你好，世界。日本語のテキスト 한국어",
+    "whitespace:  two  spaces\tTab\n\nnewlines   \r\n trailing  ",
+    "emoji 🙂 and symbols ∑∫√ <|not_special|>",
+]
+CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is 2+2?"}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.from_gguf(open_gguf(embedded_gguf_path()))
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_round_trip(tok, text):
+    ids = tok.encode(text)
+    assert ids and all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == text
+
+
+def test_digits_split_individually(tok):
+    ids = tok.encode("12345")
+    assert len(ids) == 5 and [tok.decode([i]) for i in ids] == list("12345")
+
+
+@pytest.fixture(scope="module")
+def ref_tok():
+    transformers = pytest.importorskip("transformers")
+    path = embedded_gguf_path()
+    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def test_matches_transformers_gguf_tokenizer(tok, ref_tok):
+    ref = ref_tok
+    for text in SAMPLES + ["<|im_start|>user\nhi<|im_end|>"]:
+        assert tok.encode(text) == ref(text, add_special_tokens=False).input_ids, text
+
+
+def test_special_tokens_and_eos(tok):
+    assert tok.eos_ids == (2,) and tok.token_to_id("<|im_end|>") == 2
+    ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
+    assert ids[0] == tok.token_to_id("<|im_start|>") and ids[-1] == 2
+    assert tok.decode(ids) == "user\nhi"  # specials skipped by default
+    assert tok.decode(ids, skip_special_tokens=False) == "<|im_start|>user\nhi<|im_end|>"
+
+
+@pytest.mark.parametrize("gen", [True, False])
+def test_chat_template_equals_direct_jinja2(tok, gen):
+    direct = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(tok.chat_template).render(
+        messages=CONV, add_generation_prompt=gen, **tok.special_tokens)
+    assert tok.apply_chat_template(CONV, add_generation_prompt=gen) == direct
+    if gen:
+        assert direct.endswith("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_default_system_prompt_chatml(tok):
+    out = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert out.startswith("<|im_start|>system\n") and "<|im_start|>user\nHi<|im_end|>\n" in out
+
+
+def test_template_raise_exception_is_typed():
+    t = Tokenizer.byte_level()
+    t.chat_template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}ok"
+    assert t.apply_chat_template([{"role": "user", "content": "x"}]) == "ok"
+    with pytest.raises(ChatTemplateError, match="first must be user"):
+        t.apply_chat_template([{"role": "assistant", "content": "x"}])
+    with pytest.raises(ChatTemplateError, match="no chat template"):
+        Tokenizer.byte_level().apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_hf_dir_tokenizer(tok, tmp_path):
+    tok.backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": tok.chat_template, "eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}))
+    t2 = Tokenizer.from_hf_dir(tmp_path)
+    assert t2.eos_ids == (2,) and t2.bos_id == 1
+    for text in SAMPLES:
+        assert t2.encode(text) == tok.encode(text)
+    assert t2.apply_chat_template(CONV) == tok.apply_chat_template(CONV)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.text(max_size=40))
+def test_byte_level_round_trip_any_text(text):
+    t = Tokenizer.byte_level()
+    ids = t.encode(text)
+    assert ids == list(text.encode("utf-8"))
+    assert t.decode(ids) == text
+
+
+# SmolLM2's byte-level vocab lacks a few single bytes (some control bytes, lead bytes 0xF1-0xF4 of
+# code points >= U+40000): no tokenizer of this checkpoint can round trip those; every other string must.
+@settings(max_examples=30, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30))
+def test_gguf_round_trip_any_text(tok, text):
+    byte_chars = _bytes_to_unicode()
+    assume(all(tok.token_to_id(byte_chars[b]) is not None for b in text.encode("utf-8")))
+    assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30))
+def test_gguf_ids_match_transformers_any_text(tok, ref_tok, text):
+    assert tok.encode(text) == ref_tok(text, add_special_tokens=False).input_ids
