@@ -15,9 +15,12 @@ from jtrail.serve import add_client, add_serve
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="a .gguf file, Hugging Face dir, jtrail checkpoint dir or named shape "
-                        "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a .gguf file, Hugging Face dir, jtrail checkpoint dir or named shape "
+        "(default: the embedded SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
 
@@ -30,13 +33,18 @@ def _run_generate(args: argparse.Namespace) -> int:
     if not args.prompt and not args.mt_bench:
         print("jtrail generate: give a prompt or --mt-bench N", file=sys.stderr)
         return 2
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     llm = LLM(args.model, dtype=jnp.dtype(args.dtype))
     if args.mt_bench:
         from jtrail.datasets import load_mtbench
 
-        questions = [q.turns[0] for q in load_mtbench()[:args.mt_bench]]
+        questions = [q.turns[0] for q in load_mtbench()[: args.mt_bench]]
     else:
         questions = [args.prompt]
     if args.chat:
@@ -61,9 +69,15 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
-                   help="wrap the prompt in the model's chat template (default: on)")
-    p.add_argument("--mt-bench", type=int, default=0, metavar="N", help="answer the first N MT-Bench questions")
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="wrap the prompt in the model's chat template (default: on)",
+    )
+    p.add_argument(
+        "--mt-bench", type=int, default=0, metavar="N", help="answer the first N MT-Bench questions"
+    )
     p.set_defaults(func=_run_generate)
 
 
@@ -77,7 +91,9 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jtrail", description="JAX LLM serving with length-aware scheduling")
+    parser = argparse.ArgumentParser(
+        prog="jtrail", description="JAX LLM serving with length-aware scheduling"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
@@ -86,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from jtrail.serving.sequence import JtrailError
     from jtrail.models.config import UnknownModelError
     from jtrail.models.errors import CorruptCheckpointError, ModelFileError
+    from jtrail.serving.sequence import JtrailError
 
     try:
         return int(args.func(args) or 0)

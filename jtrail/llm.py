@@ -36,22 +36,31 @@ class Completion:
 
 
 class Backend(Protocol):
-    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
-                 progress: bool = True) -> list[GenerationResult]: ...
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], progress: bool = True
+    ) -> list[GenerationResult]: ...
 
 
 class LLM:
     """Load a model (None = the embedded SmolLM2-135M-Instruct GGUF) and generate from it."""
 
-    def __init__(self, model: str | os.PathLike | None = None, dtype=jnp.float32, max_batch: int = 16,
-                 backend: Backend | None = None, progress: bool = True):
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        dtype=jnp.float32,
+        max_batch: int = 16,
+        backend: Backend | None = None,
+        progress: bool = True,
+    ):
         self.loaded: LoadedModel = load_model(model, dtype=dtype, progress=progress)
         self.cfg = self.loaded.cfg
         self.tokenizer = self.loaded.tokenizer
         self.backend: Backend = backend or Generator(self.loaded.model, self.tokenizer, max_batch=max_batch)
         self.progress = progress
 
-    def _params(self, params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    def _params(
+        self, params: SamplingParams | Sequence[SamplingParams] | None, n: int
+    ) -> list[SamplingParams]:
         if params is None:
             return [SamplingParams()] * n
         if isinstance(params, SamplingParams):
@@ -61,22 +70,32 @@ class LLM:
             raise InvalidRequestError("sampling_params", f"got {len(params)} for {n} prompts")
         for p in params:
             if not isinstance(p, SamplingParams):
-                raise InvalidRequestError("sampling_params", f"expected SamplingParams, got {type(p).__name__}")
+                raise InvalidRequestError(
+                    "sampling_params", f"expected SamplingParams, got {type(p).__name__}"
+                )
         return params
 
     def _check_ids(self, ids: list[int], p: SamplingParams) -> None:
         if not ids:
             raise InvalidRequestError("prompt", "prompt is empty")
         if len(ids) >= self.cfg.max_seq_len:
-            raise InvalidRequestError("prompt", f"{len(ids)} tokens do not fit the {self.cfg.max_seq_len}-token "
-                                                f"context with room to generate")
+            raise InvalidRequestError(
+                "prompt",
+                f"{len(ids)} tokens do not fit the {self.cfg.max_seq_len}-token "
+                f"context with room to generate",
+            )
         bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
-            raise InvalidRequestError("prompt", f"token ids out of range [0, {self.cfg.vocab_size}): {bad[:5]}")
+            raise InvalidRequestError(
+                "prompt", f"token ids out of range [0, {self.cfg.vocab_size}): {bad[:5]}"
+            )
 
-    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
-        """Complete each prompt (text, or a list of token ids); returns one Completion per prompt, in order."""
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[Completion]:
+        """Complete each prompt (text or token ids); one Completion per prompt, in order."""
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
@@ -97,8 +116,10 @@ class LLM:
         for i, p in zip(ids, params, strict=True):
             self._check_ids(i, p)
         results = self.backend.generate(ids, params, progress=self.progress)
-        return [Completion(t, r.text, r.token_ids, FinishReason(r.finish_reason), r.prompt_tokens)
-                for t, r in zip(texts, results, strict=True)]
+        return [
+            Completion(t, r.text, r.token_ids, FinishReason(r.finish_reason), r.prompt_tokens)
+            for t, r in zip(texts, results, strict=True)
+        ]
 
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         if not messages:
@@ -115,8 +136,11 @@ class LLM:
         except ValueError as e:  # ChatTemplateError: the template itself rejected the conversation
             raise InvalidRequestError("messages", str(e)) from e
 
-    def chat(self, messages: Sequence[Message] | Sequence[Sequence[Message]],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[Completion]:
         """One conversation ([{"role", "content"}, ...]) or a list of them; answers each with the
         checkpoint's chat template."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)

@@ -27,6 +27,22 @@ def _int_tuple(text: str) -> tuple[int, ...]:
     return vals
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The full command line, every option spelled out (recorded in probe.json and the probe's meta)."""
+    parts = ["jtrail", "train-probe"]
+    for key, val in sorted(vars(args).items()):
+        if key in ("func", "command", "export_prompts") or val is None or val is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if val is True:
+            parts.append(flag if key != "chat" else "--chat")
+        else:
+            parts += [flag, shlex.quote(str(val))]
+    if not args.chat:
+        parts.append("--no-chat")
+    return " ".join(parts)
+
+
 def _run_train_probe(args: argparse.Namespace) -> int:
     from jtrail.probe_pipeline import DataOptions, run
     from jtrail.train_probe import TrainOptions
@@ -39,14 +55,19 @@ def _run_train_probe(args: argparse.Namespace) -> int:
                        max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
                        layers=layers or DataOptions.layers, dtype=args.dtype, gen_batch=args.gen_batch,
                        token_budget=args.token_budget, chat=args.chat)
-    cache = args.from_features or args.features_cache
-    command = "jtrail " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     from jtrail.datasets import DatasetError
     from jtrail.models.probe_io import ProbeFileError
 
     try:
-        doc = run(data, opts, args.out, args.results, args.plot, cache, command, progress=not args.quiet,
-                  require_cache=args.from_features is not None, train_layers=layers)
+        if args.export_prompts:
+            from jtrail.probe_pipeline import export_prompts
+
+            n = export_prompts(args.dataset, args.export_prompts, args.num_prompts)
+            print(f"wrote {n} prompts to {args.export_prompts}")
+            return 0
+        cache = args.from_features or args.features_cache
+        doc = run(data, opts, args.out, args.results, args.plot, cache, _command(args),
+                  progress=not args.quiet, require_cache=args.from_features is not None, train_layers=layers)
     except (DatasetError, ProbeFileError) as e:
         print(f"jtrail train-probe: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
@@ -84,4 +105,6 @@ def add_train_probe(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-budget", type=int, default=32768, help="tokens per teacher-forced batch")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--export-prompts", default=None, metavar="PATH",
+                   help="only write the first --num-prompts prompts of --dataset to a JSONL file and exit")
     p.set_defaults(func=_run_train_probe)

@@ -52,6 +52,17 @@ def prompt_texts(dataset: str) -> list[str]:
     return list(dict.fromkeys(r.prompt for r in records if r.prompt.strip()))  # dedupe: no train/val leak
 
 
+def export_prompts(dataset: str, path: str | Path, limit: int, max_chars: int = 6000) -> int:
+    """Write the first `limit` unique prompts of at most `max_chars` characters as JSONL ({"prompt"}):
+    a small file to carry to a machine that lacks the data set package."""
+    texts = [t for t in prompt_texts(dataset) if len(t) <= max_chars][:limit]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"prompt": t}, ensure_ascii=False) + "\n")
+    return len(texts)
+
+
 def tokenize_prompts(tokenizer: Any, texts: Sequence[str], chat: bool, max_prompt_tokens: int,
                      limit: int | None = None) -> list[list[int]]:
     """Token ids of the first `limit` prompts that fit in `max_prompt_tokens` (chat template applied if

@@ -62,13 +62,20 @@ def save_checkpoint(path: str | os.PathLike, model: Llama, tokenizer: Tokenizer 
     (path / CONFIG_FILE).write_text(json.dumps(config_to_json(model.cfg), indent=1))
     if tokenizer is not None:
         tokenizer.backend.save(str(path / "tokenizer.json"))
-        meta = {"bos_id": tokenizer.bos_id, "eos_ids": list(tokenizer.eos_ids), "add_bos": tokenizer.add_bos,
-                "chat_template": tokenizer.chat_template, "special_tokens": tokenizer.special_tokens}
+        meta = {
+            "bos_id": tokenizer.bos_id,
+            "eos_ids": list(tokenizer.eos_ids),
+            "add_bos": tokenizer.add_bos,
+            "chat_template": tokenizer.chat_template,
+            "special_tokens": tokenizer.special_tokens,
+        }
         (path / "tokenizer_meta.json").write_text(json.dumps(meta, indent=1))
     return path
 
 
-def restore_checkpoint(path: str | os.PathLike, dtype=jnp.float32) -> tuple[ModelConfig, Llama, Tokenizer | None]:
+def restore_checkpoint(
+    path: str | os.PathLike, dtype=jnp.float32
+) -> tuple[ModelConfig, Llama, Tokenizer | None]:
     import orbax.checkpoint as ocp
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -92,6 +99,12 @@ def restore_checkpoint(path: str | os.PathLike, dtype=jnp.float32) -> tuple[Mode
     tok = None
     if (path / "tokenizer.json").is_file():
         meta = json.loads((path / "tokenizer_meta.json").read_text())
-        tok = Tokenizer(HFTokenizer.from_file(str(path / "tokenizer.json")), meta["bos_id"],
-                        tuple(meta["eos_ids"]), meta["chat_template"], meta["add_bos"], meta["special_tokens"])
+        tok = Tokenizer(
+            HFTokenizer.from_file(str(path / "tokenizer.json")),
+            meta["bos_id"],
+            tuple(meta["eos_ids"]),
+            meta["chat_template"],
+            meta["add_bos"],
+            meta["special_tokens"],
+        )
     return cfg, model, tok

@@ -50,8 +50,14 @@ def _bucket(n: int, minimum: int) -> int:
 
 def _forward_sample(graphdef, state, tokens, positions, logits_index, caches, keys, step, temp, top_p, top_k):
     model = nnx.merge(graphdef, state)
-    out = model(tokens, positions, caches, contiguous_cache_attention, ContiguousMeta(positions),
-                logits_index=logits_index)
+    out = model(
+        tokens,
+        positions,
+        caches,
+        contiguous_cache_attention,
+        ContiguousMeta(positions),
+        logits_index=logits_index,
+    )
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
     return sample_tokens(out.logits, step_keys, temp, top_p, top_k), out.caches
 
@@ -69,24 +75,30 @@ class Generator:
         self.graphdef, self.state = nnx.split(model)
         self.eos_ids = set(self.cfg.eos_ids) | set(tokenizer.eos_ids)
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingLike],
-                 progress: bool = True) -> list[GenerationResult]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingLike], progress: bool = True
+    ) -> list[GenerationResult]:
         if len(prompts) != len(params):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         results: list[GenerationResult | None] = [None] * len(prompts)
         # Similar lengths share a batch: less padding, and fewer distinct shapes to compile.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress or len(prompts) < 2)
+        bar = tqdm(
+            total=len(prompts), desc="generate", unit="prompt", disable=not progress or len(prompts) < 2
+        )
         for start in range(0, len(order), self.max_batch):
-            idx = order[start:start + self.max_batch]
-            for i, r in zip(idx, self._generate_batch([prompts[i] for i in idx], [params[i] for i in idx]),
-                            strict=True):
+            idx = order[start : start + self.max_batch]
+            for i, r in zip(
+                idx, self._generate_batch([prompts[i] for i in idx], [params[i] for i in idx]), strict=True
+            ):
                 results[i] = r
             bar.update(len(idx))
         bar.close()
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, prompts: list[Sequence[int]], params: list[SamplingLike]) -> list[GenerationResult]:
+    def _generate_batch(
+        self, prompts: list[Sequence[int]], params: list[SamplingLike]
+    ) -> list[GenerationResult]:
         n, cfg = len(prompts), self.cfg
         b = _bucket(n, 1)
         lens = np.array([len(p) for p in prompts] + [1] * (b - n), np.int32)
@@ -95,7 +107,7 @@ class Generator:
         s = min(_bucket(need, 64), cfg.max_seq_len)
         tokens = np.zeros((b, t), np.int32)
         for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = p
+            tokens[i, : len(p)] = p
         positions = np.where(np.arange(t)[None] < lens[:, None], np.arange(t)[None], -1).astype(np.int32)
         seeds = [p.seed if p.seed is not None else secrets.randbits(31) for p in params] + [0] * (b - n)
         keys = jnp.stack([jax.random.PRNGKey(sd) for sd in seeds])
@@ -103,11 +115,25 @@ class Generator:
         def col(name, pad):
             return jnp.asarray([getattr(p, name) for p in params] + [pad] * (b - n))
 
-        temp, top_p, top_k = col("temperature", 0.0).astype(jnp.float32), col("top_p", 1.0).astype(
-            jnp.float32), col("top_k", 0).astype(jnp.int32)
+        temp, top_p, top_k = (
+            col("temperature", 0.0).astype(jnp.float32),
+            col("top_p", 1.0).astype(jnp.float32),
+            col("top_k", 0).astype(jnp.int32),
+        )
         caches = init_contiguous_cache(cfg.n_layers, b, s, cfg.n_kv_heads, cfg.head_dim, self.model.dtype)
-        nxt, caches = _step(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(positions),
-                            jnp.asarray(lens - 1), caches, keys, 0, temp, top_p, top_k)
+        nxt, caches = _step(
+            self.graphdef,
+            self.state,
+            jnp.asarray(tokens),
+            jnp.asarray(positions),
+            jnp.asarray(lens - 1),
+            caches,
+            keys,
+            0,
+            temp,
+            top_p,
+            top_k,
+        )
         out: list[list[int]] = [[] for _ in range(n)]
         reasons: list[str | None] = [None] * n
         texts: list[str | None] = [None] * n
@@ -123,12 +149,24 @@ class Generator:
             step += 1
             pos = np.where([i < n and reasons[i] is None for i in range(b)], cur, -1).astype(np.int32)
             cur = cur + 1
-            nxt, caches = _step(self.graphdef, self.state, nxt[:, None], jnp.asarray(pos)[:, None],
-                                jnp.zeros((b,), jnp.int32), caches, keys, step, temp, top_p, top_k)
+            nxt, caches = _step(
+                self.graphdef,
+                self.state,
+                nxt[:, None],
+                jnp.asarray(pos)[:, None],
+                jnp.zeros((b,), jnp.int32),
+                caches,
+                keys,
+                step,
+                temp,
+                top_p,
+                top_k,
+            )
         return [GenerationResult(out[i], texts[i], reasons[i], len(prompts[i])) for i in range(n)]  # type: ignore
 
-    def _check(self, ids: list[int], tok: int, p: SamplingLike, pos: int, cache_len: int
-               ) -> tuple[str | None, str | None]:
+    def _check(
+        self, ids: list[int], tok: int, p: SamplingLike, pos: int, cache_len: int
+    ) -> tuple[str | None, str | None]:
         """Append `tok`; return (finish_reason, final_text) once the row is done, else (None, None)."""
         ids.append(tok)
         if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
@@ -137,7 +175,7 @@ class Generator:
             text = self.tokenizer.decode(ids)
             hits = [text.find(s) for s in p.stop if s in text]
             if hits:
-                return "stop", text[:min(hits)]
+                return "stop", text[: min(hits)]
         # `pos` is where `tok` would be written: the cache (or context) must have room for it.
         if len(ids) >= p.max_tokens or pos + 1 > cache_len:
             return "length", self.tokenizer.decode(ids)

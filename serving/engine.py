@@ -261,6 +261,8 @@ class LLMEngine:
         cfg = self.config
         batch: list[tuple[Sequence, int]] = []
         for seq in list(self.running):
+            if seq.status is not Status.RUNNING:  # preempted as a victim earlier in this loop
+                continue
             if seq.request_id in skip or seq.request_id not in self._prefilled:
                 continue
             n = min(cfg.decode_steps_per_call, seq.max_remaining, cfg.max_model_len - seq.num_tokens)

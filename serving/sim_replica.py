@@ -197,7 +197,7 @@ class SimReplica:
     def _schedule(self, t: float) -> None:
         free_pages = self.num_pages - self.used_at(self.steps)
         st = SchedulerState(self.waiting, self.running, self.slots - len(self.running), free_pages,
-                            self.num_pages, self.ps, t)
+                            self.num_pages, self.ps, t, step=self.steps)
         dec = self.policy.schedule(st)
         for v in dec.preempt:
             if v.status is Status.RUNNING:

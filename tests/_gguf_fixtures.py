@@ -13,9 +13,21 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_llama_gguf(path: Path, sd: dict[str, np.ndarray], *, n_layers: int, n_heads: int, n_kv: int,
-                     ffn: int, d: int, vocab: int, theta: float = 10000.0, eps: float = 1e-5,
-                     arch: str = "llama", quant: gguf.GGMLQuantizationType | None = None) -> Path:
+def write_llama_gguf(
+    path: Path,
+    sd: dict[str, np.ndarray],
+    *,
+    n_layers: int,
+    n_heads: int,
+    n_kv: int,
+    ffn: int,
+    d: int,
+    vocab: int,
+    theta: float = 10000.0,
+    eps: float = 1e-5,
+    arch: str = "llama",
+    quant: gguf.GGMLQuantizationType | None = None,
+) -> Path:
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(n_layers)
     w.add_context_length(256)
@@ -27,12 +39,22 @@ def write_llama_gguf(path: Path, sd: dict[str, np.ndarray], *, n_layers: int, n_
     w.add_layer_norm_rms_eps(eps)
     w.add_rope_dimension_count(d // n_heads)
     w.add_vocab_size(vocab)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-                 "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down"}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     for i in range(n_layers):
         for hf, gg in per_layer.items():
             names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"

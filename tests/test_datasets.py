@@ -50,18 +50,32 @@ def test_mtbench():
 
 def test_user_jsonl(tmp_path):
     p = tmp_path / "prompts.jsonl"
-    lines = [{"prompt": "hello", "answer": "hi"}, {"text": "plain text", "id": "x"},
-             {"turns": ["first", "second"], "question_id": 7},
-             {"conversations": [{"from": "human", "value": "h"}, {"from": "gpt", "value": "g"}], "id": "c"}]
+    lines = [
+        {"prompt": "hello", "answer": "hi"},
+        {"text": "plain text", "id": "x"},
+        {"turns": ["first", "second"], "question_id": 7},
+        {"conversations": [{"from": "human", "value": "h"}, {"from": "gpt", "value": "g"}], "id": "c"},
+    ]
     p.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     recs = ds.load_jsonl(p)
-    assert [(r.prompt, r.answer) for r in recs] == [("hello", "hi"), ("plain text", None), ("first", None),
-                                                    ("h", "g")]
+    assert [(r.prompt, r.answer) for r in recs] == [
+        ("hello", "hi"),
+        ("plain text", None),
+        ("first", None),
+        ("h", "g"),
+    ]
     assert [r.id for r in recs] == ["1", "x", "7", "c"]
 
 
-@pytest.mark.parametrize("content,match", [("{bad json", "not valid JSON"), ('["a list"]', "expected a JSON object"),
-                                           ('{"prompt": "  "}', "no prompt"), ('{"other": 1}', "no prompt")])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("{bad json", "not valid JSON"),
+        ('["a list"]', "expected a JSON object"),
+        ('{"prompt": "  "}', "no prompt"),
+        ('{"other": 1}', "no prompt"),
+    ],
+)
 def test_user_jsonl_errors(tmp_path, content, match):
     p = tmp_path / "bad.jsonl"
     p.write_text(content + "\n")

@@ -7,21 +7,28 @@ import json
 import numpy as np
 import pytest
 from _gguf_fixtures import write_llama_gguf
+from jtrail.models.config import UnknownModelError
+from jtrail.models.errors import CorruptCheckpointError, ModelFileError
 
 from jtrail import LLM, InvalidRequestError, SamplingParams, load_model
 from jtrail.cli import main
-from jtrail.models.config import UnknownModelError
-from jtrail.models.errors import CorruptCheckpointError, ModelFileError
 
 
 def _tiny_gguf(path, arch="llama"):
     rng = np.random.default_rng(0)
     d, f, v = 16, 32, 8
     sd = {"model.embed_tokens.weight": rng.normal(size=(v, d)), "model.norm.weight": np.ones(d)}
-    for name, shape in [("input_layernorm", (d,)), ("post_attention_layernorm", (d,)),
-                        ("self_attn.q_proj", (d, d)), ("self_attn.k_proj", (d, d)), ("self_attn.v_proj", (d, d)),
-                        ("self_attn.o_proj", (d, d)), ("mlp.gate_proj", (f, d)), ("mlp.up_proj", (f, d)),
-                        ("mlp.down_proj", (d, f))]:
+    for name, shape in [
+        ("input_layernorm", (d,)),
+        ("post_attention_layernorm", (d,)),
+        ("self_attn.q_proj", (d, d)),
+        ("self_attn.k_proj", (d, d)),
+        ("self_attn.v_proj", (d, d)),
+        ("self_attn.o_proj", (d, d)),
+        ("mlp.gate_proj", (f, d)),
+        ("mlp.up_proj", (f, d)),
+        ("mlp.down_proj", (d, f)),
+    ]:
         sd[f"model.layers.0.{name}.weight"] = rng.normal(size=shape)
     return write_llama_gguf(path, sd, n_layers=1, n_heads=2, n_kv=2, ffn=f, d=d, vocab=v, arch=arch)
 
@@ -36,9 +43,18 @@ def test_missing_files(tmp_path):
         load_model(str(tmp_path / "nope.gguf"))
     with pytest.raises(ModelFileError, match="neither a Hugging Face model"):
         load_model(str(tmp_path))  # empty directory
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 8,
-                                                      "num_hidden_layers": 1, "num_attention_heads": 2,
-                                                      "intermediate_size": 16, "vocab_size": 8}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "hidden_size": 8,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 16,
+                "vocab_size": 8,
+            }
+        )
+    )
     with pytest.raises(ModelFileError, match="no \\*.safetensors"):
         load_model(str(tmp_path))
 

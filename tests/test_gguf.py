@@ -9,7 +9,6 @@ import pytest
 from _gguf_fixtures import permute_qk, write_llama_gguf
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from jtrail.models.gguf_loader import gguf_config, load_gguf, open_gguf, unpermute_qk
 from jtrail.models.loader import embedded_gguf_path
 from jtrail.models.weights import build_model
@@ -28,9 +27,18 @@ def test_unpermute_inverts_llama_cpp_permute(n_head, half, cols):
 
 
 def _tiny_ref(tie: bool):
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
-                                   rms_norm_eps=1e-5, tie_word_embeddings=tie, max_position_embeddings=256)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(1)
     model = transformers.LlamaForCausalLM(cfg).eval()
     return model, {k: v.numpy() for k, v in model.state_dict().items()}
@@ -39,8 +47,9 @@ def _tiny_ref(tie: bool):
 @pytest.mark.parametrize("tie,quant,tol", [(True, None, 1e-4), (False, gguf.GGMLQuantizationType.Q8_0, None)])
 def test_gguf_roundtrip_matches_transformers(tmp_path, tie, quant, tol):
     ref_model, sd = _tiny_ref(tie)
-    path = write_llama_gguf(tmp_path / "tiny.gguf", sd, n_layers=2, n_heads=4, n_kv=2, ffn=96, d=64, vocab=64,
-                            quant=quant)
+    path = write_llama_gguf(
+        tmp_path / "tiny.gguf", sd, n_layers=2, n_heads=4, n_kv=2, ffn=96, d=64, vocab=64, quant=quant
+    )
     _, cfg, ours_sd = load_gguf(path, progress=False)
     assert (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim) == (2, 4, 2, 16, 96)
     assert cfg.tie_embeddings == tie

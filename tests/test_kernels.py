@@ -85,7 +85,7 @@ def _lens(page: int) -> st.SearchStrategy:
     return st.lists(st.sampled_from([1, page, page + 1, 3 * page + 2]), min_size=1, max_size=3)
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(data=st.data(), ratio=st.sampled_from([1, 3, 4, 8]),
        dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), d=st.sampled_from([64, 128]),
        softcap=st.sampled_from([None, 5.0]), splits=st.sampled_from([1, 2]))
@@ -103,7 +103,7 @@ def test_decode_gpu_kernel_interpret(data, ratio, dtype, d, softcap, splits):
     assert rel_err(got, want) < TOL[dtype]
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(ratio=st.sampled_from([1, 3, 4]), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
        seed=st.integers(0, 10_000), block_t=st.sampled_from([2, 4]))
 def test_prefill_gpu_kernel_interpret(ratio, dtype, seed, block_t):

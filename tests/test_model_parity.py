@@ -18,9 +18,18 @@ from jtrail.models.loader import embedded_gguf_path, load_model  # noqa: E402
 
 
 def _tiny_hf(tmp_path, tie: bool, shard: str | None = None):
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   rope_theta=5000.0, rms_norm_eps=1e-5, tie_word_embeddings=tie)
+    cfg = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     kw = {"max_shard_size": shard} if shard else {}
@@ -52,7 +61,8 @@ def test_gguf_parity_against_transformers_gguf_loader(smollm):
     pytest.importorskip("accelerate")  # transformers needs it for gguf_file=
     path = embedded_gguf_path()
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
     ids = smollm.tokenizer.encode("The capital of France is Paris, and the capital of Germany is")
     with torch.no_grad():
         ref = ref_model(torch.tensor([ids])).logits[0].numpy()

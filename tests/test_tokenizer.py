@@ -9,7 +9,6 @@ import jinja2
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-
 from jtrail.models.gguf_loader import open_gguf
 from jtrail.models.loader import embedded_gguf_path
 from jtrail.models.tokenizer import ChatTemplateError, Tokenizer, _bytes_to_unicode
@@ -22,8 +21,12 @@ SAMPLES = [
     "whitespace:  two  spaces\tTab\n\nnewlines   \r\n trailing  ",
     "emoji 🙂 and symbols ∑∫√ <|not_special|>",
 ]
-CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
-        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is 2+2?"}]
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi!"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "What is 2+2?"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +69,11 @@ def test_special_tokens_and_eos(tok):
 
 @pytest.mark.parametrize("gen", [True, False])
 def test_chat_template_equals_direct_jinja2(tok, gen):
-    direct = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(tok.chat_template).render(
-        messages=CONV, add_generation_prompt=gen, **tok.special_tokens)
+    direct = (
+        jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        .from_string(tok.chat_template)
+        .render(messages=CONV, add_generation_prompt=gen, **tok.special_tokens)
+    )
     assert tok.apply_chat_template(CONV, add_generation_prompt=gen) == direct
     if gen:
         assert direct.endswith("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
@@ -80,7 +86,9 @@ def test_default_system_prompt_chatml(tok):
 
 def test_template_raise_exception_is_typed():
     t = Tokenizer.byte_level()
-    t.chat_template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}ok"
+    t.chat_template = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}ok"
+    )
     assert t.apply_chat_template([{"role": "user", "content": "x"}]) == "ok"
     with pytest.raises(ChatTemplateError, match="first must be user"):
         t.apply_chat_template([{"role": "assistant", "content": "x"}])
@@ -90,8 +98,11 @@ def test_template_raise_exception_is_typed():
 
 def test_hf_dir_tokenizer(tok, tmp_path):
     tok.backend.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": tok.chat_template, "eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"chat_template": tok.chat_template, "eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}
+        )
+    )
     t2 = Tokenizer.from_hf_dir(tmp_path)
     assert t2.eos_ids == (2,) and t2.bos_id == 1
     for text in SAMPLES:

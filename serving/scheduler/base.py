@@ -23,6 +23,9 @@ class SchedulerState:
     total_pages: int
     page_size: int
     now: float
+    # steps run so far, only where every running sequence gains one token per step (the simulator):
+    # lets policies keep the running sequences' rank order incrementally (scheduler/runindex.py)
+    step: int | None = None
 
 
 @dataclass

@@ -60,7 +60,7 @@ class RankedPolicy(Policy):
         self.preempt = preempt and self.c > 0
         self.stats = PolicyStats()
         self._index = WaitIndex(self._key)
-        self._run = RunIndex(self._run_key, self.preemptible)
+        self._run = RunIndex(self.rank, self.preemptible, self.counts_down)
 
     # --- ranks ---------------------------------------------------------------------------------------
     def rank(self, seq: Sequence) -> float:
@@ -70,10 +70,6 @@ class RankedPolicy(Policy):
 
     def _key(self, seq: Sequence) -> tuple:
         return (self.aging.static_key(self.rank(seq), seq.arrival_time), seq.arrival_time, seq.request_id)
-
-    def _run_key(self, seq: Sequence) -> float:
-        """Fixed while the sequence runs between refinements (see runindex.py)."""
-        return self.rank(seq) + seq.num_generated if self.counts_down else self.rank(seq)
 
     def preemptible(self, seq: Sequence) -> bool:
         if not self.preempt:
@@ -118,7 +114,11 @@ class RankedPolicy(Policy):
                      admit: list[Sequence]) -> list[Sequence]:
         # pairs (best waiting, largest-rank preemptible running) while the waiting one beats it;
         # waiting ranks only get worse down the queue, so one failed comparison ends the search
-        victims = self._run.ordered(state.running)
+        if state.step is None:  # the engine: a sort of the (short) running list
+            victims = iter(sorted((r for r in state.running if self.preemptible(r)),
+                                  key=lambda r: (-self.rank(r), -r.arrival_time, r.request_id)))
+        else:  # the simulator: incremental (runindex.py)
+            victims = self._run.ordered(state.running, state.step)
         out: list[Sequence] = []
         w: Sequence | None = first
         try:
@@ -129,7 +129,7 @@ class RankedPolicy(Policy):
                 admit.append(w)
                 w = next(rest, None)
         finally:
-            victims.close()
+            getattr(victims, "close", lambda: None)()
         return out
 
     def _beats(self, waiting: Sequence, running: Sequence, now: float) -> bool:
