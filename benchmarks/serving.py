@@ -119,25 +119,31 @@ def policy_specs(su: Setup, aging_rates: list[float]) -> tuple[dict, dict]:
     return main, aged
 
 
-def sweep(su: Setup, prompts, lengths, cap: dict) -> dict[str, Any]:
+def sweep(su: Setup, prompts, lengths, cap: dict, budget_s: float) -> dict[str, Any]:
+    """Top rate first (the bars live there), then lower rates while the time budget lasts."""
     a = su.args
-    fracs = [float(x) for x in a.rates.split(",")]
+    fracs = sorted((float(x) for x in a.rates.split(",")), reverse=True)
     aging_rates = [float(f) * cap["per_request_tok_s"] for f in a.aging.split(",") if f]
     main, aged = policy_specs(su, aging_rates)
-    n_runs = len(fracs) * len(main) + len(aged)
+    top_w = 1.5  # the top rate gets longer traces: queueing there needs time to build up
+    per_run = budget_s / (top_w * (len(main) + len(aged)) + (len(fracs) - 1) * len(main))
     runs: list[dict[str, Any]] = []
     steps, top = [], None
+    t_end = time.perf_counter() + budget_s
     for ri, frac in enumerate(fracs):
         rate = frac * cap["capacity_req_s"]
-        is_top = ri == len(fracs) - 1
-        n = int(np.clip(rate * a.budget_s / n_runs * 0.7, a.min_requests, a.max_requests))
+        is_top = ri == 0
+        n = int(np.clip(rate * per_run * (top_w if is_top else 1.0) * 0.7, a.min_requests, a.max_requests))
+        specs = {**main, **(aged if is_top else {})}
+        if not is_top and time.perf_counter() + len(specs) * n / rate > t_end:
+            log(f"rate {frac:.2f}: skipped, out of time budget")
+            continue
         pick = np.random.default_rng(a.seed + 1000 + ri).choice(len(prompts), n, replace=n > len(prompts))
         wl = Workload([prompts[i] for i in pick], arrival_times(n, rate, a.seed + ri, a.cv), lengths[pick])
-        specs = {**main, **(aged if is_top else {})}
         for label, (name, kw) in specs.items():
             rec = RecordingPredictor(su.refiner) if (is_top and label == "trail") else None
             eng = make_engine(su, name, kw, rec)
-            res = drive_engine(eng, wl, timeout_s=a.run_timeout)
+            res = drive_engine(eng, wl, timeout_s=max(a.run_timeout, 4 * n / rate))
             s = summarize(res)
             del eng
             steps.append(res.steps)
@@ -146,7 +152,7 @@ def sweep(su: Setup, prompts, lengths, cap: dict) -> dict[str, Any]:
                          "_e2e": res.finish - res.arrival, "_ttft": res.first_token - res.arrival})
             log(f"rate {frac:.2f} ({rate:.2f} req/s, n={n}) {label:>22}: mean e2e {s['mean_e2e']:.3f}s "
                 f"p99 {s['p99_e2e']:.3f}s ttft {s['mean_ttft']:.3f}s preempt/req "
-                f"{s['preemptions_per_request']:.2f} done {int(s['completed'])}/{n}")
+                f"{s['preemptions_per_request']:.2f} done {int(s['completed'])}/{n} in {res.wall_s:.1f}s")
             if rec is not None:
                 top = (wl, rec, specs)
     return {"runs": runs, "steps": np.concatenate([cap["steps"], *steps]), "top": top,
@@ -186,7 +192,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rates", default="0.5,0.8,0.95", help="fractions of measured capacity")
     p.add_argument("--policies", default="fcfs,trail,srpt-oracle,gittins")
     p.add_argument("--aging", default="0.03,0.1,0.3,1", help="trail aging rates, x per-request tok/s")
-    p.add_argument("--budget-s", type=float, default=300.0, help="target wall time of the sweep")
+    p.add_argument("--deadline-s", type=float, default=420.0,
+                   help="wall budget of the whole run: the sweep sizes its traces to fit")
     p.add_argument("--min-requests", type=int, default=60)
     p.add_argument("--max-requests", type=int, default=600)
     p.add_argument("--run-timeout", type=float, default=120.0)
@@ -197,21 +204,26 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    t_start = time.perf_counter()
     args = parse(argv)
     args.command = "python benchmarks/serving.py " + " ".join(sys.argv[1:] if argv is None else argv)
     su = load(args)
     log(f"model loaded ({args.dtype_used}); probe {args.probe_used}")
     prompts = load_prompt_ids(args.prompts, su.tokenizer, args.pool, args.max_prompt_tokens, args.seed)
+    log(f"{len(prompts)} prompts loaded; profiling natural-EOS lengths")
     t = time.perf_counter()
     lengths = profile_lengths(su, prompts)
     log(f"profiled {len(prompts)} prompts in {time.perf_counter() - t:.1f}s: output mean "
         f"{lengths.mean():.0f}, p50 {np.median(lengths):.0f}, max {lengths.max()} tokens")
+    log("warming up (compiling the engine)")
     warmup(su, prompts)
     log("engine compiled")
     cap = measure_capacity(su, prompts, lengths)
     log(f"capacity {cap['capacity_req_s']:.2f} req/s ({cap['tokens_per_s']:.0f} tok/s, full-batch step "
         f"{cap['full_batch_step_s'] * 1e3:.2f} ms)")
-    sw = sweep(su, prompts, lengths, cap)
+    budget = args.deadline_s - (time.perf_counter() - t_start) - 20.0  # 20 s: simulator, plots
+    log(f"sweep budget {budget:.0f}s")
+    sw = sweep(su, prompts, lengths, cap, max(budget, 30.0))
     sim = run_sim(su, sw)
     log(f"step model {sim['step_model']}; sim errors {sim.get('errors')}")
     result = analyse(args, lengths, cap, sw, sim)

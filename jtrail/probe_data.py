@@ -126,9 +126,10 @@ def _generate_batch(graphdef, state, tokens, lengths, max_new: int, eos):
 
 
 def generate_greedy(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                    eos_ids: Sequence[int], batch_size: int = 64, progress: bool = True
-                    ) -> tuple[list[list[int]], np.ndarray]:
-    """Greedy answers (eos included when reached) and whether each one ended with eos."""
+                    eos_ids: Sequence[int], batch_size: int = 64, progress: bool = True,
+                    min_prompt_bucket: int = 128) -> tuple[list[list[int]], np.ndarray]:
+    """Greedy answers (eos included when reached) and whether each one ended with eos. Prompt lengths
+    are padded to powers of two >= `min_prompt_bucket`: one compiled decode loop per bucket."""
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if any(len(p) == 0 for p in prompts):
@@ -141,7 +142,7 @@ def generate_greedy(model: Llama, prompts: Sequence[Sequence[int]], max_new_toke
     bar = tqdm(total=len(prompts), desc="generate", unit="req", disable=not progress)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        p = bucket_length(max(len(prompts[i]) for i in idx))
+        p = bucket_length(max(len(prompts[i]) for i in idx), min_prompt_bucket)
         # Pad the batch to a fixed size with copies of a 1-token prompt so every call shares a shape.
         toks = np.zeros((batch_size, p), np.int32)
         lens = np.ones((batch_size,), np.int32)
@@ -196,9 +197,8 @@ def collect_features(model: Llama, prompts: Sequence[Sequence[int]], answers: Se
         t = bucket_length(len(seqs[order[start]]))
         rows = max(1, token_budget // t)
         idx = [i for i in order[start:start + rows] if len(seqs[i]) <= t]
-        t = bucket_length(max(len(seqs[i]) for i in idx))
-        idx = idx[:max(1, token_budget // t)]
         start += len(idx)
+        rows = min(rows, bucket_length(len(idx), 1))  # a small tail batch is not padded to the full budget
         toks = np.zeros((rows, t), np.int32)
         lens, plens = np.ones((rows,), np.int32), np.ones((rows,), np.int32)
         for r, i in enumerate(idx):

@@ -8,7 +8,9 @@ call the same objects. `uses_tokens` tells the caller whether `outstanding_token
 - power-of-two: two distinct replicas drawn at random (seeded), the one with fewer requests.
 - token-aware (Kossmann et al.): least outstanding work in tokens (prompt tokens + predicted
   remaining tokens of every unfinished request), among replicas whose free KV pages can hold the
-  request's prompt and predicted output; if none can, least work overall.
+  request's prompt and predicted output; if none can, least work overall. Given the replicas'
+  `num_slots`, a replica with a free batch slot comes first (work in tokens says how long a queue
+  takes to drain, but a free slot starts the request at once, however long its neighbours are).
 """
 
 from __future__ import annotations
@@ -78,16 +80,23 @@ class TokenAware(Router):
     name = "token-aware"
     uses_tokens = True
 
-    def __init__(self, page_size: int = 16) -> None:
+    def __init__(self, page_size: int = 16, num_slots: int | None = None) -> None:
         if page_size < 1:
             raise InvalidRequestError("page_size", f"must be >= 1, got {page_size}")
-        self.page_size = page_size
+        if num_slots is not None and num_slots < 1:
+            raise InvalidRequestError("num_slots", f"must be >= 1, got {num_slots}")
+        self.page_size, self.num_slots = page_size, num_slots
 
     def _choose(self, stats, prompt_tokens, predicted_tokens):
         need = -(-(prompt_tokens + int(np.ceil(predicted_tokens or 0.0))) // self.page_size)
         fits = [k for k, s in enumerate(stats) if s.pages_total - s.pages_used >= need]
         pool = fits or range(len(stats))
-        return min(pool, key=lambda k: (stats[k].outstanding_tokens, _requests(stats[k]), k))
+        slots = self.num_slots
+
+        def busy(k: int) -> bool:
+            return slots is not None and _requests(stats[k]) >= slots
+
+        return min(pool, key=lambda k: (busy(k), stats[k].outstanding_tokens, _requests(stats[k]), k))
 
 
 def make_router(name: str, **kw) -> Router:

@@ -98,6 +98,13 @@ class SimReplica:
         a = np.asarray(self.offs) + (step + self.ps - 1)
         return int((a // self.ps).sum())
 
+    def fits(self, step: int) -> bool:
+        """used_at(step) <= num_pages, with a cheap upper bound first (ceil adds < 1 page each)."""
+        n = len(self.offs)
+        if (sum(self.offs) + n * step) // self.ps + n <= self.num_pages:
+            return True
+        return self.used_at(step) <= self.num_pages
+
     def outstanding_tokens(self) -> float:
         run = sum(s._plen + (s.predicted_remaining or 0.0) for s in self.running)
         return self.waiting_tokens + run
@@ -191,7 +198,7 @@ class SimReplica:
             heapq.heappush(self._ref, (self.steps + self.refine_every, next(self._tick), s._epoch, s))
         if self.waiting:
             self._schedule(t)
-        while self.running and self.used_at(self.steps + 1) > self.num_pages:
+        while self.running and not self.fits(self.steps + 1):
             self.preempt(self.policy.choose_victim(self.running, t), t)
 
     def _schedule(self, t: float) -> None:
@@ -236,11 +243,11 @@ class SimReplica:
         if self.refine_every and (ref := self._valid_top(self._ref)) is not None:
             m = min(m, ref[0] - self.steps)
         m = max(m, 1)
-        if self.used_at(self.steps + m) > self.num_pages:  # largest run that fits (>= 1 step)
+        if not self.fits(self.steps + m):  # largest run that fits (>= 1 step)
             lo, hi = 1, m
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                lo, hi = (mid, hi) if self.used_at(self.steps + mid) <= self.num_pages else (lo, mid)
+                lo, hi = (mid, hi) if self.fits(self.steps + mid) else (lo, mid)
             m = lo
         self.planned = (self.time, m, n, kv0)
         return self.time + self.sm.decode_run_time(n, kv0, m)

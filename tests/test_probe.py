@@ -14,7 +14,7 @@ from jtrail.models.attention import DenseMeta, dense_causal_attention
 from jtrail.models.config import NAMED_CONFIGS
 from jtrail.models.llama import Llama
 from jtrail.models.probe import ProbeConfig
-from jtrail.models.probe_io import ProbeFileError, load_probe, save_probe
+from jtrail.models.probe_io import ProbeFileError, default_probe_path, load_probe, save_probe
 
 from jtrail.probe_data import FeatureCacheError, ProbeFeatures, collect_features, generate_greedy
 from jtrail.probe_eval import evaluate_probs
@@ -233,3 +233,19 @@ def test_train_probe_cli_end_to_end(tmp_path, monkeypatch):
     assert doc2["bars"]["layer"] == 1 and len(doc2["table"]) == 1
     assert main(["train-probe", "--from-features", str(tmp_path / "none.npz"), *common]) == 2
     assert main(["train-probe", "--from-features", str(cache), *common, "--bins", "bogus"]) == 2
+
+
+def test_shipped_default_probe():
+    """The probe shipped in jtrail/assets/probe (trained on GPU by `jtrail train-probe`, command in its
+    metadata) loads on CPU, fits the embedded SmolLM2, and meets issue 5's bars on held-out requests."""
+    path = default_probe_path()
+    if not (path / "probe.json").is_file():
+        pytest.skip("no shipped probe yet (jtrail/assets/probe)")
+    head, cfg, meta = load_probe(path)
+    assert cfg.d_model == NAMED_CONFIGS["smollm2-135m"].d_model and cfg.layer == meta["layer"]
+    assert meta["command"].startswith("jtrail train-probe")
+    probs = np.asarray(head.probs(jnp.ones((3, cfg.d_model))))
+    assert probs.shape == (3, cfg.num_bins) and np.allclose(probs.sum(-1), 1.0, atol=1e-5)
+    m = meta["metrics"]
+    assert m["refined_mae"] <= 0.75 * m["prompt_only_mae"]
+    assert m["refined_mae"] <= 0.6 * m["mean_mae"]
