@@ -186,7 +186,7 @@ def drive_engine(engine: Any, wl: Workload, oracle: bool = True, timeout_s: floa
     return _result(wl.arrival, first, finish, nout, npre, itl, steps, time.perf_counter() - t0)
 
 
-async def _grpc_run(target: str, wl: Workload, timeout_s: float) -> RunResult:
+async def grpc_run(target: str, wl: Workload, timeout_s: float) -> RunResult:
     from jtrail.client import AsyncClient
 
     n = len(wl)
@@ -224,4 +224,4 @@ async def _grpc_run(target: str, wl: Workload, timeout_s: float) -> RunResult:
 
 def drive_grpc(target: str, wl: Workload, timeout_s: float = 600.0) -> RunResult:
     """Open loop against a `jtrail serve` server (token-id prompts; preemptions are not visible)."""
-    return asyncio.run(_grpc_run(target, wl, timeout_s))
+    return asyncio.run(grpc_run(target, wl, timeout_s))

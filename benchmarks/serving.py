@@ -78,7 +78,9 @@ def profile_lengths(su: Setup, prompts: list[list[int]]) -> np.ndarray:
     """Natural-EOS greedy output lengths (eos counted; capped at --max-output)."""
     from jtrail.probe_data import generate_greedy
 
-    answers, _ = generate_greedy(su.model, prompts, su.args.max_output, su.eos, batch_size=64, progress=False)
+    # batch 128: few distinct shapes to compile, a one-while-loop decode per batch (fast)
+    answers, _ = generate_greedy(su.model, prompts, su.args.max_output, su.eos, batch_size=128,
+                                 progress=False)
     return np.array([max(len(a), 1) for a in answers], np.int64)
 
 
@@ -187,7 +189,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-steps", type=int, default=1)
     p.add_argument("--max-prompt-tokens", type=int, default=512)
     p.add_argument("--max-output", type=int, default=512, help="cap of the profiled (forced) lengths")
-    p.add_argument("--pool", type=int, default=512, help="prompts profiled")
+    p.add_argument("--pool", type=int, default=384, help="prompts profiled")
     p.add_argument("--capacity-requests", type=int, default=128)
     p.add_argument("--rates", default="0.5,0.8,0.95", help="fractions of measured capacity")
     p.add_argument("--policies", default="fcfs,trail,srpt-oracle,gittins")

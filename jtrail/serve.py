@@ -23,7 +23,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one")
     p.add_argument("--model", default=None, help="GGUF file, HF directory or named shape (default: "
                    "the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--policy", default="fcfs", help="scheduling policy name (fcfs, priority, trail, ...)")
+    p.add_argument("--policy", default="trail",
+                   help="scheduling policy: trail (default; uses the probe), fcfs, priority, gittins, ...")
     p.add_argument("--probe", default=None,
                    help="probe head directory; 'none' disables (default: the shipped probe)")
     p.add_argument("--slots", type=int, default=8, help="batch slots")
@@ -35,6 +36,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus HTTP port (0: free port)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain streams on shutdown")
     p.add_argument("--tensor-parallel", type=int, default=1, help="devices to shard the model over")
+    p.add_argument("--decode-steps", type=int, default=1,
+                   help="decode tokens per jitted call (higher: less host overhead, chunkier streams)")
     p.add_argument("--mock", action="store_true", help="serve fake tokens with no model (for tests)")
     p.add_argument("--mock-step-delay", type=float, default=0.002, help="mock engine seconds per step")
 
@@ -73,17 +76,13 @@ def build_real_engine(args: argparse.Namespace) -> AsyncEngine:
     from jtrail.serving.engine import EngineConfig, LLMEngine
 
     loaded = load_model(args.model)
-    model = loaded.model
-    if args.tensor_parallel > 1:
-        from jtrail.models.sharding import check_tp_compatible, make_mesh, shard_model
-
-        check_tp_compatible(loaded.cfg, args.tensor_parallel)
-        model = shard_model(model, make_mesh(args.tensor_parallel))
     probe, predictor = _load_probe(args.probe, default_model=args.model is None)
+    # The engine's model runner shards weights and KV pages itself when tensor_parallel > 1.
     cfg = EngineConfig(num_slots=args.slots, num_pages=args.pages, page_size=args.page_size,
-                       max_model_len=args.max_context, policy=args.policy, max_queue=args.max_queue)
-    engine = LLMEngine(model, loaded.tokenizer, cfg, probe=probe, predictor=predictor)
-    return AsyncLLMEngine(engine)
+                       max_model_len=args.max_context, policy=args.policy, max_queue=args.max_queue,
+                       decode_steps_per_call=args.decode_steps, tensor_parallel=args.tensor_parallel)
+    engine = LLMEngine(loaded.model, loaded.tokenizer, cfg, probe=probe, predictor=predictor)
+    return AsyncLLMEngine(engine, model_name=loaded.cfg.name)
 
 
 def _load_probe(spec: str | None, default_model: bool) -> tuple[object | None, object | None]:
@@ -121,7 +120,8 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         check_policy(args.policy)
-        for name in ("slots", "pages", "page_size", "max_queue", "max_context", "tensor_parallel"):
+        for name in ("slots", "pages", "page_size", "max_queue", "max_context", "tensor_parallel",
+                     "decode_steps"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         asyncio.run(_serve(args))

@@ -57,7 +57,10 @@ class AsyncLLMEngine:
         tok = self.engine.tokenizer
         if tok is None or not hasattr(tok, "apply_chat_template"):
             raise InvalidRequestError("messages", "this engine's tokenizer has no chat template")
-        return list(tok.apply_chat_template(messages))
+        rendered = tok.apply_chat_template(messages)
+        if isinstance(rendered, str):  # jtrail's Tokenizer renders text; the template carries its own BOS
+            return list(tok.encode(rendered, add_bos=False))
+        return list(rendered)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:

@@ -16,6 +16,7 @@ from jtrail.models.probe import ProbeConfig, ProbeHead
 from jtrail.serving.engine import EngineConfig, LLMEngine
 from jtrail.serving.predictor import TrailPredictor
 from jtrail.serving.scheduler.registry import make_policy
+from jtrail.serving.sequence import SamplingParams, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from loadgen import RunResult, Workload, arrival_times, drive_engine  # noqa: E402
@@ -75,14 +76,9 @@ def test_aging_default_keeps_p99_and_mean_gain():
 def test_recorded_probe_rows_forward_filled():
     rec = RecordingPredictor(TrailPredictor(np.linspace(0, 40, 5)))
 
-    class S:
-        request_id, num_generated, max_remaining = "x", 0, 100
-        posterior = predicted_remaining = initial_prediction = None
-        tokens_since_refinement = 0
-
-    s = S()
+    s = Sequence("x", [1, 2], SamplingParams(max_tokens=100), 0.0)
     rec.on_prefill(s, np.array([0.1, 0.2, 0.3, 0.4]))
-    s.num_generated = 3
+    s.output_ids.extend([5, 6, 7])
     rec.on_decode(s, np.array([1.0, 0, 0, 0]), 3)
     r = rec.records(["x", "unseen"], 4)
     assert r["x"].shape == (4, 4) and np.allclose(r["x"][2], [0.1, 0.2, 0.3, 0.4]) and r["x"][3, 0] == 1
@@ -124,3 +120,28 @@ def test_forced_lengths_identical_work_across_policies(tiny):
     assert len({s["output_tokens"] for s in seen.values()}) == 1
     # the orders differ: SRPT must finish short jobs earlier on average than FCFS on a t=0 burst
     assert seen["srpt-oracle"]["mean_e2e"] < seen["fcfs"]["mean_e2e"]
+
+
+def test_grpc_target_streams_forced_lengths():
+    import asyncio
+
+    from jtrail.serving.mock_engine import MockEngine, MockEngineConfig
+    from jtrail.serving.server import JtrailServer, ServerConfig
+    from loadgen import grpc_run
+
+    lengths = np.array([3, 1, 5, 2, 4, 6])
+    wl = Workload([[70, 71, 72]] * 6, arrival_times(6, 50.0, seed=0), lengths)
+
+    async def main() -> RunResult:
+        server = JtrailServer(MockEngine(MockEngineConfig(num_slots=2)), ServerConfig(port=0))
+        await server.start()
+        try:
+            return await grpc_run(f"127.0.0.1:{server.port}", wl, timeout_s=30)
+        finally:
+            await server.stop(0)
+
+    res = asyncio.run(main())
+    assert res.completed.all()
+    np.testing.assert_array_equal(res.output_tokens, lengths)
+    assert np.all(res.first_token >= res.arrival) and np.all(res.finish >= res.first_token)
+    assert len(res.itl) == int((lengths - 1).sum())

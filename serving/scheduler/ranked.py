@@ -133,9 +133,12 @@ class RankedPolicy(Policy):
         return out
 
     def _beats(self, waiting: Sequence, running: Sequence, now: float) -> bool:
-        """Whether `waiting` (aged rank) may take `running`'s slot: strictly better by > margin."""
-        aged = self.aging.effective(self.rank(waiting), waiting.arrival_time, now)
-        return self.rank(running) > aged + self.margin
+        """Whether `waiting` may take `running`'s slot: strictly better by > margin. Both sides are
+        aged alike: comparing an aged waiter with a raw runner lets a preempted request, which keeps
+        its age credit, preempt straight back (thrash)."""
+        aged_waiting = self.aging.effective(self.rank(waiting), waiting.arrival_time, now)
+        aged_running = self.aging.effective(self.rank(running), running.arrival_time, now)
+        return aged_running > aged_waiting + self.margin
 
     def choose_victim(self, running: list[Sequence], now: float) -> Sequence:
         if self.victim == "least_work":
