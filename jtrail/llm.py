@@ -1,8 +1,8 @@
 """`jtrail.LLM`: offline generation API (vLLM-style `generate` and `chat`).
 
-The API validates requests and turns text into ids; a backend turns ids into tokens. Today the backend
-is the simple batched generator of `jtrail.models.generate`; the serving engine plugs in later behind
-the same `Backend` protocol without changing this file's public surface.
+The API validates requests and turns text into ids; a backend turns ids into tokens. The default
+backend is the continuous-batching serving engine (paged KV cache, the same engine `jtrail serve`
+runs); `backend="simple"` selects the contiguous-cache batched generator of `jtrail.models.generate`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,40 @@ class Backend(Protocol):
     ) -> list[GenerationResult]: ...
 
 
+class EngineBackend:
+    """Runs `LLM.generate` on the continuous-batching engine (`jtrail.serving.engine.LLMEngine`)."""
+
+    def __init__(self, loaded: LoadedModel, max_batch: int = 16, policy: str = "fcfs",
+                 max_model_len: int = 2048, page_size: int = 16):
+        from jtrail.serving.engine import EngineConfig, LLMEngine
+
+        max_model_len = min(max_model_len, loaded.cfg.max_seq_len)
+        # Enough pages for every slot to hold a quarter context; longer mixes preempt and resume.
+        pages = 1 + max(max_batch * max_model_len // (4 * page_size), 2 * max_model_len // page_size)
+        cfg = EngineConfig(num_slots=max_batch, page_size=page_size, num_pages=pages,
+                           max_model_len=max_model_len, policy=policy)
+        self.engine = LLMEngine(loaded.model, loaded.tokenizer, cfg)
+        self.tokenizer = loaded.tokenizer
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+                 progress: bool = True) -> list[GenerationResult]:
+        seqs = self.engine.generate_batch([list(p) for p in prompts], list(params), progress=progress)
+        eos = set(self.engine.model_cfg.eos_ids)
+        out = []
+        for seq in seqs:
+            shown = seq.output_ids
+            if seq.finish_reason is FinishReason.STOP and shown and (
+                    shown[-1] in seq.params.stop_token_ids or shown[-1] in eos):
+                shown = shown[:-1]  # a stop token is counted but not shown
+            text = self.tokenizer.decode(shown)
+            cuts = [text.find(s) for s in seq.params.stop if s and s in text]
+            if cuts:  # the engine stops at a stop string; the answer ends before it (vLLM)
+                text = text[: min(cuts)]
+            reason = seq.finish_reason.value if seq.finish_reason else "length"
+            out.append(GenerationResult(list(seq.output_ids), text, reason, seq.num_prompt_tokens))
+        return out
+
+
 class LLM:
     """Load a model (None = the embedded SmolLM2-135M-Instruct GGUF) and generate from it."""
 
@@ -49,13 +83,19 @@ class LLM:
         model: str | os.PathLike | None = None,
         dtype=jnp.float32,
         max_batch: int = 16,
-        backend: Backend | None = None,
+        backend: Backend | str = "engine",
         progress: bool = True,
     ):
         self.loaded: LoadedModel = load_model(model, dtype=dtype, progress=progress)
         self.cfg = self.loaded.cfg
         self.tokenizer = self.loaded.tokenizer
-        self.backend: Backend = backend or Generator(self.loaded.model, self.tokenizer, max_batch=max_batch)
+        if backend == "engine":
+            backend = EngineBackend(self.loaded, max_batch=max_batch)
+        elif backend == "simple":
+            backend = Generator(self.loaded.model, self.tokenizer, max_batch=max_batch)
+        elif isinstance(backend, str):
+            raise InvalidRequestError("backend", f"unknown backend {backend!r}; use 'engine' or 'simple'")
+        self.backend: Backend = backend
         self.progress = progress
 
     def _params(
