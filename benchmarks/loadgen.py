@@ -36,16 +36,10 @@ def arrival_times(n: int, rate: float, seed: int, cv: float = 1.0) -> np.ndarray
 
 
 def prompt_texts(source: str) -> list[str]:
-    """Deduplicated first user turns of 'sharegpt', 'mtbench' or a JSONL path."""
+    """Unique first-turn prompts of a data set (see `jtrail.datasets.prompt_texts`)."""
     from jtrail import datasets
 
-    if source == "sharegpt":
-        records = datasets.load_sharegpt(require_answer=False)
-    elif source == "mtbench":
-        records = datasets.mtbench_records()
-    else:
-        records = datasets.load_jsonl(source)
-    return list(dict.fromkeys(r.prompt for r in records if r.prompt.strip()))
+    return datasets.prompt_texts(source)
 
 
 def load_prompt_ids(source: str, tokenizer: Any, n: int, max_prompt_tokens: int, seed: int = 0,

@@ -174,3 +174,15 @@ def load_jsonl(path: str | os.PathLike) -> list[PromptRecord]:
             )
         records.append(rec)
     return records
+
+
+def prompt_texts(source: str) -> list[str]:
+    """Unique, non-empty first-turn prompts of 'sharegpt', 'mtbench' or a JSONL path, in file order
+    (deduplicated so a prompt never lands in both a training and a held-out split)."""
+    if source == "sharegpt":
+        records = load_sharegpt(require_answer=False)
+    elif source == "mtbench":
+        records = mtbench_records()
+    else:
+        records = load_jsonl(source)
+    return list(dict.fromkeys(r.prompt for r in records if r.prompt.strip()))

@@ -40,16 +40,10 @@ class DataOptions:
 
 
 def prompt_texts(dataset: str) -> list[str]:
-    """Unique first-turn prompts of a data set, in file order."""
+    """Unique first-turn prompts of a data set (see `jtrail.datasets.prompt_texts`)."""
     from jtrail import datasets
 
-    if dataset == "sharegpt":
-        records = datasets.load_sharegpt(require_answer=False)
-    elif dataset == "mtbench":
-        records = datasets.mtbench_records()
-    else:
-        records = datasets.load_jsonl(dataset)
-    return list(dict.fromkeys(r.prompt for r in records if r.prompt.strip()))  # dedupe: no train/val leak
+    return datasets.prompt_texts(dataset)
 
 
 def export_prompts(dataset: str, path: str | Path, limit: int, max_chars: int = 6000) -> int:

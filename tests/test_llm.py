@@ -1,5 +1,6 @@
-"""jtrail.LLM on the serving engine (and the simple batched generator), against a naive reference (full recompute, no cache, argmax),
-plus the CLI on the embedded SmolLM2 ("What is the capital of France?" -> Paris)."""
+"""jtrail.LLM on the serving engine (and the simple batched generator), against a naive
+reference (full recompute, no cache, argmax), plus the CLI on the embedded SmolLM2
+("What is the capital of France?" -> Paris)."""
 
 from __future__ import annotations
 
