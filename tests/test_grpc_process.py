@@ -28,8 +28,9 @@ class ServerProc:
     metrics_port: int | None
 
 
-def _launch(*args: str, timeout: float = 20.0) -> ServerProc:
-    cmd = [sys.executable, "-m", "jtrail.serve", "--mock", "--host", "127.0.0.1", "--port", "0", *args]
+def _launch(*args: str, timeout: float = 20.0, mock: bool = True) -> ServerProc:
+    cmd = [sys.executable, "-m", "jtrail.serve", *(["--mock"] if mock else []), "--host", "127.0.0.1",
+           "--port", "0", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     line = proc.stdout.readline()  # "jtrail: serving on HOST:PORT metrics_port=N"; blocks until bound
