@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from jtrail.probe_cli import add_train_probe
-from jtrail.serve import add_client, add_serve
+from jtrail.serve import add_client, add_route, add_serve
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -85,6 +85,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_generate,
     add_serve,
+    add_route,
     add_client,
     add_train_probe,
 ]

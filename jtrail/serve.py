@@ -199,5 +199,52 @@ def main(argv: list[str] | None = None) -> int:
     return run_serve(p.parse_args(argv))
 
 
+def run_route(args: argparse.Namespace) -> int:
+    from jtrail.serving.grpc_router import ReplicaSet, RouterServicer
+    from jtrail.serving.router import make_router
+    from jtrail.serving.server import JtrailServer, ServerConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        router = make_router(args.router, **({"page_size": args.page_size} if args.router == "token-aware"
+                                             else {}))
+        replicas = ReplicaSet([t.strip() for t in args.replicas.split(",") if t.strip()], router)
+    except ValueError as e:
+        print(f"jtrail route: error: {e}", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        server = JtrailServer(replicas, ServerConfig(host=args.host, port=args.port,
+                                                     metrics_port=args.metrics_port, grace_s=args.grace),
+                              servicer=RouterServicer(replicas))
+        server.on_started = lambda: print(
+            f"jtrail: routing on {args.host}:{server.port} metrics_port={server.metrics_port}", flush=True)
+        await server.serve_forever()
+
+    import grpc
+
+    try:
+        asyncio.run(main())
+    except grpc.aio.AioRpcError as e:  # a replica did not answer ServerInfo at start
+        print(f"jtrail route: error: cannot reach every replica of {args.replicas}: {e.code().name}",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_route(sub: argparse._SubParsersAction) -> None:
+    """Register `jtrail route`: one gRPC endpoint in front of several `jtrail serve` replicas."""
+    p = sub.add_parser("route", help="route requests across jtrail servers (data-parallel replicas)")
+    p.add_argument("--replicas", required=True, help="comma-separated host:port of the jtrail servers")
+    p.add_argument("--router", default="token-aware",
+                   help="round-robin, least-requests, power-of-two or token-aware (default)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50050)
+    p.add_argument("--page-size", type=int, default=16, help="the replicas' KV page size (token-aware)")
+    p.add_argument("--metrics-port", type=int, default=None)
+    p.add_argument("--grace", type=float, default=10.0)
+    p.set_defaults(func=run_route)
+
+
 if __name__ == "__main__":
     sys.exit(main())

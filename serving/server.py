@@ -44,8 +44,12 @@ def _address(host: str, port: int) -> str:
 
 
 class JtrailServer:
-    def __init__(self, engine: AsyncEngine, config: ServerConfig | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, config: ServerConfig | None = None,
+                 servicer: pb_grpc.JtrailServicer | None = None) -> None:
+        """`servicer` replaces the engine-backed one (the router forwards to replicas instead); the
+        `engine` then only needs start/stats/shutdown."""
         self.engine = engine
+        self.servicer = servicer
         self.config = config or ServerConfig()
         self.metrics = ServerMetrics()
         self.health = health.aio.HealthServicer()
@@ -61,7 +65,8 @@ class JtrailServer:
         await self.engine.start()
         server = grpc.aio.server()
         pb_grpc.add_JtrailServicer_to_server(
-            JtrailServicer(self.engine, self.metrics, c.default_max_tokens, c.max_queue), server)
+            self.servicer or JtrailServicer(self.engine, self.metrics, c.default_max_tokens, c.max_queue),
+            server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
