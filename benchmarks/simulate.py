@@ -16,6 +16,7 @@ import datetime
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -153,15 +154,23 @@ def main() -> None:
     ap.add_argument("--step-model", default="0.008,2e-5,5e-9",
                     help="a,b,c in seconds (default: a documented guess, until a GPU fit)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--routing-requests", type=int, default=100_000)
+    ap.add_argument("--policy-requests", type=int, default=100_000)
+    ap.add_argument("--aging-requests", type=int, default=50_000)
     args = ap.parse_args()
     sm = StepModel(*(float(x) for x in args.step_model.split(",")))
     q = args.quick
     rng = np.random.default_rng(args.seed)
-    res = {"speed": bench_speed(50_000 if q else 1_000_000, sm, rng),
-           "theory": bench_theory(20_000 if q else 200_000, rng),
-           "routing": bench_routing(10_000 if q else 100_000, sm, rng),
-           "policies": bench_policies(10_000 if q else 100_000, rng),
-           "aging": bench_aging(5_000 if q else 50_000, rng)}
+    sections = {"speed": lambda: bench_speed(50_000 if q else 1_000_000, sm, rng),
+                "theory": lambda: bench_theory(20_000 if q else 200_000, rng),
+                "routing": lambda: bench_routing(10_000 if q else args.routing_requests, sm, rng),
+                "policies": lambda: bench_policies(10_000 if q else args.policy_requests, rng),
+                "aging": lambda: bench_aging(5_000 if q else args.aging_requests, rng)}
+    res = {}
+    for name, run in sections.items():  # one at a time, with progress: the full run takes minutes
+        t0 = time.perf_counter()
+        res[name] = run()
+        print(f"[{name}] done in {time.perf_counter() - t0:.1f} s", flush=True)
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:

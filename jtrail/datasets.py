@@ -17,6 +17,8 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
 MTBENCH_FILE = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
 _CACHE_VERSION = 1
@@ -186,3 +188,31 @@ def prompt_texts(source: str) -> list[str]:
     else:
         records = load_jsonl(source)
     return list(dict.fromkeys(r.prompt for r in records if r.prompt.strip()))
+
+
+@functools.lru_cache(maxsize=1)
+def _sharegpt_token_lengths() -> tuple[np.ndarray, np.ndarray]:
+    """(prompt, answer) token counts of the ShareGPT conversations that have an answer, with the
+    embedded SmolLM2 tokenizer (read from the GGUF metadata only; no weights are loaded)."""
+    from jtrail.models.gguf_loader import open_gguf
+    from jtrail.models.loader import embedded_gguf_path
+    from jtrail.models.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(open_gguf(embedded_gguf_path()))
+    recs = [r for r in load_sharegpt() if r.answer]
+    enc = tok.backend.encode_batch
+
+    def count(texts: list[str]) -> np.ndarray:
+        return np.array([len(e.ids) for e in enc(texts, add_special_tokens=False)], dtype=np.int64)
+
+    return count([r.prompt for r in recs]), count([r.answer for r in recs])
+
+
+def sharegpt_prompt_lengths() -> np.ndarray:
+    """Token counts of ShareGPT first human turns (SmolLM2 tokenizer), aligned with the answers'."""
+    return _sharegpt_token_lengths()[0]
+
+
+def sharegpt_output_lengths() -> np.ndarray:
+    """Token counts of ShareGPT first gpt answers: the heavy-tailed length mix vLLM's benchmarks use."""
+    return _sharegpt_token_lengths()[1]

@@ -83,3 +83,19 @@ def test_user_jsonl_errors(tmp_path, content, match):
         ds.load_jsonl(p)
     with pytest.raises(ds.DatasetError, match="not found"):
         ds.load_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_sharegpt_token_lengths_match_the_tokenizer():
+    import numpy as np
+    from jtrail.models.gguf_loader import open_gguf
+    from jtrail.models.loader import embedded_gguf_path
+    from jtrail.models.tokenizer import Tokenizer
+
+    out, prm = ds.sharegpt_output_lengths(), ds.sharegpt_prompt_lengths()
+    recs = [r for r in ds.load_sharegpt() if r.answer]
+    assert len(out) == len(prm) == len(recs) > 10_000
+    tok = Tokenizer.from_gguf(open_gguf(embedded_gguf_path()))  # metadata only: no weights needed
+    for i in (0, 17, len(recs) // 2, len(recs) - 1):
+        assert out[i] == len(tok.encode(recs[i].answer, add_bos=False))
+        assert prm[i] == len(tok.encode(recs[i].prompt, add_bos=False))
+    assert 100 < float(np.median(out)) < 600 and out.max() > 2000  # heavy-tailed, like vLLM's mix
