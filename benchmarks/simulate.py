@@ -155,12 +155,27 @@ def bench_aging(n: int, rng, slots: int = 8, rates=(0.0, 0.01, 0.03, 0.1, 0.3, 1
             "default": pick and pick["aging_tokens_per_step"]}
 
 
+def _bars(res: dict, quick: bool) -> dict:
+    theory_keys = ("fcfs", "srpt-oracle")
+
+    def get(section: str, fn):
+        return fn(res[section]) if section in res else None
+
+    return {"sim_seconds_1m_requests": None if quick else get("speed", lambda r: r["wall_s"]),
+            "sim_vs_theory_error": get("theory", lambda r: max(r[p]["rel_error"] for p in theory_keys)),
+            "rr_over_token_aware_mean_e2e_sim8": get("routing", lambda r: r["rr_over_token_aware_mean_e2e"]),
+            "least_requests_over_token_aware_mean_e2e_sim8":
+                get("routing", lambda r: r["least_requests_over_token_aware_mean_e2e"])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--step-model", default="0.008,2e-5,5e-9",
                     help="a,b,c in seconds (default: a documented guess, until a GPU fit)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sections", default="", help="comma list of speed,theory,routing,policies,aging")
+    ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--routing-requests", type=int, default=100_000)
     ap.add_argument("--policy-requests", type=int, default=100_000)
     ap.add_argument("--aging-requests", type=int, default=50_000)
@@ -173,26 +188,29 @@ def main() -> None:
                 "routing": lambda: bench_routing(10_000 if q else args.routing_requests, sm, rng),
                 "policies": lambda: bench_policies(10_000 if q else args.policy_requests, rng),
                 "aging": lambda: bench_aging(5_000 if q else args.aging_requests, rng)}
-    res = {}
-    for name, run in sections.items():  # one at a time, with progress: the full run takes minutes
+    wanted = args.sections.split(",") if args.sections else list(sections)
+    out_path = Path(args.out)
+    # Sections not run now keep their earlier results (sections can run in separate processes).
+    res = {k: v for k, v in (json.loads(out_path.read_text()) if out_path.exists() else {}).items()
+           if k in sections and k not in wanted}
+    for name in wanted:  # one at a time, with progress: the full run takes minutes
         t0 = time.perf_counter()
-        res[name] = run()
+        res[name] = sections[name]()
         print(f"[{name}] done in {time.perf_counter() - t0:.1f} s", flush=True)
+    missing = [k for k in sections if k not in res]  # written anyway; run them later with --sections
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = None
-    theory_keys = ("fcfs", "srpt-oracle")
     doc = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": "cpu (1 core, simulator)",
            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "git_commit": commit,
            "step_model": {"a": sm.a, "b": sm.b, "c": sm.c}, **res,
-           "bars": {"sim_seconds_1m_requests": res["speed"]["wall_s"] if not q else None,
-                    "sim_vs_theory_error": max(res["theory"][p]["rel_error"] for p in theory_keys),
-                    "rr_over_token_aware_mean_e2e_sim8": res["routing"]["rr_over_token_aware_mean_e2e"],
-                    "least_requests_over_token_aware_mean_e2e_sim8":
-                        res["routing"]["least_requests_over_token_aware_mean_e2e"]}}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(doc, indent=2))
+           "missing_sections": missing, "bars": _bars(res, q)}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(doc, indent=2))
+    if missing:
+        print(f"not run yet: {missing}; wrote {out_path}")
+        return
     print(f"1M-request sim: {res['speed']['wall_s']:.1f} s ({res['speed']['us_per_request']:.0f} us/request)")
     for p in ("fcfs", "srpt-oracle"):
         t = res["theory"][p]
@@ -209,7 +227,7 @@ def main() -> None:
     for r in res["aging"]["sweep"]:
         print(f"aging {r['aging_tokens_per_step']:<6g} mean gain {r['mean_gain_vs_fcfs']:.2f}  "
               f"p99/fcfs {r['p99_over_fcfs_p99']:.2f}")
-    print(f"default aging: {res['aging']['default']}  -> {OUT}")
+    print(f"default aging: {res['aging']['default']}  -> {out_path}")
 
 
 if __name__ == "__main__":
