@@ -61,12 +61,13 @@ def capacity_rps(sm: StepModel, res: Resources, prm: np.ndarray, out: np.ndarray
     return (hi - lo) / (fin[hi] - fin[lo]) if hi > lo and fin[hi] > fin[lo] else k / r.makespan
 
 
-def bench_speed(n: int, sm: StepModel, rng) -> dict:
+def bench_speed(n: int, sm: StepModel, rng, speed_load: float = 0.5) -> dict:
     prm, out, src = lengths(n, rng)
     res = Resources(num_slots=64, num_pages=64 * 160, page_size=16)
-    # 0.7 of saturated-FCFS capacity: a stable queue. At 0.9, trail's recompute preemptions add enough
-    # work to pass capacity, the queue grows without bound and each event scans a long queue.
-    load = 0.7
+    # Half of saturated-FCFS capacity: a stable queue. At 0.7 of it, over 1M ShareGPT-length requests,
+    # trail's recompute preemptions added enough work to pass capacity: the queue grew without bound
+    # (mean E2E 3,292 s) and the run took 702 s, dominated by scans of the ever longer queue.
+    load = speed_load
     rate = load * capacity_rps(sm, res, prm, out)
     tr = Trace(poisson(n, rate, rng), prm, out)
     r = simulate(tr, "trail", sm, res)
@@ -176,6 +177,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sections", default="", help="comma list of speed,theory,routing,policies,aging")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--speed-load", type=float, default=0.5, help="load of the 1M-request speed run")
     ap.add_argument("--routing-requests", type=int, default=100_000)
     ap.add_argument("--policy-requests", type=int, default=100_000)
     ap.add_argument("--aging-requests", type=int, default=50_000)
@@ -183,7 +185,7 @@ def main() -> None:
     sm = StepModel(*(float(x) for x in args.step_model.split(",")))
     q = args.quick
     rng = np.random.default_rng(args.seed)
-    sections = {"speed": lambda: bench_speed(50_000 if q else 1_000_000, sm, rng),
+    sections = {"speed": lambda: bench_speed(50_000 if q else 1_000_000, sm, rng, args.speed_load),
                 "theory": lambda: bench_theory(20_000 if q else 200_000, rng),
                 "routing": lambda: bench_routing(10_000 if q else args.routing_requests, sm, rng),
                 "policies": lambda: bench_policies(10_000 if q else args.policy_requests, rng),
