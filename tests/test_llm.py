@@ -117,3 +117,18 @@ def test_simple_backend_matches_engine_backend(llm, reference):
     assert [o.token_ids for o in outs] == reference
     with pytest.raises(ValueError, match="backend"):
         LLM("tiny", backend="nope", progress=False)
+
+
+def test_streamed_text_ends_before_the_stop_string(llm, reference):
+    full = llm.tokenizer.decode(reference[2])
+    stop = next(c for c in full[3:] if c != "\ufffd")
+    engine = llm.backend.engine
+    params = SamplingParams(max_tokens=12, stop=(stop,), ignore_eos=True)
+    engine.add_request("stream-stop", PROMPTS[2], params)
+    streamed, finished = "", False
+    while not finished:
+        for out in engine.step():
+            if out.request_id == "stream-stop":
+                streamed += out.new_text
+                finished = out.finished
+    assert streamed == full[: full.find(stop)]
