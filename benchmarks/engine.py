@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from jtrail.provenance import git_commit
+
 RESULTS = Path(__file__).resolve().parent / "results" / "engine.json"
 
 
@@ -263,16 +265,6 @@ def nnx_state(model):
     from flax import nnx
 
     return nnx.state(model)
-
-
-def git_commit() -> str | None:
-    if os.environ.get("GIT_COMMIT"):  # the device copy of the tree has no .git
-        return os.environ["GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        return None
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -24,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jtrail.kernels import reference
 from jtrail.kernels.paged_attention_gpu import decode_attention_pallas, prefill_attention_pallas_gpu
+
+from jtrail.provenance import git_commit
 
 HQ, HKV, D, PAGE, DT = 32, 8, 128, 16, jnp.bfloat16
 
@@ -236,7 +237,7 @@ def main() -> None:
     res = dict(command="python benchmarks/kernels.py " + " ".join(sys.argv[1:]),
                device=jax.devices()[0].device_kind, jax_version=jax.__version__,
                date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-               git_commit=os.environ.get("GIT_COMMIT") or _git_commit(),
+               git_commit=git_commit(),
                copy_bw_tb_s=bw / 1e12, shapes=dict(hq=HQ, hkv=HKV, d=D, page=PAGE, dtype="bfloat16"),
                checks=checks, table=table, best=bar1 + best("decode", lambda r: True) + bar3, bars=bars)
     print(json.dumps(bars))
@@ -245,13 +246,6 @@ def main() -> None:
             os.makedirs(d, exist_ok=True)
             with open(os.path.join(d, "kernels.json"), "w") as fh:
                 json.dump(res, fh, indent=1)
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-    except Exception:
-        return None
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from jtrail.serving.sequence import SamplingParams
 
+from jtrail import datasets
+
 
 def arrival_times(n: int, rate: float, seed: int, cv: float = 1.0) -> np.ndarray:
     """n arrival times (s) of a renewal process with mean gap 1/rate; cv = 1 is Poisson."""
@@ -35,17 +37,10 @@ def arrival_times(n: int, rate: float, seed: int, cv: float = 1.0) -> np.ndarray
     return np.cumsum(gaps) - (gaps[0] if n else 0.0)  # first request at t = 0
 
 
-def prompt_texts(source: str) -> list[str]:
-    """Unique first-turn prompts of a data set (see `jtrail.datasets.prompt_texts`)."""
-    from jtrail import datasets
-
-    return datasets.prompt_texts(source)
-
-
 def load_prompt_ids(source: str, tokenizer: Any, n: int, max_prompt_tokens: int, seed: int = 0,
                     chat: bool = True) -> list[list[int]]:
     """Up to n tokenized prompts, a seeded sample of the source; over-long prompts are skipped."""
-    texts = prompt_texts(source)
+    texts = datasets.prompt_texts(source)
     order = np.random.default_rng(seed).permutation(len(texts))
     out: list[list[int]] = []
     use_chat = chat and bool(getattr(tokenizer, "chat_template", None))

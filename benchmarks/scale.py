@@ -26,7 +26,6 @@ import datetime
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -47,6 +46,8 @@ from jtrail.models.sharding import (  # noqa: E402
     shard_attention_fn,
 )
 from jtrail.serving.model_runner import PagedMeta, make_paged_attention  # noqa: E402
+
+from jtrail.provenance import git_commit
 
 ATTN_DESC = {"paged": "serving engine's make_paged_attention -> kernels.ops, Pallas on GPU",
              "contiguous": "models.attention.contiguous_cache_attention, plain jnp"}
@@ -192,7 +193,7 @@ def main() -> None:
         command="python " + " ".join(sys.argv),
         device=f"{len(jax.devices())} x {jax.devices()[0].device_kind}",
         jax_version=jax.__version__, date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        git_commit=os.environ.get("GIT_COMMIT") or _git_commit(),
+        git_commit=git_commit(),
         method=("self-contained jitted multi-step greedy decode (lax.fori_loop) over models/llama.py; "
                 f"attention: {attention} KV cache ({ATTN_DESC[attention]}), per kv-head shard under TP; "
                 "KV pre-filled to ctx (no prefill); random weights made on device"),
@@ -220,14 +221,6 @@ def _merge_write(path: str, section: dict, bars: dict) -> None:
     data["bars"] = {**data.get("bars", {}), **bars}
     with open(path, "w") as fh:
         json.dump(data, fh, indent=2)
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL)
-        return out.strip()
-    except Exception:
-        return None
 
 
 if __name__ == "__main__":

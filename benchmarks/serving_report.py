@@ -7,22 +7,15 @@ import json
 import math
 import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from metrics_summary import cdf_points, ratio
 
+from jtrail.provenance import git_commit
+
 MAX_P99_RATIO, MIN_MEAN_GAIN = 2.0, 1.4  # the aging default must keep both (issue 7)
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _device() -> str:
@@ -91,7 +84,7 @@ def analyse(args: Any, lengths: np.ndarray, cap: dict, sw: dict, sim: dict) -> d
     return {
         "command": args.command, "device": _device(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(), "config": config,
+        "git_commit": git_commit(), "config": config,
         "workload": {"prompts": args.prompts, "mode": "forced lengths (profiled natural EOS, capped)",
                      "output_len_mean": float(lengths.mean()), "output_len_p50": float(np.median(lengths)),
                      "output_len_p99": float(np.percentile(lengths, 99)), "pool": int(len(lengths))},

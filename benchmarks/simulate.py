@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ from jtrail.serving.queueing import mg1_fcfs_mean_response, mg1_srpt_mean_respon
 from jtrail.serving.router import make_router
 from jtrail.serving.simulator import Resources, Trace, simulate
 from jtrail.serving.step_model import StepModel
+
+from jtrail.provenance import git_commit
 
 OUT = Path(__file__).resolve().parent / "results" / "simulate.json"
 EDGES = tuple(float(x) for x in [0, 16, 32, 64, 128, 256, 512, 1024, 2048])  # log-spaced probe bins
@@ -200,10 +201,7 @@ def main() -> None:
         res[name] = sections[name]()
         print(f"[{name}] done in {time.perf_counter() - t0:.1f} s", flush=True)
     missing = [k for k in sections if k not in res]  # written anyway; run them later with --sections
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
+    commit = git_commit()
     doc = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": "cpu (1 core, simulator)",
            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "git_commit": commit,
            "step_model": {"a": sm.a, "b": sm.b, "c": sm.c}, **res,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -19,9 +18,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from jtrail import datasets
 from jtrail.models.probe_io import probe_config_to_dict, save_probe
 from jtrail.probe_data import ProbeFeatures, collect_features, generate_greedy
 from jtrail.probe_eval import plot_curves
+from jtrail.provenance import git_commit
 from jtrail.train_probe import LayerResult, TrainOptions, best_layer, train_and_evaluate
 
 
@@ -39,17 +40,10 @@ class DataOptions:
     chat: bool = True
 
 
-def prompt_texts(dataset: str) -> list[str]:
-    """Unique first-turn prompts of a data set (see `jtrail.datasets.prompt_texts`)."""
-    from jtrail import datasets
-
-    return datasets.prompt_texts(dataset)
-
-
 def export_prompts(dataset: str, path: str | Path, limit: int, max_chars: int = 6000) -> int:
     """Write the first `limit` unique prompts of at most `max_chars` characters as JSONL ({"prompt"}):
     a small file to carry to a machine that lacks the data set package."""
-    texts = [t for t in prompt_texts(dataset) if len(t) <= max_chars][:limit]
+    texts = [t for t in datasets.prompt_texts(dataset) if len(t) <= max_chars][:limit]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for t in texts:
@@ -86,7 +80,8 @@ def build_features(opts: DataOptions, progress: bool = True, prompts: list[list[
     loaded = load_model(opts.model, dtype=jnp.dtype(dtype), progress=progress)
     if prompts is None:
         has_template = bool(getattr(loaded.tokenizer, "chat_template", None))
-        prompts = tokenize_prompts(loaded.tokenizer, prompt_texts(opts.dataset), opts.chat and has_template,
+        texts = datasets.prompt_texts(opts.dataset)
+        prompts = tokenize_prompts(loaded.tokenizer, texts, opts.chat and has_template,
                                    opts.max_prompt_tokens, opts.num_prompts)
     if len(prompts) < 2:
         raise ValueError(f"only {len(prompts)} usable prompts (max_prompt_tokens={opts.max_prompt_tokens})")
@@ -103,14 +98,6 @@ def build_features(opts: DataOptions, progress: bool = True, prompts: list[list[
             "timing_s": {"load": t1 - t0, "generate": t2 - t1, "features": t3 - t2},
             "generated_tokens": int(sum(len(a) for a in answers)), "data_options": asdict(opts)}
     return feats, info
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _device() -> str:
@@ -130,7 +117,7 @@ def write_outputs(results: dict[int, LayerResult], data: dict[str, Any], info: d
             "mean_predictor_mae": m["mean_mae"], "layer": best}
     doc = {"command": command, "device": _device(),
            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-           "git_commit": _git_commit(), "bins": opts.bins,
+           "git_commit": git_commit(), "bins": opts.bins,
            "bin_edges": list(probe_config_to_dict(results[best].head.cfg)["bin_edges"]),
            "refinement": "TRAIL Bayesian refinement every token (jtrail.serving.predictor.TrailPredictor)",
            "train_options": asdict(opts), "data": data, "info": info, "table": table, "bars": bars,
