@@ -67,9 +67,9 @@ class EngineBackend:
                     shown[-1] in seq.params.stop_token_ids or shown[-1] in eos):
                 shown = shown[:-1]  # a stop token is counted but not shown
             text = self.tokenizer.decode(shown)
-            cuts = [text.find(s) for s in seq.params.stop if s and s in text]
-            if cuts:  # the engine stops at a stop string; the answer ends before it (vLLM)
-                text = text[: min(cuts)]
+            cut = seq.params.stop_index(text)
+            if cut is not None:  # the engine stops at a stop string; the answer ends before it (vLLM)
+                text = text[:cut]
             reason = seq.finish_reason.value if seq.finish_reason else "length"
             out.append(GenerationResult(list(seq.output_ids), text, reason, seq.num_prompt_tokens))
         return out

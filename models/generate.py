@@ -173,9 +173,9 @@ class Generator:
             return "stop", self.tokenizer.decode(ids[:-1])  # the stop token is counted, not shown
         if p.stop:
             text = self.tokenizer.decode(ids)
-            hits = [text.find(s) for s in p.stop if s in text]
-            if hits:
-                return "stop", text[: min(hits)]
+            cut = p.stop_index(text)
+            if cut is not None:
+                return "stop", text[:cut]
         # `pos` is where `tok` would be written: the cache (or context) must have room for it.
         if len(ids) >= p.max_tokens or pos + 1 > cache_len:
             return "length", self.tokenizer.decode(ids)

@@ -335,7 +335,7 @@ class LLMEngine:
         reason, stop_string = None, False
         if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.model_cfg.eos_ids):
             reason = FinishReason.STOP
-        elif p.stop and any(s in self._detok[seq.request_id].text for s in p.stop):
+        elif p.stop and p.stop_index(self._detok[seq.request_id].text) is not None:
             reason, stop_string = FinishReason.STOP, True
         elif seq.num_generated >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
             reason = FinishReason.LENGTH
@@ -344,7 +344,7 @@ class LLMEngine:
             self._finish(seq, reason, now, free=finish_free)
             if stop_string:  # the answer ends before the stop string (vLLM): drop it from the stream
                 full = detok.text
-                cut = min(full.find(s) for s in p.stop if s and s in full)
+                cut = p.stop_index(full)
                 excess = min(len(full) - cut, len(out.new_text))
                 out.new_text = out.new_text[: len(out.new_text) - excess]
         return reason is not None

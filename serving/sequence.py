@@ -52,6 +52,11 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
+    def stop_index(self, text: str) -> int | None:
+        """Where the answer ends in `text`: the start of the earliest stop string, or None."""
+        hits = [text.find(s) for s in self.stop if s and s in text]
+        return min(hits) if hits else None
+
 
 class Status(enum.Enum):
     WAITING = "waiting"  # never run, or preempted and waiting to resume
