@@ -90,7 +90,8 @@ class RunResult:
     output_tokens: np.ndarray
     preemptions: np.ndarray
     itl: np.ndarray  # all inter-token gaps (s), vLLM's ITL samples
-    steps: np.ndarray  # [S, 3]: batch tokens, kv tokens, seconds (in-process runs only)
+    steps: np.ndarray  # [S, 5]: batch tokens, kv tokens, seconds, prefill calls, decoding sequences
+    #                    (in-process runs only)
     wall_s: float
 
     @property
@@ -99,7 +100,7 @@ class RunResult:
 
 
 def _result(arrival, first, finish, nout, npre, itl: list[float], steps: list, wall: float) -> RunResult:
-    st = np.asarray(steps, float).reshape(-1, 3)
+    st = np.asarray(steps, float).reshape(-1, 5)
     return RunResult(np.asarray(arrival, float), first, finish, nout, npre, np.asarray(itl, float), st, wall)
 
 
@@ -109,7 +110,8 @@ def drive_engine(engine: Any, wl: Workload, oracle: bool = True, timeout_s: floa
 
     `oracle`: give each sequence its true output length (srpt-oracle's rank; the simulator's too).
     Step records: batch tokens (prefill + decode tokens computed), KV tokens of the sequences that
-    ran (their length before the step), seconds of the step plus our bookkeeping.
+    ran (their length before the step), seconds of the step plus our bookkeeping, prefill calls
+    (sequences that ran a prefill chunk), decoding sequences.
     """
     n = len(wl)
     if oracle:  # set before the policy files the request (srpt-oracle ranks it on arrival)
@@ -126,7 +128,7 @@ def drive_engine(engine: Any, wl: Workload, oracle: bool = True, timeout_s: floa
     nout, npre = np.zeros(n, np.int64), np.zeros(n, np.int64)
     last_tok = np.full(n, np.nan)
     itl: list[float] = []
-    steps: list[tuple[float, float, float]] = []
+    steps: list[tuple[float, ...]] = []
     seqs: list[Any] = []
     t0, m0 = time.perf_counter(), time.monotonic()
     i = done = 0
@@ -161,13 +163,17 @@ def drive_engine(engine: Any, wl: Workload, oracle: bool = True, timeout_s: floa
             if o.finished:
                 finish[k] = t_rel
                 done += 1
-        bt = kv = 0
+        bt = kv = calls = dec = 0
         for s, comp, gen, tok in before:
             d = max(s.num_computed_tokens - comp, s.num_generated - gen)
             if d > 0:
                 bt += d
                 kv += tok
-        steps.append((bt, kv, time.perf_counter() - ts))
+                if gen == 0 or comp < tok - 1:  # it had uncomputed tokens: a prefill chunk ran
+                    calls += 1
+                else:
+                    dec += 1
+        steps.append((bt, kv, time.perf_counter() - ts, calls, dec))
     for s in seqs:
         npre[index[s.request_id]] = s.num_preemptions
         if not s.is_finished:

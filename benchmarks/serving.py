@@ -151,7 +151,8 @@ def sweep(su: Setup, prompts, lengths, cap: dict, budget_s: float) -> dict[str, 
             steps.append(res.steps)
             runs.append({"rate_frac": frac, "rate_req_s": rate, "policy": label, "name": name,
                          "options": kw if name != "gittins" else {}, "aging": kw.get("aging", 0.0), **s,
-                         "_e2e": res.finish - res.arrival, "_ttft": res.first_token - res.arrival})
+                         "_e2e": res.finish - res.arrival, "_ttft": res.first_token - res.arrival,
+                         "_npre": res.preemptions, "_steps": res.steps})
             log(f"rate {frac:.2f} ({rate:.2f} req/s, n={n}) {label:>22}: mean e2e {s['mean_e2e']:.3f}s "
                 f"p99 {s['p99_e2e']:.3f}s ttft {s['mean_ttft']:.3f}s preempt/req "
                 f"{s['preemptions_per_request']:.2f} done {int(s['completed'])}/{n} in {res.wall_s:.1f}s")
@@ -159,6 +160,30 @@ def sweep(su: Setup, prompts, lengths, cap: dict, budget_s: float) -> dict[str, 
                 top = (wl, rec, specs)
     return {"runs": runs, "steps": np.concatenate([cap["steps"], *steps]), "top": top,
             "aging_rates": aging_rates}
+
+
+def save_raw(su: Setup, lengths: np.ndarray, cap: dict, sw: dict[str, Any]) -> None:
+    """Everything needed to re-run the simulator offline on this trace (serving_raw.npz, also under
+    $OUT): the top-rate trace, per-run per-request outcomes and step records, the probe records."""
+    import os
+
+    raw: dict[str, np.ndarray] = {"pool_output_len": lengths, "capacity_steps": cap["steps"]}
+    for k, r in enumerate(sw["runs"]):
+        raw[f"run{k}_meta"] = np.array([r["policy"], r["name"], str(r["rate_frac"]), str(r["aging"])])
+        for f in ("_e2e", "_ttft", "_npre", "_steps"):
+            raw[f"run{k}{f}"] = np.asarray(r[f])
+    if sw["top"] is not None:
+        wl, rec, _ = sw["top"]
+        ids = list(wl.request_ids)
+        records = rec.records(ids, len(su.refiner.midpoints))
+        raw.update(top_arrival=wl.arrival, top_prompt_len=np.array([len(p) for p in wl.prompts]),
+                   top_output_len=wl.output_len, top_ids=np.array(ids),
+                   records=np.concatenate([records[i] for i in ids]),
+                   records_len=np.array([len(records[i]) for i in ids]))
+    for d in (su.args.out, os.environ.get("OUT")):
+        if d:
+            Path(d).mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(Path(d) / "serving_raw.npz", **raw)
 
 
 def run_sim(su: Setup, sw: dict[str, Any]) -> dict[str, Any]:
@@ -226,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.deadline_s - (time.perf_counter() - t_start) - 20.0  # 20 s: simulator, plots
     log(f"sweep budget {budget:.0f}s")
     sw = sweep(su, prompts, lengths, cap, max(budget, 30.0))
+    save_raw(su, lengths, cap, sw)
     sim = run_sim(su, sw)
     log(f"step model {sim['step_model']}; sim errors {sim.get('errors')}")
     result = analyse(args, lengths, cap, sw, sim)

@@ -9,8 +9,10 @@ arrival is picked up at the end of the step during which it arrives, as in an en
 
 Step semantics (shared with the engine): a step computes one token for every running sequence; a
 newly admitted sequence first prefills its prompt (plus generated tokens after a recompute
-preemption) in that same step, which yields its first token. Before a step every running sequence
-must hold ceil((tokens + 1) / page_size) pages; if they do not fit, `choose_victim` preempts.
+preemption) in that same step, which yields its first token; each prefill chunk of up to
+`prefill_chunk` tokens is one call, priced by the step model's per-call term. Before a step every
+running sequence must hold ceil((tokens + 1) / page_size) pages; if they do not fit,
+`choose_victim` preempts.
 """
 
 from __future__ import annotations
@@ -71,11 +73,12 @@ class SimSequence(Sequence):
 class SimReplica:
     def __init__(self, policy: Policy, step_model: StepModel, num_slots: int, num_pages: int,
                  page_size: int, swap: bool, predictor: Any, on_finish: Callable[[SimSequence], None],
-                 max_jump_steps: int | None = None):
+                 max_jump_steps: int | None = None, prefill_chunk: int = 512):
         self.policy, self.sm, self.slots = policy, step_model, num_slots
         self.num_pages, self.ps = num_pages, page_size
         self.swap, self.predictor, self._on_finish = swap, predictor, on_finish
         self.max_jump = max_jump_steps or (1 << 62)
+        self.prefill_chunk = prefill_chunk  # the engine's largest prefill call (tokens)
         self.refine_every = getattr(predictor, "refine_every", None)
         self.steps, self.time, self.version = 0, 0.0, 0
         self.running: list[SimSequence] = []
@@ -231,8 +234,9 @@ class SimReplica:
         if any(tok > 0 for _, tok in self._prefill):
             self._changed = False
             bt = n - len(self._prefill) + sum(max(tok, 1) for _, tok in self._prefill)
+            calls = sum(-(-tok // self.prefill_chunk) for _, tok in self._prefill)
             self.planned = (self.time, 1, n, kv0)
-            return self.time + self.sm.step_time(bt, kv0)
+            return self.time + self.sm.step_time(bt, kv0, calls)
         # after a change, one step: the engine's next `schedule` call sees the new state; after that
         # nothing the policy looks at improves until the next event, so its answer cannot change
         m = 1 if self._changed else self.max_jump

@@ -64,9 +64,10 @@ class Resources:
     num_pages: int
     page_size: int = 16
     preemption: str = "recompute"  # or "swap"
+    prefill_chunk: int = 512  # tokens per prefill call (the engine's largest prefill bucket)
 
     def __post_init__(self) -> None:
-        if self.num_slots < 1 or self.num_pages < 1 or self.page_size < 1:
+        if min(self.num_slots, self.num_pages, self.page_size, self.prefill_chunk) < 1:
             raise InvalidRequestError("resources", f"slots, pages and page size must be >= 1: {self}")
         if self.preemption not in ("recompute", "swap"):
             raise InvalidRequestError("preemption", f"'recompute' or 'swap', got {self.preemption!r}")
@@ -138,7 +139,8 @@ def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel, resources:
         npre[i] = s.num_preemptions
 
     reps = [SimReplica(make(), step_model, resources.num_slots, resources.num_pages, resources.page_size,
-                       resources.preemption == "swap", predictor, done, max_jump_steps)
+                       resources.preemption == "swap", predictor, done, max_jump_steps,
+                       resources.prefill_chunk)
             for _ in range(num_replicas)]
     stats = [EngineStats(pages_total=resources.num_pages) for _ in reps]
     needs_tokens = getattr(router, "uses_tokens", True)

@@ -49,7 +49,7 @@ def test_arrival_rate_and_burstiness(cv):
 def test_summary_uses_vllm_definitions():
     res = RunResult(arrival=np.array([0.0, 1.0, 2.0]), first_token=np.array([0.5, 1.2, np.nan]),
                     finish=np.array([2.5, 1.2, np.nan]), output_tokens=np.array([5, 1, 0]),
-                    preemptions=np.array([1, 0, 0]), itl=np.array([0.5, 0.5]), steps=np.zeros((0, 3)),
+                    preemptions=np.array([1, 0, 0]), itl=np.array([0.5, 0.5]), steps=np.zeros((0, 5)),
                     wall_s=3.0)
     s = summarize(res)
     assert s["completed"] == 2 and s["mean_e2e"] == pytest.approx((2.5 + 0.2) / 2)
@@ -114,8 +114,11 @@ def test_forced_lengths_identical_work_across_policies(tiny):
         assert res.completed.all(), policy
         np.testing.assert_array_equal(res.output_tokens, lengths)  # exactly the forced length, no EOS stop
         assert np.all(res.first_token <= res.finish) and np.all(res.first_token >= res.arrival)
-        assert res.steps.shape[1] == 3 and res.steps[:, 0].sum() >= lengths.sum()
+        assert res.steps.shape[1] == 5 and res.steps[:, 0].sum() >= lengths.sum()
         assert np.all(res.steps[:, 2] > 0)
+        calls, dec = res.steps[:, 3].sum(), res.steps[:, 4].sum()
+        # every first token comes from a prefill call, every other one from a decode (or a re-prefill)
+        assert calls >= n and dec <= lengths.sum() - n and calls + dec >= lengths.sum()
         seen[policy] = summarize(res)
     assert len({s["output_tokens"] for s in seen.values()}) == 1
     # the orders differ: SRPT must finish short jobs earlier on average than FCFS on a t=0 burst

@@ -99,6 +99,19 @@ def test_step_model_closed_form_and_fit():
         StepModel(a=-1)
 
 
+def test_step_model_fits_prefill_calls_and_drops_negative_terms():
+    rng = np.random.default_rng(1)
+    bt, kv, calls = rng.integers(8, 600, 300), rng.integers(0, 4000, 300), rng.integers(0, 3, 300)
+    truth = StepModel(a=0.005, b=2e-5, d=0.004)
+    y = np.array([truth.step_time(b, k, c) for b, k, c in zip(bt, kv, calls, strict=True)])
+    y = y * (1 + 0.001 * rng.standard_normal(300)) - 1e-9 * kv  # a tiny negative kv trend: noise
+    fit = StepModel.fit(bt, kv, y, calls)
+    assert fit.c == 0.0  # dropped, not clipped: the others are refitted without it
+    assert fit.a == pytest.approx(0.005, rel=0.05) and fit.d == pytest.approx(0.004, rel=0.05)
+    assert fit.b == pytest.approx(2e-5, rel=0.1)
+    assert fit.step_time(100, 0, 2) == pytest.approx(0.005 + 100 * 2e-5 + 0.008, rel=0.05)
+
+
 def test_recorded_and_noisy_predictors_drive_the_real_policy():
     tr, sm = random_trace(n=200, seed=5)
     edges = np.linspace(0, 320, 9)
