@@ -2,11 +2,12 @@
 HBM copy ceiling and dense causal flash attention. Writes benchmarks/results/kernels.json (and a copy
 under $OUT when set).
 
-    python benchmarks/kernels.py [--quick]
+    python benchmarks/kernels.py [--quick | --sweep]
 
-Timing: each op runs K times inside one jitted fori_loop (its output feeds the next call's query, so
-nothing is hoisted) and alternates between two disjoint sets of pages so the KV working set is
-2x the shape's cache (past L2); median over repeats of (wall time / K) after a warm-up.
+Timing: each op runs K times in one jitted, unrolled chain (its output feeds the next call's query, so
+nothing is hoisted) and alternates between two disjoint sets of pages so the KV working set is 2x the
+shape's cache (past L2). All ops of one shape are timed interleaved (A, B, C, A, B, C, ...; many
+reps), and ratios are the median of per-rep ratios, so clock drift between reps cancels.
 """
 
 from __future__ import annotations
@@ -29,12 +30,9 @@ from jtrail.provenance import git_commit
 HQ, HKV, D, PAGE, DT = 32, 8, 128, 16, jnp.bfloat16
 
 
-def bench(fn, *args, iters: int = 20, reps: int = 7) -> float:
-    """Median seconds per call of fn(q, tables, *rest) -> q-shaped, chained `iters` times in one jit.
-
-    The chain is unrolled in Python (an XLA while loop on GPU syncs with the host every trip, which
-    would add ~10 us to every call); each call's output is the next call's query.
-    """
+def chain(fn, iters: int):
+    """fn(q, tables, *rest) -> q-shaped, chained `iters` times in one jit (unrolled: an XLA while
+    loop on GPU syncs with the host every trip)."""
 
     @jax.jit
     def loop(q, tables, *rest):
@@ -42,13 +40,27 @@ def bench(fn, *args, iters: int = 20, reps: int = 7) -> float:
             q = fn(q, tables[i % 2], *rest).astype(q.dtype)
         return q
 
-    jax.block_until_ready(loop(*args))
-    times = []
+    return loop
+
+
+def bench_group(fns: dict, args, *, iters: int = 20, reps: int = 21) -> dict:
+    """Seconds per call for each fn, timed interleaved: -> {name: np.array of per-rep times}.
+    A fn that fails to compile is reported and left out."""
+    loops = {}
+    for name, fn in fns.items():
+        try:
+            loops[name] = chain(fn, iters)
+            jax.block_until_ready(loops[name](*args))
+        except Exception as e:  # a variant that fails to compile is reported, not fatal
+            print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            loops.pop(name)
+    times = {name: [] for name in loops}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(loop(*args))
-        times.append((time.perf_counter() - t0) / iters)
-    return float(np.median(times))
+        for name, loop in loops.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(loop(*args))
+            times[name].append((time.perf_counter() - t0) / iters)
+    return {name: np.array(t) for name, t in times.items()}
 
 
 def copy_bandwidth(iters: int = 20) -> float:
@@ -82,7 +94,7 @@ def rel_err(out, ref) -> float:
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
-def decode_rows(b: int, ctx: int, copy_bw: float, variants: list[dict]) -> list[dict]:
+def decode_rows(b: int, ctx: int, variants: list[dict]) -> list[dict]:
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
     k, v, tables = make_cache(jax.random.key(b * ctx), b, ctx)
@@ -91,23 +103,32 @@ def decode_rows(b: int, ctx: int, copy_bw: float, variants: list[dict]) -> list[
     nbytes = 2 * b * ctx * HKV * D * 2 + 2 * q.nbytes
     scale = D**-0.5
     ref = reference.decode_attention(q, k, v, lengths, tables[0])
-    t_jax = bench(lambda q, t, k, v, n: paged_attention(q * scale, k, v, t, n), q, tables, k, v, lengths)
-    t_ref = bench(lambda q, t, k, v, n: reference.decode_attention(q, k, v, n, t), q, tables, k, v, lengths)
-    rows = []
-    for var in variants:
+    fns = {"jax": lambda q, t, k, v, n: paged_attention(q * scale, k, v, t, n),
+           "ref": lambda q, t, k, v, n: reference.decode_attention(q, k, v, n, t)}
+    errs = {}
+    for i, var in enumerate(variants):
+        f = lambda q, t, k, v, n, var=var: decode_attention_pallas(q, k, v, n, t, **var)
         try:
-            f = lambda q, t, k, v, n, var=var: decode_attention_pallas(q, k, v, n, t, **var)
-            err = rel_err(f(q, tables[0], k, v, lengths), ref)
-            t = bench(f, q, tables, k, v, lengths)
+            errs[i] = rel_err(f(q, tables[0], k, v, lengths), ref)
+            fns[i] = f
         except Exception as e:  # a variant that fails to compile is reported, not fatal
             print(f"decode b{b} ctx{ctx} {var}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+    ts = bench_group(fns, (q, tables, k, v, lengths))
+    rows = []
+    for i, var in enumerate(variants):
+        if i not in ts:
             continue
-        rows.append(dict(kind="decode", batch=b, ctx=ctx, variant=var, us=t * 1e6, rel_err=err,
-                         tb_s=nbytes / t / 1e12, copy_frac=nbytes / t / copy_bw,
-                         jax_us=t_jax * 1e6, speedup_vs_jax=t_jax / t, ref_us=t_ref * 1e6,
-                         speedup_vs_ref=t_ref / t))
-        print(f"decode b{b:4d} ctx{ctx:5d} {str(var):60s} {t*1e6:8.1f}us {rows[-1]['tb_s']:.2f}TB/s "
-              f"copy {rows[-1]['copy_frac']:.2f} vsJAX {t_jax/t:.2f}x vsRef {t_ref/t:.2f}x err {err:.1e}",
+        t = float(np.median(ts[i]))
+        rows.append(dict(kind="decode", batch=b, ctx=ctx, variant=var, us=t * 1e6, rel_err=errs[i],
+                         tb_s=nbytes / t / 1e12, jax_us=float(np.median(ts["jax"])) * 1e6,
+                         speedup_vs_jax=float(np.median(ts["jax"] / ts[i])),
+                         ref_us=float(np.median(ts["ref"])) * 1e6,
+                         speedup_vs_ref=float(np.median(ts["ref"] / ts[i])),
+                         rep_us=[round(x * 1e6, 1) for x in ts[i]],
+                         jax_rep_us=[round(x * 1e6, 1) for x in ts["jax"]]))
+        r = rows[-1]
+        print(f"decode b{b:4d} ctx{ctx:5d} {str(var):56s} {t*1e6:8.1f}us {r['tb_s']:.2f}TB/s "
+              f"vsJAX {r['speedup_vs_jax']:.2f}x vsRef {r['speedup_vs_ref']:.2f}x err {errs[i]:.1e}",
               flush=True)
     return rows
 
@@ -120,31 +141,39 @@ def prefill_rows(b: int, t_len: int, variants: list[dict]) -> list[dict]:
     kd = jax.random.normal(jax.random.key(3), (b, t_len, HKV, D), DT)
     vd = jax.random.normal(jax.random.key(4), (b, t_len, HKV, D), DT)
     impl = "cudnn"
+    dense = lambda q, t, k, v, kd, vd: jax.nn.dot_product_attention(q, kd, vd, is_causal=True,
+                                                                    implementation="cudnn")
     try:
-        dense = lambda q, t, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                                implementation="cudnn")
-        t_dense = bench(dense, q, tables, kd, vd)
+        jax.block_until_ready(dense(q, tables[0], k, v, kd, vd))
     except Exception as e:
         print("cudnn flash unavailable:", type(e).__name__, str(e)[:200])
         impl = "xla"
-        dense = lambda q, t, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        t_dense = bench(dense, q, tables, kd, vd)
+        dense = lambda q, t, k, v, kd, vd: jax.nn.dot_product_attention(q, kd, vd, is_causal=True)
     ref = reference.prefill_attention(q, k, v, q_start, q_lens, tables[0])
     flops = 4 * b * HQ * D * t_len * (t_len + 1) / 2
-    rows = []
-    for var in variants:
+    fns, errs = {"dense": dense}, {}
+    for i, var in enumerate(variants):
+        f = lambda q, t, k, v, kd, vd, var=var: prefill_attention_pallas_gpu(q, k, v, q_start, q_lens,
+                                                                             t, **var)
         try:
-            f = lambda q, t, k, v, var=var: prefill_attention_pallas_gpu(q, k, v, q_start, q_lens, t, **var)
-            err = rel_err(f(q, tables[0], k, v), ref)
-            t = bench(f, q, tables, k, v, iters=5, reps=5)
+            errs[i] = rel_err(f(q, tables[0], k, v, kd, vd), ref)
+            fns[i] = f
         except Exception as e:
             print(f"prefill b{b} T{t_len} {var}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+    ts = bench_group(fns, (q, tables, k, v, kd, vd), iters=10, reps=15)
+    t_dense = float(np.median(ts["dense"]))
+    rows = []
+    for i, var in enumerate(variants):
+        if i not in ts:
             continue
-        rows.append(dict(kind="prefill", batch=b, ctx=t_len, variant=var, us=t * 1e6, rel_err=err,
+        t = float(np.median(ts[i]))
+        ratio = float(np.median(ts[i] / ts["dense"]))
+        rows.append(dict(kind="prefill", batch=b, ctx=t_len, variant=var, us=t * 1e6, rel_err=errs[i],
                          tflops=flops / t / 1e12, dense_impl=impl, dense_us=t_dense * 1e6,
-                         time_vs_dense=t / t_dense))
-        print(f"prefill b{b} T{t_len} {str(var):50s} {t*1e6:8.1f}us {flops/t/1e12:6.1f}TFLOP/s "
-              f"dense[{impl}] {t_dense*1e6:8.1f}us ratio {t/t_dense:.2f} err {err:.1e}", flush=True)
+                         time_vs_dense=ratio, rep_us=[round(x * 1e6, 1) for x in ts[i]],
+                         dense_rep_us=[round(x * 1e6, 1) for x in ts["dense"]]))
+        print(f"prefill b{b} T{t_len} {str(var):56s} {t*1e6:8.1f}us {flops/t/1e12:6.1f}TFLOP/s "
+              f"dense[{impl}] {t_dense*1e6:8.1f}us ratio {ratio:.2f} err {errs[i]:.1e}", flush=True)
     return rows
 
 
@@ -198,24 +227,59 @@ def gpu_check() -> dict:
     return out
 
 
+# Variants per group: {} is the defaults (what the engine runs); the others are alternatives.
+# Run 5 (KERNEL_NOTES.md) measured the defaults; the alternatives here are the next ones to try.
+DECODE_SHORT = [{}, dict(pages_per_block=2, num_warps=1), dict(pages_per_block=2, num_warps=1, num_stages=2),
+                dict(pages_per_block=2, num_warps=2, num_stages=2)]
+DECODE_LONG = [{}, dict(pages_per_block=2, num_warps=1, num_stages=2),
+               dict(pages_per_block=2, num_warps=2, num_stages=2)]
+PREFILL = [{}, dict(num_stages=3), dict(block_t=32, pages_per_block=4)]
+SWEEP = dict(  # --sweep: a wider search, used to pick the defaults
+    short=[{}, dict(pages_per_block=2, num_warps=1), dict(pages_per_block=2, num_warps=1, num_splits=2),
+           dict(pages_per_block=2, num_warps=1, num_splits=4),
+           dict(pages_per_block=2, num_warps=1, num_stages=2),
+           dict(pages_per_block=2, num_warps=2, num_stages=2),
+           dict(pages_per_block=2, num_warps=1, num_stages=3),
+           dict(pages_per_block=1, num_warps=1, num_stages=3)],
+    long=[{}, dict(pages_per_block=2, num_warps=1), dict(pages_per_block=2, num_warps=1, num_splits=8),
+          dict(pages_per_block=2, num_warps=1, num_splits=16),
+          dict(pages_per_block=2, num_warps=1, num_stages=2),
+          dict(pages_per_block=2, num_warps=2, num_stages=2)],
+    prefill=[{}, dict(num_stages=3), dict(num_stages=4), dict(block_t=32, pages_per_block=4),
+             dict(block_t=32, pages_per_block=4, num_warps=8), dict(pages_per_block=2, num_stages=3),
+             dict(num_warps=2)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
+    out_dirs = [d for d in ("benchmarks/results", os.environ.get("OUT")) if d]
     checks = gpu_check()
-    bw = copy_bandwidth()
-    print(f"device {jax.devices()[0].device_kind}  jax {jax.__version__}  copy bw {bw/1e12:.2f} TB/s")
-    dv = [{}, dict(pages_per_block=4, num_splits=1, num_warps=2), dict(pages_per_block=4, num_splits=1),
-          dict(pages_per_block=8, num_splits=1, num_warps=2)]
+    bw0 = copy_bandwidth()
+    print(f"device {jax.devices()[0].device_kind}  jax {jax.__version__}  copy bw {bw0/1e12:.2f} TB/s")
+    short, long, pv = DECODE_SHORT, DECODE_LONG, PREFILL
+    shapes = ((32, 2048), (64, 2048), (32, 4096), (128, 1024), (8, 4096))
+    if args.sweep:
+        short, long, pv, shapes = SWEEP["short"], SWEEP["long"], SWEEP["prefill"], shapes[:4]
     if args.quick:
-        dv = dv[:2]
-    table = decode_rows(64, 512, bw, dv)
-    lv = [{}, dict(pages_per_block=4, num_splits=2, num_warps=4), dict(pages_per_block=4, num_splits=2),
-          dict(pages_per_block=4, num_splits=4, num_warps=4)]
-    for b, ctx in ((32, 2048), (64, 2048), (32, 4096), (128, 1024), (8, 4096)):
-        table += decode_rows(b, ctx, bw, lv)
-    pv = [{}, dict(block_t=32, pages_per_block=4, num_stages=2), dict(block_t=16, pages_per_block=2)]
-    table += prefill_rows(4, 1024, pv)
+        short, long, pv, shapes = short[:1], long[:1], pv[:1], shapes[:1]
+    def partial(rows):  # keep what was measured if the run is cut off
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "kernels_partial.json"), "w") as fh:
+                json.dump(rows, fh)
+        return rows
+
+    table = partial(prefill_rows(4, 1024, pv))
+    table += partial(decode_rows(64, 512, short))
+    for b, ctx in shapes:
+        table += partial(decode_rows(b, ctx, long))
+    bw1 = copy_bandwidth()
+    bw = max(bw0, bw1)  # the higher reading: the conservative ceiling
+    for r in table:
+        if r["kind"] == "decode":
+            r["copy_frac"] = r["tb_s"] * 1e12 / bw
 
     def best(kind, pred):
         rs = [r for r in table if r["kind"] == kind and pred(r)]
@@ -237,15 +301,20 @@ def main() -> None:
     res = dict(command="python benchmarks/kernels.py " + " ".join(sys.argv[1:]),
                device=jax.devices()[0].device_kind, jax_version=jax.__version__,
                date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-               git_commit=git_commit(),
-               copy_bw_tb_s=bw / 1e12, shapes=dict(hq=HQ, hkv=HKV, d=D, page=PAGE, dtype="bfloat16"),
+               git_commit=git_commit(), copy_bw_tb_s=bw / 1e12,
+               copy_bw_readings_tb_s=[bw0 / 1e12, bw1 / 1e12],
+               shapes=dict(hq=HQ, hkv=HKV, d=D, page=PAGE, dtype="bfloat16"),
                checks=checks, table=table, best=bar1 + best("decode", lambda r: True) + bar3, bars=bars)
+    for r in table:
+        if r["kind"] == "decode":
+            print(f"decode b{r['batch']:4d} ctx{r['ctx']:5d} {str(r['variant']):56s} {r['us']:8.1f}us "
+                  f"copy {r['copy_frac']:.2f} vsJAX {r['speedup_vs_jax']:.2f}x")
+    print(f"copy bw readings {bw0/1e12:.2f} {bw1/1e12:.2f} TB/s")
     print(json.dumps(bars))
-    for d in ("benchmarks/results", os.environ.get("OUT")):
-        if d:
-            os.makedirs(d, exist_ok=True)
-            with open(os.path.join(d, "kernels.json"), "w") as fh:
-                json.dump(res, fh, indent=1)
+    for d in out_dirs:
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "kernels.json"), "w") as fh:
+            json.dump(res, fh, indent=1)
 
 
 if __name__ == "__main__":

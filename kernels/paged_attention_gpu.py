@@ -3,12 +3,15 @@
 Layout: see kernels/reference.py. Each program handles one (sequence, kv head, query block,
 context split). Its queries are packed as rows: row r = t_local * G + g for the G query heads that
 share the kv head (GQA packing), so each K/V page is read from HBM once per kv head, not G times.
-Decode is the case of one query token per sequence (query block of 1 token, position length-1).
+The packing is done by the kernel's own loads (a gather from q viewed as [B, T, Hkv, G, D], a free
+reshape) and stores, so no transpose or pad of q runs outside the kernel. Decode is the case of one
+query token per sequence: its G rows are padded in registers to the 16-row tensor-core minimum.
 
 The program loops over its pages `pages_per_block` at a time (gathering them through the block
-table, e.g. 8 pages of 16 = 128 tokens per step) with an online softmax. With num_splits > 1 the
-context is split across programs (split-K, for long contexts and small batches) and a tiny jnp
-epilogue merges the partial (o, m, den) -- flash-decoding.
+table, e.g. 4 pages of 16 = 64 tokens per step) with an online softmax. The block-table entries of
+the next step are loaded one step ahead, so a step waits for one memory round trip, not two. With
+num_splits > 1 the context is split across programs (split-K, for long contexts and small batches)
+and a tiny jnp epilogue merges the partial (o, m, den) -- flash-decoding.
 
 No program reads K/V at positions it may not attend to: loads of pages past the sequence's end
 are masked off (V is zeroed, logits forced to -inf) so pages of other sequences, NaN or not,
@@ -23,26 +26,33 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .layout import PackedQ, check_inputs, merge_splits, pack_queries, unpack_output
+try:  # jax <= 0.11 names the Triton backend module `triton`
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover - future jax
+    from jax.experimental.pallas import gpu as plgpu
+
+from .layout import check_inputs, merge_splits
 
 _NEG = -1e30
 _LOG2E = 1.4426950408889634
 
 
-def _kernel(qstart_ref, qlen_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *ml_refs, g: int,
-            block_t: int, ppb: int, page_size: int, num_splits: int, pages_per_split: int,
-            scale: float, softcap: float | None, mask_all: bool):
+def _kernel(qstart_ref, qlen_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *ml_refs, g: int, rows_n: int,
+            ntb: int, ppb: int, num_splits: int, pages_per_split: int, scale: float,
+            softcap: float | None):
     b = pl.program_id(0)
     i = pl.program_id(2)
-    tb, s = i // num_splits, i % num_splits
-    rows_n, d = q_ref.shape
-    num_pages = k_ref.shape[0]
+    tb, s = ntb - 1 - i // num_splits, i % num_splits  # causal prefill: longest query blocks first
+    block_t, _, d = q_ref.shape
+    num_pages, page_size = k_ref.shape[:2]
+    max_pages = bt_ref.shape[1]
     q_start, q_len = qstart_ref[b], qlen_ref[b]
     blk = ppb * page_size
 
     rows = jnp.arange(rows_n, dtype=jnp.int32)
+    in_blk = rows < block_t * g  # rows past block_t * g are tensor-core padding
     t = tb * block_t + rows // g
-    row_ok = (rows < block_t * g) & (t < q_len)
+    row_ok = in_blk & (t < q_len)
     qpos = jnp.where(row_ok, q_start + t, -1)  # a row attends to keys at positions <= qpos
     # Keys this query block needs: [0, kv_end); this split owns pages [p_lo, p_hi).
     has_rows = tb * block_t < q_len
@@ -53,16 +63,21 @@ def _kernel(qstart_ref, qlen_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *ml_refs, 
     # Blocks ending at or before the first row's position + 1 are visible to every row: they skip
     # all masking (the common case: all but the last block in decode and below the diagonal).
     full_end = jnp.minimum(q_start + tb * block_t + 1, kv_end)
-    n_full = 0 if mask_all else jnp.clip(full_end // blk - p_lo // ppb, 0, n_blocks)
-    q = q_ref[...]
+    n_full = jnp.clip(full_end // blk - p_lo // ppb, 0, n_blocks)
+    t_idx, g_idx = jnp.minimum(rows // g, block_t - 1), rows % g
+    q = q_ref[t_idx, g_idx]  # [rows_n, d]; padding rows repeat a real one and are never stored
     qk_scale = scale * _LOG2E if softcap is None else scale  # exp2 domain, folded into one multiply
 
+    def fetch(page0):  # physical pages of the block at logical page0 (clamped: always in bounds)
+        cols = jnp.minimum(page0 + jnp.arange(ppb, dtype=jnp.int32), max_pages - 1)
+        return jnp.clip(bt_ref[b, cols], 0, num_pages - 1)
+
     def step(j, carry, masked: bool):
-        o, m, den = carry
+        o, m, den, idx = carry
         page0 = p_lo + j * ppb
-        idx = jnp.clip(bt_ref[b, pl.ds(page0, ppb)], 0, num_pages - 1)  # garbage entries stay in bounds
-        k = k_ref[idx].reshape(blk, d)
-        v = v_ref[idx].reshape(blk, d)
+        # (Also prefetching K/V one block ahead in registers ran 2x slower: spills.)
+        k, v = k_ref[idx].reshape(blk, d), v_ref[idx].reshape(blk, d)
+        nxt = fetch(page0 + ppb)
         if masked:
             kpos = page0 * page_size + jnp.arange(blk, dtype=jnp.int32)
             kv_ok = kpos < kv_end
@@ -82,126 +97,127 @@ def _kernel(qstart_ref, qlen_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *ml_refs, 
         den = alpha * den + p.sum(axis=1)
         pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32)
-        return alpha[:, None] * o + pv, m_new, den
+        return alpha[:, None] * o + pv, m_new, den, nxt
 
     carry = (jnp.zeros((rows_n, d), jnp.float32), jnp.full((rows_n,), _NEG, jnp.float32),
-             jnp.zeros((rows_n,), jnp.float32))
+             jnp.zeros((rows_n,), jnp.float32), fetch(p_lo))
     carry = jax.lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-    o, m, den = jax.lax.fori_loop(n_full, n_blocks, functools.partial(step, masked=True), carry)
+    o, m, den, _ = jax.lax.fori_loop(n_full, n_blocks, functools.partial(step, masked=True), carry)
     # Rows that are padding or past q_len may have summed unmasked blocks: zero them here.
     den = jnp.where(row_ok, den, 0.0)
     o = jnp.where(row_ok[:, None], o, 0.0)
+
+    def store(ref, x):  # unpack rows to [block_t, G(, D)]; padding rows aim out of bounds, masked
+        t_st = jnp.where(in_blk, rows // g, block_t)
+        if x.ndim == 1:
+            plgpu.store(ref.at[t_st, g_idx], x, mask=in_blk)
+        else:
+            cols = jnp.arange(d, dtype=jnp.int32)[None, :]
+            plgpu.store(ref.at[t_st[:, None], g_idx[:, None], cols], x,
+                        mask=jnp.broadcast_to(in_blk[:, None], x.shape))
+
     if num_splits == 1:
-        o_ref[...] = (o / jnp.where(den == 0.0, 1.0, den)[:, None]).astype(o_ref.dtype)
+        store(o_ref, (o / jnp.where(den == 0.0, 1.0, den)[:, None]).astype(o_ref.dtype))
     else:
-        m_ref, l_ref = ml_refs
-        o_ref[...] = o
-        m_ref[...] = m
-        l_ref[...] = den
+        store(o_ref, o)
+        store(ml_refs[0], m)
+        store(ml_refs[1], den)
 
 
-def paged_attention_gpu(pq: PackedQ, k_pages, v_pages, block_tables, *, scale: float,
-                        softcap: float | None, pages_per_block: int, num_splits: int,
-                        num_warps: int, num_stages: int, interpret: bool, mask_all: bool = False):
-    """Run the kernel on packed queries; returns output packed like pq.q."""
-    try:  # jax <= 0.11 names the Triton backend module `triton`
-        from jax.experimental.pallas import triton as plgpu
-    except ImportError:  # pragma: no cover - future jax
-        from jax.experimental.pallas import gpu as plgpu
-
-    b, hkv, ntb, rows, d = pq.q.shape
-    _, num_pages, page_size, _ = k_pages.shape
-    max_pages = block_tables.shape[1]
-    ppb = pages_per_block
-    # Split boundaries fall on block boundaries; pad the table so every block load is in range.
-    pages_per_split = pl.cdiv(pl.cdiv(max_pages, num_splits), ppb) * ppb
-    padded = pages_per_split * num_splits
-    bt = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, padded - max_pages)))
+def paged_attention_gpu(q, k_pages, v_pages, q_start, q_lens, block_tables, *, block_t: int,
+                        scale: float, softcap: float | None, pages_per_block: int, num_splits: int,
+                        num_warps: int, num_stages: int, interpret: bool):
+    """q [B, T, Hq, D] -> [B, T, Hq, D] (see reference.prefill_attention)."""
+    b, t, hq, d = q.shape
+    hkv, num_pages, page_size, _ = k_pages.shape
+    g, ppb, ns = hq // hkv, pages_per_block, num_splits
+    ntb = pl.cdiv(t, block_t)
+    q5 = jnp.pad(q, ((0, 0), (0, ntb * block_t - t), (0, 0), (0, 0))).reshape(b, -1, hkv, g, d)
+    # Split boundaries fall on block boundaries.
+    pages_per_split = pl.cdiv(pl.cdiv(block_tables.shape[1], ns), ppb) * ppb
     kernel = functools.partial(
-        _kernel, g=pq.g, block_t=pq.block_t, ppb=ppb, page_size=page_size,
-        num_splits=num_splits, pages_per_split=pages_per_split, scale=scale, softcap=softcap,
-        mask_all=mask_all)
-    grid = (b, hkv, ntb * num_splits)
+        _kernel, g=g, rows_n=max(16, pl.next_power_of_2(block_t * g)), ntb=ntb, ppb=ppb,
+        num_splits=ns, pages_per_split=pages_per_split, scale=scale, softcap=softcap)
     # Scalars and block tables: the whole (small) array in every program, indexed by program id.
     whole1 = pl.BlockSpec((b,), lambda i, h, j: (0,))
-    whole2 = pl.BlockSpec(bt.shape, lambda i, h, j: (0, 0))
+    whole2 = pl.BlockSpec(block_tables.shape, lambda i, h, j: (0, 0))
     kv_spec = pl.BlockSpec((None, num_pages, page_size, d), lambda i, h, j: (h, 0, 0, 0))
-    q_spec = pl.BlockSpec((None, None, None, rows, d), lambda i, h, j: (i, h, j // num_splits, 0, 0))
-    if num_splits == 1:
-        out_shape = jax.ShapeDtypeStruct(pq.q.shape, pq.q.dtype)
-        out_specs = q_spec
+    q_spec = pl.BlockSpec((None, block_t, None, g, d),
+                          lambda i, h, j: (i, ntb - 1 - j // ns, h, 0, 0))
+    if ns == 1:
+        out_shape, out_specs = jax.ShapeDtypeStruct(q5.shape, q.dtype), q_spec
     else:
-        ospec = pl.BlockSpec((None, None, None, None, rows, d),
-                             lambda i, h, j: (j % num_splits, i, h, j // num_splits, 0, 0))
-        mspec = pl.BlockSpec((None, None, None, None, rows),
-                             lambda i, h, j: (j % num_splits, i, h, j // num_splits, 0))
-        out_shape = (jax.ShapeDtypeStruct((num_splits, *pq.q.shape), jnp.float32),
-                     jax.ShapeDtypeStruct((num_splits, *pq.q.shape[:-1]), jnp.float32),
-                     jax.ShapeDtypeStruct((num_splits, *pq.q.shape[:-1]), jnp.float32))
+        ospec = pl.BlockSpec((None, None, block_t, None, g, d),
+                             lambda i, h, j: (j % ns, i, ntb - 1 - j // ns, h, 0, 0))
+        mspec = pl.BlockSpec((None, None, block_t, None, g),
+                             lambda i, h, j: (j % ns, i, ntb - 1 - j // ns, h, 0))
+        out_shape = (jax.ShapeDtypeStruct((ns, *q5.shape), jnp.float32),
+                     jax.ShapeDtypeStruct((ns, *q5.shape[:-1]), jnp.float32),
+                     jax.ShapeDtypeStruct((ns, *q5.shape[:-1]), jnp.float32))
         out_specs = (ospec, mspec, mspec)
     out = pl.pallas_call(
         kernel,
-        grid=grid,
+        grid=(b, hkv, ntb * ns),
         in_specs=[whole1, whole1, whole2, q_spec, kv_spec, kv_spec],
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="jtrail_paged_attention",
-    )(pq.q_start, pq.q_lens, bt, pq.q, k_pages, v_pages)
-    if num_splits == 1:
-        return out
-    return merge_splits(*out).astype(pq.q.dtype)
+    )(q_start.astype(jnp.int32), q_lens.astype(jnp.int32), block_tables.astype(jnp.int32), q5,
+      k_pages, v_pages)
+    if ns > 1:
+        out = merge_splits(*out).astype(q.dtype)
+    return out.reshape(b, -1, hq, d)[:, :t]
 
 
-def _auto_splits(max_pages: int, page_size: int) -> int:
-    """Split-K for long contexts: up to 4 splits of >= 512 tokens (measured best on H200, see
-    benchmarks/KERNEL_NOTES.md); short contexts keep one program per (sequence, kv head)."""
+def _auto_splits(batch: int, hkv: int, max_pages: int, page_size: int) -> int:
+    """Split-K: split while the grid has fewer than ~8 programs per SM (1024 on a 132-SM H100/H200)
+    and each split keeps >= 512 tokens. H200 (benchmarks/KERNEL_NOTES.md): b128/1k ran best unsplit
+    (8 splits: 15% slower), b32/2k the same with 4 or 8 splits, b64/512 9% slower with 2."""
     splits = 1
-    while splits < 4 and max_pages * page_size // (splits * 2) >= 512:
+    while (splits < 16 and batch * hkv * splits < 1024
+           and max_pages * page_size // (splits * 2) >= 512):
         splits *= 2
     return splits
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "softcap", "pages_per_block", "num_splits",
-                                             "num_warps", "num_stages", "interpret", "mask_all"))
+_STATIC = ("scale", "softcap", "pages_per_block", "num_splits", "num_warps", "num_stages",
+           "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def decode_attention_pallas(q, k_pages, v_pages, lengths, block_tables, *, scale=None,
                             softcap=None, pages_per_block=None, num_splits=None, num_warps=2,
-                            num_stages=1, interpret=False, mask_all=False):
+                            num_stages=1, interpret=False):
     """Decode: q [B, Hq, D] -> [B, Hq, D] (see reference.decode_attention)."""
     check_inputs(q[:, None], k_pages, v_pages, block_tables)
     lengths = lengths.astype(jnp.int32)
-    _, num_pages, page_size, d = k_pages.shape
-    pq = pack_queries(q[:, None], k_pages.shape[0], lengths - 1, (lengths > 0).astype(jnp.int32),
-                      block_t=1)
+    hkv, _, page_size, d = k_pages.shape
     # Defaults from the H200 sweep: 64 tokens per step, 2 warps, no smem pipelining (num_stages=1):
     # small programs -> many resident per SM, which hides the gather latency best.
-    ppb = pages_per_block or max(1, 64 // page_size)
-    ppb = min(ppb, pl.next_power_of_2(block_tables.shape[1]))
-    splits = num_splits or _auto_splits(block_tables.shape[1], page_size)
-    out = paged_attention_gpu(pq, k_pages, v_pages, block_tables, scale=d**-0.5 if scale is None
-                              else scale, softcap=softcap, pages_per_block=ppb, num_splits=splits,
-                              num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                              mask_all=mask_all)
-    return unpack_output(out, pq)[:, 0]
+    ppb = min(pages_per_block or max(1, 64 // page_size), pl.next_power_of_2(block_tables.shape[1]))
+    splits = num_splits or _auto_splits(q.shape[0], hkv, block_tables.shape[1], page_size)
+    out = paged_attention_gpu(q[:, None], k_pages, v_pages, lengths - 1, (lengths > 0).astype(jnp.int32),
+                              block_tables, block_t=1, scale=d**-0.5 if scale is None else scale,
+                              softcap=softcap, pages_per_block=ppb, num_splits=splits,
+                              num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    return out[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "softcap", "block_t", "pages_per_block",
-                                             "num_warps", "num_stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_t",) + _STATIC)
 def prefill_attention_pallas_gpu(q, k_pages, v_pages, q_start, q_lens, block_tables, *,
                                  scale=None, softcap=None, block_t=None, pages_per_block=None,
-                                 num_warps=4, num_stages=1, interpret=False):
+                                 num_splits=1, num_warps=4, num_stages=2, interpret=False):
     """Prefill: q [B, T, Hq, D] -> [B, T, Hq, D] (see reference.prefill_attention)."""
     check_inputs(q, k_pages, v_pages, block_tables)
-    _, num_pages, page_size, d = k_pages.shape
+    _, _, page_size, d = k_pages.shape
     g = q.shape[2] // k_pages.shape[0]
-    # ~64 packed rows per program: big enough for tensor cores, small enough for registers.
+    # H200 sweep: 64 packed rows x 64 keys per step, 4 warps, 2-stage cp.async pipeline (180 TFLOP/s);
+    # 128x128 tiles with 8 warps ran at 125-150, 64x64 without pipelining at 128.
     bt_tok = block_t or max(1, min(pl.next_power_of_2(q.shape[1]), 64 // pl.next_power_of_2(g)))
-    pq = pack_queries(q, k_pages.shape[0], q_start.astype(jnp.int32), q_lens.astype(jnp.int32),
-                      block_t=bt_tok)
-    ppb = pages_per_block or max(1, 64 // page_size)
-    ppb = min(ppb, pl.next_power_of_2(block_tables.shape[1]))
-    out = paged_attention_gpu(pq, k_pages, v_pages, block_tables, scale=d**-0.5 if scale is None
-                              else scale, softcap=softcap, pages_per_block=ppb, num_splits=1,
-                              num_warps=num_warps, num_stages=num_stages, interpret=interpret)
-    return unpack_output(out, pq)
+    ppb = min(pages_per_block or max(1, 64 // page_size), pl.next_power_of_2(block_tables.shape[1]))
+    return paged_attention_gpu(q, k_pages, v_pages, q_start.astype(jnp.int32), q_lens.astype(jnp.int32),
+                               block_tables, block_t=bt_tok, scale=d**-0.5 if scale is None else scale,
+                               softcap=softcap, pages_per_block=ppb, num_splits=num_splits,
+                               num_warps=num_warps, num_stages=num_stages, interpret=interpret)

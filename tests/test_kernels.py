@@ -122,6 +122,29 @@ def test_prefill_gpu_kernel_interpret(ratio, dtype, seed, block_t):
         assert not np.asarray(got[i, q_lens[i]:], np.float32).any()
 
 
+def test_gpu_kernel_interpret_packing_edges():
+    """The in-kernel GQA packing: G = 16 (no padding rows), odd split counts, prefill split-K with T
+    not a multiple of the query block (the kernel's masked scatter stores must hit each row once)."""
+    rng = np.random.default_rng(5)
+    lens = [1, 9, 30]
+    k, v, tables = make_cache(rng, lens, hkv=2, d=32, page=4, dtype=jnp.float32)
+    q = jnp.asarray(rng.standard_normal((3, 32, 32)), jnp.float32)
+    lj = jnp.asarray(lens, jnp.int32)
+    want = reference.decode_attention(q, k, v, lj, tables)
+    for splits in (1, 3):
+        got = ops.decode_attention(q, k, v, lj, tables, impl="pallas_interpret", num_splits=splits,
+                                   pages_per_block=1)
+        assert rel_err(got, want) < 1e-5
+    qp = jnp.asarray(rng.standard_normal((3, 11, 6, 32)), jnp.float32)
+    q_lens = np.array([1, 9, 11])
+    args = (qp, k, v, jnp.asarray(np.array(lens) - q_lens, jnp.int32), jnp.asarray(q_lens, jnp.int32),
+            tables)
+    got = ops.prefill_attention(*args, impl="pallas_interpret", block_t=4, pages_per_block=2,
+                                num_splits=2)
+    assert rel_err(got, reference.prefill_attention(*args)) < 1e-5
+    assert not np.asarray(got[0, 1:]).any()
+
+
 def test_write_kv_then_attend():
     rng = np.random.default_rng(1)
     hkv, d, page = 2, 64, 4
