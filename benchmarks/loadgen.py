@@ -14,6 +14,7 @@ Times are `time.perf_counter()` seconds on the host, relative to the start of th
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,16 +114,30 @@ def drive_engine(engine: Any, wl: Workload, oracle: bool = True, timeout_s: floa
     ran (their length before the step), seconds of the step plus our bookkeeping, prefill calls
     (sequences that ran a prefill chunk), decoding sequences.
     """
-    n = len(wl)
+    policy = engine.policy
+    inner = policy.on_arrival
     if oracle:  # set before the policy files the request (srpt-oracle ranks it on arrival)
         lengths = {rid: int(x) for rid, x in zip(wl.request_ids, wl.output_len, strict=True)}
-        inner = engine.policy.on_arrival
 
-        def on_arrival(seq, now, _inner=inner):
+        def on_arrival(seq, now):
             seq.oracle_remaining_at_start = lengths.get(seq.request_id)
-            _inner(seq, now)
+            inner(seq, now)
 
-        engine.policy.on_arrival = on_arrival
+        policy.on_arrival = on_arrival
+    # A full collection walks every object the process holds (a pause of up to seconds, seen mid-run
+    # on the GPU): collect now and freeze what exists, as vLLM does after start-up.
+    gc.collect()
+    gc.freeze()
+    try:
+        return _drive(engine, wl, timeout_s, idle_sleep_s)
+    finally:
+        gc.unfreeze()
+        if oracle:
+            policy.on_arrival = inner
+
+
+def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float) -> RunResult:
+    n = len(wl)
     index = {rid: i for i, rid in enumerate(wl.request_ids)}
     first, finish = np.full(n, np.nan), np.full(n, np.nan)
     nout, npre = np.zeros(n, np.int64), np.zeros(n, np.int64)

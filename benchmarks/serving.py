@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ class Setup:
     refiner: Any  # TrailPredictor
     eos: tuple[int, ...]
     args: argparse.Namespace
+    warm_prompts: list[list[int]] = field(default_factory=list)  # token source for engine warm-ups
 
 
 def log(msg: str, t0: float = time.perf_counter()) -> None:
@@ -64,6 +65,11 @@ def load(args: argparse.Namespace) -> Setup:
 
 
 def make_engine(su: Setup, policy: str, kw: dict, predictor: Any = None) -> Any:
+    """A fresh engine, warmed up: every prefill bucket (up to the largest, which a recompute of
+    prompt + answer can need) and the decode step have run on it before anything is timed. Without
+    this a run met multi-second stalls in its first steps and a compile of the largest bucket
+    mid-trace (measured: 5 s in one run), and at 95% load a stall's backlog takes the rest of the
+    trace to drain."""
     from jtrail.serving.engine import EngineConfig, LLMEngine
     from jtrail.serving.scheduler.registry import make_policy
 
@@ -71,7 +77,16 @@ def make_engine(su: Setup, policy: str, kw: dict, predictor: Any = None) -> Any:
     cfg = EngineConfig(num_slots=a.slots, page_size=a.page_size, num_pages=a.pages,
                        max_model_len=a.max_prompt_tokens + a.max_output + a.page_size,
                        decode_steps_per_call=a.decode_steps, policy=make_policy(policy, **kw), seed=a.seed)
-    return LLMEngine(su.model, su.tokenizer, cfg, probe=su.probe, predictor=predictor or su.refiner)
+    eng = LLMEngine(su.model, su.tokenizer, cfg, probe=su.probe, predictor=predictor or su.refiner)
+    filler = [t for p in su.warm_prompts for t in p]
+    sizes = [n for n in cfg.prefill_buckets if n < cfg.max_model_len - 2]
+    picks = [(filler * (n // max(len(filler), 1) + 1))[:n] for n in sizes]
+    ids = [f"warm{i}" for i in range(len(picks))]
+    drive_engine(eng, Workload(picks, np.zeros(len(picks)), np.full(len(picks), 2), request_ids=ids),
+                 timeout_s=600)
+    if isinstance(predictor, RecordingPredictor):
+        predictor.rows.clear()
+    return eng
 
 
 def profile_lengths(su: Setup, prompts: list[list[int]]) -> np.ndarray:
@@ -82,19 +97,6 @@ def profile_lengths(su: Setup, prompts: list[list[int]]) -> np.ndarray:
     answers, _ = generate_greedy(su.model, prompts, su.args.max_output, su.eos, batch_size=128,
                                  progress=False)
     return np.array([max(len(a), 1) for a in answers], np.int64)
-
-
-def warmup(su: Setup, prompts: list[list[int]]) -> None:
-    """Compile every prefill bucket and the decode step before anything is timed."""
-    picks, seen = [], set()
-    for p in sorted(prompts, key=len):
-        b = next((b for b in (16, 32, 64, 128, 256, 512) if b >= len(p)), 512)
-        if b not in seen:
-            seen.add(b)
-            picks.append(p)
-    wl = Workload(picks, np.zeros(len(picks)), np.full(len(picks), 4))
-    eng = make_engine(su, "trail", {})
-    drive_engine(eng, wl, timeout_s=600)
 
 
 def measure_capacity(su: Setup, prompts: list[list[int]], lengths: np.ndarray) -> dict[str, float]:
@@ -180,7 +182,7 @@ def save_raw(su: Setup, lengths: np.ndarray, cap: dict, sw: dict[str, Any]) -> N
                    top_output_len=wl.output_len, top_ids=np.array(ids),
                    records=np.concatenate([records[i] for i in ids]),
                    records_len=np.array([len(records[i]) for i in ids]))
-    for d in (su.args.out, os.environ.get("OUT")):
+    for d in dict.fromkeys(str(Path(x).resolve()) for x in (su.args.out, os.environ.get("OUT")) if x):
         if d:
             Path(d).mkdir(parents=True, exist_ok=True)
             np.savez_compressed(Path(d) / "serving_raw.npz", **raw)
@@ -242,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths = profile_lengths(su, prompts)
     log(f"profiled {len(prompts)} prompts in {time.perf_counter() - t:.1f}s: output mean "
         f"{lengths.mean():.0f}, p50 {np.median(lengths):.0f}, max {lengths.max()} tokens")
-    log("warming up (compiling the engine)")
-    warmup(su, prompts)
-    log("engine compiled")
+    su.warm_prompts = prompts[:32]
     cap = measure_capacity(su, prompts, lengths)
     log(f"capacity {cap['capacity_req_s']:.2f} req/s ({cap['tokens_per_s']:.0f} tok/s, full-batch step "
         f"{cap['full_batch_step_s'] * 1e3:.2f} ms)")

@@ -180,7 +180,7 @@ def write_outputs(args: Any, result: dict[str, Any]) -> None:
     path = out_dir / "serving.json"
     path.write_text(json.dumps(doc, indent=1))
     files.append(path)
-    if os.environ.get("OUT"):
+    if os.environ.get("OUT") and Path(os.environ["OUT"]).resolve() != out_dir.resolve():
         for f in files:
             shutil.copy(f, Path(os.environ["OUT"]) / f.name)
     print("\n" + markdown(result) + "\n")

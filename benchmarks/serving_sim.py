@@ -54,11 +54,16 @@ def fit_step_model(steps: np.ndarray) -> tuple[StepModel, dict[str, float]]:
     """Least squares over measured (batch tokens, kv tokens, seconds, prefill calls); returns the
     model and its fit quality (relative error of the summed time, R^2)."""
     s = steps[steps[:, 0] > 0]
+    # Stalls (a compile, a GC pause: seconds, not milliseconds) are not part of the steady-state
+    # cost; least squares would smear them over every step of their kind.
+    stall = s[:, 2] > 20 * np.median(s[:, 2])
+    s = s[~stall]
     sm = StepModel.fit(s[:, 0], s[:, 1], s[:, 2], s[:, 3])
     pred = np.array([sm.step_time(b, k, c) for b, k, c in zip(s[:, 0], s[:, 1], s[:, 3], strict=True)])
     ss_res = float(np.sum((s[:, 2] - pred) ** 2))
     ss_tot = float(np.sum((s[:, 2] - s[:, 2].mean()) ** 2)) or 1.0
-    info = {"a": sm.a, "b": sm.b, "c": sm.c, "d": sm.d, "steps": float(len(s)), "r2": 1.0 - ss_res / ss_tot,
+    info = {"a": sm.a, "b": sm.b, "c": sm.c, "d": sm.d, "steps": float(len(s)),
+            "stalls_excluded": float(stall.sum()), "r2": 1.0 - ss_res / ss_tot,
             "total_time_rel_error": float(pred.sum() / s[:, 2].sum() - 1.0)}
     return sm, info
 
