@@ -138,6 +138,8 @@ def sweep(su: Setup, prompts, lengths, cap: dict, budget_s: float) -> dict[str, 
         rate = frac * cap["capacity_req_s"]
         is_top = ri == 0
         n = int(np.clip(rate * per_run * (top_w if is_top else 1.0) * 0.7, a.min_requests, a.max_requests))
+        if not is_top and a.low_requests:
+            n = a.low_requests
         specs = {**main, **(aged if is_top else {})}
         if not is_top and time.perf_counter() + len(specs) * n / rate > t_end:
             log(f"rate {frac:.2f}: skipped, out of time budget")
@@ -225,6 +227,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="wall budget of the whole run: the sweep sizes its traces to fit")
     p.add_argument("--min-requests", type=int, default=60)
     p.add_argument("--max-requests", type=int, default=600)
+    p.add_argument("--low-requests", type=int, default=0,
+                   help="requests per trace below the top rate (0: sized like the top rate's)")
     p.add_argument("--run-timeout", type=float, default=120.0)
     p.add_argument("--cv", type=float, default=1.0, help="arrival-gap CV (1 = Poisson)")
     p.add_argument("--seed", type=int, default=0)
