@@ -206,9 +206,10 @@ def run_route(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        router = make_router(args.router, **({"page_size": args.page_size} if args.router == "token-aware"
-                                             else {}))
-        replicas = ReplicaSet([t.strip() for t in args.replicas.split(",") if t.strip()], router)
+        opts = {"page_size": args.page_size, "expected_tokens": args.expected_tokens}
+        router = make_router(args.router, **(opts if args.router == "token-aware" else {}))
+        replicas = ReplicaSet([t.strip() for t in args.replicas.split(",") if t.strip()], router,
+                              expected_tokens=args.expected_tokens)
     except ValueError as e:
         print(f"jtrail route: error: {e}", file=sys.stderr)
         return 2
@@ -241,6 +242,9 @@ def add_route(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50050)
     p.add_argument("--page-size", type=int, default=16, help="the replicas' KV page size (token-aware)")
+    p.add_argument("--expected-tokens", type=float, default=256.0,
+                   help="output tokens assumed for a new request (token-aware: KV pages it needs, and the "
+                        "slot it takes until the next load poll)")
     p.add_argument("--metrics-port", type=int, default=None)
     p.add_argument("--grace", type=float, default=10.0)
     p.set_defaults(func=run_route)

@@ -24,6 +24,7 @@ from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer, Tokenizer
 from .engine_api import EngineStats
 from .model_runner import ModelRunner, SamplingRows
+from .router import FORECAST_PRIOR_TOKENS, replica_forecast
 from .scheduler.base import Policy, SchedulerState
 from .sequence import (
     FinishReason,
@@ -105,6 +106,7 @@ class LLMEngine:
         self.num_preemptions = 0
         self.steps = 0
         self.finished_by_reason: dict[str, int] = {}
+        self._finished_tokens = self._finished_count = 0  # mean output length: the router forecast's prior
 
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams | None = None,
@@ -364,6 +366,9 @@ class LLMEngine:
         out.finished, out.finish_reason = True, reason
         out.new_text += self._detok[seq.request_id].flush()
         self.finished_by_reason[reason.value] = self.finished_by_reason.get(reason.value, 0) + 1
+        if reason in (FinishReason.STOP, FinishReason.LENGTH):
+            self._finished_tokens += seq.num_generated
+            self._finished_count += 1
         self.policy.on_finish(seq, now)
         if free:
             self._free(seq)
@@ -387,7 +392,11 @@ class LLMEngine:
             outstanding_tokens=float(sum(s.num_prompt_tokens + (s.predicted_remaining if s.predicted_remaining
                                                                  is not None else s.max_remaining)
                                          for s in seqs)),
-            finished_by_reason=dict(self.finished_by_reason), steps=self.steps)
+            finished_by_reason=dict(self.finished_by_reason), steps=self.steps,
+            slot_free_tokens=replica_forecast(
+                self.running, self.waiting, self.config.num_slots,
+                self._finished_tokens / self._finished_count if self._finished_count
+                else FORECAST_PRIOR_TOKENS, getattr(self.policy, "counts_down", False)))
 
     def generate_batch(self, prompt_ids_list: list[list[int]],
                        params_list: SamplingParams | list[SamplingParams] | None = None,

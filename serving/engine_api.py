@@ -25,6 +25,9 @@ class EngineStats:
     outstanding_tokens: float = 0.0
     finished_by_reason: dict[str, int] = field(default_factory=dict)
     steps: int = 0  # engine steps run so far (lets tests bound how fast a cancel frees resources)
+    # token-aware routing: decode steps until each batch slot is free for a new arrival, ascending
+    # (router.slot_forecast); empty when the engine does not forecast
+    slot_free_tokens: list[float] = field(default_factory=list)
 
 
 @dataclass

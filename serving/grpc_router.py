@@ -20,7 +20,7 @@ import grpc
 from .engine_api import EngineStats, ModelInfo
 from .proto import jtrail_v1_pb2 as pb
 from .proto import jtrail_v1_pb2_grpc as pb_grpc
-from .router import Router
+from .router import FORECAST_PRIOR_TOKENS, Router
 from .servicer import stats_to_pb
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,20 @@ log = logging.getLogger(__name__)
 def _stats_from_pb(s: pb.StatsResponse) -> EngineStats:
     return EngineStats(waiting=s.waiting, running=s.running, swapped=s.swapped, pages_used=s.pages_used,
                        pages_total=s.pages_total, preemptions=s.preemptions,
-                       outstanding_tokens=s.outstanding_tokens, finished_by_reason=dict(s.finished_by_reason))
+                       outstanding_tokens=s.outstanding_tokens, finished_by_reason=dict(s.finished_by_reason),
+                       steps=s.steps, slot_free_tokens=list(s.slot_free_tokens))
+
+
+def count_routed(s: EngineStats, prompt_tokens: int, expected_tokens: float) -> EngineStats:
+    """The snapshot after one more request was sent to the replica (until the next poll replaces it):
+    one more waiting, its prompt and expected output in the outstanding tokens, and in the slot
+    forecast it takes the earliest free slot for `expected_tokens` decode steps."""
+    free = sorted(s.slot_free_tokens)
+    if free:
+        free[0] += max(expected_tokens, 1.0)
+        free.sort()
+    return dataclasses.replace(s, waiting=s.waiting + 1, slot_free_tokens=free,
+                               outstanding_tokens=s.outstanding_tokens + prompt_tokens + expected_tokens)
 
 
 def estimate_prompt_tokens(req: pb.GenerateRequest) -> int:
@@ -45,10 +58,12 @@ def estimate_prompt_tokens(req: pb.GenerateRequest) -> int:
 class ReplicaSet:
     """The replicas behind the router: channels, stubs and load snapshots (the server's "engine")."""
 
-    def __init__(self, targets: Sequence[str], router: Router, poll_s: float = 0.05):
+    def __init__(self, targets: Sequence[str], router: Router, poll_s: float = 0.05,
+                 expected_tokens: float = FORECAST_PRIOR_TOKENS):
         if not targets:
             raise ValueError("the router needs at least one replica (--replicas host:port,...)")
         self.targets, self.router, self.poll_s = list(targets), router, poll_s
+        self.expected_tokens = expected_tokens  # output assumed for a request the router just sent
         self.channels: list[grpc.aio.Channel] = []  # made in start(): aio channels need the running loop
         self.stubs: list[pb_grpc.JtrailStub] = []
         self.snapshots = [EngineStats() for _ in self.targets]
@@ -74,11 +89,10 @@ class ReplicaSet:
     def pick(self, req: pb.GenerateRequest) -> int:
         prompt = estimate_prompt_tokens(req)
         k = self.router.choose(self.snapshots, prompt, None)
-        # Count our own send until the next poll replaces the snapshot.
-        s = self.snapshots[k]
-        expected_out = req.max_tokens if req.HasField("max_tokens") else 256
-        self.snapshots[k] = dataclasses.replace(
-            s, waiting=s.waiting + 1, outstanding_tokens=s.outstanding_tokens + prompt + expected_out / 2)
+        # Count our own send until the next poll replaces the snapshot. Its output length is assumed, not
+        # read from max_tokens: a benchmark that forces lengths sets max_tokens to the true length,
+        # which a real router would not know.
+        self.snapshots[k] = count_routed(self.snapshots[k], prompt, self.expected_tokens)
         self.routed[k] += 1
         return k
 
@@ -90,6 +104,7 @@ class ReplicaSet:
                 setattr(tot, f, getattr(tot, f) + getattr(s, f))
             for r, n in s.finished_by_reason.items():
                 tot.finished_by_reason[r] = tot.finished_by_reason.get(r, 0) + n
+        tot.slot_free_tokens = sorted(f for s in self.snapshots for f in s.slot_free_tokens)
         return tot
 
     def info(self) -> ModelInfo:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .engine_api import EngineStats, ModelInfo
 from .mock_state import MockRequest, MockScheduler
+from .router import slot_forecast
 from .sequence import FinishReason, InvalidRequestError, QueueFullError, RequestOutput, SamplingParams
 
 BYTE_OFFSET = 3
@@ -76,7 +77,12 @@ class MockEngine:
         return EngineStats(waiting=len(s.waiting), running=len(s.running), swapped=0,
                            pages_used=s.pages_used, pages_total=self.config.num_pages,
                            preemptions=s.preemptions, outstanding_tokens=float(outstanding),
-                           finished_by_reason=dict(self._finished_by_reason), steps=self.steps)
+                           finished_by_reason=dict(self._finished_by_reason), steps=self.steps,
+                           # the mock generates max_tokens (no eos): its remaining counts are exact
+                           slot_free_tokens=slot_forecast(
+                               [r.params.max_tokens - len(r.output_ids) for r in s.running],
+                               [r.params.max_tokens - len(r.output_ids) for r in s.waiting],
+                               self.config.num_slots))
 
     def encode(self, text: str) -> list[int]:
         return encode_text(text)

@@ -1,22 +1,39 @@
 """Routing policies across replicas: pure objects over replica load snapshots (`EngineStats`).
 
 `choose(stats, prompt_tokens, predicted_tokens) -> replica index`. The simulator and a gRPC router
-call the same objects. `uses_tokens` tells the caller whether `outstanding_tokens` must be fresh.
+call the same objects. `uses_tokens` tells the caller whether `outstanding_tokens` must be fresh and
+`uses_forecast` whether `slot_free_tokens` must be.
 
 - round-robin: ignores load.
 - least-requests: fewest outstanding requests (waiting + running).
 - power-of-two: two distinct replicas drawn at random (seeded), the one with fewer requests.
-- token-aware (Kossmann et al.): least outstanding work in tokens (prompt tokens + predicted
-  remaining tokens of every unfinished request), among replicas whose free KV pages can hold the
-  request's prompt and predicted output; if none can, least work overall. Given the replicas'
-  `num_slots`, a replica with a free batch slot comes first (work in tokens says how long a queue
-  takes to drain, but a free slot starts the request at once, however long its neighbours are).
+- token-aware: least expected wait for a batch slot. Each replica forecasts, from TRAIL's predicted
+  remaining tokens of its running requests and the predicted lengths of the requests queued ahead of
+  a new arrival, how many decode steps until each of its slots frees up (`slot_forecast`, a list
+  schedule: the queue takes the earliest free slots in admission order). The router picks the
+  replica whose first slot frees soonest among those whose free KV pages hold the request (prompt +
+  expected output); ties (several replicas with a free slot) go to the fewest requests, as
+  least-requests would. Least-work-left (Kossmann et al.: least outstanding tokens) is the
+  single-server form of this rule; on a replica with batch slots what a new request waits for is
+  the first slot release, not the whole backlog: seven short requests and one long one free a slot
+  sooner than three long ones, though they add up to more tokens. Replicas that report no forecast
+  (older servers) fall back to least outstanding tokens, a free slot first. Forecasts are in decode
+  steps, comparable across identical replicas (different hardware would need them in seconds).
+
+What routing can gain is the wait for a slot: once a request runs, its time is its decode steps,
+which no router shortens much when a step's fixed cost dominates (benchmarks/simulate.py, routing:
+8 replicas of 8 slots at 90% load, fcfs, mean E2E least-requests / token-aware 1.008,
+round-robin / token-aware 1.14; with trail replicas, where a request routed to a full replica
+preempts a running one, the forecast matters far more).
 """
 
 from __future__ import annotations
 
+import heapq
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
+from typing import Any
 
 import numpy as np
 
@@ -26,9 +43,58 @@ from .sequence import InvalidRequestError
 ROUTER_NAMES = ("round-robin", "least-requests", "power-of-two", "token-aware")
 
 
+# A waiting queue longer than this is list-scheduled for its first entries only; the rest is spread
+# evenly over the slots (keeps the per-step cost of the engine's stats bounded).
+MAX_LISTED = 64
+# Output tokens assumed for a request with no prediction until a replica has finished one.
+FORECAST_PRIOR_TOKENS = 256.0
+
+
+def slot_forecast(running_remaining: Iterable[float], waiting_tokens: Iterable[float], num_slots: int,
+                  max_listed: int = MAX_LISTED) -> list[float]:
+    """Decode steps until each of a replica's `num_slots` batch slots is free for a new arrival,
+    ascending: a running request frees its slot after its remaining tokens; each request queued
+    ahead of the arrival (in admission order) takes the earliest free slot for its predicted output
+    tokens (at least one step). Past `max_listed` queued requests, the rest add their total / slots
+    to every slot (the list schedule's average)."""
+    if num_slots < 1:
+        raise InvalidRequestError("num_slots", f"must be >= 1, got {num_slots}")
+    free = [max(float(r), 0.0) for r in running_remaining]
+    if len(free) > num_slots:
+        raise InvalidRequestError("running_remaining", f"{len(free)} running requests for {num_slots} slots")
+    free = sorted(free + [0.0] * (num_slots - len(free)))  # sorted: a valid heap
+    rest = 0.0
+    for i, w in enumerate(waiting_tokens):
+        w = max(float(w), 1.0)
+        if i < max_listed:
+            heapq.heapreplace(free, free[0] + w)
+        else:
+            rest += w
+    return sorted(f + rest / num_slots for f in free)
+
+
+def replica_forecast(running: Iterable[Any], waiting: Iterable[Any], num_slots: int, prior_tokens: float,
+                     length_ranked: bool) -> list[float]:
+    """`slot_forecast` from a replica's own requests (objects with `predicted_remaining`).
+
+    A request with no prediction counts `prior_tokens` (the replica's mean output length so far, not
+    its max_tokens: with forced lengths max_tokens would leak the true length). Queued ahead of a new
+    arrival: every waiting request (fcfs, priority), or for length-ranked policies (trail, srpt,
+    gittins) those predicted no longer than a typical arrival (`prior_tokens`), shortest first."""
+    def size(s: Any) -> float:
+        p = s.predicted_remaining
+        return prior_tokens if p is None else float(p)
+
+    ahead = [size(s) for s in waiting]
+    if length_ranked:
+        ahead = sorted(w for w in ahead if w <= prior_tokens)
+    return slot_forecast([size(s) for s in running], ahead, num_slots)
+
+
 class Router(ABC):
     name = "router"
     uses_tokens = False
+    uses_forecast = False
 
     def choose(self, stats: Seq[EngineStats], prompt_tokens: int,
                predicted_tokens: float | None = None) -> int:
@@ -79,18 +145,30 @@ class PowerOfTwo(Router):
 class TokenAware(Router):
     name = "token-aware"
     uses_tokens = True
+    uses_forecast = True
 
-    def __init__(self, page_size: int = 16, num_slots: int | None = None) -> None:
+    def __init__(self, page_size: int = 16, num_slots: int | None = None, expected_tokens: float = 256.0,
+                 forecast: bool = True) -> None:
+        """`expected_tokens`: output length assumed for a request with no prediction (KV pages it needs).
+        `num_slots`: only for the fallback rule. `forecast=False`: always the fallback rule (least
+        outstanding tokens), kept to compare with."""
         if page_size < 1:
             raise InvalidRequestError("page_size", f"must be >= 1, got {page_size}")
         if num_slots is not None and num_slots < 1:
             raise InvalidRequestError("num_slots", f"must be >= 1, got {num_slots}")
-        self.page_size, self.num_slots = page_size, num_slots
+        if not expected_tokens >= 0:
+            raise InvalidRequestError("expected_tokens", f"must be >= 0, got {expected_tokens}")
+        self.page_size, self.num_slots, self.expected_tokens = page_size, num_slots, float(expected_tokens)
+        self.forecast = forecast
+        self.uses_forecast = forecast
 
     def _choose(self, stats, prompt_tokens, predicted_tokens):
-        need = -(-(prompt_tokens + int(np.ceil(predicted_tokens or 0.0))) // self.page_size)
+        out = self.expected_tokens if predicted_tokens is None else float(predicted_tokens)
+        need = -(-(prompt_tokens + int(np.ceil(out))) // self.page_size)
         fits = [k for k, s in enumerate(stats) if s.pages_total - s.pages_used >= need]
         pool = fits or range(len(stats))
+        if self.forecast and all(s.slot_free_tokens for s in stats):
+            return min(pool, key=lambda k: (stats[k].slot_free_tokens[0], _requests(stats[k]), k))
         slots = self.num_slots
 
         def busy(k: int) -> bool:

@@ -109,7 +109,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("waiting", "running", "swapped", "pages_used", "pages_total", "preemptions", "outstanding_tokens", "steps", "finished_by_reason")
+    __slots__ = ("waiting", "running", "swapped", "pages_used", "pages_total", "preemptions", "outstanding_tokens", "steps", "finished_by_reason", "slot_free_tokens")
     class FinishedByReasonEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class StatsResponse(_message.Message):
     OUTSTANDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_BY_REASON_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FREE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     waiting: int
     running: int
     swapped: int
@@ -135,7 +136,8 @@ class StatsResponse(_message.Message):
     outstanding_tokens: float
     steps: int
     finished_by_reason: _containers.ScalarMap[str, int]
-    def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., swapped: _Optional[int] = ..., pages_used: _Optional[int] = ..., pages_total: _Optional[int] = ..., preemptions: _Optional[int] = ..., outstanding_tokens: _Optional[float] = ..., steps: _Optional[int] = ..., finished_by_reason: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    slot_free_tokens: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., swapped: _Optional[int] = ..., pages_used: _Optional[int] = ..., pages_total: _Optional[int] = ..., preemptions: _Optional[int] = ..., outstanding_tokens: _Optional[float] = ..., steps: _Optional[int] = ..., finished_by_reason: _Optional[_Mapping[str, int]] = ..., slot_free_tokens: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ServerInfoResponse(_message.Message):
     __slots__ = ("model", "max_context", "vocab_size", "policy", "num_slots", "num_pages", "page_size", "probe", "max_queue", "stats")

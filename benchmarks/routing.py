@@ -1,0 +1,401 @@
+"""Routing on real replicas: 2 `jtrail serve` processes behind `jtrail route`, one run per routing policy.
+
+    python benchmarks/routing.py --gpus 0,1 [--model GGUF] [--probe DIR] [--prompts sharegpt|mtbench|FILE]
+    python benchmarks/routing.py --mock --requests 8      # CPU smoke test (fake tokens, no model)
+
+1. Start the replicas (replica i on GPU i with --gpus) and a router; wait until all are SERVING.
+2. Warm up (every pool prompt, 2 tokens: compiles the prefill buckets), then profile: every pool prompt
+   at t=0 with natural EOS (greedy, capped at --max-output) through the router. That gives each prompt
+   its forced output length (ignore_eos + max_tokens = the profiled length: every policy does the same
+   work, and the probe's predictions stay meaningful since the lengths are the model's own) and the
+   capacity (requests/s with everything queued at t=0, excluding the tail where batches empty).
+3. One seeded Poisson trace at --load x capacity (same prompts, arrivals and lengths for every policy),
+   sized to fit --deadline-s; for each routing policy a fresh router process, replicas drained first
+   (idle, no request left) so each policy starts from an empty system.
+4. Mean / p50 / p99 E2E and TTFT per policy, ratios round-robin / token-aware and least-requests /
+   token-aware. Writes benchmarks/results/routing.json (and a copy under $OUT when set).
+
+The driver itself never imports JAX: the replicas own the accelerators.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import Workload, arrival_times, drive_grpc  # noqa: E402
+
+from jtrail.provenance import git_commit  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "results" / "routing.json"
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+# --- processes -------------------------------------------------------------------------------------
+class Proc:
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], pattern: str, log_dir: Path,
+                 timeout_s: float):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self.err = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.err, text=True, env=env,
+                                     start_new_session=True)
+        self.target = self._wait_line(pattern, timeout_s)
+
+    def _wait_line(self, pattern: str, timeout_s: float) -> str:
+        """The first stdout line matching `pattern` (the server prints it once bound); read in a thread
+        so a silent crash or hang hits the timeout instead of blocking."""
+        import threading
+
+        found: list[str] = []
+
+        def read() -> None:
+            for line in self.proc.stdout:  # type: ignore[union-attr]
+                m = re.search(pattern, line)
+                if m:
+                    found.append(m.group(1))
+                    return
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        t.join(timeout_s)
+        if not found:
+            self.stop()
+            tail = self.log_path.read_text()[-2000:] if self.log_path.exists() else ""
+            raise RuntimeError(f"{self.name} did not start within {timeout_s:.0f} s "
+                               f"(rc {self.proc.poll()}); log tail:\n{tail}")
+        threading.Thread(target=self._drain_stdout, daemon=True).start()
+        return found[0]
+
+    def _drain_stdout(self) -> None:
+        for _ in self.proc.stdout:  # type: ignore[union-attr]
+            pass
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.err.close()
+
+
+def jtrail_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "jtrail.cli", *args]
+
+
+def start_replica(i: int, a: argparse.Namespace, log_dir: Path) -> Proc:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if a.gpus:
+        env["CUDA_VISIBLE_DEVICES"] = a.gpus.split(",")[i]
+    args = ["serve", "--host", "127.0.0.1", "--port", "0", "--policy", a.policy, "--slots", str(a.slots),
+            "--pages", str(a.pages), "--page-size", str(a.page_size), "--max-context", str(a.max_context),
+            "--max-queue", str(a.max_queue), "--grace", "1"]
+    if a.mock:
+        args += ["--mock", "--mock-step-delay", str(a.mock_step_delay)]
+    else:
+        if a.model:
+            args += ["--model", a.model]
+        if a.probe:
+            args += ["--probe", a.probe]
+        if a.policy in ("trail", "gittins", "srpt-oracle"):
+            args += ["--aging", str(a.aging)]
+        args += ["--decode-steps", str(a.decode_steps)]
+    return Proc(f"replica{i}", jtrail_cmd(*args), env, r"serving on ([\d.]+:\d+)", log_dir, a.start_timeout)
+
+
+def start_router(policy: str, targets: list[str], a: argparse.Namespace, log_dir: Path) -> Proc:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    args = ["route", "--replicas", ",".join(targets), "--router", policy, "--host", "127.0.0.1",
+            "--port", "0", "--page-size", str(a.page_size), "--expected-tokens", str(a.expected_tokens),
+            "--grace", "1"]
+    return Proc(f"router-{policy}", jtrail_cmd(*args), env, r"routing on ([\d.]+:\d+)", log_dir, 60.0)
+
+
+# --- measurements ----------------------------------------------------------------------------------
+def wait_serving(targets: list[str], timeout_s: float) -> None:
+    from jtrail.client import Client
+
+    deadline = time.monotonic() + timeout_s
+    for t in targets:
+        with Client(t) as c:
+            while True:
+                try:
+                    if c.health(timeout=2.0) == "SERVING":
+                        break
+                except Exception:  # noqa: BLE001 - not up yet
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{t} never became SERVING")
+                time.sleep(0.1)
+
+
+def replica_stats(targets: list[str]) -> list[Any]:
+    from jtrail.client import Client
+
+    out = []
+    for t in targets:
+        with Client(t) as c:
+            out.append(c.stats(timeout=10.0))
+    return out
+
+
+def drain(targets: list[str], timeout_s: float) -> float:
+    """Wait until every replica is idle (nothing waiting or running, no KV page held); seconds waited."""
+    t0 = time.monotonic()
+    while True:
+        st = replica_stats(targets)
+        if all(s.waiting == 0 and s.running == 0 and s.swapped == 0 and s.pages_used == 0 for s in st):
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout_s:
+            raise RuntimeError(f"replicas not idle after {timeout_s:.0f} s: {[str(s) for s in st]}")
+        time.sleep(0.1)
+
+
+def finished_counts(targets: list[str]) -> list[int]:
+    return [sum(s.finished_by_reason.values()) for s in replica_stats(targets)]
+
+
+def summarize(res: Any) -> dict[str, float]:
+    ok = res.completed
+    e2e = (res.finish - res.arrival)[ok]
+    ttft = (res.first_token - res.arrival)[ok]
+    row: dict[str, float] = {"completed": int(ok.sum()), "requests": len(ok), "wall_s": float(res.wall_s)}
+    for name, x in (("e2e", e2e), ("ttft", ttft)):
+        row[f"mean_{name}"] = float(x.mean()) if len(x) else float("nan")
+        for q in (50, 99):
+            row[f"p{q}_{name}"] = float(np.percentile(x, q)) if len(x) else float("nan")
+    return row
+
+
+def load_pool(a: argparse.Namespace) -> list[Any]:
+    """Seeded sample of prompts, as chat messages (the servers apply the model's template) or raw text.
+    Over-long prompts are skipped at ~4 characters a token (the servers reject what still does not fit)."""
+    from jtrail import datasets
+
+    texts = datasets.prompt_texts(a.prompts)
+    order = np.random.default_rng(a.seed).permutation(len(texts))
+    pool: list[Any] = []
+    for i in order:
+        t = texts[int(i)]
+        if 0 < len(t) <= 4 * a.max_prompt_tokens:
+            pool.append(t if a.raw else [{"role": "user", "content": t}])
+            if len(pool) >= a.pool:
+                break
+    return pool
+
+
+def device_name(a: argparse.Namespace) -> str:
+    if a.mock:
+        return "cpu (mock engines)"
+    if a.gpus and shutil.which("nvidia-smi"):
+        try:
+            names = subprocess.run(["nvidia-smi", "--query-gpu=index,name", "--format=csv,noheader"],
+                                   capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+            chosen = [n for n in names if n.split(",")[0].strip() in a.gpus.split(",")]
+            return f"{len(chosen)} x {chosen[0].split(',', 1)[1].strip()}" if chosen else "gpu"
+        except (OSError, subprocess.SubprocessError, IndexError):
+            return "gpu"
+    return "cpu" if not a.gpus else "gpu"
+
+
+# --- main ------------------------------------------------------------------------------------------
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="GGUF / HF dir / named shape; default: embedded SmolLM2")
+    p.add_argument("--probe", default=None, help="probe directory (default: the shipped one); 'none': off")
+    p.add_argument("--mock", action="store_true", help="mock engines (fake tokens, no model): a smoke test")
+    p.add_argument("--mock-step-delay", type=float, default=0.005)
+    p.add_argument("--gpus", default="", help="comma list: replica i runs with CUDA_VISIBLE_DEVICES=gpus[i]")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--policy", default="fcfs", help="engine policy of the replicas (fcfs, trail, ...)")
+    p.add_argument("--aging", type=float, default=18.0, help="trail/gittins aging (as `jtrail serve`)")
+    p.add_argument("--decode-steps", type=int, default=1)
+    p.add_argument("--routers", default="round-robin,least-requests,token-aware",
+                   help="routing policies to compare (token-aware is the reference of the ratios)")
+    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--pages", type=int, default=256)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--max-context", type=int, default=2048)
+    p.add_argument("--max-queue", type=int, default=4096)
+    p.add_argument("--expected-tokens", type=float, default=256.0, help="`jtrail route --expected-tokens`")
+    p.add_argument("--prompts", default="sharegpt", help="sharegpt, mtbench or a JSONL file of prompts")
+    p.add_argument("--raw", action="store_true", help="send prompts as plain text, not chat messages")
+    p.add_argument("--max-prompt-tokens", type=int, default=512)
+    p.add_argument("--max-output", type=int, default=256, help="cap of the profiled (forced) lengths")
+    p.add_argument("--natural-eos", action="store_true",
+                   help="policy runs stop at the model's eos (max_tokens = --max-output), not forced lengths")
+    p.add_argument("--pool", type=int, default=256, help="prompts profiled (the capacity run)")
+    p.add_argument("--load", type=float, default=0.9, help="fraction of the measured capacity")
+    p.add_argument("--requests", type=int, default=600, help="most requests per policy run")
+    p.add_argument("--min-requests", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deadline-s", type=float, default=360.0,
+                   help="wall budget of the whole run: the trace is sized to fit")
+    p.add_argument("--start-timeout", type=float, default=240.0, help="seconds for a replica to come up")
+    p.add_argument("--run-timeout", type=float, default=150.0, help="most seconds of one policy run")
+    p.add_argument("--out", default=str(OUT))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    routers = [r for r in a.routers.split(",") if r]
+    if "token-aware" not in routers:
+        raise SystemExit("--routers must include token-aware (the reference of the ratios)")
+    if a.gpus and len(a.gpus.split(",")) < a.replicas:
+        raise SystemExit(f"--gpus names {len(a.gpus.split(','))} devices for {a.replicas} replicas")
+    command = "python benchmarks/routing.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    log_dir = Path(tempfile.mkdtemp(prefix="jtrail_routing_"))  # process logs (their tails show on failure)
+    pool = load_pool(a)
+    if not pool:
+        raise SystemExit(f"no prompt of at most {a.max_prompt_tokens} tokens in {a.prompts}")
+    log(f"{len(pool)} prompts; starting {a.replicas} replicas")
+    reps: list[Proc] = []
+    router: Proc | None = None
+    try:
+        # Replicas load in parallel (each process prints its address once bound).
+        import concurrent.futures as cf
+
+        with cf.ThreadPoolExecutor(a.replicas) as ex:
+            futs = [ex.submit(start_replica, i, a, log_dir) for i in range(a.replicas)]
+            errors = []
+            for f in futs:
+                try:
+                    reps.append(f.result())
+                except Exception as e:  # noqa: BLE001 - stop the others, then report
+                    errors.append(e)
+            if errors:
+                raise errors[0]
+        targets = [r.target for r in reps]
+        wait_serving(targets, a.start_timeout)
+        log(f"replicas SERVING at {targets}")
+
+        router = start_router("least-requests", targets, a, log_dir)
+        n_pool = len(pool)
+        warm = Workload(pool, np.zeros(n_pool), np.full(n_pool, 2), forced=True,
+                        request_ids=[f"warm{i}" for i in range(n_pool)])
+        drive_grpc(router.target, warm, timeout_s=a.run_timeout)
+        log("warm-up done (every prompt prefilled once)")
+        drain(targets, 60.0)
+        prof = Workload(pool, np.zeros(n_pool), np.full(n_pool, a.max_output), forced=False,
+                        request_ids=[f"prof{i}" for i in range(n_pool)])
+        res = drive_grpc(router.target, prof, timeout_s=a.run_timeout)
+        ok = res.completed & (res.output_tokens > 0)
+        fin = np.sort(res.finish[ok])
+        k = len(fin) - a.slots * a.replicas  # exclude the tail where batches are no longer full ...
+        if k < len(fin) // 2:  # ... unless that leaves too little (a pool not much larger than the slots)
+            k = len(fin)
+        capacity = float(k / fin[k - 1]) if len(fin) else float("nan")
+        prompts = [p for p, good in zip(pool, ok, strict=True) if good]
+        lengths = np.minimum(res.output_tokens[ok], a.max_output).astype(np.int64)
+        router.stop()
+        router = None
+        if not len(prompts) or not np.isfinite(capacity) or capacity <= 0:
+            raise RuntimeError("the profiling run completed no request")
+        log(f"profiled {len(prompts)} prompts: mean output {lengths.mean():.1f} tokens; capacity "
+            f"{capacity:.2f} req/s through the router")
+        drain(targets, 60.0)
+
+        # Size the trace so every policy fits in what is left of the deadline.
+        rate = a.load * capacity
+        left = a.deadline_s - (time.perf_counter() - T0) - 15.0
+        per_policy = min(left / len(routers), a.run_timeout)
+        tail = float(np.max(lengths)) / max(capacity / a.replicas / a.slots * float(lengths.mean()), 1e-9)
+        tail = min(tail, per_policy / 2)  # time to finish the last arrivals, roughly one long request
+        n = int(min(a.requests, max(a.min_requests, (per_policy - tail) * rate)))
+        rng = np.random.default_rng(a.seed + 1)
+        pick = rng.integers(0, len(prompts), n)
+        # Forced lengths: ignore_eos, max_tokens = the profiled length (identical work for every policy).
+        # --natural-eos instead sends max_tokens = --max-output and lets the model stop (no true length in
+        # max_tokens, which caps the engine's length predictions; greedy decoding repeats the profile).
+        out_len = np.full(n, a.max_output) if a.natural_eos else lengths[pick]
+        wl = Workload([prompts[i] for i in pick], arrival_times(n, rate, a.seed), out_len,
+                      forced=not a.natural_eos, request_ids=[f"r{i}" for i in range(n)])
+        log(f"trace: {n} requests at {rate:.2f} req/s ({a.load:.0%} of capacity), "
+            f"{per_policy:.0f} s per policy")
+
+        table: dict[str, dict] = {}
+        for name in routers:
+            waited = drain(targets, 60.0)
+            before = finished_counts(targets)
+            router = start_router(name, targets, a, log_dir)
+            out = drive_grpc(router.target, wl, timeout_s=per_policy)
+            router.stop()
+            router = None
+            row = summarize(out)
+            after = finished_counts(targets)
+            row["per_replica_finished"] = [x - y for x, y in zip(after, before, strict=True)]
+            row["drain_s_before"] = waited
+            table[name] = row
+            log(f"{name:15s} done {row['completed']}/{n}: mean E2E {row['mean_e2e']:.3f} s, "
+                f"p99 {row['p99_e2e']:.3f} s, mean TTFT {row['mean_ttft']:.3f} s, "
+                f"split {row['per_replica_finished']}")
+    finally:
+        if router is not None:
+            router.stop()
+        for r in reps:
+            r.stop()
+
+    ta = table["token-aware"]
+    ratios = {}
+    for name, key in (("round-robin", "rr"), ("least-requests", "least_requests"),
+                      ("power-of-two", "power_of_two")):
+        if name in table:
+            ratios[f"{key}_over_token_aware_mean_e2e"] = table[name]["mean_e2e"] / ta["mean_e2e"]
+            ratios[f"{key}_over_token_aware_mean_ttft"] = table[name]["mean_ttft"] / ta["mean_ttft"]
+    complete = all(r["completed"] == r["requests"] for r in table.values())
+    doc = {
+        "command": command, "device": device_name(a),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "git_commit": git_commit(),
+        "config": {k: v for k, v in vars(a).items() if k != "out"},
+        "workload": {"prompts": a.prompts, "pool_profiled": len(pool), "usable": len(prompts),
+                     "mode": "natural EOS (greedy, max_tokens = max_output)" if a.natural_eos
+                     else "forced lengths (natural-EOS greedy profile, capped)",
+                     "output_len_mean": float(lengths.mean()), "output_len_p50": float(np.median(lengths)),
+                     "requests": n, "rate_req_s": rate},
+        "capacity_req_s": capacity, "table": table, "ratios": ratios, "all_completed": complete,
+        "bars": {"rr_over_token_aware_mean_e2e_real2": ratios.get("rr_over_token_aware_mean_e2e"),
+                 "least_requests_over_token_aware_mean_e2e_real2":
+                     ratios.get("least_requests_over_token_aware_mean_e2e"),
+                 "token_aware_best": all(table[r]["mean_e2e"] >= ta["mean_e2e"] for r in table)},
+    }
+    out_path = Path(a.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(doc, indent=2))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(out_path, Path(os.environ["OUT"]) / out_path.name)
+    print(f"\n| router ({a.replicas} x {a.policy}, {a.load:.0%} load, {n} req) | done | mean E2E | p50 E2E | "
+          "p99 E2E | mean TTFT | p99 TTFT | E2E / token-aware |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in table.items():
+        print(f"| {name} | {r['completed']}/{r['requests']} | {r['mean_e2e']:.3f} | {r['p50_e2e']:.3f} | "
+              f"{r['p99_e2e']:.3f} | {r['mean_ttft']:.3f} | {r['p99_ttft']:.3f} | "
+              f"{r['mean_e2e'] / ta['mean_e2e']:.3f} |")
+    print(f"-> {out_path}" + ("" if complete else "  (some requests did not finish: see the table)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""benchmarks/routing.py end to end on CPU: two `jtrail serve --mock` replicas, one router per policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_routing_benchmark_runs_every_policy_on_the_same_trace(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i}: " + "why? " * (1 + i % 4)}) + "\n"
+                               for i in range(10)))
+    out = tmp_path / "routing.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "routing.py"), "--mock", "--prompts", str(prompts),
+           "--pool", "8", "--requests", "8", "--max-output", "6", "--slots", "2", "--pages", "64",
+           "--routers", "round-robin,least-requests,power-of-two,token-aware", "--deadline-s", "60",
+           "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OUT": str(tmp_path / "out")})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert (tmp_path / "out" / "routing.json").exists()  # the $OUT copy
+    assert set(doc["table"]) == {"round-robin", "least-requests", "power-of-two", "token-aware"}
+    assert doc["all_completed"] and doc["workload"]["requests"] == 8
+    for row in doc["table"].values():
+        assert row["completed"] == 8 and sum(row["per_replica_finished"]) == 8
+        assert 0 < row["mean_ttft"] <= row["mean_e2e"]
+    assert doc["table"]["round-robin"]["per_replica_finished"] == [4, 4]
+    assert doc["ratios"]["rr_over_token_aware_mean_e2e"] > 0
+    assert doc["bars"]["least_requests_over_token_aware_mean_e2e_real2"] > 0
+    for k in ("command", "device", "date", "git_commit", "capacity_req_s"):
+        assert k in doc
+    assert "| token-aware |" in r.stdout
