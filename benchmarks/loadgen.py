@@ -14,6 +14,7 @@ Times are `time.perf_counter()` seconds on the host, relative to the start of th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ class Workload:
     output_len: np.ndarray  # forced (profiled) lengths, or the cap in natural mode
     forced: bool = True
     request_ids: list[str] = field(default_factory=list)
+    max_tokens: int | None = None  # nominal cap sent with forced requests (None: the forced length)
 
     def __post_init__(self) -> None:
         self.arrival = np.asarray(self.arrival, float)
@@ -73,12 +75,18 @@ class Workload:
             raise ValueError("prompts, arrival and output_len need the same length")
         if not self.request_ids:
             self.request_ids = [f"r{i}" for i in range(len(self.prompts))]
+        if self.max_tokens is not None and len(self) and self.max_tokens < int(self.output_len.max()):
+            raise ValueError(f"max_tokens {self.max_tokens} is below a forced length {self.output_len.max()}")
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def params(self, i: int) -> SamplingParams:
-        return SamplingParams(max_tokens=int(self.output_len[i]), temperature=0.0, ignore_eos=self.forced)
+        """Forced lengths: EOS is ignored and the driver stops the request at its length. max_tokens is
+        the nominal cap when one is set (a server sees what a user would send; a max_tokens equal to
+        the true length would hand every length-aware policy an exact upper bound)."""
+        cap = self.max_tokens if (self.forced and self.max_tokens) else int(self.output_len[i])
+        return SamplingParams(max_tokens=cap, temperature=0.0, ignore_eos=self.forced)
 
 
 @dataclass
@@ -175,6 +183,9 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float) -> 
                     itl.extend([gap] * m)
                 last_tok[k] = t_rel
                 nout[k] += m
+            if not o.finished and wl.forced and nout[k] >= wl.output_len[k]:
+                engine.abort(o.request_id)  # its forced length, reached under a nominal max_tokens
+                o.finished = True
             if o.finished:
                 finish[k] = t_rel
                 done += 1
@@ -207,11 +218,15 @@ async def grpc_run(target: str, wl: Workload, timeout_s: float) -> RunResult:
 
     async def one(k: int, client: AsyncClient) -> None:
         await asyncio.sleep(max(0.0, wl.arrival[k] - (time.perf_counter() - t0)))
-        last = None
         p = wl.params(k)
-        async for d in client.generate(wl.prompts[k], timeout=timeout_s, max_tokens=p.max_tokens,
-                                       temperature=0.0, ignore_eos=p.ignore_eos,
-                                       request_id=wl.request_ids[k]):
+        stream = client.generate(wl.prompts[k], timeout=timeout_s, max_tokens=p.max_tokens,
+                                 temperature=0.0, ignore_eos=p.ignore_eos, request_id=wl.request_ids[k])
+        async with contextlib.aclosing(stream):  # closing it cancels the RPC at once
+            await _consume(k, stream)
+
+    async def _consume(k: int, stream: Any) -> None:
+        last = None
+        async for d in stream:
             t = time.perf_counter() - t0
             m = len(d.token_ids)
             if m:
@@ -223,6 +238,9 @@ async def grpc_run(target: str, wl: Workload, timeout_s: float) -> RunResult:
                 nout[k] += m
             if d.finish_reason is not None:
                 finish[k] = t
+            elif wl.forced and nout[k] >= wl.output_len[k]:
+                finish[k] = t  # its forced length: leaving the stream cancels the request
+                break
 
     async with AsyncClient(target) as client:
         tasks = [asyncio.create_task(one(k, client)) for k in range(n)]

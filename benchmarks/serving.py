@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from jtrail.serving.model_runner import TRACE_COUNTS  # noqa: E402
 from loadgen import Workload, arrival_times, drive_engine, load_prompt_ids  # noqa: E402
 from metrics_summary import summarize  # noqa: E402
 from serving_report import analyse, write_outputs  # noqa: E402
@@ -102,7 +103,7 @@ def profile_lengths(su: Setup, prompts: list[list[int]]) -> np.ndarray:
 def measure_capacity(su: Setup, prompts: list[list[int]], lengths: np.ndarray) -> dict[str, float]:
     """Saturated throughput: everything arrives at t=0; rate = requests done before the tail drains."""
     n = min(len(prompts), su.args.capacity_requests)
-    wl = Workload(prompts[:n], np.zeros(n), lengths[:n])
+    wl = Workload(prompts[:n], np.zeros(n), lengths[:n], max_tokens=su.args.max_output)
     res = drive_engine(make_engine(su, "fcfs", {}), wl, timeout_s=su.args.run_timeout)
     fin = np.sort(res.finish[res.completed])
     k = max(len(fin) - su.args.slots, 1)  # exclude the tail where the batch is no longer full
@@ -145,12 +146,18 @@ def sweep(su: Setup, prompts, lengths, cap: dict, budget_s: float) -> dict[str, 
             log(f"rate {frac:.2f}: skipped, out of time budget")
             continue
         pick = np.random.default_rng(a.seed + 1000 + ri).choice(len(prompts), n, replace=n > len(prompts))
-        wl = Workload([prompts[i] for i in pick], arrival_times(n, rate, a.seed + ri, a.cv), lengths[pick])
+        wl = Workload([prompts[i] for i in pick], arrival_times(n, rate, a.seed + ri, a.cv), lengths[pick],
+                      max_tokens=a.max_output)
         for label, (name, kw) in specs.items():
             rec = RecordingPredictor(su.refiner) if (is_top and label == "trail") else None
             eng = make_engine(su, name, kw, rec)
+            compiled = sum(TRACE_COUNTS.values())
             res = drive_engine(eng, wl, timeout_s=max(a.run_timeout, 4 * n / rate))
             s = summarize(res)
+            # A step 20x the median is a stall (a compile, a pause), not the steady state: report them.
+            stall = res.steps[:, 2] > 20 * np.median(res.steps[:, 2])
+            s.update(compiles_during_run=float(sum(TRACE_COUNTS.values()) - compiled),
+                     stalls=float(stall.sum()), stall_s=float(res.steps[stall, 2].sum()))
             del eng
             steps.append(res.steps)
             runs.append({"rate_frac": frac, "rate_req_s": rate, "policy": label, "name": name,
@@ -159,7 +166,8 @@ def sweep(su: Setup, prompts, lengths, cap: dict, budget_s: float) -> dict[str, 
                          "_npre": res.preemptions, "_steps": res.steps})
             log(f"rate {frac:.2f} ({rate:.2f} req/s, n={n}) {label:>22}: mean e2e {s['mean_e2e']:.3f}s "
                 f"p99 {s['p99_e2e']:.3f}s ttft {s['mean_ttft']:.3f}s preempt/req "
-                f"{s['preemptions_per_request']:.2f} done {int(s['completed'])}/{n} in {res.wall_s:.1f}s")
+                f"{s['preemptions_per_request']:.2f} done {int(s['completed'])}/{n} in {res.wall_s:.1f}s "
+                f"(stalls {int(s['stalls'])}: {s['stall_s']:.2f}s, compiles {int(s['compiles_during_run'])})")
             if rec is not None:
                 top = (wl, rec, specs)
     return {"runs": runs, "steps": np.concatenate([cap["steps"], *steps]), "top": top,
@@ -182,6 +190,7 @@ def save_raw(su: Setup, lengths: np.ndarray, cap: dict, sw: dict[str, Any]) -> N
         records = rec.records(ids, len(su.refiner.midpoints))
         raw.update(top_arrival=wl.arrival, top_prompt_len=np.array([len(p) for p in wl.prompts]),
                    top_output_len=wl.output_len, top_ids=np.array(ids),
+                   top_max_tokens=np.array(wl.max_tokens if wl.max_tokens else -1),
                    records=np.concatenate([records[i] for i in ids]),
                    records_len=np.array([len(records[i]) for i in ids]))
     for d in dict.fromkeys(str(Path(x).resolve()) for x in (su.args.out, os.environ.get("OUT")) if x):

@@ -72,7 +72,7 @@ def simulate_policies(wl: Any, specs: dict[str, tuple[str, dict]], sm: StepModel
                       refiner: TrailPredictor, records: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     """Run the simulator on the workload for each (label -> (policy, kwargs)); summaries per label."""
     trace = Trace(wl.arrival, np.array([len(p) for p in wl.prompts]), wl.output_len,
-                  request_ids=list(wl.request_ids))
+                  request_ids=list(wl.request_ids), max_tokens=getattr(wl, "max_tokens", None))
     out = {}
     for label, (name, kw) in specs.items():
         pred = RecordedPredictor(refiner, records)

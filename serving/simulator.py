@@ -39,6 +39,9 @@ class Trace:
     output_len: np.ndarray  # tokens each request generates (forced lengths), >= 1
     priority: np.ndarray | None = None
     request_ids: Seq[str] | None = None  # default "r{i}"; keys of recorded probe outputs
+    # The max_tokens each request was sent with (a nominal cap >= its length). None: its own length,
+    # which hands length-aware policies an exact upper bound through max_remaining.
+    max_tokens: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.arrival = np.asarray(self.arrival, dtype=np.float64)
@@ -53,6 +56,10 @@ class Trace:
             raise InvalidRequestError("trace", "prompt and output lengths must be >= 1")
         if self.request_ids is not None and len(self.request_ids) != n:
             raise InvalidRequestError("request_ids", "need one id per request")
+        if self.max_tokens is not None:
+            self.max_tokens = np.broadcast_to(np.asarray(self.max_tokens, dtype=np.int64), (n,))
+            if np.any(self.max_tokens < self.output_len):
+                raise InvalidRequestError("max_tokens", "must be >= each request's output length")
 
     def __len__(self) -> int:
         return len(self.arrival)
@@ -146,6 +153,7 @@ def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel, resources:
     needs_tokens = getattr(router, "uses_tokens", True)
     params: dict[int, SamplingParams] = {}
     arr, plen, olen = trace.arrival, trace.prompt_len.tolist(), trace.output_len.tolist()
+    mtok = trace.max_tokens.tolist() if trace.max_tokens is not None else olen
     prio = trace.priority.tolist() if trace.priority is not None else None
     ids = trace.request_ids
     events: list[tuple[float, int, int]] = []
@@ -156,8 +164,8 @@ def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel, resources:
             heapq.heappop(events)
         t_rep = events[0][0] if events else float("inf")
         if i < n and arr[i] <= t_rep:
-            ta, o = float(arr[i]), olen[i]
-            sp = params.get(o) or params.setdefault(o, SamplingParams(max_tokens=o, ignore_eos=True))
+            ta, o, mt = float(arr[i]), olen[i], mtok[i]
+            sp = params.get(mt) or params.setdefault(mt, SamplingParams(max_tokens=mt, ignore_eos=True))
             s = SimSequence(ids[i] if ids is not None else f"r{i}", [], sp, ta,
                             priority=prio[i] if prio is not None else 0, oracle_remaining_at_start=o)
             s._plen, s._idx = plen[i], i

@@ -125,6 +125,53 @@ def test_forced_lengths_identical_work_across_policies(tiny):
     assert seen["srpt-oracle"]["mean_e2e"] < seen["fcfs"]["mean_e2e"]
 
 
+def test_forced_lengths_under_a_nominal_max_tokens(tiny):
+    """The engine sees max_tokens = the nominal cap (no exact upper bound leaks to the policies) and
+    the driver stops each request at its forced length, freeing its pages."""
+    rng = np.random.default_rng(1)
+    n = 12
+    prompts = [rng.integers(3, CFG.vocab_size, rng.integers(2, 20)).tolist() for _ in range(n)]
+    lengths = rng.integers(1, 12, n)
+    with pytest.raises(ValueError, match="below a forced length"):
+        Workload(prompts, np.zeros(n), lengths, max_tokens=int(lengths.max()) - 1)
+    wl = Workload(prompts, np.zeros(n), lengths, max_tokens=24)
+    eng = _engine(tiny, "trail")
+    seen = []
+    inner = eng.policy.on_arrival
+    eng.policy.on_arrival = lambda seq, now: (seen.append(seq.params.max_tokens), inner(seq, now))
+    res = drive_engine(eng, wl, timeout_s=120)
+    assert res.completed.all() and seen == [24] * n
+    np.testing.assert_array_equal(res.output_tokens, lengths)
+    assert not eng.has_unfinished() and eng.blocks.num_used == 0
+
+
+def test_sim_trace_max_tokens_caps_predictions_not_the_truth():
+    from jtrail.serving.predictor import NoisyOraclePredictor
+    from jtrail.serving.simulator import Resources, Trace, simulate
+    from jtrail.serving.step_model import StepModel
+
+    out = np.array([5, 40, 7, 30])
+    seen: dict[int, list[float]] = {}
+
+    class Spy(NoisyOraclePredictor):
+        def sim_prefill(self, seq):
+            super().sim_prefill(seq)
+            seen.setdefault(int(seq.oracle_remaining_at_start), []).append(seq.predicted_remaining)
+
+    for cap in (None, 64):
+        seen.clear()
+        tr = Trace(np.zeros(4), np.full(4, 3), out, max_tokens=cap)
+        simulate(tr, "trail", StepModel(a=0.01), Resources(num_slots=2, num_pages=64),
+                 predictor=Spy(sigma=2.0, seed=3))
+        preds = {k: v[0] for k, v in seen.items()}
+        if cap is None:  # capped at the true length: never above it
+            assert all(p <= k for k, p in preds.items())
+        else:  # the nominal cap only: a noisy estimate may exceed the truth
+            assert all(p <= cap for p in preds.values()) and any(p > k for k, p in preds.items())
+    with pytest.raises(Exception, match="max_tokens"):
+        Trace(np.zeros(4), np.full(4, 3), out, max_tokens=10)
+
+
 def test_grpc_target_streams_forced_lengths():
     import asyncio
 
@@ -148,3 +195,8 @@ def test_grpc_target_streams_forced_lengths():
     np.testing.assert_array_equal(res.output_tokens, lengths)
     assert np.all(res.first_token >= res.arrival) and np.all(res.finish >= res.first_token)
     assert len(res.itl) == int((lengths - 1).sum())
+    # under a nominal cap the client leaves each stream at its forced length
+    wl.max_tokens = 50
+    res = asyncio.run(main())
+    assert res.completed.all()
+    np.testing.assert_array_equal(res.output_tokens, lengths)
