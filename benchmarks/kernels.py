@@ -228,14 +228,17 @@ def gpu_check() -> dict:
 
 
 # Variants per group: {} is the defaults (what the engine runs); the others are alternatives.
-# Run 5 (KERNEL_NOTES.md) measured the defaults; the alternatives here are the next ones to try.
-DECODE_SHORT = [{}, dict(pages_per_block=2, num_warps=1), dict(pages_per_block=2, num_warps=1, num_stages=2),
+# Run 6 (KERNEL_NOTES.md) made its best variants the defaults; the defaults before run 6 stay here
+# explicitly ("old"), so the next run compares old and new defaults side by side. Shapes: page 16, G=4.
+OLD_DECODE_SHORT = dict(pages_per_block=4, num_warps=2)  # 64 tokens/step, 2 warps (long: still {})
+OLD_PREFILL = dict(block_t=16, pages_per_block=4)  # 64 packed rows x 64 keys (4 warps, 2 stages)
+DECODE_SHORT = [{}, OLD_DECODE_SHORT, dict(pages_per_block=2, num_warps=1, num_stages=2),
                 dict(pages_per_block=2, num_warps=2, num_stages=2)]
-DECODE_LONG = [{}, dict(pages_per_block=2, num_warps=1, num_stages=2),
+DECODE_LONG = [{}, dict(pages_per_block=2, num_warps=1), dict(pages_per_block=2, num_warps=1, num_stages=2),
                dict(pages_per_block=2, num_warps=2, num_stages=2)]
-PREFILL = [{}, dict(num_stages=3), dict(block_t=32, pages_per_block=4)]
+PREFILL = [{}, OLD_PREFILL, dict(num_stages=3)]
 SWEEP = dict(  # --sweep: a wider search, used to pick the defaults
-    short=[{}, dict(pages_per_block=2, num_warps=1), dict(pages_per_block=2, num_warps=1, num_splits=2),
+    short=[{}, OLD_DECODE_SHORT, dict(pages_per_block=2, num_warps=1, num_splits=2),
            dict(pages_per_block=2, num_warps=1, num_splits=4),
            dict(pages_per_block=2, num_warps=1, num_stages=2),
            dict(pages_per_block=2, num_warps=2, num_stages=2),
@@ -245,8 +248,8 @@ SWEEP = dict(  # --sweep: a wider search, used to pick the defaults
           dict(pages_per_block=2, num_warps=1, num_splits=16),
           dict(pages_per_block=2, num_warps=1, num_stages=2),
           dict(pages_per_block=2, num_warps=2, num_stages=2)],
-    prefill=[{}, dict(num_stages=3), dict(num_stages=4), dict(block_t=32, pages_per_block=4),
-             dict(block_t=32, pages_per_block=4, num_warps=8), dict(pages_per_block=2, num_stages=3),
+    prefill=[{}, OLD_PREFILL, dict(num_stages=3), dict(num_stages=4), dict(num_warps=8),
+             dict(block_t=16, pages_per_block=4, num_stages=3), dict(pages_per_block=2, num_stages=3),
              dict(num_warps=2)])
 
 

@@ -188,20 +188,24 @@ _STATIC = ("scale", "softcap", "pages_per_block", "num_splits", "num_warps", "nu
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def decode_attention_pallas(q, k_pages, v_pages, lengths, block_tables, *, scale=None,
-                            softcap=None, pages_per_block=None, num_splits=None, num_warps=2,
+                            softcap=None, pages_per_block=None, num_splits=None, num_warps=None,
                             num_stages=1, interpret=False):
     """Decode: q [B, Hq, D] -> [B, Hq, D] (see reference.decode_attention)."""
     check_inputs(q[:, None], k_pages, v_pages, block_tables)
     lengths = lengths.astype(jnp.int32)
     hkv, _, page_size, d = k_pages.shape
-    # Defaults from the H200 sweep: 64 tokens per step, 2 warps, no smem pipelining (num_stages=1):
-    # small programs -> many resident per SM, which hides the gather latency best.
-    ppb = min(pages_per_block or max(1, 64 // page_size), pl.next_power_of_2(block_tables.shape[1]))
-    splits = num_splits or _auto_splits(q.shape[0], hkv, block_tables.shape[1], page_size)
+    max_pages = block_tables.shape[1]
+    splits = num_splits or _auto_splits(q.shape[0], hkv, max_pages, page_size)
+    # KERNEL_NOTES run 6 (stages 1; 2 stages 1.5x slower): unsplit tables < 1024 tokens best at 32 tokens,
+    # 1 warp (b64/512: 2.18x JAX vs 1.99x); split or longer (b128/1k is unsplit) best at 64 tokens, 2 warps.
+    short = splits == 1 and max_pages * page_size < 1024
+    tokens_per_step, warps = (32, 1) if short else (64, 2)
+    ppb = min(pages_per_block or max(1, tokens_per_step // page_size), pl.next_power_of_2(max_pages))
     out = paged_attention_gpu(q[:, None], k_pages, v_pages, lengths - 1, (lengths > 0).astype(jnp.int32),
                               block_tables, block_t=1, scale=d**-0.5 if scale is None else scale,
                               softcap=softcap, pages_per_block=ppb, num_splits=splits,
-                              num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+                              num_warps=num_warps or warps, num_stages=num_stages,
+                              interpret=interpret)
     return out[:, 0]
 
 
@@ -213,9 +217,8 @@ def prefill_attention_pallas_gpu(q, k_pages, v_pages, q_start, q_lens, block_tab
     check_inputs(q, k_pages, v_pages, block_tables)
     _, _, page_size, d = k_pages.shape
     g = q.shape[2] // k_pages.shape[0]
-    # H200 sweep: 64 packed rows x 64 keys per step, 4 warps, 2-stage cp.async pipeline (180 TFLOP/s);
-    # 128x128 tiles with 8 warps ran at 125-150, 64x64 without pipelining at 128.
-    bt_tok = block_t or max(1, min(pl.next_power_of_2(q.shape[1]), 64 // pl.next_power_of_2(g)))
+    # KERNEL_NOTES run 6: ~128 packed rows x 64 keys, 4 warps, 2 stages: 1.40x cuDNN (64 rows: 1.62x).
+    bt_tok = block_t or max(1, min(pl.next_power_of_2(q.shape[1]), 128 // pl.next_power_of_2(g)))
     ppb = min(pages_per_block or max(1, 64 // page_size), pl.next_power_of_2(block_tables.shape[1]))
     return paged_attention_gpu(q, k_pages, v_pages, q_start.astype(jnp.int32), q_lens.astype(jnp.int32),
                                block_tables, block_t=bt_tok, scale=d**-0.5 if scale is None else scale,

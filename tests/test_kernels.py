@@ -145,6 +145,45 @@ def test_gpu_kernel_interpret_packing_edges():
     assert not np.asarray(got[0, 1:]).any()
 
 
+def test_gpu_defaults_are_the_measured_variants():
+    """KERNEL_NOTES run 6: the defaults must trace to exactly the variants measured (page 16, G=4):
+    decode b64/512 = 2 pages/step, 1 warp; long/split decode = 4 pages, 2 warps; prefill b4 x 1024 =
+    32 tokens (128 rows) x 4 pages. Tracing only (interpret mode), nothing runs."""
+    from jtrail.kernels.paged_attention_gpu import decode_attention_pallas, prefill_attention_pallas_gpu
+
+    def jaxpr(f, args, **kw):
+        return str(jax.make_jaxpr(lambda *a: f(*a, interpret=True, **kw))(*args))
+
+    sds, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    for b, ctx, want in ((64, 512, dict(pages_per_block=2, num_warps=1)),
+                         (128, 1024, dict(pages_per_block=4, num_warps=2)),
+                         (32, 2048, dict(pages_per_block=4, num_warps=2))):
+        p = ctx // 16
+        args = (sds((b, 32, 128), bf), sds((8, 2 * b * p + 1, 16, 128), bf),
+                sds((8, 2 * b * p + 1, 16, 128), bf), sds((b,), jnp.int32), sds((b, p), jnp.int32))
+        assert jaxpr(decode_attention_pallas, args) == jaxpr(decode_attention_pallas, args, **want)
+    args = (sds((4, 1024, 32, 128), bf), sds((8, 513, 16, 128), bf), sds((8, 513, 16, 128), bf),
+            sds((4,), jnp.int32), sds((4,), jnp.int32), sds((4, 64), jnp.int32))
+    new = jaxpr(prefill_attention_pallas_gpu, args)
+    assert new == jaxpr(prefill_attention_pallas_gpu, args, block_t=32, pages_per_block=4)
+    assert new != jaxpr(prefill_attention_pallas_gpu, args, block_t=16, pages_per_block=4)
+
+
+def test_prefill_gpu_default_tiles_interpret():
+    """The default prefill tiles (G=4: 32 tokens = 128 packed rows, 64 keys per step) on ragged
+    chunks spanning two query blocks."""
+    rng = np.random.default_rng(11)
+    lens = [40, 57, 3]
+    k, v, tables = make_cache(rng, lens, hkv=2, d=32, page=16, dtype=jnp.float32)
+    q_lens = np.array([40, 33, 3])
+    qp = jnp.asarray(rng.standard_normal((3, 40, 8, 32)), jnp.float32)
+    args = (qp, k, v, jnp.asarray(np.array(lens) - q_lens, jnp.int32), jnp.asarray(q_lens, jnp.int32),
+            tables)
+    got = ops.prefill_attention(*args, impl="pallas_interpret")
+    assert rel_err(got, reference.prefill_attention(*args)) < 1e-5
+    assert not np.asarray(got[2, 3:]).any()
+
+
 def test_write_kv_then_attend():
     rng = np.random.default_rng(1)
     hkv, d, page = 2, 64, 4
