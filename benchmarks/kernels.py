@@ -234,8 +234,10 @@ OLD_DECODE_SHORT = dict(pages_per_block=4, num_warps=2)  # 64 tokens/step, 2 war
 OLD_PREFILL = dict(block_t=16, pages_per_block=4)  # 64 packed rows x 64 keys (4 warps, 2 stages)
 DECODE_SHORT = [{}, OLD_DECODE_SHORT, dict(pages_per_block=2, num_warps=1, num_stages=2),
                 dict(pages_per_block=2, num_warps=2, num_stages=2)]
-DECODE_LONG = [{}, dict(pages_per_block=2, num_warps=1), dict(pages_per_block=2, num_warps=1, num_stages=2),
-               dict(pages_per_block=2, num_warps=2, num_stages=2)]
+# Run 7: 128 tokens/step with 4 warps (half the steps per program, 2x the bytes in flight) and 8 splits
+# at b32/2k, the bar's worst shape (run 6: 0.65 of copy bw); 2-stage variants were 1.4-1.9x slower.
+DECODE_LONG = [{}, dict(pages_per_block=2, num_warps=1), dict(pages_per_block=8, num_warps=4),
+               dict(pages_per_block=8, num_warps=4, num_splits=8), dict(pages_per_block=4, num_splits=8)]
 PREFILL = [{}, OLD_PREFILL, dict(num_stages=3)]
 SWEEP = dict(  # --sweep: a wider search, used to pick the defaults
     short=[{}, OLD_DECODE_SHORT, dict(pages_per_block=2, num_warps=1, num_splits=2),
