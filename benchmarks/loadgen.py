@@ -168,6 +168,7 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float) -> 
                 time.sleep(max(0.0, min(idle_sleep_s, wl.arrival[i] - now)))
             continue
         before = [(s, s.num_computed_tokens, s.num_generated, s.num_tokens) for s in engine.requests.values()]
+        probes0 = (getattr(engine, "probe_calls", 0), getattr(engine, "probe_tokens", 0))
         ts = time.perf_counter()
         outs = engine.step()
         te = time.perf_counter()
@@ -189,7 +190,9 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float) -> 
             if o.finished:
                 finish[k] = t_rel
                 done += 1
-        bt = kv = calls = dec = 0
+        # probe-only prefills of waiting requests (engine._probe_waiting) are prefill calls too
+        calls = getattr(engine, "probe_calls", 0) - probes0[0]
+        bt, kv, dec = getattr(engine, "probe_tokens", 0) - probes0[1], 0, 0
         for s, comp, gen, tok in before:
             d = max(s.num_computed_tokens - comp, s.num_generated - gen)
             if d > 0:

@@ -170,8 +170,20 @@ def sweep(su: Setup, prompts, lengths, cap: dict, budget_s: float) -> dict[str, 
                 f"(stalls {int(s['stalls'])}: {s['stall_s']:.2f}s, compiles {int(s['compiles_during_run'])})")
             if rec is not None:
                 top = (wl, rec, specs)
+            _save_partial(runs)
     return {"runs": runs, "steps": np.concatenate([cap["steps"], *steps]), "top": top,
             "aging_rates": aging_rates}
+
+
+def _save_partial(runs: list[dict[str, Any]]) -> None:
+    """Each run's summary as it finishes ($OUT/serving_partial.json): a run cut off by its time limit
+    keeps what it measured."""
+    import json
+    import os
+
+    if os.environ.get("OUT"):
+        rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs]
+        Path(os.environ["OUT"], "serving_partial.json").write_text(json.dumps(rows, indent=1, default=float))
 
 
 def save_raw(su: Setup, lengths: np.ndarray, cap: dict, sw: dict[str, Any]) -> None:

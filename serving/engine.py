@@ -104,6 +104,7 @@ class LLMEngine:
         self._outs: dict[str, RequestOutput] = {}
         self._rng = np.random.default_rng(cfg.seed)
         self.num_preemptions = 0
+        self.probe_calls = self.probe_tokens = 0  # probe-only prefills (_probe_waiting)
         self.steps = 0
         self.finished_by_reason: dict[str, int] = {}
         self._finished_tokens = self._finished_count = 0  # mean output length: the router forecast's prior
@@ -159,6 +160,7 @@ class LLMEngine:
         now = time.monotonic()
         self.steps += 1
         self._outs = {}
+        self._probe_waiting()
         decision = self.policy.schedule(self._scheduler_state(now))
         for seq in decision.preempt:
             if seq.status is Status.RUNNING:
@@ -227,6 +229,42 @@ class LLMEngine:
             self.running.remove(seq)
 
     # ---- prefill ------------------------------------------------------------------------------
+    def _probe_waiting(self) -> None:
+        """Predict the length of requests that must wait for a slot, for policies that rank by it.
+
+        The prediction comes from the probe at prefill. A request that waits has had none, so a
+        length-aware policy could only rank it blind, or preempt a running request to prefill it and
+        learn its length, then preempt it back (measured on the H200: 4 preemptions per request). So
+        each such request gets one probe-only prefill: its prompt runs into pages borrowed for the
+        call and freed at once; the sampled token and the KV are dropped (the real prefill runs on
+        admission, its probe output is the same). Cost: one prefill call per request that waits.
+        Prompts longer than one call, or with no pages free, stay unknown (and never preempt).
+        """
+        if not (self.policy.probe_on_arrival and self.probe is not None and self.predictor is not None):
+            return
+        unknown = sorted((s for s in self.waiting if s.predicted_remaining is None and not s.num_generated
+                          and s.status is Status.WAITING), key=lambda s: s.arrival_time)
+        # the oldest ones that free slots can take go in unprobed (their real prefill predicts them)
+        budget, buckets = self.config.max_prefill_tokens_per_step, self.config.prefill_buckets
+        for seq in unknown[len(self.free_slots):]:
+            n = seq.num_prompt_tokens
+            if n > min(budget, buckets[-1]):
+                continue
+            need = self.blocks.pages_for(n)
+            if not self.blocks.can_allocate(need):
+                break
+            self.blocks.allocate(seq, need)
+            try:
+                _, probs, _ = self.runner.prefill(seq.prompt_ids, 0, next(b for b in buckets if b >= n), n,
+                                                  seq.block_table, None, self._sampling_rows([seq]))
+            finally:
+                self.blocks.free(seq)
+            budget -= n
+            self.probe_calls += 1
+            self.probe_tokens += n
+            if probs is not None:
+                self.predictor.on_prefill(seq, np.asarray(probs)[0])
+
     def _run_prefills(self) -> list[tuple[Sequence, jax.Array, jax.Array | None]]:
         """Chunks of sequences still prefilling, in admission order, under the token budget."""
         budget, buckets, done = self.config.max_prefill_tokens_per_step, self.config.prefill_buckets, []

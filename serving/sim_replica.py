@@ -89,6 +89,8 @@ class SimReplica:
         self._ref: list[tuple[int, int, int, SimSequence]] = []
         self._tick = itertools.count()
         self._prefill: list[tuple[SimSequence, int]] = []  # admitted at this boundary, tokens to prefill
+        self._probes: list[int] = []  # prompt tokens of probe-only prefills due in the next step
+        self.probe_on_arrival = bool(getattr(policy, "probe_on_arrival", False)) and predictor is not None
         self.planned: tuple | None = None  # ("wake",) or (t0, steps, n, kv0)
         self.preemptions = 0
         self._changed = False  # state changed at this boundary: the engine would re-schedule next step
@@ -117,6 +119,12 @@ class SimReplica:
         return s._plen + (s._pv if s._pv is not None else 0.0)
 
     def arrive(self, s: SimSequence, t: float) -> None:
+        # The engine's probe-only prefill (engine._probe_waiting): a request that must wait for a slot
+        # is predicted from its prompt at once, for one prefill call in the next step.
+        if (self.probe_on_arrival and s._pv is None and s._plen <= self.prefill_chunk
+                and len(self.waiting) + 1 > self.slots - len(self.running)):
+            self.predictor.sim_prefill(s)
+            self._probes.append(s._plen)
         self.waiting.append(s)
         self.waiting_tokens += self._wtok(s)
         self.policy.on_arrival(s, t)
@@ -228,13 +236,15 @@ class SimReplica:
         n = len(self.running)
         if n == 0:
             self._prefill.clear()
+            self._probes.clear()
             self._changed = False
             return None
         kv0 = sum(self.offs) + n * self.steps
-        if any(tok > 0 for _, tok in self._prefill):
+        if any(tok > 0 for _, tok in self._prefill) or self._probes:
             self._changed = False
-            bt = n - len(self._prefill) + sum(max(tok, 1) for _, tok in self._prefill)
-            calls = sum(-(-tok // self.prefill_chunk) for _, tok in self._prefill)
+            bt = n - len(self._prefill) + sum(max(tok, 1) for _, tok in self._prefill) + sum(self._probes)
+            calls = sum(-(-tok // self.prefill_chunk) for _, tok in self._prefill) + len(self._probes)
+            self._probes.clear()
             self.planned = (self.time, 1, n, kv0)
             return self.time + self.sm.step_time(bt, kv0, calls)
         # after a change, one step: the engine's next `schedule` call sees the new state; after that

@@ -216,3 +216,43 @@ def test_sampling_independent_of_batch(model):
     assert a.output_ids == b.output_ids
     c_params = SamplingParams(max_tokens=8, temperature=1.0, seed=99, ignore_eos=True)
     assert alone.generate_batch([[5, 6, 7]], c_params, progress=False)[0].output_ids != a.output_ids
+
+
+def test_trail_probes_waiting_requests_before_admission(model):
+    """A request that must wait for a slot gets its length prediction from a probe-only prefill of
+    its prompt (the same probe output as its real prefill later), so a length-aware policy can rank
+    it without preempting anyone to learn it; the borrowed pages come back, outputs are unchanged."""
+    from jtrail.serving.predictor import TrailPredictor
+    from jtrail.serving.scheduler.registry import make_policy
+
+    probe = ProbeHead(ProbeConfig(d_model=CFG.d_model, layer=0, hidden=32), rngs=nnx.Rngs(3))
+    edges = np.linspace(0, 20, probe.cfg.num_bins + 1)
+    rec = Recorder()
+
+    class Both(TrailPredictor):  # TRAIL refinement, and a record of every prefill probe output
+        def on_prefill(self, seq, probs):
+            rec.prefill.setdefault(seq.request_id, []).append(np.array(probs))
+            super().on_prefill(seq, probs)
+
+    cfg = small_config(num_slots=2, policy=make_policy("trail"), prefill_buckets=(8, 16, 32, 64),
+                       max_prefill_tokens_per_step=256)
+    engine = LLMEngine(model, config=cfg, probe=probe, predictor=Both(edges, (edges[1:] + edges[:-1]) / 2))
+    prompts, max_tokens = workload(6, seed=4)
+    seqs = [engine.add_request(f"r{i}", p, SamplingParams(max_tokens=m, ignore_eos=True))
+            for i, (p, m) in enumerate(zip(prompts, max_tokens, strict=True))]
+    engine.step()
+    # 2 slots: the 2 oldest admitted (prefilled), the other 4 probed while they wait
+    assert [s.status is Status.WAITING for s in seqs] == [False, False, True, True, True, True]
+    assert all(s.predicted_remaining is not None for s in seqs)
+    assert engine.probe_calls == 4 and engine.probe_tokens == sum(len(s.prompt_ids) for s in seqs[2:])
+    assert engine.blocks.num_used == sum(len(s.block_table) for s in seqs[:2])  # borrowed pages returned
+    while engine.has_unfinished():
+        engine.step()
+    engine.blocks.check_invariants()
+    assert engine.blocks.num_used == 0
+    for s in seqs[2:]:  # probed while waiting, then prefilled on admission: the same prompt-mean tap
+        first, *rest = rec.prefill[s.request_id]
+        for again in rest:
+            np.testing.assert_allclose(again, first, atol=1e-5)
+    want = dense_greedy(model, prompts, max_tokens)
+    assert [s.output_ids for s in seqs] == want

@@ -38,6 +38,9 @@ class Policy(ABC):
     """Base class of scheduling policies. Subclasses set `name` and implement `schedule`."""
 
     name: str = "base"
+    # Ranks waiting requests by predicted length: the engine runs a probe-only prefill for requests
+    # that must wait for a slot, so they have a prediction to be ranked by (engine._probe_waiting).
+    probe_on_arrival: bool = False
 
     @abstractmethod
     def schedule(self, state: SchedulerState) -> Decision: ...

@@ -34,6 +34,7 @@ def gittins_index(post: np.ndarray, edges: np.ndarray, mids: np.ndarray) -> floa
 
 
 class GittinsPolicy(RankedPolicy):
+    probe_on_arrival = True
     name = "gittins"
 
     def __init__(self, *, bin_edges: Seq[float] = DEFAULT_EDGES, midpoints: Seq[float] | None = None,

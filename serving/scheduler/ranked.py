@@ -136,6 +136,8 @@ class RankedPolicy(Policy):
         """Whether `waiting` may take `running`'s slot: strictly better by > margin. Both sides are
         aged alike: comparing an aged waiter with a raw runner lets a preempted request, which keeps
         its age credit, preempt straight back (thrash)."""
+        if self.probe_on_arrival and waiting.predicted_remaining is None:
+            return False  # unknown length (not probed yet): preempting to learn it thrashes
         aged_waiting = self.aging.effective(self.rank(waiting), waiting.arrival_time, now)
         aged_running = self.aging.effective(self.rank(running), running.arrival_time, now)
         return aged_running > aged_waiting + self.margin

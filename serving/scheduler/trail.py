@@ -17,6 +17,7 @@ from .ranked import RankedPolicy
 
 class TrailPolicy(RankedPolicy):
     name = "trail"
+    probe_on_arrival = True
 
     def __init__(self, *, c: float = 0.8, margin: float = 0.0, victim: str = "longest", **kw: Any):
         super().__init__(c=c, margin=margin, victim=victim, **kw)
