@@ -36,9 +36,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus HTTP port (0: free port)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain streams on shutdown")
     p.add_argument("--tensor-parallel", type=int, default=1, help="devices to shard the model over")
-    p.add_argument("--aging", type=float, default=18.0,
-                   help="trail/gittins anti-starvation: tokens of rank credit per second waited (0: off; "
-                        "18 kept p99 E2E at 0.33x fcfs with a 1.44x mean gain on the H200 run)")
+    p.add_argument("--aging", type=float, default=0.0,
+                   help="trail/gittins anti-starvation: tokens of rank credit per second waited (0: off). "
+                        "On the H200 runs (README) 18 tok/s gave 1.44x fcfs's mean E2E once and 0.52x "
+                        "twice; plain trail 1.19x, 0.78x, 1.02x; its limited preemption (c=0.8) caps "
+                        "how long a started request can be pushed back")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode tokens per jitted call (higher: less host overhead, chunkier streams)")
     p.add_argument("--mock", action="store_true", help="serve fake tokens with no model (for tests)")
