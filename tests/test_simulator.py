@@ -142,3 +142,24 @@ def test_bad_inputs():
         Resources(num_slots=0, num_pages=1)
     with pytest.raises(InvalidRequestError):
         simulate(tr, "fcfs", StepModel(a=1), Resources(num_slots=1, num_pages=100), num_replicas=2)
+
+
+def test_probe_on_arrival_is_charged_one_prefill_call_each():
+    """trail predicts a request that must wait by a probe-only prefill (as the engine does): one
+    prefill call per such request, priced by the step model's per-call term. Identical requests keep
+    FCFS's order under trail, so the makespans differ by exactly that cost."""
+    n, d = 4, 10.0
+    tr = Trace(np.array([0.0, 0.5, 0.5, 0.5]), np.full(n, 8), np.full(n, 5))
+    sm = StepModel(a=1.0, d=d)
+    edges = np.linspace(0, 16, 5)
+    recs = {f"r{i}": np.full((6, 4), 0.25) for i in range(n)}
+    res = Resources(num_slots=1, num_pages=64)
+    trail = simulate(tr, "trail", sm, res, predictor=RecordedPredictor(TrailPredictor(edges), recs),
+                     predict_at_arrival=False)
+    fcfs = simulate(tr, "fcfs", sm, res)
+    assert trail.preemptions.sum() == 0
+    # r0 finds the slot free (its real prefill predicts it); r1-r3 wait: 3 probe calls
+    assert trail.makespan == pytest.approx(fcfs.makespan + 3 * d)
+    free = simulate(tr, "trail", sm, res, predictor=RecordedPredictor(TrailPredictor(edges), recs),
+                    predict_at_arrival=True)  # predictions given at arrival for free: no probe calls
+    assert free.makespan == pytest.approx(fcfs.makespan)
