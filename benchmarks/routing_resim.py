@@ -1,0 +1,93 @@
+"""Routing policies in the simulator on a GPU run's recorded workload (serving_raw.npz from serving.py).
+
+    python benchmarks/routing_resim.py benchmarks/results/serving_raw.npz [--replicas 2] [--loads 0.9,0.97]
+
+Requests are drawn from the recorded trace (its prompt and forced output lengths, its recorded probe
+outputs), arrive as a seeded Poisson process at a fraction of the replicas' capacity (from the step
+model fitted on the run), and are routed over fcfs replicas by round-robin, least-requests and
+token-aware. `predict_at_arrival`: False as in the real router (it sees no length estimate when it
+routes: token-aware assumes --expected-tokens for the new request), True gives it the probe's prompt
+estimate for free. Prints rr / token-aware and least-requests / token-aware mean E2E per seed and
+writes benchmarks/results/routing_resim.json. No model and no GPU needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving_resim import load_raw  # noqa: E402
+from serving_sim import fit_step_model  # noqa: E402
+
+ROUTERS = ("round-robin", "least-requests", "token-aware")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jtrail.models.probe_io import default_probe_path, load_probe
+    from jtrail.serving.predictor import RecordedPredictor, TrailPredictor
+    from jtrail.serving.router import make_router
+    from jtrail.serving.simulator import Resources, Trace, simulate
+
+    from jtrail.provenance import git_commit
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("raw")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--pages", type=int, default=256)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--requests", type=int, default=600)
+    p.add_argument("--loads", default="0.9,0.97")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "routing_resim.json"))
+    a = p.parse_args(argv)
+    raw = load_raw(a.raw)
+    _, pcfg, _ = load_probe(default_probe_path())
+    refiner = TrailPredictor(pcfg.bin_edges, pcfg.midpoints)
+    steps = [raw["capacity_steps"], *(r["steps"] for r in raw["runs"].values())]
+    sm, fit = fit_step_model(np.concatenate(steps))
+    wl = raw["workload"]
+    ids0, out0 = list(wl.request_ids), np.asarray(wl.output_len)
+    plen0 = np.array([len(x) for x in wl.prompts])
+    capacity = a.replicas * a.slots / (out0.mean() * sm.a + sm.d)  # req/s with full batches
+    rows = []
+    for load in (float(x) for x in a.loads.split(",")):
+        for at_arrival in (False, True):
+            for seed in range(a.seeds):
+                rng = np.random.default_rng(seed)
+                pick = rng.integers(0, len(ids0), a.requests)
+                ids = [f"{ids0[i]}#{j}" for j, i in enumerate(pick)]
+                recs = {rid: raw["records"][ids0[i]] for rid, i in zip(ids, pick, strict=True)}
+                arrival = np.cumsum(rng.exponential(1 / (load * capacity), a.requests))
+                tr = Trace(arrival, plen0[pick], out0[pick], request_ids=ids,
+                           max_tokens=np.full(a.requests, int(out0.max())))
+                e2e = {}
+                for name in ROUTERS:
+                    kw = {"page_size": a.page_size} if name == "token-aware" else {}
+                    res = simulate(tr, "fcfs", sm, Resources(a.slots, a.pages, a.page_size),
+                                   predictor=RecordedPredictor(refiner, recs), num_replicas=a.replicas,
+                                   router=make_router(name, **kw), predict_at_arrival=at_arrival)
+                    e2e[name] = float(res.e2e.mean())
+                rows.append({"load": load, "predict_at_arrival": at_arrival, "seed": seed, "mean_e2e": e2e,
+                             "rr_over_token_aware": e2e["round-robin"] / e2e["token-aware"],
+                             "least_requests_over_token_aware": e2e["least-requests"] / e2e["token-aware"]})
+                r = rows[-1]
+                print(f"load {load:.2f} predict_at_arrival={at_arrival!s:5} seed {seed}: rr/ta "
+                      f"{r['rr_over_token_aware']:.3f} lr/ta {r['least_requests_over_token_aware']:.3f}")
+    args = sys.argv[1:] if argv is None else argv
+    out = {"command": "python benchmarks/routing_resim.py " + " ".join(args), "device": "cpu (simulator)",
+           "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+           "git_commit": git_commit(), "step_model": fit, "capacity_req_s": capacity, "rows": rows}
+    Path(a.out).write_text(json.dumps(out, indent=1))
+    print(f"-> {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
