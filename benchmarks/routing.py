@@ -205,6 +205,14 @@ def load_pool(a: argparse.Namespace) -> list[Any]:
     return pool
 
 
+def sharegpt_lengths(n: int, cap: int, seed: int) -> np.ndarray:
+    """n seeded draws from ShareGPT's answer lengths (tokens), clipped to [1, cap]."""
+    from jtrail import datasets
+
+    pool = np.asarray(datasets.sharegpt_output_lengths(), dtype=np.int64)
+    return np.clip(np.random.default_rng(seed).choice(pool, n), 1, cap)
+
+
 def device_name(a: argparse.Namespace) -> str:
     if a.mock:
         return "cpu (mock engines)"
@@ -243,6 +251,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--raw", action="store_true", help="send prompts as plain text, not chat messages")
     p.add_argument("--max-prompt-tokens", type=int, default=512)
     p.add_argument("--max-output", type=int, default=256, help="cap of the profiled (forced) lengths")
+    p.add_argument("--lengths", default="profile", choices=["profile", "sharegpt"],
+                   help="forced output lengths: the model's own (profiled) or ShareGPT's answer lengths "
+                        "(capped at --max-output; varied, as the simulator's routing section)")
     p.add_argument("--natural-eos", action="store_true",
                    help="policy runs stop at the model's eos (max_tokens = --max-output), not forced lengths")
     p.add_argument("--pool", type=int, default=256, help="prompts profiled (the capacity run)")
@@ -317,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{capacity:.2f} req/s through the router")
         drain(targets, 60.0)
 
+        if a.lengths == "sharegpt" and not a.natural_eos:
+            # capacity scales with 1 / mean output length (a decode step's cost barely depends on it)
+            capacity *= float(lengths.mean()) / float(sharegpt_lengths(4096, a.max_output, a.seed + 2).mean())
+            lengths = sharegpt_lengths(4096, a.max_output, a.seed + 2)
         # Size the trace so every policy fits in what is left of the deadline.
         rate = a.load * capacity
         left = a.deadline_s - (time.perf_counter() - T0) - 15.0
@@ -329,7 +344,12 @@ def main(argv: list[str] | None = None) -> int:
         # Forced lengths: ignore_eos, max_tokens = the profiled length (identical work for every policy).
         # --natural-eos instead sends max_tokens = --max-output and lets the model stop (no true length in
         # max_tokens, which caps the engine's length predictions; greedy decoding repeats the profile).
-        out_len = np.full(n, a.max_output) if a.natural_eos else lengths[pick]
+        if a.natural_eos:
+            out_len = np.full(n, a.max_output)
+        elif a.lengths == "sharegpt":
+            out_len = sharegpt_lengths(n, a.max_output, a.seed + 2)
+        else:
+            out_len = lengths[pick]
         wl = Workload([prompts[i] for i in pick], arrival_times(n, rate, a.seed), out_len,
                       forced=not a.natural_eos, request_ids=[f"r{i}" for i in range(n)])
         log(f"trace: {n} requests at {rate:.2f} req/s ({a.load:.0%} of capacity), "
@@ -371,8 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: v for k, v in vars(a).items() if k != "out"},
         "workload": {"prompts": a.prompts, "pool_profiled": len(pool), "usable": len(prompts),
                      "mode": "natural EOS (greedy, max_tokens = max_output)" if a.natural_eos
+                     else "forced lengths (ShareGPT answer lengths, capped)" if a.lengths == "sharegpt"
                      else "forced lengths (natural-EOS greedy profile, capped)",
-                     "output_len_mean": float(lengths.mean()), "output_len_p50": float(np.median(lengths)),
+                     "output_len_mean": float(out_len.mean()), "output_len_p50": float(np.median(out_len)),
                      "requests": n, "rate_req_s": rate},
         "capacity_req_s": capacity, "table": table, "ratios": ratios, "all_completed": complete,
         "bars": {"rr_over_token_aware_mean_e2e_real2": ratios.get("rr_over_token_aware_mean_e2e"),
