@@ -188,6 +188,18 @@ def summarize(res: Any) -> dict[str, float]:
     return row
 
 
+def mean_rows(rows: list[dict]) -> dict:
+    """One router's repeats: numeric fields averaged, with each repeat's mean E2E / TTFT kept."""
+    out: dict = {k: float(np.mean([r[k] for r in rows])) for k, v in rows[0].items()
+                 if isinstance(v, int | float) and k not in ("completed", "requests")}
+    out["completed"] = int(sum(r["completed"] for r in rows))
+    out["requests"] = int(sum(r["requests"] for r in rows))
+    out["mean_e2e_per_repeat"] = [r["mean_e2e"] for r in rows]
+    out["mean_ttft_per_repeat"] = [r["mean_ttft"] for r in rows]
+    out["per_replica_finished"] = [r["per_replica_finished"] for r in rows]
+    return out
+
+
 def load_pool(a: argparse.Namespace) -> list[Any]:
     """Seeded sample of prompts, as chat messages (the servers apply the model's template) or raw text.
     Over-long prompts are skipped at ~4 characters a token (the servers reject what still does not fit)."""
@@ -241,6 +253,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-steps", type=int, default=1)
     p.add_argument("--routers", default="round-robin,least-requests,token-aware",
                    help="routing policies to compare (token-aware is the reference of the ratios)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of every router on the same trace, in alternating order (averaged)")
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--pages", type=int, default=256)
     p.add_argument("--page-size", type=int, default=16)
@@ -335,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         # Size the trace so every policy fits in what is left of the deadline.
         rate = a.load * capacity
         left = a.deadline_s - (time.perf_counter() - T0) - 15.0
-        per_policy = min(left / len(routers), a.run_timeout)
+        per_policy = min(left / (len(routers) * a.repeats), a.run_timeout)
         tail = float(np.max(lengths)) / max(capacity / a.replicas / a.slots * float(lengths.mean()), 1e-9)
         tail = min(tail, per_policy / 2)  # time to finish the last arrivals, roughly one long request
         n = int(min(a.requests, max(a.min_requests, (per_policy - tail) * rate)))
@@ -355,22 +369,25 @@ def main(argv: list[str] | None = None) -> int:
         log(f"trace: {n} requests at {rate:.2f} req/s ({a.load:.0%} of capacity), "
             f"{per_policy:.0f} s per policy")
 
-        table: dict[str, dict] = {}
-        for name in routers:
-            waited = drain(targets, 60.0)
-            before = finished_counts(targets)
-            router = start_router(name, targets, a, log_dir)
-            out = drive_grpc(router.target, wl, timeout_s=per_policy)
-            router.stop()
-            router = None
-            row = summarize(out)
-            after = finished_counts(targets)
-            row["per_replica_finished"] = [x - y for x, y in zip(after, before, strict=True)]
-            row["drain_s_before"] = waited
-            table[name] = row
-            log(f"{name:15s} done {row['completed']}/{n}: mean E2E {row['mean_e2e']:.3f} s, "
-                f"p99 {row['p99_e2e']:.3f} s, mean TTFT {row['mean_ttft']:.3f} s, "
-                f"split {row['per_replica_finished']}")
+        runs: dict[str, list[dict]] = {name: [] for name in routers}
+        for rep in range(a.repeats):  # alternate the order: no router always runs first or last
+            for name in (routers if rep % 2 == 0 else routers[::-1]):
+                waited = drain(targets, 60.0)
+                before = finished_counts(targets)
+                router = start_router(name, targets, a, log_dir)
+                out = drive_grpc(router.target, wl, timeout_s=per_policy)
+                router.stop()
+                router = None
+                row = summarize(out)
+                after = finished_counts(targets)
+                row["per_replica_finished"] = [x - y for x, y in zip(after, before, strict=True)]
+                row["drain_s_before"] = waited
+                runs[name].append(row)
+                log(f"{name:15s} [{rep + 1}/{a.repeats}] done {row['completed']}/{n}: mean E2E "
+                    f"{row['mean_e2e']:.3f} s, p99 {row['p99_e2e']:.3f} s, "
+                    f"mean TTFT {row['mean_ttft']:.3f} s, "
+                    f"split {row['per_replica_finished']}")
+        table = {name: mean_rows(rows) for name, rows in runs.items()}
     finally:
         if router is not None:
             router.stop()
@@ -384,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         if name in table:
             ratios[f"{key}_over_token_aware_mean_e2e"] = table[name]["mean_e2e"] / ta["mean_e2e"]
             ratios[f"{key}_over_token_aware_mean_ttft"] = table[name]["mean_ttft"] / ta["mean_ttft"]
+            per = zip(table[name]["mean_e2e_per_repeat"], ta["mean_e2e_per_repeat"], strict=True)
+            ratios[f"{key}_over_token_aware_mean_e2e_per_repeat"] = [x / y for x, y in per]
     complete = all(r["completed"] == r["requests"] for r in table.values())
     doc = {
         "command": command, "device": device_name(a),
@@ -405,8 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(doc, indent=2))
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
-        shutil.copy(out_path, Path(os.environ["OUT"]) / out_path.name)
+        copy = Path(os.environ["OUT"]) / out_path.name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if copy.resolve() != out_path.resolve():
+            shutil.copy(out_path, copy)
     print(f"\n| router ({a.replicas} x {a.policy}, {a.load:.0%} load, {n} req) | done | mean E2E | p50 E2E | "
           "p99 E2E | mean TTFT | p99 TTFT | E2E / token-aware |")
     print("|---|---|---|---|---|---|---|---|")
