@@ -11,9 +11,15 @@
    capacity (requests/s with everything queued at t=0, excluding the tail where batches empty).
 3. One seeded Poisson trace at --load x capacity (same prompts, arrivals and lengths for every policy),
    sized to fit --deadline-s; for each routing policy a fresh router process, replicas drained first
-   (idle, no request left) so each policy starts from an empty system.
+   (idle, no request left) so each policy starts from an empty system. --repeats K runs every policy K
+   times on the trace, in alternating order, and averages (one run's spread is wide: see routing.json).
 4. Mean / p50 / p99 E2E and TTFT per policy, ratios round-robin / token-aware and least-requests /
    token-aware. Writes benchmarks/results/routing.json (and a copy under $OUT when set).
+
+Length modes: forced profiled lengths (default; max_tokens = the true length, and the engine caps its
+length estimates at max_tokens, so estimates never exceed the truth), --natural-eos (max_tokens = the
+cap for every request, the model stops itself: no length leaks to the replicas), --lengths sharegpt
+(forced ShareGPT answer lengths, unrelated to what the probe sees in the prompt).
 
 The driver itself never imports JAX: the replicas own the accelerators.
 """
@@ -351,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         left = a.deadline_s - (time.perf_counter() - T0) - 15.0
         per_policy = min(left / (len(routers) * a.repeats), a.run_timeout)
         tail = float(np.max(lengths)) / max(capacity / a.replicas / a.slots * float(lengths.mean()), 1e-9)
-        tail = min(tail, per_policy / 2)  # time to finish the last arrivals, roughly one long request
+        # time to finish the last arrivals: one long request, and at least a fifth of the run for the queue
+        # they find (a run that stops at per_policy drops what is unfinished from the means)
+        tail = min(max(tail, per_policy / 5), per_policy / 2)
         n = int(min(a.requests, max(a.min_requests, (per_policy - tail) * rate)))
         rng = np.random.default_rng(a.seed + 1)
         pick = rng.integers(0, len(prompts), n)
@@ -364,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             out_len = sharegpt_lengths(n, a.max_output, a.seed + 2)
         else:
             out_len = lengths[pick]
+        expected_len = lengths[pick] if a.natural_eos else out_len  # what the requests generate
         wl = Workload([prompts[i] for i in pick], arrival_times(n, rate, a.seed), out_len,
                       forced=not a.natural_eos, request_ids=[f"r{i}" for i in range(n)])
         log(f"trace: {n} requests at {rate:.2f} req/s ({a.load:.0%} of capacity), "
@@ -412,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                      "mode": "natural EOS (greedy, max_tokens = max_output)" if a.natural_eos
                      else "forced lengths (ShareGPT answer lengths, capped)" if a.lengths == "sharegpt"
                      else "forced lengths (natural-EOS greedy profile, capped)",
-                     "output_len_mean": float(out_len.mean()), "output_len_p50": float(np.median(out_len)),
+                     "output_len_mean": float(expected_len.mean()),
+                     "output_len_p50": float(np.median(expected_len)),
                      "requests": n, "rate_req_s": rate},
         "capacity_req_s": capacity, "table": table, "ratios": ratios, "all_completed": complete,
         "bars": {"rr_over_token_aware_mean_e2e_real2": ratios.get("rr_over_token_aware_mean_e2e"),

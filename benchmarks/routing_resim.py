@@ -5,10 +5,11 @@
 Requests are drawn from the recorded trace (its prompt and forced output lengths, its recorded probe
 outputs), arrive as a seeded Poisson process at a fraction of the replicas' capacity (from the step
 model fitted on the run), and are routed over fcfs replicas by round-robin, least-requests and
-token-aware. `predict_at_arrival`: False as in the real router (it sees no length estimate when it
-routes: token-aware assumes --expected-tokens for the new request), True gives it the probe's prompt
-estimate for free. Prints rr / token-aware and least-requests / token-aware mean E2E per seed and
-writes benchmarks/results/routing_resim.json. No model and no GPU needed.
+token-aware (which sees each replica's slot forecast computed as the engine computes it, via
+simulate.py's `simulate_routed`). `predict_at_arrival`: False as in the real router (it sees no length
+estimate when it routes: token-aware assumes --expected-tokens for the new request), True gives it the
+probe's prompt estimate for free. Prints rr / token-aware and least-requests / token-aware mean E2E per
+seed and writes benchmarks/results/routing_resim.json. No model and no GPU needed.
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving_resim import load_raw  # noqa: E402
 from serving_sim import fit_step_model  # noqa: E402
+from simulate import simulate_routed  # noqa: E402
 
 ROUTERS = ("round-robin", "least-requests", "token-aware")
 
 
 def main(argv: list[str] | None = None) -> int:
     from jtrail.models.probe_io import default_probe_path, load_probe
-    from jtrail.serving.predictor import RecordedPredictor, TrailPredictor
+    from jtrail.serving.predictor import OraclePredictor, RecordedPredictor, TrailPredictor
     from jtrail.serving.router import make_router
-    from jtrail.serving.simulator import Resources, Trace, simulate
+    from jtrail.serving.simulator import Resources, Trace
 
     from jtrail.provenance import git_commit
 
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=600)
     p.add_argument("--loads", default="0.9,0.97")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--predictor", default="recorded", choices=["recorded", "oracle"],
+                   help="the replicas' length estimates: the recorded probe outputs, or the exact lengths")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "routing_resim.json"))
     a = p.parse_args(argv)
     raw = load_raw(a.raw)
@@ -70,9 +74,12 @@ def main(argv: list[str] | None = None) -> int:
                 e2e = {}
                 for name in ROUTERS:
                     kw = {"page_size": a.page_size} if name == "token-aware" else {}
-                    res = simulate(tr, "fcfs", sm, Resources(a.slots, a.pages, a.page_size),
-                                   predictor=RecordedPredictor(refiner, recs), num_replicas=a.replicas,
-                                   router=make_router(name, **kw), predict_at_arrival=at_arrival)
+                    # simulate_routed: token-aware sees each replica's slot forecast, as from a real server
+                    res = simulate_routed(tr, "fcfs", sm, Resources(a.slots, a.pages, a.page_size),
+                                          make_router(name, **kw), num_replicas=a.replicas,
+                                          predictor=RecordedPredictor(refiner, recs)
+                                          if a.predictor == "recorded" else OraclePredictor(),
+                                          predict_at_arrival=at_arrival)
                     e2e[name] = float(res.e2e.mean())
                 rows.append({"load": load, "predict_at_arrival": at_arrival, "seed": seed, "mean_e2e": e2e,
                              "rr_over_token_aware": e2e["round-robin"] / e2e["token-aware"],
@@ -83,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     out = {"command": "python benchmarks/routing_resim.py " + " ".join(args), "device": "cpu (simulator)",
            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-           "git_commit": git_commit(), "step_model": fit, "capacity_req_s": capacity, "rows": rows}
+           "git_commit": git_commit(), "predictor": a.predictor, "step_model": fit,
+           "capacity_req_s": capacity, "rows": rows}
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(f"-> {a.out}")
     return 0

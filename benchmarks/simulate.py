@@ -254,7 +254,7 @@ def bench_routing(n: int, sm: StepModel, seed: int, replicas: int = 8, load: flo
     rate = load * replicas * cap
     tr = Trace(poisson(n, rate, rng), prm, out)
     pred_kw = {"sigma0": 1.7, "sigma": 0.55, "refine_every": 16, "seed": seed}
-    policy_kw = {"fcfs": None, "trail": {"aging": 18.0}}  # trail as `jtrail serve` runs it
+    policy_kw = {"fcfs": None, "trail": {"aging": 0.0}}  # trail as `jtrail serve` runs it (aging default 0)
     doc: dict = {
         "replicas": replicas, "slots": slots, "pages": 256, "page_size": 16, "load": load,
         "capacity_req_s_per_replica": cap, "rate_req_s": rate, "requests": n, "lengths": src,

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,7 +20,8 @@ def test_routing_benchmark_runs_every_policy_on_the_same_trace(tmp_path: Path) -
     out = tmp_path / "routing.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "routing.py"), "--mock", "--prompts", str(prompts),
            "--pool", "8", "--requests", "8", "--max-output", "6", "--slots", "2", "--pages", "64",
-           "--routers", "round-robin,least-requests,power-of-two,token-aware", "--deadline-s", "60",
+           "--routers", "round-robin,least-requests,power-of-two,token-aware", "--repeats", "2",
+           "--deadline-s", "90",
            "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "OUT": str(tmp_path / "out")})
@@ -27,11 +30,14 @@ def test_routing_benchmark_runs_every_policy_on_the_same_trace(tmp_path: Path) -
     assert (tmp_path / "out" / "routing.json").exists()  # the $OUT copy
     assert set(doc["table"]) == {"round-robin", "least-requests", "power-of-two", "token-aware"}
     assert doc["all_completed"] and doc["workload"]["requests"] == 8
-    for row in doc["table"].values():
-        assert row["completed"] == 8 and sum(row["per_replica_finished"]) == 8
+    for row in doc["table"].values():  # two repeats of the 8-request trace each
+        assert row["completed"] == 16 and [sum(x) for x in row["per_replica_finished"]] == [8, 8]
         assert 0 < row["mean_ttft"] <= row["mean_e2e"]
-    assert doc["table"]["round-robin"]["per_replica_finished"] == [4, 4]
+        assert len(row["mean_e2e_per_repeat"]) == 2
+        assert abs(np.mean(row["mean_e2e_per_repeat"]) - row["mean_e2e"]) < 1e-9
+    assert doc["table"]["round-robin"]["per_replica_finished"] == [[4, 4], [4, 4]]
     assert doc["ratios"]["rr_over_token_aware_mean_e2e"] > 0
+    assert len(doc["ratios"]["rr_over_token_aware_mean_e2e_per_repeat"]) == 2
     assert doc["bars"]["least_requests_over_token_aware_mean_e2e_real2"] > 0
     for k in ("command", "device", "date", "git_commit", "capacity_req_s"):
         assert k in doc
