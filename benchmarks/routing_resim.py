@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=600)
     p.add_argument("--loads", default="0.9,0.97")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--poll-s", type=float, default=0.0,
+                   help="routers see replica snapshots refreshed this often (`jtrail route`: 0.05); 0: fresh")
     p.add_argument("--predictor", default="recorded", choices=["recorded", "oracle"],
                    help="the replicas' length estimates: the recorded probe outputs, or the exact lengths")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "routing_resim.json"))
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                     kw = {"page_size": a.page_size} if name == "token-aware" else {}
                     # simulate_routed: token-aware sees each replica's slot forecast, as from a real server
                     res = simulate_routed(tr, "fcfs", sm, Resources(a.slots, a.pages, a.page_size),
-                                          make_router(name, **kw), num_replicas=a.replicas,
+                                          make_router(name, **kw), poll_s=a.poll_s, num_replicas=a.replicas,
                                           predictor=RecordedPredictor(refiner, recs)
                                           if a.predictor == "recorded" else OraclePredictor(),
                                           predict_at_arrival=at_arrival)
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     out = {"command": "python benchmarks/routing_resim.py " + " ".join(args), "device": "cpu (simulator)",
            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-           "git_commit": git_commit(), "predictor": a.predictor, "step_model": fit,
+           "git_commit": git_commit(), "predictor": a.predictor, "poll_s": a.poll_s,
+           "step_model": fit,
            "capacity_req_s": capacity, "rows": rows}
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(f"-> {a.out}")

@@ -19,6 +19,7 @@ designed on seeds 1-4; the default `--routing-seed 11` was not looked at while d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -204,14 +205,22 @@ def routing_lengths(n: int, rng, max_prompt: int = 1024,
     return prm[idx], out[idx], src
 
 
-def simulate_routed(trace: Trace, policy: str, sm: StepModel, res: Resources, router, **kw):
+def simulate_routed(trace: Trace, policy: str, sm: StepModel, res: Resources, router, poll_s: float = 0.0,
+                    **kw):
     """`simulate` with every replica's slot forecast (`EngineStats.slot_free_tokens`) given to a router
     that uses it, computed as the engine computes it (`router.replica_forecast`, prior = the replica's
     mean output length so far). Shim until `simulate` fills that field itself: it wraps the replicas
-    the simulator builds (all else, including the routing call, is the simulator's own)."""
-    if not getattr(router, "uses_forecast", False):
+    the simulator builds (all else, including the routing call, is the simulator's own).
+
+    `poll_s` > 0: the router sees the replicas as `jtrail route` does, through snapshots refreshed every
+    `poll_s` seconds of simulated time, each advanced by its own sends in between (`count_routed`);
+    0: fresh state at every arrival."""
+    if not getattr(router, "uses_forecast", False) and poll_s <= 0:
         return simulate(trace, policy, sm, res, router=router, **kw)
+    from jtrail.serving.grpc_router import count_routed
+
     reps: list = []
+    snap: dict = {"arrival": 0, "next_poll": -math.inf, "stats": None}
 
     class Replica(SimReplica):
         def __init__(self, *a, **k):
@@ -228,11 +237,20 @@ def simulate_routed(trace: Trace, policy: str, sm: StepModel, res: Resources, ro
         name, uses_tokens, uses_forecast = router.name, router.uses_tokens, True
 
         def choose(self, stats, prompt_tokens, predicted_tokens):
-            for st, r in zip(stats, reps, strict=True):
-                prior = r.out_tokens / r.out_count if r.out_count else FORECAST_PRIOR_TOKENS
-                st.slot_free_tokens = replica_forecast(r.running, r.waiting, r.slots, prior,
-                                                       getattr(r.policy, "counts_down", False))
-            return router.choose(stats, prompt_tokens, predicted_tokens)
+            t = float(trace.arrival[snap["arrival"]])  # called once per arrival, in order
+            snap["arrival"] += 1
+            if t >= snap["next_poll"]:
+                if getattr(router, "uses_forecast", False):
+                    for st, r in zip(stats, reps, strict=True):
+                        prior = r.out_tokens / r.out_count if r.out_count else FORECAST_PRIOR_TOKENS
+                        st.slot_free_tokens = replica_forecast(r.running, r.waiting, r.slots, prior,
+                                                               getattr(r.policy, "counts_down", False))
+                snap["stats"] = [dataclasses.replace(st) for st in stats]
+                snap["next_poll"] = t + poll_s
+            k = router.choose(snap["stats"], prompt_tokens, predicted_tokens)
+            if poll_s > 0:
+                snap["stats"][k] = count_routed(snap["stats"][k], prompt_tokens, FORECAST_PRIOR_TOKENS)
+            return k
 
     with mock.patch.object(simulator_module, "SimReplica", Replica):
         return simulate(trace, policy, sm, res, router=Fed(), **kw)

@@ -191,3 +191,30 @@ def test_simulated_replicas_with_slot_forecasts():
     assert np.bincount(r.replica, minlength=replicas).min() > n / (2 * replicas)
     # (the margin over least-requests is small, ~1% in the benchmark: this checks the plumbing, not the claim)
     assert r.e2e.mean() < mean["round-robin"] and r.e2e.mean() < 1.01 * mean["least-requests"]
+
+
+def test_simulated_router_sees_polled_snapshots():
+    # poll_s: the router works from snapshots (as `jtrail route`), advanced only by its own sends in between
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from simulate import simulate_routed
+
+    rng = np.random.default_rng(3)
+    n, replicas = 400, 3
+    out = rng.integers(1, 300, n)
+    tr = Trace(np.cumsum(rng.exponential(0.02, n)), rng.integers(10, 100, n), out)
+    sm, res = StepModel(a=0.005), Resources(num_slots=4, num_pages=256, page_size=16)
+    rr = simulate_routed(tr, "fcfs", sm, res, make_router("round-robin"), num_replicas=replicas)
+    # a snapshot taken at the first arrival and never refreshed: least-requests only counts its own sends,
+    # so it deals requests out in turn, exactly as round-robin
+    frozen = simulate_routed(tr, "fcfs", sm, res, make_router("least-requests"), poll_s=1e9,
+                             num_replicas=replicas)
+    assert np.array_equal(frozen.replica, rr.replica)
+    live = simulate_routed(tr, "fcfs", sm, res, make_router("least-requests"), num_replicas=replicas)
+    assert not np.array_equal(live.replica, rr.replica)
+    # polled every 50 ms: between the two, and every request still finishes
+    polled = simulate_routed(tr, "fcfs", sm, res, make_router("least-requests"), poll_s=0.05,
+                             num_replicas=replicas)
+    assert np.isfinite(polled.e2e).all() and not np.array_equal(polled.replica, rr.replica)
