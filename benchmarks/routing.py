@@ -294,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     routers = [r for r in a.routers.split(",") if r]
     if "token-aware" not in routers:
         raise SystemExit("--routers must include token-aware (the reference of the ratios)")
+    if a.repeats < 1 or a.replicas < 1:
+        raise SystemExit(f"--repeats and --replicas must be >= 1, got {a.repeats} and {a.replicas}")
     if a.gpus and len(a.gpus.split(",")) < a.replicas:
         raise SystemExit(f"--gpus names {len(a.gpus.split(','))} devices for {a.replicas} replicas")
     command = "python benchmarks/routing.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -349,9 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         drain(targets, 60.0)
 
         if a.lengths == "sharegpt" and not a.natural_eos:
-            # capacity scales with 1 / mean output length (a decode step's cost barely depends on it)
-            capacity *= float(lengths.mean()) / float(sharegpt_lengths(4096, a.max_output, a.seed + 2).mean())
-            lengths = sharegpt_lengths(4096, a.max_output, a.seed + 2)
+            # capacity scales with 1 / mean output length (a decode step's cost barely depends on it);
+            # the trace takes the first n of these draws
+            drawn = sharegpt_lengths(max(4096, a.requests), a.max_output, a.seed + 2)
+            capacity *= float(lengths.mean()) / float(drawn.mean())
+            lengths = drawn
         # Size the trace so every policy fits in what is left of the deadline.
         rate = a.load * capacity
         left = a.deadline_s - (time.perf_counter() - T0) - 15.0
@@ -369,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.natural_eos:
             out_len = np.full(n, a.max_output)
         elif a.lengths == "sharegpt":
-            out_len = sharegpt_lengths(n, a.max_output, a.seed + 2)
+            out_len = lengths[:n]
         else:
             out_len = lengths[pick]
         expected_len = lengths[pick] if a.natural_eos else out_len  # what the requests generate

@@ -215,6 +215,8 @@ def simulate_routed(trace: Trace, policy: str, sm: StepModel, res: Resources, ro
     `poll_s` > 0: the router sees the replicas as `jtrail route` does, through snapshots refreshed every
     `poll_s` seconds of simulated time, each advanced by its own sends in between (`count_routed`);
     0: fresh state at every arrival."""
+    if not poll_s >= 0:
+        raise ValueError(f"poll_s must be >= 0 seconds, got {poll_s}")
     if not getattr(router, "uses_forecast", False) and poll_s <= 0:
         return simulate(trace, policy, sm, res, router=router, **kw)
     from jtrail.serving.grpc_router import count_routed

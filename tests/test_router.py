@@ -218,3 +218,16 @@ def test_simulated_router_sees_polled_snapshots():
     polled = simulate_routed(tr, "fcfs", sm, res, make_router("least-requests"), poll_s=0.05,
                              num_replicas=replicas)
     assert np.isfinite(polled.e2e).all() and not np.array_equal(polled.replica, rr.replica)
+
+
+def test_simulated_router_rejects_negative_poll():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from simulate import simulate_routed
+
+    tr = Trace(np.array([0.0, 0.1]), np.array([10, 10]), np.array([5, 5]))
+    with pytest.raises(ValueError, match="poll_s"):
+        simulate_routed(tr, "fcfs", StepModel(a=0.005), Resources(num_slots=2, num_pages=16, page_size=16),
+                        make_router("least-requests"), poll_s=-1.0, num_replicas=2)

@@ -42,3 +42,27 @@ def test_routing_benchmark_runs_every_policy_on_the_same_trace(tmp_path: Path) -
     for k in ("command", "device", "date", "git_commit", "capacity_req_s"):
         assert k in doc
     assert "| token-aware |" in r.stdout
+
+
+def test_routing_benchmark_rejects_bad_counts_before_starting_anything() -> None:
+    for bad in (["--repeats", "0"], ["--replicas", "0"]):
+        r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "routing.py"), "--mock", *bad],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and "must be >= 1" in r.stderr
+        assert "starting" not in r.stdout  # no replica was started
+
+
+def test_routing_benchmark_sharegpt_lengths_mode(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [json.dumps({"prompt": f"q{i} " + "why? " * (1 + i % 3)}) for i in range(8)]
+    prompts.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "routing.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "routing.py"), "--mock", "--prompts", str(prompts),
+           "--pool", "6", "--requests", "6", "--max-output", "12", "--slots", "2", "--pages", "64",
+           "--routers", "least-requests,token-aware", "--lengths", "sharegpt", "--deadline-s", "60",
+           "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["workload"]["mode"].startswith("forced lengths (ShareGPT")
+    assert 1 <= doc["workload"]["output_len_mean"] <= 12 and doc["all_completed"]
