@@ -224,11 +224,10 @@ def load_pool(a: argparse.Namespace) -> list[Any]:
 
 
 def sharegpt_lengths(n: int, cap: int, seed: int) -> np.ndarray:
-    """n seeded draws from ShareGPT's answer lengths (tokens), clipped to [1, cap]."""
-    from jtrail import datasets
+    """n seeded answer lengths of the simulator's routing section (ShareGPT, clipped to [1, cap])."""
+    from simulate import routing_lengths
 
-    pool = np.asarray(datasets.sharegpt_output_lengths(), dtype=np.int64)
-    return np.clip(np.random.default_rng(seed).choice(pool, n), 1, cap)
+    return routing_lengths(n, np.random.default_rng(seed), max_output=cap)[1]
 
 
 def device_name(a: argparse.Namespace) -> str:
