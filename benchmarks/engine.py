@@ -141,7 +141,7 @@ def bench_decode(model, cfg, b: int, args, bw: float) -> dict:
     for s in rows:
         positions[s.slot] = s.num_tokens - 1
         tables[s.slot, :len(s.block_table)] = s.block_table
-    samp = engine._sampling_rows([None] * b)
+    samp = engine._sampling_rows([None] * b, k)
     out, _ = r.decode(tokens, positions, n_valid, tables, samp)
     jax.block_until_ready(out)
     t0 = time.perf_counter()

@@ -48,13 +48,15 @@ class GenerateOptions:
     priority: int = 0
     ignore_eos: bool = False
     request_id: str = ""
+    forced_output_ids: list[int] = field(default_factory=list)  # trace replay (benchmarks)
 
 
 def build_request(prompt: str | list[int] | list[dict[str, str]], **options: Any) -> pb.GenerateRequest:
     """A GenerateRequest from text, token ids, or chat messages ([{"role", "content"}, ...])."""
     o = GenerateOptions(**options)
     req = pb.GenerateRequest(stop=o.stop, stop_token_ids=o.stop_token_ids, priority=o.priority,
-                             ignore_eos=o.ignore_eos, request_id=o.request_id)
+                             ignore_eos=o.ignore_eos, request_id=o.request_id,
+                             forced_output_ids=o.forced_output_ids)
     if isinstance(prompt, str):
         req.text = prompt
     elif prompt and isinstance(prompt[0], dict):

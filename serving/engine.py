@@ -138,6 +138,8 @@ class LLMEngine:
             raise InvalidRequestError("prompt", "must contain at least one token")
         if any((not isinstance(t, int | np.integer)) or t < 0 or t >= vocab for t in prompt_ids):
             raise InvalidRequestError("prompt", f"token ids must be integers in [0, {vocab})")
+        if any(t >= vocab for t in params.forced_output_ids):
+            raise InvalidRequestError("forced_output_ids", f"token ids must be in [0, {vocab})")
         if len(prompt_ids) >= cfg.max_model_len:
             raise InvalidRequestError("prompt", f"{len(prompt_ids)} tokens leave no room under "
                                       f"max_model_len={cfg.max_model_len}")
@@ -306,6 +308,8 @@ class LLMEngine:
             if seq.request_id in skip or seq.request_id not in self._prefilled:
                 continue
             n = min(cfg.decode_steps_per_call, seq.max_remaining, cfg.max_model_len - seq.num_tokens)
+            if seq.forced_remaining is not None:
+                n = min(n, seq.forced_remaining)
             # KV for positions up to num_tokens - 1 + n - 1 is written by this call.
             while not self.blocks.ensure_capacity(seq, seq.num_tokens + n - 1):
                 victim = self.policy.choose_victim(self.running, time.monotonic())
@@ -326,7 +330,7 @@ class LLMEngine:
             tokens[b], positions[b], n_valid[b] = seq.all_ids[-1], seq.num_tokens - 1, n
             tables[b, :len(seq.block_table)] = seq.block_table
             rows[b] = seq
-        samp = self._sampling_rows(rows)
+        samp = self._sampling_rows(rows, cfg.decode_steps_per_call)
         out_tokens, out_probs = self.runner.decode(tokens, positions, n_valid, tables, samp)
         return batch, out_tokens, out_probs
 
@@ -350,15 +354,19 @@ class LLMEngine:
             else:
                 seq.num_computed_tokens = seq.num_tokens - 1
 
-    def _sampling_rows(self, seqs: list[Sequence | None]) -> SamplingRows:
+    def _sampling_rows(self, seqs: list[Sequence | None], steps: int = 1) -> SamplingRows:
         def col(f, dtype, empty=0):  # empty slots get harmless values (greedy, top_p 1)
             return np.array([f(s) if s is not None else empty for s in seqs], dtype)
 
+        forced = np.full((len(seqs), steps), -1, np.int32)  # trace replay: the given tokens
+        for b, s in enumerate(seqs):
+            if s is not None and s.params.forced_output_ids:
+                forced[b] = [s.forced_token(s.num_generated + j) for j in range(steps)]
         return SamplingRows(col(lambda s: s.params.temperature, np.float32),
                             col(lambda s: s.params.top_p, np.float32, 1.0),
                             col(lambda s: s.params.top_k, np.int32),
                             col(lambda s: self._seed[s.request_id], np.uint32),
-                            col(lambda s: s.num_generated, np.int32))
+                            col(lambda s: s.num_generated, np.int32), forced)
 
     # ---- postprocess --------------------------------------------------------------------------
     def _append_token(self, seq: Sequence, tok: int, now: float, finish_free: bool = True) -> bool:
@@ -373,11 +381,15 @@ class LLMEngine:
         out.new_token_ids.append(tok)
         out.new_text += delta
         reason, stop_string = None, False
-        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.model_cfg.eos_ids):
+        if p.forced_output_ids:  # trace replay: the given answer ends the request, not eos or stops
+            if seq.num_generated >= len(p.forced_output_ids):
+                reason = FinishReason.STOP
+        elif tok in p.stop_token_ids or (not p.ignore_eos and tok in self.model_cfg.eos_ids):
             reason = FinishReason.STOP
         elif p.stop and p.stop_index(self._detok[seq.request_id].text) is not None:
             reason, stop_string = FinishReason.STOP, True
-        elif seq.num_generated >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+        if reason is None and (seq.num_generated >= p.max_tokens
+                               or seq.num_tokens >= self.config.max_model_len):
             reason = FinishReason.LENGTH
         if reason is not None:
             detok = self._detok[seq.request_id]  # _finish may drop it

@@ -69,11 +69,15 @@ class SamplingRows(NamedTuple):
     top_k: jax.Array  # [B] int32
     seed: jax.Array  # [B] uint32
     gen_index: jax.Array  # [B] int32: number of tokens generated before this draw
+    # [B, steps] int32: the token to emit at draw j instead of sampling (trace replay), -1 = sample
+    forced: jax.Array
 
 
 def _sample(logits: jax.Array, s: SamplingRows, offset: jax.Array | int = 0) -> jax.Array:
     keys = jax.vmap(lambda sd, i: jax.random.fold_in(jax.random.PRNGKey(sd), i))(s.seed, s.gen_index + offset)
-    return sample_tokens(logits, keys, s.temperature, s.top_p, s.top_k)
+    sampled = sample_tokens(logits, keys, s.temperature, s.top_p, s.top_k)
+    forced = jax.lax.dynamic_index_in_dim(s.forced, offset, axis=1, keepdims=False)
+    return jnp.where(forced >= 0, forced, sampled)
 
 
 @dataclass(frozen=True)

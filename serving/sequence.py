@@ -39,6 +39,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # forced-length benchmarks generate exactly max_tokens
+    # Trace replay (teacher forcing): the engine emits these ids in order instead of sampling, then
+    # finishes (STOP) after the last one; eos and stop strings are not checked (the given answer is
+    # what is emitted), max_tokens still is. KV, hidden states and the probe see the given answer.
+    forced_output_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -51,6 +55,10 @@ class SamplingParams:
             raise InvalidRequestError("top_k", f"must be >= 0, got {self.top_k!r}")
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        forced = tuple(self.forced_output_ids)
+        if any(isinstance(t, bool) or not isinstance(t, int | np.integer) or t < 0 for t in forced):
+            raise InvalidRequestError("forced_output_ids", "must be non-negative integer token ids")
+        object.__setattr__(self, "forced_output_ids", tuple(int(t) for t in forced))
 
     def stop_index(self, text: str) -> int | None:
         """Where the answer ends in `text`: the start of the earliest stop string, or None."""
@@ -123,6 +131,17 @@ class Sequence:
     @property
     def max_remaining(self) -> int:
         return self.params.max_tokens - self.num_generated
+
+    def forced_token(self, index: int) -> int:
+        """The given output token at output position `index`, or -1 (sample it)."""
+        forced = self.params.forced_output_ids
+        return forced[index] if index < len(forced) else -1
+
+    @property
+    def forced_remaining(self) -> int | None:
+        """Tokens left of a replayed answer (None when the request samples freely)."""
+        forced = self.params.forced_output_ids
+        return len(forced) - self.num_generated if forced else None
 
     @property
     def oracle_remaining(self) -> int | None:

@@ -46,7 +46,8 @@ def sampling_from_pb(req: pb.GenerateRequest, default_max_tokens: int) -> Sampli
         top_p=sp.top_p if sp.HasField("top_p") else 1.0,
         top_k=sp.top_k if sp.HasField("top_k") else 0,
         seed=sp.seed if sp.HasField("seed") else None,
-        stop=tuple(req.stop), stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos)
+        stop=tuple(req.stop), stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos,
+        forced_output_ids=tuple(req.forced_output_ids))
 
 
 class JtrailServicer(pb_grpc.JtrailServicer):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fjtrail_v1.proto\x12\tjtrail.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.jtrail.v1.ChatMessage\"\x92\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xb3\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.jtrail.v1.TokenIdsH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.jtrail.v1.ChatMessagesH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.jtrail.v1.SamplingParams\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x12\n\nrequest_id\x18\n \x01(\tB\x08\n\x06promptB\r\n\x0b_max_tokens\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xd0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x1f\n\x12remaining_estimate\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.jtrail.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.jtrail.v1.UsageB\x15\n\x13_remaining_estimate\"\x13\n\x11ServerInfoRequest\"\x0e\n\x0cStatsRequest\"\xca\x02\n\rStatsResponse\x12\x0f\n\x07waiting\x18\x01 \x01(\x05\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x0f\n\x07swapped\x18\x03 \x01(\x05\x12\x12\n\npages_used\x18\x04 \x01(\x05\x12\x13\n\x0bpages_total\x18\x05 \x01(\x05\x12\x13\n\x0bpreemptions\x18\x06 \x01(\x03\x12\x1a\n\x12outstanding_tokens\x18\x07 \x01(\x01\x12\r\n\x05steps\x18\x08 \x01(\x03\x12J\n\x12\x66inished_by_reason\x18\t \x03(\x0b\x32..jtrail.v1.StatsResponse.FinishedByReasonEntry\x12\x18\n\x10slot_free_tokens\x18\n \x03(\x01\x1a\x37\n\x15\x46inishedByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xe0\x01\n\x12ServerInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x11\n\tnum_slots\x18\x05 \x01(\x05\x12\x11\n\tnum_pages\x18\x06 \x01(\x05\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\r\n\x05probe\x18\x08 \x01(\t\x12\x11\n\tmax_queue\x18\t \x01(\x05\x12\'\n\x05stats\x18\n \x01(\x0b\x32\x18.jtrail.v1.StatsResponse*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xd6\x01\n\x06Jtrail\x12\x45\n\x08Generate\x12\x1a.jtrail.v1.GenerateRequest\x1a\x1b.jtrail.v1.GenerateResponse0\x01\x12I\n\nServerInfo\x12\x1c.jtrail.v1.ServerInfoRequest\x1a\x1d.jtrail.v1.ServerInfoResponse\x12:\n\x05Stats\x12\x17.jtrail.v1.StatsRequest\x1a\x18.jtrail.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fjtrail_v1.proto\x12\tjtrail.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.jtrail.v1.ChatMessage\"\x92\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xce\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.jtrail.v1.TokenIdsH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.jtrail.v1.ChatMessagesH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.jtrail.v1.SamplingParams\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x19\n\x11\x66orced_output_ids\x18\x0b \x03(\x05\x42\x08\n\x06promptB\r\n\x0b_max_tokens\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xd0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x1f\n\x12remaining_estimate\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.jtrail.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.jtrail.v1.UsageB\x15\n\x13_remaining_estimate\"\x13\n\x11ServerInfoRequest\"\x0e\n\x0cStatsRequest\"\xca\x02\n\rStatsResponse\x12\x0f\n\x07waiting\x18\x01 \x01(\x05\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x0f\n\x07swapped\x18\x03 \x01(\x05\x12\x12\n\npages_used\x18\x04 \x01(\x05\x12\x13\n\x0bpages_total\x18\x05 \x01(\x05\x12\x13\n\x0bpreemptions\x18\x06 \x01(\x03\x12\x1a\n\x12outstanding_tokens\x18\x07 \x01(\x01\x12\r\n\x05steps\x18\x08 \x01(\x03\x12J\n\x12\x66inished_by_reason\x18\t \x03(\x0b\x32..jtrail.v1.StatsResponse.FinishedByReasonEntry\x12\x18\n\x10slot_free_tokens\x18\n \x03(\x01\x1a\x37\n\x15\x46inishedByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xe0\x01\n\x12ServerInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x11\n\tnum_slots\x18\x05 \x01(\x05\x12\x11\n\tnum_pages\x18\x06 \x01(\x05\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\r\n\x05probe\x18\x08 \x01(\t\x12\x11\n\tmax_queue\x18\t \x01(\x05\x12\'\n\x05stats\x18\n \x01(\x0b\x32\x18.jtrail.v1.StatsResponse*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xd6\x01\n\x06Jtrail\x12\x45\n\x08Generate\x12\x1a.jtrail.v1.GenerateRequest\x1a\x1b.jtrail.v1.GenerateResponse0\x01\x12I\n\nServerInfo\x12\x1c.jtrail.v1.ServerInfoRequest\x1a\x1d.jtrail.v1.ServerInfoResponse\x12:\n\x05Stats\x12\x17.jtrail.v1.StatsRequest\x1a\x18.jtrail.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STATSRESPONSE_FINISHEDBYREASONENTRY']._loaded_options = None
   _globals['_STATSRESPONSE_FINISHEDBYREASONENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1486
-  _globals['_FINISHREASON']._serialized_end=1635
+  _globals['_FINISHREASON']._serialized_start=1513
+  _globals['_FINISHREASON']._serialized_end=1662
   _globals['_TOKENIDS']._serialized_start=30
   _globals['_TOKENIDS']._serialized_end=53
   _globals['_CHATMESSAGE']._serialized_start=55
@@ -44,21 +44,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=160
   _globals['_SAMPLINGPARAMS']._serialized_end=306
   _globals['_GENERATEREQUEST']._serialized_start=309
-  _globals['_GENERATEREQUEST']._serialized_end=616
-  _globals['_USAGE']._serialized_start=618
-  _globals['_USAGE']._serialized_end=675
-  _globals['_GENERATERESPONSE']._serialized_start=678
-  _globals['_GENERATERESPONSE']._serialized_end=886
-  _globals['_SERVERINFOREQUEST']._serialized_start=888
-  _globals['_SERVERINFOREQUEST']._serialized_end=907
-  _globals['_STATSREQUEST']._serialized_start=909
-  _globals['_STATSREQUEST']._serialized_end=923
-  _globals['_STATSRESPONSE']._serialized_start=926
-  _globals['_STATSRESPONSE']._serialized_end=1256
-  _globals['_STATSRESPONSE_FINISHEDBYREASONENTRY']._serialized_start=1201
-  _globals['_STATSRESPONSE_FINISHEDBYREASONENTRY']._serialized_end=1256
-  _globals['_SERVERINFORESPONSE']._serialized_start=1259
-  _globals['_SERVERINFORESPONSE']._serialized_end=1483
-  _globals['_JTRAIL']._serialized_start=1638
-  _globals['_JTRAIL']._serialized_end=1852
+  _globals['_GENERATEREQUEST']._serialized_end=643
+  _globals['_USAGE']._serialized_start=645
+  _globals['_USAGE']._serialized_end=702
+  _globals['_GENERATERESPONSE']._serialized_start=705
+  _globals['_GENERATERESPONSE']._serialized_end=913
+  _globals['_SERVERINFOREQUEST']._serialized_start=915
+  _globals['_SERVERINFOREQUEST']._serialized_end=934
+  _globals['_STATSREQUEST']._serialized_start=936
+  _globals['_STATSREQUEST']._serialized_end=950
+  _globals['_STATSRESPONSE']._serialized_start=953
+  _globals['_STATSRESPONSE']._serialized_end=1283
+  _globals['_STATSRESPONSE_FINISHEDBYREASONENTRY']._serialized_start=1228
+  _globals['_STATSRESPONSE_FINISHEDBYREASONENTRY']._serialized_end=1283
+  _globals['_SERVERINFORESPONSE']._serialized_start=1286
+  _globals['_SERVERINFORESPONSE']._serialized_end=1510
+  _globals['_JTRAIL']._serialized_start=1665
+  _globals['_JTRAIL']._serialized_end=1879
 # @@protoc_insertion_point(module_scope)
