@@ -4,8 +4,10 @@
   `cv` (cv > 1: burstier than Poisson, cv < 1: smoother); seeded, so every policy sees the same trace.
 - Prompts: ShareGPT, MT-Bench or a user JSONL file through `jtrail.datasets`, chat template applied
   (the probe was trained on templated prompts).
-- Modes: natural EOS (`max_tokens` cap), or forced lengths (`ignore_eos=True, max_tokens=L_i`: every
-  request generates exactly its profiled length, so every policy does identical work).
+- Modes: natural EOS (`max_tokens` cap); forced lengths (`ignore_eos=True, max_tokens=L_i`: every
+  request generates exactly its profiled length, so every policy does identical work); replay (each
+  request carries its recorded answer's token ids, `SamplingParams.forced_output_ids`: the engine emits
+  exactly that answer, so KV, hidden states and the probe see a real answer of real length).
 - Targets: `drive_engine` runs an `LLMEngine` in this thread, submitting each request when the wall
   clock passes its arrival time; `drive_grpc` streams through `jtrail.client.AsyncClient`.
 Times are `time.perf_counter()` seconds on the host, relative to the start of the run.
@@ -67,8 +69,11 @@ class Workload:
     forced: bool = True
     request_ids: list[str] = field(default_factory=list)
     max_tokens: int | None = None  # nominal cap sent with forced requests (None: the forced length)
+    answers: list[np.ndarray] | None = None  # replay: the recorded answers (output_len = their lengths)
 
     def __post_init__(self) -> None:
+        if self.answers is not None:
+            self.output_len = np.array([len(a) for a in self.answers], np.int64)
         self.arrival = np.asarray(self.arrival, float)
         self.output_len = np.asarray(self.output_len, np.int64)
         if not (len(self.prompts) == len(self.arrival) == len(self.output_len)):
@@ -86,7 +91,13 @@ class Workload:
         the nominal cap when one is set (a server sees what a user would send; a max_tokens equal to
         the true length would hand every length-aware policy an exact upper bound)."""
         cap = self.max_tokens if (self.forced and self.max_tokens) else int(self.output_len[i])
+        if self.answers is not None:  # the engine ends the request after its recorded answer
+            return SamplingParams(max_tokens=cap, temperature=0.0,
+                                  forced_output_ids=tuple(int(t) for t in self.answers[i]))
         return SamplingParams(max_tokens=cap, temperature=0.0, ignore_eos=self.forced)
+
+
+STEP_COLUMNS = 9
 
 
 @dataclass
@@ -99,8 +110,9 @@ class RunResult:
     output_tokens: np.ndarray
     preemptions: np.ndarray
     itl: np.ndarray  # all inter-token gaps (s), vLLM's ITL samples
-    steps: np.ndarray  # [S, 5]: batch tokens, kv tokens, seconds, prefill calls, decoding sequences
-    #                    (in-process runs only)
+    steps: np.ndarray  # [S, 9]: batch tokens, kv tokens, seconds, prefill calls, decoding sequences,
+    #                    tokens emitted, step end time (s from the start), running sequences in the
+    #                    step, requests waiting before it (in-process runs only)
     wall_s: float
 
     @property
@@ -109,7 +121,7 @@ class RunResult:
 
 
 def _result(arrival, first, finish, nout, npre, itl: list[float], steps: list, wall: float) -> RunResult:
-    st = np.asarray(steps, float).reshape(-1, 5)
+    st = np.asarray(steps, float).reshape(-1, STEP_COLUMNS)
     return RunResult(np.asarray(arrival, float), first, finish, nout, npre, np.asarray(itl, float), st, wall)
 
 
@@ -167,15 +179,18 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float) -> 
             if i < n:
                 time.sleep(max(0.0, min(idle_sleep_s, wl.arrival[i] - now)))
             continue
+        n_run, n_wait = len(engine.running), len(engine.waiting)
         before = [(s, s.num_computed_tokens, s.num_generated, s.num_tokens) for s in engine.requests.values()]
         probes0 = (getattr(engine, "probe_calls", 0), getattr(engine, "probe_tokens", 0))
         ts = time.perf_counter()
         outs = engine.step()
         te = time.perf_counter()
         t_rel = te - t0
+        emitted = 0
         for o in outs:
             k = index[o.request_id]
             m = len(o.new_token_ids)
+            emitted += m
             if m:
                 if np.isnan(first[k]):
                     first[k] = t_rel
@@ -202,7 +217,8 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float) -> 
                     calls += 1
                 else:
                     dec += 1
-        steps.append((bt, kv, time.perf_counter() - ts, calls, dec))
+        n_run = max(n_run, len(engine.running))  # the batch it ran: before, or after its admissions
+        steps.append((bt, kv, time.perf_counter() - ts, calls, dec, emitted, t_rel, n_run, n_wait))
     for s in seqs:
         npre[index[s.request_id]] = s.num_preemptions
         if not s.is_finished:
@@ -223,7 +239,8 @@ async def grpc_run(target: str, wl: Workload, timeout_s: float) -> RunResult:
         await asyncio.sleep(max(0.0, wl.arrival[k] - (time.perf_counter() - t0)))
         p = wl.params(k)
         stream = client.generate(wl.prompts[k], timeout=timeout_s, max_tokens=p.max_tokens,
-                                 temperature=0.0, ignore_eos=p.ignore_eos, request_id=wl.request_ids[k])
+                                 temperature=0.0, ignore_eos=p.ignore_eos, request_id=wl.request_ids[k],
+                                 forced_output_ids=list(p.forced_output_ids))
         async with contextlib.aclosing(stream):  # closing it cancels the RPC at once
             await _consume(k, stream)
 

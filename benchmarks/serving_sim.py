@@ -22,14 +22,18 @@ class RecordingPredictor:
         self.inner = inner
         self.refine_every = inner.refine_every
         self.rows: dict[str, dict[int, np.ndarray]] = {}
+        # (tokens generated, predicted remaining) after each probe output: the estimates the policy saw
+        self.predictions: dict[str, list[tuple[int, float | None]]] = {}
 
     def on_prefill(self, seq: Any, probs: np.ndarray) -> None:
         self.rows.setdefault(seq.request_id, {})[0] = np.array(probs, np.float32)
         self.inner.on_prefill(seq, probs)
+        self.predictions.setdefault(seq.request_id, []).append((seq.num_generated, seq.predicted_remaining))
 
     def on_decode(self, seq: Any, probs: np.ndarray, n_new: int) -> None:
         self.rows.setdefault(seq.request_id, {})[seq.num_generated] = np.array(probs, np.float32)
         self.inner.on_decode(seq, probs, n_new)
+        self.predictions.setdefault(seq.request_id, []).append((seq.num_generated, seq.predicted_remaining))
 
     def records(self, request_ids: list[str], num_bins: int) -> dict[str, np.ndarray]:
         """[n+1, K] per request: row t = output after t generated tokens, forward-filled; a request

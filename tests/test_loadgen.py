@@ -114,7 +114,7 @@ def test_forced_lengths_identical_work_across_policies(tiny):
         assert res.completed.all(), policy
         np.testing.assert_array_equal(res.output_tokens, lengths)  # exactly the forced length, no EOS stop
         assert np.all(res.first_token <= res.finish) and np.all(res.first_token >= res.arrival)
-        assert res.steps.shape[1] == 5 and res.steps[:, 0].sum() >= lengths.sum()
+        assert res.steps.shape[1] == 9 and res.steps[:, 0].sum() >= lengths.sum()
         assert np.all(res.steps[:, 2] > 0)
         calls, dec = res.steps[:, 3].sum(), res.steps[:, 4].sum()
         # every first token comes from a prefill call, every other one from a decode (or a re-prefill)
@@ -123,6 +123,34 @@ def test_forced_lengths_identical_work_across_policies(tiny):
     assert len({s["output_tokens"] for s in seen.values()}) == 1
     # the orders differ: SRPT must finish short jobs earlier on average than FCFS on a t=0 burst
     assert seen["srpt-oracle"]["mean_e2e"] < seen["fcfs"]["mean_e2e"]
+
+
+def test_replay_workload_emits_recorded_answers(tiny):
+    """Replay: every request carries its recorded answer; every policy emits exactly those tokens (the
+    same work), under a nominal max_tokens, and the steps say how many tokens each step emitted."""
+    rng = np.random.default_rng(1)
+    n = 12
+    prompts = [rng.integers(3, CFG.vocab_size, rng.integers(2, 20)).tolist() for _ in range(n)]
+    answers = [rng.integers(0, CFG.vocab_size, rng.integers(1, 15)) for _ in range(n)]
+    wl = Workload(prompts, np.zeros(n), np.zeros(n), max_tokens=40, answers=answers)
+    np.testing.assert_array_equal(wl.output_len, [len(a) for a in answers])
+    assert wl.params(0).max_tokens == 40 and wl.params(0).forced_output_ids == tuple(answers[0])
+    for policy in ("fcfs", "trail"):
+        eng = _engine(tiny, policy)
+        seqs = {}
+        inner = eng.add_request
+
+        def add(rid, *a, _inner=inner, **kw):
+            seqs[rid] = _inner(rid, *a, **kw)
+            return seqs[rid]
+
+        eng.add_request = add
+        res = drive_engine(eng, wl, timeout_s=120)
+        assert res.completed.all(), policy
+        for i, rid in enumerate(wl.request_ids):
+            assert seqs[rid].output_ids == answers[i].tolist()
+        assert res.steps[:, 5].sum() == sum(len(a) for a in answers)
+        assert np.all(np.diff(res.steps[:, 6]) >= 0) and res.steps[:, 7].max() <= eng.config.num_slots
 
 
 def test_forced_lengths_under_a_nominal_max_tokens(tiny):
