@@ -1,6 +1,12 @@
 """Serving benchmark: every scheduling policy on the same trace, real engine, real prompts.
 
+    python benchmarks/serving.py --workload replay --replay REPLAY.npz --split bench --probe replay
     python benchmarks/serving.py [--model GGUF] [--probe DIR] [--prompts sharegpt|mtbench|FILE.jsonl]
+
+Replay (the headline): requests from a held-out split of recorded ShareGPT conversations, each carrying
+its recorded answer (the engine emits exactly it), in three regimes (R1 stable, R2 overload, R3
+memory-bound; benchmarks/regimes.py), every policy on the same trace; see serving_regimes.py.
+Natural (the older sweep):
 
 1. Profile: greedy natural-EOS answers (capped at --max-output) give each prompt its output length.
 2. Capacity: all requests at t=0 (forced lengths, fcfs) -> max request rate with --slots / --pages.
@@ -65,7 +71,8 @@ def load(args: argparse.Namespace) -> Setup:
     return Setup(loaded.model, loaded.tokenizer, head, refiner, eos, args)
 
 
-def make_engine(su: Setup, policy: str, kw: dict, predictor: Any = None) -> Any:
+def make_engine(su: Setup, policy: str, kw: dict, predictor: Any = None, slots: int | None = None,
+                pages: int | None = None) -> Any:
     """A fresh engine, warmed up: every prefill bucket (up to the largest, which a recompute of
     prompt + answer can need) and the decode step have run on it before anything is timed. Without
     this a run met multi-second stalls in its first steps and a compile of the largest bucket
@@ -75,8 +82,8 @@ def make_engine(su: Setup, policy: str, kw: dict, predictor: Any = None) -> Any:
     from jtrail.serving.scheduler.registry import make_policy
 
     a = su.args
-    cfg = EngineConfig(num_slots=a.slots, page_size=a.page_size, num_pages=a.pages,
-                       max_model_len=a.max_prompt_tokens + a.max_output + a.page_size,
+    cfg = EngineConfig(num_slots=slots or a.slots, page_size=a.page_size, num_pages=pages or a.pages,
+                       max_model_len=a.max_model_len,
                        decode_steps_per_call=a.decode_steps, policy=make_policy(policy, **kw), seed=a.seed)
     eng = LLMEngine(su.model, su.tokenizer, cfg, probe=su.probe, predictor=predictor or su.refiner)
     filler = [t for p in su.warm_prompts for t in p]
@@ -229,6 +236,14 @@ def run_sim(su: Setup, sw: dict[str, Any]) -> dict[str, Any]:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=("replay", "natural"), default="natural",
+                   help="replay: recorded answers (teacher-forced), regimes R1-R3; natural: profiled lengths")
+    p.add_argument("--replay", default=None, help="replay set (.npz from `python -m jtrail.replay`)")
+    p.add_argument("--split", default="bench", help="replay split the trace comes from (never the probe's)")
+    p.add_argument("--regimes", default="R1,R2,R3")
+    p.add_argument("--sim-regimes", default="R1,R2", help="regimes re-run in the simulator")
+    p.add_argument("--regime-requests", type=int, default=0,
+                   help="requests per regime trace (0: the regime's default)")
     p.add_argument("--model", default=None, help="GGUF / HF dir / named shape; default: embedded SmolLM2")
     p.add_argument("--probe", default=None, help="probe directory; default: the shipped probe")
     p.add_argument("--prompts", default="sharegpt", help="sharegpt, mtbench or a JSONL file")
@@ -261,8 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     args = parse(argv)
     args.command = "python benchmarks/serving.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.max_model_len = args.max_prompt_tokens + args.max_output + args.page_size
     su = load(args)
     log(f"model loaded ({args.dtype_used}); probe {args.probe_used}")
+    if args.workload == "replay":
+        return run_replay_workload(su, args)
     prompts = load_prompt_ids(args.prompts, su.tokenizer, args.pool, args.max_prompt_tokens, args.seed)
     log(f"{len(prompts)} prompts loaded; profiling natural-EOS lengths")
     t = time.perf_counter()
@@ -281,6 +299,36 @@ def main(argv: list[str] | None = None) -> int:
     log(f"step model {sim['step_model']}; sim errors {sim.get('errors')}")
     result = analyse(args, lengths, cap, sw, sim)
     write_outputs(args, result)
+    return 0
+
+
+def run_replay_workload(su: Setup, args: argparse.Namespace) -> int:
+    import json
+
+    from serving_regimes import Pool, run_replay
+
+    if not args.replay:
+        raise SystemExit("--workload replay needs --replay PATH (from: python -m jtrail.replay --out PATH)")
+    pool = Pool(args.replay, args.split, args.max_model_len, args.seed)
+    su.warm_prompts = pool.prompts[:32]
+    edges, mids = list(su.refiner.bin_edges), [float(m) for m in su.refiner.midpoints]
+    specs = {"fcfs": ("fcfs", {}), "trail": ("trail", {}), "gittins": ("gittins", {"bin_edges": edges,
+                                                                                     "midpoints": mids}),
+             "srpt-oracle": ("srpt-oracle", {})}
+    specs = {k: v for k, v in specs.items() if k in args.policies.split(",")}
+    old = Path(args.out) / "serving.json"
+    history = None
+    if old.is_file():  # the previous headline (natural lengths) stays in the file as history
+        prev = json.loads(old.read_text())
+        history = prev.get("history") or {k: prev.get(k) for k in ("command", "device", "date", "git_commit",
+                                                                    "workload", "table", "bars")}
+
+    def make(pname: str, kw: dict, regime: Any, predictor: Any = None) -> Any:
+        r = pool.resources(regime.name, args.page_size)
+        return make_engine(su, pname, kw, predictor, slots=r["num_slots"], pages=r["num_pages"])
+
+    meta = {"probe": args.probe_used, "dtype": args.dtype_used}
+    run_replay(make, pool, args, su.refiner, specs, history, meta)
     return 0
 
 

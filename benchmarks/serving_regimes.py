@@ -1,0 +1,435 @@
+"""Replay regimes of the serving benchmark (`benchmarks/serving.py --workload replay`).
+
+Every request carries its recorded answer (trace replay: the engine emits exactly those tokens, so KV,
+hidden states and the probe see a real answer of real length). Requests come from one split of the
+replay set (`jtrail.replay`, held out from probe training; its name goes into the JSON). Per regime:
+1. capacity, measured: a saturated fcfs run; sustained output tokens/s over the full-batch steps
+   divided by the mean answer length (`jtrail.serving.capacity`);
+2. one seeded trace of the regime's arrival shape (benchmarks/regimes.py), and every policy on it, each
+   on a fresh warmed engine; each run's summary is saved as soon as it ends ($OUT/serving_partial.json);
+3. the simulator on the same trace with the run's recorded probe outputs and the step model fitted on
+   the engine's steps: sim vs engine mean E2E per policy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from jtrail.serving.capacity import StepRecord, capacity_req_s, full_batch_throughput
+from jtrail.serving.model_runner import TRACE_COUNTS
+from loadgen import Workload, drive_engine
+from metrics_summary import cdf_points, ratio, summarize
+from regimes import REGIMES, Regime, regime_arrivals, regime_resources
+from serving_sim import RecordingPredictor, fit_step_model, sim_errors, simulate_policies
+
+BAR_KEYS = (
+    "fcfs_over_trail_mean_e2e",
+    "fcfs_over_trail_mean_ttft",
+    "trail_over_fcfs_p99_e2e",
+    "trail_over_oracle_mean_e2e",
+    "trail_preemptions_per_request",
+)
+
+
+def step_record(steps: np.ndarray) -> StepRecord:
+    """loadgen's step rows -> the capacity module's record (end time, running, tokens out, waiting)."""
+    return StepRecord(
+        end_time=steps[:, 6],
+        running=steps[:, 7],
+        tokens_out=steps[:, 5],
+        seconds=steps[:, 2],
+        waiting=steps[:, 8],
+    )
+
+
+class Pool:
+    """The benchmark split's requests that fit the engine (prompt + answer within max_model_len)."""
+
+    def __init__(self, path: str, split: str, max_model_len: int, seed: int):
+        from jtrail.replay import ReplaySet
+
+        rs = ReplaySet.load(path).subset(split)
+        keep = [i for i in range(len(rs)) if len(rs.prompts[i]) + len(rs.answers[i]) < max_model_len]
+        order = np.random.default_rng(seed).permutation(keep)
+        self.prompts = [rs.prompts[i].astype(np.int32).tolist() for i in order]
+        self.answers = [rs.answers[i].astype(np.int32) for i in order]
+        self.conv_ids = [rs.conv_ids[i] for i in order]
+        self.split, self.path = split, path
+        self.lengths = np.array([len(a) for a in self.answers], np.int64)
+
+    def workload(self, arrival: np.ndarray, offset: int, max_tokens: int, tag: str) -> Workload:
+        """Requests offset, offset+1, ... (wrapping) at the given arrival times."""
+        idx = [(offset + k) % len(self.prompts) for k in range(len(arrival))]
+        return Workload(
+            [self.prompts[i] for i in idx],
+            arrival,
+            np.zeros(len(idx)),
+            max_tokens=max_tokens,
+            answers=[self.answers[i] for i in idx],
+            request_ids=[f"{tag}{k}" for k in range(len(idx))],
+        )
+
+    def resources(self, name: str, page_size: int) -> dict[str, int]:
+        return regime_resources(
+            name, float(np.mean([len(p) for p in self.prompts])), float(self.lengths.mean()), page_size
+        )
+
+    def describe(self) -> dict[str, Any]:
+        x = self.lengths
+        return {
+            "replay_set": str(self.path),
+            "split": self.split,
+            "requests": int(len(x)),
+            "answer_len_mean": float(x.mean()),
+            "answer_len_p50": float(np.median(x)),
+            "answer_len_p90": float(np.percentile(x, 90)),
+            "answer_len_max": int(x.max()),
+            "prompt_len_mean": float(np.mean([len(p) for p in self.prompts])),
+        }
+
+
+def measure_capacity(make, pool: Pool, regime: Regime, n: int, max_tokens: int, timeout_s: float) -> dict:
+    """Everything at t=0 on fcfs: capacity from the steps where the batch was full (or, memory-bound,
+    where requests waited), not from requests / makespan (the drain would dominate)."""
+    wl = pool.workload(np.zeros(n), 0, max_tokens, "cap")
+    eng = make("fcfs", dict(regime.fcfs_kwargs), regime)
+    res = drive_engine(eng, wl, timeout_s=timeout_s)
+    rec = step_record(res.steps)
+    backlog = regime.backlog_capacity
+    tp = full_batch_throughput(rec, regime.num_slots, backlog=backlog)
+    cap = capacity_req_s(rec, regime.num_slots, float(pool.lengths.mean()), backlog=backlog)
+    return {
+        "capacity_req_s": cap,
+        **tp,
+        "mean_answer_tokens": float(pool.lengths.mean()),
+        "requests": n,
+        "completed": int(res.completed.sum()),
+        "wall_s": res.wall_s,
+        "steps": res.steps,
+    }
+
+
+def run_regime(
+    make,
+    pool: Pool,
+    name: str,
+    specs: dict[str, tuple[str, dict]],
+    cap: dict,
+    args: Any,
+    refiner: Any,
+    partial: list[dict],
+) -> dict[str, Any]:
+    regime = REGIMES[name]
+    seed = args.seed + 17 * (1 + list(REGIMES).index(name))
+    arrival = regime_arrivals(name, cap["capacity_req_s"], seed=seed, n_max=args.regime_requests or None)
+    wl = pool.workload(arrival, offset=len(partial) * 37, max_tokens=args.max_output, tag=f"{name}-")
+    runs: dict[str, dict[str, Any]] = {}
+    recorder = None
+    for label, (pname, kw) in specs.items():
+        if label == "fcfs":  # the regime's baseline (R3: vLLM's free-page watermark)
+            kw = {**kw, **regime.fcfs_kwargs}
+        rec = RecordingPredictor(refiner) if label == "trail" else None
+        eng = make(pname, kw, regime, rec)
+        compiled = sum(TRACE_COUNTS.values())
+        t = time.perf_counter()
+        res = drive_engine(eng, wl, timeout_s=args.run_timeout)
+        s = summarize(res)
+        s.update(
+            compiles_during_run=float(sum(TRACE_COUNTS.values()) - compiled),
+            wall_s=time.perf_counter() - t,
+            probe_calls=float(getattr(eng, "probe_calls", 0)),
+        )
+        runs[label] = {"policy": label, "name": pname, "options": _jsonable(kw), **s, "_res": res}
+        if rec is not None:
+            recorder = rec
+        partial.append({"regime": name, **{k: v for k, v in runs[label].items() if not k.startswith("_")}})
+        _save_partial(partial)
+        print(
+            f"  {name} {label:>12}: mean e2e {s['mean_e2e']:.3f}s p99 {s['p99_e2e']:.3f}s "
+            f"ttft {s['mean_ttft']:.3f}s p99 {s['p99_ttft']:.3f}s "
+            f"preempt/req {s['preemptions_per_request']:.2f} "
+            f"done {int(s['completed'])}/{len(wl)} in {s['wall_s']:.0f}s",
+            flush=True,
+        )
+        del eng
+    res_ = pool.resources(name, args.page_size)
+    out = {
+        "regime": name,
+        "slots": res_["num_slots"],
+        "pages": res_["num_pages"],
+        "load": regime.description,
+        "requests": len(wl),
+        "arrival_span_s": float(arrival[-1]),
+        "_wl": wl,
+        "_runs": runs,
+        "_recorder": recorder,
+    }
+    return out
+
+
+def bars_of(name: str, runs: dict[str, dict]) -> dict[str, float]:
+    g = lambda p, k: runs[p][k] if p in runs else float("nan")
+    complete = all(r["completed"] == r["requests"] for r in runs.values())
+    nan = float("nan")
+    return {
+        f"{name}_fcfs_over_trail_mean_e2e": ratio(g("fcfs", "mean_e2e"), g("trail", "mean_e2e"))
+        if complete
+        else nan,
+        f"{name}_fcfs_over_trail_mean_ttft": ratio(g("fcfs", "mean_ttft"), g("trail", "mean_ttft"))
+        if complete
+        else nan,
+        f"{name}_trail_over_fcfs_p99_e2e": ratio(g("trail", "p99_e2e"), g("fcfs", "p99_e2e"))
+        if complete
+        else nan,
+        f"{name}_trail_over_oracle_mean_e2e": ratio(g("trail", "mean_e2e"), g("srpt-oracle", "mean_e2e"))
+        if complete
+        else nan,
+        f"{name}_trail_preemptions_per_request": g("trail", "preemptions_per_request"),
+    }
+
+
+def simulate_regime(
+    out: dict[str, Any], specs: dict, steps: np.ndarray, refiner: Any, pool: Pool, page_size: int
+) -> dict[str, Any]:
+    """The simulator on the regime's trace: same policies, the recorded probe outputs (replay makes
+    them the same under every policy: the tokens are given), the step model fitted on engine steps."""
+    from jtrail.serving.simulator import Resources
+
+    rec = out["_recorder"]
+    if rec is None:
+        return {}
+    sm, fit = fit_step_model(steps)
+    wl = out["_wl"]
+    records = rec.records(list(wl.request_ids), len(refiner.midpoints))
+    res = Resources(num_slots=out["slots"], num_pages=out["pages"], page_size=page_size)
+    keep = {k: v for k, v in specs.items() if k in out["_runs"]}
+    sim = simulate_policies(wl, keep, sm, res, refiner, records)
+    eng = {k: r for k, r in out["_runs"].items()}
+    return {"step_model": fit, "sim": sim, "errors": sim_errors(sim, eng)}
+
+
+def prediction_trajectories(rec: Any, wl: Workload, sample: int = 12) -> dict[str, Any]:
+    """Predicted vs true remaining length along the answers, as the engine's TRAIL predictor had them
+    after each probe output (prefill and every refinement): MAE overall and by answer position, and a
+    few trajectories for the plot."""
+    length = dict(zip(wl.request_ids, wl.output_len.tolist(), strict=True))
+    rows = [
+        (gen, pred, length[rid] - gen)
+        for rid, pts in rec.predictions.items()
+        if rid in length
+        for gen, pred in pts
+        if pred is not None
+    ]
+    if not rows:
+        return {}
+    a = np.array(rows, float)
+    err = np.abs(a[:, 1] - a[:, 2])
+    edges = [0, 1, 64, 128, 256, 512, 1025]
+    by_pos = {
+        f"{lo}-{hi - 1}": float(err[(a[:, 0] >= lo) & (a[:, 0] < hi)].mean())
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+        if np.any((a[:, 0] >= lo) & (a[:, 0] < hi))
+    }
+    first = np.array(
+        [
+            (pts[0][1], length[rid])
+            for rid, pts in rec.predictions.items()
+            if rid in length and pts and pts[0][0] == 0 and pts[0][1] is not None
+        ],
+        float,
+    )
+    traj = {
+        rid: [(g, p, length[rid] - g) for g, p in pts[:: max(1, len(pts) // 60)]]
+        for rid, pts in list(rec.predictions.items())[:sample]
+        if rid in length
+    }
+    return {
+        "mae_all_positions": float(err.mean()),
+        "mae_by_position": by_pos,
+        "points": int(len(a)),
+        "prompt_estimate_mae": float(np.abs(first[:, 0] - first[:, 1]).mean()) if len(first) else None,
+        "trajectories": traj,
+    }
+
+
+def _jsonable(kw: dict) -> dict:
+    return {k: (v if isinstance(v, int | float | str | bool | type(None)) else str(v)) for k, v in kw.items()}
+
+
+def _save_partial(rows: list[dict[str, Any]]) -> None:
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "serving_partial.json").write_text(json.dumps(rows, indent=1, default=float))
+
+
+def cdfs(runs: dict[str, dict]) -> dict[str, Any]:
+    out = {}
+    for label, r in runs.items():
+        res = r["_res"]
+        out[label] = {
+            "e2e": [c.tolist() for c in cdf_points(res.finish - res.arrival, 100)],
+            "ttft": [c.tolist() for c in cdf_points(res.first_token - res.arrival, 100)],
+        }
+    return out
+
+
+def plots(
+    result: dict[str, Any], regimes: dict[str, dict], traj: dict[str, Any], out_dir: Path
+) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(regimes)
+    fig, ax = plt.subplots(len(names), 2, figsize=(10, 3.2 * len(names)), dpi=80, squeeze=False)
+    for row, name in enumerate(names):
+        for label, r in regimes[name]["_runs"].items():
+            res = r["_res"]
+            for a, x in zip(ax[row], (res.finish - res.arrival, res.first_token - res.arrival), strict=True):
+                xs, ys = cdf_points(x, 300)
+                a.plot(xs, ys, label=label, lw=1.2)
+        ax[row][0].set(xlabel="E2E latency (s)", ylabel="fraction of requests", title=f"{name}: E2E CDF")
+        ax[row][1].set(xlabel="TTFT (s)", title=f"{name}: TTFT CDF", xscale="log")
+        ax[row][0].legend(fontsize=7)
+    fig.tight_layout()
+    p1 = out_dir / "serving_latency.png"
+    fig.savefig(p1)
+    plt.close(fig)
+    files = [p1]
+    if traj.get("trajectories"):
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
+        for k, (_, pts) in enumerate(traj["trajectories"].items()):
+            a = np.array(pts, float)
+            (line,) = ax.plot(a[:, 0], a[:, 1], lw=1.0)
+            ax.plot(a[:, 0], a[:, 2], ls=":", c=line.get_color(), lw=1.0, label="true" if k == 0 else None)
+        ax.set(
+            xlabel="tokens generated",
+            ylabel="remaining tokens",
+            title=f"predicted (solid) vs true (dotted); MAE {traj['mae_all_positions']:.0f} tokens",
+        )
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p2 = out_dir / "serving_predictions.png"
+        fig.savefig(p2)
+        plt.close(fig)
+        files.append(p2)
+    return files
+
+
+def run_replay(
+    make,
+    pool: Pool,
+    args: Any,
+    refiner: Any,
+    specs: dict[str, tuple[str, dict]],
+    history: dict | None,
+    meta: dict[str, Any],
+) -> dict[str, Any]:
+    """All requested regimes; returns the serving.json document (also written, with plots)."""
+    import datetime
+
+    from serving_report import _clean, _device
+
+    from jtrail.provenance import git_commit
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"pool: {pool.describe()}", flush=True)
+    partial: list[dict] = []
+    regimes, caps, bars, sims, table = {}, {}, {}, {}, []
+    traj: dict[str, Any] = {}
+    for name in args.regimes.split(","):
+        regime = REGIMES[name]
+        cap = measure_capacity(
+            make,
+            pool,
+            regime,
+            args.capacity_requests or 8 * regime.num_slots,
+            args.max_output,
+            args.run_timeout,
+        )
+        caps[name] = {k: v for k, v in cap.items() if k != "steps"}
+        print(
+            f"{name}: capacity {cap['capacity_req_s']:.2f} req/s ({cap['tokens_per_s']:.0f} tok/s over "
+            f"{cap['full_seconds']:.1f} s of full batch)",
+            flush=True,
+        )
+        out = run_regime(make, pool, name, specs, cap, args, refiner, partial)
+        regimes[name] = out
+        bars.update(bars_of(name, out["_runs"]))
+        steps = np.concatenate([cap["steps"], *(r["_res"].steps for r in out["_runs"].values())])
+        if name in args.sim_regimes.split(","):
+            sims[name] = simulate_regime(out, specs, steps, refiner, pool, args.page_size)
+            print(f"{name}: sim vs engine mean E2E {sims[name].get('errors')}", flush=True)
+        if out["_recorder"] is not None and not traj:
+            traj = prediction_trajectories(out["_recorder"], out["_wl"])
+        f = out["_runs"].get("fcfs")
+        o = out["_runs"].get("srpt-oracle")
+        for r in out["_runs"].values():
+            row = {"regime": name, **{k: v for k, v in r.items() if not k.startswith("_")}}
+            if f is not None:
+                row["fcfs_over_mean_e2e"] = ratio(f["mean_e2e"], r["mean_e2e"])
+                row["fcfs_over_mean_ttft"] = ratio(f["mean_ttft"], r["mean_ttft"])
+                row["p99_e2e_over_fcfs"] = ratio(r["p99_e2e"], f["p99_e2e"])
+            if o is not None:
+                row["over_oracle_mean_e2e"] = ratio(r["mean_e2e"], o["mean_e2e"])
+            table.append(row)
+    errs = [abs(e) for s in sims.values() for e in (s.get("errors") or {}).values()]
+    bars["sim_vs_engine_mean_e2e_error"] = max(errs) if errs else None
+    doc = {
+        "command": args.command,
+        "device": _device(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "config": {k: v for k, v in vars(args).items() if k != "command"},
+        **meta,
+        "workload": {"mode": "replay (teacher-forced recorded answers)", **pool.describe()},
+        "capacity": caps,
+        "table": table,
+        "regimes": {n: {k: v for k, v in r.items() if not k.startswith("_")} for n, r in regimes.items()},
+        "simulator": sims,
+        "predictions": traj,
+        "cdfs": {n: cdfs(r["_runs"]) for n, r in regimes.items()},
+        "bars": bars,
+        "history": history,
+    }
+    files = plots(doc, regimes, traj, out_dir)
+    doc = _clean(doc)
+    path = out_dir / "serving.json"
+    path.write_text(json.dumps(doc, indent=1))
+    files.append(path)
+    if os.environ.get("OUT") and Path(os.environ["OUT"]).resolve() != out_dir.resolve():
+        import shutil
+
+        for p in files:
+            shutil.copy(p, Path(os.environ["OUT"]) / p.name)
+    print(markdown(table))
+    print("bars:", json.dumps(doc["bars"], indent=1))
+    return doc
+
+
+def markdown(table: list[dict]) -> str:
+    cols = [
+        ("mean_e2e", "mean E2E s"),
+        ("p99_e2e", "p99 E2E s"),
+        ("mean_ttft", "mean TTFT s"),
+        ("p99_ttft", "p99 TTFT s"),
+        ("preemptions_per_request", "preempt/req"),
+        ("fcfs_over_mean_e2e", "fcfs/x E2E"),
+        ("fcfs_over_mean_ttft", "fcfs/x TTFT"),
+        ("p99_e2e_over_fcfs", "p99/fcfs"),
+        ("over_oracle_mean_e2e", "x/oracle E2E"),
+    ]
+    lines = ["| regime | policy | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for r in table:
+        cells = []
+        for k, _ in cols:
+            v = r.get(k)
+            cells.append("n/a" if v is None or not np.isfinite(v) else f"{v:.3g}")
+        lines.append(f"| {r['regime']} | {r['policy']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
