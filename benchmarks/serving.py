@@ -242,6 +242,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default="bench", help="replay split the trace comes from (never the probe's)")
     p.add_argument("--regimes", default="R1,R2,R3")
     p.add_argument("--sim-regimes", default="R1,R2", help="regimes re-run in the simulator")
+    p.add_argument("--max-answer-tokens", type=int, default=0,
+                   help="cut replayed answers to this many tokens (0: as recorded; for CPU smoke runs)")
+    p.add_argument("--regime-slots", type=int, default=0,
+                   help="override every regime's slot count (0: as defined; for CPU smoke runs)")
     p.add_argument("--regime-requests", type=int, default=0,
                    help="requests per regime trace (0: the regime's default)")
     p.add_argument("--model", default=None, help="GGUF / HF dir / named shape; default: embedded SmolLM2")
@@ -309,7 +313,7 @@ def run_replay_workload(su: Setup, args: argparse.Namespace) -> int:
 
     if not args.replay:
         raise SystemExit("--workload replay needs --replay PATH (from: python -m jtrail.replay --out PATH)")
-    pool = Pool(args.replay, args.split, args.max_model_len, args.seed)
+    pool = Pool(args.replay, args.split, args.max_model_len, args.seed, args.max_answer_tokens)
     su.warm_prompts = pool.prompts[:32]
     edges, mids = list(su.refiner.bin_edges), [float(m) for m in su.refiner.midpoints]
     specs = {"fcfs": ("fcfs", {}), "trail": ("trail", {}), "gittins": ("gittins", {"bin_edges": edges,
@@ -324,7 +328,7 @@ def run_replay_workload(su: Setup, args: argparse.Namespace) -> int:
                                                                     "workload", "table", "bars")}
 
     def make(pname: str, kw: dict, regime: Any, predictor: Any = None) -> Any:
-        r = pool.resources(regime.name, args.page_size)
+        r = pool.resources(regime.name, args.page_size, args.regime_slots)
         return make_engine(su, pname, kw, predictor, slots=r["num_slots"], pages=r["num_pages"])
 
     meta = {"probe": args.probe_used, "dtype": args.dtype_used}

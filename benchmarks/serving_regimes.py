@@ -50,14 +50,15 @@ def step_record(steps: np.ndarray) -> StepRecord:
 class Pool:
     """The benchmark split's requests that fit the engine (prompt + answer within max_model_len)."""
 
-    def __init__(self, path: str, split: str, max_model_len: int, seed: int):
+    def __init__(self, path: str, split: str, max_model_len: int, seed: int, max_answer_tokens: int = 0):
         from jtrail.replay import ReplaySet
 
         rs = ReplaySet.load(path).subset(split)
         keep = [i for i in range(len(rs)) if len(rs.prompts[i]) + len(rs.answers[i]) < max_model_len]
         order = np.random.default_rng(seed).permutation(keep)
         self.prompts = [rs.prompts[i].astype(np.int32).tolist() for i in order]
-        self.answers = [rs.answers[i].astype(np.int32) for i in order]
+        cut = max_answer_tokens or None
+        self.answers = [rs.answers[i][:cut].astype(np.int32) for i in order]
         self.conv_ids = [rs.conv_ids[i] for i in order]
         self.split, self.path = split, path
         self.lengths = np.array([len(a) for a in self.answers], np.int64)
@@ -74,10 +75,12 @@ class Pool:
             request_ids=[f"{tag}{k}" for k in range(len(idx))],
         )
 
-    def resources(self, name: str, page_size: int) -> dict[str, int]:
-        return regime_resources(
+    def resources(self, name: str, page_size: int, slots: int = 0) -> dict[str, int]:
+        """The regime's slots and pages for this pool; `slots` > 0 overrides the slot count (smoke runs)."""
+        r = regime_resources(
             name, float(np.mean([len(p) for p in self.prompts])), float(self.lengths.mean()), page_size
         )
+        return {**r, "num_slots": slots} if slots else r
 
     def describe(self) -> dict[str, Any]:
         x = self.lengths
@@ -93,7 +96,9 @@ class Pool:
         }
 
 
-def measure_capacity(make, pool: Pool, regime: Regime, n: int, max_tokens: int, timeout_s: float) -> dict:
+def measure_capacity(
+    make, pool: Pool, regime: Regime, slots: int, n: int, max_tokens: int, timeout_s: float
+) -> dict:
     """Everything at t=0 on fcfs: capacity from the steps where the batch was full (or, memory-bound,
     where requests waited), not from requests / makespan (the drain would dominate)."""
     wl = pool.workload(np.zeros(n), 0, max_tokens, "cap")
@@ -101,8 +106,8 @@ def measure_capacity(make, pool: Pool, regime: Regime, n: int, max_tokens: int, 
     res = drive_engine(eng, wl, timeout_s=timeout_s)
     rec = step_record(res.steps)
     backlog = regime.backlog_capacity
-    tp = full_batch_throughput(rec, regime.num_slots, backlog=backlog)
-    cap = capacity_req_s(rec, regime.num_slots, float(pool.lengths.mean()), backlog=backlog)
+    tp = full_batch_throughput(rec, slots, backlog=backlog)
+    cap = capacity_req_s(rec, slots, float(pool.lengths.mean()), backlog=backlog)
     return {
         "capacity_req_s": cap,
         **tp,
@@ -157,7 +162,7 @@ def run_regime(
             flush=True,
         )
         del eng
-    res_ = pool.resources(name, args.page_size)
+    res_ = pool.resources(name, args.page_size, args.regime_slots)
     out = {
         "regime": name,
         "slots": res_["num_slots"],
@@ -345,14 +350,9 @@ def run_replay(
     traj: dict[str, Any] = {}
     for name in args.regimes.split(","):
         regime = REGIMES[name]
-        cap = measure_capacity(
-            make,
-            pool,
-            regime,
-            args.capacity_requests or 8 * regime.num_slots,
-            args.max_output,
-            args.run_timeout,
-        )
+        slots = pool.resources(name, args.page_size, args.regime_slots)["num_slots"]
+        n_cap = args.capacity_requests or 8 * slots
+        cap = measure_capacity(make, pool, regime, slots, n_cap, args.max_output, args.run_timeout)
         caps[name] = {k: v for k, v in cap.items() if k != "steps"}
         print(
             f"{name}: capacity {cap['capacity_req_s']:.2f} req/s ({cap['tokens_per_s']:.0f} tok/s over "
