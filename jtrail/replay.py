@@ -69,7 +69,8 @@ class ReplaySet:
         for field_name, seqs, min_len in (("prompts", self.prompts, 1), ("answers", self.answers, 1)):
             short = [i for i, s in enumerate(seqs) if len(s) < min_len]
             if short:
-                raise ReplayDataError(f"{field_name}: request {short[0]} ({self.conv_ids[short[0]]}) is empty")
+                i = short[0]
+                raise ReplayDataError(f"{field_name}: request {i} ({self.conv_ids[i]}) is empty")
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -256,8 +257,8 @@ def summary(rs: ReplaySet, max_answer_tokens: int | None = None) -> dict[str, di
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jtrail.replay",
-                                description="build the replay data set (.npz of token ids) with SmolLM2's tokenizer")
+    p = argparse.ArgumentParser(prog="python -m jtrail.replay", description="build the replay data set "
+                                "(.npz of token ids) with SmolLM2's tokenizer")
     p.add_argument("--out", required=True, help="output .npz path")
     p.add_argument("--limit", type=int, default=None, help="first N ShareGPT conversations only")
     p.add_argument("--max-prompt-tokens", type=int, default=1024)
