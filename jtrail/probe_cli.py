@@ -34,8 +34,11 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 def _command(args: argparse.Namespace) -> str:
     """The full command line, every option spelled out (recorded in probe.json and the probe's meta)."""
     parts = ["jtrail", "train-probe"]
+    skip = {"func", "command", "export_prompts"}
+    if args.replay is not None:  # options of natural generation only
+        skip |= {"dataset", "gen_batch", "chat", "val_fraction"}
     for key, val in sorted(vars(args).items()):
-        if key in ("func", "command", "export_prompts") or val is None or val is False:
+        if key in skip or val is None or val is False:
             continue
         flag = "--" + key.replace("_", "-")
         if val is True:
@@ -44,7 +47,7 @@ def _command(args: argparse.Namespace) -> str:
             parts += [flag, *(shlex.quote(str(v)) for v in val)]
         else:
             parts += [flag, shlex.quote(str(val))]
-    if not args.chat:
+    if not args.chat and args.replay is None:
         parts.append("--no-chat")
     return " ".join(parts)
 
