@@ -5,6 +5,10 @@ Examples:
     jtrail train-probe --num-prompts 2000 --max-new-tokens 512 --layers 6,11,16,21 --bins equal:10:512 \
         --features-cache /tmp/feats.npz
     jtrail train-probe --from-features /tmp/feats.npz --bins log:10:2048 --epochs 8   # retrain only
+    # Replay mode: teacher-force the recorded answers of a replay set (python -m jtrail.replay); train on
+    # "train", choose layer and bins on "tune", report on "bench" and "ood"; --out only when given.
+    jtrail train-probe --replay /work/replay/replay_all.npz --bins equal:10:1024 log:10:1024 \
+        --out jtrail/assets/probe_replay
 """
 
 from __future__ import annotations
@@ -30,45 +34,88 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 def _command(args: argparse.Namespace) -> str:
     """The full command line, every option spelled out (recorded in probe.json and the probe's meta)."""
     parts = ["jtrail", "train-probe"]
+    skip = {"func", "command", "export_prompts"}
+    if args.replay is not None:  # options of natural generation only
+        skip |= {"dataset", "gen_batch", "chat", "val_fraction"}
     for key, val in sorted(vars(args).items()):
-        if key in ("func", "command", "export_prompts") or val is None or val is False:
+        if key in skip or val is None or val is False:
             continue
         flag = "--" + key.replace("_", "-")
         if val is True:
             parts.append(flag if key != "chat" else "--chat")
+        elif isinstance(val, list):
+            parts += [flag, *(shlex.quote(str(v)) for v in val)]
         else:
             parts += [flag, shlex.quote(str(val))]
-    if not args.chat:
+    if not args.chat and args.replay is None:
         parts.append("--no-chat")
     return " ".join(parts)
 
 
-def _run_train_probe(args: argparse.Namespace) -> int:
-    from jtrail.probe_pipeline import DataOptions, run
-    from jtrail.train_probe import TrainOptions
+def _resolve_defaults(args: argparse.Namespace) -> None:
+    """Mode-dependent defaults. Replay mode never writes a probe unless --out is given (the shipped
+    assets are only replaced on purpose) and reports to probe_replay.json."""
+    replay = args.replay is not None
+    if args.out is None and not replay:
+        args.out = "jtrail/assets/probe"
+    if args.results is None:
+        args.results = "benchmarks/results/probe_replay.json" if replay else "benchmarks/results/probe.json"
+    if args.plot is None:
+        args.plot = f"benchmarks/results/probe{'_replay' if replay else ''}_mae.png"
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 1024 if replay else 512
+    if args.num_prompts is None:
+        args.num_prompts = 5000 if replay else 2000
+    if args.bins is None:
+        args.bins = ["equal:10:1024", "log:10:1024"] if replay else ["equal:10:512"]
 
-    opts = TrainOptions(bins=args.bins, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+
+def _run_train_probe(args: argparse.Namespace) -> int:
+    from jtrail.probe_data import FeatureCacheError
+    from jtrail.probe_pipeline import DataOptions, run
+    from jtrail.train_probe import ProbeTrainingError, TrainOptions, parse_bins
+
+    _resolve_defaults(args)
+    for spec in args.bins:
+        parse_bins(spec)
+    if len(args.bins) > 1 and args.replay is None:
+        raise ProbeTrainingError("bins: several specs are compared only in replay mode (--replay PATH)")
+    opts = TrainOptions(bins=args.bins[0], epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                         weight_decay=args.weight_decay, val_fraction=args.val_fraction, seed=args.seed,
                         hidden=args.hidden)
     layers = _int_tuple(args.layers) if args.layers else None
-    data = DataOptions(model=args.model, dataset=args.dataset, num_prompts=args.num_prompts,
-                       max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                       layers=layers or DataOptions.layers, dtype=args.dtype, gen_batch=args.gen_batch,
-                       token_budget=args.token_budget, chat=args.chat)
     from jtrail.datasets import DatasetError
     from jtrail.models.probe_io import ProbeFileError
 
     try:
-        if args.export_prompts:
-            from jtrail.probe_pipeline import export_prompts
-
-            n = export_prompts(args.dataset, args.export_prompts, args.num_prompts)
-            print(f"wrote {n} prompts to {args.export_prompts}")
-            return 0
         cache = args.from_features or args.features_cache
-        doc = run(data, opts, args.out, args.results, args.plot, cache, _command(args),
-                  progress=not args.quiet, require_cache=args.from_features is not None, train_layers=layers)
-    except (DatasetError, ProbeFileError) as e:
+        if args.replay is not None:
+            from jtrail.probe_replay import ReplayOptions, run_replay
+
+            ropts = ReplayOptions(replay_path=args.replay, model=args.model, num_train=args.num_prompts,
+                                  eval_limit=args.eval_limit, max_new_tokens=args.max_new_tokens,
+                                  max_prompt_tokens=args.max_prompt_tokens,
+                                  layers=layers or ReplayOptions.layers, dtype=args.dtype,
+                                  token_budget=args.token_budget)
+            doc = run_replay(ropts, opts, tuple(args.bins), args.out, args.results, args.plot, cache,
+                             _command(args), progress=not args.quiet,
+                             require_cache=args.from_features is not None, train_layers=layers)
+        else:
+            data = DataOptions(model=args.model, dataset=args.dataset, num_prompts=args.num_prompts,
+                               max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                               layers=layers or DataOptions.layers, dtype=args.dtype,
+                               gen_batch=args.gen_batch,
+                               token_budget=args.token_budget, chat=args.chat)
+            if args.export_prompts:
+                from jtrail.probe_pipeline import export_prompts
+
+                n = export_prompts(args.dataset, args.export_prompts, args.num_prompts)
+                print(f"wrote {n} prompts to {args.export_prompts}")
+                return 0
+            doc = run(data, opts, args.out, args.results, args.plot, cache, _command(args),
+                      progress=not args.quiet, require_cache=args.from_features is not None,
+                      train_layers=layers)
+    except (DatasetError, ProbeFileError, FeatureCacheError) as e:
         print(f"jtrail train-probe: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     b = doc["bars"]
@@ -82,15 +129,28 @@ def add_train_probe(sub: argparse._SubParsersAction) -> None:
                        help="train TRAIL's length probe head (generate, collect, train, evaluate)")
     p.add_argument("--model", default=None, help="model spec for load_model (default: embedded SmolLM2)")
     p.add_argument("--dataset", default="sharegpt", help="sharegpt, mtbench or a JSONL file of prompts")
-    p.add_argument("--num-prompts", type=int, default=2000)
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="prompts to generate for (default 2000); with --replay: 'train' requests "
+                        "(default 5000)")
+    p.add_argument("--replay", default=None, metavar="NPZ",
+                   help="teacher-force the recorded answers of this replay set (python -m jtrail.replay) "
+                        "instead of generating: train on 'train', choose on 'tune', report 'bench' and 'ood'")
+    p.add_argument("--eval-limit", type=int, default=None,
+                   help="with --replay: first N requests of each of tune/bench/ood (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="answer cap (default 512; with --replay 1024: longer recorded answers are cut)")
     p.add_argument("--max-prompt-tokens", type=int, default=1024)
     p.add_argument("--layers", default=None, help="comma-separated tap layers (default 6,11,16,21; "
                                                   "with a features cache: every cached layer)")
-    p.add_argument("--bins", default="equal:10:512", help="equal:K:MAX | log:K:MAX | edges:0,a,b,...")
-    p.add_argument("--out", default="jtrail/assets/probe", help="directory for the best probe")
-    p.add_argument("--results", default="benchmarks/results/probe.json")
-    p.add_argument("--plot", default="benchmarks/results/probe_mae.png")
+    p.add_argument("--bins", nargs="+", default=None,
+                   help="equal:K:MAX | log:K:MAX | edges:0,a,b,... (default equal:10:512); with --replay "
+                        "several specs are compared on 'tune' (default: equal:10:1024 log:10:1024)")
+    p.add_argument("--out", default=None, help="directory for the best probe (default jtrail/assets/probe; "
+                                               "with --replay: not saved unless given)")
+    p.add_argument("--results", default=None,
+                   help="results JSON (default benchmarks/results/probe.json, or probe_replay.json)")
+    p.add_argument("--plot", default=None,
+                   help="MAE plot (default benchmarks/results/probe_mae.png, or probe_replay_mae.png)")
     p.add_argument("--features-cache", default=None, help=".npz of features: reused if present, else written")
     p.add_argument("--from-features", default=None, help="train only from this existing .npz (no model)")
     p.add_argument("--epochs", type=int, default=4)

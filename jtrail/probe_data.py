@@ -50,6 +50,7 @@ class ProbeFeatures:
     prompt_lengths: np.ndarray  # [N] int32
     finished: np.ndarray  # [N] bool: ended with eos (False: capped at max_new_tokens)
     max_new_tokens: int
+    request_split: np.ndarray | None = None  # [N] str: replay split of each request (None: natural mode)
 
     @property
     def num_requests(self) -> int:
@@ -65,11 +66,12 @@ class ProbeFeatures:
         return self.layers.index(layer)
 
     def save(self, path: str | Path) -> None:
+        extra = {} if self.request_split is None else {"request_split": np.asarray(self.request_split, str)}
         np.savez(Path(path), layers=np.asarray(self.layers, np.int32), prompt_states=self.prompt_states,
                  token_states=self.token_states, token_request=self.token_request,
                  token_generated=self.token_generated, output_lengths=self.output_lengths,
                  prompt_lengths=self.prompt_lengths, finished=self.finished,
-                 max_new_tokens=np.int32(self.max_new_tokens))
+                 max_new_tokens=np.int32(self.max_new_tokens), **extra)
 
     @classmethod
     def load(cls, path: str | Path) -> ProbeFeatures:
@@ -85,7 +87,8 @@ class ProbeFeatures:
                        token_states=z["token_states"], token_request=z["token_request"],
                        token_generated=z["token_generated"], output_lengths=z["output_lengths"],
                        prompt_lengths=z["prompt_lengths"], finished=z["finished"],
-                       max_new_tokens=int(z["max_new_tokens"]))
+                       max_new_tokens=int(z["max_new_tokens"]),
+                       request_split=z["request_split"].astype(str) if "request_split" in z.files else None)
 
 
 def bucket_length(n: int, minimum: int = 64) -> int:

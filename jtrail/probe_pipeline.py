@@ -20,7 +20,7 @@ import numpy as np
 
 from jtrail import datasets
 from jtrail.models.probe_io import probe_config_to_dict, save_probe
-from jtrail.probe_data import ProbeFeatures, collect_features, generate_greedy
+from jtrail.probe_data import FeatureCacheError, ProbeFeatures, collect_features, generate_greedy
 from jtrail.probe_eval import plot_curves
 from jtrail.provenance import git_commit
 from jtrail.train_probe import LayerResult, TrainOptions, best_layer, train_and_evaluate
@@ -164,6 +164,8 @@ def run(data_opts: DataOptions, train_opts: TrainOptions, out_dir: str | Path | 
             cache.parent.mkdir(parents=True, exist_ok=True)
             feats.save(cache)
             cache.with_suffix(".json").write_text(json.dumps(info, indent=2))
+    if feats.request_split is not None:  # a random split would mix bench conversations into training
+        raise FeatureCacheError(f"{cache} holds replay features (train/tune/bench splits): pass --replay")
     layers = tuple(train_layers) if train_layers else feats.layers
     t0 = time.perf_counter()
     results, data = train_and_evaluate(feats, train_opts, layers, progress)

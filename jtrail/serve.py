@@ -26,7 +26,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="trail",
                    help="scheduling policy: trail (default; uses the probe), fcfs, priority, gittins, ...")
     p.add_argument("--probe", default=None,
-                   help="probe head directory; 'none' disables (default: the shipped probe)")
+                   help="probe head directory, or a shipped probe by name: 'default' (trained on the model's "
+                        "own answers; the default) or 'replay' (trained on recorded ShareGPT answers, for "
+                        "replay workloads); 'none' disables")
     p.add_argument("--slots", type=int, default=8, help="batch slots")
     p.add_argument("--pages", type=int, default=512, help="KV cache pages")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
@@ -98,15 +100,14 @@ def build_real_engine(args: argparse.Namespace) -> AsyncEngine:
 def _load_probe(spec: str | None, default_model: bool) -> tuple[object | None, object | None]:
     """(probe head, TRAIL predictor) from `spec`; with no spec, the shipped probe for the embedded model.
 
-    `--probe none` turns length prediction off (fcfs/priority do not need it)."""
-    from pathlib import Path
-
-    from jtrail.models.probe_io import default_probe_path, load_probe
+    `--probe none` turns length prediction off (fcfs/priority do not need it); `--probe replay` picks the
+    shipped probe trained on recorded answers."""
+    from jtrail.models.probe_io import load_probe, resolve_probe_path
     from jtrail.serving.predictor import TrailPredictor
 
     if spec is not None and spec.lower() == "none":
         return None, None
-    path = Path(spec) if spec else default_probe_path()
+    path = resolve_probe_path(spec)
     if spec is None and (not default_model or not path.exists()):
         log.warning("no probe: length prediction is off (pass --probe PATH)")
         return None, None

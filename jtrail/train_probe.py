@@ -176,21 +176,40 @@ class LayerResult:
     final_loss: float
 
 
+def evaluate_requests(head: ProbeHead, feats: ProbeFeatures, requests: np.ndarray, mean_len: float
+                      ) -> LayerEval:
+    """Held-out evaluation of `head` (tapping its own cfg.layer) on the requests at indices `requests`."""
+    requests = np.asarray(requests, np.int64)
+    if len(requests) == 0:
+        raise ProbeTrainingError("no requests to evaluate")
+    li = feats.layer_index(head.cfg.layer)
+    pos = np.full(feats.num_requests, -1)
+    pos[requests] = np.arange(len(requests))  # renumbered 0..n-1 for the evaluator
+    tok = pos[feats.token_request] >= 0
+    return evaluate_probs(head.cfg, head_probs(head, feats.prompt_states[requests, li]),
+                          head_probs(head, feats.token_states[tok, li]), pos[feats.token_request[tok]],
+                          feats.token_generated[tok], feats.output_lengths[requests], feats.max_new_tokens,
+                          mean_len)
+
+
 def train_and_evaluate(feats: ProbeFeatures, opts: TrainOptions, layers: tuple[int, ...] | None = None,
-                       progress: bool = True) -> tuple[dict[int, LayerResult], dict[str, object]]:
-    """Train one head per layer on the train requests, evaluate on the held-out ones."""
+                       progress: bool = True, split: tuple[np.ndarray, np.ndarray] | None = None
+                       ) -> tuple[dict[int, LayerResult], dict[str, object]]:
+    """Train one head per layer on the train requests, evaluate on the held-out ones. `split` gives
+    (train, val) request indices; default: a random split by request with `opts.val_fraction`."""
     layers = tuple(layers or feats.layers)
     edges = parse_bins(opts.bins)
-    train_req, val_req = split_requests(feats.num_requests, opts.val_fraction, opts.seed)
+    if split is None:
+        train_req, val_req = split_requests(feats.num_requests, opts.val_fraction, opts.seed)
+    else:
+        train_req, val_req = (np.sort(np.asarray(s, np.int64)) for s in split)
+        if len(train_req) == 0 or len(val_req) == 0 or np.intersect1d(train_req, val_req).size:
+            raise ProbeTrainingError("train and validation requests must be non-empty and disjoint")
     is_train = np.zeros(feats.num_requests, bool)
     is_train[train_req] = True
     tok_train = is_train[feats.token_request]
     remaining = feats.token_remaining
     mean_len = float(feats.output_lengths[train_req].mean())
-    # Val requests renumbered 0..n_val-1 for the evaluator.
-    val_pos = np.full(feats.num_requests, -1)
-    val_pos[val_req] = np.arange(len(val_req))
-    tok_val = ~tok_train
     d = feats.prompt_states.shape[-1]
     results: dict[int, LayerResult] = {}
     for layer in layers:
@@ -198,15 +217,15 @@ def train_and_evaluate(feats: ProbeFeatures, opts: TrainOptions, layers: tuple[i
         cfg = ProbeConfig(d_model=d, layer=layer, bin_edges=edges, hidden=opts.hidden)
         x = np.concatenate([feats.prompt_states[train_req, li], feats.token_states[tok_train, li]])
         y = np.concatenate([cfg.bin_of(feats.output_lengths[train_req]), cfg.bin_of(remaining[tok_train])])
-        head, losses = train_head(x, y, cfg, opts, desc=f"layer {layer}", progress=progress)
-        ev = evaluate_probs(cfg, head_probs(head, feats.prompt_states[val_req, li]),
-                            head_probs(head, feats.token_states[tok_val, li]),
-                            val_pos[feats.token_request[tok_val]], feats.token_generated[tok_val],
-                            feats.output_lengths[val_req], feats.max_new_tokens, mean_len)
+        head, losses = train_head(x, y, cfg, opts, desc=f"layer {layer} {opts.bins}", progress=progress)
+        del x, y  # one layer's training copy at a time (replay features run to many GB)
+        ev = evaluate_requests(head, feats, val_req, mean_len)
         results[layer] = LayerResult(layer, head, ev, losses[-1])
+    is_val = np.zeros(feats.num_requests, bool)
+    is_val[val_req] = True
     data = {"num_requests": feats.num_requests, "train_requests": int(len(train_req)),
             "val_requests": int(len(val_req)), "train_samples": int(len(train_req) + tok_train.sum()),
-            "val_token_samples": int(tok_val.sum()), "mean_train_output_len": mean_len,
+            "val_token_samples": int(is_val[feats.token_request].sum()), "mean_train_output_len": mean_len,
             "max_new_tokens": feats.max_new_tokens, "finished_fraction": float(feats.finished.mean()),
             "mean_prompt_len": float(feats.prompt_lengths.mean())}
     return results, data

@@ -16,6 +16,7 @@ Every predictor has the engine hooks `on_prefill(seq, probs)` and `on_decode(seq
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
@@ -30,7 +31,11 @@ def _cap(seq: Sequence, remaining: float) -> float:
 
 
 def transition_matrix(bin_edges: Seq[float]) -> np.ndarray:
-    """One-token transition matrix over remaining-length bins (rows: from, columns: to)."""
+    """One-token transition matrix over remaining-length bins (rows: from, columns: to).
+
+    TRAIL's rule assumes equal widths s (p = min(1, 1/s)); for non-equal bins (e.g. log-spaced) each
+    bin i uses its own width s_i, p_i = min(1, 1/s_i): the rate at which a length spread uniformly
+    over bin i crosses its lower edge. With equal bins this is exactly TRAIL's matrix."""
     e = np.asarray(bin_edges, dtype=np.float64)
     widths = np.diff(e)
     if len(e) < 2 or np.any(widths <= 0):
@@ -74,9 +79,12 @@ class TrailPredictor:
 
     def _check(self, probs: np.ndarray) -> np.ndarray:
         q = np.asarray(probs, dtype=np.float64).reshape(-1)
-        if q.shape != (self.num_bins,) or not np.all(np.isfinite(q)) or np.any(q < 0) or q.sum() <= 0:
+        # Per-token hot path: two reductions, no temporaries. min() >= 0 is False for NaN, and a finite
+        # sum rules out +-inf.
+        s = float(q.sum()) if q.shape == (self.num_bins,) else 0.0
+        if not (s > 0 and math.isfinite(s) and float(q.min()) >= 0):
             raise InvalidRequestError("probs", f"need {self.num_bins} finite non-negative probabilities")
-        return q / q.sum()
+        return q / s
 
     def update(self, post_prev: np.ndarray, q_new: np.ndarray, d: int) -> np.ndarray:
         """One Bayesian refinement: normalize(post_prev . T^d ⊙ q_new). Pure function."""
