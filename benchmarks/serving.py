@@ -55,13 +55,13 @@ def load(args: argparse.Namespace) -> Setup:
     import jax
     import jax.numpy as jnp
     from jtrail.models.loader import load_model
-    from jtrail.models.probe_io import default_probe_path, load_probe
+    from jtrail.models.probe_io import load_probe, resolve_probe_path
     from jtrail.serving.predictor import TrailPredictor
 
     auto = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     dtype = args.dtype if args.dtype != "auto" else auto
     loaded = load_model(args.model, dtype=jnp.dtype(dtype), progress=False)
-    probe_dir = Path(args.probe) if args.probe else default_probe_path()
+    probe_dir = resolve_probe_path(args.probe)
     head, pcfg, _ = load_probe(probe_dir)
     if pcfg.d_model != loaded.cfg.d_model:
         raise SystemExit(f"probe d_model {pcfg.d_model} != model d_model {loaded.cfg.d_model}")
@@ -249,7 +249,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--regime-requests", type=int, default=0,
                    help="requests per regime trace (0: the regime's default)")
     p.add_argument("--model", default=None, help="GGUF / HF dir / named shape; default: embedded SmolLM2")
-    p.add_argument("--probe", default=None, help="probe directory; default: the shipped probe")
+    p.add_argument("--probe", default=None, help="probe directory or shipped name (default, replay)")
     p.add_argument("--prompts", default="sharegpt", help="sharegpt, mtbench or a JSONL file")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--slots", type=int, default=16)
