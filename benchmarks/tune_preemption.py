@@ -10,7 +10,7 @@ prompt-only MAE (measured and recorded). Capacity per regime: serving/capacity.p
 run (2,000 requests at t=0) on the regime's resources. Every policy runs the same trace per seed.
 
 Grid for trail: c in {0, 0.5, 0.8} x cost rule off/on x max_preemptions in {None, 1, 2} at aging 0,
-then, on the best three, aging in {25, 50, 100} tokens/s and, apart, memory-aware admission
+then, on the best two, aging in {25, 50, 100} tokens/s and, apart, memory-aware admission
 (watermark 0.01, pages reserved for predicted lengths). Choice: among configurations with <= 0.5
 preemptions per request in every regime, the most fcfs-relative bars met (issue 15's, on the
 simulator), then the largest geometric mean of fcfs/trail mean E2E over the regimes. Tuning seeds
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         g = np.mean([math.log(table[r]["fcfs"]["mean_e2e"] / table[r][label]["mean_e2e"]) for r in REGIMES])
         return (ok, n_met, g)
 
-    top = sorted(grid, key=lambda kw: score(trail_label(kw)), reverse=True)[:3]
+    top = sorted(grid, key=lambda kw: score(trail_label(kw)), reverse=True)[:2]
     for kw in top:
         for extra in ({"aging": 25.0}, {"aging": 50.0}, {"aging": 100.0}, {"watermark": 0.01}):
             akw = {**kw, **extra}
