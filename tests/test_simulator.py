@@ -53,6 +53,8 @@ def random_trace(n=400, seed=0, load=0.9, slots=8):
 
 @pytest.mark.parametrize("policy,kw,swap", [
     ("fcfs", None, False), ("trail", {"c": 0.8, "margin": 5}, False),
+    ("trail", {"c": 0.8, "max_preemptions": 1, "preempt_cost": {"a": 0.01, "b": 1e-4, "c": 2e-6, "d": 0.002}},
+     False),
     ("gittins", None, True), ("srpt-oracle", {"memory": True}, False)])
 def test_event_jumps_equal_step_by_step(policy, kw, swap):
     # tight memory (forces victim preemptions) and several slots: jumping over steps must give exactly
