@@ -10,10 +10,12 @@ prompt-only MAE (measured and recorded). Capacity per regime: serving/capacity.p
 run (2,000 requests at t=0) on the regime's resources. Every policy runs the same trace per seed.
 
 Grid for trail: c in {0, 0.5, 0.8} x cost rule off/on x max_preemptions in {None, 1, 2} at aging 0,
-then, on the best two, aging in {25, 50, 100} tokens/s and, apart, memory-aware admission
-(watermark 0.01, pages reserved for predicted lengths). Choice: among configurations with <= 0.5
-preemptions per request in every regime, the most fcfs-relative bars met (issue 15's, on the
-simulator), then the largest geometric mean of fcfs/trail mean E2E over the regimes. Tuning seeds
+then, on the best two, aging in {25, 50, 100} tokens/s. Choice: the most bars met (issue 15's,
+evaluated on the simulator, the preemption bars included, the oracle bars left out), then the
+largest geometric mean of fcfs/trail mean E2E over the regimes. (Memory-aware admission with
+watermark 0.01 and pages reserved for the predicted length was tried in a first run: in R3 it
+made trail c=0 3x slower than fcfs, mean E2E 9.9 s against 4.7 s: the vague prefill estimates
+reserve too much.) Tuning seeds
 are not the GPU benchmark's. Writes benchmarks/results/tune_preemption.json.
 """
 
@@ -185,16 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     table = {reg: {lab: mean_over_seeds(rows) for lab, rows in per_seed[reg].items()} for reg in REGIMES}
 
     def score(label: str) -> tuple:
-        # preemption bar first, then how many fcfs-relative bars hold, then the mean E2E gain
-        ok = all(table[r][label]["preemptions_per_request"] <= 0.5 for r in REGIMES)
-        met = bars_met(bars_for(table, label, label))  # oracle bars need the oracle run: not yet
+        # bars met (issue 15's, on the simulator; the oracle ones need the oracle run, so not yet),
+        # then the mean E2E gain. No gate on preemptions alone: in R3 every policy, fcfs included,
+        # loses requests to memory, and a gate would pick a configuration that wins nothing.
+        met = bars_met(bars_for(table, label, label))
         n_met = sum(v for k, v in met.items() if "oracle" not in k)
         g = np.mean([math.log(table[r]["fcfs"]["mean_e2e"] / table[r][label]["mean_e2e"]) for r in REGIMES])
-        return (ok, n_met, g)
+        return (n_met, g)
 
     top = sorted(grid, key=lambda kw: score(trail_label(kw)), reverse=True)[:2]
     for kw in top:
-        for extra in ({"aging": 25.0}, {"aging": 50.0}, {"aging": 100.0}, {"watermark": 0.01}):
+        for extra in ({"aging": 25.0}, {"aging": 50.0}, {"aging": 100.0}):
             akw = {**kw, **extra}
             grid.append(akw)
             for reg in REGIMES:
