@@ -82,10 +82,10 @@ def test_cost_rule_blocks_when_recompute_outweighs_saving():
 def test_cap_in_schedule_and_validation():
     v, w = seq("V", 10, 1, 500, True), seq("W", 5, 0, 10, False, arrival=0.9)
     v.num_preemptions = 2
-    assert decide(make_policy("trail", max_preemptions=2), [v], [w]).preempt == []
+    assert decide(make_policy("trail", c=math.inf, max_preemptions=2), [v], [w]).preempt == []
     v2, w2 = seq("V", 10, 1, 500, True), seq("W", 5, 0, 10, False, arrival=0.9)
     v2.num_preemptions = 1
-    assert decide(make_policy("trail", max_preemptions=2), [v2], [w2]).preempt == [v2]
+    assert decide(make_policy("trail", c=math.inf, max_preemptions=2), [v2], [w2]).preempt == [v2]
     with pytest.raises(InvalidRequestError, match="max_preemptions"):
         make_policy("trail", max_preemptions=-1)
     with pytest.raises(InvalidRequestError, match="preempt_cost"):

@@ -124,8 +124,10 @@ def test_recorded_and_noisy_predictors_drive_the_real_policy():
         recs[f"r{i}"] = np.eye(8)[np.clip(np.searchsorted(edges[1:-1], rem, side="right"), 0, 7)] + 1e-3
     res = Resources(num_slots=8, num_pages=400)
     rec = RecordedPredictor(TrailPredictor(edges, refine_every=8), recs)
-    good = simulate(tr, "trail", sm, res, predictor=rec)
-    noisy = simulate(tr, "trail", sm, res, predictor=NoisyOraclePredictor(sigma=1.5, refine_every=16, seed=2))
+    kw = {"c": 0.8}  # the paper's limited preemption (the default is c = 0): predictions steer it too
+    good = simulate(tr, "trail", sm, res, predictor=rec, policy_kwargs=kw)
+    noisy = simulate(tr, "trail", sm, res, predictor=NoisyOraclePredictor(sigma=1.5, refine_every=16, seed=2),
+                     policy_kwargs=kw)
     fcfs = simulate(tr, "fcfs", sm, res)
     oracle = simulate(tr, "srpt-oracle", sm, res)
     assert oracle.e2e.mean() <= good.e2e.mean() < fcfs.e2e.mean()
