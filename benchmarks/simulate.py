@@ -124,10 +124,10 @@ class ProbeLikePredictor(RecordedPredictor):
     at `max_tokens` - generated, never at the true length."""
 
     def __init__(self, sigma0: float = 1.7, sigma: float = 0.55, refine_every: int = 16, seed: int = 0,
-                 max_tokens: int = 512):
-        super().__init__(TrailPredictor(PROBE_BINS, refine_every=refine_every), {})
+                 max_tokens: int = 512, edges: tuple[float, ...] = PROBE_BINS):
+        super().__init__(TrailPredictor(edges, refine_every=refine_every), {})
         self.sigma0, self.sigma, self.seed, self.max_tokens = sigma0, sigma, seed, max_tokens
-        e = np.asarray(PROBE_BINS)
+        e = np.asarray(edges)
         self._llo = [math.log(x) for x in np.maximum(e[:-1], 0.5)]
         self._lhi = [math.log(x) for x in e[1:-1]] + [math.log(1e9)]  # the last bin takes everything longer
 

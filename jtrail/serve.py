@@ -41,8 +41,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aging", type=float, default=0.0,
                    help="trail/gittins anti-starvation: tokens of rank credit per second waited (0: off). "
                         "On the H200 runs (README) 18 tok/s gave 1.44x fcfs's mean E2E once and 0.52x "
-                        "twice; plain trail 1.19x, 0.78x, 1.02x; its limited preemption (c=0.8) caps "
-                        "how long a started request can be pushed back")
+                        "twice; plain trail 1.19x, 0.78x, 1.02x. trail's default is c=0 (no preemption: "
+                        "benchmarks/results/tune_preemption.json)")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode tokens per jitted call (higher: less host overhead, chunkier streams)")
     p.add_argument("--mock", action="store_true", help="serve fake tokens with no model (for tests)")

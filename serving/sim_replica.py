@@ -94,6 +94,10 @@ class SimReplica:
         self.planned: tuple | None = None  # ("wake",) or (t0, steps, n, kv0)
         self.preemptions = 0
         self._changed = False  # state changed at this boundary: the engine would re-schedule next step
+        # Optional per-run records for capacity.py: (end time, seconds, steps, running, waiting, tokens
+        # out); a run of m steps of a fixed batch of n is one record (n x m tokens). None: off.
+        self.step_log: list[tuple[float, float, int, int, int, int]] | None = None
+        self._plan_waiting = 0
 
     # --- resources -------------------------------------------------------------------------------------
     def used_at(self, step: int) -> int:
@@ -190,6 +194,8 @@ class SimReplica:
         p = self.planned
         if p is not None and p[0] != "wake":
             self.steps += p[1]
+            if self.step_log is not None:
+                self.step_log.append((t, t - p[0], p[1], p[2], self._plan_waiting, p[1] * p[2]))
             for s, _ in self._prefill:
                 if s.first_token_time is None:
                     s.first_token_time = t
@@ -240,6 +246,7 @@ class SimReplica:
             self._changed = False
             return None
         kv0 = sum(self.offs) + n * self.steps
+        self._plan_waiting = len(self.waiting)
         if any(tok > 0 for _, tok in self._prefill) or self._probes:
             self._changed = False
             bt = n - len(self._prefill) + sum(max(tok, 1) for _, tok in self._prefill) + sum(self._probes)

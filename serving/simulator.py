@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .capacity import StepRecord
 from .engine_api import EngineStats
 from .predictor import OraclePredictor
 from .scheduler.base import Policy
@@ -90,6 +91,8 @@ class SimResult:
     wall_seconds: float
     makespan: float
     policy_stats: list[Any] = field(default_factory=list)
+    # per replica, with record_steps=True: a StepRecord (capacity.py) of the runs of steps it made
+    steps: list[Any] = field(default_factory=list)
 
     @property
     def tpot(self) -> np.ndarray:
@@ -124,7 +127,7 @@ def _factory(policy: PolicySpec, kwargs: dict[str, Any] | None) -> Callable[[], 
 def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel, resources: Resources, *,
              predictor: Any = None, num_replicas: int = 1, router: Any = None,
              policy_kwargs: dict[str, Any] | None = None, predict_at_arrival: bool = True,
-             max_jump_steps: int | None = None) -> SimResult:
+             max_jump_steps: int | None = None, record_steps: bool = False) -> SimResult:
     """Run the trace to completion; returns per-request metrics (seconds)."""
     if num_replicas < 1:
         raise InvalidRequestError("num_replicas", f"must be >= 1, got {num_replicas}")
@@ -150,6 +153,9 @@ def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel, resources:
                        resources.prefill_chunk)
             for _ in range(num_replicas)]
     stats = [EngineStats(pages_total=resources.num_pages) for _ in reps]
+    if record_steps:
+        for r in reps:
+            r.step_log = []
     needs_tokens = getattr(router, "uses_tokens", True)
     params: dict[int, SamplingParams] = {}
     arr, plen, olen = trace.arrival, trace.prompt_len.tolist(), trace.output_len.tolist()
@@ -209,5 +215,7 @@ def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel, resources:
     stuck = [r for r in reps if r.waiting or r.running]
     if stuck:
         raise RuntimeError(f"simulation ended with unfinished requests ({len(stuck[0].waiting)} waiting)")
+    steps = [StepRecord.from_rows(r.step_log) for r in reps] if record_steps else []
     return SimResult(ttft, e2e, trace.output_len.copy(), npre, where, _time.perf_counter() - wall0,
-                     last - (float(arr[0]) if n else 0.0), [getattr(r.policy, "stats", None) for r in reps])
+                     last - (float(arr[0]) if n else 0.0), [getattr(r.policy, "stats", None) for r in reps],
+                     steps)

@@ -53,6 +53,8 @@ def random_trace(n=400, seed=0, load=0.9, slots=8):
 
 @pytest.mark.parametrize("policy,kw,swap", [
     ("fcfs", None, False), ("trail", {"c": 0.8, "margin": 5}, False),
+    ("trail", {"c": 0.8, "max_preemptions": 1, "preempt_cost": {"a": 0.01, "b": 1e-4, "c": 2e-6, "d": 0.002}},
+     False),
     ("gittins", None, True), ("srpt-oracle", {"memory": True}, False)])
 def test_event_jumps_equal_step_by_step(policy, kw, swap):
     # tight memory (forces victim preemptions) and several slots: jumping over steps must give exactly
@@ -122,8 +124,10 @@ def test_recorded_and_noisy_predictors_drive_the_real_policy():
         recs[f"r{i}"] = np.eye(8)[np.clip(np.searchsorted(edges[1:-1], rem, side="right"), 0, 7)] + 1e-3
     res = Resources(num_slots=8, num_pages=400)
     rec = RecordedPredictor(TrailPredictor(edges, refine_every=8), recs)
-    good = simulate(tr, "trail", sm, res, predictor=rec)
-    noisy = simulate(tr, "trail", sm, res, predictor=NoisyOraclePredictor(sigma=1.5, refine_every=16, seed=2))
+    kw = {"c": 0.8}  # the paper's limited preemption (the default is c = 0): predictions steer it too
+    good = simulate(tr, "trail", sm, res, predictor=rec, policy_kwargs=kw)
+    noisy = simulate(tr, "trail", sm, res, predictor=NoisyOraclePredictor(sigma=1.5, refine_every=16, seed=2),
+                     policy_kwargs=kw)
     fcfs = simulate(tr, "fcfs", sm, res)
     oracle = simulate(tr, "srpt-oracle", sm, res)
     assert oracle.e2e.mean() <= good.e2e.mean() < fcfs.e2e.mean()

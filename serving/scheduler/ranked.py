@@ -8,6 +8,12 @@ turns a rank into a full policy:
   running request with the largest rank among those still preemptible (generated <= c x initial
   prediction; c = inf: always, c = 0: never), only if that rank exceeds the waiting one's by more
   than `margin`; requests past the cutoff are never preempted;
+- a cap on preemptions per request (`max_preemptions`; None: no cap): a request preempted that many
+  times (by the policy or for memory) is never again chosen by `schedule`, which bounds thrash;
+- cost-aware preemption (`preempt_cost`, preemption_cost.py): a pair passes only when the SRPT
+  exchange saving (R_victim - R_waiting) x decode-step time exceeds the victim's recompute time x the
+  requests in the system; among the preemptible running requests ranked above the waiting one, the
+  one with the largest net saving is taken;
 - victim choice when memory runs out: "recent" (vLLM), "least_work" or "longest";
 - preemption-rate reporting (`stats`).
 """
@@ -16,11 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from ..sequence import InvalidRequestError, Sequence
 from .aging import Aging
 from .base import Decision, Policy, SchedulerState
 from .memory import MemoryGuard, least_work_victim
+from .preemption_cost import RecomputeCost
 from .runindex import RunIndex
 from .waitqueue import WaitIndex
 
@@ -46,18 +54,24 @@ class RankedPolicy(Policy):
 
     def __init__(self, *, c: float = math.inf, margin: float = 0.0, aging: float = 0.0,
                  memory: MemoryGuard | None = None, victim: str = "recent", unknown_rank: float = 0.0,
-                 preempt: bool = True):
+                 preempt: bool = True, max_preemptions: int | None = None,
+                 preempt_cost: Any = None):
         if not c >= 0:
             raise InvalidRequestError("c", f"must be >= 0, got {c!r}")
         if not margin >= 0:
             raise InvalidRequestError("margin", f"must be >= 0, got {margin!r}")
+        if max_preemptions is not None and not (isinstance(max_preemptions, int) and max_preemptions >= 0):
+            raise InvalidRequestError("max_preemptions",
+                                      f"must be None or an int >= 0, got {max_preemptions!r}")
         if victim not in VICTIM_RULES:
             raise InvalidRequestError("victim", f"must be one of {VICTIM_RULES}, got {victim!r}")
         self.c, self.margin, self.victim = float(c), float(margin), victim
         self.aging = Aging(float(aging))
         self.memory = memory
         self.unknown_rank = float(unknown_rank)
-        self.preempt = preempt and self.c > 0
+        self.max_preemptions = max_preemptions
+        self.preempt = preempt and self.c > 0 and max_preemptions != 0
+        self.cost = RecomputeCost.coerce(preempt_cost)
         self.stats = PolicyStats()
         self._index = WaitIndex(self._key)
         self._run = RunIndex(self.rank, self.preemptible, self.counts_down)
@@ -74,6 +88,8 @@ class RankedPolicy(Policy):
     def preemptible(self, seq: Sequence) -> bool:
         if not self.preempt:
             return False
+        if self.max_preemptions is not None and seq.num_preemptions >= self.max_preemptions:
+            return False  # permanent: the count never falls (the run index relies on that)
         if self.c == math.inf:
             return True
         init = seq.initial_prediction
@@ -119,17 +135,55 @@ class RankedPolicy(Policy):
                                   key=lambda r: (-self.rank(r), -r.arrival_time, r.request_id)))
         else:  # the simulator: incremental (runindex.py)
             victims = self._run.ordered(state.running, state.step)
-        out: list[Sequence] = []
-        w: Sequence | None = first
         try:
-            for r in victims:
-                if w is None or not self._beats(w, r, state.now):
-                    break
-                out.append(r)
-                admit.append(w)
-                w = next(rest, None)
+            if self.cost is None:
+                return self._pair_by_rank(first, rest, victims, state.now, admit)
+            return self._pair_by_cost(first, rest, victims, state, admit)
         finally:
             getattr(victims, "close", lambda: None)()
+
+    def _pair_by_rank(self, w: Sequence | None, rest, victims, now: float,
+                      admit: list[Sequence]) -> list[Sequence]:
+        out: list[Sequence] = []
+        for r in victims:
+            if w is None or not self._beats(w, r, now):
+                break
+            out.append(r)
+            admit.append(w)
+            w = next(rest, None)
+        return out
+
+    def _pair_by_cost(self, w: Sequence | None, rest, victims, state: SchedulerState,
+                      admit: list[Sequence]) -> list[Sequence]:
+        # Candidates are pulled from the (largest rank first) victims while they still beat the
+        # current waiting request by rank; each waiting request takes the candidate with the largest
+        # positive net saving. A later waiting request has a larger rank, so a smaller saving against
+        # every candidate: the first one that finds none ends the search.
+        assert self.cost is not None
+        tau = self.cost.step_time(state.running)
+        in_system = len(state.running) + len(state.waiting)
+        pool: list[Sequence] = []
+        out: list[Sequence] = []
+        it = iter(victims)
+        pending: Sequence | None = next(it, None)
+        while w is not None:
+            while pending is not None and self._beats(w, pending, state.now):
+                pool.append(pending)
+                pending = next(it, None)
+            rw = self.rank(w)
+            best, best_gain = None, 0.0
+            for r in pool:
+                if not self._beats(w, r, state.now):
+                    continue
+                g = self.cost.net_gain(self.rank(r), rw, r, tau, in_system)
+                if g > best_gain:
+                    best, best_gain = r, g
+            if best is None:
+                break
+            pool.remove(best)
+            out.append(best)
+            admit.append(w)
+            w = next(rest, None)
         return out
 
     def _beats(self, waiting: Sequence, running: Sequence, now: float) -> bool:

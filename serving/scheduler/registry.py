@@ -1,8 +1,12 @@
 """Policies chosen by name: `make_policy("trail", c=0.8, margin=32, aging=5.0, memory=True)`.
 
+Preemption knobs of the rank-ordered policies (ranked.py): `c` (TRAIL's cutoff), `margin`,
+`max_preemptions` (cap per request; None: none) and `preempt_cost` (cost-aware preemption,
+preemption_cost.py: True for the H200 step model, a dict of `RecomputeCost` fields, or a StepModel).
+
 `memory` may be True (default MemoryGuard), a MemoryGuard, or a dict of its fields; `watermark` and
-`reserve` keywords also turn it on. `fcfs` lives in fcfs.py (the engine's baseline) and takes no
-options.
+`reserve` keywords also turn it on. `fcfs` lives in fcfs.py (the engine's baseline) and takes only
+`watermark` (vLLM's free-page admission watermark).
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ def make_policy(name: str, **kw: Any) -> Policy:
     if name == "fcfs":
         from .fcfs import FCFSPolicy
 
-        if kw:
-            raise InvalidRequestError("policy", f"fcfs takes no options, got {sorted(kw)}")
-        return FCFSPolicy()
+        bad = sorted(set(kw) - {"watermark"})
+        if bad:
+            raise InvalidRequestError("policy", f"fcfs takes only `watermark`, got {bad}")
+        return FCFSPolicy(**kw)
     _memory(kw)
     try:
         if name == "priority":

@@ -20,6 +20,7 @@ class SRPTOraclePolicy(RankedPolicy):
         return float(r)
 
     def preemptible(self, seq: Sequence) -> bool:
-        if self.preempt and self.c != float("inf") and seq.initial_prediction is None:
+        if (self.preempt and self.c != float("inf") and seq.initial_prediction is None
+                and (self.max_preemptions is None or seq.num_preemptions < self.max_preemptions)):
             return seq.num_generated <= self.c * (seq.oracle_remaining_at_start or 0)
         return super().preemptible(seq)

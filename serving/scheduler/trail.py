@@ -2,10 +2,15 @@
 
 Waiting queue ordered by predicted remaining length (ties: arrival). When the batch is full the best
 waiting request may preempt the running request with the largest predicted remaining length among
-those still preemptible: generated <= c x initial prediction (paper: c = 0.8; c = 0: never) and only
-if its prediction exceeds the waiting one's by more than `margin` tokens. Past the cutoff a request is
-never preempted (it has sunk too much work to be worth restarting). A request not yet predicted
-(the engine predicts at prefill) ranks as `unknown_rank` (default 0: prefill it first to learn it).
+those still preemptible: generated <= c x initial prediction (paper: c = 0.8; c = 0, the default
+here: never) and only if its prediction exceeds the waiting one's by more than `margin` tokens.
+Past the cutoff a request is never preempted (it has sunk too much work to be worth restarting).
+A request not yet predicted (the engine predicts at prefill) ranks as `unknown_rank` (default 0:
+prefill it first to learn it).
+
+Beyond the paper (ranked.py): `max_preemptions` caps preemptions per request, `preempt_cost` makes a
+preemption pass only when its SRPT exchange saving beats the victim's recompute time
+(preemption_cost.py), `aging` bounds waits. The defaults come from benchmarks/tune_preemption.py.
 """
 
 from __future__ import annotations
@@ -19,5 +24,9 @@ class TrailPolicy(RankedPolicy):
     name = "trail"
     probe_on_arrival = True
 
-    def __init__(self, *, c: float = 0.8, margin: float = 0.0, victim: str = "longest", **kw: Any):
+    # c = 0 (no preemption in `schedule`): chosen by benchmarks/tune_preemption.py on the simulator
+    # (ShareGPT answer lengths, H200 step model, a probe at 0.4x prompt-only MAE): in R1-R3 it gave
+    # the best mean E2E of every c in {0, 0.5, 0.8} x cost rule x cap; preempting buys TTFT but the
+    # preempted long requests wait behind every shorter arrival (R1 p99 E2E 2.1x fcfs at c = 0.8).
+    def __init__(self, *, c: float = 0.0, margin: float = 0.0, victim: str = "longest", **kw: Any):
         super().__init__(c=c, margin=margin, victim=victim, **kw)
