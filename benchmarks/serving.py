@@ -316,9 +316,11 @@ def run_replay_workload(su: Setup, args: argparse.Namespace) -> int:
     pool = Pool(args.replay, args.split, args.max_model_len, args.seed, args.max_answer_tokens)
     su.warm_prompts = pool.prompts[:32]
     edges, mids = list(su.refiner.bin_edges), [float(m) for m in su.refiner.midpoints]
-    specs = {"fcfs": ("fcfs", {}), "trail": ("trail", {}), "gittins": ("gittins", {"bin_edges": edges,
-                                                                                     "midpoints": mids}),
-             "srpt-oracle": ("srpt-oracle", {})}
+    # trail's default (c = 0, chosen on the simulator: benchmarks/results/tune_preemption.json); gittins
+    # and the oracle at the same c, so the comparison is of ranks, not of preemption rules
+    specs = {"fcfs": ("fcfs", {}), "trail": ("trail", {}),
+             "gittins": ("gittins", {"bin_edges": edges, "midpoints": mids, "c": 0.0}),
+             "srpt-oracle": ("srpt-oracle", {"c": 0.0})}
     specs = {k: v for k, v in specs.items() if k in args.policies.split(",")}
     old = Path(args.out) / "serving.json"
     history = None
