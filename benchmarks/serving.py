@@ -246,8 +246,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cut replayed answers to this many tokens (0: as recorded; for CPU smoke runs)")
     p.add_argument("--regime-slots", type=int, default=0,
                    help="override every regime's slot count (0: as defined; for CPU smoke runs)")
-    p.add_argument("--regime-requests", type=int, default=0,
-                   help="requests per regime trace (0: the regime's default)")
+    p.add_argument("--regime-requests", default="0",
+                   help="requests per regime trace: N, or per regime R1=N,R3=M (0: the regime's default)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="merge serving.json files of runs of different regimes into --out, and exit")
     p.add_argument("--model", default=None, help="GGUF / HF dir / named shape; default: embedded SmolLM2")
     p.add_argument("--probe", default=None, help="probe directory or shipped name (default, replay)")
     p.add_argument("--prompts", default="sharegpt", help="sharegpt, mtbench or a JSONL file")
@@ -281,6 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     args.command = "python benchmarks/serving.py " + " ".join(sys.argv[1:] if argv is None else argv)
     args.max_model_len = args.max_prompt_tokens + args.max_output + args.page_size
+    if args.merge:
+        import json
+
+        from serving_regimes import merge_docs, write_doc
+
+        write_doc(merge_docs([json.loads(Path(p).read_text()) for p in args.merge]), Path(args.out))
+        return 0
     su = load(args)
     log(f"model loaded ({args.dtype_used}); probe {args.probe_used}")
     if args.workload == "replay":

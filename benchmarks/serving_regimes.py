@@ -131,7 +131,9 @@ def run_regime(
 ) -> dict[str, Any]:
     regime = REGIMES[name]
     seed = args.seed + 17 * (1 + list(REGIMES).index(name))
-    arrival = regime_arrivals(name, cap["capacity_req_s"], seed=seed, n_max=args.regime_requests or None)
+    arrival = regime_arrivals(
+        name, cap["capacity_req_s"], seed=seed, n_max=regime_requests(args.regime_requests, name)
+    )
     wl = pool.workload(arrival, offset=len(partial) * 37, max_tokens=args.max_output, tag=f"{name}-")
     runs: dict[str, dict[str, Any]] = {}
     recorder = None
@@ -282,22 +284,20 @@ def cdfs(runs: dict[str, dict]) -> dict[str, Any]:
     return out
 
 
-def plots(
-    result: dict[str, Any], regimes: dict[str, dict], traj: dict[str, Any], out_dir: Path
-) -> list[Path]:
+def plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:
+    """E2E and TTFT CDFs per regime (from the document's CDF points, so a merged document re-plots)
+    and predicted vs true remaining length along answers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(regimes)
+    names = list(doc["cdfs"])
     fig, ax = plt.subplots(len(names), 2, figsize=(10, 3.2 * len(names)), dpi=80, squeeze=False)
     for row, name in enumerate(names):
-        for label, r in regimes[name]["_runs"].items():
-            res = r["_res"]
-            for a, x in zip(ax[row], (res.finish - res.arrival, res.first_token - res.arrival), strict=True):
-                xs, ys = cdf_points(x, 300)
-                a.plot(xs, ys, label=label, lw=1.2)
+        for label, c in doc["cdfs"][name].items():
+            for a, key in zip(ax[row], ("e2e", "ttft"), strict=True):
+                a.plot(c[key][0], c[key][1], label=label, lw=1.2)
         ax[row][0].set(xlabel="E2E latency (s)", ylabel="fraction of requests", title=f"{name}: E2E CDF")
         ax[row][1].set(xlabel="TTFT (s)", title=f"{name}: TTFT CDF", xscale="log")
         ax[row][0].legend(fontsize=7)
@@ -306,6 +306,7 @@ def plots(
     fig.savefig(p1)
     plt.close(fig)
     files = [p1]
+    traj = doc.get("predictions") or {}
     if traj.get("trajectories"):
         fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
         for k, (_, pts) in enumerate(traj["trajectories"].items()):
@@ -326,6 +327,51 @@ def plots(
     return files
 
 
+def merge_docs(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One serving.json from runs of different regimes on the same replay split (device calls are
+    limited to 10 minutes, so the regimes may run in separate calls): later regimes are added, bars
+    recomputed from the per-regime bars, the sim error the worst over all regimes."""
+    out = dict(docs[0])
+    for key in ("capacity", "regimes", "simulator", "cdfs"):
+        out[key] = {k: v for d in docs for k, v in (d.get(key) or {}).items()}
+    out["table"] = [row for d in docs for row in d["table"]]
+    out["runs"] = [{k: d.get(k) for k in ("command", "date", "git_commit", "device")} for d in docs]
+    out["predictions"] = next((d["predictions"] for d in docs if d.get("predictions")), {})
+    bars = {k: v for d in docs for k, v in d["bars"].items() if k != "sim_vs_engine_mean_e2e_error"}
+    errs = [abs(e) for s in out["simulator"].values() for e in (s.get("errors") or {}).values()]
+    bars["sim_vs_engine_mean_e2e_error"] = max(errs) if errs else None
+    out["bars"] = bars
+    return out
+
+
+def write_doc(doc: dict[str, Any], out_dir: Path) -> list[Path]:
+    import shutil
+
+    from serving_report import _clean
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = plots(doc, out_dir)
+    path = out_dir / "serving.json"
+    path.write_text(json.dumps(_clean(doc), indent=1))
+    files.append(path)
+    if os.environ.get("OUT") and Path(os.environ["OUT"]).resolve() != out_dir.resolve():
+        for p in files:
+            shutil.copy(p, Path(os.environ["OUT"]) / p.name)
+    print(markdown(doc["table"]))
+    print("bars:", json.dumps(_clean(doc["bars"]), indent=1))
+    return files
+
+
+def regime_requests(spec: str, name: str) -> int | None:
+    """`--regime-requests`: one count for every regime ("400") or per regime ("R1=400,R3=300")."""
+    if not spec or spec == "0":
+        return None
+    if "=" not in spec:
+        return int(spec)
+    counts = dict(item.split("=") for item in spec.split(","))
+    return int(counts[name]) if name in counts else None
+
+
 def run_replay(
     make,
     pool: Pool,
@@ -338,7 +384,7 @@ def run_replay(
     """All requested regimes; returns the serving.json document (also written, with plots)."""
     import datetime
 
-    from serving_report import _clean, _device
+    from serving_report import _device
 
     from jtrail.provenance import git_commit
 
@@ -398,18 +444,7 @@ def run_replay(
         "bars": bars,
         "history": history,
     }
-    files = plots(doc, regimes, traj, out_dir)
-    doc = _clean(doc)
-    path = out_dir / "serving.json"
-    path.write_text(json.dumps(doc, indent=1))
-    files.append(path)
-    if os.environ.get("OUT") and Path(os.environ["OUT"]).resolve() != out_dir.resolve():
-        import shutil
-
-        for p in files:
-            shutil.copy(p, Path(os.environ["OUT"]) / p.name)
-    print(markdown(table))
-    print("bars:", json.dumps(doc["bars"], indent=1))
+    write_doc(doc, out_dir)
     return doc
 
 
