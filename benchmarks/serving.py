@@ -248,6 +248,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override every regime's slot count (0: as defined; for CPU smoke runs)")
     p.add_argument("--regime-requests", default="0",
                    help="requests per regime trace: N, or per regime R1=N,R3=M (0: the regime's default)")
+    p.add_argument("--capacity", default="",
+                   help="per regime R2=REQ_S: reuse a capacity measured by an earlier run (default: measure)")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="merge serving.json files of runs of different regimes into --out, and exit")
     p.add_argument("--model", default=None, help="GGUF / HF dir / named shape; default: embedded SmolLM2")
