@@ -10,6 +10,7 @@ while the device computes.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ from .sequence import (
     SamplingParams,
     Sequence,
     Status,
+    check_priority,
 )
 
 
@@ -114,6 +116,7 @@ class LLMEngine:
                     priority: int = 0, arrival_time: float | None = None) -> Sequence:
         params = params or SamplingParams()
         self.validate_request(prompt_ids, params)
+        priority = check_priority(priority)
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
         if len(self.waiting) >= self.config.max_queue:
@@ -124,7 +127,10 @@ class LLMEngine:
         self.requests[request_id] = seq
         self.waiting.append(seq)
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids)
-        self._seed[request_id] = params.seed if params.seed is not None else int(self._rng.integers(2**31))
+        # mod 2**32: the sampler's uint32 seed column must never fail to cast (SamplingParams checks
+        # the range; this keeps a bypassed check from killing the step for every request)
+        self._seed[request_id] = (params.seed if params.seed is not None
+                                  else int(self._rng.integers(2**31))) % 2**32
         self.policy.on_arrival(seq, now)
         return seq
 
@@ -445,17 +451,26 @@ class LLMEngine:
         if len(params_list) != len(prompt_ids_list):
             raise InvalidRequestError("params", "need one SamplingParams per prompt")
         base = f"batch{time.monotonic_ns()}-"
-        seqs = [self.add_request(f"{base}{i}", p, sp)
-                for i, (p, sp) in enumerate(zip(prompt_ids_list, params_list, strict=True))]
+        seqs: list[Sequence] = []
         bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        try:
+            for i, (p, sp) in enumerate(zip(prompt_ids_list, params_list, strict=True)):
+                seqs.append(self.add_request(f"{base}{i}", p, sp))
+            if progress:
+                from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(seqs), desc="generate", unit="req")
-        while any(not s.is_finished for s in seqs):
-            n_done = sum(o.finished for o in self.step())
+                bar = tqdm(total=len(seqs), desc="generate", unit="req")
+            while any(not s.is_finished for s in seqs):
+                n_done = sum(o.finished for o in self.step())
+                if bar is not None:
+                    bar.update(n_done)
+        except BaseException:
+            # A failed call must not leave its requests in the engine: the next call would run them.
+            for s in seqs:
+                with contextlib.suppress(Exception):  # keep the original error
+                    self.abort(s.request_id)
+            raise
+        finally:
             if bar is not None:
-                bar.update(n_done)
-        if bar is not None:
-            bar.close()
+                bar.close()
         return seqs
