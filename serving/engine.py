@@ -166,7 +166,10 @@ class LLMEngine:
         now = time.monotonic()
         self.steps += 1
         self._outs = {}
-        self._probe_waiting()
+        # One prefill token budget per step, shared by probe-only and real prefills, so a step's
+        # prefill work (and so how late a cancel or deadline takes effect) stays bounded.
+        budget = self.config.max_prefill_tokens_per_step
+        budget -= self._probe_waiting(budget - self._pending_prefill_tokens())
         decision = self.policy.schedule(self._scheduler_state(now))
         for seq in decision.preempt:
             if seq.status is Status.RUNNING:
@@ -174,7 +177,7 @@ class LLMEngine:
         for seq in decision.admit:
             if not self._admit(seq, now):
                 break  # keep the policy's order: nothing jumps a request that does not fit yet
-        prefilled = self._run_prefills()  # dispatched, not yet fetched
+        prefilled = self._run_prefills(budget)  # dispatched, not yet fetched
         decoded = self._dispatch_decode({s.request_id for s, *_ in prefilled})
         self._postprocess_prefills(prefilled)  # host work while the decode runs
         self._postprocess_decode(decoded)
@@ -235,7 +238,14 @@ class LLMEngine:
             self.running.remove(seq)
 
     # ---- prefill ------------------------------------------------------------------------------
-    def _probe_waiting(self) -> None:
+    def _pending_prefill_tokens(self) -> int:
+        """Tokens of the next prefill chunk of every running request still prefilling (they come
+        before probes in a step's budget: they hold slots and pages)."""
+        cap = self.config.prefill_buckets[-1]
+        return sum(min(s.num_tokens - s.num_computed_tokens, cap) for s in self.running
+                   if s.request_id not in self._prefilled)
+
+    def _probe_waiting(self, budget: int) -> int:
         """Predict the length of requests that must wait for a slot, for policies that rank by it.
 
         The prediction comes from the probe at prefill. A request that waits has had none, so a
@@ -245,13 +255,14 @@ class LLMEngine:
         call and freed at once; the sampled token and the KV are dropped (the real prefill runs on
         admission, its probe output is the same). Cost: one prefill call per request that waits.
         Prompts longer than one call, or with no pages free, stay unknown (and never preempt).
+        Spends at most `budget` prompt tokens; returns the tokens spent.
         """
         if not (self.policy.probe_on_arrival and self.probe is not None and self.predictor is not None):
-            return
+            return 0
         unknown = sorted((s for s in self.waiting if s.predicted_remaining is None and not s.num_generated
                           and s.status is Status.WAITING), key=lambda s: s.arrival_time)
         # the oldest ones that free slots can take go in unprobed (their real prefill predicts them)
-        budget, buckets = self.config.max_prefill_tokens_per_step, self.config.prefill_buckets
+        buckets, spent = self.config.prefill_buckets, 0
         for seq in unknown[len(self.free_slots):]:
             n = seq.num_prompt_tokens
             if n > min(budget, buckets[-1]):
@@ -266,14 +277,16 @@ class LLMEngine:
             finally:
                 self.blocks.free(seq)
             budget -= n
+            spent += n
             self.probe_calls += 1
             self.probe_tokens += n
             if probs is not None:
                 self.predictor.on_prefill(seq, np.asarray(probs)[0])
+        return spent
 
-    def _run_prefills(self) -> list[tuple[Sequence, jax.Array, jax.Array | None]]:
+    def _run_prefills(self, budget: int) -> list[tuple[Sequence, jax.Array, jax.Array | None]]:
         """Chunks of sequences still prefilling, in admission order, under the token budget."""
-        budget, buckets, done = self.config.max_prefill_tokens_per_step, self.config.prefill_buckets, []
+        buckets, done = self.config.prefill_buckets, []
         for seq in list(self.running):
             if seq.request_id in self._prefilled:
                 continue
