@@ -40,6 +40,9 @@ class ServerConfig:
     default_max_tokens: int = 256
     max_queue: int = 0  # reported in ServerInfo; the engine enforces it
     stats_interval_s: float = 0.5  # how often engine gauges are refreshed
+    # after the engine dies: how long the server still answers UNAVAILABLE itself before it stops (a
+    # call caught by the gRPC runtime's own shutdown may end CANCELLED instead)
+    fatal_drain_s: float = 1.0
 
 
 def _address(host: str, port: int) -> str:
@@ -96,7 +99,7 @@ class JtrailServer:
         task = asyncio.ensure_future(self.health.enter_graceful_shutdown())  # NOT_SERVING, for good
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        self.request_stop()
+        asyncio.get_running_loop().call_later(self.config.fatal_drain_s, self.request_stop)
 
     async def _refresh_stats(self) -> None:
         while True:

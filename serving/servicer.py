@@ -100,6 +100,11 @@ class JtrailServicer(pb_grpc.JtrailServicer):
     async def Generate(self, request: pb.GenerateRequest,  # noqa: N802 - gRPC method name
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         arrival = time.monotonic()
+        dead = getattr(self.engine, "error", None)
+        if dead is not None:  # before any await: the server is stopping, answer at once
+            await self._reject(context, grpc.StatusCode.UNAVAILABLE, f"server unavailable: the engine "
+                                                                     f"has stopped: {dead!r}")
+            return
         try:
             prompt_ids = await self._prompt_ids(request)
             room = self._check_prompt(prompt_ids)
