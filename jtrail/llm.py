@@ -16,10 +16,10 @@ import jax.numpy as jnp
 
 from jtrail.models.generate import GenerationResult, Generator
 from jtrail.models.loader import LoadedModel, load_model
+from jtrail.serving.chat import check_messages
 from jtrail.serving.sequence import FinishReason, InvalidRequestError, SamplingParams
 
 Message = dict[str, str]
-_ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
@@ -162,18 +162,21 @@ class LLM:
         ]
 
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        if not messages:
-            raise InvalidRequestError("messages", "conversation is empty")
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise InvalidRequestError("messages", f"each message needs 'role' and 'content', got {m!r}")
-            if m["role"] not in _ROLES:
-                raise InvalidRequestError("messages", f"unknown role {m['role']!r}; expected one of {_ROLES}")
-        if not any(str(m["content"]).strip() for m in messages if m["role"] == "user"):
-            raise InvalidRequestError("messages", "no non-empty user message")
+        """The conversation rendered with the chat template (validated as the servers do)."""
         try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+            return self.tokenizer.apply_chat_template(check_messages(messages), add_generation_prompt)
         except ValueError as e:  # ChatTemplateError: the template itself rejected the conversation
+            if isinstance(e, InvalidRequestError):
+                raise
+            raise InvalidRequestError("messages", str(e)) from e
+
+    def _chat_ids(self, messages: Sequence[Message]) -> list[int]:
+        """Template tokens as control tokens, message content as plain text (never a control token)."""
+        try:
+            return self.tokenizer.encode_chat(check_messages(messages))
+        except ValueError as e:
+            if isinstance(e, InvalidRequestError):
+                raise
             raise InvalidRequestError("messages", str(e)) from e
 
     def chat(
@@ -187,5 +190,8 @@ class LLM:
         if not convs:
             raise InvalidRequestError("messages", "no conversations given")
         rendered = [self.render_chat(c) for c in convs]  # type: ignore[arg-type]
-        # Special tokens in the template (<|im_start|>) are matched by the tokenizer as added tokens.
-        return self.generate(rendered, sampling_params)
+        ids = [self._chat_ids(c) for c in convs]  # type: ignore[arg-type]
+        outs = self.generate(ids, sampling_params)
+        for out, text in zip(outs, rendered, strict=True):
+            out.prompt = text
+        return outs

@@ -115,7 +115,8 @@ def _load_probe(spec: str | None, default_model: bool) -> tuple[object | None, o
     return head, TrailPredictor(pcfg.bin_edges, pcfg.midpoints)
 
 
-async def _serve(args: argparse.Namespace) -> None:
+async def _serve(args: argparse.Namespace) -> BaseException | None:
+    """Serve until stopped; returns why the engine died, or None after a normal shutdown."""
     from jtrail.serving.server import JtrailServer, ServerConfig
 
     engine = build_engine(args)
@@ -125,6 +126,7 @@ async def _serve(args: argparse.Namespace) -> None:
     server.on_started = lambda: print(  # one parseable line: scripts and tests wait for it
         f"jtrail: serving on {args.host}:{server.port} metrics_port={server.metrics_port}", flush=True)
     await server.serve_forever()
+    return server.fatal_error
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -135,7 +137,10 @@ def run_serve(args: argparse.Namespace) -> int:
                      "decode_steps"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-        asyncio.run(_serve(args))
+        fatal = asyncio.run(_serve(args))
+        if fatal is not None:  # non-zero, so that a supervisor restarts the server
+            print(f"jtrail serve: error: the engine stopped: {fatal!r}", file=sys.stderr)
+            return 1
     except (ValueError, OSError, RuntimeError) as e:
         print(f"jtrail serve: error: {e}", file=sys.stderr)
         return 2

@@ -4,6 +4,8 @@ checkpoint's own chat template rendered with a sandboxed jinja2 environment (as 
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -47,10 +49,46 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_bos: bool | None = None, special: bool = True) -> list[int]:
+        """Token ids of `text`. `special=True` turns control-token strings (`<|im_start|>`) in the
+        text into control tokens (for trusted text, such as a rendered chat template); with
+        `special=False` they stay plain text, as client text must (see `encode_chat`)."""
+        backend = self.backend if special else self._text_backend
+        # add_special_tokens=False: no post-processor template; BOS is added here, by `add_bos`.
+        ids = backend.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
+        return ids
+
+    @cached_property
+    def _text_backend(self) -> HFTokenizer:
+        """A copy of the backend that never matches special (control) tokens in the input: `tokenizers`
+        matches added tokens even with add_special_tokens=False; `encode_special_tokens` turns that off
+        for the special ones. A copy, because the flag is per object and encoding runs on several
+        threads at once."""
+        backend = HFTokenizer.from_str(self.backend.to_str())
+        backend.encode_special_tokens = True
+        return backend
+
+    def encode_chat(self, messages: Sequence[dict[str, str]],
+                    add_generation_prompt: bool = True) -> list[int]:
+        """Render the chat template and tokenize it so that only the template emits control tokens:
+        message content is tokenized as plain text (a `<|im_start|>` typed by a client stays text).
+
+        Content is wrapped in per-call random markers while rendering; the rendered text is split at
+        the markers and each piece tokenized as template (control tokens on) or content (off). The
+        template carries its own BOS."""
+        nonce = secrets.token_hex(8)
+        start, end = f"\ue000{nonce}\ue000", f"\ue001{nonce}\ue001"
+        wrapped = [{**m, "content": f"{start}{m['content']}{end}"} for m in messages]
+        rendered = self.apply_chat_template(wrapped, add_generation_prompt)
+        ids: list[int] = []
+        inside = False
+        for piece in re.split(f"({re.escape(start)}|{re.escape(end)})", rendered):
+            if piece == start or piece == end:
+                inside = piece == start
+            elif piece:
+                ids += self.encode(piece, add_bos=False, special=not inside)
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

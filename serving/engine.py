@@ -10,6 +10,7 @@ while the device computes.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ from .sequence import (
     SamplingParams,
     Sequence,
     Status,
+    check_priority,
 )
 
 
@@ -114,6 +116,7 @@ class LLMEngine:
                     priority: int = 0, arrival_time: float | None = None) -> Sequence:
         params = params or SamplingParams()
         self.validate_request(prompt_ids, params)
+        priority = check_priority(priority)
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
         if len(self.waiting) >= self.config.max_queue:
@@ -124,7 +127,10 @@ class LLMEngine:
         self.requests[request_id] = seq
         self.waiting.append(seq)
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids)
-        self._seed[request_id] = params.seed if params.seed is not None else int(self._rng.integers(2**31))
+        # mod 2**32: the sampler's uint32 seed column must never fail to cast (SamplingParams checks
+        # the range; this keeps a bypassed check from killing the step for every request)
+        self._seed[request_id] = (params.seed if params.seed is not None
+                                  else int(self._rng.integers(2**31))) % 2**32
         self.policy.on_arrival(seq, now)
         return seq
 
@@ -162,7 +168,10 @@ class LLMEngine:
         now = time.monotonic()
         self.steps += 1
         self._outs = {}
-        self._probe_waiting()
+        # One prefill token budget per step, shared by probe-only and real prefills, so a step's
+        # prefill work (and so how late a cancel or deadline takes effect) stays bounded.
+        budget = self.config.max_prefill_tokens_per_step
+        budget -= self._probe_waiting(budget - self._pending_prefill_tokens())
         decision = self.policy.schedule(self._scheduler_state(now))
         for seq in decision.preempt:
             if seq.status is Status.RUNNING:
@@ -170,7 +179,7 @@ class LLMEngine:
         for seq in decision.admit:
             if not self._admit(seq, now):
                 break  # keep the policy's order: nothing jumps a request that does not fit yet
-        prefilled = self._run_prefills()  # dispatched, not yet fetched
+        prefilled = self._run_prefills(budget)  # dispatched, not yet fetched
         decoded = self._dispatch_decode({s.request_id for s, *_ in prefilled})
         self._postprocess_prefills(prefilled)  # host work while the decode runs
         self._postprocess_decode(decoded)
@@ -231,7 +240,14 @@ class LLMEngine:
             self.running.remove(seq)
 
     # ---- prefill ------------------------------------------------------------------------------
-    def _probe_waiting(self) -> None:
+    def _pending_prefill_tokens(self) -> int:
+        """Tokens of the next prefill chunk of every running request still prefilling (they come
+        before probes in a step's budget: they hold slots and pages)."""
+        cap = self.config.prefill_buckets[-1]
+        return sum(min(s.num_tokens - s.num_computed_tokens, cap) for s in self.running
+                   if s.request_id not in self._prefilled)
+
+    def _probe_waiting(self, budget: int) -> int:
         """Predict the length of requests that must wait for a slot, for policies that rank by it.
 
         The prediction comes from the probe at prefill. A request that waits has had none, so a
@@ -241,13 +257,14 @@ class LLMEngine:
         call and freed at once; the sampled token and the KV are dropped (the real prefill runs on
         admission, its probe output is the same). Cost: one prefill call per request that waits.
         Prompts longer than one call, or with no pages free, stay unknown (and never preempt).
+        Spends at most `budget` prompt tokens; returns the tokens spent.
         """
         if not (self.policy.probe_on_arrival and self.probe is not None and self.predictor is not None):
-            return
+            return 0
         unknown = sorted((s for s in self.waiting if s.predicted_remaining is None and not s.num_generated
                           and s.status is Status.WAITING), key=lambda s: s.arrival_time)
         # the oldest ones that free slots can take go in unprobed (their real prefill predicts them)
-        budget, buckets = self.config.max_prefill_tokens_per_step, self.config.prefill_buckets
+        buckets, spent = self.config.prefill_buckets, 0
         for seq in unknown[len(self.free_slots):]:
             n = seq.num_prompt_tokens
             if n > min(budget, buckets[-1]):
@@ -262,14 +279,16 @@ class LLMEngine:
             finally:
                 self.blocks.free(seq)
             budget -= n
+            spent += n
             self.probe_calls += 1
             self.probe_tokens += n
             if probs is not None:
                 self.predictor.on_prefill(seq, np.asarray(probs)[0])
+        return spent
 
-    def _run_prefills(self) -> list[tuple[Sequence, jax.Array, jax.Array | None]]:
+    def _run_prefills(self, budget: int) -> list[tuple[Sequence, jax.Array, jax.Array | None]]:
         """Chunks of sequences still prefilling, in admission order, under the token budget."""
-        budget, buckets, done = self.config.max_prefill_tokens_per_step, self.config.prefill_buckets, []
+        buckets, done = self.config.prefill_buckets, []
         for seq in list(self.running):
             if seq.request_id in self._prefilled:
                 continue
@@ -457,17 +476,26 @@ class LLMEngine:
         if len(params_list) != len(prompt_ids_list):
             raise InvalidRequestError("params", "need one SamplingParams per prompt")
         base = f"batch{time.monotonic_ns()}-"
-        seqs = [self.add_request(f"{base}{i}", p, sp)
-                for i, (p, sp) in enumerate(zip(prompt_ids_list, params_list, strict=True))]
+        seqs: list[Sequence] = []
         bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        try:
+            for i, (p, sp) in enumerate(zip(prompt_ids_list, params_list, strict=True)):
+                seqs.append(self.add_request(f"{base}{i}", p, sp))
+            if progress:
+                from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(seqs), desc="generate", unit="req")
-        while any(not s.is_finished for s in seqs):
-            n_done = sum(o.finished for o in self.step())
+                bar = tqdm(total=len(seqs), desc="generate", unit="req")
+            while any(not s.is_finished for s in seqs):
+                n_done = sum(o.finished for o in self.step())
+                if bar is not None:
+                    bar.update(n_done)
+        except BaseException:
+            # A failed call must not leave its requests in the engine: the next call would run them.
+            for s in seqs:
+                with contextlib.suppress(Exception):  # keep the original error
+                    self.abort(s.request_id)
+            raise
+        finally:
             if bar is not None:
-                bar.update(n_done)
-        if bar is not None:
-            bar.close()
+                bar.close()
         return seqs

@@ -29,13 +29,59 @@ class QueueFullError(JtrailError):
     """The engine's waiting queue is full (mapped to RESOURCE_EXHAUSTED)."""
 
 
+class RequestFailedError(JtrailError):
+    """The engine failed while working on one request; that request alone ends (mapped to INTERNAL).
+    Engine code that knows which request a failure belongs to raises it so only that one fails."""
+
+    def __init__(self, request_id: str, message: str):
+        super().__init__(f"request {request_id!r} failed in the engine: {message}")
+        self.request_id = request_id
+
+
+class EngineDeadError(JtrailError):
+    """The engine loop has stopped for good; nothing more will be served (mapped to UNAVAILABLE)."""
+
+
+# Limits on what one request may ask for. They bound the work a single request can cause on the
+# engine thread (stop strings are searched in the decoded text after every token).
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+SEED_RANGE = 2**32  # the sampler keys on a uint32 seed
+_INT32_MAX = 2**31 - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # the sampler's dtype
+
+
+def _int(name: str, v: object, lo: int, hi: int) -> int:
+    """`v` as a Python int in [lo, hi]; bools and floats are refused (they are not counts)."""
+    if isinstance(v, bool) or not isinstance(v, int | np.integer):
+        raise InvalidRequestError(name, f"must be an integer, got {type(v).__name__} {v!r}")
+    if not lo <= v <= hi:
+        raise InvalidRequestError(name, f"must be in [{lo}, {hi}], got {v!r}")
+    return int(v)
+
+
+def _float(name: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating):
+        raise InvalidRequestError(name, f"must be a number, got {type(v).__name__} {v!r}")
+    f = float(v)
+    if not math.isfinite(f):
+        raise InvalidRequestError(name, f"must be finite, got {f!r}")
+    return f
+
+
+def check_priority(priority: object) -> int:
+    """A request's priority (lower runs first) as an int32, as on the wire."""
+    return _int("priority", priority, -_INT32_MAX - 1, _INT32_MAX)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means no top-k cut
-    seed: int | None = None
+    seed: int | None = None  # in [0, 2**32)
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # forced-length benchmarks generate exactly max_tokens
@@ -45,20 +91,50 @@ class SamplingParams:
     forced_output_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise InvalidRequestError("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidRequestError("temperature", f"must be >= 0, got {self.temperature!r}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if self.top_k < 0:
-            raise InvalidRequestError("top_k", f"must be >= 0, got {self.top_k!r}")
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        forced = tuple(self.forced_output_ids)
-        if any(isinstance(t, bool) or not isinstance(t, int | np.integer) or t < 0 for t in forced):
-            raise InvalidRequestError("forced_output_ids", "must be non-negative integer token ids")
-        object.__setattr__(self, "forced_output_ids", tuple(int(t) for t in forced))
+        """Range- and type-check every field (the one trust boundary: the engine thread never sees a
+        value it cannot cast), and normalize numpy scalars to Python numbers."""
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
+        set_("max_tokens", _int("max_tokens", self.max_tokens, 1, _INT32_MAX))
+        t = _float("temperature", self.temperature)
+        if not 0.0 <= t <= _FLOAT32_MAX:
+            raise InvalidRequestError("temperature", f"must be >= 0 (and a float32), got {t!r}")
+        set_("temperature", t)
+        p = _float("top_p", self.top_p)
+        if not 0.0 < p <= 1.0:
+            raise InvalidRequestError("top_p", f"must be in (0, 1], got {p!r}")
+        set_("top_p", p)
+        set_("top_k", _int("top_k", self.top_k, 0, _INT32_MAX))
+        if self.seed is not None:
+            set_("seed", _int("seed", self.seed, 0, SEED_RANGE - 1))
+        if not isinstance(self.ignore_eos, bool | np.bool_):
+            raise InvalidRequestError("ignore_eos", f"must be a bool, got {type(self.ignore_eos).__name__}")
+        set_("ignore_eos", bool(self.ignore_eos))
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        try:
+            stop = tuple(stop)
+        except TypeError:
+            raise InvalidRequestError("stop", f"must be a list, not {type(stop).__name__}") from None
+        if len(stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise InvalidRequestError("stop", f"each stop string must be a non-empty str, got {s!r:.80}")
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise InvalidRequestError("stop", f"each stop string must be at most {MAX_STOP_STRING_CHARS} "
+                                                  f"characters, got {len(s)}")
+        set_("stop", stop)
+        try:
+            ids = tuple(self.stop_token_ids)
+        except TypeError:
+            raise InvalidRequestError("stop_token_ids", "must be a list of token ids") from None
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequestError("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}")
+        set_("stop_token_ids", tuple(_int("stop_token_ids", t, 0, _INT32_MAX) for t in ids))
+        try:
+            forced = tuple(self.forced_output_ids)
+        except TypeError:
+            raise InvalidRequestError("forced_output_ids", "must be a list of token ids") from None
+        set_("forced_output_ids", tuple(_int("forced_output_ids", t, 0, _INT32_MAX) for t in forced))
 
     def stop_index(self, text: str) -> int | None:
         """Where the answer ends in `text`: the start of the earliest stop string, or None."""

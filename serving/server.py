@@ -3,7 +3,9 @@
 Lifecycle: `start()` starts the engine, binds (127.0.0.1 by default), marks health SERVING and starts
 the metrics endpoint. `stop(grace)` marks health NOT_SERVING, stops accepting RPCs and lets in-flight
 streams finish for up to `grace` seconds (then they are cancelled, which aborts them in the engine),
-and only then shuts the engine down. `serve_forever()` runs until SIGTERM/SIGINT.
+and only then shuts the engine down. `serve_forever()` runs until SIGTERM/SIGINT, or until the
+engine loop dies: then health goes NOT_SERVING at once, the server stops, and `fatal_error` holds
+the cause (`jtrail serve` exits non-zero so that a supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from .engine_api import AsyncEngine
 from .metrics import ServerMetrics
 from .proto import jtrail_v1_pb2_grpc as pb_grpc
+from .reflection import enable_reflection
 from .servicer import SERVICE_NAME, JtrailServicer
+from .wire import add_jtrail_servicer
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,9 @@ class ServerConfig:
     default_max_tokens: int = 256
     max_queue: int = 0  # reported in ServerInfo; the engine enforces it
     stats_interval_s: float = 0.5  # how often engine gauges are refreshed
+    # after the engine dies: how long the server still answers UNAVAILABLE itself before it stops (a
+    # call caught by the gRPC runtime's own shutdown may end CANCELLED instead)
+    fatal_drain_s: float = 1.0
 
 
 def _address(host: str, port: int) -> str:
@@ -59,18 +65,20 @@ class JtrailServer:
         self._stats_task: asyncio.Task | None = None
         self._stop_event: asyncio.Event | None = None
         self.on_started: Callable[[], None] | None = None  # called once bound (e.g. print the port)
+        self.fatal_error: BaseException | None = None  # why the engine loop died, if it did
+        self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         c = self.config
+        if hasattr(self.engine, "on_fatal"):  # engines that can die report it (AsyncLLMEngine)
+            self.engine.on_fatal = self._engine_died
         await self.engine.start()
         server = grpc.aio.server()
-        pb_grpc.add_JtrailServicer_to_server(
+        add_jtrail_servicer(
             self.servicer or JtrailServicer(self.engine, self.metrics, c.default_max_tokens, c.max_queue),
             server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), server)
+        enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
         port = server.add_insecure_port(_address(c.host, c.port))
         if port == 0:
             raise OSError(f"cannot bind gRPC server to {_address(c.host, c.port)}")
@@ -82,6 +90,16 @@ class JtrailServer:
             self.metrics_port = self.metrics.start_http(c.metrics_port, c.metrics_host or c.host)
         self._stats_task = asyncio.create_task(self._refresh_stats(), name="jtrail-stats")
         log.info("jtrail serving on %s (metrics port %s)", _address(c.host, port), self.metrics_port)
+
+    def _engine_died(self, exc: BaseException) -> None:
+        """Called on the event loop when the engine loop has died: its streams have failed with
+        UNAVAILABLE already; stop advertising the service and stop the server."""
+        self.fatal_error = exc
+        log.critical("engine loop died (%r): marking NOT_SERVING and stopping the server", exc)
+        task = asyncio.ensure_future(self.health.enter_graceful_shutdown())  # NOT_SERVING, for good
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        asyncio.get_running_loop().call_later(self.config.fatal_drain_s, self.request_stop)
 
     async def _refresh_stats(self) -> None:
         while True:

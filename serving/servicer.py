@@ -2,13 +2,17 @@
 
 Error mapping (the server must never go down for one bad request):
 InvalidRequestError -> INVALID_ARGUMENT naming the field, QueueFullError -> RESOURCE_EXHAUSTED,
-anything else from the engine -> INTERNAL. Deadlines and client cancellation reach the handler as
+EngineDeadError -> UNAVAILABLE, anything else from the engine -> INTERNAL naming the request.
+Client text is size-checked before it is tokenized, and tokenized off the event loop (a large prompt
+must not stall every other call); chat roles are checked by `chat.check_messages`, as `LLM.chat` does.
+Deadlines and client cancellation reach the handler as
 asyncio cancellation; closing the engine's stream then aborts the request so its slot and pages
 are freed (the gRPC runtime reports DEADLINE_EXCEEDED / CANCELLED to the client).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -16,11 +20,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from .chat import check_messages, check_text_size
 from .engine_api import AsyncEngine, EngineStats
 from .metrics import RequestTiming, ServerMetrics
 from .proto import jtrail_v1_pb2 as pb
 from .proto import jtrail_v1_pb2_grpc as pb_grpc
-from .sequence import FinishReason, InvalidRequestError, QueueFullError, SamplingParams
+from .sequence import EngineDeadError, FinishReason, InvalidRequestError, QueueFullError, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +63,24 @@ class JtrailServicer(pb_grpc.JtrailServicer):
         self.default_max_tokens = default_max_tokens
         self.max_queue = max_queue
 
-    def _prompt_ids(self, req: pb.GenerateRequest) -> list[int]:
+    async def _prompt_ids(self, req: pb.GenerateRequest) -> list[int]:
         kind = req.WhichOneof("prompt")
         if kind is None:
             raise InvalidRequestError("prompt", "set one of text, token_ids or chat")
+        max_context = self.engine.info().max_context
         if kind == "text":
             if not req.text:
                 raise InvalidRequestError("prompt", "must not be empty")
-            return self.engine.encode(req.text)
+            check_text_size(req.text, max_context)
+            return await asyncio.to_thread(self.engine.encode, req.text)
         if kind == "token_ids":
+            if len(req.token_ids.ids) >= max_context:  # before copying a huge list
+                raise InvalidRequestError("prompt", f"{len(req.token_ids.ids)} tokens leave no room in the "
+                                                    f"{max_context}-token context")
             return list(req.token_ids.ids)
-        msgs = [{"role": m.role, "content": m.content} for m in req.chat.messages]
-        if not msgs:
-            raise InvalidRequestError("prompt.chat", "must hold at least one message")
-        return self.engine.apply_chat_template(msgs)
+        msgs = check_messages([{"role": m.role, "content": m.content} for m in req.chat.messages],
+                              max_context)
+        return await asyncio.to_thread(self.engine.apply_chat_template, msgs)
 
     def _check_prompt(self, prompt_ids: list[int]) -> int:
         """Engine-independent prompt limits (every engine gets the same errors); returns the room left."""
@@ -92,8 +101,13 @@ class JtrailServicer(pb_grpc.JtrailServicer):
     async def Generate(self, request: pb.GenerateRequest,  # noqa: N802 - gRPC method name
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         arrival = time.monotonic()
+        dead = getattr(self.engine, "error", None)
+        if dead is not None:  # before any await: the server is stopping, answer at once
+            await self._reject(context, grpc.StatusCode.UNAVAILABLE, f"server unavailable: the engine "
+                                                                     f"has stopped: {dead!r}")
+            return
         try:
-            prompt_ids = self._prompt_ids(request)
+            prompt_ids = await self._prompt_ids(request)
             room = self._check_prompt(prompt_ids)
             # An unset max_tokens means "up to the default, as far as the context allows" (vLLM).
             params = sampling_from_pb(request, min(self.default_max_tokens, room))
@@ -102,6 +116,14 @@ class JtrailServicer(pb_grpc.JtrailServicer):
                                                         "the context is left after the prompt")
         except InvalidRequestError as e:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {e}")
+            return
+        except EngineDeadError as e:
+            await self._reject(context, grpc.StatusCode.UNAVAILABLE, f"server unavailable: {e}")
+            return
+        except Exception as e:  # a tokenizer/template bug: this request fails, the server serves on
+            log.exception("could not prepare the prompt of a request")
+            await self._reject(context, grpc.StatusCode.INTERNAL, f"could not prepare the prompt: "
+                                                                  f"{type(e).__name__}")
             return
         request_id = request.request_id or uuid.uuid4().hex
         stream = self.engine.generate(request_id, prompt_ids, params, priority=request.priority)
@@ -129,10 +151,12 @@ class JtrailServicer(pb_grpc.JtrailServicer):
             error = (grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {e}")
         except QueueFullError as e:
             error = (grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {e}")
+        except EngineDeadError as e:
+            error, reason = (grpc.StatusCode.UNAVAILABLE, f"server unavailable: {e}"), FinishReason.ERROR
         except Exception as e:  # never let one request take the server down
             log.exception("engine failed on request %s", request_id)
-            error, reason = (grpc.StatusCode.INTERNAL, f"engine error: {type(e).__name__}: {e}"), \
-                FinishReason.ERROR
+            error, reason = (grpc.StatusCode.INTERNAL, f"engine error on request {request_id!r}: "
+                                                       f"{type(e).__name__}: {e}"), FinishReason.ERROR
         finally:
             # Client cancelled / deadline passed (CancelledError) or an error: abort in the engine.
             aclose = getattr(stream, "aclose", None)
