@@ -127,13 +127,15 @@ def guidellm_dataset(path: Path, wl: Workload) -> None:
 
 def guidellm_cmd(a: argparse.Namespace, http: str, model: str, data: Path, out_dir: Path,
                  n: int) -> list[str]:
-    exe = shutil.which("guidellm") or str(Path(sys.executable).parent / "guidellm")
+    """guidellm 0.8's CLI (kind=...,key=value options), checked against a live `jtrail serve --mock`."""
+    exe = a.guidellm or shutil.which("guidellm") or str(Path(sys.executable).parent / "guidellm")
     return [exe, "run",
-            "--backend", f"kind=openai_http,target=http://{http},model={model},request_format=chat_completions",
+            "--backend", f"kind=openai_http,target=http://{http},model={model},"
+                         "request_format=/v1/chat/completions",
             "--profile", "kind=replay,schedule_turn=timestamp",
             "--data", f"kind=json_file,path={data}",
-            "--tokenizer", f"kind=huggingface_auto,name={a.tokenizer_dir}",
-            "--constraint", f"kind=max_requests,value={n}",
+            "--tokenizer", f"kind=huggingface_auto,model={a.tokenizer_dir}",
+            "--constraint", f"kind=max_requests,count={n}",
             "--output", f"kind=json,path={out_dir / 'guidellm.json'}",
             "--disable-console-interactive"]
 
@@ -145,56 +147,33 @@ def run_guidellm(a: argparse.Namespace, http: str, model: str, wl: Workload, out
     cmd = guidellm_cmd(a, http, model, data, out_dir, len(wl))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     log("  " + " ".join(cmd))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.run_timeout + 120)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.run_timeout + 300)
     (out_dir / f"guidellm_{policy}.log").write_text(r.stdout + "\n--- stderr ---\n" + r.stderr)
     report = out_dir / "guidellm.json"
     if r.returncode != 0 or not report.exists():
-        raise RuntimeError(f"guidellm failed (rc {r.returncode}): {r.stderr[-1500:]}")
+        raise RuntimeError(f"guidellm failed (rc {r.returncode}): {(r.stdout + r.stderr)[-1500:]}")
     kept = out_dir / f"guidellm_{policy}.json"
     report.rename(kept)
     return {"command": " ".join(cmd), "report": kept.name, **guidellm_summary(json.loads(kept.read_text()))}
 
 
-def guidellm_summary(doc: dict[str, Any]) -> dict[str, float]:
-    """Mean / p50 / p99 E2E and TTFT (seconds) of the successful requests in guidellm's JSON report."""
-    reqs = _find_requests(doc)
-    e2e = np.array([_get(r, ("request_latency", "latency")) for r in reqs], float)
-    ttft = np.array([_get(r, ("time_to_first_token_ms", "ttft_ms")) for r in reqs], float) / 1e3
-    row: dict[str, float] = {"completed": int(np.isfinite(e2e).sum()), "requests": len(reqs)}
-    for name, x in (("e2e", e2e), ("ttft", ttft)):
-        x = x[np.isfinite(x)]
-        row[f"mean_{name}"] = float(x.mean()) if len(x) else float("nan")
-        for q in (50, 99):
-            row[f"p{q}_{name}"] = float(np.percentile(x, q)) if len(x) else float("nan")
+def guidellm_summary(doc: dict[str, Any]) -> dict[str, Any]:
+    """guidellm's own figures from its JSON report: mean / p50 / p99 request latency (E2E, s) and TTFT
+    (s), over its successful requests (request_end - request_start, first token - request_start), plus
+    its dispatch delay (how late it sent requests against the trace's arrival times)."""
+    b = doc["benchmarks"][0]
+    m, reqs = b["metrics"], b["requests"]
+    row: dict[str, Any] = {"completed": len(reqs["successful"]),
+                           "requests": sum(len(reqs.get(k) or []) for k in ("successful", "errored",
+                                                                            "incomplete"))}
+    for name, key, scale in (("e2e", "request_latency", 1.0), ("ttft", "time_to_first_token_ms", 1e-3)):
+        st = m[key]["successful"]
+        row[f"mean_{name}"] = st["mean"] * scale
+        row[f"p50_{name}"] = st["percentiles"]["p50"] * scale
+        row[f"p99_{name}"] = st["percentiles"]["p99"] * scale
+    delay = m.get("request_dispatch_delay", {}).get("successful", {})
+    row["dispatch_delay_mean_s"] = delay.get("mean")
     return row
-
-
-def _find_requests(doc: Any) -> list[dict[str, Any]]:
-    """guidellm keeps per-request stats under benchmarks[0].requests.successful (the schema has moved
-    between versions: search for the list instead of hard-coding one path)."""
-    if isinstance(doc, dict):
-        reqs = doc.get("requests")
-        if isinstance(reqs, dict) and isinstance(reqs.get("successful"), list):
-            return reqs["successful"]
-        for v in doc.values():
-            found = _find_requests(v)
-            if found:
-                return found
-    elif isinstance(doc, list):
-        for v in doc:
-            found = _find_requests(v)
-            if found:
-                return found
-    return []
-
-
-def _get(r: dict[str, Any], names: tuple[str, ...]) -> float:
-    for src in (r, r.get("info", {}) if isinstance(r.get("info"), dict) else {}):
-        for nm in names:
-            v = src.get(nm)
-            if isinstance(v, int | float):
-                return float(v)
-    return float("nan")
 
 
 # --- processes ---------------------------------------------------------------------------------------
@@ -257,6 +236,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="runs of each door per policy (order alternates)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--outside", default="guidellm", choices=["guidellm", "none"])
+    p.add_argument("--guidellm", default=None, help="the guidellm executable (default: on PATH)")
     p.add_argument("--tokenizer-dir", default=None,
                    help="local Hugging Face tokenizer directory for the outside tool (no hub access; "
                         "--export-tokenizer writes one)")

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import openai
 import pytest
+from jtrail.serving.mock_engine import MockEngine, decode_ids, encode_text, fake_token
 
 from jtrail.client import Client
-from jtrail.serving.mock_engine import MockEngine, decode_ids, encode_text, fake_token
 
 
 @dataclass
@@ -34,11 +34,14 @@ class Server:
         return openai.OpenAI(base_url=f"http://{self.http}/v1", api_key="unused", max_retries=0, **kw)
 
 
-def _launch(*args: str, mock: bool = True, timeout: float = 30.0) -> Server:
+def _spawn(*args: str, mock: bool = True) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "jtrail.serve", *(["--mock"] if mock else []), "--host", "127.0.0.1",
            "--port", "0", "--http-port", "0", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _ready(proc: subprocess.Popen, timeout: float = 30.0) -> Server:
     line = proc.stdout.readline()  # "jtrail: serving on G metrics_port=N http=H": printed once bound
     m = re.search(r"serving on ([\d.]+:\d+) metrics_port=\S+ http=([\d.]+:\d+)", line)
     if m is None:
@@ -54,6 +57,10 @@ def _launch(*args: str, mock: bool = True, timeout: float = 30.0) -> Server:
             pass
         assert time.monotonic() < deadline, "never healthy"
         time.sleep(0.05)
+
+
+def _launch(*args: str, mock: bool = True, timeout: float = 30.0) -> Server:
+    return _ready(_spawn(*args, mock=mock), timeout)
 
 
 def _stop(sv: Server) -> int:
@@ -306,22 +313,27 @@ def test_greedy_and_stop_string_match_the_library() -> None:
     """The embedded SmolLM2 through HTTP gives exactly what `jtrail.LLM.chat` gives in-process."""
     import jtrail
 
-    sv = _launch("--policy", "fcfs", "--probe", "none", "--slots", "2", "--pages", "128",
-                 "--max-context", "512", mock=False, timeout=240)
+    proc = _spawn("--policy", "fcfs", "--probe", "none", "--slots", "2", "--pages", "128",
+                  "--max-context", "512", mock=False)
     try:
+        # the reference, computed while the server process loads the same model
+        msgs = [{"role": "user", "content": "What is the capital of France?"}]
+        llm = jtrail.LLM(progress=False)
+        want = llm.chat(msgs, jtrail.SamplingParams(max_tokens=16))[0]
+        want_stop = llm.chat(msgs, jtrail.SamplingParams(max_tokens=16, stop=("Paris",)))[0]
+        del llm
+        sv = _ready(proc, timeout=240)
         c = sv.client(timeout=240)
         name = c.models.list().data[0].id
-        msgs = [{"role": "user", "content": "What is the capital of France?"}]
         r = c.chat.completions.create(model=name, messages=msgs, max_tokens=16, temperature=0)
         stopped = c.chat.completions.create(model=name, messages=msgs, max_tokens=16, temperature=0,
                                             stop=["Paris"], stream=True,
                                             stream_options={"include_usage": True})
         chunks = list(stopped)
     finally:
-        assert _stop(sv) == 0
-    llm = jtrail.LLM(progress=False)
-    want = llm.chat(msgs, jtrail.SamplingParams(max_tokens=16))[0]
-    want_stop = llm.chat(msgs, jtrail.SamplingParams(max_tokens=16, stop=("Paris",)))[0]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
     assert "Paris" in want.text
     assert r.choices[0].message.content == want.text
     assert r.usage.completion_tokens == want.completion_tokens
