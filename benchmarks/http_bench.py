@@ -20,6 +20,12 @@ For each policy (fcfs, trail) one server process serves both doors from one engi
    policy); TTFT the same way in `ratios`. Writes benchmarks/results/http.json (+ guidellm's own
    report files beside it), copied to $OUT when set.
 
+Offline GPU box: carry the wheels the box lacks (fastapi, starlette, uvicorn, httptools, openai and its
+httpx2 stack, guidellm and its closure minus torch / transformers / tokenizers / numpy, which the box
+has), the exported tokenizer directory and the prompts JSONL; then
+`pip install --no-index --find-links WHEELS fastapi uvicorn httptools openai guidellm`. guidellm runs
+with HF_HUB_OFFLINE=1 (set here), so it never reaches a hub.
+
 The driver never imports JAX: the server owns the accelerator.
 """
 

@@ -273,9 +273,14 @@ class OpenAIFrontDoor:
             if body.stream:
                 return _EventStream(req.events(stream, first), media_type="text/event-stream",
                                     headers={"Cache-Control": "no-cache"})
-            outs = [first]
-            while not outs[-1].finished:
-                outs.append(await _until_disconnect(request, req.next(stream)))
+
+            async def collect() -> list[RequestOutput]:
+                outs = [first]
+                while not outs[-1].finished:
+                    outs.append(await req.next(stream))
+                return outs
+
+            outs = await _until_disconnect(request, collect())  # one watcher for the whole answer
         except _ClientGone:
             await stream.aclose()  # type: ignore[attr-defined]
             req.done(FinishReason.CANCELLED, started=req.first_token is not None)
