@@ -114,9 +114,9 @@ def start_replica(i: int, a: argparse.Namespace, log_dir: Path) -> Proc:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if a.gpus:
         env["CUDA_VISIBLE_DEVICES"] = a.gpus.split(",")[i]
-    args = ["serve", "--host", "127.0.0.1", "--port", "0", "--policy", a.policy, "--slots", str(a.slots),
-            "--pages", str(a.pages), "--page-size", str(a.page_size), "--max-context", str(a.max_context),
-            "--max-queue", str(a.max_queue), "--grace", "1"]
+    args = ["serve", "--host", "127.0.0.1", "--port", "0", "--no-http", "--policy", a.policy,
+            "--slots", str(a.slots), "--pages", str(a.pages), "--page-size", str(a.page_size),
+            "--max-context", str(a.max_context), "--max-queue", str(a.max_queue), "--grace", "1"]
     if a.mock:
         args += ["--mock", "--mock-step-delay", str(a.mock_step_delay)]
     else:

@@ -1,6 +1,7 @@
-"""`jtrail serve` and `jtrail client`: run the gRPC server, or stream one answer from it.
+"""`jtrail serve` and `jtrail client`: run the server (gRPC + OpenAI-compatible HTTP on one engine),
+or stream one answer from it over gRPC.
 
-    jtrail serve --host 127.0.0.1 --port 50051 --policy trail
+    jtrail serve --host 127.0.0.1 --port 50051 --http-port 8000 --policy trail
     jtrail client "What is the capital of France?" --max-tokens 32
 
 `python -m jtrail.serve ...` runs `serve` directly (the tests start the server this way).
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 
 from jtrail.serving.engine_api import AsyncEngine
@@ -21,6 +23,11 @@ log = logging.getLogger("jtrail.serve")
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="OpenAI-compatible HTTP API port (/v1/completions, /v1/chat/completions, "
+                        "/v1/models, /health, /metrics); 0 picks a free one")
+    p.add_argument("--no-http", action="store_true", help="serve gRPC only")
+    p.add_argument("--no-grpc", action="store_true", help="serve the HTTP API only")
     p.add_argument("--model", default=None, help="GGUF file, HF directory or named shape (default: "
                    "the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--policy", default="trail",
@@ -116,23 +123,76 @@ def _load_probe(spec: str | None, default_model: bool) -> tuple[object | None, o
 
 
 async def _serve(args: argparse.Namespace) -> BaseException | None:
-    """Serve until stopped; returns why the engine died, or None after a normal shutdown."""
+    """One engine, two front doors: gRPC (`--port`) and the OpenAI-compatible HTTP API (`--http-port`),
+    sharing the engine's queue and policy and one Prometheus registry. Serves until SIGTERM/SIGINT, or
+    until the engine loop dies: then returns why (the caller exits non-zero)."""
+    from jtrail.serving.metrics import ServerMetrics
     from jtrail.serving.server import JtrailServer, ServerConfig
 
     engine = build_engine(args)
-    server = JtrailServer(engine, ServerConfig(
-        host=args.host, port=args.port, metrics_port=args.metrics_port, grace_s=args.grace,
-        default_max_tokens=args.max_tokens, max_queue=args.max_queue))
-    server.on_started = lambda: print(  # one parseable line: scripts and tests wait for it
-        f"jtrail: serving on {args.host}:{server.port} metrics_port={server.metrics_port}", flush=True)
-    await server.serve_forever()
-    return server.fatal_error
+    metrics = ServerMetrics()
+    grpc_server = http = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if not args.no_grpc:
+            grpc_server = JtrailServer(engine, ServerConfig(
+                host=args.host, port=args.port, metrics_port=args.metrics_port, grace_s=args.grace,
+                default_max_tokens=args.max_tokens, max_queue=args.max_queue), metrics=metrics)
+            await grpc_server.start()  # starts the engine
+        else:
+            await engine.start()
+            if args.metrics_port is not None:
+                metrics.start_http(args.metrics_port, args.host)
+        # The engine loop died: the gRPC server (if any) has marked NOT_SERVING and failed its streams
+        # with UNAVAILABLE; HTTP /health answers 503. Give clients a moment to see it, then stop.
+        fatal: list[BaseException] = []
+        on_fatal = getattr(engine, "on_fatal", None)
+
+        def engine_died(exc: BaseException) -> None:
+            fatal.append(exc)
+            log.critical("engine loop died (%r): stopping", exc)
+            if on_fatal is not None:
+                on_fatal(exc)
+            loop.call_later(1.0, stop.set)
+
+        if hasattr(engine, "on_fatal"):
+            engine.on_fatal = engine_died
+        if not args.no_http:
+            from jtrail.serving.http_server import HttpConfig, HttpServer
+
+            http = HttpServer(engine, metrics, HttpConfig(
+                host=args.host, port=args.http_port, default_max_tokens=args.max_tokens,
+                max_queue=args.max_queue, grace_s=args.grace))
+            await http.start()
+        grpc_addr = f"{args.host}:{grpc_server.port}" if grpc_server else "-"
+        http_addr = http.address if http else "-"
+        mport = grpc_server.metrics_port if grpc_server else args.metrics_port
+        log.info("gRPC (jtrail.v1) on %s; OpenAI-compatible HTTP on %s", grpc_addr,
+                 f"http://{http_addr}/v1" if http else "-")
+        # one parseable line: scripts and tests wait for it
+        print(f"jtrail: serving on {grpc_addr} metrics_port={mport} http={http_addr}", flush=True)
+        await stop.wait()
+        if not fatal:
+            log.info("shutting down: draining in-flight requests for up to %.1fs", args.grace)
+    finally:
+        # Both doors drain at once; the engine stops only after both are done.
+        await asyncio.gather(*([http.stop()] if http else []),
+                             *([grpc_server.stop(stop_engine=False)] if grpc_server else []))
+        await engine.shutdown(grace_s=0.0)
+        if grpc_server is None:
+            metrics.stop_http()
+    return fatal[0] if fatal else None
 
 
 def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         check_policy(args.policy)
+        if args.no_http and args.no_grpc:
+            raise ValueError("--no-http and --no-grpc leave nothing to serve")
         for name in ("slots", "pages", "page_size", "max_queue", "max_context", "tensor_parallel",
                      "decode_steps"):
             if getattr(args, name) < 1:
@@ -189,7 +249,8 @@ def run_client(args: argparse.Namespace) -> int:
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
     """Register `jtrail serve` on the CLI's subparsers."""
-    p = sub.add_parser("serve", help="run the gRPC server (default: embedded SmolLM2 on 127.0.0.1:50051)")
+    p = sub.add_parser("serve", help="run the server: gRPC on 127.0.0.1:50051 and the OpenAI-compatible HTTP "
+                                      "API on 127.0.0.1:8000 (default model: embedded SmolLM2)")
     add_serve_args(p)
     p.set_defaults(func=run_serve)
 
@@ -202,7 +263,7 @@ def add_client(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="jtrail serve", description="Run the jtrail gRPC server.")
+    p = argparse.ArgumentParser(prog="jtrail serve", description="Run the jtrail server (gRPC + HTTP).")
     add_serve_args(p)
     return run_serve(p.parse_args(argv))
 

@@ -51,13 +51,15 @@ def _address(host: str, port: int) -> str:
 
 class JtrailServer:
     def __init__(self, engine: AsyncEngine, config: ServerConfig | None = None,
-                 servicer: pb_grpc.JtrailServicer | None = None) -> None:
+                 servicer: pb_grpc.JtrailServicer | None = None,
+                 metrics: ServerMetrics | None = None) -> None:
         """`servicer` replaces the engine-backed one (the router forwards to replicas instead); the
-        `engine` then only needs start/stats/shutdown."""
+        `engine` then only needs start/stats/shutdown. `metrics`: a registry shared with another front
+        door on the same engine (the HTTP API), else a fresh one."""
         self.engine = engine
         self.servicer = servicer
         self.config = config or ServerConfig()
-        self.metrics = ServerMetrics()
+        self.metrics = metrics or ServerMetrics()
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -106,15 +108,17 @@ class JtrailServer:
             self.metrics.update_engine(self.engine.stats())
             await asyncio.sleep(self.config.stats_interval_s)
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        """Stop accepting, drain in-flight streams for up to `grace_s`, then stop the engine."""
+    async def stop(self, grace_s: float | None = None, stop_engine: bool = True) -> None:
+        """Stop accepting, drain in-flight streams for up to `grace_s`, then stop the engine (unless
+        another front door on the same engine is still draining: `stop_engine=False`)."""
         if self._server is None:
             return
         grace = self.config.grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()  # load balancers stop sending first
         await self._server.stop(grace)
         self._server = None
-        await self.engine.shutdown(grace_s=0.0)
+        if stop_engine:
+            await self.engine.shutdown(grace_s=0.0)
         if self._stats_task is not None:
             self._stats_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -55,6 +55,17 @@ def sampling_from_pb(req: pb.GenerateRequest, default_max_tokens: int) -> Sampli
         forced_output_ids=tuple(req.forced_output_ids))
 
 
+def resolve_max_tokens(requested: int | None, default: int, room: int) -> int:
+    """The request's max_tokens: unset means "up to the default, as far as the context allows" (vLLM);
+    a set value that does not fit the `room` left after the prompt is refused (shared by gRPC and HTTP)."""
+    if requested is None:
+        return min(default, room)
+    if requested > room:
+        raise InvalidRequestError("max_tokens", f"{requested} does not fit: only {room} of "
+                                                "the context is left after the prompt")
+    return requested
+
+
 class JtrailServicer(pb_grpc.JtrailServicer):
     def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, default_max_tokens: int = 256,
                  max_queue: int = 0) -> None:
@@ -109,11 +120,8 @@ class JtrailServicer(pb_grpc.JtrailServicer):
         try:
             prompt_ids = await self._prompt_ids(request)
             room = self._check_prompt(prompt_ids)
-            # An unset max_tokens means "up to the default, as far as the context allows" (vLLM).
             params = sampling_from_pb(request, min(self.default_max_tokens, room))
-            if params.max_tokens > room:
-                raise InvalidRequestError("max_tokens", f"{params.max_tokens} does not fit: only {room} of "
-                                                        "the context is left after the prompt")
+            resolve_max_tokens(params.max_tokens, self.default_max_tokens, room)
         except InvalidRequestError as e:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {e}")
             return

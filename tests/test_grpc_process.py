@@ -30,7 +30,7 @@ class ServerProc:
 
 def _launch(*args: str, timeout: float = 20.0, mock: bool = True) -> ServerProc:
     cmd = [sys.executable, "-m", "jtrail.serve", *(["--mock"] if mock else []), "--host", "127.0.0.1",
-           "--port", "0", *args]
+           "--port", "0", "--no-http", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     line = proc.stdout.readline()  # "jtrail: serving on HOST:PORT metrics_port=N"; blocks until bound
