@@ -106,9 +106,9 @@ def place_prefilled(engine, b: int, ctx: int, max_tokens: int, rng) -> None:
     for i in range(b):
         seq = engine.add_request(f"b{i}", rng.integers(3, engine.model_cfg.vocab_size, ctx).tolist(),
                                  SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-        assert engine._admit(seq, now), "KV cache too small for the batch"
+        assert engine.scheduler._admit(seq, now), "KV cache too small for the batch"
         seq.num_computed_tokens = ctx - 1
-        engine._prefilled.add(seq.request_id)
+        engine._reqs[seq.request_id].prefilled = True
 
 
 def bench_decode(model, cfg, b: int, args, bw: float) -> dict:

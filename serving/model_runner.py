@@ -29,6 +29,10 @@ from ..models.llama import Llama
 from ..models.probe import ProbeHead
 from ..models.sampling import sample_tokens
 from ..models.sharding import kv_sharding, make_mesh, shard_attention_fn, shard_model  # [issue 8]
+from . import swap
+from .batch import SamplingRows, StepBatch, StepOutput
+
+__all__ = ["ModelRunner", "SamplingRows", "PagedMeta", "make_paged_attention"]
 
 
 class PagedMeta(NamedTuple):
@@ -58,19 +62,6 @@ def make_paged_attention(impl: str):
         return out, (k_pages, v_pages)
 
     return paged_attention
-
-
-class SamplingRows(NamedTuple):
-    """Per-row sampling parameters; keys derive from (seed, index of the generated token), so a
-    request's draws depend neither on its batch neighbours nor on preemption."""
-
-    temperature: jax.Array  # [B] f32
-    top_p: jax.Array  # [B] f32
-    top_k: jax.Array  # [B] int32
-    seed: jax.Array  # [B] uint32
-    gen_index: jax.Array  # [B] int32: number of tokens generated before this draw
-    # [B, steps] int32: the token to emit at draw j instead of sampling (trace replay), -1 = sample
-    forced: jax.Array
 
 
 def _sample(logits: jax.Array, s: SamplingRows, offset: jax.Array | int = 0) -> jax.Array:
@@ -162,8 +153,12 @@ def _decode_steps(st: StepStatics, state, caches, probe_state, tokens, positions
 class ModelRunner:
     def __init__(self, model: Llama, *, num_slots: int, num_pages: int, page_size: int,
                  max_model_len: int, decode_steps: int = 1, kv_dtype: Any = None, impl: str = "auto",
-                 probe: ProbeHead | None = None, tensor_parallel: int = 1):
+                 probe: ProbeHead | None = None, tensor_parallel: int = 1,
+                 prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)):
         cfg = model.cfg
+        self.prefill_buckets = tuple(prefill_buckets)
+        self.has_probe = probe is not None
+        self.calls = 0  # device calls (prefill + decode), for the calls-per-step bound
         # [issue 8] tensor parallelism: weights and KV pages sharded over kv heads on a mesh of
         # `tensor_parallel` local devices; XLA partitions the jitted steps from these shardings.
         mesh = make_mesh(tensor_parallel) if tensor_parallel > 1 else None
@@ -196,6 +191,59 @@ class ModelRunner:
         """Compilations of this runner's steps (shared with runners of equal statics)."""
         return {k: TRACE_COUNTS[k, self.statics] for k in ("prefill", "decode")}
 
+    # ---- the Runner interface (runner.py) ---------------------------------------------------
+    def execute(self, batch: StepBatch):
+        """Dispatch the step's prefill chunks and decode rows; returns device arrays (no sync)."""
+        pre = []
+        for i, ch in enumerate(batch.prefills):
+            n = len(ch.tokens)
+            bucket = next(b for b in self.prefill_buckets if b >= n)
+            samp = SamplingRows(*(np.asarray(a)[i:i + 1] for a in batch.prefill_sampling))
+            pre.append(self.prefill(ch.tokens, ch.start, bucket, ch.seq.num_prompt_tokens, ch.seq.block_table,
+                                    ch.tap, samp))
+            self.calls += 1
+        dec = None
+        if batch.decodes:
+            s_count = self.num_slots
+            tokens, positions, n_valid = (np.zeros(s_count, np.int32) for _ in range(3))
+            tables = np.zeros((s_count, self.max_pages_per_seq), np.int32)
+            for row in batch.decodes:
+                seq, b = row.seq, row.seq.slot
+                tokens[b], positions[b], n_valid[b] = seq.all_ids[-1], seq.num_tokens - 1, row.steps
+                tables[b, :len(seq.block_table)] = seq.block_table
+            dec = self.decode(tokens, positions, n_valid, tables, batch.decode_sampling)
+            self.calls += 1
+        return pre, dec
+
+    def fetch(self, handle) -> StepOutput:
+        pre, dec = handle
+        host_pre, host_dec = jax.device_get(([(t, p) for t, p, _ in pre], dec))  # one sync per step
+        out = StepOutput(prefill_taps=[tap for _, _, tap in pre])
+        if host_pre:
+            out.prefill_tokens = np.concatenate([np.asarray(t) for t, _ in host_pre])
+            if self.has_probe:
+                out.prefill_probs = np.concatenate([np.asarray(p) for _, p in host_pre])
+        if host_dec is not None:
+            out.decode_tokens = np.asarray(host_dec[0])
+            out.decode_probs = np.asarray(host_dec[1]) if host_dec[1] is not None else None
+        return out
+
+    def swap_out(self, pages: list[int]) -> swap.SwappedKV:
+        return swap.swap_out(self.caches, pages)
+
+    def swap_in(self, pages: list[int], saved: swap.SwappedKV) -> None:
+        self.caches = swap.swap_in(self.caches, pages, saved)
+
+    def warmup(self) -> None:
+        """Compile the decode step ahead of traffic (all rows empty: nothing is written)."""
+        s = self.num_slots
+        z = np.zeros(s, np.int32)
+        samp = SamplingRows(np.zeros(s, np.float32), np.ones(s, np.float32), z, z.astype(np.uint32), z,
+                            np.full((s, self.statics.decode_steps), -1, np.int32))
+        tables = np.zeros((s, self.max_pages_per_seq), np.int32)
+        jax.block_until_ready(self.decode(z, z, z, tables, samp))
+
+    # ---- the jitted steps ---------------------------------------------------------------------
     def prefill(self, tokens: list[int], start: int, bucket: int, n_prompt: int, block_table: list[int],
                 tap_acc: jax.Array | None, samp: SamplingRows):
         """Compute KV for tokens at positions [start, start+len(tokens)) and sample the token after
