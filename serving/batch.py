@@ -73,3 +73,22 @@ class StepOutput:
     prefill_taps: Any = None  # indexable by chunk: new running tap sums (stay on the device)
     decode_tokens: np.ndarray | None = None  # [steps, num_slots]
     decode_probs: np.ndarray | None = None  # [steps, num_slots, K]
+
+
+def prefill_layout(buckets: tuple[int, ...], max_tokens: int | None) -> tuple[int, tuple[int, ...]]:
+    """(row length, capacities) of the packed prefill call. A chunk occupies ceil(len / row) rows of
+    `row` = buckets[0] tokens; the call is padded to the smallest capacity that holds the step's rows.
+    Capacities are the buckets below the step budget `max_tokens` plus the budget itself (rounded up
+    to whole rows), so there are at most len(buckets) compilations."""
+    row = buckets[0]
+    top = max_tokens if max_tokens is not None else buckets[-1]
+
+    def up(x: int) -> int:
+        return -(-x // row) * row
+
+    return row, tuple(sorted({up(b) for b in buckets[:-1] if b < top} | {up(top)}))
+
+
+def padded_tokens(n: int, row: int) -> int:
+    """Tokens a chunk of n tokens costs in the packed call (whole rows)."""
+    return -(-n // row) * row

@@ -30,7 +30,7 @@ from ..models.probe import ProbeHead
 from ..models.sampling import sample_tokens
 from ..models.sharding import kv_sharding, make_mesh, shard_attention_fn, shard_model  # [issue 8]
 from . import swap
-from .batch import SamplingRows, StepBatch, StepOutput
+from .batch import SamplingRows, StepBatch, StepOutput, prefill_layout
 
 __all__ = ["ModelRunner", "SamplingRows", "PagedMeta", "make_paged_attention"]
 
@@ -121,6 +121,31 @@ def _prefill_step(st: StepStatics, state, caches, probe_state, tokens, positions
 
 
 @partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _prefill_packed(st: StepStatics, state, caches, probe_state, tokens, positions, slot_mapping,
+                    block_tables, q_lens, row_chunk, last_row, n_prompt, chunk_end, tap_in,
+                    samp: SamplingRows):
+    """Every prefill chunk of a step in one call. Rows [R, T] are consecutive T-token pieces of the
+    chunks (a chunk spans several rows; each layer writes all rows' K/V before attending, so a row
+    sees the rows before it). Per chunk c (up to R): the token after its last one is sampled from row
+    last_row[c]; the probe sees the running prompt-tap sum tap_in[c] plus this call's prompt tokens."""
+    TRACE_COUNTS["prefill", st] += 1
+    model = nnx.merge(st.graphdef, state)
+    meta = PagedMeta(slot_mapping, block_tables, positions[:, 0], q_lens)
+    out = model(tokens, positions, caches, _attention(st), meta, tap_layer=st.probe_layer,
+                logits_index=jnp.maximum(q_lens - 1, 0))
+    token = _sample(out.logits[last_row], samp)
+    probs, tap_acc = None, tap_in
+    if st.probe_layer is not None:
+        t = tokens.shape[1]
+        valid = (jnp.arange(t)[None, :] < q_lens[:, None]) & (positions < n_prompt[row_chunk][:, None])
+        rows = jnp.sum(jnp.where(valid[..., None], out.tap.astype(jnp.float32), 0.0), axis=1)
+        tap_acc = tap_in + jax.ops.segment_sum(rows, row_chunk, num_segments=tap_in.shape[0])
+        count = jnp.maximum(jnp.minimum(chunk_end, n_prompt), 1).astype(jnp.float32)
+        probs = _probe_probs(st, probe_state, tap_acc / count[:, None])
+    return out.caches, token, probs, tap_acc
+
+
+@partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def _decode_steps(st: StepStatics, state, caches, probe_state, tokens, positions, n_valid, block_tables,
                   samp: SamplingRows):
     TRACE_COUNTS["decode", st] += 1
@@ -150,13 +175,28 @@ def _decode_steps(st: StepStatics, state, caches, probe_state, tokens, positions
     return caches, out_tokens, (out_probs if st.probe_layer is not None else None)
 
 
+def _pad_rows(samp: SamplingRows, r: int) -> SamplingRows:
+    """Pad every field to r rows: greedy, top_p 1, nothing forced (pad rows' tokens are dropped)."""
+    fills = (0.0, 1.0, 0, 0, 0, -1)
+    out = []
+    for a, fill in zip(samp, fills, strict=True):
+        a = np.asarray(a)
+        padded = np.full((r, *a.shape[1:]), fill, a.dtype)
+        padded[:len(a)] = a
+        out.append(padded)
+    return SamplingRows(*out)
+
+
 class ModelRunner:
     def __init__(self, model: Llama, *, num_slots: int, num_pages: int, page_size: int,
                  max_model_len: int, decode_steps: int = 1, kv_dtype: Any = None, impl: str = "auto",
                  probe: ProbeHead | None = None, tensor_parallel: int = 1,
-                 prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)):
+                 prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512),
+                 max_prefill_tokens: int | None = None):
         cfg = model.cfg
         self.prefill_buckets = tuple(prefill_buckets)
+        # the packed prefill call: rows of prefill_row_tokens, total padded tokens one of these
+        self.prefill_row_tokens, self.prefill_capacities = prefill_layout(prefill_buckets, max_prefill_tokens)
         self.has_probe = probe is not None
         self.calls = 0  # device calls (prefill + decode), for the calls-per-step bound
         # [issue 8] tensor parallelism: weights and KV pages sharded over kv heads on a mesh of
@@ -193,15 +233,9 @@ class ModelRunner:
 
     # ---- the Runner interface (runner.py) ---------------------------------------------------
     def execute(self, batch: StepBatch):
-        """Dispatch the step's prefill chunks and decode rows; returns device arrays (no sync)."""
-        pre = []
-        for i, ch in enumerate(batch.prefills):
-            n = len(ch.tokens)
-            bucket = next(b for b in self.prefill_buckets if b >= n)
-            samp = SamplingRows(*(np.asarray(a)[i:i + 1] for a in batch.prefill_sampling))
-            pre.append(self.prefill(ch.tokens, ch.start, bucket, ch.seq.num_prompt_tokens, ch.seq.block_table,
-                                    ch.tap, samp))
-            self.calls += 1
+        """Dispatch the step: all prefill chunks in one packed call, then the decode call; returns
+        device arrays (no sync)."""
+        pre = self._execute_prefills(batch) if batch.prefills else None
         dec = None
         if batch.decodes:
             s_count = self.num_slots
@@ -217,16 +251,56 @@ class ModelRunner:
 
     def fetch(self, handle) -> StepOutput:
         pre, dec = handle
-        host_pre, host_dec = jax.device_get(([(t, p) for t, p, _ in pre], dec))  # one sync per step
-        out = StepOutput(prefill_taps=[tap for _, _, tap in pre])
-        if host_pre:
-            out.prefill_tokens = np.concatenate([np.asarray(t) for t, _ in host_pre])
-            if self.has_probe:
-                out.prefill_probs = np.concatenate([np.asarray(p) for _, p in host_pre])
+        host_pre, host_dec = jax.device_get((pre[:2] if pre else None, dec))  # one sync per step
+        out = StepOutput()
+        if host_pre is not None:
+            out.prefill_tokens, out.prefill_probs, out.prefill_taps = host_pre[0], host_pre[1], pre[2]
         if host_dec is not None:
             out.decode_tokens = np.asarray(host_dec[0])
             out.decode_probs = np.asarray(host_dec[1]) if host_dec[1] is not None else None
         return out
+
+    def _execute_prefills(self, batch: StepBatch):
+        t_row = self.prefill_row_tokens
+        pieces = []  # (chunk index, start position, tokens)
+        for c, ch in enumerate(batch.prefills):
+            for k in range(0, len(ch.tokens), t_row):
+                pieces.append((c, ch.start + k, ch.tokens[k:k + t_row]))
+        need = len(pieces) * t_row
+        cap = next((b for b in self.prefill_capacities if b >= need), None)
+        if cap is None:
+            raise ValueError(f"{need} padded prefill tokens exceed the packed call's "
+                             f"{self.prefill_capacities[-1]}")
+        r, ps = cap // t_row, self.page_size
+        tokens, positions = np.zeros((r, t_row), np.int32), np.zeros((r, t_row), np.int32)
+        slots = np.full((r, t_row), -1, np.int32)
+        tables = np.zeros((r, self.max_pages_per_seq), np.int32)
+        q_lens, row_chunk = np.zeros(r, np.int32), np.zeros(r, np.int32)
+        last_row, n_prompt, chunk_end = (np.zeros(r, np.int32) for _ in range(3))
+        for i, (c, start, toks) in enumerate(pieces):
+            bt = batch.prefills[c].seq.block_table
+            n = len(toks)
+            tokens[i, :n], positions[i] = toks, np.arange(start, start + t_row)
+            tables[i, :len(bt)] = bt
+            p = np.arange(start, start + n)
+            slots[i, :n] = tables[i, p // ps] * ps + p % ps
+            q_lens[i], row_chunk[i], last_row[c] = n, c, i
+        for c, ch in enumerate(batch.prefills):
+            n_prompt[c], chunk_end[c] = ch.seq.num_prompt_tokens, ch.start + len(ch.tokens)
+        d = self.cfg.d_model
+        taps = [ch.tap for ch in batch.prefills]
+        if any(t is not None for t in taps):
+            zero = jnp.zeros((d,), jnp.float32)
+            tap_in = jnp.stack([t if t is not None else zero for t in taps] + [zero] * (r - len(taps)))
+        else:
+            tap_in = np.zeros((r, d), np.float32)
+        samp = _pad_rows(batch.prefill_sampling, r)
+        self.caches, token, probs, tap_acc = _prefill_packed(
+            self.statics, self.state, self.caches, self.probe_state, tokens, positions, slots.reshape(-1),
+            tables, q_lens, row_chunk, last_row, n_prompt, chunk_end, tap_in, samp)
+        self.calls += 1
+        n_chunks = len(batch.prefills)
+        return token[:n_chunks], (probs[:n_chunks] if probs is not None else None), tap_acc
 
     def swap_out(self, pages: list[int]) -> swap.SwappedKV:
         return swap.swap_out(self.caches, pages)

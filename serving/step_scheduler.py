@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 
-from .batch import DecodeRow, PrefillChunk, StepBatch
+from .batch import DecodeRow, PrefillChunk, StepBatch, padded_tokens, prefill_layout
 from .block_manager import BlockManager
 from .request_state import EngineRequest
 from .runner import Runner
@@ -33,6 +33,7 @@ class StepScheduler:
         self.config, self.policy, self.runner, self.reqs = config, policy, runner, reqs
         self.probe_waiting = probe_waiting and policy.probe_on_arrival
         self.blocks = BlockManager(config.num_pages, config.page_size)
+        self.row = prefill_layout(config.prefill_buckets, config.max_prefill_tokens_per_step)[0]
         self.waiting: list[Sequence] = []  # waiting + swapped
         self.running: list[Sequence] = []  # admission order
         self.free_slots = list(range(config.num_slots - 1, -1, -1))
@@ -132,19 +133,22 @@ class StepScheduler:
         return [r for r in rows if r.seq.status is Status.RUNNING]  # later victims drop out
 
     def _prefill_chunks(self, budget: int) -> tuple[list[PrefillChunk], int]:
-        """Chunks of requests still prefilling, in admission order, under the token budget."""
-        cap, chunks = self.config.prefill_buckets[-1], []
+        """Chunks of requests still prefilling, in admission order, under the token budget (counted
+        in the packed call's whole rows, so every chunk of the step fits one call)."""
+        row, chunks = self.row, []
         for seq in self.running:
             st = self.reqs[seq.request_id]
             if st.prefilled:
                 continue
             start = seq.num_computed_tokens
-            n = min(seq.num_tokens - start, budget, cap)
+            n = min(seq.num_tokens - start, budget)
+            if padded_tokens(n, row) > budget:
+                n = budget // row * row
             if n <= 0:
                 break
             chunks.append(PrefillChunk(seq, start, seq.all_ids[start:start + n], tap=st.tap))
             seq.num_computed_tokens += n
-            budget -= n
+            budget -= padded_tokens(n, row)
         return chunks, budget
 
     def _probe_chunks(self, budget: int) -> list[PrefillChunk]:
@@ -153,14 +157,14 @@ class StepScheduler:
         chunks = []
         for seq in unknown:
             n = seq.num_prompt_tokens
-            if n > min(budget, self.config.prefill_buckets[-1]):
+            if padded_tokens(n, self.row) > budget:
                 continue
             need = self.blocks.pages_for(n)
             if not self.blocks.can_allocate(need):
                 break
             self.blocks.allocate(seq, need)  # borrowed: `return_borrowed` frees them after the call
             chunks.append(PrefillChunk(seq, 0, list(seq.prompt_ids), probe_only=True))
-            budget -= n
+            budget -= padded_tokens(n, self.row)
             self.probe_calls += 1
             self.probe_tokens += n
         return chunks
