@@ -43,8 +43,10 @@ class EngineConfig:
     page_size: int = 16
     num_pages: int = 512
     max_model_len: int = 2048
+    # the packed prefill call (batch.prefill_layout): rows of prefill_buckets[0] tokens, padded to a
+    # bucket below the step budget or to the budget itself
     prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
-    max_prefill_tokens_per_step: int = 512
+    max_prefill_tokens_per_step: int = 512  # prefill tokens per step, counted in whole rows
     decode_steps_per_call: int = 1
     preemption_mode: str = "recompute"  # or "swap"
     policy: str | Policy = "fcfs"

@@ -2,8 +2,9 @@
 
 The cache is a list (one per layer) of (k_pages, v_pages), each [Hkv, num_pages, page_size, D],
 donated through every jitted call so XLA updates it in place. Shapes are static: decode always runs
-all `num_slots` rows for `decode_steps` steps; prefill runs one sequence's chunk padded to a bucket
-length, so the number of compilations is 1 + len(prefill_buckets) (+ swap buckets, see swap.py). The
+all `num_slots` rows for `decode_steps` steps; prefill runs every chunk of the step in one packed
+call padded to one of at most len(prefill_buckets) capacities (batch.prefill_layout), so the number
+of compilations is 1 + len(prefill_buckets) (+ swap buckets, see swap.py). The
 jitted steps are module-level functions keyed on `StepStatics`, so engines share compiled code.
 
 Each call returns sampled tokens and, when a probe is loaded, the probe's bin probabilities computed
@@ -97,27 +98,6 @@ def _attention(st: StepStatics):
 
 def _probe_probs(st: StepStatics, probe_state, h: jax.Array) -> jax.Array:
     return nnx.merge(st.probe_graphdef, probe_state).probs(h)
-
-
-@partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _prefill_step(st: StepStatics, state, caches, probe_state, tokens, positions, slot_mapping, block_table,
-                  q_len, n_prompt, tap_acc, samp: SamplingRows):
-    TRACE_COUNTS["prefill", st] += 1
-    model = nnx.merge(st.graphdef, state)
-    meta = PagedMeta(slot_mapping, block_table, positions[:, 0], q_len)
-    out = model(tokens, positions, caches, _attention(st), meta, tap_layer=st.probe_layer,
-                logits_index=jnp.maximum(q_len - 1, 0))
-    token = _sample(out.logits, samp)
-    probs = None
-    if st.probe_layer is not None:
-        # Running sum over prompt tokens only (a resumed request re-prefills its outputs too).
-        t = tokens.shape[1]
-        valid = (jnp.arange(t)[None, :] < q_len[:, None]) & (positions < n_prompt)
-        tap = jnp.where(valid[..., None], out.tap.astype(jnp.float32), 0.0)
-        tap_acc = tap_acc + jnp.sum(tap, axis=(0, 1))
-        count = jnp.maximum(jnp.minimum(positions[0, 0] + q_len[0], n_prompt), 1)
-        probs = _probe_probs(st, probe_state, tap_acc / count.astype(jnp.float32))
-    return out.caches, token, probs, tap_acc
 
 
 @partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
@@ -318,26 +298,6 @@ class ModelRunner:
         jax.block_until_ready(self.decode(z, z, z, tables, samp))
 
     # ---- the jitted steps ---------------------------------------------------------------------
-    def prefill(self, tokens: list[int], start: int, bucket: int, n_prompt: int, block_table: list[int],
-                tap_acc: jax.Array | None, samp: SamplingRows):
-        """Compute KV for tokens at positions [start, start+len(tokens)) and sample the token after
-        the last one. Returns (token [1], probs [1, K] or None, tap_acc) as device arrays."""
-        n = len(tokens)
-        toks = np.zeros((1, bucket), np.int32)
-        toks[0, :n] = tokens
-        pos = np.arange(start, start + bucket, dtype=np.int32)[None]
-        bt = np.zeros((1, self.max_pages_per_seq), np.int32)
-        bt[0, :len(block_table)] = block_table
-        p = np.arange(start, start + n)
-        slots = np.full((bucket,), -1, np.int32)
-        slots[:n] = bt[0, p // self.page_size] * self.page_size + p % self.page_size
-        if tap_acc is None:
-            tap_acc = jnp.zeros((self.cfg.d_model,), jnp.float32)
-        self.caches, token, probs, tap_acc = _prefill_step(
-            self.statics, self.state, self.caches, self.probe_state, toks, pos, slots, bt,
-            np.array([n], np.int32), np.int32(n_prompt), tap_acc, samp)
-        return token, (probs[None] if probs is not None else None), tap_acc
-
     def decode(self, tokens: np.ndarray, positions: np.ndarray, n_valid: np.ndarray,
                block_tables: np.ndarray, samp: SamplingRows):
         """tokens/positions/n_valid [S]: the last token of each slot, its position, and how many steps
