@@ -52,7 +52,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "benchmarks/results/tune_preemption.json)")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode tokens per jitted call (higher: less host overhead, chunkier streams)")
-    p.add_argument("--mock", action="store_true", help="serve fake tokens with no model (for tests)")
+    p.add_argument("--mock", action="store_true", help="the engine over a fake runner (no model)")
     p.add_argument("--mock-step-delay", type=float, default=0.002, help="mock engine seconds per step")
 
 
@@ -72,11 +72,15 @@ def check_policy(name: str) -> None:
 
 def build_engine(args: argparse.Namespace) -> AsyncEngine:
     if args.mock:
-        from jtrail.serving.mock_engine import MockEngine, MockEngineConfig
+        from jtrail.serving.fake_runner import mock_engine
+        from jtrail.serving.scheduler.registry import make_policy
 
-        return MockEngine(MockEngineConfig(
-            num_slots=args.slots, num_pages=args.pages, page_size=args.page_size, max_queue=args.max_queue,
-            step_delay_s=args.mock_step_delay, max_context=args.max_context, policy=args.policy))
+        # the real engine and policy over a fake runner (no model; fake probe = exact lengths)
+        opts = {"aging": args.aging} if args.policy in ("trail", "gittins", "srpt-oracle") else {}
+        return mock_engine(num_slots=args.slots, num_pages=args.pages, page_size=args.page_size,
+                           max_queue=args.max_queue, step_delay_s=args.mock_step_delay,
+                           max_context=args.max_context, policy=make_policy(args.policy, **opts),
+                           decode_steps=args.decode_steps)
     return build_real_engine(args)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import openai
 import pytest
-from jtrail.serving.mock_engine import MockEngine, decode_ids, encode_text, fake_token
+from jtrail.serving.fake_runner import ByteTokenizer, decode_ids, encode_text, fake_token
 
 from jtrail.client import Client
 
@@ -85,7 +85,7 @@ def _expected(prompt_ids: list[int], n: int) -> str:
 
 
 def _chat_ids(messages: list[dict[str, str]]) -> list[int]:
-    return MockEngine().apply_chat_template(messages)
+    return ByteTokenizer().apply_chat_template(messages)
 
 
 def test_models_health_and_metrics(mock_server: Server) -> None:

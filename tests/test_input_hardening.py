@@ -23,7 +23,7 @@ from jtrail.models.tokenizer import Tokenizer
 from jtrail.serving.async_engine import AsyncLLMEngine
 from jtrail.serving.chat import ROLES, check_messages, max_prompt_bytes
 from jtrail.serving.engine import EngineConfig, LLMEngine
-from jtrail.serving.mock_engine import MockEngine, MockEngineConfig
+from jtrail.serving.fake_runner import mock_engine
 from jtrail.serving.sequence import InvalidRequestError, SamplingParams
 from jtrail.serving.server import JtrailServer, ServerConfig
 
@@ -120,7 +120,7 @@ async def _code(agen) -> grpc.RpcError:
 
 def test_grpc_roles_size_limit_and_wire_errors() -> None:
     async def main() -> None:
-        server, c = await _start(MockEngine(MockEngineConfig(max_context=256, step_delay_s=0.0)))
+        server, c = await _start(mock_engine(max_context=256, step_delay_s=0.0))
         try:
             for role in FORGED:
                 err = await _code(c.generate([{"role": role, "content": "hi"}], max_tokens=2))
@@ -151,7 +151,7 @@ def test_grpc_roles_size_limit_and_wire_errors() -> None:
 
 def test_reflection_v1_and_v1alpha() -> None:
     async def main() -> None:
-        server, c = await _start(MockEngine(MockEngineConfig(step_delay_s=0.0)))
+        server, c = await _start(mock_engine(step_delay_s=0.0))
         try:
             for version in ("v1", "v1alpha"):
                 call = c.channel.stream_stream(
@@ -172,15 +172,21 @@ def test_reflection_v1_and_v1alpha() -> None:
     asyncio.run(main())
 
 
-class SlowEncodeEngine(MockEngine):
-    def encode(self, text: str) -> list[int]:
+def slow_encode_engine():
+    eng = mock_engine(step_delay_s=0.0)
+    fast = eng.encode
+
+    def encode(text: str) -> list[int]:
         time.sleep(0.6)  # a big prompt in a slow tokenizer: blocks whatever thread runs it
-        return super().encode(text)
+        return fast(text)
+
+    eng.encode = encode
+    return eng
 
 
 def test_tokenization_runs_off_the_event_loop() -> None:
     async def main() -> None:
-        server, c = await _start(SlowEncodeEngine(MockEngineConfig(step_delay_s=0.0)))
+        server, c = await _start(slow_encode_engine())
         try:
             slow = asyncio.create_task(c.generate("tokenize me slowly", max_tokens=2).__anext__())
             await asyncio.sleep(0.1)
