@@ -27,6 +27,8 @@ def test_calls_per_step_and_prefill_in_one_call():
                        policy=make_policy("trail"))
     pred = TrailPredictor(edges, (edges[1:] + edges[:-1]) / 2)
     engine = LLMEngine(model, config=cfg, probe=probe, predictor=pred)
+    # compiled code is shared by runners of equal statics (other tests in this process): count ours
+    traced_before = engine.runner.trace_counts["prefill"]
     rng = np.random.default_rng(0)
     for i in range(7):  # 4 admitted (prompts up to 30 tokens: several rows each) + 3 probed
         engine.add_request(f"r{i}", rng.integers(3, CFG.vocab_size, rng.integers(5, 30)).tolist(),
@@ -38,4 +40,4 @@ def test_calls_per_step_and_prefill_in_one_call():
         per_step.append(engine.runner.calls - before)
     assert per_step[0] == 1 and engine.probe_calls == 3  # 4 prefills + 3 probe-only prefills: one call
     assert max(per_step) <= 2
-    assert engine.runner.trace_counts["prefill"] <= len(cfg.prefill_buckets)
+    assert engine.runner.trace_counts["prefill"] - traced_before <= len(cfg.prefill_buckets)
