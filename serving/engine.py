@@ -119,6 +119,10 @@ class LLMEngine:
     probe_tokens = property(lambda self: self.scheduler.probe_tokens)
     finished_by_reason = property(lambda self: self.outputs.finished_by_reason)
 
+    def pending_output_ids(self) -> set[str]:
+        """Requests with output not yet returned by a step (a failed step's, for the front end)."""
+        return set(self.outputs.pending)
+
     @property
     def requests(self) -> dict[str, Sequence]:
         return {rid: st.seq for rid, st in self._reqs.items()}
