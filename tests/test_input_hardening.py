@@ -217,13 +217,13 @@ def test_step_prefill_work_bounded_by_one_budget_including_probes() -> None:
         max_prefill_tokens_per_step=budget, kernel_impl="reference", policy=make_policy("trail")),
         probe=probe, predictor=TrailPredictor(edges, (edges[1:] + edges[:-1]) / 2))
     per_step: list[int] = []
-    real = engine.runner.prefill
+    real = engine.runner.execute
 
-    def counting(tokens, *a, **kw):
-        per_step[-1] += len(tokens)
-        return real(tokens, *a, **kw)
+    def counting(batch, *a, **kw):  # prompt tokens of every prefill chunk the step sends, probes too
+        per_step[-1] += sum(len(ch.tokens) for ch in batch.prefills)
+        return real(batch, *a, **kw)
 
-    engine.runner.prefill = counting
+    engine.runner.execute = counting
     rng = np.random.default_rng(0)
     for i in range(8):
         engine.add_request(f"r{i}", rng.integers(3, 200, 12).tolist(), SamplingParams(max_tokens=3,
