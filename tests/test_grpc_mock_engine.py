@@ -101,21 +101,21 @@ def test_validation_queue_full_and_cancel() -> None:
     asyncio.run(main())
 
 
-def _fake_engine(policy: str, **kw) -> LLMEngine:
+def _fake_engine(policy: str, policy_kw: dict | None = None, **kw) -> LLMEngine:
     from jtrail.serving.fake_runner import FakeLengthPredictor
     from jtrail.serving.scheduler.registry import make_policy
 
     cfg = EngineConfig(num_slots=kw.get("slots", 2), num_pages=64, page_size=4, max_model_len=256,
-                       policy=make_policy(policy))
+                       policy=make_policy(policy, **(policy_kw or {})))
     runner = FakeRunner(cfg.num_slots, cfg.max_model_len, cfg.page_size, probe=True)
     return LLMEngine(None, ByteTokenizer(), cfg, predictor=FakeLengthPredictor(), runner=runner)
 
 
-@pytest.mark.parametrize("policy", ["fcfs", "trail"])
-def test_real_policy_runs_over_the_fake_runner(policy) -> None:
+@pytest.mark.parametrize("policy,kw", [("fcfs", {}), ("trail", {}), ("trail", {"c": 0.8})])
+def test_real_policy_runs_over_the_fake_runner(policy, kw) -> None:
     """One slot, requests queued in order of decreasing length: fcfs finishes them in arrival order,
     trail (probe-only prefills give the waiting requests their lengths) shortest first."""
-    eng = _fake_engine(policy, slots=1)
+    eng = _fake_engine(policy, kw, slots=1)
     lengths = [40, 30, 20, 10, 5]
     for i, n in enumerate(lengths):
         eng.add_request(f"r{i}", encode_text(f"q{i}"), SamplingParams(max_tokens=n), arrival_time=float(i))
@@ -124,6 +124,9 @@ def test_real_policy_runs_over_the_fake_runner(policy) -> None:
         order += [o.request_id for o in eng.step() if o.finished]
     if policy == "fcfs":
         assert order == ["r0", "r1", "r2", "r3", "r4"]
+        assert eng.num_preemptions == 0
+    elif not kw:  # trail's default never preempts (c = 0): r0 keeps the slot it took, then SRPT order
+        assert order == ["r0", "r4", "r3", "r2", "r1"]
         assert eng.num_preemptions == 0
     else:  # r0 took the free slot before any length was known; the shorter ones preempt it (SRPT)
         assert order == ["r4", "r3", "r2", "r1", "r0"]
