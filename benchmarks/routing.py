@@ -316,6 +316,19 @@ def real_bars(table: dict[str, dict], ratios: dict[str, Any], complete: bool) ->
     return bars
 
 
+def carry_over(earlier: dict, doc: dict) -> dict:
+    """This run's document, with the earlier file's `history` (and its real-replica run, if it was one,
+    appended to it), its simulator section and its simulator bars (keys naming sim) kept."""
+    history = list(earlier.get("history", []))
+    if "table" in earlier:  # the earlier top level was a real-replica run
+        history.append({k: v for k, v in earlier.items() if k not in ("history", "sim8_replay")})
+    bars = {k: v for k, v in earlier.get("bars", {}).items() if "sim" in k}
+    out = {**doc, "bars": {**bars, **doc["bars"]}, "history": history}
+    if "sim8_replay" in earlier:
+        out["sim8_replay"] = earlier["sim8_replay"]
+    return out
+
+
 # --- main ------------------------------------------------------------------------------------------
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -524,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     out_path = Path(a.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    if out_path.exists():  # keep what the file holds besides this run: earlier runs, the simulator's bars
+        doc = carry_over(json.loads(out_path.read_text()), doc)
     out_path.write_text(json.dumps(doc, indent=2))
     if os.environ.get("OUT"):
         copy = Path(os.environ["OUT"]) / out_path.name

@@ -115,3 +115,16 @@ def test_an_unfinished_repeat_gives_no_ratio_and_no_bar() -> None:
     assert not bars["every_request_finished"]
     table["token-aware"] = _row([1.0, 1.0, 2.0], [7, 7, 7])
     assert ratio_table(table)["least_requests_over_token_aware_mean_e2e"] is None
+
+
+def test_a_real_run_keeps_the_files_history_and_simulator_bars() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from routing import carry_over
+
+    earlier = {"command": "sim", "bars": {"rr_over_token_aware_mean_e2e_sim8": 1.1, "x_real": 0.9},
+               "sim8_replay": {"seed": 11}, "history": [{"command": "old"}]}
+    doc = carry_over(earlier, {"command": "new", "table": {}, "bars": {"x_real": 1.2}})
+    assert doc["bars"] == {"rr_over_token_aware_mean_e2e_sim8": 1.1, "x_real": 1.2}
+    assert doc["history"] == [{"command": "old"}] and doc["sim8_replay"] == {"seed": 11}
+    again = carry_over(doc, {"command": "newer", "table": {}, "bars": {}})
+    assert [h["command"] for h in again["history"]] == ["old", "new"]
