@@ -118,6 +118,33 @@ def run_seed(seed: int, prm0: np.ndarray, out0: np.ndarray, a: argparse.Namespac
             "table": rows, "ratios": ratios}
 
 
+def record_bars(path: Path, doc: dict, run: dict) -> None:
+    """The `*_sim8` bars (held-out seed) into routing.json, the file keeping the rest: a real-replica run
+    at its top level moves to `history` (benchmarks/routing.py puts the next one there in turn)."""
+    from routing import carry_over
+
+    r, c = run["ratios"], run["ceilings"]
+    bars = {"rr_over_token_aware_mean_e2e_sim8": r["rr_over_token_aware_mean_e2e"],
+            "rr_over_token_aware_p99_e2e_sim8": r["rr_over_token_aware_p99_e2e"],
+            "least_requests_over_token_aware_mean_e2e_sim8": r["least_requests_over_token_aware_mean_e2e"],
+            "least_requests_over_token_aware_p99_e2e_sim8": r["least_requests_over_token_aware_p99_e2e"],
+            "power_of_two_over_token_aware_mean_e2e_sim8": r["power_of_two_over_token_aware_mean_e2e"],
+            "rr_sim8_met": r["rr_over_token_aware_mean_e2e"] >= 1.2,
+            "least_requests_sim8_met": r["least_requests_over_token_aware_mean_e2e"] >= 1.05,
+            "rr_over_zero_wait_bound_sim8": c["rr_over_zero_wait_bound"],
+            "least_requests_over_zero_wait_bound_sim8": c["least_requests_over_zero_wait_bound"]}
+    sim = {"source": "benchmarks/results/routing_sim8_replay.json", "seed": run["seed"],
+           "table": run["table"], "ratios": r, "ceilings": c,
+           **{k: doc[k] for k in ("command", "date", "git_commit", "config", "lengths", "probe")}}
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    top = {k: doc[k] for k in ("command", "device", "date", "git_commit")}
+    top["bars"] = bars
+    out = carry_over(earlier, top)
+    out["bars"] = {**out["bars"], **bars}
+    out["sim8_replay"] = sim
+    path.write_text(json.dumps(out, indent=2))
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--replay", default=str(REPLAY))
@@ -138,6 +165,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sigma0", type=float, default=SIGMA0)
     p.add_argument("--sigma", type=float, default=SIGMA)
     p.add_argument("--out", default=str(RESULTS / "routing_sim8_replay.json"))
+    p.add_argument("--record-bars", default="",
+                   help="also write the first seed's ratios as the *_sim8 bars of this file (routing.json); "
+                        "its real-replica run and history are kept under `history`")
     return p.parse_args(argv)
 
 
@@ -170,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         doc["mean_ratios"] = {k: float(np.mean([r["ratios"][k] for r in runs])) for k in runs[0]["ratios"]}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(doc, indent=2))
+    if a.record_bars:
+        record_bars(Path(a.record_bars), doc, runs[0])
     for r in runs:
         print(f"\n| router (seed {r['seed']}, {a.replicas} x {a.policy}, {a.load:.0%} load) | mean E2E "
               "| p99 E2E | mean TTFT | p99 TTFT | mean E2E / token-aware | p99 / token-aware |")
