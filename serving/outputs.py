@@ -131,6 +131,7 @@ class OutputProcessor:
         if reason in (FinishReason.STOP, FinishReason.LENGTH):
             self.finished_tokens += seq.num_generated
             self.finished_count += 1
+            out.remaining_estimate = 0.0  # done: nothing left, whatever the last estimate said
         self.policy.on_finish(seq, now)
         if free:
             self.release(seq)
