@@ -193,6 +193,8 @@ async def _serve(args: argparse.Namespace) -> BaseException | None:
 
 def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # JAX's backend probing logs "Unable to initialize backend 'tpu'" at INFO on every machine without one
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     try:
         check_policy(args.policy)
         if args.no_http and args.no_grpc:
@@ -201,6 +203,9 @@ def run_serve(args: argparse.Namespace) -> int:
                      "decode_steps"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        from jtrail.preflight import check_serve_args
+
+        check_serve_args(args)  # ports, host, probe, devices: before the model loads
         fatal = asyncio.run(_serve(args))
         if fatal is not None:  # non-zero, so that a supervisor restarts the server
             print(f"jtrail serve: error: the engine stopped: {fatal!r}", file=sys.stderr)

@@ -80,7 +80,11 @@ class ServerMetrics:
 
     def start_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve /metrics on host:port (port 0 picks a free one); returns the bound port."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, thread = start_http_server(port, addr=host, registry=self.registry)
+        except (OSError, OverflowError) as e:  # busy, not an address here, or out of range
+            reason = getattr(e, "strerror", None) or str(e)
+            raise OSError(f"--metrics-port {port}: cannot serve metrics on {host}:{port}: {reason}") from None
         self._http, self._http_thread = server, thread
         return server.server_port
 
