@@ -272,7 +272,9 @@ def add_client(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="jtrail serve", description="Run the jtrail server (gRPC + HTTP).")
+    from jtrail.help_format import Parser
+
+    p = Parser(prog="jtrail serve", description="Run the jtrail server (gRPC + HTTP).")
     add_serve_args(p)
     return run_serve(p.parse_args(argv))
 
