@@ -128,3 +128,34 @@ def test_busy_metrics_port_in_the_server_is_an_oserror_naming_it(listener: int) 
 
     with pytest.raises(OSError, match=f"--metrics-port {listener}"):
         ServerMetrics().start_http(listener)
+
+
+def test_every_asset_directory_is_declared_as_package_data() -> None:
+    """Each importable-named directory under jtrail/assets is a package in pyproject (setuptools warns
+    "Package would be ignored" otherwise, and a future version drops its files); the packaging of the
+    whole tree was checked once by building the wheel: the same 115 files as before."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    want = {".".join(("jtrail", *d.relative_to(root / "jtrail").parts))
+            for d in [root / "jtrail" / "assets", *(root / "jtrail" / "assets").rglob("*")]
+            if d.is_dir() and all(p.isidentifier() for p in d.relative_to(root / "jtrail").parts)}
+    assert want <= set(cfg["packages"])
+    assert want <= set(cfg["package-data"])
+
+
+def test_version_and_help_defaults() -> None:
+    r = _run("--version", module="jtrail.cli")
+    assert r.returncode == 0 and r.stdout.strip().startswith("jtrail 0.")
+    r = _run("train-probe", "--help", module="jtrail.cli")
+    assert "--epochs EPOCHS       (default: 4)" in r.stdout and "(default: 0.001)" in r.stdout
+    r = _run("--help")  # python -m jtrail.serve
+    assert "(default: 50051)" in r.stdout and "(default: 8000)" in r.stdout
+
+
+def test_finish_reasons_print_as_vllm_spells_them() -> None:
+    from jtrail.serving.sequence import FinishReason
+
+    assert [str(FinishReason.STOP), f"{FinishReason.LENGTH}"] == ["stop", "length"]
