@@ -114,6 +114,8 @@ class LLM:
         backend: Backend | str = "engine",
         progress: bool = True,
     ):
+        if isinstance(backend, str) and backend not in ("engine", "simple"):  # before the slow load
+            raise InvalidRequestError("backend", f"unknown backend {backend!r}; use 'engine' or 'simple'")
         self.loaded: LoadedModel = load_model(model, dtype=dtype, progress=progress)
         self.cfg = self.loaded.cfg
         self.tokenizer = self.loaded.tokenizer
@@ -121,8 +123,6 @@ class LLM:
             backend = EngineBackend(self.loaded, max_batch=max_batch)
         elif backend == "simple":
             backend = Generator(self.loaded.model, self.tokenizer, max_batch=max_batch)
-        elif isinstance(backend, str):
-            raise InvalidRequestError("backend", f"unknown backend {backend!r}; use 'engine' or 'simple'")
         self.backend: Backend = backend
         self.progress = progress
 

@@ -52,6 +52,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "benchmarks/results/tune_preemption.json)")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode tokens per jitted call (higher: less host overhead, chunkier streams)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="report ready before compiling (the first requests then wait for XLA)")
     p.add_argument("--mock", action="store_true", help="the engine over a fake runner (no model)")
     p.add_argument("--mock-step-delay", type=float, default=0.002, help="mock engine seconds per step")
 
@@ -105,6 +107,10 @@ def build_real_engine(args: argparse.Namespace) -> AsyncEngine:
                        max_queue=args.max_queue,
                        decode_steps_per_call=args.decode_steps, tensor_parallel=args.tensor_parallel)
     engine = LLMEngine(loaded.model, loaded.tokenizer, cfg, probe=probe, predictor=predictor)
+    if not args.no_warmup:  # compile every prefill shape and the decode step before "serving"
+        from jtrail.warmup import warm_up
+
+        warm_up(engine)
     return AsyncLLMEngine(engine, model_name=loaded.cfg.name)
 
 
@@ -174,8 +180,12 @@ async def _serve(args: argparse.Namespace) -> BaseException | None:
         grpc_addr = f"{args.host}:{grpc_server.port}" if grpc_server else "-"
         http_addr = http.address if http else "-"
         mport = grpc_server.metrics_port if grpc_server else args.metrics_port
-        log.info("gRPC (jtrail.v1) on %s; OpenAI-compatible HTTP on %s", grpc_addr,
-                 f"http://{http_addr}/v1" if http else "-")
+        from jtrail.warmup import banner
+
+        for line in banner(engine, {"gRPC (jtrail.v1)": grpc_addr,
+                                    "OpenAI-compatible HTTP": f"http://{http_addr}/v1" if http else "-",
+                                    "metrics": f"http://{args.host}:{mport}/metrics" if mport else "-"}):
+            log.info("%s", line)
         # one parseable line: scripts and tests wait for it
         print(f"jtrail: serving on {grpc_addr} metrics_port={mport} http={http_addr}", flush=True)
         await stop.wait()
@@ -193,6 +203,8 @@ async def _serve(args: argparse.Namespace) -> BaseException | None:
 
 def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # JAX's backend probing logs "Unable to initialize backend 'tpu'" at INFO on every machine without one
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     try:
         check_policy(args.policy)
         if args.no_http and args.no_grpc:
@@ -201,6 +213,9 @@ def run_serve(args: argparse.Namespace) -> int:
                      "decode_steps"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        from jtrail.preflight import check_serve_args
+
+        check_serve_args(args)  # ports, host, probe, devices: before the model loads
         fatal = asyncio.run(_serve(args))
         if fatal is not None:  # non-zero, so that a supervisor restarts the server
             print(f"jtrail serve: error: the engine stopped: {fatal!r}", file=sys.stderr)
@@ -267,7 +282,9 @@ def add_client(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="jtrail serve", description="Run the jtrail server (gRPC + HTTP).")
+    from jtrail.help_format import Parser
+
+    p = Parser(prog="jtrail serve", description="Run the jtrail server (gRPC + HTTP).")
     add_serve_args(p)
     return run_serve(p.parse_args(argv))
 

@@ -316,7 +316,7 @@ def test_greedy_and_stop_string_match_the_library() -> None:
     import jtrail
 
     proc = _spawn("--policy", "fcfs", "--probe", "none", "--slots", "2", "--pages", "128",
-                  "--max-context", "512", mock=False)
+                  "--max-context", "512", "--no-warmup", mock=False)  # warm-up: test_warmup.py
     try:
         # the reference, computed while the server process loads the same model
         msgs = [{"role": "user", "content": "What is the capital of France?"}]
