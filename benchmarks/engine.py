@@ -3,6 +3,13 @@
     python benchmarks/engine.py               # GPU: Llama-3-8B shape, random bf16 weights
     python benchmarks/engine.py --smoke       # CPU: tiny shapes, checks the script end to end
     python benchmarks/engine.py --smollm2-gguf PATH   # adds real-model (SmolLM2) end-to-end throughput
+    python benchmarks/engine.py --issue16 --baseline-worktree DIR   # issue 16's bars, before vs after
+
+--issue16: SmolLM2-135M shape, ctx 512, batch 32 and 128 at one token per call and batch 128 at 8,
+plus the prefill burst (64 prompts of 512 tokens at once, max_tokens 1: seconds from submission to
+the last first token). With --baseline-worktree DIR (a checkout of the commit before the change,
+e.g. `git archive f6c35c1 jtrail serving models kernels | tar -x -C DIR`), the same measurements
+run first in a subprocess that imports jtrail from DIR, and the result holds both and their ratios.
 
 Decode measurement: for each batch size B, B requests with `ctx`-token contexts are placed in the
 engine as already prefilled (pages allocated, lengths set; the KV pages hold zeros, which does not
@@ -99,16 +106,53 @@ def copy_bandwidth(jax, jnp, nbytes: int) -> float:
 
 
 def place_prefilled(engine, b: int, ctx: int, max_tokens: int, rng) -> None:
-    """B running sequences whose first ctx-1 tokens count as computed (decode starts at once)."""
+    """B running sequences whose first ctx-1 tokens count as computed (decode starts at once).
+    Works on the engine before issue 16 (a baseline worktree) and after."""
     from jtrail.serving.sequence import SamplingParams
 
     now = time.monotonic()
     for i in range(b):
         seq = engine.add_request(f"b{i}", rng.integers(3, engine.model_cfg.vocab_size, ctx).tolist(),
                                  SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-        assert engine._admit(seq, now), "KV cache too small for the batch"
+        assert getattr(engine, "scheduler", engine)._admit(seq, now), "KV cache too small for the batch"
         seq.num_computed_tokens = ctx - 1
-        engine._prefilled.add(seq.request_id)
+        if hasattr(engine, "_reqs"):
+            engine._reqs[seq.request_id].prefilled = True
+        else:
+            engine._prefilled.add(seq.request_id)
+
+
+def bench_prefill_burst(model, args, n: int = 64, plen: int = 512) -> dict:
+    """n prompts of plen tokens submitted at once (max_tokens 1): seconds until the last first
+    token, after a warm-up burst that compiles every shape."""
+    import numpy as np
+    from jtrail.serving.engine import EngineConfig, LLMEngine
+    from jtrail.serving.sequence import SamplingParams
+
+    budget = args.burst_budget
+    buckets = tuple(plen << i for i in range(6) if plen << i <= budget) or (budget,)
+    pages = n * -(-(plen + 16) // args.page_size) + 1
+    ecfg = EngineConfig(num_slots=n, page_size=args.page_size, num_pages=pages,
+                        max_model_len=plen + 16, prefill_buckets=buckets, max_prefill_tokens_per_step=budget,
+                        kernel_impl=args.impl, max_queue=2 * n)
+    engine = LLMEngine(model, config=ecfg)
+    rng = np.random.default_rng(2)
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+
+    def burst(tag: str) -> tuple[float, int]:
+        for i in range(n):
+            prompt = rng.integers(3, engine.model_cfg.vocab_size, plen).tolist()
+            engine.add_request(f"{tag}{i}", prompt, params)
+        t0, steps = time.perf_counter(), 0
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+        return time.perf_counter() - t0, steps
+
+    burst("warm")
+    wall, steps = burst("timed")
+    return {"prompts": n, "prompt_tokens": plen, "max_prefill_tokens_per_step": budget,
+            "prefill_buckets": list(buckets), "last_first_token_s": wall, "steps": steps}
 
 
 def bench_decode(model, cfg, b: int, args, bw: float) -> dict:
@@ -180,12 +224,91 @@ def bench_smollm2(path: str, args) -> dict:
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, lm.cfg.vocab_size, plen).tolist() for _ in range(b)]
     params = SamplingParams(max_tokens=gen, ignore_eos=True)
-    engine.generate_batch(prompts[:2], SamplingParams(max_tokens=2 * args.decode_steps + 1), progress=False)
+    from jtrail.llm import generate_batch
+
+    generate_batch(engine, prompts[:2], SamplingParams(max_tokens=2 * args.decode_steps + 1), progress=False)
     t0 = time.perf_counter()
-    engine.generate_batch(prompts, params, progress=False)
+    generate_batch(engine, prompts, params, progress=False)
     wall = time.perf_counter() - t0
     return {"batch": b, "prompt_tokens": plen, "new_tokens": gen, "wall_s": wall,
             "output_tokens_per_s": b * gen / wall, "note": "end to end incl. prefill, bf16"}
+
+
+ISSUE16_ROWS = ((32, 1), (128, 1), (128, 8))  # (batch, decode tokens per call)
+BAR_ROWS = ("b32_k1", "b128_k1", "b128_k8")
+
+
+def run_issue16(args, model, cfg, bw: float) -> dict:
+    rows = {}
+    for b, k in ISSUE16_ROWS:
+        a = argparse.Namespace(**{**vars(args), "decode_steps": k})
+        rows[f"b{b}_k{k}"] = bench_decode(model, cfg, b, a, bw)
+        print(json.dumps(rows[f"b{b}_k{k}"]), flush=True)
+    burst = bench_prefill_burst(model, args, n=8, plen=64) if args.smoke else bench_prefill_burst(model, args)
+    return {"rows": rows, "prefill_burst": burst}
+
+
+BASELINE_BOOT = """
+import importlib.util, runpy, sys
+base, script = sys.argv[1], sys.argv[2]
+def pkg(name, path):
+    spec = importlib.util.spec_from_file_location(name, path + "/__init__.py",
+                                                  submodule_search_locations=[path])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    return spec, mod
+root = pkg("jtrail", base + "/jtrail")
+subs = [pkg("jtrail." + s, base + "/" + s) for s in ("kernels", "models", "serving")]
+for (spec, mod), s in zip(subs, ("kernels", "models", "serving")):
+    setattr(root[1], s, mod)
+for spec, mod in subs:
+    spec.loader.exec_module(mod)
+root[0].loader.exec_module(root[1])
+sys.argv = [script] + sys.argv[3:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def run_baseline(args) -> dict:
+    """The same measurements with jtrail imported from the baseline worktree (own process: its own
+    JAX, its own compile caches); runs before this process touches the GPU."""
+    import tempfile
+
+    base = str(Path(args.baseline_worktree).resolve())
+    for d in ("jtrail", "serving", "models", "kernels"):
+        if not Path(base, d, "__init__.py").exists():
+            raise SystemExit(f"--baseline-worktree {base}: no {d}/__init__.py "
+                             "(need jtrail, serving, models, kernels)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "baseline.json")
+        cmd = [sys.executable, "-c", BASELINE_BOOT, base, __file__, "--issue16", "--no-hf", "--out", str(out),
+               "--ctx", str(args.ctx), "--steps", str(args.steps), "--impl", args.impl,
+               "--page-size", str(args.page_size), "--burst-budget", str(args.burst_budget)]
+        if args.smoke:
+            cmd.append("--smoke")
+        env = {**os.environ, "OUT": ""}
+        proc = subprocess.run(cmd, text=True, env=env, timeout=3000)
+        if proc.returncode != 0:
+            raise SystemExit(f"baseline run failed (rc {proc.returncode})")
+        return json.loads(out.read_text())
+
+
+def issue16_bars(after: dict, before: dict | None) -> dict:
+    r = after["rows"]
+    bars = {"smollm2_b32_tokens_per_s": r["b32_k1"]["tokens_per_s"],
+            "smollm2_b128_tokens_per_s": r["b128_k1"]["tokens_per_s"],
+            "smollm2_b128_k8_tokens_per_s": r["b128_k8"]["tokens_per_s"],
+            "smollm2_host_gap_b32": r["b32_k1"]["host_gap_fraction"],
+            "speedup_vs_before_b32": None, "prefill_burst_speedup": None,
+            "prefill_burst_last_first_token_s": after["prefill_burst"]["last_first_token_s"]}
+    if before is not None:
+        b = before["rows"]
+        bars["speedup_vs_before_b32"] = r["b32_k1"]["tokens_per_s"] / b["b32_k1"]["tokens_per_s"]
+        bars["speedup_vs_before_b128"] = r["b128_k1"]["tokens_per_s"] / b["b128_k1"]["tokens_per_s"]
+        bars["speedup_vs_before_b128_k8"] = r["b128_k8"]["tokens_per_s"] / b["b128_k8"]["tokens_per_s"]
+        bars["prefill_burst_speedup"] = (before["prefill_burst"]["last_first_token_s"]
+                                         / after["prefill_burst"]["last_first_token_s"])
+    return bars
 
 
 def main() -> None:
@@ -205,15 +328,25 @@ def main() -> None:
     ap.add_argument("--smollm2-gguf", default=None)
     ap.add_argument("--smollm2-batch", type=int, default=64)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--issue16", action="store_true",
+                    help="issue 16's rows: smollm2-135m ctx 512, b32/b128 x 1 token/call, b128 x 8; burst")
+    ap.add_argument("--baseline-worktree", default=None,
+                    help="with --issue16: jtrail checkout to compare against")
+    ap.add_argument("--burst-budget", type=int, default=8192, help="prefill tokens per step in the burst")
     args = ap.parse_args()
     args.batches = [int(x) for x in args.batches.split(",")]
     args.hf_batches = [int(x) for x in args.hf_batches.split(",")]
     if args.hf_peer_only:
         print(json.dumps(hf_peer(args.shape, args.hf_batches, args.ctx, args.hf_new_tokens)))
         return
+    if args.issue16:
+        args.shape, args.no_hf = "smollm2-135m", True
+        if "--ctx" not in sys.argv:
+            args.ctx = 512
     if args.smoke:
         args.shape, args.batches, args.ctx, args.steps, args.decode_steps = "tiny", [2, 4], 48, 3, 2
         args.page_size, args.no_hf, args.hf_batches = 8, True, []
+    before = run_baseline(args) if args.issue16 and args.baseline_worktree else None
 
     hf = None if args.no_hf else run_hf_subprocess(args)  # before JAX claims the GPU
     # b256 x 1k KV (~38 GB) + 16 GB weights: let JAX's pool take most of the 80 GB
@@ -229,6 +362,30 @@ def main() -> None:
     jax.block_until_ready(nnx_state(model))
     init_s = time.perf_counter() - t0
     bw = copy_bandwidth(jax, jnp, (1 << 20) if args.smoke else (1 << 30))
+    if args.issue16:
+        if args.smoke:
+            global ISSUE16_ROWS
+            ISSUE16_ROWS = ((2, 1), (4, 1), (4, 2))
+        after = run_issue16(args, model, cfg, bw)
+        if args.smoke:  # smoke keys under the bar names, so the smoke run checks bars and ratios
+            for res in (after, before or {"rows": {}}):
+                if res["rows"] and "b32_k1" not in res["rows"]:
+                    res["rows"] = dict(zip(BAR_ROWS, res["rows"].values(), strict=True))
+        result = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+                  "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
+                  "jax": jax.__version__,
+                  "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                  "git_commit": git_commit(), "shape": args.shape, "dtype": "bfloat16", "smoke": args.smoke,
+                  "copy_bandwidth_GBps": bw / 1e9, "baseline_worktree": args.baseline_worktree,
+                  "rows": after["rows"], "prefill_burst": after["prefill_burst"], "before": before,
+                  "bars": issue16_bars(after, before) if "b32_k1" in after["rows"] else None}
+        text = json.dumps(result, indent=2)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "engine_issue16.json").write_text(text)
+        print(json.dumps(result["bars"]))
+        return
     rows = []
     for b in args.batches:
         rows.append(bench_decode(model, cfg, b, args, bw))

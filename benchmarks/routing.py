@@ -2,6 +2,8 @@
 
     python benchmarks/routing.py --gpus 0,1 [--model GGUF] [--probe DIR] [--prompts sharegpt|mtbench|FILE]
     python benchmarks/routing.py --mock --requests 8      # CPU smoke test (fake tokens, no model)
+    python benchmarks/routing.py --gpus 0,0 --mem-fraction 0.45 --policy trail --probe replay \
+        --replay replay_all.npz --split bench                # replay: 2 replicas sharing one GPU
 
 1. Start the replicas (replica i on GPU i with --gpus) and a router; wait until all are SERVING.
 2. Warm up (every pool prompt, 2 tokens: compiles the prefill buckets), then profile: every pool prompt
@@ -19,7 +21,14 @@
 Length modes: forced profiled lengths (default; max_tokens = the true length, and the engine caps its
 length estimates at max_tokens, so estimates never exceed the truth), --natural-eos (max_tokens = the
 cap for every request, the model stops itself: no length leaks to the replicas), --lengths sharegpt
-(forced ShareGPT answer lengths, unrelated to what the probe sees in the prompt).
+(forced ShareGPT answer lengths, unrelated to what the probe sees in the prompt), --replay (the replay
+set's requests: token-id prompts, each carrying its recorded answer, `forced_output_ids`, so the engine
+emits exactly that answer; max_tokens = --max-output for every request, so no length leaks; the profile
+run sends every pool request at t=0 for the capacity).
+
+A run that does not finish every request within --run-timeout reports how many it finished and is not
+used for a ratio: ratios come only from repeats in which both routers finished everything, and the
+bars only when every repeat did.
 
 The driver itself never imports JAX: the replicas own the accelerators.
 """
@@ -114,6 +123,8 @@ def start_replica(i: int, a: argparse.Namespace, log_dir: Path) -> Proc:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if a.gpus:
         env["CUDA_VISIBLE_DEVICES"] = a.gpus.split(",")[i]
+    if a.mem_fraction:  # replicas sharing one GPU: each preallocates only its share
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(a.mem_fraction)
     args = ["serve", "--host", "127.0.0.1", "--port", "0", "--no-http", "--policy", a.policy,
             "--slots", str(a.slots), "--pages", str(a.pages), "--page-size", str(a.page_size),
             "--max-context", str(a.max_context), "--max-queue", str(a.max_queue), "--grace", "1"]
@@ -202,6 +213,9 @@ def mean_rows(rows: list[dict]) -> dict:
     out["requests"] = int(sum(r["requests"] for r in rows))
     out["mean_e2e_per_repeat"] = [r["mean_e2e"] for r in rows]
     out["mean_ttft_per_repeat"] = [r["mean_ttft"] for r in rows]
+    out["p99_e2e_per_repeat"] = [r["p99_e2e"] for r in rows]
+    out["completed_per_repeat"] = [r["completed"] for r in rows]
+    out["all_completed_per_repeat"] = [r["completed"] == r["requests"] for r in rows]
     out["per_replica_finished"] = [r["per_replica_finished"] for r in rows]
     return out
 
@@ -221,6 +235,25 @@ def load_pool(a: argparse.Namespace) -> list[Any]:
             if len(pool) >= a.pool:
                 break
     return pool
+
+
+def load_replay_pool(a: argparse.Namespace) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Seeded sample of the replay split's requests that fit --max-context and --max-prompt-tokens:
+    token-id prompts and their recorded answers (cut to --max-output, and to --max-answer-tokens if set)."""
+    from jtrail.replay import ReplaySet
+
+    rs = ReplaySet.load(a.replay).subset(a.split)
+    cut = min(a.max_output, a.max_answer_tokens or a.max_output)
+    prompts: list[list[int]] = []
+    answers: list[np.ndarray] = []
+    for i in np.random.default_rng(a.seed).permutation(len(rs)):
+        p, ans = rs.prompts[int(i)], rs.answers[int(i)][:cut]
+        if len(p) <= a.max_prompt_tokens and len(p) + len(ans) < a.max_context:
+            prompts.append(p.astype(np.int32).tolist())
+            answers.append(ans.astype(np.int32))
+            if len(prompts) >= a.pool:
+                break
+    return prompts, answers
 
 
 def sharegpt_lengths(n: int, cap: int, seed: int) -> np.ndarray:
@@ -244,12 +277,70 @@ def device_name(a: argparse.Namespace) -> str:
     return "cpu" if not a.gpus else "gpu"
 
 
+def ratio_table(table: dict[str, dict]) -> dict[str, Any]:
+    """X / token-aware mean E2E, TTFT and p99 E2E, from the repeats in which both X and token-aware
+    finished every request (None when there is none: an unfinished run says nothing about its mean);
+    per-repeat ratios beside them (None for an incomplete repeat)."""
+    ta = table["token-aware"]
+    out: dict[str, Any] = {}
+    for name, key in (("round-robin", "rr"), ("least-requests", "least_requests"),
+                      ("power-of-two", "power_of_two")):
+        if name not in table:
+            continue
+        x = table[name]
+        ok = [a and b for a, b in zip(x["all_completed_per_repeat"], ta["all_completed_per_repeat"],
+                                      strict=True)]
+        used = [i for i, good in enumerate(ok) if good]
+        out[f"{key}_repeats_used"] = len(used)
+        for field, per in (("mean_e2e", "mean_e2e_per_repeat"), ("mean_ttft", "mean_ttft_per_repeat"),
+                           ("p99_e2e", "p99_e2e_per_repeat")):
+            out[f"{key}_over_token_aware_{field}"] = (
+                float(np.mean([x[per][i] for i in used]) / np.mean([ta[per][i] for i in used]))
+                if used else None)
+        out[f"{key}_over_token_aware_mean_e2e_per_repeat"] = [
+            x["mean_e2e_per_repeat"][i] / ta["mean_e2e_per_repeat"][i] if good else None
+            for i, good in enumerate(ok)]
+    return out
+
+
+def real_bars(table: dict[str, dict], ratios: dict[str, Any], complete: bool) -> dict[str, Any]:
+    """The issue's real-replica bars: only from runs in which every request of every repeat finished."""
+    get = (lambda k: ratios.get(k)) if complete else (lambda k: None)
+    bars = {"rr_over_token_aware_mean_e2e_real": get("rr_over_token_aware_mean_e2e"),
+            "least_requests_over_token_aware_mean_e2e_real": get("least_requests_over_token_aware_mean_e2e"),
+            "least_requests_over_token_aware_p99_e2e_real": get("least_requests_over_token_aware_p99_e2e"),
+            "every_request_finished": complete}
+    if complete:
+        ta = table["token-aware"]["mean_e2e"]
+        bars["token_aware_best"] = all(r["mean_e2e"] >= ta for r in table.values())
+    return bars
+
+
+def carry_over(earlier: dict, doc: dict) -> dict:
+    """This run's document, with the earlier file's `history` (and its real-replica run, if it was one,
+    appended to it), its simulator section and its simulator bars (keys naming sim) kept."""
+    history = list(earlier.get("history", []))
+    if "table" in earlier:  # the earlier top level was a real-replica run
+        history.append({k: v for k, v in earlier.items() if k not in ("history", "sim8_replay")})
+    bars = {k: v for k, v in earlier.get("bars", {}).items() if "sim" in k}
+    out = {**doc, "bars": {**bars, **doc["bars"]}, "history": history}
+    if "sim8_replay" in earlier:
+        out["sim8_replay"] = earlier["sim8_replay"]
+    return out
+
+
 # --- main ------------------------------------------------------------------------------------------
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="GGUF / HF dir / named shape; default: embedded SmolLM2")
     p.add_argument("--probe", default=None, help="probe directory (default: the shipped one); 'none': off")
     p.add_argument("--mock", action="store_true", help="mock engines (fake tokens, no model): a smoke test")
+    p.add_argument("--replay", default=None, help="replay set (.npz): requests carry their recorded answers")
+    p.add_argument("--split", default="bench", help="replay split (never the probe's training split)")
+    p.add_argument("--max-answer-tokens", type=int, default=0,
+                   help="cut replayed answers to this many tokens (0: up to --max-output; CPU smoke runs)")
+    p.add_argument("--mem-fraction", type=float, default=0.0,
+                   help="XLA_PYTHON_CLIENT_MEM_FRACTION of each replica (replicas sharing a GPU: --gpus 0,0)")
     p.add_argument("--mock-step-delay", type=float, default=0.005)
     p.add_argument("--gpus", default="", help="comma list: replica i runs with CUDA_VISIBLE_DEVICES=gpus[i]")
     p.add_argument("--replicas", type=int, default=2)
@@ -299,9 +390,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--gpus names {len(a.gpus.split(','))} devices for {a.replicas} replicas")
     command = "python benchmarks/routing.py " + " ".join(sys.argv[1:] if argv is None else argv)
     log_dir = Path(tempfile.mkdtemp(prefix="jtrail_routing_"))  # process logs (their tails show on failure)
-    pool = load_pool(a)
+    answers: list[np.ndarray] | None = None
+    if a.replay:
+        pool, answers = load_replay_pool(a)  # type: ignore[assignment]
+    else:
+        pool = load_pool(a)
     if not pool:
-        raise SystemExit(f"no prompt of at most {a.max_prompt_tokens} tokens in {a.prompts}")
+        raise SystemExit(f"no prompt of at most {a.max_prompt_tokens} tokens in {a.replay or a.prompts}")
     log(f"{len(pool)} prompts; starting {a.replicas} replicas")
     reps: list[Proc] = []
     router: Proc | None = None
@@ -330,8 +425,12 @@ def main(argv: list[str] | None = None) -> int:
         drive_grpc(router.target, warm, timeout_s=a.run_timeout)
         log("warm-up done (every prompt prefilled once)")
         drain(targets, 60.0)
-        prof = Workload(pool, np.zeros(n_pool), np.full(n_pool, a.max_output), forced=False,
-                        request_ids=[f"prof{i}" for i in range(n_pool)])
+        if answers is not None:  # replay: every pool request with its recorded answer, all at t=0
+            prof = Workload(pool, np.zeros(n_pool), np.zeros(n_pool), max_tokens=a.max_output,
+                            answers=answers, request_ids=[f"prof{i}" for i in range(n_pool)])
+        else:
+            prof = Workload(pool, np.zeros(n_pool), np.full(n_pool, a.max_output), forced=False,
+                            request_ids=[f"prof{i}" for i in range(n_pool)])
         res = drive_grpc(router.target, prof, timeout_s=a.run_timeout)
         ok = res.completed & (res.output_tokens > 0)
         fin = np.sort(res.finish[ok])
@@ -340,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             k = len(fin)
         capacity = float(k / fin[k - 1]) if len(fin) else float("nan")
         prompts = [p for p, good in zip(pool, ok, strict=True) if good]
+        kept = [ans for ans, good in zip(answers, ok, strict=True) if good] if answers is not None else None
         lengths = np.minimum(res.output_tokens[ok], a.max_output).astype(np.int64)
         router.stop()
         router = None
@@ -369,15 +469,22 @@ def main(argv: list[str] | None = None) -> int:
         # Forced lengths: ignore_eos, max_tokens = the profiled length (identical work for every policy).
         # --natural-eos instead sends max_tokens = --max-output and lets the model stop (no true length in
         # max_tokens, which caps the engine's length predictions; greedy decoding repeats the profile).
-        if a.natural_eos:
+        if kept is not None:
+            out_len = np.array([len(kept[i]) for i in pick], np.int64)
+        elif a.natural_eos:
             out_len = np.full(n, a.max_output)
         elif a.lengths == "sharegpt":
             out_len = lengths[:n]
         else:
             out_len = lengths[pick]
         expected_len = lengths[pick] if a.natural_eos else out_len  # what the requests generate
-        wl = Workload([prompts[i] for i in pick], arrival_times(n, rate, a.seed), out_len,
-                      forced=not a.natural_eos, request_ids=[f"r{i}" for i in range(n)])
+        if kept is not None:  # the nominal cap for every request: max_tokens leaks no length
+            wl = Workload([prompts[i] for i in pick], arrival_times(n, rate, a.seed), out_len,
+                          max_tokens=a.max_output, answers=[kept[i] for i in pick],
+                          request_ids=[f"r{i}" for i in range(n)])
+        else:
+            wl = Workload([prompts[i] for i in pick], arrival_times(n, rate, a.seed), out_len,
+                          forced=not a.natural_eos, request_ids=[f"r{i}" for i in range(n)])
         log(f"trace: {n} requests at {rate:.2f} req/s ({a.load:.0%} of capacity), "
             f"{per_policy:.0f} s per policy")
 
@@ -395,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
                 row["per_replica_finished"] = [x - y for x, y in zip(after, before, strict=True)]
                 row["drain_s_before"] = waited
                 runs[name].append(row)
+                if row["completed"] < n:
+                    log(f"{name} [{rep + 1}/{a.repeats}]: {n - row['completed']} of {n} requests unfinished "
+                        f"after {per_policy:.0f} s: this repeat gives no ratio")
                 log(f"{name:15s} [{rep + 1}/{a.repeats}] done {row['completed']}/{n}: mean E2E "
                     f"{row['mean_e2e']:.3f} s, p99 {row['p99_e2e']:.3f} s, "
                     f"mean TTFT {row['mean_ttft']:.3f} s, "
@@ -406,35 +516,29 @@ def main(argv: list[str] | None = None) -> int:
         for r in reps:
             r.stop()
 
-    ta = table["token-aware"]
-    ratios = {}
-    for name, key in (("round-robin", "rr"), ("least-requests", "least_requests"),
-                      ("power-of-two", "power_of_two")):
-        if name in table:
-            ratios[f"{key}_over_token_aware_mean_e2e"] = table[name]["mean_e2e"] / ta["mean_e2e"]
-            ratios[f"{key}_over_token_aware_mean_ttft"] = table[name]["mean_ttft"] / ta["mean_ttft"]
-            per = zip(table[name]["mean_e2e_per_repeat"], ta["mean_e2e_per_repeat"], strict=True)
-            ratios[f"{key}_over_token_aware_mean_e2e_per_repeat"] = [x / y for x, y in per]
+    ratios = ratio_table(table)
     complete = all(r["completed"] == r["requests"] for r in table.values())
+    ta = table["token-aware"]
     doc = {
         "command": command, "device": device_name(a),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "git_commit": git_commit(),
         "config": {k: v for k, v in vars(a).items() if k != "out"},
-        "workload": {"prompts": a.prompts, "pool_profiled": len(pool), "usable": len(prompts),
-                     "mode": "natural EOS (greedy, max_tokens = max_output)" if a.natural_eos
+        "workload": {"prompts": f"replay {a.replay} split {a.split}" if a.replay else a.prompts,
+                     "pool_profiled": len(pool), "usable": len(prompts),
+                     "mode": "replay (recorded answers, forced_output_ids; max_tokens = max_output)"
+                     if a.replay else "natural EOS (greedy, max_tokens = max_output)" if a.natural_eos
                      else "forced lengths (ShareGPT answer lengths, capped)" if a.lengths == "sharegpt"
                      else "forced lengths (natural-EOS greedy profile, capped)",
                      "output_len_mean": float(expected_len.mean()),
                      "output_len_p50": float(np.median(expected_len)),
                      "requests": n, "rate_req_s": rate},
         "capacity_req_s": capacity, "table": table, "ratios": ratios, "all_completed": complete,
-        "bars": {"rr_over_token_aware_mean_e2e_real2": ratios.get("rr_over_token_aware_mean_e2e"),
-                 "least_requests_over_token_aware_mean_e2e_real2":
-                     ratios.get("least_requests_over_token_aware_mean_e2e"),
-                 "token_aware_best": all(table[r]["mean_e2e"] >= ta["mean_e2e"] for r in table)},
+        "bars": real_bars(table, ratios, complete),
     }
     out_path = Path(a.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    if out_path.exists():  # keep what the file holds besides this run: earlier runs, the simulator's bars
+        doc = carry_over(json.loads(out_path.read_text()), doc)
     out_path.write_text(json.dumps(doc, indent=2))
     if os.environ.get("OUT"):
         copy = Path(os.environ["OUT"]) / out_path.name
@@ -448,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {r['completed']}/{r['requests']} | {r['mean_e2e']:.3f} | {r['p50_e2e']:.3f} | "
               f"{r['p99_e2e']:.3f} | {r['mean_ttft']:.3f} | {r['p99_ttft']:.3f} | "
               f"{r['mean_e2e'] / ta['mean_e2e']:.3f} |")
-    print(f"-> {out_path}" + ("" if complete else "  (some requests did not finish: see the table)"))
+    print(f"-> {out_path}" + ("" if complete else "  (some requests did not finish: see the table; "
+                               "those repeats give no ratio and the bars are not set)"))
     return 0
 
 

@@ -146,10 +146,19 @@ def run_regime(
         t = time.perf_counter()
         res = drive_engine(eng, wl, timeout_s=args.run_timeout)
         s = summarize(res)
+        secs, rows = res.steps[:, 2], res.steps[:, 7]
+        stall = secs > 20 * np.median(secs)  # a compile or a pause, not the steady state
         s.update(
             compiles_during_run=float(sum(TRACE_COUNTS.values()) - compiled),
             wall_s=time.perf_counter() - t,
             probe_calls=float(getattr(eng, "probe_calls", 0)),
+            stalls=float(stall.sum()),
+            stall_s=float(secs[stall].sum()),
+            busy_s=float(secs.sum()),  # engine steps; wall_s - busy_s: the driver's own time and idling
+            mean_step_ms_full_batch=float(secs[rows >= rows.max()].mean() * 1e3)
+            if len(secs)
+            else float("nan"),
+            tokens_per_step=float(res.steps[:, 5].mean()) if len(secs) else float("nan"),
         )
         runs[label] = {"policy": label, "name": pname, "options": _jsonable(kw), **s, "_res": res}
         if rec is not None:

@@ -206,7 +206,7 @@ def routing_lengths(n: int, rng, max_prompt: int = 1024,
 
 
 def simulate_routed(trace: Trace, policy: str, sm: StepModel, res: Resources, router, poll_s: float = 0.0,
-                    **kw):
+                    router_sees_estimate: bool = True, **kw):
     """`simulate` with every replica's slot forecast (`EngineStats.slot_free_tokens`) given to a router
     that uses it, computed as the engine computes it (`router.replica_forecast`, prior = the replica's
     mean output length so far). Shim until `simulate` fills that field itself: it wraps the replicas
@@ -214,10 +214,13 @@ def simulate_routed(trace: Trace, policy: str, sm: StepModel, res: Resources, ro
 
     `poll_s` > 0: the router sees the replicas as `jtrail route` does, through snapshots refreshed every
     `poll_s` seconds of simulated time, each advanced by its own sends in between (`count_routed`);
-    0: fresh state at every arrival."""
+    0: fresh state at every arrival.
+
+    `router_sees_estimate` False: the router is not given the new request's length estimate (as
+    `jtrail route`, which runs no probe), though the replica that gets it does."""
     if not poll_s >= 0:
         raise ValueError(f"poll_s must be >= 0 seconds, got {poll_s}")
-    if not getattr(router, "uses_forecast", False) and poll_s <= 0:
+    if not getattr(router, "uses_forecast", False) and poll_s <= 0 and router_sees_estimate:
         return simulate(trace, policy, sm, res, router=router, **kw)
     from jtrail.serving.grpc_router import count_routed
 
@@ -249,7 +252,8 @@ def simulate_routed(trace: Trace, policy: str, sm: StepModel, res: Resources, ro
                                                                getattr(r.policy, "counts_down", False))
                 snap["stats"] = [dataclasses.replace(st) for st in stats]
                 snap["next_poll"] = t + poll_s
-            k = router.choose(snap["stats"], prompt_tokens, predicted_tokens)
+            est = predicted_tokens if router_sees_estimate else None
+            k = router.choose(snap["stats"], prompt_tokens, est)
             if poll_s > 0:
                 snap["stats"][k] = count_routed(snap["stats"][k], prompt_tokens, FORECAST_PRIOR_TOKENS)
             return k

@@ -10,6 +10,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from jtrail import __version__
+from jtrail.help_format import Parser
 from jtrail.probe_cli import add_train_probe
 from jtrail.serve import add_client, add_route, add_serve
 
@@ -92,10 +94,9 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="jtrail", description="JAX LLM serving with length-aware scheduling"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="jtrail", description="JAX LLM serving with length-aware scheduling")
+    parser.add_argument("--version", action="version", version=f"jtrail {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for add in COMMANDS:
         add(sub)
     return parser

@@ -7,7 +7,9 @@ runs); `backend="simple"` selects the contiguous-cache batched generator of `jtr
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -17,7 +19,9 @@ import jax.numpy as jnp
 from jtrail.models.generate import GenerationResult, Generator
 from jtrail.models.loader import LoadedModel, load_model
 from jtrail.serving.chat import check_messages
+from jtrail.serving.outputs import final_text
 from jtrail.serving.sequence import FinishReason, InvalidRequestError, SamplingParams
+from jtrail.serving.sequence import Sequence as SeqState
 
 Message = dict[str, str]
 
@@ -58,21 +62,45 @@ class EngineBackend:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
                  progress: bool = True) -> list[GenerationResult]:
-        seqs = self.engine.generate_batch([list(p) for p in prompts], list(params), progress=progress)
-        eos = set(self.engine.model_cfg.eos_ids)
-        out = []
-        for seq in seqs:
-            shown = seq.output_ids
-            if seq.finish_reason is FinishReason.STOP and shown and (
-                    shown[-1] in seq.params.stop_token_ids or shown[-1] in eos):
-                shown = shown[:-1]  # a stop token is counted but not shown
-            text = self.tokenizer.decode(shown)
-            cut = seq.params.stop_index(text)
-            if cut is not None:  # the engine stops at a stop string; the answer ends before it (vLLM)
-                text = text[:cut]
-            reason = seq.finish_reason.value if seq.finish_reason else "length"
-            out.append(GenerationResult(list(seq.output_ids), text, reason, seq.num_prompt_tokens))
-        return out
+        seqs = generate_batch(self.engine, [list(p) for p in prompts], list(params), progress=progress)
+        eos = tuple(self.engine.model_cfg.eos_ids)
+        return [GenerationResult(list(s.output_ids), final_text(s, self.tokenizer.decode, eos),
+                                 s.finish_reason.value if s.finish_reason else "length", s.num_prompt_tokens)
+                for s in seqs]
+
+
+def generate_batch(engine, prompt_ids_list: list[list[int]],
+                   params_list: SamplingParams | list[SamplingParams] | None = None,
+                   progress: bool = True) -> list[SeqState]:
+    """Run every prompt to completion on `engine` (an LLMEngine); the finished Sequences in input order."""
+    if params_list is None or isinstance(params_list, SamplingParams):
+        params_list = [params_list or SamplingParams()] * len(prompt_ids_list)
+    if len(params_list) != len(prompt_ids_list):
+        raise InvalidRequestError("params", "need one SamplingParams per prompt")
+    base = f"batch{time.monotonic_ns()}-"
+    seqs: list[SeqState] = []
+    bar = None
+    try:
+        for i, (p, sp) in enumerate(zip(prompt_ids_list, params_list, strict=True)):
+            seqs.append(engine.add_request(f"{base}{i}", p, sp))
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(seqs), desc="generate", unit="req")
+        while any(not s.is_finished for s in seqs):
+            n_done = sum(o.finished for o in engine.step())
+            if bar is not None:
+                bar.update(n_done)
+    except BaseException:
+        # A failed call must not leave its requests in the engine: the next call would run them.
+        for s in seqs:
+            with contextlib.suppress(Exception):  # keep the original error
+                engine.abort(s.request_id)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return seqs
 
 
 class LLM:
@@ -86,6 +114,8 @@ class LLM:
         backend: Backend | str = "engine",
         progress: bool = True,
     ):
+        if isinstance(backend, str) and backend not in ("engine", "simple"):  # before the slow load
+            raise InvalidRequestError("backend", f"unknown backend {backend!r}; use 'engine' or 'simple'")
         self.loaded: LoadedModel = load_model(model, dtype=dtype, progress=progress)
         self.cfg = self.loaded.cfg
         self.tokenizer = self.loaded.tokenizer
@@ -93,8 +123,6 @@ class LLM:
             backend = EngineBackend(self.loaded, max_batch=max_batch)
         elif backend == "simple":
             backend = Generator(self.loaded.model, self.tokenizer, max_batch=max_batch)
-        elif isinstance(backend, str):
-            raise InvalidRequestError("backend", f"unknown backend {backend!r}; use 'engine' or 'simple'")
         self.backend: Backend = backend
         self.progress = progress
 

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -34,7 +38,7 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 def _command(args: argparse.Namespace) -> str:
     """The full command line, every option spelled out (recorded in probe.json and the probe's meta)."""
     parts = ["jtrail", "train-probe"]
-    skip = {"func", "command", "export_prompts"}
+    skip = {"func", "command", "export_prompts", "workdir", "allow_degenerate"}
     if args.replay is not None:  # options of natural generation only
         skip |= {"dataset", "gen_batch", "chat", "val_fraction"}
     for key, val in sorted(vars(args).items()):
@@ -52,16 +56,25 @@ def _command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
+def default_workdir() -> Path:
+    """A fresh scratch directory (created on first write) for the outputs not given explicitly."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(tempfile.gettempdir()) / f"jtrail-train-probe-{stamp}-{os.getpid()}"
+
+
 def _resolve_defaults(args: argparse.Namespace) -> None:
-    """Mode-dependent defaults. Replay mode never writes a probe unless --out is given (the shipped
-    assets are only replaced on purpose) and reports to probe_replay.json."""
+    """Mode-dependent defaults. Outputs not given go to a scratch --workdir: a default never replaces
+    the shipped probes (jtrail/assets/) or the recorded results (benchmarks/results/); those are
+    written only when named. Replay mode writes no probe unless --out is given."""
     replay = args.replay is not None
+    work = Path(args.workdir) if args.workdir else default_workdir()
+    args.workdir = str(work)
     if args.out is None and not replay:
-        args.out = "jtrail/assets/probe"
+        args.out = str(work / "probe")
     if args.results is None:
-        args.results = "benchmarks/results/probe_replay.json" if replay else "benchmarks/results/probe.json"
+        args.results = str(work / ("probe_replay.json" if replay else "probe.json"))
     if args.plot is None:
-        args.plot = f"benchmarks/results/probe{'_replay' if replay else ''}_mae.png"
+        args.plot = str(work / f"probe{'_replay' if replay else ''}_mae.png")
     if args.max_new_tokens is None:
         args.max_new_tokens = 1024 if replay else 512
     if args.num_prompts is None:
@@ -70,12 +83,37 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
         args.bins = ["equal:10:1024", "log:10:1024"] if replay else ["equal:10:512"]
 
 
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Files and sizes, checked before any model loads or any answer is generated."""
+    from jtrail.datasets import DatasetError, prompt_texts
+    from jtrail.probe_checks import ProbeInputError, check_sizes, check_split
+
+    if args.from_features is not None:
+        if not Path(args.from_features).is_file():
+            raise ProbeInputError(f"--from-features {args.from_features!r}: no such file")
+        return  # no model, no generation: the cached features are checked when loaded
+    if args.replay is not None and not (args.features_cache and Path(args.features_cache).is_file()):
+        if not Path(args.replay).is_file():
+            raise ProbeInputError(f"--replay {args.replay!r}: no such file")
+    check_sizes(args.num_prompts, args.val_fraction, args.max_new_tokens, args.max_prompt_tokens,
+                args.gen_batch, args.token_budget)
+    if args.replay is None and args.dataset not in ("sharegpt", "mtbench"):
+        if not Path(args.dataset).is_file():
+            raise ProbeInputError(f"--dataset {args.dataset!r}: no such file (or use sharegpt, mtbench)")
+        try:
+            n = min(len(prompt_texts(args.dataset)), args.num_prompts)
+        except DatasetError as e:
+            raise ProbeInputError(f"--dataset {args.dataset!r}: {e}") from None
+        check_split(n, args.val_fraction, f"--dataset {args.dataset!r}: unique prompts")
+
+
 def _run_train_probe(args: argparse.Namespace) -> int:
+    _resolve_defaults(args)
+    _check_inputs(args)  # everything that can fail before the model loads (and before JAX imports)
     from jtrail.probe_data import FeatureCacheError
     from jtrail.probe_pipeline import DataOptions, run
     from jtrail.train_probe import ProbeTrainingError, TrainOptions, parse_bins
 
-    _resolve_defaults(args)
     for spec in args.bins:
         parse_bins(spec)
     if len(args.bins) > 1 and args.replay is None:
@@ -99,7 +137,8 @@ def _run_train_probe(args: argparse.Namespace) -> int:
                                   token_budget=args.token_budget)
             doc = run_replay(ropts, opts, tuple(args.bins), args.out, args.results, args.plot, cache,
                              _command(args), progress=not args.quiet,
-                             require_cache=args.from_features is not None, train_layers=layers)
+                             require_cache=args.from_features is not None, train_layers=layers,
+                             allow_degenerate=args.allow_degenerate)
         else:
             data = DataOptions(model=args.model, dataset=args.dataset, num_prompts=args.num_prompts,
                                max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
@@ -114,12 +153,13 @@ def _run_train_probe(args: argparse.Namespace) -> int:
                 return 0
             doc = run(data, opts, args.out, args.results, args.plot, cache, _command(args),
                       progress=not args.quiet, require_cache=args.from_features is not None,
-                      train_layers=layers)
+                      train_layers=layers, allow_degenerate=args.allow_degenerate)
     except (DatasetError, ProbeFileError, FeatureCacheError) as e:
         print(f"jtrail train-probe: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     b = doc["bars"]
-    print(json.dumps({"bars": b, "ratios": doc["ratios"], "probe_dir": doc.get("probe_dir")}, indent=2))
+    print(json.dumps({"bars": b, "ratios": doc["ratios"], "probe_dir": doc.get("probe_dir"),
+                      "results": args.results, "plot": args.plot}, indent=2))
     return 0
 
 
@@ -145,12 +185,19 @@ def add_train_probe(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bins", nargs="+", default=None,
                    help="equal:K:MAX | log:K:MAX | edges:0,a,b,... (default equal:10:512); with --replay "
                         "several specs are compared on 'tune' (default: equal:10:1024 log:10:1024)")
-    p.add_argument("--out", default=None, help="directory for the best probe (default jtrail/assets/probe; "
+    p.add_argument("--workdir", default=None,
+                   help="scratch directory for the outputs not given below (default: a fresh "
+                        "$TMPDIR/jtrail-train-probe-DATE-PID); shipped probes and recorded results are "
+                        "replaced only when named explicitly, e.g. --out jtrail/assets/probe")
+    p.add_argument("--out", default=None, help="directory for the best probe (default WORKDIR/probe; "
                                                "with --replay: not saved unless given)")
     p.add_argument("--results", default=None,
-                   help="results JSON (default benchmarks/results/probe.json, or probe_replay.json)")
+                   help="results JSON (default WORKDIR/probe.json, or probe_replay.json)")
     p.add_argument("--plot", default=None,
-                   help="MAE plot (default benchmarks/results/probe_mae.png, or probe_replay_mae.png)")
+                   help="MAE plot (default WORKDIR/probe_mae.png, or probe_replay_mae.png)")
+    p.add_argument("--allow-degenerate", action="store_true",
+                   help="accept a run with no finished answer, equal lengths or MAE 0 (smoke tests only; "
+                        "the reasons are recorded in the results)")
     p.add_argument("--features-cache", default=None, help=".npz of features: reused if present, else written")
     p.add_argument("--from-features", default=None, help="train only from this existing .npz (no model)")
     p.add_argument("--epochs", type=int, default=4)

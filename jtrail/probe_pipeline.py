@@ -20,6 +20,7 @@ import numpy as np
 
 from jtrail import datasets
 from jtrail.models.probe_io import probe_config_to_dict, save_probe
+from jtrail.probe_checks import check_split, degenerate_data, degenerate_metrics, raise_if_degenerate
 from jtrail.probe_data import FeatureCacheError, ProbeFeatures, collect_features, generate_greedy
 from jtrail.probe_eval import plot_curves
 from jtrail.provenance import git_commit
@@ -66,9 +67,10 @@ def tokenize_prompts(tokenizer: Any, texts: Sequence[str], chat: bool, max_promp
     return out
 
 
-def build_features(opts: DataOptions, progress: bool = True, prompts: list[list[int]] | None = None
-                   ) -> tuple[ProbeFeatures, dict[str, Any]]:
-    """Load the model, generate greedy answers and collect per-layer features."""
+def build_features(opts: DataOptions, progress: bool = True, prompts: list[list[int]] | None = None,
+                   val_fraction: float | None = None) -> tuple[ProbeFeatures, dict[str, Any]]:
+    """Load the model, generate greedy answers and collect per-layer features. With `val_fraction`,
+    too few usable prompts for the train/validation split fail before generation, not after."""
     import jax.numpy as jnp
 
     from jtrail.models.loader import load_model
@@ -85,6 +87,8 @@ def build_features(opts: DataOptions, progress: bool = True, prompts: list[list[
                                    opts.max_prompt_tokens, opts.num_prompts)
     if len(prompts) < 2:
         raise ValueError(f"only {len(prompts)} usable prompts (max_prompt_tokens={opts.max_prompt_tokens})")
+    if val_fraction is not None:
+        check_split(len(prompts), val_fraction, f"usable prompts (<= {opts.max_prompt_tokens} tokens):")
     eos = tuple(dict.fromkeys([*loaded.cfg.eos_ids, *getattr(loaded.tokenizer, "eos_ids", ())]))
     t1 = time.perf_counter()
     answers, finished = generate_greedy(loaded.model, prompts, opts.max_new_tokens, eos, opts.gen_batch,
@@ -147,10 +151,12 @@ def write_outputs(results: dict[int, LayerResult], data: dict[str, Any], info: d
 def run(data_opts: DataOptions, train_opts: TrainOptions, out_dir: str | Path | None,
         results_path: str | Path | None, plot_path: str | Path | None, features_cache: str | Path | None,
         command: str, progress: bool = True, require_cache: bool = False,
-        prompts: list[list[int]] | None = None, train_layers: tuple[int, ...] | None = None
-        ) -> dict[str, Any]:
+        prompts: list[list[int]] | None = None, train_layers: tuple[int, ...] | None = None,
+        allow_degenerate: bool = False) -> dict[str, Any]:
     """The whole pipeline. With an existing `features_cache` the model is never loaded; `train_layers`
-    (default: every collected layer) picks which cached layers to train."""
+    (default: every collected layer) picks which cached layers to train. A degenerate run (no answer
+    finished, equal lengths, MAE 0) raises DegenerateProbeRunError before anything is written (the
+    features cache excepted), unless `allow_degenerate`: then the reasons are recorded in the results."""
     cache = Path(features_cache) if features_cache is not None else None
     if cache is not None and (cache.is_file() or require_cache):
         feats = ProbeFeatures.load(cache)
@@ -159,15 +165,21 @@ def run(data_opts: DataOptions, train_opts: TrainOptions, out_dir: str | Path | 
         if meta_path.is_file():  # model/timing info written next to the cache when it was built
             info.update(json.loads(meta_path.read_text()))
     else:
-        feats, info = build_features(data_opts, progress, prompts)
+        feats, info = build_features(data_opts, progress, prompts, train_opts.val_fraction)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             feats.save(cache)
             cache.with_suffix(".json").write_text(json.dumps(info, indent=2))
     if feats.request_split is not None:  # a random split would mix bench conversations into training
         raise FeatureCacheError(f"{cache} holds replay features (train/tune/bench splits): pass --replay")
+    reasons = degenerate_data(feats.output_lengths, feats.finished, feats.max_new_tokens)
+    raise_if_degenerate(reasons, allow_degenerate)
     layers = tuple(train_layers) if train_layers else feats.layers
     t0 = time.perf_counter()
     results, data = train_and_evaluate(feats, train_opts, layers, progress)
     info = {**info, "train_eval_s": time.perf_counter() - t0}
+    reasons += degenerate_metrics(results[best_layer(results)].eval.metrics)
+    raise_if_degenerate(reasons, allow_degenerate)
+    if reasons:
+        info["degenerate"] = reasons
     return write_outputs(results, data, info, train_opts, out_dir, results_path, plot_path, command)

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from jtrail.models.probe_io import probe_config_to_dict, save_probe
+from jtrail.probe_checks import degenerate_data, raise_if_degenerate
 from jtrail.probe_data import FeatureCacheError, ProbeFeatures, collect_features
 from jtrail.probe_eval import LayerEval, plot_curves
 from jtrail.provenance import git_commit
@@ -218,8 +219,10 @@ def run_replay(ropts: ReplayOptions, opts: TrainOptions, bins_specs: tuple[str, 
                out_dir: str | Path | None, results_path: str | Path | None, plot_path: str | Path | None,
                features_cache: str | Path | None, command: str, progress: bool = True,
                require_cache: bool = False, train_layers: tuple[int, ...] | None = None,
-               replay: ReplaySet | None = None) -> dict[str, Any]:
-    """The whole replay pipeline; with an existing `features_cache` the model is never loaded."""
+               replay: ReplaySet | None = None, allow_degenerate: bool = False) -> dict[str, Any]:
+    """The whole replay pipeline; with an existing `features_cache` the model is never loaded. Replayed
+    answers that all hit the cap, or all have one length, raise DegenerateProbeRunError (unless
+    `allow_degenerate`)."""
     cache = Path(features_cache) if features_cache is not None else None
     if cache is not None and (cache.is_file() or require_cache):
         feats = ProbeFeatures.load(cache)
@@ -232,6 +235,10 @@ def run_replay(ropts: ReplayOptions, opts: TrainOptions, bins_specs: tuple[str, 
             cache.parent.mkdir(parents=True, exist_ok=True)
             feats.save(cache)
             cache.with_suffix(".json").write_text(json.dumps(info, indent=2))
+    reasons = degenerate_data(feats.output_lengths, feats.finished, feats.max_new_tokens)
+    raise_if_degenerate(reasons, allow_degenerate)
+    if reasons:
+        info["degenerate"] = reasons
     t0 = time.perf_counter()
     choices, per_bins, data = train_replay(feats, opts, bins_specs, train_layers, progress)
     info = {**info, "train_eval_s": time.perf_counter() - t0}

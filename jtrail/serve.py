@@ -52,7 +52,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "benchmarks/results/tune_preemption.json)")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode tokens per jitted call (higher: less host overhead, chunkier streams)")
-    p.add_argument("--mock", action="store_true", help="serve fake tokens with no model (for tests)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="report ready before compiling (the first requests then wait for XLA)")
+    p.add_argument("--mock", action="store_true", help="the engine over a fake runner (no model)")
     p.add_argument("--mock-step-delay", type=float, default=0.002, help="mock engine seconds per step")
 
 
@@ -72,11 +74,15 @@ def check_policy(name: str) -> None:
 
 def build_engine(args: argparse.Namespace) -> AsyncEngine:
     if args.mock:
-        from jtrail.serving.mock_engine import MockEngine, MockEngineConfig
+        from jtrail.serving.fake_runner import mock_engine
+        from jtrail.serving.scheduler.registry import make_policy
 
-        return MockEngine(MockEngineConfig(
-            num_slots=args.slots, num_pages=args.pages, page_size=args.page_size, max_queue=args.max_queue,
-            step_delay_s=args.mock_step_delay, max_context=args.max_context, policy=args.policy))
+        # the real engine and policy over a fake runner (no model; fake probe = exact lengths)
+        opts = {"aging": args.aging} if args.policy in ("trail", "gittins", "srpt-oracle") else {}
+        return mock_engine(num_slots=args.slots, num_pages=args.pages, page_size=args.page_size,
+                           max_queue=args.max_queue, step_delay_s=args.mock_step_delay,
+                           max_context=args.max_context, policy=make_policy(args.policy, **opts),
+                           decode_steps=args.decode_steps)
     return build_real_engine(args)
 
 
@@ -101,6 +107,10 @@ def build_real_engine(args: argparse.Namespace) -> AsyncEngine:
                        max_queue=args.max_queue,
                        decode_steps_per_call=args.decode_steps, tensor_parallel=args.tensor_parallel)
     engine = LLMEngine(loaded.model, loaded.tokenizer, cfg, probe=probe, predictor=predictor)
+    if not args.no_warmup:  # compile every prefill shape and the decode step before "serving"
+        from jtrail.warmup import warm_up
+
+        warm_up(engine)
     return AsyncLLMEngine(engine, model_name=loaded.cfg.name)
 
 
@@ -170,8 +180,12 @@ async def _serve(args: argparse.Namespace) -> BaseException | None:
         grpc_addr = f"{args.host}:{grpc_server.port}" if grpc_server else "-"
         http_addr = http.address if http else "-"
         mport = grpc_server.metrics_port if grpc_server else args.metrics_port
-        log.info("gRPC (jtrail.v1) on %s; OpenAI-compatible HTTP on %s", grpc_addr,
-                 f"http://{http_addr}/v1" if http else "-")
+        from jtrail.warmup import banner
+
+        for line in banner(engine, {"gRPC (jtrail.v1)": grpc_addr,
+                                    "OpenAI-compatible HTTP": f"http://{http_addr}/v1" if http else "-",
+                                    "metrics": f"http://{args.host}:{mport}/metrics" if mport else "-"}):
+            log.info("%s", line)
         # one parseable line: scripts and tests wait for it
         print(f"jtrail: serving on {grpc_addr} metrics_port={mport} http={http_addr}", flush=True)
         await stop.wait()
@@ -189,6 +203,8 @@ async def _serve(args: argparse.Namespace) -> BaseException | None:
 
 def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # JAX's backend probing logs "Unable to initialize backend 'tpu'" at INFO on every machine without one
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     try:
         check_policy(args.policy)
         if args.no_http and args.no_grpc:
@@ -197,6 +213,9 @@ def run_serve(args: argparse.Namespace) -> int:
                      "decode_steps"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        from jtrail.preflight import check_serve_args
+
+        check_serve_args(args)  # ports, host, probe, devices: before the model loads
         fatal = asyncio.run(_serve(args))
         if fatal is not None:  # non-zero, so that a supervisor restarts the server
             print(f"jtrail serve: error: the engine stopped: {fatal!r}", file=sys.stderr)
@@ -263,7 +282,9 @@ def add_client(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="jtrail serve", description="Run the jtrail server (gRPC + HTTP).")
+    from jtrail.help_format import Parser
+
+    p = Parser(prog="jtrail serve", description="Run the jtrail server (gRPC + HTTP).")
     add_serve_args(p)
     return run_serve(p.parse_args(argv))
 

@@ -83,9 +83,13 @@ def split_requests(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, 
 
 @functools.lru_cache(maxsize=16)
 def _optimizer(lr: float, weight_decay: float, total: int) -> optax.GradientTransformation:
-    """AdamW + warmup-cosine; cached so equal settings give the same (hashable, static) object."""
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, min(200, total // 20)), total,
-                                               end_value=lr * 0.02)
+    """AdamW + warmup-cosine; cached so equal settings give the same (hashable, static) object. Optax
+    needs a decay phase after the warm-up (decay_steps > warmup_steps): a run of one step trains at
+    constant `lr`, and the warm-up never takes every step."""
+    if total < 2:
+        return optax.adamw(lr, weight_decay=weight_decay)
+    warmup = min(max(1, min(200, total // 20)), total - 1)
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total, end_value=lr * 0.02)
     return optax.adamw(sched, weight_decay=weight_decay)
 
 

@@ -200,7 +200,8 @@ class AsyncLLMEngine:
                 raise
             # the step's requests: those that ran, were admitted, or got output (maybe finished)
             # in it; an output the failed step did not return would leave its stream waiting
-            rids = sorted(before | {s.request_id for s in self.engine.running} | set(self.engine._outs)
+            ran = before | {s.request_id for s in self.engine.running} | self.engine.pending_output_ids()
+            rids = sorted(ran
                           # nothing ran: the step failed on the waiting ones (e.g. a probe prefill)
                           or {s.request_id for s in self.engine.waiting})
             log.exception("engine step failed; failing the requests it ran: %s", rids)

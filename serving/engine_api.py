@@ -1,7 +1,8 @@
 """The narrow engine API the gRPC server, the router and the benchmarks talk to (JetStream style).
 
 `AsyncEngine` is implemented by the real engine (`async_engine.AsyncLLMEngine`) and by
-`mock_engine.MockEngine`, which lets the server and router be tested with no model.
+the same engine over `fake_runner.FakeRunner` (`fake_runner.mock_engine`), which lets the server
+and router be tested with no model.
 """
 
 from __future__ import annotations

@@ -336,7 +336,8 @@ class _Live:
             return
         self._observed = True
         self.door.metrics.observe_request(
-            RequestTiming(self.arrival, self.first_token, time.monotonic(), self.completion_tokens),
+            RequestTiming(self.arrival, self.first_token, time.monotonic(), self.completion_tokens, self.rid,
+                          self.prompt_tokens),
             reason.value)
 
     def _usage(self) -> api.Usage:

@@ -9,6 +9,7 @@ engine state.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -16,6 +17,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import start_http_server
 
 from .engine_api import EngineStats
+
+# One line per finished request (as vLLM logs them); silence with logging.getLogger("jtrail.requests")
+request_log = logging.getLogger("jtrail.requests")
 
 # Seconds; spans sub-ms mock steps up to multi-minute long generations.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -31,6 +35,8 @@ class RequestTiming:
     first_token: float | None
     finish: float
     output_tokens: int
+    request_id: str = ""
+    prompt_tokens: int | None = None
 
 
 class ServerMetrics:
@@ -58,6 +64,11 @@ class ServerMetrics:
         self._http_thread: threading.Thread | None = None
 
     def observe_request(self, t: RequestTiming, reason: str) -> None:
+        """Record a finished request, and log it as one INFO line (both front doors end here)."""
+        ttft = f"{(t.first_token - t.arrival) * 1e3:.0f}ms" if t.first_token is not None else "-"
+        request_log.info("request %s finished: %s; prompt %s tokens, output %d tokens; TTFT %s, E2E %.0fms",
+                         t.request_id or "-", reason, "-" if t.prompt_tokens is None else t.prompt_tokens,
+                         t.output_tokens, ttft, (t.finish - t.arrival) * 1e3)
         self.finished.labels(reason=reason).inc()
         self.e2e.observe(t.finish - t.arrival)
         if t.first_token is not None:
@@ -80,7 +91,11 @@ class ServerMetrics:
 
     def start_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve /metrics on host:port (port 0 picks a free one); returns the bound port."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, thread = start_http_server(port, addr=host, registry=self.registry)
+        except (OSError, OverflowError) as e:  # busy, not an address here, or out of range
+            reason = getattr(e, "strerror", None) or str(e)
+            raise OSError(f"--metrics-port {port}: cannot serve metrics on {host}:{port}: {reason}") from None
         self._http, self._http_thread = server, thread
         return server.server_port
 

@@ -2,8 +2,9 @@
 
 The cache is a list (one per layer) of (k_pages, v_pages), each [Hkv, num_pages, page_size, D],
 donated through every jitted call so XLA updates it in place. Shapes are static: decode always runs
-all `num_slots` rows for `decode_steps` steps; prefill runs one sequence's chunk padded to a bucket
-length, so the number of compilations is 1 + len(prefill_buckets) (+ swap buckets, see swap.py). The
+all `num_slots` rows for `decode_steps` steps; prefill runs every chunk of the step in one packed
+call padded to one of at most len(prefill_buckets) capacities (batch.prefill_layout), so the number
+of compilations is 1 + len(prefill_buckets) (+ swap buckets, see swap.py). The
 jitted steps are module-level functions keyed on `StepStatics`, so engines share compiled code.
 
 Each call returns sampled tokens and, when a probe is loaded, the probe's bin probabilities computed
@@ -29,6 +30,10 @@ from ..models.llama import Llama
 from ..models.probe import ProbeHead
 from ..models.sampling import sample_tokens
 from ..models.sharding import kv_sharding, make_mesh, shard_attention_fn, shard_model  # [issue 8]
+from . import swap
+from .batch import SamplingRows, StepBatch, StepOutput, prefill_layout
+
+__all__ = ["ModelRunner", "SamplingRows", "PagedMeta", "make_paged_attention"]
 
 
 class PagedMeta(NamedTuple):
@@ -58,19 +63,6 @@ def make_paged_attention(impl: str):
         return out, (k_pages, v_pages)
 
     return paged_attention
-
-
-class SamplingRows(NamedTuple):
-    """Per-row sampling parameters; keys derive from (seed, index of the generated token), so a
-    request's draws depend neither on its batch neighbours nor on preemption."""
-
-    temperature: jax.Array  # [B] f32
-    top_p: jax.Array  # [B] f32
-    top_k: jax.Array  # [B] int32
-    seed: jax.Array  # [B] uint32
-    gen_index: jax.Array  # [B] int32: number of tokens generated before this draw
-    # [B, steps] int32: the token to emit at draw j instead of sampling (trace replay), -1 = sample
-    forced: jax.Array
 
 
 def _sample(logits: jax.Array, s: SamplingRows, offset: jax.Array | int = 0) -> jax.Array:
@@ -109,23 +101,27 @@ def _probe_probs(st: StepStatics, probe_state, h: jax.Array) -> jax.Array:
 
 
 @partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _prefill_step(st: StepStatics, state, caches, probe_state, tokens, positions, slot_mapping, block_table,
-                  q_len, n_prompt, tap_acc, samp: SamplingRows):
+def _prefill_packed(st: StepStatics, state, caches, probe_state, tokens, positions, slot_mapping,
+                    block_tables, q_lens, row_chunk, last_row, n_prompt, chunk_end, tap_in,
+                    samp: SamplingRows):
+    """Every prefill chunk of a step in one call. Rows [R, T] are consecutive T-token pieces of the
+    chunks (a chunk spans several rows; each layer writes all rows' K/V before attending, so a row
+    sees the rows before it). Per chunk c (up to R): the token after its last one is sampled from row
+    last_row[c]; the probe sees the running prompt-tap sum tap_in[c] plus this call's prompt tokens."""
     TRACE_COUNTS["prefill", st] += 1
     model = nnx.merge(st.graphdef, state)
-    meta = PagedMeta(slot_mapping, block_table, positions[:, 0], q_len)
+    meta = PagedMeta(slot_mapping, block_tables, positions[:, 0], q_lens)
     out = model(tokens, positions, caches, _attention(st), meta, tap_layer=st.probe_layer,
-                logits_index=jnp.maximum(q_len - 1, 0))
-    token = _sample(out.logits, samp)
-    probs = None
+                logits_index=jnp.maximum(q_lens - 1, 0))
+    token = _sample(out.logits[last_row], samp)
+    probs, tap_acc = None, tap_in
     if st.probe_layer is not None:
-        # Running sum over prompt tokens only (a resumed request re-prefills its outputs too).
         t = tokens.shape[1]
-        valid = (jnp.arange(t)[None, :] < q_len[:, None]) & (positions < n_prompt)
-        tap = jnp.where(valid[..., None], out.tap.astype(jnp.float32), 0.0)
-        tap_acc = tap_acc + jnp.sum(tap, axis=(0, 1))
-        count = jnp.maximum(jnp.minimum(positions[0, 0] + q_len[0], n_prompt), 1)
-        probs = _probe_probs(st, probe_state, tap_acc / count.astype(jnp.float32))
+        valid = (jnp.arange(t)[None, :] < q_lens[:, None]) & (positions < n_prompt[row_chunk][:, None])
+        rows = jnp.sum(jnp.where(valid[..., None], out.tap.astype(jnp.float32), 0.0), axis=1)
+        tap_acc = tap_in + jax.ops.segment_sum(rows, row_chunk, num_segments=tap_in.shape[0])
+        count = jnp.maximum(jnp.minimum(chunk_end, n_prompt), 1).astype(jnp.float32)
+        probs = _probe_probs(st, probe_state, tap_acc / count[:, None])
     return out.caches, token, probs, tap_acc
 
 
@@ -159,11 +155,30 @@ def _decode_steps(st: StepStatics, state, caches, probe_state, tokens, positions
     return caches, out_tokens, (out_probs if st.probe_layer is not None else None)
 
 
+def _pad_rows(samp: SamplingRows, r: int) -> SamplingRows:
+    """Pad every field to r rows: greedy, top_p 1, nothing forced (pad rows' tokens are dropped)."""
+    fills = (0.0, 1.0, 0, 0, 0, -1)
+    out = []
+    for a, fill in zip(samp, fills, strict=True):
+        a = np.asarray(a)
+        padded = np.full((r, *a.shape[1:]), fill, a.dtype)
+        padded[:len(a)] = a
+        out.append(padded)
+    return SamplingRows(*out)
+
+
 class ModelRunner:
     def __init__(self, model: Llama, *, num_slots: int, num_pages: int, page_size: int,
                  max_model_len: int, decode_steps: int = 1, kv_dtype: Any = None, impl: str = "auto",
-                 probe: ProbeHead | None = None, tensor_parallel: int = 1):
+                 probe: ProbeHead | None = None, tensor_parallel: int = 1,
+                 prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512),
+                 max_prefill_tokens: int | None = None):
         cfg = model.cfg
+        self.prefill_buckets = tuple(prefill_buckets)
+        # the packed prefill call: rows of prefill_row_tokens, total padded tokens one of these
+        self.prefill_row_tokens, self.prefill_capacities = prefill_layout(prefill_buckets, max_prefill_tokens)
+        self.has_probe = probe is not None
+        self.calls = 0  # device calls (prefill + decode), for the calls-per-step bound
         # [issue 8] tensor parallelism: weights and KV pages sharded over kv heads on a mesh of
         # `tensor_parallel` local devices; XLA partitions the jitted steps from these shardings.
         mesh = make_mesh(tensor_parallel) if tensor_parallel > 1 else None
@@ -196,26 +211,93 @@ class ModelRunner:
         """Compilations of this runner's steps (shared with runners of equal statics)."""
         return {k: TRACE_COUNTS[k, self.statics] for k in ("prefill", "decode")}
 
-    def prefill(self, tokens: list[int], start: int, bucket: int, n_prompt: int, block_table: list[int],
-                tap_acc: jax.Array | None, samp: SamplingRows):
-        """Compute KV for tokens at positions [start, start+len(tokens)) and sample the token after
-        the last one. Returns (token [1], probs [1, K] or None, tap_acc) as device arrays."""
-        n = len(tokens)
-        toks = np.zeros((1, bucket), np.int32)
-        toks[0, :n] = tokens
-        pos = np.arange(start, start + bucket, dtype=np.int32)[None]
-        bt = np.zeros((1, self.max_pages_per_seq), np.int32)
-        bt[0, :len(block_table)] = block_table
-        p = np.arange(start, start + n)
-        slots = np.full((bucket,), -1, np.int32)
-        slots[:n] = bt[0, p // self.page_size] * self.page_size + p % self.page_size
-        if tap_acc is None:
-            tap_acc = jnp.zeros((self.cfg.d_model,), jnp.float32)
-        self.caches, token, probs, tap_acc = _prefill_step(
-            self.statics, self.state, self.caches, self.probe_state, toks, pos, slots, bt,
-            np.array([n], np.int32), np.int32(n_prompt), tap_acc, samp)
-        return token, (probs[None] if probs is not None else None), tap_acc
+    # ---- the Runner interface (runner.py) ---------------------------------------------------
+    def execute(self, batch: StepBatch):
+        """Dispatch the step: all prefill chunks in one packed call, then the decode call; returns
+        device arrays (no sync)."""
+        pre = self._execute_prefills(batch) if batch.prefills else None
+        dec = None
+        if batch.decodes:
+            s_count = self.num_slots
+            tokens, positions, n_valid = (np.zeros(s_count, np.int32) for _ in range(3))
+            tables = np.zeros((s_count, self.max_pages_per_seq), np.int32)
+            for row in batch.decodes:
+                seq, b = row.seq, row.seq.slot
+                tokens[b], positions[b], n_valid[b] = seq.all_ids[-1], seq.num_tokens - 1, row.steps
+                tables[b, :len(seq.block_table)] = seq.block_table
+            dec = self.decode(tokens, positions, n_valid, tables, batch.decode_sampling)
+            self.calls += 1
+        return pre, dec
 
+    def fetch(self, handle) -> StepOutput:
+        pre, dec = handle
+        host_pre, host_dec = jax.device_get((pre[:2] if pre else None, dec))  # one sync per step
+        out = StepOutput()
+        if host_pre is not None:
+            out.prefill_tokens, out.prefill_probs, out.prefill_taps = host_pre[0], host_pre[1], pre[2]
+        if host_dec is not None:
+            out.decode_tokens = np.asarray(host_dec[0])
+            out.decode_probs = np.asarray(host_dec[1]) if host_dec[1] is not None else None
+        return out
+
+    def _execute_prefills(self, batch: StepBatch):
+        t_row = self.prefill_row_tokens
+        pieces = []  # (chunk index, start position, tokens)
+        for c, ch in enumerate(batch.prefills):
+            for k in range(0, len(ch.tokens), t_row):
+                pieces.append((c, ch.start + k, ch.tokens[k:k + t_row]))
+        need = len(pieces) * t_row
+        cap = next((b for b in self.prefill_capacities if b >= need), None)
+        if cap is None:
+            raise ValueError(f"{need} padded prefill tokens exceed the packed call's "
+                             f"{self.prefill_capacities[-1]}")
+        r, ps = cap // t_row, self.page_size
+        tokens, positions = np.zeros((r, t_row), np.int32), np.zeros((r, t_row), np.int32)
+        slots = np.full((r, t_row), -1, np.int32)
+        tables = np.zeros((r, self.max_pages_per_seq), np.int32)
+        q_lens, row_chunk = np.zeros(r, np.int32), np.zeros(r, np.int32)
+        last_row, n_prompt, chunk_end = (np.zeros(r, np.int32) for _ in range(3))
+        for i, (c, start, toks) in enumerate(pieces):
+            bt = batch.prefills[c].seq.block_table
+            n = len(toks)
+            tokens[i, :n], positions[i] = toks, np.arange(start, start + t_row)
+            tables[i, :len(bt)] = bt
+            p = np.arange(start, start + n)
+            slots[i, :n] = tables[i, p // ps] * ps + p % ps
+            q_lens[i], row_chunk[i], last_row[c] = n, c, i
+        for c, ch in enumerate(batch.prefills):
+            n_prompt[c], chunk_end[c] = ch.seq.num_prompt_tokens, ch.start + len(ch.tokens)
+        d = self.cfg.d_model
+        taps = [ch.tap for ch in batch.prefills]
+        if any(t is not None for t in taps):
+            zero = jnp.zeros((d,), jnp.float32)
+            tap_in = jnp.stack([t if t is not None else zero for t in taps] + [zero] * (r - len(taps)))
+        else:
+            tap_in = np.zeros((r, d), np.float32)
+        samp = _pad_rows(batch.prefill_sampling, r)
+        self.caches, token, probs, tap_acc = _prefill_packed(
+            self.statics, self.state, self.caches, self.probe_state, tokens, positions, slots.reshape(-1),
+            tables, q_lens, row_chunk, last_row, n_prompt, chunk_end, tap_in, samp)
+        self.calls += 1
+        n_chunks = len(batch.prefills)
+        return token[:n_chunks], (probs[:n_chunks] if probs is not None else None), tap_acc
+
+    def swap_out(self, pages: list[int]) -> swap.SwappedKV:
+        return swap.swap_out(self.caches, pages)
+
+    def swap_in(self, pages: list[int], saved: swap.SwappedKV) -> None:
+        self.caches = swap.swap_in(self.caches, pages, saved)
+
+    def warmup(self) -> None:
+        """Compile the decode step ahead of traffic (all rows empty: nothing is written)."""
+        s = self.num_slots
+        z = np.zeros(s, np.int32)
+        samp = SamplingRows(np.zeros(s, np.float32), np.ones(s, np.float32), z, z.astype(np.uint32), z,
+                            np.full((s, self.statics.decode_steps), -1, np.int32))
+        tables = np.zeros((s, self.max_pages_per_seq), np.int32)
+        jax.block_until_ready(self.decode(z, z, z, tables, samp))
+
+    # ---- the jitted steps ---------------------------------------------------------------------
     def decode(self, tokens: np.ndarray, positions: np.ndarray, n_valid: np.ndarray,
                block_tables: np.ndarray, samp: SamplingRows):
         """tokens/positions/n_valid [S]: the last token of each slot, its position, and how many steps

@@ -155,6 +155,9 @@ class FinishReason(enum.Enum):
     CANCELLED = "cancelled"
     ERROR = "error"
 
+    def __str__(self) -> str:  # prints as vLLM/OpenAI spell it: "stop", "length"
+        return self.value
+
 
 @dataclass(eq=False)
 class Sequence:

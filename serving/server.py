@@ -74,22 +74,37 @@ class JtrailServer:
         c = self.config
         if hasattr(self.engine, "on_fatal"):  # engines that can die report it (AsyncLLMEngine)
             self.engine.on_fatal = self._engine_died
-        await self.engine.start()
-        server = grpc.aio.server()
+        # Metrics first: a bad or busy --metrics-port fails before anything else is running.
+        if c.metrics_port is not None:
+            self.metrics_port = self.metrics.start_http(c.metrics_port, c.metrics_host or c.host)
+        try:
+            await self._start_grpc()
+        except BaseException:
+            self.metrics.stop_http()
+            raise
+
+    async def _start_grpc(self) -> None:
+        c = self.config
+        # SO_REUSEPORT off: gRPC sets it by default on Linux, so that a second server on a busy port
+        # would bind without error and split the traffic with the first.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         add_jtrail_servicer(
             self.servicer or JtrailServicer(self.engine, self.metrics, c.default_max_tokens, c.max_queue),
             server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
-        port = server.add_insecure_port(_address(c.host, c.port))
+        try:
+            port = server.add_insecure_port(_address(c.host, c.port))
+        except RuntimeError:  # grpcio raises "Failed to bind" (older versions return 0)
+            port = 0
         if port == 0:
-            raise OSError(f"cannot bind gRPC server to {_address(c.host, c.port)}")
+            raise OSError(f"--port {c.port}: cannot bind the gRPC server to {_address(c.host, c.port)} "
+                          "(in use, or not an address of this machine)")
+        await self.engine.start()
         await server.start()
         self._server, self.port = server, port
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if c.metrics_port is not None:
-            self.metrics_port = self.metrics.start_http(c.metrics_port, c.metrics_host or c.host)
         self._stats_task = asyncio.create_task(self._refresh_stats(), name="jtrail-stats")
         log.info("jtrail serving on %s (metrics port %s)", _address(c.host, port), self.metrics_port)
 

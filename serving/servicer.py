@@ -137,12 +137,13 @@ class JtrailServicer(pb_grpc.JtrailServicer):
         stream = self.engine.generate(request_id, prompt_ids, params, priority=request.priority)
         first_token: float | None = None
         n_out, reason = 0, FinishReason.CANCELLED
+        n_prompt: int | None = None
         error: tuple[grpc.StatusCode, str] | None = None
         try:
             async for out in stream:
                 if out.new_token_ids and first_token is None:
                     first_token = time.monotonic()
-                n_out = out.completion_tokens
+                n_out, n_prompt = out.completion_tokens, out.prompt_tokens
                 resp = pb.GenerateResponse(
                     request_id=request_id, token_ids=out.new_token_ids, text=out.new_text,
                     usage=pb.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens))
@@ -171,8 +172,8 @@ class JtrailServicer(pb_grpc.JtrailServicer):
             if aclose is not None:
                 await aclose()
             if error is None or first_token is not None:
-                self.metrics.observe_request(RequestTiming(arrival, first_token, time.monotonic(), n_out),
-                                             reason.value)
+                self.metrics.observe_request(RequestTiming(arrival, first_token, time.monotonic(), n_out,
+                                                           request_id, n_prompt), reason.value)
         if error is not None:
             await self._reject(context, *error)
 

@@ -38,9 +38,18 @@ FLOATS = st.one_of(st.floats(width=32, allow_nan=True, allow_infinity=True),
 
 @st.composite
 def requests(draw) -> bytes:
-    kind = draw(st.sampled_from(["message", "message", "message", "raw", "mutated"]))
+    kind = draw(st.sampled_from(["valid", "message", "message", "message", "raw", "mutated"]))
     if kind == "raw":  # wrong types at the wire level: arbitrary bytes
         return draw(st.binary(max_size=64))
+    if kind == "valid":  # in range everywhere (the server must serve these, whatever came before)
+        ok = pb.GenerateRequest(max_tokens=draw(st.integers(1, 8)), priority=draw(st.integers(-5, 5)),
+                                ignore_eos=draw(st.booleans()))
+        ok.token_ids.ids.extend(draw(st.lists(st.integers(0, 255), min_size=1, max_size=20)))
+        ok.sampling.temperature = draw(st.floats(0, 2))
+        ok.sampling.top_p = draw(st.floats(0.05, 1))
+        ok.sampling.top_k = draw(st.integers(0, 300))
+        ok.sampling.seed = draw(st.integers(0, 2**32 - 1))
+        return ok.SerializeToString()
     req = pb.GenerateRequest()
     prompt = draw(st.sampled_from(["text", "ids", "chat", "none"]))
     if prompt == "text":

@@ -14,8 +14,9 @@ from jtrail.client import AsyncClient, Client
 
 @pytest.fixture(scope="module")
 def smollm2_server() -> ServerProc:
-    sp = _launch("--slots", "4", "--pages", "256", "--max-context", "1024", "--max-queue", "64",
-                 timeout=240.0, mock=False)
+    # --no-warmup: these tests are not about start-up; warm-up is tested in test_warmup.py (tiny model)
+    sp = _launch("--no-warmup", "--slots", "4", "--pages", "256", "--max-context", "1024",
+                 "--max-queue", "64", timeout=240.0, mock=False)
     yield sp
     assert _terminate(sp) == 0
 

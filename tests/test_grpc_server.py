@@ -1,11 +1,13 @@
-"""The server object in-process (MockEngine): streaming, status mapping, deadlines, drain on shutdown."""
+"""The server object in-process (the engine over the fake runner): streaming, status mapping,
+deadlines, drain on shutdown."""
 
 import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from jtrail.serving.mock_engine import MockEngine, MockEngineConfig, encode_text, fake_token
+from jtrail.serving.async_engine import AsyncLLMEngine
+from jtrail.serving.fake_runner import encode_text, fake_token, mock_engine
 from jtrail.serving.proto import jtrail_v1_pb2 as pb
 from jtrail.serving.proto import jtrail_v1_pb2_grpc as pb_grpc
 from jtrail.serving.sequence import RequestOutput, SamplingParams
@@ -14,7 +16,7 @@ from jtrail.serving.server import JtrailServer, ServerConfig
 from jtrail.client import AsyncClient
 
 
-class FailingEngine(MockEngine):
+class FailingEngine(AsyncLLMEngine):
     """Blows up on the prompt "boom" (after validation), like an engine bug would."""
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -25,7 +27,7 @@ class FailingEngine(MockEngine):
             yield out
 
 
-async def _start(engine: MockEngine, **cfg) -> tuple[JtrailServer, AsyncClient]:
+async def _start(engine: AsyncLLMEngine, **cfg) -> tuple[JtrailServer, AsyncClient]:
     server = JtrailServer(engine, ServerConfig(port=0, stats_interval_s=0.05, **cfg))
     await server.start()
     return server, AsyncClient(f"127.0.0.1:{server.port}")
@@ -49,7 +51,7 @@ async def _wait_idle(client: AsyncClient, timeout: float = 3.0) -> pb.StatsRespo
 
 def test_stream_info_and_invalid_arguments() -> None:
     async def main() -> None:
-        engine = MockEngine(MockEngineConfig(max_context=64, step_delay_s=0.0, num_pages=64, page_size=4))
+        engine = mock_engine(max_context=64, step_delay_s=0.0, num_pages=64, page_size=4)
         server, c = await _start(engine, max_queue=7)
         try:
             deltas = [d async for d in c.generate("hi there", max_tokens=9)]
@@ -91,7 +93,8 @@ def test_stream_info_and_invalid_arguments() -> None:
 
 def test_deadline_queue_full_engine_error_and_recovery() -> None:
     async def main() -> None:
-        engine = FailingEngine(MockEngineConfig(num_slots=1, max_queue=1, step_delay_s=0.01))
+        inner = mock_engine(num_slots=1, max_queue=1, step_delay_s=0.01).engine
+        engine = FailingEngine(inner, model_name="mock")
         server, c = await _start(engine)
         try:
             err = await _status(c.generate("slow", max_tokens=500, timeout=0.15))
@@ -127,7 +130,7 @@ def test_deadline_queue_full_engine_error_and_recovery() -> None:
 
 def test_graceful_shutdown_drains_in_flight_stream() -> None:
     async def main() -> None:
-        server, c = await _start(MockEngine(MockEngineConfig(step_delay_s=0.01)))
+        server, c = await _start(mock_engine(step_delay_s=0.01))
         try:
             stream = c.generate("drain me", max_tokens=30)
             first = await anext(stream)
@@ -140,5 +143,47 @@ def test_graceful_shutdown_drains_in_flight_stream() -> None:
         finally:
             await c.close()
             await server.stop(0.1)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("policy,want", [("fcfs", ["long", "l20", "l10", "l5"]),
+                                         ("trail", ["long", "l5", "l10", "l20"])])
+def test_serve_mock_runs_the_named_policy(policy, want) -> None:
+    """`jtrail serve --mock --policy trail` schedules with trail: one slot, a long request running,
+    three shorter ones queued behind it run shortest first once it is done (trail's default c = 0
+    never preempts it); fcfs finishes them in arrival order."""
+    import argparse
+
+    from jtrail.serve import add_serve_args, build_engine
+
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    engine = build_engine(p.parse_args(["--mock", "--policy", policy, "--slots", "1",
+                                        "--mock-step-delay", "0.005"]))
+    assert engine.info().policy == policy
+
+    async def main() -> None:
+        server, c = await _start(engine)
+        order: list[str] = []
+
+        async def run(name: str, n: int) -> None:
+            async for d in c.generate(name, max_tokens=n):
+                if d.finish_reason:
+                    order.append(name)
+
+        try:
+            long = asyncio.create_task(run("long", 200))
+            while (await c.stats()).running == 0:
+                await asyncio.sleep(0.005)
+            tasks = []
+            for name, n in (("l20", 20), ("l10", 10), ("l5", 5)):
+                tasks.append(asyncio.create_task(run(name, n)))
+                await asyncio.sleep(0.02)  # arrival order fixed
+            await asyncio.gather(long, *tasks)
+            assert order == want
+        finally:
+            await c.close()
+            await server.stop(0.5)
 
     asyncio.run(main())

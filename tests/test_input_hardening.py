@@ -23,7 +23,7 @@ from jtrail.models.tokenizer import Tokenizer
 from jtrail.serving.async_engine import AsyncLLMEngine
 from jtrail.serving.chat import ROLES, check_messages, max_prompt_bytes
 from jtrail.serving.engine import EngineConfig, LLMEngine
-from jtrail.serving.mock_engine import MockEngine, MockEngineConfig
+from jtrail.serving.fake_runner import mock_engine
 from jtrail.serving.sequence import InvalidRequestError, SamplingParams
 from jtrail.serving.server import JtrailServer, ServerConfig
 
@@ -120,7 +120,7 @@ async def _code(agen) -> grpc.RpcError:
 
 def test_grpc_roles_size_limit_and_wire_errors() -> None:
     async def main() -> None:
-        server, c = await _start(MockEngine(MockEngineConfig(max_context=256, step_delay_s=0.0)))
+        server, c = await _start(mock_engine(max_context=256, step_delay_s=0.0))
         try:
             for role in FORGED:
                 err = await _code(c.generate([{"role": role, "content": "hi"}], max_tokens=2))
@@ -151,7 +151,7 @@ def test_grpc_roles_size_limit_and_wire_errors() -> None:
 
 def test_reflection_v1_and_v1alpha() -> None:
     async def main() -> None:
-        server, c = await _start(MockEngine(MockEngineConfig(step_delay_s=0.0)))
+        server, c = await _start(mock_engine(step_delay_s=0.0))
         try:
             for version in ("v1", "v1alpha"):
                 call = c.channel.stream_stream(
@@ -172,15 +172,21 @@ def test_reflection_v1_and_v1alpha() -> None:
     asyncio.run(main())
 
 
-class SlowEncodeEngine(MockEngine):
-    def encode(self, text: str) -> list[int]:
+def slow_encode_engine():
+    eng = mock_engine(step_delay_s=0.0)
+    fast = eng.encode
+
+    def encode(text: str) -> list[int]:
         time.sleep(0.6)  # a big prompt in a slow tokenizer: blocks whatever thread runs it
-        return super().encode(text)
+        return fast(text)
+
+    eng.encode = encode
+    return eng
 
 
 def test_tokenization_runs_off_the_event_loop() -> None:
     async def main() -> None:
-        server, c = await _start(SlowEncodeEngine(MockEngineConfig(step_delay_s=0.0)))
+        server, c = await _start(slow_encode_engine())
         try:
             slow = asyncio.create_task(c.generate("tokenize me slowly", max_tokens=2).__anext__())
             await asyncio.sleep(0.1)
@@ -211,13 +217,13 @@ def test_step_prefill_work_bounded_by_one_budget_including_probes() -> None:
         max_prefill_tokens_per_step=budget, kernel_impl="reference", policy=make_policy("trail")),
         probe=probe, predictor=TrailPredictor(edges, (edges[1:] + edges[:-1]) / 2))
     per_step: list[int] = []
-    real = engine.runner.prefill
+    real = engine.runner.execute
 
-    def counting(tokens, *a, **kw):
-        per_step[-1] += len(tokens)
-        return real(tokens, *a, **kw)
+    def counting(batch, *a, **kw):  # prompt tokens of every prefill chunk the step sends, probes too
+        per_step[-1] += sum(len(ch.tokens) for ch in batch.prefills)
+        return real(batch, *a, **kw)
 
-    engine.runner.prefill = counting
+    engine.runner.execute = counting
     rng = np.random.default_rng(0)
     for i in range(8):
         engine.add_request(f"r{i}", rng.integers(3, 200, 12).tolist(), SamplingParams(max_tokens=3,

@@ -140,9 +140,9 @@ def test_replay_workload_emits_recorded_answers(tiny):
         seqs = {}
         inner = eng.add_request
 
-        def add(rid, *a, _inner=inner, **kw):
-            seqs[rid] = _inner(rid, *a, **kw)
-            return seqs[rid]
+        def add(rid, *a, _inner=inner, _seqs=seqs, **kw):
+            _seqs[rid] = _inner(rid, *a, **kw)
+            return _seqs[rid]
 
         eng.add_request = add
         res = drive_engine(eng, wl, timeout_s=120)
@@ -203,7 +203,7 @@ def test_sim_trace_max_tokens_caps_predictions_not_the_truth():
 def test_grpc_target_streams_forced_lengths():
     import asyncio
 
-    from jtrail.serving.mock_engine import MockEngine, MockEngineConfig
+    from jtrail.serving.fake_runner import mock_engine
     from jtrail.serving.server import JtrailServer, ServerConfig
     from loadgen import grpc_run
 
@@ -211,7 +211,7 @@ def test_grpc_target_streams_forced_lengths():
     wl = Workload([[70, 71, 72]] * 6, arrival_times(6, 50.0, seed=0), lengths)
 
     async def main() -> RunResult:
-        server = JtrailServer(MockEngine(MockEngineConfig(num_slots=2)), ServerConfig(port=0))
+        server = JtrailServer(mock_engine(num_slots=2), ServerConfig(port=0))
         await server.start()
         try:
             return await grpc_run(f"127.0.0.1:{server.port}", wl, timeout_s=30)

@@ -205,7 +205,8 @@ def test_train_probe_cli_end_to_end(tmp_path, monkeypatch):
     out, res, plot = tmp_path / "probe", tmp_path / "probe.json", tmp_path / "mae.png"
     cache = tmp_path / "f.npz"
     common = ["--out", str(out), "--results", str(res), "--plot", str(plot), "--bins", "equal:4:16",
-              "--epochs", "2", "--batch-size", "32", "--hidden", "32", "--quiet", "--val-fraction", "0.25"]
+              "--epochs", "2", "--batch-size", "32", "--hidden", "32", "--quiet", "--val-fraction", "0.25",
+              "--allow-degenerate"]  # the tiny random model never emits eos: every answer is capped
     rc = main(["train-probe", "--model", "tiny", "--dtype", "float32", "--dataset", str(prompts),
                "--num-prompts", "12", "--max-new-tokens", "16", "--layers", "0,1", "--gen-batch", "8",
                "--features-cache", str(cache), *common])

@@ -1,0 +1,54 @@
+"""Issue 18: `jtrail serve` compiles before it reports ready (warm-up), then prints what it serves."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+from jtrail.serving.sequence import SamplingParams
+
+from jtrail.serve import add_serve_args, build_real_engine
+from jtrail.warmup import _prompts_for, banner
+
+
+def test_no_compilation_after_warm_up_whatever_the_traffic() -> None:
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    args = p.parse_args(["--model", "tiny", "--probe", "none", "--policy", "fcfs", "--max-context", "96",
+                         "--slots", "4", "--pages", "40", "--page-size", "16"])
+    async_engine = build_real_engine(args)  # warms up
+    engine = async_engine.engine
+    assert not engine.has_unfinished()
+    compiled = dict(engine.runner.trace_counts)
+    rng = np.random.default_rng(0)
+    vocab = engine.model_cfg.vocab_size
+    for wave in range(4):  # bursts: several prompts packed in one prefill call, any length that fits
+        for i in range(int(rng.integers(1, 7))):
+            n = int(rng.integers(1, 90))
+            engine.add_request(f"w{wave}-{i}", rng.integers(3, vocab, n).tolist(),
+                               SamplingParams(max_tokens=int(rng.integers(1, 96 - n)), ignore_eos=True))
+        while engine.has_unfinished():
+            engine.step()
+    assert engine.runner.trace_counts == compiled
+
+    lines = banner(async_engine, {"gRPC": "127.0.0.1:1", "HTTP": "-"})
+    assert "model tiny" in lines[0] and "float32" in lines[0] and "policy fcfs" in lines[0]
+    assert "probe none" in lines[0] and "4 slots" in lines[1] and "40 pages x 16 tokens" in lines[1]
+    assert "MiB" in lines[1] and "max context 96" in lines[1] and "gRPC 127.0.0.1:1" in lines[2]
+
+
+class _Cfg:
+    decode_steps_per_call, page_size, num_slots, num_pages = 1, 16, 8, 512
+
+
+def test_prompts_fill_each_capacity_exactly() -> None:
+    row, limit = 16, 125
+    for prev, cap in ((0, 16), (32, 64), (64, 128), (128, 256), (256, 512)):
+        lengths = _prompts_for(cap, prev, limit, row, _Cfg)
+        assert all(1 <= n <= limit for n in lengths)
+        assert sum(-(-n // row) * row for n in lengths) == cap  # the packed call's padded size
+    small = type("C", (), {**vars(_Cfg), "num_slots": 3})
+    # 3 slots hold at most 3 x 128 padded tokens: capacity 512 is reached by 384 of them
+    assert sum(-(-n // row) * row for n in _prompts_for(512, 256, limit, row, small)) == 384
+    two = type("C", (), {**vars(_Cfg), "num_slots": 2})
+    assert _prompts_for(512, 256, limit, row, two) == []  # 2 x 128 never needs more than 256
