@@ -20,9 +20,9 @@ import numpy as np
 from .batch import SamplingRows, StepBatch
 from .detokenizer import IncrementalDetokenizer, Tokenizer
 from .engine_api import EngineStats
+from .forecast import FORECAST_PRIOR_TOKENS, replica_forecast
 from .outputs import OutputProcessor
 from .request_state import EngineRequest
-from .router import FORECAST_PRIOR_TOKENS, replica_forecast
 from .runner import Runner
 from .scheduler.base import Policy
 from .sequence import (

@@ -18,9 +18,10 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from .engine_api import EngineStats, ModelInfo
+from .forecast import FORECAST_PRIOR_TOKENS
 from .proto import jtrail_v1_pb2 as pb
 from .proto import jtrail_v1_pb2_grpc as pb_grpc
-from .router import FORECAST_PRIOR_TOKENS, Router
+from .router import Router
 from .servicer import stats_to_pb
 
 log = logging.getLogger(__name__)
