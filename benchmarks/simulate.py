@@ -249,7 +249,7 @@ def simulate_routed(trace: Trace, policy: str, sm: StepModel, res: Resources, ro
                     for st, r in zip(stats, reps, strict=True):
                         prior = r.out_tokens / r.out_count if r.out_count else FORECAST_PRIOR_TOKENS
                         st.slot_free_tokens = replica_forecast(r.running, r.waiting, r.slots, prior,
-                                                               getattr(r.policy, "counts_down", False))
+                                                               r.policy.counts_down)
                 snap["stats"] = [dataclasses.replace(st) for st in stats]
                 snap["next_poll"] = t + poll_s
             est = predicted_tokens if router_sees_estimate else None

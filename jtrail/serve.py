@@ -60,12 +60,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def check_policy(name: str) -> None:
     """Fail fast, before loading any model, on a policy name the scheduler does not know."""
-    try:
-        from jtrail.serving.scheduler.registry import make_policy
-    except ImportError:  # the registry is not there yet: only fcfs exists
-        if name != "fcfs":
-            raise ValueError(f"unknown policy {name!r} (available: 'fcfs')") from None
-        return
+    from jtrail.serving.scheduler.registry import make_policy
+
     try:
         make_policy(name)
     except (KeyError, ValueError) as e:

@@ -55,7 +55,7 @@ class EngineConfig:
     kernel_impl: str = "auto"
     max_queue: int = 4096
     seed: int = 0  # seeds requests that give none
-    tensor_parallel: int = 1  # [issue 8] shard weights + KV pages over this many local devices
+    tensor_parallel: int = 1  # shard weights + KV pages over this many local devices
 
     def __post_init__(self) -> None:
         if self.preemption_mode not in ("recompute", "swap"):
@@ -71,14 +71,8 @@ class EngineConfig:
 def resolve_policy(policy: str | Policy) -> Policy:
     if isinstance(policy, Policy):
         return policy
-    try:
-        from .scheduler.registry import make_policy
-    except ImportError:
-        from .scheduler.fcfs import FCFSPolicy
+    from .scheduler.registry import make_policy
 
-        if policy != "fcfs":
-            raise ValueError(f"unknown policy {policy!r} (only 'fcfs' is available)") from None
-        return FCFSPolicy()
     return make_policy(policy)
 
 
@@ -236,7 +230,7 @@ class LLMEngine:
             slot_free_tokens=replica_forecast(
                 self.running, self.waiting, self.config.num_slots,
                 self.outputs.finished_tokens / self.outputs.finished_count if self.outputs.finished_count
-                else FORECAST_PRIOR_TOKENS, getattr(self.policy, "counts_down", False)))
+                else FORECAST_PRIOR_TOKENS, self.policy.counts_down))
 
     def generate_batch(self, prompt_ids_list: list[list[int]], params_list=None, progress: bool = True):
         """Kept for callers of the old method: see jtrail.llm.generate_batch."""

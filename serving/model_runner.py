@@ -29,7 +29,7 @@ from ..kernels import ops
 from ..models.llama import Llama
 from ..models.probe import ProbeHead
 from ..models.sampling import sample_tokens
-from ..models.sharding import kv_sharding, make_mesh, shard_attention_fn, shard_model  # [issue 8]
+from ..models.sharding import kv_sharding, make_mesh, shard_attention_fn, shard_model
 from . import swap
 from .batch import SamplingRows, StepBatch, StepOutput, prefill_layout
 
@@ -84,14 +84,14 @@ class StepStatics:
     decode_steps: int
     impl: str
     num_bins: int
-    mesh: Any = None  # [issue 8] tensor-parallel jax.sharding.Mesh; None = one device
+    mesh: Any = None  # tensor-parallel jax.sharding.Mesh; None = one device
 
 
 TRACE_COUNTS: Counter = Counter()  # (kind, statics) -> number of traces = number of compilations
 
 
 def _attention(st: StepStatics):
-    """[issue 8] Under TP the paged kernels run once per kv-head shard (shard_map)."""
+    """Under TP the paged kernels run once per kv-head shard (shard_map)."""
     attn_fn = make_paged_attention(st.impl)
     return attn_fn if st.mesh is None else shard_attention_fn(attn_fn, st.mesh, "paged")
 
@@ -179,7 +179,7 @@ class ModelRunner:
         self.prefill_row_tokens, self.prefill_capacities = prefill_layout(prefill_buckets, max_prefill_tokens)
         self.has_probe = probe is not None
         self.calls = 0  # device calls (prefill + decode), for the calls-per-step bound
-        # [issue 8] tensor parallelism: weights and KV pages sharded over kv heads on a mesh of
+        # tensor parallelism: weights and KV pages sharded over kv heads on a mesh of
         # `tensor_parallel` local devices; XLA partitions the jitted steps from these shardings.
         mesh = make_mesh(tensor_parallel) if tensor_parallel > 1 else None
         if mesh is not None:
@@ -191,7 +191,7 @@ class ModelRunner:
         self.max_pages_per_seq = -(-max_model_len // page_size)
         kv_dtype = kv_dtype or model.dtype
         shape = (cfg.n_kv_heads, num_pages, page_size, cfg.head_dim)
-        kv_dev = kv_sharding(mesh, "paged") if mesh is not None else None  # [issue 8]
+        kv_dev = kv_sharding(mesh, "paged") if mesh is not None else None
         self.caches = [(jnp.zeros(shape, kv_dtype, device=kv_dev), jnp.zeros(shape, kv_dtype, device=kv_dev))
                        for _ in range(cfg.n_layers)]
         graphdef, self.state = nnx.split(model)
@@ -200,11 +200,11 @@ class ModelRunner:
             if not 0 <= probe.cfg.layer < cfg.n_layers:
                 raise ValueError(f"probe layer {probe.cfg.layer} outside [0, {cfg.n_layers})")
             probe_graphdef, self.probe_state = nnx.split(probe)
-            if mesh is not None:  # [issue 8] the probe head is small: replicated
+            if mesh is not None:  # the probe head is small: replicated
                 self.probe_state = jax.device_put(self.probe_state, NamedSharding(mesh, PartitionSpec()))
         layer, bins = (probe.cfg.layer, probe.cfg.num_bins) if probe is not None else (None, 0)
         self.statics = StepStatics(graphdef, probe_graphdef, layer, page_size, decode_steps, impl, bins,
-                                   mesh)  # [issue 8]
+                                   mesh)
 
     @property
     def trace_counts(self) -> dict[str, int]:

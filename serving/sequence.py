@@ -232,9 +232,6 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    def pages_needed(self, page_size: int, extra_tokens: int = 0) -> int:
-        """Pages to hold every token so far plus `extra_tokens` more."""
-        return -(-(self.num_tokens + extra_tokens) // page_size)
 
 
 @dataclass

@@ -34,6 +34,3 @@ class Aging:
     def effective(self, rank: float, arrival_time: float, now: float) -> float:
         return rank - self.rate * (now - arrival_time)
 
-    def overtake_time(self, rank: float, arrival_time: float) -> float:
-        """Time after which no newly arriving request (rank >= 0) can be ranked ahead of this one."""
-        return float("inf") if self.rate == 0 else arrival_time + rank / self.rate

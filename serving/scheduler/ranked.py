@@ -42,10 +42,6 @@ class PolicyStats:
     preemptions: int = 0  # decided in schedule()
     victims: int = 0  # chosen in choose_victim() when memory ran out
 
-    @property
-    def preemption_rate(self) -> float:
-        """Preemptions (both kinds) per proposed admission."""
-        return (self.preemptions + self.victims) / max(self.admissions_proposed, 1)
 
 
 class RankedPolicy(Policy):
