@@ -127,25 +127,33 @@ def write_outputs(results: dict[int, LayerResult], data: dict[str, Any], info: d
            "train_options": asdict(opts), "data": data, "info": info, "table": table, "bars": bars,
            "ratios": {"refined_over_prompt_only": m["refined_mae"] / max(m["prompt_only_mae"], 1e-9),
                       "refined_over_mean_predictor": m["refined_mae"] / max(m["mean_mae"], 1e-9)},
-           "curves": {str(layer): {"tokens_generated": r.eval.curve_x.tolist(),
-                                   **{k: [None if np.isnan(v) else float(v) for v in c]
-                                      for k, c in r.eval.curves.items()}}
-                      for layer, r in sorted(results.items())}}
+           "curves": {str(layer): curves_json(r.eval) for layer, r in sorted(results.items())}}
     if out_dir is not None:
         save_probe(out_dir, results[best].head,
                    {"model": info.get("model"), "layer": best, "bins": opts.bins, "data": data,
                     "metrics": m, "train_options": asdict(opts), "command": command, "date": doc["date"],
                     "git_commit": doc["git_commit"], "device": doc["device"]})
         doc["probe_dir"] = str(out_dir)
+    model_name = (info.get("model") or {}).get("name", "model")
+    write_results(doc, results_path, plot_path, {k: r.eval for k, r in results.items()}, best,
+                  f"{model_name}: held-out remaining-length MAE (bins {opts.bins})")
+    return doc
+
+
+def curves_json(ev) -> dict:
+    """An evaluation's MAE-by-position curves as JSON (NaN -> null)."""
+    return {"tokens_generated": ev.curve_x.tolist(),
+            **{k: [None if np.isnan(v) else float(v) for v in c] for k, c in ev.curves.items()}}
+
+
+def write_results(doc: dict, results_path, plot_path, evals: dict, best: int, title: str) -> None:
+    """The results JSON and the MAE plot, where their paths are given (shared by both modes)."""
     if results_path is not None:
         Path(results_path).parent.mkdir(parents=True, exist_ok=True)
         Path(results_path).write_text(json.dumps(doc, indent=2))
     if plot_path is not None:
         Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
-        model_name = (info.get("model") or {}).get("name", "model")
-        plot_curves({k: r.eval for k, r in results.items()}, best, str(plot_path),
-                    f"{model_name}: held-out remaining-length MAE (bins {opts.bins})")
-    return doc
+        plot_curves(evals, best, str(plot_path), title)
 
 
 def run(data_opts: DataOptions, train_opts: TrainOptions, out_dir: str | Path | None,

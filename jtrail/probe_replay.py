@@ -27,7 +27,7 @@ import numpy as np
 from jtrail.models.probe_io import probe_config_to_dict, save_probe
 from jtrail.probe_checks import degenerate_data, raise_if_degenerate
 from jtrail.probe_data import FeatureCacheError, ProbeFeatures, collect_features
-from jtrail.probe_eval import LayerEval, plot_curves
+from jtrail.probe_eval import LayerEval
 from jtrail.provenance import git_commit
 from jtrail.replay import ReplaySet
 from jtrail.train_probe import (
@@ -164,7 +164,7 @@ def write_replay_outputs(choices: list[Choice], per_bins: dict[str, dict[int, La
                          out_dir: str | Path | None, results_path: str | Path | None,
                          plot_path: str | Path | None, command: str) -> dict[str, Any]:
     """The chosen probe (only if `out_dir`), the results JSON and the bench MAE plot."""
-    from jtrail.probe_pipeline import _device
+    from jtrail.probe_pipeline import _device, curves_json, write_results
 
     best = choices[0]
     bench = best.evals.get("bench")
@@ -193,9 +193,7 @@ def write_replay_outputs(choices: list[Choice], per_bins: dict[str, dict[int, La
                    **{f"tune_{k}": v for k, v in r.eval.metrics.items()}}
                   for spec, results in per_bins.items() for layer, r in sorted(results.items())],
         "metrics": {name: ev.metrics for name, ev in best.evals.items()},
-        "curves": {name: {"tokens_generated": ev.curve_x.tolist(),
-                          **{k: [None if np.isnan(v) else float(v) for v in c] for k, c in ev.curves.items()}}
-                   for name, ev in best.evals.items()}}
+        "curves": {name: curves_json(ev) for name, ev in best.evals.items()}}
     if out_dir is not None:
         save_probe(out_dir, best.result.head,
                    {"model": info.get("model"), "layer": best.layer, "bins": best.bins, "data": data,
@@ -204,14 +202,9 @@ def write_replay_outputs(choices: list[Choice], per_bins: dict[str, dict[int, La
                     "train_options": doc["train_options"], "command": command, "date": date,
                     "git_commit": doc["git_commit"], "device": doc["device"]})
         doc["probe_dir"] = str(out_dir)
-    if results_path is not None:
-        Path(results_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(results_path).write_text(json.dumps(doc, indent=2))
-    if plot_path is not None:
-        Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
-        name = (info.get("model") or {}).get("name", "model")
-        plot_curves({best.layer: bench}, best.layer, str(plot_path),
-                    f"{name}: replayed answers, bench split MAE (bins {best.bins})")
+    name = (info.get("model") or {}).get("name", "model")
+    write_results(doc, results_path, plot_path, {best.layer: bench}, best.layer,
+                  f"{name}: replayed answers, bench split MAE (bins {best.bins})")
     return doc
 
 
