@@ -132,8 +132,9 @@ def run_regime(
     regime = REGIMES[name]
     seed = args.seed + 17 * (1 + list(REGIMES).index(name))
     arrival = regime_arrivals(
-        name, cap["capacity_req_s"], seed=seed, n_max=_int(regime_requests(args.regime_requests, name))
+        name, cap["capacity_req_s"], seed=seed, n_max=_int(per_regime(args.regime_requests, name))
     )
+    # each regime starts elsewhere in the shuffled pool (fresh requests), every policy the same ones
     wl = pool.workload(arrival, offset=len(partial) * 37, max_tokens=args.max_output, tag=f"{name}-")
     runs: dict[str, dict[str, Any]] = {}
     recorder = None
@@ -375,8 +376,9 @@ def write_doc(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     return files
 
 
-def regime_requests(spec: str, name: str) -> float | None:
-    """`--regime-requests`: one count for every regime ("400") or per regime ("R1=400,R3=300")."""
+def per_regime(spec: str, name: str) -> float | None:
+    """A per-regime option (`--regime-requests`, `--capacity`): one value for every regime ("400") or
+    one per regime ("R1=400,R3=300"); None where it gives none for `name`."""
     if not spec or spec == "0":
         return None
     if "=" not in spec:
@@ -411,7 +413,7 @@ def run_replay(
         regime = REGIMES[name]
         slots = pool.resources(name, args.page_size, args.regime_slots)["num_slots"]
         n_cap = args.capacity_requests or 8 * slots
-        given = regime_requests(args.capacity, name) if args.capacity else None
+        given = per_regime(args.capacity, name) if args.capacity else None
         if given:  # measured by an earlier run on the same resources (recorded in the JSON)
             cap = {
                 "capacity_req_s": float(given),
