@@ -73,27 +73,27 @@ def load(args: argparse.Namespace) -> Setup:
 
 def make_engine(su: Setup, policy: str, kw: dict, predictor: Any = None, slots: int | None = None,
                 pages: int | None = None) -> Any:
-    """A fresh engine, warmed up: every prefill bucket (up to the largest, which a recompute of
-    prompt + answer can need) and the decode step have run on it before anything is timed. Without
+    """A fresh engine, warmed up: every prefill shape and the decode step have run on it before
+    anything is timed (`jtrail.warmup.warm_up`, as `jtrail serve` does). Without
     this a run met multi-second stalls in its first steps and a compile of the largest bucket
     mid-trace (measured: 5 s in one run), and at 95% load a stall's backlog takes the rest of the
     trace to drain."""
     from jtrail.serving.engine import EngineConfig, LLMEngine
     from jtrail.serving.scheduler.registry import make_policy
 
+    from jtrail.warmup import warm_up
+
     a = su.args
     cfg = EngineConfig(num_slots=slots or a.slots, page_size=a.page_size, num_pages=pages or a.pages,
                        max_model_len=a.max_model_len,
                        decode_steps_per_call=a.decode_steps, policy=make_policy(policy, **kw), seed=a.seed)
     eng = LLMEngine(su.model, su.tokenizer, cfg, probe=su.probe, predictor=predictor or su.refiner)
-    filler = [t for p in su.warm_prompts for t in p]
-    sizes = [n for n in cfg.prefill_buckets if n < cfg.max_model_len - 2]
-    picks = [(filler * (n // max(len(filler), 1) + 1))[:n] for n in sizes]
-    ids = [f"warm{i}" for i in range(len(picks))]
-    drive_engine(eng, Workload(picks, np.zeros(len(picks)), np.full(len(picks), 2), request_ids=ids),
-                 timeout_s=600)
+    # the server's own warm-up: every packed prefill shape the slots can reach and the decode step
+    # (a warm-up of one prompt per bucket missed packed shapes: compiles mid-run, seconds each)
+    warm_up(eng, report=lambda _msg: None)
     if isinstance(predictor, RecordingPredictor):
         predictor.rows.clear()
+        predictor.predictions.clear()
     return eng
 
 
@@ -248,6 +248,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override every regime's slot count (0: as defined; for CPU smoke runs)")
     p.add_argument("--regime-requests", default="0",
                    help="requests per regime trace: N, or per regime R1=N,R3=M (0: the regime's default)")
+    p.add_argument("--alternate-order", action="store_true",
+                   help="replay: run the policies in reverse order in every other regime")
     p.add_argument("--capacity", default="",
                    help="per regime R2=REQ_S: reuse a capacity measured by an earlier run (default: measure)")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",

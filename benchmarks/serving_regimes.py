@@ -138,7 +138,10 @@ def run_regime(
     wl = pool.workload(arrival, offset=len(partial) * 37, max_tokens=args.max_output, tag=f"{name}-")
     runs: dict[str, dict[str, Any]] = {}
     recorder = None
-    for label, (pname, kw) in specs.items():
+    order = list(specs.items())
+    if getattr(args, "alternate_order", False) and list(REGIMES).index(name) % 2:
+        order.reverse()  # the second regime runs the policies last-first: a first-run effect shows up
+    for label, (pname, kw) in order:
         if label == "fcfs":  # the regime's baseline (R3: vLLM's free-page watermark)
             kw = {**kw, **regime.fcfs_kwargs}
         rec = RecordingPredictor(refiner) if label == "trail" else None
