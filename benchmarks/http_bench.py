@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import RunResult, Workload, _result, arrival_times, drive_grpc  # noqa: E402
+from loadgen import RunResult, StreamTimes, Workload, arrival_times, drive_grpc  # noqa: E402
 from routing import Proc, device_name, drain, jtrail_cmd, load_pool, summarize, wait_serving  # noqa: E402
 
 from jtrail.provenance import git_commit  # noqa: E402
@@ -67,15 +67,11 @@ async def http_run(base_url: str, model: str, wl: Workload, timeout_s: float) ->
     (--decode-steps > 1) is counted exactly. Times as loadgen's: perf_counter seconds from the start."""
     import openai
 
-    n = len(wl)
-    first, finish = np.full(n, np.nan), np.full(n, np.nan)
-    nout, npre = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    itl: list[float] = []
-    t0 = time.perf_counter()
+    times = StreamTimes(wl)
     client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=timeout_s)
 
     async def one(k: int) -> None:
-        await asyncio.sleep(max(0.0, wl.arrival[k] - (time.perf_counter() - t0)))
+        await times.wait_arrival(k)
         p = wl.params(k)
         kw: dict[str, Any] = dict(model=model, max_tokens=p.max_tokens, temperature=0.0, stream=True,
                                   stream_options={"include_usage": True, "continuous_usage_stats": True},
@@ -85,27 +81,16 @@ async def http_run(base_url: str, model: str, wl: Workload, timeout_s: float) ->
             stream = await client.chat.completions.create(messages=prompt, **kw)
         else:
             stream = await client.completions.create(prompt=prompt, **kw)
-        last = None
         async with stream:
             async for chunk in stream:
-                t = time.perf_counter() - t0
+                t = times.now()
                 if chunk.usage is None or not chunk.choices:
                     continue
-                m = chunk.usage.completion_tokens - int(nout[k])
-                if m > 0:
-                    if last is None:
-                        first[k] = t
-                    else:
-                        itl.extend([(t - last) / m] * m)
-                    last = t
-                    nout[k] += m
-                if chunk.choices[0].finish_reason is not None:
-                    finish[k] = t
-                elif wl.forced and nout[k] >= wl.output_len[k]:
-                    finish[k] = t  # its forced length: leaving the stream cancels the request
+                times.tokens(k, chunk.usage.completion_tokens - int(times.nout[k]), t)
+                if times.end(k, chunk.choices[0].finish_reason is not None, t):
                     break
 
-    tasks = [asyncio.create_task(one(k)) for k in range(n)]
+    tasks = [asyncio.create_task(one(k)) for k in range(len(wl))]
     await asyncio.wait(tasks, timeout=timeout_s)
     for t in tasks:
         t.cancel()
@@ -113,7 +98,7 @@ async def http_run(base_url: str, model: str, wl: Workload, timeout_s: float) ->
     if failed:
         log(f"  {len(failed)} HTTP requests failed, first: {failed[0].exception()!r}")
     await client.close()
-    return _result(wl.arrival, first, finish, nout, npre, itl, [], time.perf_counter() - t0)
+    return times.result()
 
 
 def drive_http(base_url: str, model: str, wl: Workload, timeout_s: float = 600.0) -> RunResult:

@@ -226,48 +226,74 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float) -> 
     return _result(wl.arrival, first, finish, nout, npre, itl, steps, time.perf_counter() - t0)
 
 
+class StreamTimes:
+    """Client-side timings of a streamed run (gRPC here, HTTP in http_bench.py): one place for the
+    token accounting, so every front door is measured by the same rules. Times are perf_counter
+    seconds from the start of the run."""
+
+    def __init__(self, wl: Workload):
+        n = len(wl)
+        self.wl, self.t0 = wl, time.perf_counter()
+        self.first, self.finish = np.full(n, np.nan), np.full(n, np.nan)
+        self.last = np.full(n, np.nan)
+        self.nout, self.npre = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        self.itl: list[float] = []
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    async def wait_arrival(self, k: int) -> None:
+        await asyncio.sleep(max(0.0, self.wl.arrival[k] - self.now()))
+
+    def tokens(self, k: int, m: int, t: float) -> None:
+        """m new tokens of request k arrived at t (several in one chunk share its gap)."""
+        if m <= 0:
+            return
+        if np.isnan(self.first[k]):
+            self.first[k] = t
+        else:
+            self.itl.extend([(t - self.last[k]) / m] * m)
+        self.last[k] = t
+        self.nout[k] += m
+
+    def end(self, k: int, finished: bool, t: float) -> bool:
+        """True when request k is over: the server finished it, or it reached its forced length
+        under a nominal max_tokens (the client then leaves the stream, which cancels the request)."""
+        wl = self.wl
+        if finished or (wl.forced and self.nout[k] >= wl.output_len[k]):
+            self.finish[k] = t
+            return True
+        return False
+
+    def result(self) -> RunResult:
+        return _result(self.wl.arrival, self.first, self.finish, self.nout, self.npre, self.itl, [],
+                       self.now())
+
+
 async def grpc_run(target: str, wl: Workload, timeout_s: float) -> RunResult:
     from jtrail.client import AsyncClient
 
-    n = len(wl)
-    first, finish = np.full(n, np.nan), np.full(n, np.nan)
-    nout, npre = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    itl: list[float] = []
-    t0 = time.perf_counter()
+    times = StreamTimes(wl)
 
     async def one(k: int, client: AsyncClient) -> None:
-        await asyncio.sleep(max(0.0, wl.arrival[k] - (time.perf_counter() - t0)))
+        await times.wait_arrival(k)
         p = wl.params(k)
         stream = client.generate(wl.prompts[k], timeout=timeout_s, max_tokens=p.max_tokens,
                                  temperature=0.0, ignore_eos=p.ignore_eos, request_id=wl.request_ids[k],
                                  forced_output_ids=list(p.forced_output_ids))
         async with contextlib.aclosing(stream):  # closing it cancels the RPC at once
-            await _consume(k, stream)
-
-    async def _consume(k: int, stream: Any) -> None:
-        last = None
-        async for d in stream:
-            t = time.perf_counter() - t0
-            m = len(d.token_ids)
-            if m:
-                if last is None:
-                    first[k] = t
-                else:
-                    itl.extend([(t - last) / m] * m)
-                last = t
-                nout[k] += m
-            if d.finish_reason is not None:
-                finish[k] = t
-            elif wl.forced and nout[k] >= wl.output_len[k]:
-                finish[k] = t  # its forced length: leaving the stream cancels the request
-                break
+            async for d in stream:
+                t = times.now()
+                times.tokens(k, len(d.token_ids), t)
+                if times.end(k, d.finish_reason is not None, t):
+                    break
 
     async with AsyncClient(target) as client:
-        tasks = [asyncio.create_task(one(k, client)) for k in range(n)]
+        tasks = [asyncio.create_task(one(k, client)) for k in range(len(wl))]
         await asyncio.wait(tasks, timeout=timeout_s)
         for t in tasks:
             t.cancel()
-    return _result(wl.arrival, first, finish, nout, npre, itl, [], time.perf_counter() - t0)
+    return times.result()
 
 
 def drive_grpc(target: str, wl: Workload, timeout_s: float = 600.0) -> RunResult:

@@ -192,25 +192,22 @@ def run_regime(
     return out
 
 
+# issue 15's per-regime bar keys (lower-case regime prefix: r1_, r2_, r3_): (key, numerator, denominator)
+RATIO_BARS = (("fcfs_over_trail_mean_e2e", ("fcfs", "mean_e2e"), ("trail", "mean_e2e")),
+              ("fcfs_over_trail_mean_ttft", ("fcfs", "mean_ttft"), ("trail", "mean_ttft")),
+              ("trail_over_fcfs_p99_e2e", ("trail", "p99_e2e"), ("fcfs", "p99_e2e")),
+              ("trail_over_oracle_mean_e2e", ("trail", "mean_e2e"), ("srpt-oracle", "mean_e2e")))
+
+
 def bars_of(name: str, runs: dict[str, dict]) -> dict[str, float]:
-    g = lambda p, k: runs[p][k] if p in runs else float("nan")
+    """The regime's bars; a ratio only when every run finished every request (NaN otherwise)."""
+    g = lambda pk: runs[pk[0]][pk[1]] if pk[0] in runs else float("nan")
     complete = all(r["completed"] == r["requests"] for r in runs.values())
-    nan = float("nan")
-    return {
-        f"{name}_fcfs_over_trail_mean_e2e": ratio(g("fcfs", "mean_e2e"), g("trail", "mean_e2e"))
-        if complete
-        else nan,
-        f"{name}_fcfs_over_trail_mean_ttft": ratio(g("fcfs", "mean_ttft"), g("trail", "mean_ttft"))
-        if complete
-        else nan,
-        f"{name}_trail_over_fcfs_p99_e2e": ratio(g("trail", "p99_e2e"), g("fcfs", "p99_e2e"))
-        if complete
-        else nan,
-        f"{name}_trail_over_oracle_mean_e2e": ratio(g("trail", "mean_e2e"), g("srpt-oracle", "mean_e2e"))
-        if complete
-        else nan,
-        f"{name}_trail_preemptions_per_request": g("trail", "preemptions_per_request"),
-    }
+    prefix = name.lower()
+    bars = {f"{prefix}_{key}": ratio(g(num), g(den)) if complete else float("nan")
+            for key, num, den in RATIO_BARS}
+    bars[f"{prefix}_trail_preemptions_per_request"] = g(("trail", "preemptions_per_request"))
+    return bars
 
 
 def simulate_regime(
