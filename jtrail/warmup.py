@@ -37,7 +37,9 @@ def warm_up(engine, report: Callable[[str], None] = log.info) -> float:
                f"({len(lengths)} prompt{'s' if len(lengths) > 1 else ''}) and the decode step")
         for j, n in enumerate(lengths):  # added together: one step packs them into one call
             ids = (np.arange(n) % max(1, vocab - 3) + 3).tolist()  # any valid ids: only shapes matter
-            engine.add_request(f"__warmup-{i}-{j}", ids, SamplingParams(max_tokens=new, ignore_eos=True))
+            # its length is known (ignore_eos): srpt-oracle engines warm up too
+            engine.add_request(f"__warmup-{i}-{j}", ids, SamplingParams(max_tokens=new, ignore_eos=True),
+                               oracle_output_len=new)
         while engine.has_unfinished():
             engine.step()
     took = time.perf_counter() - t0

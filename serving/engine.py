@@ -123,7 +123,10 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams | None = None,
-                    priority: int = 0, arrival_time: float | None = None) -> Sequence:
+                    priority: int = 0, arrival_time: float | None = None,
+                    oracle_output_len: int | None = None) -> Sequence:
+        """Queue a request. `oracle_output_len`: its true output length, for srpt-oracle and
+        benchmarks only (set before the policy files the request, which ranks it on arrival)."""
         params = params or SamplingParams()
         self.validate_request(prompt_ids, params)
         priority = check_priority(priority)
@@ -133,7 +136,8 @@ class LLMEngine:
             raise QueueFullError(f"waiting queue is full ({self.config.max_queue} requests)")
         now = time.monotonic()
         seq = Sequence(request_id, [int(t) for t in prompt_ids], params,
-                       arrival_time if arrival_time is not None else now, priority=priority)
+                       arrival_time if arrival_time is not None else now, priority=priority,
+                       oracle_remaining_at_start=oracle_output_len)
         # mod 2**32: the sampler's uint32 seed column must never fail to cast (SamplingParams checks
         # the range; this keeps a bypassed check from failing the step for every request)
         seed = (params.seed if params.seed is not None else int(self._rng.integers(2**31))) % 2**32

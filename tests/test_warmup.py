@@ -52,3 +52,19 @@ def test_prompts_fill_each_capacity_exactly() -> None:
     assert sum(-(-n // row) * row for n in _prompts_for(512, 256, limit, row, small)) == 384
     two = type("C", (), {**vars(_Cfg), "num_slots": 2})
     assert _prompts_for(512, 256, limit, row, two) == []  # 2 x 128 never needs more than 256
+
+
+def test_warm_up_serves_an_srpt_oracle_engine() -> None:
+    """srpt-oracle ranks by the true length: the warm-up's own requests carry theirs (it once raised
+    'oracle_remaining_at_start' and the benchmark's oracle engine never started)."""
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    args = p.parse_args(["--model", "tiny", "--probe", "none", "--policy", "srpt-oracle", "--max-context", "64",
+                         "--slots", "2", "--pages", "16", "--page-size", "16"])
+    engine = build_real_engine(args).engine  # warms up
+    assert not engine.has_unfinished() and engine.policy.name == "srpt-oracle"
+    seq = engine.add_request("x", [5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True), oracle_output_len=3)
+    assert seq.oracle_remaining_at_start == 3
+    while engine.has_unfinished():
+        engine.step()
+    assert seq.num_generated == 3
