@@ -5,11 +5,17 @@
     python benchmarks/engine.py --smollm2-gguf PATH   # adds real-model (SmolLM2) end-to-end throughput
     python benchmarks/engine.py --issue16 --baseline-worktree DIR   # issue 16's bars, before vs after
 
---issue16: SmolLM2-135M shape, ctx 512, batch 32 and 128 at one token per call and batch 128 at 8,
-plus the prefill burst (64 prompts of 512 tokens at once, max_tokens 1: seconds from submission to
-the last first token). With --baseline-worktree DIR (a checkout of the commit before the change,
-e.g. `git archive f6c35c1 jtrail serving models kernels | tar -x -C DIR`), the same measurements
-run first in a subprocess that imports jtrail from DIR, and the result holds both and their ratios.
+--issue16: SmolLM2-135M shape, ctx 512, batch 32 and 128 at one token per call and batch 128 at 8
+(64 tokens per sequence each: 64 timed steps at one token per call, 8 at eight), the prefill burst
+(64 prompts of 512 tokens at once, max_tokens 1: seconds from submission to the last first token),
+and the Llama-3-8B shape at batch 128 (ctx 1024, 8 tokens per call, 8 steps: the roofline row of the
+default run). With --baseline-worktree DIR (a checkout of the commit before the change, e.g.
+`git archive f6c35c1 jtrail serving models kernels | tar -x -C DIR`), the same measurements run first
+in a subprocess that imports jtrail from DIR, and the result holds both and their ratios. Then, unless
+--command-buffers none, the SmolLM2 rows at one token per call run once more per XLA command-buffer
+(CUDA graph) setting, each in a subprocess with its XLA_FLAGS ("off": none; "all": every command
+type, loops included, graphs of any size); the main run is XLA's default. All weights are random
+(the real GGUF is not needed). All subprocesses run before this process touches the GPU.
 
 Decode measurement: for each batch size B, B requests with `ctx`-token contexts are placed in the
 engine as already prefilled (pages allocated, lengths set; the KV pages hold zeros, which does not
@@ -34,7 +40,39 @@ import sys
 import time
 from pathlib import Path
 
-from jtrail.provenance import git_commit
+
+def _mount_jtrail(root: str) -> None:
+    """Import jtrail from a source tree (jtrail/, serving/, models/, kernels/ side by side, as the
+    repo and a baseline `git archive` lay them out) without installing it."""
+    import importlib.util
+
+    def pkg(name: str, path: str):
+        spec = importlib.util.spec_from_file_location(name, path + "/__init__.py",
+                                                      submodule_search_locations=[path])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        return spec, mod
+
+    root_spec, root_mod = pkg("jtrail", root + "/jtrail")
+    subs = {s: pkg("jtrail." + s, f"{root}/{s}") for s in ("kernels", "models", "serving")}
+    for s, (_, mod) in subs.items():
+        setattr(root_mod, s, mod)
+    for spec, mod in subs.values():
+        spec.loader.exec_module(mod)
+    root_spec.loader.exec_module(root_mod)
+
+
+# JTRAIL_BENCH_ROOT: the tree to measure (the baseline subprocess sets it). Otherwise the installed
+# jtrail, or this repo's tree when none is installed (a copy on a lent GPU).
+if os.environ.get("JTRAIL_BENCH_ROOT"):
+    _mount_jtrail(str(Path(os.environ["JTRAIL_BENCH_ROOT"]).resolve()))
+else:
+    try:
+        import jtrail  # noqa: F401
+    except ImportError:
+        _mount_jtrail(str(Path(__file__).resolve().parent.parent))
+
+from jtrail.provenance import git_commit  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "engine.json"
 
@@ -203,7 +241,7 @@ def bench_decode(model, cfg, b: int, args, bw: float) -> dict:
     return {"batch": b, "ctx": args.ctx, "tokens_per_s": toks / wall, "roofline_tokens_per_s": roofline_tps,
             "roofline_fraction": toks / wall / roofline_tps, "step_wall_ms": step_wall * 1e3,
             "device_call_ms": device * 1e3, "host_gap_fraction": max(0.0, 1 - device / step_wall),
-            "compile_s": compile_s, "decode_steps_per_call": k}
+            "compile_s": compile_s, "decode_steps_per_call": k, "timed_steps": steps}
 
 
 def bench_smollm2(path: str, args) -> dict:
@@ -234,39 +272,58 @@ def bench_smollm2(path: str, args) -> dict:
             "output_tokens_per_s": b * gen / wall, "note": "end to end incl. prefill, bf16"}
 
 
-ISSUE16_ROWS = ((32, 1), (128, 1), (128, 8))  # (batch, decode tokens per call)
-BAR_ROWS = ("b32_k1", "b128_k1", "b128_k8")
+# issue 16's rows: key -> (batch, decode tokens per call); --smoke runs tiny ones under the same keys
+ISSUE16_ROWS = {"b32_k1": (32, 1), "b128_k1": (128, 1), "b128_k8": (128, 8)}
+SMOKE_ROWS = {"b32_k1": (2, 1), "b128_k1": (4, 1), "b128_k8": (4, 2)}
+TOKENS_PER_SEQ = 64  # timed decode tokens per sequence in every row (steps = 64 / tokens per call)
+# the roofline row: the default run's Llama-3-8B settings at batch 128 (shape, batch, ctx, k, steps)
+ROOFLINE_ROW = ("llama3-8b", 128, 1024, 8, 8)
+SMOKE_ROOFLINE_ROW = ("tiny", 4, 48, 2, 3)
+
+
+def bench_roofline(args, bw: float) -> dict:
+    import jax.numpy as jnp
+    from jtrail.models.config import NAMED_CONFIGS
+    from jtrail.models.loader import random_model
+
+    shape, b, ctx, k, steps = SMOKE_ROOFLINE_ROW if args.smoke else ROOFLINE_ROW
+    cfg = NAMED_CONFIGS[shape]
+    model = random_model(cfg, jnp.bfloat16)
+    a = argparse.Namespace(**{**vars(args), "ctx": ctx, "decode_steps": k, "steps": steps})
+    row = {"shape": shape, **bench_decode(model, cfg, b, a, bw)}
+    del model
+    gc.collect()
+    return row
 
 
 def run_issue16(args, model, cfg, bw: float) -> dict:
+    """The SmolLM2 rows, then (unless --rows-only) the prefill burst and the roofline row."""
     rows = {}
-    for b, k in ISSUE16_ROWS:
-        a = argparse.Namespace(**{**vars(args), "decode_steps": k})
-        rows[f"b{b}_k{k}"] = bench_decode(model, cfg, b, a, bw)
-        print(json.dumps(rows[f"b{b}_k{k}"]), flush=True)
+    for key, (b, k) in (SMOKE_ROWS if args.smoke else ISSUE16_ROWS).items():
+        if args.rows_only and not key.endswith("_" + args.rows_only):
+            continue
+        steps = args.steps if args.smoke else TOKENS_PER_SEQ // k
+        a = argparse.Namespace(**{**vars(args), "decode_steps": k, "steps": steps})
+        rows[key] = bench_decode(model, cfg, b, a, bw)
+        print(json.dumps(rows[key]), flush=True)
+    if args.rows_only:
+        return {"rows": rows, "prefill_burst": None, "roofline": None}
     burst = bench_prefill_burst(model, args, n=8, plen=64) if args.smoke else bench_prefill_burst(model, args)
-    return {"rows": rows, "prefill_burst": burst}
+    print(json.dumps(burst), flush=True)
+    roofline = bench_roofline(args, bw)
+    print(json.dumps(roofline), flush=True)
+    return {"rows": rows, "prefill_burst": burst, "roofline": roofline}
 
 
-BASELINE_BOOT = """
-import importlib.util, runpy, sys
-base, script = sys.argv[1], sys.argv[2]
-def pkg(name, path):
-    spec = importlib.util.spec_from_file_location(name, path + "/__init__.py",
-                                                  submodule_search_locations=[path])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    return spec, mod
-root = pkg("jtrail", base + "/jtrail")
-subs = [pkg("jtrail." + s, base + "/" + s) for s in ("kernels", "models", "serving")]
-for (spec, mod), s in zip(subs, ("kernels", "models", "serving")):
-    setattr(root[1], s, mod)
-for spec, mod in subs:
-    spec.loader.exec_module(mod)
-root[0].loader.exec_module(root[1])
-sys.argv = [script] + sys.argv[3:]
-runpy.run_path(script, run_name="__main__")
-"""
+def _issue16_subprocess(args, out: Path, extra: list[str], env: dict[str, str], timeout: int = 900) -> None:
+    cmd = [sys.executable, __file__, "--issue16", "--no-hf", "--out", str(out), "--ctx", str(args.ctx),
+           "--impl", args.impl, "--page-size", str(args.page_size), "--burst-budget", str(args.burst_budget),
+           "--command-buffers", "none", *extra]
+    if args.smoke:
+        cmd.append("--smoke")
+    proc = subprocess.run(cmd, text=True, env={**os.environ, "OUT": "", **env}, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(extra) or 'subprocess'} failed (rc {proc.returncode})")
 
 
 def run_baseline(args) -> dict:
@@ -281,16 +338,49 @@ def run_baseline(args) -> dict:
                              "(need jtrail, serving, models, kernels)")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "baseline.json")
-        cmd = [sys.executable, "-c", BASELINE_BOOT, base, __file__, "--issue16", "--no-hf", "--out", str(out),
-               "--ctx", str(args.ctx), "--steps", str(args.steps), "--impl", args.impl,
-               "--page-size", str(args.page_size), "--burst-budget", str(args.burst_budget)]
-        if args.smoke:
-            cmd.append("--smoke")
-        env = {**os.environ, "OUT": ""}
-        proc = subprocess.run(cmd, text=True, env=env, timeout=3000)
-        if proc.returncode != 0:
-            raise SystemExit(f"baseline run failed (rc {proc.returncode})")
+        try:
+            _issue16_subprocess(args, out, [], {"JTRAIL_BENCH_ROOT": base})
+        except RuntimeError as e:
+            raise SystemExit(f"baseline run failed: {e}") from None
         return json.loads(out.read_text())
+
+
+# XLA command buffers (CUDA graphs) for the decode step; the main run keeps XLA's default.
+COMMAND_BUFFERS = {
+    "off": "--xla_gpu_enable_command_buffer=",
+    "all": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
+           "--xla_gpu_graph_min_graph_size=1",
+}
+
+
+def run_command_buffer_variants(args) -> dict:
+    """SmolLM2 at one token per call (batch 32 and 128) under each command-buffer setting; a setting
+    that fails is recorded, not fatal."""
+    import tempfile
+
+    names = [] if args.command_buffers == "none" else args.command_buffers.split(",")
+    out: dict = {}
+    for name in names:
+        if name not in COMMAND_BUFFERS:
+            raise SystemExit(f"--command-buffers: unknown setting {name!r} "
+                             f"(known: {sorted(COMMAND_BUFFERS)})")
+        flags = (os.environ.get("XLA_FLAGS", "") + " " + COMMAND_BUFFERS[name]).strip()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp, f"cmdbuf_{name}.json")
+            try:
+                # a setting that hangs must not eat the whole run: two rows take well under a minute
+                _issue16_subprocess(args, path, ["--rows-only", "k1"], {"XLA_FLAGS": flags}, timeout=240)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                out[name] = {"xla_flags": flags, "error": str(e)}
+                continue
+            res = json.loads(path.read_text())
+        out[name] = {"xla_flags": flags, **_k1_summary(res["rows"])}
+    return out
+
+
+def _k1_summary(rows: dict) -> dict:
+    fields = ("tokens_per_s", "device_call_ms", "host_gap_fraction")
+    return {key: {f: row[f] for f in fields} for key, row in rows.items() if key.endswith("_k1")}
 
 
 def issue16_bars(after: dict, before: dict | None) -> dict:
@@ -299,6 +389,7 @@ def issue16_bars(after: dict, before: dict | None) -> dict:
             "smollm2_b128_tokens_per_s": r["b128_k1"]["tokens_per_s"],
             "smollm2_b128_k8_tokens_per_s": r["b128_k8"]["tokens_per_s"],
             "smollm2_host_gap_b32": r["b32_k1"]["host_gap_fraction"],
+            "roofline_fraction_b128": after["roofline"]["roofline_fraction"],
             "speedup_vs_before_b32": None, "prefill_burst_speedup": None,
             "prefill_burst_last_first_token_s": after["prefill_burst"]["last_first_token_s"]}
     if before is not None:
@@ -308,6 +399,8 @@ def issue16_bars(after: dict, before: dict | None) -> dict:
         bars["speedup_vs_before_b128_k8"] = r["b128_k8"]["tokens_per_s"] / b["b128_k8"]["tokens_per_s"]
         bars["prefill_burst_speedup"] = (before["prefill_burst"]["last_first_token_s"]
                                          / after["prefill_burst"]["last_first_token_s"])
+        if before.get("roofline"):
+            bars["roofline_fraction_b128_before"] = before["roofline"]["roofline_fraction"]
     return bars
 
 
@@ -333,6 +426,12 @@ def main() -> None:
     ap.add_argument("--baseline-worktree", default=None,
                     help="with --issue16: jtrail checkout to compare against")
     ap.add_argument("--burst-budget", type=int, default=8192, help="prefill tokens per step in the burst")
+    ap.add_argument("--baseline-label", default=None,
+                    help="with --baseline-worktree: what DIR holds, recorded (e.g. the commit f6c35c1)")
+    ap.add_argument("--command-buffers", default="off,all",
+                    help="with --issue16: XLA command-buffer settings to measure besides the default "
+                         f"({','.join(COMMAND_BUFFERS)}), each in a subprocess; 'none' skips them")
+    ap.add_argument("--rows-only", default=None, choices=("k1", "k8"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.batches = [int(x) for x in args.batches.split(",")]
     args.hf_batches = [int(x) for x in args.hf_batches.split(",")]
@@ -347,6 +446,7 @@ def main() -> None:
         args.shape, args.batches, args.ctx, args.steps, args.decode_steps = "tiny", [2, 4], 48, 3, 2
         args.page_size, args.no_hf, args.hf_batches = 8, True, []
     before = run_baseline(args) if args.issue16 and args.baseline_worktree else None
+    cmdbuf = run_command_buffer_variants(args) if args.issue16 and args.command_buffers != "none" else None
 
     hf = None if args.no_hf else run_hf_subprocess(args)  # before JAX claims the GPU
     # b256 x 1k KV (~38 GB) + 16 GB weights: let JAX's pool take most of the 80 GB
@@ -363,22 +463,25 @@ def main() -> None:
     init_s = time.perf_counter() - t0
     bw = copy_bandwidth(jax, jnp, (1 << 20) if args.smoke else (1 << 30))
     if args.issue16:
-        if args.smoke:
-            global ISSUE16_ROWS
-            ISSUE16_ROWS = ((2, 1), (4, 1), (4, 2))
+        import jtrail
+
         after = run_issue16(args, model, cfg, bw)
-        if args.smoke:  # smoke keys under the bar names, so the smoke run checks bars and ratios
-            for res in (after, before or {"rows": {}}):
-                if res["rows"] and "b32_k1" not in res["rows"]:
-                    res["rows"] = dict(zip(BAR_ROWS, res["rows"].values(), strict=True))
+        if cmdbuf is not None:
+            cmdbuf["default"] = {"xla_flags": os.environ.get("XLA_FLAGS", ""), **_k1_summary(after["rows"])}
         result = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
                   "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
                   "jax": jax.__version__,
                   "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                  "git_commit": git_commit(), "shape": args.shape, "dtype": "bfloat16", "smoke": args.smoke,
+                  "git_commit": git_commit(),
+                  "jtrail_from": str(Path(jtrail.__file__).resolve().parent.parent),
+                  "shape": args.shape, "dtype": "bfloat16", "smoke": args.smoke,
+                  "tokens_per_seq_timed": None if args.smoke else TOKENS_PER_SEQ,
                   "copy_bandwidth_GBps": bw / 1e9, "baseline_worktree": args.baseline_worktree,
-                  "rows": after["rows"], "prefill_burst": after["prefill_burst"], "before": before,
-                  "bars": issue16_bars(after, before) if "b32_k1" in after["rows"] else None}
+                  "baseline_label": args.baseline_label,
+                  "rows": after["rows"], "prefill_burst": after["prefill_burst"],
+                  "roofline": after["roofline"],
+                  "before": before, "command_buffers": cmdbuf,
+                  "bars": issue16_bars(after, before) if after["roofline"] is not None else None}
         text = json.dumps(result, indent=2)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)

@@ -5,6 +5,9 @@ the requested dtype. Layout of a checkpoint directory:
 
     jtrail_config.json   ModelConfig (+ format version)
     params/              Orbax StandardCheckpointer tree of `nnx.state(model, nnx.Param)`
+
+Format 2 holds the fused q/k/v and gate/up weights of `fused.py`; format 1 (separate q/k/v/gate/up
+projections, before the fusion) still restores: its parts are fused on the way in.
     tokenizer.json       optional, pip `tokenizers` format
     tokenizer_meta.json  optional: bos/eos ids, chat template, special-token strings
 """
@@ -22,11 +25,12 @@ from flax import nnx
 
 from .config import ModelConfig, RopeScaling
 from .errors import CorruptCheckpointError, ModelFileError
+from .fused import fuse_gate_up, fuse_qkv
 from .llama import Llama
 from .tokenizer import Tokenizer
 
 CONFIG_FILE = "jtrail_config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def config_to_json(cfg: ModelConfig) -> dict:
@@ -44,6 +48,38 @@ def config_from_json(raw: dict) -> ModelConfig:
         return ModelConfig(**d)
     except (KeyError, TypeError) as e:
         raise CorruptCheckpointError(f"bad {CONFIG_FILE}: {e}") from e
+
+
+def _unfused_target(target: dict, cfg: ModelConfig) -> dict:
+    """The restore target of a format-1 checkpoint: per layer q/k/v/gate/up instead of the fused."""
+    out = dict(target, layers={})
+    for i, layer in target["layers"].items():
+        layer = dict(layer)
+        qkv, gu = layer.pop("qkv_proj"), layer.pop("gate_up_proj")
+        parts = {"q_proj": cfg.n_heads * cfg.head_dim, "k_proj": cfg.n_kv_heads * cfg.head_dim,
+                 "v_proj": cfg.n_kv_heads * cfg.head_dim, "gate_proj": cfg.ffn_dim, "up_proj": cfg.ffn_dim}
+        for name, cols in parts.items():
+            dtype = gu.dtype if name in ("gate_proj", "up_proj") else qkv.dtype
+            layer[name] = jax.ShapeDtypeStruct((cfg.d_model, cols), dtype)
+        if "qkv_bias" in layer:
+            bias = layer.pop("qkv_bias")
+            for name, cols in (("q_bias", parts["q_proj"]), ("k_bias", parts["k_proj"]),
+                               ("v_bias", parts["v_proj"])):
+                layer[name] = jax.ShapeDtypeStruct((cols,), bias.dtype)
+        out["layers"][i] = layer
+    return out
+
+
+def _fuse_v1(restored: dict, cfg: ModelConfig) -> dict:
+    out = dict(restored, layers={})
+    for i, layer in restored["layers"].items():
+        layer = dict(layer)
+        layer["qkv_proj"] = fuse_qkv(layer.pop("q_proj"), layer.pop("k_proj"), layer.pop("v_proj"), cfg)
+        layer["gate_up_proj"] = fuse_gate_up(layer.pop("gate_proj"), layer.pop("up_proj"))
+        if "q_bias" in layer:
+            layer["qkv_bias"] = fuse_qkv(layer.pop("q_bias"), layer.pop("k_bias"), layer.pop("v_bias"), cfg)
+        out["layers"][i] = layer
+    return out
 
 
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:
@@ -86,14 +122,19 @@ def restore_checkpoint(
         cfg = config_from_json(json.loads((path / CONFIG_FILE).read_text()))
     except json.JSONDecodeError as e:
         raise CorruptCheckpointError(f"bad {path / CONFIG_FILE}: {e}") from e
+    version = json.loads((path / CONFIG_FILE).read_text()).get("format_version", 1)
     abstract = nnx.eval_shape(lambda: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
+    if version == 1:
+        target = _unfused_target(target, cfg)
     try:
         with ocp.StandardCheckpointer() as ckpt:
             restored = ckpt.restore(path / "params", target)
     except Exception as e:  # orbax raises many kinds (FileNotFoundError, ValueError, tensorstore errors)
         raise CorruptCheckpointError(f"cannot restore params from {path / 'params'}: {e}") from e
+    if version == 1:
+        restored = _fuse_v1(restored, cfg)
     nnx.replace_by_pure_dict(state, restored)
     model = nnx.merge(graphdef, state)
     tok = None

@@ -16,6 +16,7 @@ from flax import nnx
 
 from .attention import AttentionFn, dense_causal_attention
 from .config import ModelConfig, RopeScaling
+from .fused import fuse_gate_up, fuse_qkv, split_gate_up, split_qkv
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> jax.Array:
@@ -35,10 +36,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> j
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """x [B, T, H, D]; rotate-half convention of Hugging Face Llama."""
+    """x [B, T, ..., D] (heads in the middle dims); rotate-half convention of Hugging Face Llama."""
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    heads = (1,) * (x.ndim - 3)
+    cos = jnp.cos(angles).reshape(*angles.shape[:2], *heads, -1)
+    sin = jnp.sin(angles).reshape(*angles.shape[:2], *heads, -1)
     xf = x.astype(jnp.float32)
     x1, x2 = jnp.split(xf, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -56,29 +58,58 @@ class RMSNorm(nnx.Module):
         return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
+def _init_dense(rngs: nnx.Rngs, fan_in: int, fan_out: int, param_dtype) -> jax.Array:
+    return nnx.initializers.normal(stddev=fan_in ** -0.5)(rngs.params(), (fan_in, fan_out), param_dtype)
+
+
 def _dense(rngs: nnx.Rngs, fan_in: int, fan_out: int, param_dtype) -> nnx.Param:
-    init = nnx.initializers.normal(stddev=fan_in ** -0.5)
-    return nnx.Param(init(rngs.params(), (fan_in, fan_out), param_dtype))
+    return nnx.Param(_init_dense(rngs, fan_in, fan_out, param_dtype))
 
 
 class Block(nnx.Module):
+    """One decoder layer. q/k/v and gate/up are fused weights (`fused.py`: one GEMM each, column
+    order that keeps tensor-parallel splits per head); `q_proj` ... `up_proj` read the parts back."""
+
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         d, hd = cfg.d_model, cfg.head_dim
         self.cfg = cfg
         self.dtype = dtype
         self.attn_norm = RMSNorm(d, cfg.norm_eps, param_dtype)
-        self.q_proj = _dense(rngs, d, cfg.n_heads * hd, param_dtype)
-        self.k_proj = _dense(rngs, d, cfg.n_kv_heads * hd, param_dtype)
-        self.v_proj = _dense(rngs, d, cfg.n_kv_heads * hd, param_dtype)
+        # Drawn one by one in the order of the unfused model, so a seed gives the same weights.
+        q = _init_dense(rngs, d, cfg.n_heads * hd, param_dtype)
+        k = _init_dense(rngs, d, cfg.n_kv_heads * hd, param_dtype)
+        v = _init_dense(rngs, d, cfg.n_kv_heads * hd, param_dtype)
+        self.qkv_proj = nnx.Param(fuse_qkv(q, k, v, cfg))
         self.o_proj = _dense(rngs, cfg.n_heads * hd, d, param_dtype)
         if cfg.attention_bias:
-            self.q_bias = nnx.Param(jnp.zeros((cfg.n_heads * hd,), param_dtype))
-            self.k_bias = nnx.Param(jnp.zeros((cfg.n_kv_heads * hd,), param_dtype))
-            self.v_bias = nnx.Param(jnp.zeros((cfg.n_kv_heads * hd,), param_dtype))
+            n_qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * hd
+            self.qkv_bias = nnx.Param(jnp.zeros((n_qkv,), param_dtype))
         self.mlp_norm = RMSNorm(d, cfg.norm_eps, param_dtype)
-        self.gate_proj = _dense(rngs, d, cfg.ffn_dim, param_dtype)
-        self.up_proj = _dense(rngs, d, cfg.ffn_dim, param_dtype)
+        gate = _init_dense(rngs, d, cfg.ffn_dim, param_dtype)
+        up = _init_dense(rngs, d, cfg.ffn_dim, param_dtype)
+        self.gate_up_proj = nnx.Param(fuse_gate_up(gate, up))
         self.down_proj = _dense(rngs, cfg.ffn_dim, d, param_dtype)
+
+    # Unfused views [in, out] for inspection and tests (the forward uses the fused weights).
+    @property
+    def q_proj(self) -> jax.Array:
+        return split_qkv(self.qkv_proj[...], self.cfg)[0]
+
+    @property
+    def k_proj(self) -> jax.Array:
+        return split_qkv(self.qkv_proj[...], self.cfg)[1]
+
+    @property
+    def v_proj(self) -> jax.Array:
+        return split_qkv(self.qkv_proj[...], self.cfg)[2]
+
+    @property
+    def gate_proj(self) -> jax.Array:
+        return split_gate_up(self.gate_up_proj[...])[0]
+
+    @property
+    def up_proj(self) -> jax.Array:
+        return split_gate_up(self.gate_up_proj[...])[1]
 
     def _proj(self, x, w, bias_name: str | None = None):
         y = x @ w[...].astype(self.dtype)
@@ -90,15 +121,17 @@ class Block(nnx.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         h = self.attn_norm(x)
-        q = self._proj(h, self.q_proj, "q_bias").reshape(b, t, cfg.n_heads, cfg.head_dim)
-        k = self._proj(h, self.k_proj, "k_bias").reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-        v = self._proj(h, self.v_proj, "v_bias").reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        hkv, g = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
+        # one GEMM for q, k and v; per kv head: its G query heads, then k, then v (fused.py)
+        qkv = self._proj(h, self.qkv_proj, "qkv_bias").reshape(b, t, hkv, g + 2, cfg.head_dim)
+        qk = apply_rope(qkv[:, :, :, :g + 1], positions, inv_freq)  # q and k rotated in one pass
+        q = qk[:, :, :, :g].reshape(b, t, cfg.n_heads, cfg.head_dim)
+        k, v = qk[:, :, :, g], qkv[:, :, :, g + 1]
         attn, layer_cache = attn_fn(q, k, v, layer_cache, meta)
         x = x + self._proj(attn.reshape(b, t, cfg.n_heads * cfg.head_dim), self.o_proj)
         h = self.mlp_norm(x)
-        mlp = jax.nn.silu(self._proj(h, self.gate_proj)) * self._proj(h, self.up_proj)
+        gate_up = self._proj(h, self.gate_up_proj).reshape(b, t, cfg.ffn_dim, 2)  # one GEMM
+        mlp = jax.nn.silu(gate_up[..., 0]) * gate_up[..., 1]
         return x + self._proj(mlp, self.down_proj), layer_cache
 
 

@@ -3,14 +3,17 @@
 XLA's SPMD partitioner is the distributed engine: we only say where each array lives (NamedSharding)
 and the jitted step is partitioned from its inputs. Megatron layout over the mesh axis "tp":
 
-  column-parallel (output dim split): q/k/v_proj [d, H*D] over heads, gate/up [d, F] over F
+  column-parallel (output dim split): qkv_proj [d, Hkv*(G+2)*D] over kv heads, gate_up_proj [d, F*2]
+                                      over F (the fused layouts of fused.py: a contiguous split
+                                      keeps each kv head's q group, k and v on one device)
   row-parallel (input dim split):     o_proj [Hq*D, d], down_proj [F, d]  (XLA inserts the all-reduce)
   vocab-parallel:                     embed [V, d] over V, lm_head [d, V] over V
   replicated:                         norms, and any parameter we do not know (e.g. a probe head)
   KV cache over kv heads:             paged [Hkv, P, S, D] on axis 0, contiguous [B, S, Hkv, D] on axis 2
 
-Head-major column order (col = h * D + j) means a contiguous split gives device i the q heads
-[i*Hq/tp, (i+1)*Hq/tp), which are exactly the GQA groups of its kv heads [i*Hkv/tp, (i+1)*Hkv/tp).
+The fused qkv columns are grouped by kv head (its G query heads, then k, then v), so a contiguous
+split gives device i the kv heads [i*Hkv/tp, (i+1)*Hkv/tp) with exactly their GQA groups of q heads
+[i*Hq/tp, (i+1)*Hq/tp); gate/up columns interleave (gate f, up f), so device i gets one F range of both.
 Attention kernels are per-head, so under TP they run per shard through `shard_attention_fn`.
 """
 
@@ -30,8 +33,8 @@ from .config import ModelConfig
 
 TP_AXIS = "tp"
 
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-COLUMN_BIASES = ("q_bias", "k_bias", "v_bias")
+COLUMN_PARALLEL = ("qkv_proj", "gate_up_proj")
+COLUMN_BIASES = ("qkv_bias",)
 ROW_PARALLEL = ("o_proj", "down_proj")
 
 # KV cache layouts: paged per layer [Hkv, num_pages, page_size, D]; contiguous [B, S, Hkv, D].

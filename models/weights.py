@@ -6,6 +6,8 @@ Every loader (GGUF, safetensors directory) converts to this one naming, so there
     model.layers.{i}.input_layernorm.weight, model.layers.{i}.post_attention_layernorm.weight,
     model.layers.{i}.self_attn.{q,k,v,o}_proj.weight (+ .bias for q/k/v on Qwen2),
     model.layers.{i}.mlp.{gate,up,down}_proj.weight
+
+q/k/v and gate/up are fused here, on the host, into the model's fused weights (`fused.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig
+from .fused import fuse_gate_up, fuse_qkv
 from .llama import Llama
 
 
@@ -56,14 +59,15 @@ def load_state_dict(model: Llama, cfg: ModelConfig, sd: Mapping[str, np.ndarray]
         p = f"model.layers.{i}."
         put(layer.attn_norm.weight, _expect(sd, p + "input_layernorm.weight", (d,)), False)
         put(layer.mlp_norm.weight, _expect(sd, p + "post_attention_layernorm.weight", (d,)), False)
-        put(layer.q_proj, _expect(sd, p + "self_attn.q_proj.weight", (nq, d)), True)
-        put(layer.k_proj, _expect(sd, p + "self_attn.k_proj.weight", (nkv, d)), True)
-        put(layer.v_proj, _expect(sd, p + "self_attn.v_proj.weight", (nkv, d)), True)
+        q = _expect(sd, p + "self_attn.q_proj.weight", (nq, d)).T
+        k = _expect(sd, p + "self_attn.k_proj.weight", (nkv, d)).T
+        v = _expect(sd, p + "self_attn.v_proj.weight", (nkv, d)).T
+        put(layer.qkv_proj, fuse_qkv(q, k, v, cfg), False)
         put(layer.o_proj, _expect(sd, p + "self_attn.o_proj.weight", (d, nq)), True)
         if cfg.attention_bias:
-            put(layer.q_bias, _expect(sd, p + "self_attn.q_proj.bias", (nq,)), False)
-            put(layer.k_bias, _expect(sd, p + "self_attn.k_proj.bias", (nkv,)), False)
-            put(layer.v_bias, _expect(sd, p + "self_attn.v_proj.bias", (nkv,)), False)
-        put(layer.gate_proj, _expect(sd, p + "mlp.gate_proj.weight", (f, d)), True)
-        put(layer.up_proj, _expect(sd, p + "mlp.up_proj.weight", (f, d)), True)
+            put(layer.qkv_bias, fuse_qkv(_expect(sd, p + "self_attn.q_proj.bias", (nq,)),
+                                         _expect(sd, p + "self_attn.k_proj.bias", (nkv,)),
+                                         _expect(sd, p + "self_attn.v_proj.bias", (nkv,)), cfg), False)
+        put(layer.gate_up_proj, fuse_gate_up(_expect(sd, p + "mlp.gate_proj.weight", (f, d)).T,
+                                             _expect(sd, p + "mlp.up_proj.weight", (f, d)).T), False)
         put(layer.down_proj, _expect(sd, p + "mlp.down_proj.weight", (d, f)), True)

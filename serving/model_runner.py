@@ -15,7 +15,7 @@ None and the probe code is not traced at all.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -85,6 +85,25 @@ class StepStatics:
     impl: str
     num_bins: int
     mesh: Any = None  # tensor-parallel jax.sharding.Mesh; None = one device
+    state_treedef: Any = None  # the weights' pytree structure: calls pass the flat leaves
+
+    # jit hashes its static arguments on every call: hashing the model's graphdef anew cost
+    # milliseconds of host time per step (more than a small model's device time), so it is cached
+    def __hash__(self) -> int:
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(tuple(getattr(self, f.name) for f in fields(self)))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+
+_INTERNED: dict[StepStatics, StepStatics] = {}
+
+
+def intern_statics(st: StepStatics) -> StepStatics:
+    """One instance per distinct statics: jit then finds its cache entry by identity, not by a deep
+    comparison of two equal graphdefs on every call."""
+    return _INTERNED.setdefault(st, st)
 
 
 TRACE_COUNTS: Counter = Counter()  # (kind, statics) -> number of traces = number of compilations
@@ -94,6 +113,11 @@ def _attention(st: StepStatics):
     """Under TP the paged kernels run once per kv-head shard (shard_map)."""
     attn_fn = make_paged_attention(st.impl)
     return attn_fn if st.mesh is None else shard_attention_fn(attn_fn, st.mesh, "paged")
+
+
+def _merge(st: StepStatics, leaves):
+    """The model from the flat weight leaves (flattening an nnx.State at every call is host time)."""
+    return nnx.merge(st.graphdef, jax.tree_util.tree_unflatten(st.state_treedef, leaves))
 
 
 def _probe_probs(st: StepStatics, probe_state, h: jax.Array) -> jax.Array:
@@ -109,7 +133,7 @@ def _prefill_packed(st: StepStatics, state, caches, probe_state, tokens, positio
     sees the rows before it). Per chunk c (up to R): the token after its last one is sampled from row
     last_row[c]; the probe sees the running prompt-tap sum tap_in[c] plus this call's prompt tokens."""
     TRACE_COUNTS["prefill", st] += 1
-    model = nnx.merge(st.graphdef, state)
+    model = _merge(st, state)
     meta = PagedMeta(slot_mapping, block_tables, positions[:, 0], q_lens)
     out = model(tokens, positions, caches, _attention(st), meta, tap_layer=st.probe_layer,
                 logits_index=jnp.maximum(q_lens - 1, 0))
@@ -129,7 +153,7 @@ def _prefill_packed(st: StepStatics, state, caches, probe_state, tokens, positio
 def _decode_steps(st: StepStatics, state, caches, probe_state, tokens, positions, n_valid, block_tables,
                   samp: SamplingRows):
     TRACE_COUNTS["decode", st] += 1
-    model = nnx.merge(st.graphdef, state)
+    model = _merge(st, state)
     attn_fn = _attention(st)
     rows = jnp.arange(tokens.shape[0])
     n, ps = st.decode_steps, st.page_size
@@ -194,7 +218,8 @@ class ModelRunner:
         kv_dev = kv_sharding(mesh, "paged") if mesh is not None else None
         self.caches = [(jnp.zeros(shape, kv_dtype, device=kv_dev), jnp.zeros(shape, kv_dtype, device=kv_dev))
                        for _ in range(cfg.n_layers)]
-        graphdef, self.state = nnx.split(model)
+        graphdef, state = nnx.split(model)
+        self._state_leaves, treedef = jax.tree_util.tree_flatten(state)
         probe_graphdef, self.probe_state = None, None
         if probe is not None:
             if not 0 <= probe.cfg.layer < cfg.n_layers:
@@ -203,8 +228,13 @@ class ModelRunner:
             if mesh is not None:  # the probe head is small: replicated
                 self.probe_state = jax.device_put(self.probe_state, NamedSharding(mesh, PartitionSpec()))
         layer, bins = (probe.cfg.layer, probe.cfg.num_bins) if probe is not None else (None, 0)
-        self.statics = StepStatics(graphdef, probe_graphdef, layer, page_size, decode_steps, impl, bins,
-                                   mesh)
+        self.statics = intern_statics(StepStatics(graphdef, probe_graphdef, layer, page_size, decode_steps,
+                                                  impl, bins, mesh, treedef))
+
+    @property
+    def state(self) -> nnx.State:
+        """The model's weights (the jitted steps take them as flat leaves)."""
+        return jax.tree_util.tree_unflatten(self.statics.state_treedef, self._state_leaves)
 
     @property
     def trace_counts(self) -> dict[str, int]:
@@ -276,8 +306,8 @@ class ModelRunner:
             tap_in = np.zeros((r, d), np.float32)
         samp = _pad_rows(batch.prefill_sampling, r)
         self.caches, token, probs, tap_acc = _prefill_packed(
-            self.statics, self.state, self.caches, self.probe_state, tokens, positions, slots.reshape(-1),
-            tables, q_lens, row_chunk, last_row, n_prompt, chunk_end, tap_in, samp)
+            self.statics, self._state_leaves, self.caches, self.probe_state, tokens, positions,
+            slots.reshape(-1), tables, q_lens, row_chunk, last_row, n_prompt, chunk_end, tap_in, samp)
         self.calls += 1
         n_chunks = len(batch.prefills)
         return token[:n_chunks], (probs[:n_chunks] if probs is not None else None), tap_acc
@@ -304,6 +334,6 @@ class ModelRunner:
         the slot may take (0 = empty slot; pages for them must be allocated). Returns device arrays
         tokens [n, S] and probs [n, S, K] or None; step j's token for slot b is at [j, b]."""
         self.caches, out_tokens, out_probs = _decode_steps(
-            self.statics, self.state, self.caches, self.probe_state, tokens, positions, n_valid,
+            self.statics, self._state_leaves, self.caches, self.probe_state, tokens, positions, n_valid,
             block_tables, samp)
         return out_tokens, out_probs

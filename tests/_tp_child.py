@@ -153,7 +153,7 @@ def run_case(cfg, tp: int) -> dict:
     rep["init_sharded_equal"] = all(  # jit fuses the init's scaling: equal up to f32 rounding
         bool(jnp.allclose(a, b, rtol=0, atol=1e-6))
         for a, b in zip(jax.tree_util.tree_leaves(nnx.state(direct)), eager, strict=True))
-    rep["init_sharded_spec_q"] = spec_list(direct.layers[0].q_proj[...])
+    rep["init_sharded_spec_q"] = spec_list(direct.layers[0].qkv_proj[...])
     return rep
 
 
@@ -185,7 +185,7 @@ def run_engine_case(cfg, tp: int) -> dict:
     return {"tp": tp, "tokens_tp1": outs[1], "tokens_tp": outs[tp], "preemptions": engine.num_preemptions,
             "pages_spec": spec_list(k_pages),
             "pages_shard_shape": list(k_pages.addressable_shards[0].data.shape),
-            "q_proj_spec": spec_list(engine.runner.state["layers"][0]["q_proj"][...])}
+            "qkv_proj_spec": spec_list(engine.runner.state["layers"][0]["qkv_proj"][...])}
 
 
 def main() -> None:

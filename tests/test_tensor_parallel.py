@@ -66,7 +66,7 @@ def test_weights_sharded(tp_report, case):
     r = tp_report[case]
     tp = r["tp"]
     specs, shards, shapes = r["param_specs"], r["param_shard_shapes"], r["param_shapes"]
-    for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+    for name in ("qkv_proj", "gate_up_proj"):  # fused: one column split each (models/fused.py)
         assert specs[f"layers.0.{name}"] == [None, "tp"], name
         d, cols = shapes[f"layers.0.{name}"]
         assert shards[f"layers.0.{name}"] == [d, cols // tp]
@@ -78,8 +78,8 @@ def test_weights_sharded(tp_report, case):
     assert specs["final_norm.weight"] == [None] and specs["layers.0.attn_norm.weight"] == [None]
     if "lm_head" in specs:
         assert specs["lm_head"] == [None, "tp"]
-    if "layers.0.q_bias" in specs:
-        assert specs["layers.0.q_bias"] == ["tp"]
+    if "layers.0.qkv_bias" in specs:
+        assert specs["layers.0.qkv_bias"] == ["tp"]
     assert r["init_sharded_equal"] and r["init_sharded_spec_q"] == [None, "tp"]
 
 
@@ -121,7 +121,8 @@ def test_param_spec_rules():
     def path(*names):
         return [*names, "value"]
 
-    assert param_spec(path("layers", 3, "q_proj"), (64, 64), 2) == P(None, "tp")
+    assert param_spec(path("layers", 3, "qkv_proj"), (64, 128), 2) == P(None, "tp")
+    assert param_spec(path("layers", 3, "gate_up_proj"), (64, 256), 2) == P(None, "tp")
     assert param_spec(path("layers", 3, "down_proj"), (128, 64), 2) == P("tp", None)
     assert param_spec(path("layers", 3, "mlp_norm", "weight"), (64,), 2) == P()
     assert param_spec(path("lm_head"), (64, 256), 2) == P(None, "tp")
@@ -144,4 +145,4 @@ def test_engine_tensor_parallel_matches_single_device(tp_report):
     assert r["preemptions"] >= 1
     assert sum(len(set(row)) for row in r["tokens_tp1"]) > 12  # varied output, not one token
     assert r["pages_spec"] == ["tp", None, None, None] and r["pages_shard_shape"][0] == 1
-    assert r["q_proj_spec"] == [None, "tp"]
+    assert r["qkv_proj_spec"] == [None, "tp"]
