@@ -115,8 +115,19 @@ def measure_capacity(
         "requests": n,
         "completed": int(res.completed.sum()),
         "wall_s": res.wall_s,
+        **_full_step_times(res.steps, slots),
         "steps": res.steps,
     }
+
+
+def _full_step_times(steps: np.ndarray, slots: int) -> dict[str, float]:
+    """Mean step ms with the batch full, with and without a prefill call in the step: what the
+    capacity figure is made of (loadgen columns: 2 seconds, 3 prefill calls, 7 running)."""
+    full = steps[:, 7] >= slots
+    pre = steps[:, 3] > 0
+    ms = lambda m: float(steps[m, 2].mean() * 1e3) if m.any() else float("nan")
+    return {"full_step_ms": ms(full), "full_step_ms_decode_only": ms(full & ~pre),
+            "full_step_ms_with_prefill": ms(full & pre), "partial_step_ms": ms(~full)}
 
 
 def run_regime(
@@ -287,6 +298,14 @@ def _save_partial(rows: list[dict[str, Any]]) -> None:
         Path(os.environ["OUT"], "serving_partial.json").write_text(json.dumps(rows, indent=1, default=float))
 
 
+def _save_steps(name: str, cap_steps: np.ndarray, runs: dict[str, dict]) -> None:
+    """Every engine step of the regime (capacity run and each policy's run; loadgen's step columns)
+    into $OUT, for the step-time analysis behind the capacity figure."""
+    if os.environ.get("OUT"):
+        arrays = {"capacity": cap_steps, **{k: r["_res"].steps for k, r in runs.items()}}
+        np.savez_compressed(Path(os.environ["OUT"], f"steps_{name}.npz"), **arrays)
+
+
 def cdfs(runs: dict[str, dict]) -> dict[str, Any]:
     out = {}
     for label, r in runs.items():
@@ -427,10 +446,14 @@ def run_replay(
         caps[name] = {k: v for k, v in cap.items() if k != "steps"}
         print(
             f"{name}: capacity {cap['capacity_req_s']:.2f} req/s ({cap['tokens_per_s']:.0f} tok/s over "
-            f"{cap['full_seconds']:.1f} s of full batch)",
+            f"{cap['full_seconds']:.1f} s of full batch; step ms full {cap.get('full_step_ms', 0):.2f}, "
+            f"decode-only {cap.get('full_step_ms_decode_only', 0):.2f}, "
+            f"with prefill {cap.get('full_step_ms_with_prefill', 0):.2f}, "
+            f"partial {cap.get('partial_step_ms', 0):.2f})",
             flush=True,
         )
         out = run_regime(make, pool, name, specs, cap, args, refiner, partial)
+        _save_steps(name, cap["steps"], out["_runs"])
         regimes[name] = out
         bars.update(bars_of(name, out["_runs"]))
         steps = np.concatenate([cap["steps"], *(r["_res"].steps for r in out["_runs"].values())])

@@ -59,11 +59,12 @@ def test_warm_up_serves_an_srpt_oracle_engine() -> None:
     'oracle_remaining_at_start' and the benchmark's oracle engine never started)."""
     p = argparse.ArgumentParser()
     add_serve_args(p)
-    args = p.parse_args(["--model", "tiny", "--probe", "none", "--policy", "srpt-oracle", "--max-context", "64",
-                         "--slots", "2", "--pages", "16", "--page-size", "16"])
+    args = p.parse_args(["--model", "tiny", "--probe", "none", "--policy", "srpt-oracle",
+                         "--max-context", "64", "--slots", "2", "--pages", "16", "--page-size", "16"])
     engine = build_real_engine(args).engine  # warms up
     assert not engine.has_unfinished() and engine.policy.name == "srpt-oracle"
-    seq = engine.add_request("x", [5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True), oracle_output_len=3)
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    seq = engine.add_request("x", [5, 6, 7], params, oracle_output_len=3)
     assert seq.oracle_remaining_at_start == 3
     while engine.has_unfinished():
         engine.step()
