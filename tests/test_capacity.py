@@ -101,3 +101,18 @@ def test_regime_arrival_shapes():
         regime_arrivals("R9", cap, 0)
     with pytest.raises(ValueError, match="capacity"):
         regime_arrivals("R1", 0.0, 0)
+
+
+def test_a_one_time_pause_is_not_throughput() -> None:
+    """Full batch of 32 at 6 ms a step, 32 tokens each, and one 4 s compile in the window: capacity
+    is 32 / 6 ms, not (tokens) / (window with the pause)."""
+    n = 1000
+    secs = np.full(n, 0.006)
+    secs[[10, 500]] = 4.0
+    full = np.full(n, 32)
+    rec = StepRecord(end_time=np.cumsum(secs), running=full, tokens_out=full, seconds=secs)
+    tp = full_batch_throughput(rec, 32)
+    assert tp["tokens_per_s"] == pytest.approx(32 / 0.006)
+    assert tp["stalls_excluded"] == 2 and tp["stall_seconds"] == pytest.approx(8.0)
+    with_pauses = full_batch_throughput(rec, 32, stall_factor=0)["tokens_per_s"]
+    assert with_pauses == pytest.approx(32 * n / secs.sum())
