@@ -44,6 +44,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of a request")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus HTTP port (0: free port)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain streams on shutdown")
+    p.add_argument("--log-stats-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="log prompt/generation tokens/s, running, waiting, KV use and preemptions every "
+                        "SECONDS while busy (logger jtrail.stats); 0: off")
     p.add_argument("--tensor-parallel", type=int, default=1, help="devices to shard the model over")
     p.add_argument("--aging", type=float, default=0.0,
                    help="trail/gittins anti-starvation: tokens of rank credit per second waited (0: off). "
@@ -136,8 +139,8 @@ async def _serve(args: argparse.Namespace) -> BaseException | None:
     from jtrail.serving.server import JtrailServer, ServerConfig
 
     engine = build_engine(args)
-    metrics = ServerMetrics()
-    grpc_server = http = None
+    metrics = ServerMetrics(model_name=engine.info().model_name)
+    grpc_server = http = stats_task = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -182,12 +185,19 @@ async def _serve(args: argparse.Namespace) -> BaseException | None:
                                     "OpenAI-compatible HTTP": f"http://{http_addr}/v1" if http else "-",
                                     "metrics": f"http://{args.host}:{mport}/metrics" if mport else "-"}):
             log.info("%s", line)
+        if args.log_stats_interval > 0:
+            from jtrail.serving.stats_log import StatsLogger
+
+            stats_task = asyncio.create_task(StatsLogger(engine.stats, args.log_stats_interval).run(),
+                                             name="jtrail-stats-log")
         # one parseable line: scripts and tests wait for it
         print(f"jtrail: serving on {grpc_addr} metrics_port={mport} http={http_addr}", flush=True)
         await stop.wait()
         if not fatal:
             log.info("shutting down: draining in-flight requests for up to %.1fs", args.grace)
     finally:
+        if stats_task is not None:
+            stats_task.cancel()
         # Both doors drain at once; the engine stops only after both are done.
         await asyncio.gather(*([http.stop()] if http else []),
                              *([grpc_server.stop(stop_engine=False)] if grpc_server else []))
@@ -209,6 +219,8 @@ def run_serve(args: argparse.Namespace) -> int:
                      "decode_steps"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if not args.log_stats_interval >= 0:  # also refuses nan
+            raise ValueError(f"--log-stats-interval must be >= 0 (0: off), got {args.log_stats_interval}")
         from jtrail.preflight import check_serve_args
 
         check_serve_args(args)  # ports, host, probe, devices: before the model loads
