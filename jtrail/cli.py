@@ -11,9 +11,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from jtrail import __version__
+from jtrail.client_cli import add_chat, add_client
 from jtrail.help_format import Parser
 from jtrail.probe_cli import add_train_probe
-from jtrail.serve import add_client, add_route, add_serve
+from jtrail.serve import add_route, add_serve
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -89,6 +90,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_serve,
     add_route,
     add_client,
+    add_chat,
     add_train_probe,
 ]
 

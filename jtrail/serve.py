@@ -1,8 +1,7 @@
-"""`jtrail serve` and `jtrail client`: run the server (gRPC + OpenAI-compatible HTTP on one engine),
-or stream one answer from it over gRPC.
+"""`jtrail serve` and `jtrail route`: run the server (gRPC + OpenAI-compatible HTTP on one engine), or a
+router in front of several (the clients, `jtrail client` and `jtrail chat`, are in client_cli.py).
 
     jtrail serve --host 127.0.0.1 --port 50051 --http-port 8000 --policy trail
-    jtrail client "What is the capital of France?" --max-tokens 32
 
 `python -m jtrail.serve ...` runs `serve` directly (the tests start the server this way).
 """
@@ -236,57 +235,12 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", nargs="?", default=None, help="prompt text (sent as a chat user message)")
-    p.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
-    p.add_argument("--raw", action="store_true", help="send the prompt as plain text, not chat")
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
-    p.add_argument("--info", action="store_true", help="print server info and health, then exit")
-
-
-def run_client(args: argparse.Namespace) -> int:
-    import grpc
-
-    from jtrail.client import Client
-
-    with Client(args.target) as c:
-        try:
-            if args.info or args.prompt is None:
-                print(f"health: {c.health()}")
-                print(c.server_info(), end="")
-                return 0
-            prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
-            last = None
-            for d in c.generate(prompt, timeout=args.timeout, max_tokens=args.max_tokens,
-                                temperature=args.temperature, top_p=args.top_p, seed=args.seed):
-                print(d.text, end="", flush=True)
-                last = d
-            if last is not None:
-                print(f"\n[{last.finish_reason}; prompt {last.prompt_tokens} tokens, "
-                      f"completion {last.completion_tokens} tokens]", file=sys.stderr)
-        except grpc.RpcError as e:
-            print(f"jtrail client: {e.code().name}: {e.details()}", file=sys.stderr)
-            return 1
-    return 0
-
-
 def add_serve(sub: argparse._SubParsersAction) -> None:
     """Register `jtrail serve` on the CLI's subparsers."""
     p = sub.add_parser("serve", help="run the server: gRPC on 127.0.0.1:50051 and the OpenAI-compatible HTTP "
                                       "API on 127.0.0.1:8000 (default model: embedded SmolLM2)")
     add_serve_args(p)
     p.set_defaults(func=run_serve)
-
-
-def add_client(sub: argparse._SubParsersAction) -> None:
-    """Register `jtrail client` on the CLI's subparsers."""
-    p = sub.add_parser("client", help="send a prompt to a jtrail server and stream the answer")
-    add_client_args(p)
-    p.set_defaults(func=run_client)
 
 
 def main(argv: list[str] | None = None) -> int:
