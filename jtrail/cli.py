@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from jtrail.log_setup import quiet_library_logs
+
+    quiet_library_logs()  # before any command imports JAX
     from jtrail.models.config import UnknownModelError
     from jtrail.models.errors import CorruptCheckpointError, ModelFileError
     from jtrail.serving.sequence import JtrailError

@@ -207,9 +207,10 @@ async def _serve(args: argparse.Namespace) -> BaseException | None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from jtrail.log_setup import quiet_library_logs
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    # JAX's backend probing logs "Unable to initialize backend 'tpu'" at INFO on every machine without one
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    quiet_library_logs()  # Orbax/absl, JAX and libtpu INFO lines; our INFO and everyone's warnings stay
     try:
         check_policy(args.policy)
         if args.no_http and args.no_grpc:
@@ -252,11 +253,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_route(args: argparse.Namespace) -> int:
+    from jtrail.log_setup import quiet_library_logs
     from jtrail.serving.grpc_router import ReplicaSet, RouterServicer
     from jtrail.serving.router import make_router
     from jtrail.serving.server import JtrailServer, ServerConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    quiet_library_logs()
     try:
         opts = {"page_size": args.page_size, "expected_tokens": args.expected_tokens}
         router = make_router(args.router, **(opts if args.router == "token-aware" else {}))
