@@ -32,6 +32,7 @@ WALK = [
     ("make-serve", "make serve", None),
     ("client", '.venv/bin/jtrail client "What is the capital of France?"', "Paris"),
     ("client-info", ".venv/bin/jtrail client --info", "policy"),
+    ("chat", '.venv/bin/jtrail chat --system "You are a concise assistant."', "Paris"),
     ("make-generate", "make generate", "### Q:"),
     ("python-quickstart", "import jtrail", "Paris"),
     ("make-lint", "make lint", None),
@@ -52,10 +53,10 @@ def python_quickstart(readme: str) -> str:
     return m.group(1)
 
 
-def run(cmd: str, cwd: Path, timeout: float, expect: str | None) -> None:
+def run(cmd: str, cwd: Path, timeout: float, expect: str | None, stdin: str = "") -> None:
     t0 = time.monotonic()
-    print(f"readme-check: $ {cmd}", flush=True)
-    r = subprocess.run(cmd, shell=True, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    print(f"readme-check: $ {cmd}" + (f" <<< {stdin!r}" if stdin else ""), flush=True)
+    r = subprocess.run(cmd, shell=True, cwd=cwd, capture_output=True, text=True, timeout=timeout, input=stdin)
     out = r.stdout + r.stderr
     if r.returncode != 0 or (expect is not None and expect not in out):
         print(out[-4000:], file=sys.stderr)
@@ -120,8 +121,10 @@ def main() -> int:
             if name == "python-quickstart":
                 (clone / "quickstart.py").write_text(python_quickstart(readme))
                 run(".venv/bin/python quickstart.py", clone, 900, expect)
-            else:
-                run(cmd.replace("jtrail client", f"jtrail client {target}"), clone, 1800, expect)
+            else:  # the chat gets one question on stdin, then end of input
+                cmd = cmd.replace("jtrail client", f"jtrail client {target}").replace(
+                    "jtrail chat", f"jtrail chat {target}")
+                run(cmd, clone, 1800, expect, "What is the capital of France?\n" if name == "chat" else "")
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # as Ctrl-C would: the server drains and exits
         try:
