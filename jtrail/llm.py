@@ -86,11 +86,21 @@ def generate_batch(engine, prompt_ids_list: list[list[int]],
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(seqs), desc="generate", unit="req")
+            # counted in tokens, so that it moves with every step, not only when a whole answer ends; the
+            # total is the max_tokens budget, and a request that stops early gives back what it left
+            bar = tqdm(total=sum(s.params.max_tokens for s in seqs), desc="generate", unit="tok")
+        budget = {s.request_id: s.params.max_tokens for s in seqs}
+        n_done = 0
         while any(not s.is_finished for s in seqs):
-            n_done = sum(o.finished for o in engine.step())
+            outs = engine.step()
             if bar is not None:
-                bar.update(n_done)
+                moved = sum(len(o.new_token_ids) for o in outs)
+                for o in outs:
+                    if o.finished and o.request_id in budget:
+                        n_done += 1
+                        moved += max(0, budget[o.request_id] - o.completion_tokens)
+                bar.set_postfix_str(f"{n_done}/{len(seqs)} answers", refresh=False)
+                bar.update(moved)
     except BaseException:
         # A failed call must not leave its requests in the engine: the next call would run them.
         for s in seqs:

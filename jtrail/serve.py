@@ -1,8 +1,7 @@
-"""`jtrail serve` and `jtrail client`: run the server (gRPC + OpenAI-compatible HTTP on one engine),
-or stream one answer from it over gRPC.
+"""`jtrail serve` and `jtrail route`: run the server (gRPC + OpenAI-compatible HTTP on one engine), or a
+router in front of several (the clients, `jtrail client` and `jtrail chat`, are in client_cli.py).
 
     jtrail serve --host 127.0.0.1 --port 50051 --http-port 8000 --policy trail
-    jtrail client "What is the capital of France?" --max-tokens 32
 
 `python -m jtrail.serve ...` runs `serve` directly (the tests start the server this way).
 """
@@ -44,6 +43,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of a request")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus HTTP port (0: free port)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain streams on shutdown")
+    p.add_argument("--log-stats-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="log prompt/generation tokens/s, running, waiting, KV use and preemptions every "
+                        "SECONDS while busy (logger jtrail.stats); 0: off")
     p.add_argument("--tensor-parallel", type=int, default=1, help="devices to shard the model over")
     p.add_argument("--aging", type=float, default=0.0,
                    help="trail/gittins anti-starvation: tokens of rank credit per second waited (0: off). "
@@ -136,8 +138,8 @@ async def _serve(args: argparse.Namespace) -> BaseException | None:
     from jtrail.serving.server import JtrailServer, ServerConfig
 
     engine = build_engine(args)
-    metrics = ServerMetrics()
-    grpc_server = http = None
+    metrics = ServerMetrics(model_name=engine.info().model_name)
+    grpc_server = http = stats_task = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -182,12 +184,19 @@ async def _serve(args: argparse.Namespace) -> BaseException | None:
                                     "OpenAI-compatible HTTP": f"http://{http_addr}/v1" if http else "-",
                                     "metrics": f"http://{args.host}:{mport}/metrics" if mport else "-"}):
             log.info("%s", line)
+        if args.log_stats_interval > 0:
+            from jtrail.serving.stats_log import StatsLogger
+
+            stats_task = asyncio.create_task(StatsLogger(engine.stats, args.log_stats_interval).run(),
+                                             name="jtrail-stats-log")
         # one parseable line: scripts and tests wait for it
         print(f"jtrail: serving on {grpc_addr} metrics_port={mport} http={http_addr}", flush=True)
         await stop.wait()
         if not fatal:
             log.info("shutting down: draining in-flight requests for up to %.1fs", args.grace)
     finally:
+        if stats_task is not None:
+            stats_task.cancel()
         # Both doors drain at once; the engine stops only after both are done.
         await asyncio.gather(*([http.stop()] if http else []),
                              *([grpc_server.stop(stop_engine=False)] if grpc_server else []))
@@ -198,9 +207,10 @@ async def _serve(args: argparse.Namespace) -> BaseException | None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from jtrail.log_setup import quiet_library_logs
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    # JAX's backend probing logs "Unable to initialize backend 'tpu'" at INFO on every machine without one
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    quiet_library_logs()  # Orbax/absl, JAX and libtpu INFO lines; our INFO and everyone's warnings stay
     try:
         check_policy(args.policy)
         if args.no_http and args.no_grpc:
@@ -209,6 +219,8 @@ def run_serve(args: argparse.Namespace) -> int:
                      "decode_steps"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if not args.log_stats_interval >= 0:  # also refuses nan
+            raise ValueError(f"--log-stats-interval must be >= 0 (0: off), got {args.log_stats_interval}")
         from jtrail.preflight import check_serve_args
 
         check_serve_args(args)  # ports, host, probe, devices: before the model loads
@@ -224,57 +236,12 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", nargs="?", default=None, help="prompt text (sent as a chat user message)")
-    p.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
-    p.add_argument("--raw", action="store_true", help="send the prompt as plain text, not chat")
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
-    p.add_argument("--info", action="store_true", help="print server info and health, then exit")
-
-
-def run_client(args: argparse.Namespace) -> int:
-    import grpc
-
-    from jtrail.client import Client
-
-    with Client(args.target) as c:
-        try:
-            if args.info or args.prompt is None:
-                print(f"health: {c.health()}")
-                print(c.server_info(), end="")
-                return 0
-            prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
-            last = None
-            for d in c.generate(prompt, timeout=args.timeout, max_tokens=args.max_tokens,
-                                temperature=args.temperature, top_p=args.top_p, seed=args.seed):
-                print(d.text, end="", flush=True)
-                last = d
-            if last is not None:
-                print(f"\n[{last.finish_reason}; prompt {last.prompt_tokens} tokens, "
-                      f"completion {last.completion_tokens} tokens]", file=sys.stderr)
-        except grpc.RpcError as e:
-            print(f"jtrail client: {e.code().name}: {e.details()}", file=sys.stderr)
-            return 1
-    return 0
-
-
 def add_serve(sub: argparse._SubParsersAction) -> None:
     """Register `jtrail serve` on the CLI's subparsers."""
     p = sub.add_parser("serve", help="run the server: gRPC on 127.0.0.1:50051 and the OpenAI-compatible HTTP "
                                       "API on 127.0.0.1:8000 (default model: embedded SmolLM2)")
     add_serve_args(p)
     p.set_defaults(func=run_serve)
-
-
-def add_client(sub: argparse._SubParsersAction) -> None:
-    """Register `jtrail client` on the CLI's subparsers."""
-    p = sub.add_parser("client", help="send a prompt to a jtrail server and stream the answer")
-    add_client_args(p)
-    p.set_defaults(func=run_client)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,11 +253,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_route(args: argparse.Namespace) -> int:
+    from jtrail.log_setup import quiet_library_logs
     from jtrail.serving.grpc_router import ReplicaSet, RouterServicer
     from jtrail.serving.router import make_router
     from jtrail.serving.server import JtrailServer, ServerConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    quiet_library_logs()
     try:
         opts = {"page_size": args.page_size, "expected_tokens": args.expected_tokens}
         router = make_router(args.router, **(opts if args.router == "token-aware" else {}))

@@ -102,6 +102,9 @@ class LLMEngine:
                                        self._free)
         self._rng = np.random.default_rng(cfg.seed)
         self.steps = 0
+        # token counters for the throughput log and metrics (vLLM's: a prompt counts once, at its
+        # first output token; every streamed output token counts)
+        self.prompt_tokens_total = self.generation_tokens_total = 0
 
     # the scheduler side's state, under the names the benchmarks and tests use
     blocks = property(lambda self: self.scheduler.blocks)
@@ -190,7 +193,12 @@ class LLMEngine:
             self.scheduler.return_borrowed(batch)
             result = self.runner.fetch(handle)  # the step's one host sync
             self.outputs.process(batch, result, self._reqs, time.monotonic())  # 3. tokens out
-        return self.outputs.take()
+        outs = self.outputs.take()
+        for o in outs:
+            self.generation_tokens_total += len(o.new_token_ids)
+            if o.new_token_ids and o.completion_tokens == len(o.new_token_ids):  # its first tokens
+                self.prompt_tokens_total += o.prompt_tokens
+        return outs
 
     def _fill_sampling(self, batch: StepBatch) -> None:
         if batch.prefills:
@@ -231,6 +239,8 @@ class LLMEngine:
                                                                  is not None else s.max_remaining)
                                          for s in seqs)),
             finished_by_reason=dict(self.finished_by_reason), steps=self.steps,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
             slot_free_tokens=replica_forecast(
                 self.running, self.waiting, self.config.num_slots,
                 self.outputs.finished_tokens / self.outputs.finished_count if self.outputs.finished_count

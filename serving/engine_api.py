@@ -29,6 +29,9 @@ class EngineStats:
     # token-aware routing: decode steps until each batch slot is free for a new arrival, ascending
     # (router.slot_forecast); empty when the engine does not forecast
     slot_free_tokens: list[float] = field(default_factory=list)
+    # running totals: prompt tokens of requests that produced their first token, output tokens streamed
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
 
 
 @dataclass

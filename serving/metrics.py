@@ -1,10 +1,10 @@
-"""Prometheus metrics for the gRPC server, on a dedicated CollectorRegistry per server.
+"""Prometheus metrics for the server (both front doors), on a dedicated CollectorRegistry per server.
 
 A per-server registry (not prometheus-client's global one) keeps several servers in one process —
 tests, multi-replica benchmarks — from colliding. Latency histograms are observed by the server per
 request (vLLM's definitions: TTFT, TPOT = (E2E - TTFT) / (output_tokens - 1), E2E); engine load
 gauges are refreshed from `AsyncEngine.stats()` on the event loop, so the HTTP thread never touches
-engine state.
+engine state. The same quantities are also exported under vLLM's names (vllm_metrics.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import start_http_server
 
 from .engine_api import EngineStats
+from .vllm_metrics import VllmMetrics
 
 # One line per finished request (as vLLM logs them); silence with logging.getLogger("jtrail.requests")
 request_log = logging.getLogger("jtrail.requests")
@@ -40,7 +41,8 @@ class RequestTiming:
 
 
 class ServerMetrics:
-    def __init__(self, namespace: str = "jtrail") -> None:
+    def __init__(self, namespace: str = "jtrail", model_name: str = "") -> None:
+        """`model_name`: the `model_name` label of the vLLM-named metrics (vLLM's served model name)."""
         self.registry = CollectorRegistry()
         r, ns = self.registry, namespace
         self.ttft = Histogram("time_to_first_token_seconds", "Time to first token", namespace=ns,
@@ -59,7 +61,12 @@ class ServerMetrics:
                                 namespace=ns, registry=r)
         self.rejected = Counter("requests_rejected", "Requests refused before running, by gRPC status",
                                 ["code"], namespace=ns, registry=r)
-        self._last_preemptions = 0
+        self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens of requests that produced a first "
+                                     "token", namespace=ns, registry=r)
+        self.generation_tokens = Counter("generation_tokens", "Output tokens generated", namespace=ns,
+                                         registry=r)
+        self.vllm = VllmMetrics(r, model_name, _LATENCY_BUCKETS, _TPOT_BUCKETS)
+        self._last_preemptions = self._last_prompt = self._last_generation = 0
         self._http: object | None = None
         self._http_thread: threading.Thread | None = None
 
@@ -70,21 +77,31 @@ class ServerMetrics:
                          t.request_id or "-", reason, "-" if t.prompt_tokens is None else t.prompt_tokens,
                          t.output_tokens, ttft, (t.finish - t.arrival) * 1e3)
         self.finished.labels(reason=reason).inc()
-        self.e2e.observe(t.finish - t.arrival)
+        self.vllm.finished(reason)
+        for h in (self.e2e, self.vllm.e2e):
+            h.observe(t.finish - t.arrival)
         if t.first_token is not None:
-            self.ttft.observe(t.first_token - t.arrival)
+            for h in (self.ttft, self.vllm.ttft):
+                h.observe(t.first_token - t.arrival)
             if t.output_tokens > 1:
-                self.tpot.observe((t.finish - t.first_token) / (t.output_tokens - 1))
+                for h in (self.tpot, self.vllm.tpot):
+                    h.observe((t.finish - t.first_token) / (t.output_tokens - 1))
 
     def update_engine(self, s: EngineStats) -> None:
-        self.waiting.set(s.waiting)
-        self.running.set(s.running)
-        self.pages_used.set(s.pages_used)
-        self.pages_total.set(s.pages_total)
-        # The engine reports a running total; a Counter only goes up, so add the difference.
-        if s.preemptions > self._last_preemptions:
-            self.preemptions.inc(s.preemptions - self._last_preemptions)
-        self._last_preemptions = max(self._last_preemptions, s.preemptions)
+        v = self.vllm
+        for g, x in ((self.waiting, s.waiting), (v.waiting, s.waiting), (self.running, s.running),
+                     (v.running, s.running), (v.swapped, s.swapped), (self.pages_used, s.pages_used),
+                     (self.pages_total, s.pages_total)):
+            g.set(x)
+        usage = s.pages_used / s.pages_total if s.pages_total else 0.0
+        v.gpu_cache_usage.set(usage)
+        v.kv_cache_usage.set(usage)
+        # The engine reports running totals; a Counter only goes up, so add the difference.
+        self._last_preemptions = _add(s.preemptions, self._last_preemptions, self.preemptions, v.preemptions)
+        self._last_prompt = _add(s.prompt_tokens_total, self._last_prompt, self.prompt_tokens,
+                                 v.prompt_tokens)
+        self._last_generation = _add(s.generation_tokens_total, self._last_generation, self.generation_tokens,
+                                     v.generation_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -104,3 +121,11 @@ class ServerMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+def _add(total: int, last: int, *counters: Counter) -> int:
+    """Bring `counters` from the engine's earlier running total `last` to `total`; returns the new last."""
+    if total > last:
+        for c in counters:
+            c.inc(total - last)
+    return max(total, last)

@@ -124,11 +124,27 @@ def _factory(policy: PolicySpec, kwargs: dict[str, Any] | None) -> Callable[[], 
     return policy
 
 
+_BAR_EVERY = 4096  # requests between progress-bar updates
+_BAR_AUTO_MIN = 100_000  # progress=None shows a bar from this many requests on
+
+
+def _progress_bar(n: int, progress: bool | None) -> Any:
+    if not (progress or (progress is None and n >= _BAR_AUTO_MIN)):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=n, desc="simulate", unit="req", disable=None, mininterval=0.5)  # None: tty only
+
+
 def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel, resources: Resources, *,
              predictor: Any = None, num_replicas: int = 1, router: Any = None,
              policy_kwargs: dict[str, Any] | None = None, predict_at_arrival: bool = True,
-             max_jump_steps: int | None = None, record_steps: bool = False) -> SimResult:
-    """Run the trace to completion; returns per-request metrics (seconds)."""
+             max_jump_steps: int | None = None, record_steps: bool = False,
+             progress: bool | None = None) -> SimResult:
+    """Run the trace to completion; returns per-request metrics (seconds).
+
+    `progress`: a bar of requests arrived on stderr (tqdm; shown only on a terminal); None: for traces
+    of at least 100,000 requests (a million take ~20 s)."""
     if num_replicas < 1:
         raise InvalidRequestError("num_replicas", f"must be >= 1, got {num_replicas}")
     if num_replicas > 1 and router is None:
@@ -163,6 +179,7 @@ def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel, resources:
     prio = trace.priority.tolist() if trace.priority is not None else None
     ids = trace.request_ids
     events: list[tuple[float, int, int]] = []
+    bar = _progress_bar(n, progress)
     wall0 = _time.perf_counter()
     i, last = 0, 0.0
     while True:
@@ -196,6 +213,8 @@ def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel, resources:
                 rep.version += 1
                 heapq.heappush(events, (end, k, rep.version))
             i += 1
+            if bar is not None and not i % _BAR_EVERY:  # cheap: the loop runs ~50k times a second
+                bar.update(_BAR_EVERY)
             continue
         if not events:
             break
@@ -212,6 +231,9 @@ def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel, resources:
         rep.version += 1
         if end is not None:
             heapq.heappush(events, (end, k, rep.version))
+    if bar is not None:
+        bar.update(n - bar.n)
+        bar.close()
     stuck = [r for r in reps if r.waiting or r.running]
     if stuck:
         raise RuntimeError(f"simulation ended with unfinished requests ({len(stuck[0].waiting)} waiting)")
