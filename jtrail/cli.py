@@ -104,13 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from jtrail.models.config import UnknownModelError
-    from jtrail.models.errors import CorruptCheckpointError, ModelFileError
-    from jtrail.serving.sequence import JtrailError
+    from jtrail.models.errors import JtrailError
 
     try:
         return int(args.func(args) or 0)
-    except (JtrailError, UnknownModelError, ModelFileError, CorruptCheckpointError) as e:
+    except JtrailError as e:  # the root of every typed error jtrail raises
         print(f"jtrail {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from jtrail.serving.sequence import JtrailError
+from jtrail.models.errors import JtrailError
 
 # Deliberately free of JAX/Flax/Optax imports: the checks before the model loads must answer in a second.
 

@@ -29,8 +29,8 @@ from jtrail.models.attention import (
     dense_causal_attention,
     init_contiguous_cache,
 )
+from jtrail.models.errors import JtrailError
 from jtrail.models.llama import Llama
-from jtrail.serving.sequence import JtrailError
 
 _F16_MAX = float(np.finfo(np.float16).max)
 

@@ -20,10 +20,10 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jtrail.models.errors import JtrailError
 from jtrail.models.probe import ProbeConfig, ProbeHead, equal_bins, log_bins
 from jtrail.probe_data import ProbeFeatures
 from jtrail.probe_eval import LayerEval, evaluate_probs
-from jtrail.serving.sequence import JtrailError
 
 
 class ProbeTrainingError(JtrailError, ValueError):

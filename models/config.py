@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .errors import UnknownModelError
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -73,10 +75,6 @@ NAMED_CONFIGS: dict[str, ModelConfig] = {
         ffn_dim=128, rope_theta=10000.0, tie_embeddings=True, max_seq_len=512, bos_id=1, eos_ids=(2,),
     ),
 }
-
-
-class UnknownModelError(ValueError):
-    """A model name, architecture or file that jtrail cannot load."""
 
 
 def named_config(name: str) -> ModelConfig:

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .config import ModelConfig, RopeScaling, UnknownModelError
-from .errors import CorruptCheckpointError, ModelFileError
+from .config import ModelConfig, RopeScaling
+from .errors import CorruptCheckpointError, ModelFileError, UnknownModelError
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
 

@@ -17,10 +17,11 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig
+from .errors import JtrailError
 from .llama import Llama
 
 
-class WeightMismatchError(ValueError):
+class WeightMismatchError(JtrailError, ValueError):
     """A checkpoint tensor is missing or has the wrong shape for the configured model."""
 
 

@@ -7,7 +7,8 @@ sequence; `owner` is kept so double allocation or a leak is detected, not silent
 
 from __future__ import annotations
 
-from .sequence import JtrailError, Sequence
+from ..models.errors import JtrailError
+from .sequence import Sequence
 
 NULL_PAGE = 0
 

@@ -50,6 +50,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
+from ..models.errors import JtrailError
 from . import openai_protocol as api
 from .engine_api import AsyncEngine
 from .metrics import RequestTiming, ServerMetrics
@@ -66,7 +67,7 @@ _GRPC_CODE = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 500: "INTERNAL", 503: "
 _FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 
 
-class ApiError(Exception):
+class ApiError(JtrailError):
     """An error answered in OpenAI's JSON shape with an HTTP status."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,

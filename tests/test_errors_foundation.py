@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 from _gguf_fixtures import write_llama_gguf
-from jtrail.models.config import UnknownModelError
-from jtrail.models.errors import CorruptCheckpointError, ModelFileError
+from jtrail.models.errors import CorruptCheckpointError, ModelFileError, UnknownModelError
 
 from jtrail import LLM, InvalidRequestError, SamplingParams, load_model
 from jtrail.cli import main
