@@ -22,6 +22,7 @@ from .detokenizer import IncrementalDetokenizer, Tokenizer
 from .engine_api import EngineStats
 from .forecast import FORECAST_PRIOR_TOKENS, replica_forecast
 from .outputs import OutputProcessor
+from .predictor import Predictor
 from .request_state import EngineRequest
 from .runner import Runner
 from .scheduler.base import Policy
@@ -78,7 +79,7 @@ def resolve_policy(policy: str | Policy) -> Policy:
 
 class LLMEngine:
     def __init__(self, model: Any, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None,
-                 probe: Any = None, predictor: Any = None, runner: Runner | None = None):
+                 probe: Any = None, predictor: Predictor | None = None, runner: Runner | None = None):
         """`model` (a Llama) builds the JAX runner; or pass `runner` (e.g. a FakeRunner, whose `cfg`
         then gives vocab_size and eos_ids) and model=None."""
         self.config = cfg = config or EngineConfig()

@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .batch import StepBatch, StepOutput
+from .predictor import Predictor
 from .request_state import EngineRequest
+from .scheduler.base import Policy
 from .sequence import FinishReason, RequestOutput, SamplingParams, Sequence, Status
 
 
@@ -49,7 +51,8 @@ def final_text(seq: Sequence, decode: Callable[[list[int]], str], eos_ids: tuple
 class OutputProcessor:
     """The engine's third beat. `release(seq)` frees a finished request's slot, pages and record."""
 
-    def __init__(self, eos_ids: tuple[int, ...], max_model_len: int, policy, predictor,
+    def __init__(self, eos_ids: tuple[int, ...], max_model_len: int, policy: Policy,
+                 predictor: Predictor | None,
                  release: Callable[[Sequence], None]):
         self.eos_ids, self.max_model_len = tuple(eos_ids), max_model_len
         self.policy, self.predictor, self.release = policy, predictor, release

@@ -20,10 +20,36 @@ import math
 import zlib
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from .sequence import InvalidRequestError, Sequence
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """What the engine calls: after a request's prefill, and after each decode step that appended
+    `n_new` tokens. `probs` is the probe head's bin probabilities for the latest token (numpy [K]).
+    A predictor writes `seq.predicted_remaining` (and `initial_prediction`, `posterior`,
+    `prediction_epoch`); the policy reads them at the next `schedule`."""
+
+    def on_prefill(self, seq: Sequence, probs: np.ndarray) -> None: ...
+
+    def on_decode(self, seq: Sequence, probs: np.ndarray, n_new: int) -> None: ...
+
+
+@runtime_checkable
+class SimPredictor(Protocol):
+    """What the simulator calls: no probe outputs exist there, so the predictor makes its own (from the
+    sequence's true length, or recorded outputs). `refine_every`: tokens between refinement events
+    (None: the estimate changes only at prefill)."""
+
+    refine_every: int | None
+
+    def sim_prefill(self, seq: Sequence) -> None: ...
+
+    def sim_refine(self, seq: Sequence, d: int) -> None: ...
 
 
 def _cap(seq: Sequence, remaining: float) -> float:
@@ -226,5 +252,5 @@ class SyntheticProbe(RecordedPredictor):
         return q + 1e-6
 
 
-__all__ = ["NoisyOraclePredictor", "OraclePredictor", "RecordedPredictor", "SyntheticProbe", "TrailPredictor",
-           "transition_matrix"]
+__all__ = ["NoisyOraclePredictor", "OraclePredictor", "Predictor", "RecordedPredictor", "SimPredictor",
+           "SyntheticProbe", "TrailPredictor", "transition_matrix"]

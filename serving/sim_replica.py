@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .predictor import SimPredictor
 from .scheduler.base import Policy, SchedulerState
 from .sequence import Sequence, Status
 from .step_model import StepModel
@@ -72,14 +73,15 @@ class SimSequence(Sequence):
 
 class SimReplica:
     def __init__(self, policy: Policy, step_model: StepModel, num_slots: int, num_pages: int,
-                 page_size: int, swap: bool, predictor: Any, on_finish: Callable[[SimSequence], None],
+                 page_size: int, swap: bool, predictor: SimPredictor | None,
+                 on_finish: Callable[[SimSequence], None],
                  max_jump_steps: int | None = None, prefill_chunk: int = 512):
         self.policy, self.sm, self.slots = policy, step_model, num_slots
         self.num_pages, self.ps = num_pages, page_size
         self.swap, self.predictor, self._on_finish = swap, predictor, on_finish
         self.max_jump = max_jump_steps or (1 << 62)
         self.prefill_chunk = prefill_chunk  # the engine's largest prefill call (tokens)
-        self.refine_every = getattr(predictor, "refine_every", None)
+        self.refine_every = predictor.refine_every if predictor is not None else None
         self.steps, self.time, self.version = 0, 0.0, 0
         self.running: list[SimSequence] = []
         self.offs: list[int] = []  # tokens - steps, per running sequence (constant while it runs)
@@ -90,7 +92,7 @@ class SimReplica:
         self._tick = itertools.count()
         self._prefill: list[tuple[SimSequence, int]] = []  # admitted at this boundary, tokens to prefill
         self._probes: list[int] = []  # prompt tokens of probe-only prefills due in the next step
-        self.probe_on_arrival = bool(getattr(policy, "probe_on_arrival", False)) and predictor is not None
+        self.probe_on_arrival = policy.probe_on_arrival and predictor is not None
         self.planned: tuple | None = None  # ("wake",) or (t0, steps, n, kv0)
         self.preemptions = 0
         self._changed = False  # state changed at this boundary: the engine would re-schedule next step

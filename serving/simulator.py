@@ -25,8 +25,8 @@ import numpy as np
 
 from .capacity import StepRecord
 from .engine_api import EngineStats
-from .predictor import OraclePredictor
-from .scheduler.base import Policy
+from .predictor import OraclePredictor, SimPredictor
+from .scheduler.base import Policy, PolicyStats
 from .scheduler.registry import make_policy
 from .sequence import InvalidRequestError, SamplingParams
 from .sim_replica import SimReplica, SimSequence
@@ -90,7 +90,7 @@ class SimResult:
     replica: np.ndarray
     wall_seconds: float
     makespan: float
-    policy_stats: list[Any] = field(default_factory=list)
+    policy_stats: list[PolicyStats | None] = field(default_factory=list)
     # per replica, with record_steps=True: a StepRecord (capacity.py) of the runs of steps it made
     steps: list[Any] = field(default_factory=list)
 
@@ -125,7 +125,7 @@ def _factory(policy: PolicySpec, kwargs: dict[str, Any] | None) -> Callable[[], 
 
 
 def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel, resources: Resources, *,
-             predictor: Any = None, num_replicas: int = 1, router: Any = None,
+             predictor: SimPredictor | None = None, num_replicas: int = 1, router: Any = None,
              policy_kwargs: dict[str, Any] | None = None, predict_at_arrival: bool = True,
              max_jump_steps: int | None = None, record_steps: bool = False) -> SimResult:
     """Run the trace to completion; returns per-request metrics (seconds)."""
@@ -217,5 +217,5 @@ def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel, resources:
         raise RuntimeError(f"simulation ended with unfinished requests ({len(stuck[0].waiting)} waiting)")
     steps = [StepRecord.from_rows(r.step_log) for r in reps] if record_steps else []
     return SimResult(ttft, e2e, trace.output_len.copy(), npre, where, _time.perf_counter() - wall0,
-                     last - (float(arr[0]) if n else 0.0), [getattr(r.policy, "stats", None) for r in reps],
+                     last - (float(arr[0]) if n else 0.0), [r.policy.stats for r in reps],
                      steps)

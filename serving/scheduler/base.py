@@ -29,6 +29,16 @@ class SchedulerState:
 
 
 @dataclass
+class PolicyStats:
+    """Counts a policy keeps of its own decisions (the simulator reports them per replica)."""
+
+    schedule_calls: int = 0
+    admissions_proposed: int = 0
+    preemptions: int = 0  # decided in schedule()
+    victims: int = 0  # chosen in choose_victim() when memory ran out
+
+
+@dataclass
 class Decision:
     preempt: list[Sequence] = field(default_factory=list)  # running -> waiting
     admit: list[Sequence] = field(default_factory=list)  # waiting -> running, in this order
@@ -44,6 +54,8 @@ class Policy(ABC):
     # Ranks by remaining length, which falls one per generated token (the router's slot forecast
     # then drops long queued requests from what a new arrival waits behind).
     counts_down: bool = False
+    # Counts of this policy's decisions; None where a policy keeps none (the simple ones).
+    stats: PolicyStats | None = None
 
     @abstractmethod
     def schedule(self, state: SchedulerState) -> Decision: ...

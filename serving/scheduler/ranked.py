@@ -21,26 +21,17 @@ turns a rank into a full policy:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from ..sequence import InvalidRequestError, Sequence
 from .aging import Aging
-from .base import Decision, Policy, SchedulerState
+from .base import Decision, Policy, PolicyStats, SchedulerState
 from .memory import MemoryGuard, least_work_victim
 from .preemption_cost import RecomputeCost
 from .runindex import RunIndex
 from .waitqueue import WaitIndex
 
 VICTIM_RULES = ("recent", "least_work", "longest")
-
-
-@dataclass
-class PolicyStats:
-    schedule_calls: int = 0
-    admissions_proposed: int = 0
-    preemptions: int = 0  # decided in schedule()
-    victims: int = 0  # chosen in choose_victim() when memory ran out
 
 
 
