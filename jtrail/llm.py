@@ -2,7 +2,8 @@
 
 The API validates requests and turns text into ids; a backend turns ids into tokens. The default
 backend is the continuous-batching serving engine (paged KV cache, the same engine `jtrail serve`
-runs); `backend="simple"` selects the contiguous-cache batched generator of `jtrail.models.generate`.
+runs); `backend="reference"` selects the reference backend, the contiguous-cache batched generator of
+`jtrail.models.generate` that the engine is tested against ("simple", its former name, still works).
 """
 
 from __future__ import annotations
@@ -114,14 +115,16 @@ class LLM:
         backend: Backend | str = "engine",
         progress: bool = True,
     ):
-        if isinstance(backend, str) and backend not in ("engine", "simple"):  # before the slow load
-            raise InvalidRequestError("backend", f"unknown backend {backend!r}; use 'engine' or 'simple'")
+        if backend == "simple":  # the reference backend's former name
+            backend = "reference"
+        if isinstance(backend, str) and backend not in ("engine", "reference"):  # before the slow load
+            raise InvalidRequestError("backend", f"unknown backend {backend!r}; use 'engine' or 'reference'")
         self.loaded: LoadedModel = load_model(model, dtype=dtype, progress=progress)
         self.cfg = self.loaded.cfg
         self.tokenizer = self.loaded.tokenizer
         if backend == "engine":
             backend = EngineBackend(self.loaded, max_batch=max_batch)
-        elif backend == "simple":
+        elif backend == "reference":
             backend = Generator(self.loaded.model, self.tokenizer, max_batch=max_batch)
         self.backend: Backend = backend
         self.progress = progress

@@ -84,11 +84,8 @@ def build_engine(args: argparse.Namespace) -> AsyncEngine:
 
 def build_real_engine(args: argparse.Namespace) -> AsyncEngine:
     """The model-backed engine: loader -> LLMEngine -> AsyncLLMEngine (imported lazily: JAX is slow)."""
-    try:  # first, so a missing engine fails before the slow model load
-        from jtrail.serving.async_engine import AsyncLLMEngine
-    except ImportError as e:
-        raise RuntimeError(f"the model-backed engine is not available ({e}); use --mock") from e
     from jtrail.models.loader import load_model
+    from jtrail.serving.async_engine import AsyncLLMEngine
     from jtrail.serving.engine import EngineConfig, LLMEngine
 
     loaded = load_model(args.model)

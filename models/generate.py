@@ -1,7 +1,9 @@
-"""Simple batched generation: contiguous KV cache, one jitted prefill, one jitted decode step per token.
+"""The reference backend: batched generation over a contiguous KV cache, one jitted prefill and one jitted
+decode step per token; no pages, no scheduler, no preemption.
 
-This is the temporary backend behind `jtrail.LLM`; the serving engine (continuous batching, paged KV)
-replaces it behind the same API. Shapes are bucketed to powers of two so a handful of compilations
+`jtrail.LLM(backend="reference")` runs it. It is kept as the independent check of the serving engine
+(continuous batching, paged KV): the same prompts must give the same greedy tokens on both
+(tests/test_llm.py). Shapes are bucketed to powers of two so a handful of compilations
 serve any mix of prompts. Sampling parameters are duck-typed (`SamplingLike`) so `models` does not
 depend on `serving`.
 """

@@ -186,7 +186,6 @@ class ModelRunner:
             shard_model(model, mesh)
         self.cfg = cfg
         self.num_slots = num_slots
-        self.num_pages = num_pages
         self.page_size = page_size
         self.max_pages_per_seq = -(-max_model_len // page_size)
         kv_dtype = kv_dtype or model.dtype

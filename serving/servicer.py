@@ -37,9 +37,9 @@ _REASONS = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FI
 def stats_to_pb(s: EngineStats) -> pb.StatsResponse:
     return pb.StatsResponse(waiting=s.waiting, running=s.running, swapped=s.swapped,
                             pages_used=s.pages_used, pages_total=s.pages_total, preemptions=s.preemptions,
-                            outstanding_tokens=s.outstanding_tokens, steps=getattr(s, "steps", 0),
+                            outstanding_tokens=s.outstanding_tokens, steps=s.steps,
                             finished_by_reason=s.finished_by_reason,
-                            slot_free_tokens=list(getattr(s, "slot_free_tokens", ())))
+                            slot_free_tokens=list(s.slot_free_tokens))
 
 
 def sampling_from_pb(req: pb.GenerateRequest, default_max_tokens: int) -> SamplingParams:
