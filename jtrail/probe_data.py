@@ -31,6 +31,7 @@ from jtrail.models.attention import (
 )
 from jtrail.models.errors import JtrailError
 from jtrail.models.llama import Llama
+from jtrail.models.shapes import pow2_bucket
 
 _F16_MAX = float(np.finfo(np.float16).max)
 
@@ -91,11 +92,6 @@ class ProbeFeatures:
                        request_split=z["request_split"].astype(str) if "request_split" in z.files else None)
 
 
-def bucket_length(n: int, minimum: int = 64) -> int:
-    """Next power of two >= n: few distinct shapes, at most 2x padding."""
-    return max(minimum, 1 << max(0, int(n - 1).bit_length()))
-
-
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _generate_batch(graphdef, state, tokens, lengths, max_new: int, eos):
     model = nnx.merge(graphdef, state)
@@ -145,7 +141,7 @@ def generate_greedy(model: Llama, prompts: Sequence[Sequence[int]], max_new_toke
     bar = tqdm(total=len(prompts), desc="generate", unit="req", disable=not progress)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        p = bucket_length(max(len(prompts[i]) for i in idx), min_prompt_bucket)
+        p = pow2_bucket(max(len(prompts[i]) for i in idx), min_prompt_bucket)
         # Pad the batch to a fixed size with copies of a 1-token prompt so every call shares a shape.
         toks = np.zeros((batch_size, p), np.int32)
         lens = np.ones((batch_size,), np.int32)
@@ -197,11 +193,11 @@ def collect_features(model: Llama, prompts: Sequence[Sequence[int]], answers: Se
     bar = tqdm(total=len(seqs), desc="features", unit="req", disable=not progress)
     start = 0
     while start < len(order):
-        t = bucket_length(len(seqs[order[start]]))
+        t = pow2_bucket(len(seqs[order[start]]), 64)
         rows = max(1, token_budget // t)
         idx = [i for i in order[start:start + rows] if len(seqs[i]) <= t]
         start += len(idx)
-        rows = min(rows, bucket_length(len(idx), 1))  # a small tail batch is not padded to the full budget
+        rows = min(rows, pow2_bucket(len(idx), 1))  # a small tail batch is not padded to the full budget
         toks = np.zeros((rows, t), np.int32)
         lens, plens = np.ones((rows,), np.int32), np.ones((rows,), np.int32)
         for r, i in enumerate(idx):

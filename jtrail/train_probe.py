@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from jtrail.models.errors import JtrailError
 from jtrail.models.probe import ProbeConfig, ProbeHead, equal_bins, log_bins
+from jtrail.models.shapes import pow2_bucket
 from jtrail.probe_data import ProbeFeatures
 from jtrail.probe_eval import LayerEval, evaluate_probs
 
@@ -166,7 +167,7 @@ def head_probs(head: ProbeHead, x: np.ndarray, batch: int = 65536) -> np.ndarray
     outs = []
     for i in range(0, len(x), batch):
         xb = x[i:i + batch]
-        rows = min(batch, 1 << max(0, len(xb) - 1).bit_length())
+        rows = min(batch, pow2_bucket(len(xb)))
         pad = np.zeros((rows - len(xb), x.shape[1]), x.dtype)
         outs.append(np.asarray(_probs(graphdef, state, jnp.asarray(np.concatenate([xb, pad]))))[:len(xb)])
     return np.concatenate(outs) if outs else np.zeros((0, head.cfg.num_bins), np.float32)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jtrail.serving.paging import pages_for
+
 log = logging.getLogger("jtrail.serve")
 
 
@@ -58,7 +60,7 @@ def _prompts_for(cap: int, prev: int, limit: int, row: int, cfg) -> list[int]:
     k = -(-total // unit)
     sizes = [unit] * (k - 1) + [total - unit * (k - 1)]
     lengths = [min(n, limit) for n in sizes]  # each pads back to its size: the call holds `total`
-    pages = sum(-(-(n + cfg.decode_steps_per_call + 1) // cfg.page_size) for n in lengths)
+    pages = sum(pages_for(n + cfg.decode_steps_per_call + 1, cfg.page_size) for n in lengths)
     return lengths if pages <= cfg.num_pages else []
 
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .attention import ContiguousMeta, contiguous_cache_attention, init_contiguous_cache
 from .llama import Llama
 from .sampling import sample_tokens
+from .shapes import pow2_bucket
 from .tokenizer import Tokenizer
 
 
@@ -44,10 +45,6 @@ class GenerationResult:
     text: str
     finish_reason: str  # "stop" (eos, stop id or stop string) or "length" (max_tokens or context)
     prompt_tokens: int
-
-
-def _bucket(n: int, minimum: int) -> int:
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
 def _forward_sample(graphdef, state, tokens, positions, logits_index, caches, keys, step, temp, top_p, top_k):
@@ -102,11 +99,11 @@ class Generator:
         self, prompts: list[Sequence[int]], params: list[SamplingLike]
     ) -> list[GenerationResult]:
         n, cfg = len(prompts), self.cfg
-        b = _bucket(n, 1)
+        b = pow2_bucket(n, 1)
         lens = np.array([len(p) for p in prompts] + [1] * (b - n), np.int32)
-        t = _bucket(int(lens.max()), 16)
+        t = pow2_bucket(int(lens.max()), 16)
         need = max(int(lens[i]) + params[i].max_tokens for i in range(n))
-        s = min(_bucket(need, 64), cfg.max_seq_len)
+        s = min(pow2_bucket(need, 64), cfg.max_seq_len)
         tokens = np.zeros((b, t), np.int32)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p

@@ -8,6 +8,7 @@ sequence; `owner` is kept so double allocation or a leak is detected, not silent
 from __future__ import annotations
 
 from ..models.errors import JtrailError
+from .paging import pages_for
 from .sequence import Sequence
 
 NULL_PAGE = 0
@@ -44,7 +45,7 @@ class BlockManager:
         return len(self._owner)
 
     def pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)
+        return pages_for(num_tokens, self.page_size)
 
     def can_allocate(self, n: int) -> bool:
         return n <= len(self._free)

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .batch import StepBatch, StepOutput
+from .paging import pages_for
 from .sequence import Sequence
 
 BYTE_OFFSET = 3
@@ -68,7 +69,7 @@ class FakeRunner:
                  probe: bool = False):
         self.cfg = FakeModelConfig()
         self.num_slots, self.step_delay_s, self.has_probe = num_slots, step_delay_s, probe
-        self.max_pages_per_seq = -(-max_model_len // page_size)
+        self.max_pages_per_seq = pages_for(max_model_len, page_size)
         self.calls = 0
 
     @staticmethod

@@ -32,6 +32,7 @@ from ..models.sampling import sample_tokens
 from ..models.sharding import kv_sharding, make_mesh, shard_attention_fn, shard_model
 from . import swap
 from .batch import SamplingRows, StepBatch, StepOutput, prefill_layout
+from .paging import pages_for
 
 __all__ = ["ModelRunner", "SamplingRows", "PagedMeta", "make_paged_attention"]
 
@@ -187,7 +188,7 @@ class ModelRunner:
         self.cfg = cfg
         self.num_slots = num_slots
         self.page_size = page_size
-        self.max_pages_per_seq = -(-max_model_len // page_size)
+        self.max_pages_per_seq = pages_for(max_model_len, page_size)
         kv_dtype = kv_dtype or model.dtype
         shape = (cfg.n_kv_heads, num_pages, page_size, cfg.head_dim)
         kv_dev = kv_sharding(mesh, "paged") if mesh is not None else None

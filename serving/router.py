@@ -36,6 +36,7 @@ import numpy as np
 
 from .engine_api import EngineStats
 from .forecast import FORECAST_PRIOR_TOKENS, MAX_LISTED, replica_forecast, slot_forecast
+from .paging import pages_for
 from .sequence import InvalidRequestError
 
 __all__ = ["FORECAST_PRIOR_TOKENS", "MAX_LISTED", "ROUTER_NAMES", "Router", "make_router", "replica_forecast",
@@ -118,7 +119,7 @@ class TokenAware(Router):
 
     def _choose(self, stats, prompt_tokens, predicted_tokens):
         out = self.expected_tokens if predicted_tokens is None else float(predicted_tokens)
-        need = -(-(prompt_tokens + int(np.ceil(out))) // self.page_size)
+        need = pages_for(prompt_tokens + int(np.ceil(out)), self.page_size)
         fits = [k for k, s in enumerate(stats) if s.pages_total - s.pages_used >= need]
         pool = fits or range(len(stats))
         if self.forecast and all(s.slot_free_tokens for s in stats):

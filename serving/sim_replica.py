@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .paging import pages_for
 from .predictor import SimPredictor
 from .scheduler.base import Policy, SchedulerState
 from .sequence import Sequence, Status
@@ -233,7 +234,7 @@ class SimReplica:
         for w in dec.admit:
             if w.status not in _WAITING:
                 continue  # stale or duplicate entry from the policy
-            need = -(-(w._plen + w._gen0 + 1) // self.ps)
+            need = pages_for(w._plen + w._gen0 + 1, self.ps)
             if len(self.running) >= self.slots or need > free_pages:
                 break  # keep the policy's order: nothing jumps a request that does not fit yet
             self._admit(w, t)

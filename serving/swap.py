@@ -13,11 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..models.shapes import pow2_bucket
 from .block_manager import NULL_PAGE
-
-
-def _bucket(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 @dataclass
@@ -50,7 +47,7 @@ def _scatter(caches, pages, data):
 
 
 def _padded(pages: list[int]) -> np.ndarray:
-    out = np.full((_bucket(len(pages)),), NULL_PAGE, np.int32)
+    out = np.full((pow2_bucket(len(pages)),), NULL_PAGE, np.int32)
     out[:len(pages)] = pages
     return out
 

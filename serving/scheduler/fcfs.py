@@ -10,6 +10,7 @@ admitted only if, after taking the pages its tokens need now, that many pages st
 
 from __future__ import annotations
 
+from ..paging import pages_for
 from ..sequence import InvalidRequestError
 from .base import Decision, Policy, SchedulerState
 
@@ -29,7 +30,7 @@ class FCFSPolicy(Policy):
         keep = self.watermark * state.total_pages
         free, admit = float(state.free_pages), []
         for s in queue[: state.free_slots]:
-            need = -(-(s.num_tokens + 1) // state.page_size)
+            need = pages_for(s.num_tokens + 1, state.page_size)
             if free - need < keep:
                 break
             admit.append(s)

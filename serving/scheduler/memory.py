@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..paging import pages_for
 from ..sequence import InvalidRequestError, Sequence
 
 
@@ -34,13 +35,13 @@ class MemoryGuard:
         """Pages the sequence will still need beyond what it holds now, by its prediction."""
         n = seq.num_tokens
         extra = math.ceil(self.reserve * self._predicted(seq))
-        return -(-(n + max(extra, 1)) // page_size) - -(-n // page_size)
+        return pages_for(n + max(extra, 1), page_size) - pages_for(n, page_size)
 
     def admission_pages(self, seq: Sequence, page_size: int) -> int:
         """Pages to admit the sequence now (its tokens + 1) plus its predicted growth."""
         n = seq.num_tokens
         extra = max(math.ceil(self.reserve * self._predicted(seq)), 1)
-        return -(-(n + extra) // page_size)
+        return pages_for(n + extra, page_size)
 
     def budget(self, running: list[Sequence], free_pages: int, total_pages: int, page_size: int) -> float:
         """Pages available to new admissions after the watermark and the running requests' growth."""
