@@ -49,7 +49,7 @@ def hf_peer(shape: str, batches: list[int], ctx: int, new_tokens: int) -> dict:
     hf_cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_dim,
                          num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
                          num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim, rope_theta=c.rope_theta,
-                         max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings)
+                         max_position_embeddings=c.max_model_len, tie_word_embeddings=c.tie_embeddings)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         model = LlamaForCausalLM(hf_cfg).eval()

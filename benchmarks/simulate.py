@@ -248,7 +248,7 @@ def simulate_routed(trace: Trace, policy: str, sm: StepModel, res: Resources, ro
                 if getattr(router, "uses_forecast", False):
                     for st, r in zip(stats, reps, strict=True):
                         prior = r.out_tokens / r.out_count if r.out_count else FORECAST_PRIOR_TOKENS
-                        st.slot_free_tokens = replica_forecast(r.running, r.waiting, r.slots, prior,
+                        st.slot_free_tokens = replica_forecast(r.running, r.waiting, r.num_slots, prior,
                                                                r.policy.counts_down)
                 snap["stats"] = [dataclasses.replace(st) for st in stats]
                 snap["next_poll"] = t + poll_s

@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 
+from jtrail.serving.engine import EngineConfig  # plain Python: no JAX until a model loads
 from jtrail.serving.engine_api import AsyncEngine
 
 log = logging.getLogger("jtrail.serve")
@@ -36,10 +37,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="probe head directory, or a shipped probe by name: 'default' (trained on the model's "
                         "own answers; the default) or 'replay' (trained on recorded ShareGPT answers, for "
                         "replay workloads); 'none' disables")
-    p.add_argument("--slots", type=int, default=8, help="batch slots")
+    p.add_argument("--num-slots", "--slots", dest="num_slots", type=int, default=EngineConfig.num_slots,
+                   help="batch slots (--slots: the older name)")
     p.add_argument("--pages", type=int, default=512, help="KV cache pages")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
-    p.add_argument("--max-context", type=int, default=2048, help="max prompt + output tokens")
+    p.add_argument("--max-model-len", "--max-context", dest="max_model_len", type=int,
+                   default=EngineConfig.max_model_len,
+                   help="max prompt + output tokens (--max-context: the older name)")
     p.add_argument("--max-queue", type=int, default=1024, help="waiting requests before RESOURCE_EXHAUSTED")
     p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of a request")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus HTTP port (0: free port)")
@@ -68,17 +72,24 @@ def check_policy(name: str) -> None:
         raise ValueError(f"unknown policy {name!r}: {e}") from None
 
 
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The one EngineConfig the flags describe (the model-backed and the --mock engine both run it)."""
+    from jtrail.serving.scheduler.registry import make_policy
+
+    # Aging applies to the length-ranked policies; fcfs and priority take no options.
+    opts = {"aging": args.aging} if args.policy in ("trail", "gittins", "srpt-oracle") else {}
+    return EngineConfig(num_slots=args.num_slots, num_pages=args.pages, page_size=args.page_size,
+                        max_model_len=args.max_model_len, policy=make_policy(args.policy, **opts),
+                        max_queue=args.max_queue, decode_steps_per_call=args.decode_steps,
+                        tensor_parallel=args.tensor_parallel)
+
+
 def build_engine(args: argparse.Namespace) -> AsyncEngine:
     if args.mock:
         from jtrail.serving.fake_runner import mock_engine
-        from jtrail.serving.scheduler.registry import make_policy
 
         # the real engine and policy over a fake runner (no model; fake probe = exact lengths)
-        opts = {"aging": args.aging} if args.policy in ("trail", "gittins", "srpt-oracle") else {}
-        return mock_engine(num_slots=args.slots, num_pages=args.pages, page_size=args.page_size,
-                           max_queue=args.max_queue, step_delay_s=args.mock_step_delay,
-                           max_context=args.max_context, policy=make_policy(args.policy, **opts),
-                           decode_steps=args.decode_steps)
+        return mock_engine(config=engine_config(args), step_delay_s=args.mock_step_delay)
     return build_real_engine(args)
 
 
@@ -86,19 +97,12 @@ def build_real_engine(args: argparse.Namespace) -> AsyncEngine:
     """The model-backed engine: loader -> LLMEngine -> AsyncLLMEngine (imported lazily: JAX is slow)."""
     from jtrail.models.loader import load_model
     from jtrail.serving.async_engine import AsyncLLMEngine
-    from jtrail.serving.engine import EngineConfig, LLMEngine
+    from jtrail.serving.engine import LLMEngine
 
     loaded = load_model(args.model)
     probe, predictor = _load_probe(args.probe, default_model=args.model is None)
     # The engine's model runner shards weights and KV pages itself when tensor_parallel > 1.
-    from jtrail.serving.scheduler.registry import make_policy
-
-    # Aging applies to the length-ranked policies; fcfs and priority take no options.
-    opts = {"aging": args.aging} if args.policy in ("trail", "gittins", "srpt-oracle") else {}
-    cfg = EngineConfig(num_slots=args.slots, num_pages=args.pages, page_size=args.page_size,
-                       max_model_len=args.max_context, policy=make_policy(args.policy, **opts),
-                       max_queue=args.max_queue,
-                       decode_steps_per_call=args.decode_steps, tensor_parallel=args.tensor_parallel)
+    cfg = engine_config(args)
     engine = LLMEngine(loaded.model, loaded.tokenizer, cfg, probe=probe, predictor=predictor)
     if not args.no_warmup:  # compile every prefill shape and the decode step before "serving"
         from jtrail.warmup import warm_up
@@ -202,7 +206,7 @@ def run_serve(args: argparse.Namespace) -> int:
         check_policy(args.policy)
         if args.no_http and args.no_grpc:
             raise ValueError("--no-http and --no-grpc leave nothing to serve")
-        for name in ("slots", "pages", "page_size", "max_queue", "max_context", "tensor_parallel",
+        for name in ("num_slots", "pages", "page_size", "max_queue", "max_model_len", "tensor_parallel",
                      "decode_steps"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

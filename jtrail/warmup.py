@@ -85,6 +85,6 @@ def banner(async_engine, addresses: dict[str, str]) -> list[str]:
     lines = [f"model {info.model_name} (dtype {dtype}, vocab {info.vocab_size}); policy {info.policy}; "
              f"probe {info.probe or 'none'}",
              f"{info.num_slots} slots; KV cache {info.num_pages} pages x {info.page_size} tokens{kv_text}; "
-             f"max context {info.max_context} tokens",
+             f"max context {info.max_model_len} tokens",
              "; ".join(f"{k} {v}" for k, v in addresses.items())]
     return lines

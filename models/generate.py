@@ -66,11 +66,11 @@ _step = jax.jit(_forward_sample, static_argnums=0, donate_argnums=5)
 
 
 class Generator:
-    def __init__(self, model: Llama, tokenizer: Tokenizer, max_batch: int = 16):
+    def __init__(self, model: Llama, tokenizer: Tokenizer, num_slots: int = 8):
         self.model = model
         self.cfg = model.cfg
         self.tokenizer = tokenizer
-        self.max_batch = max_batch
+        self.num_slots = num_slots
         self.graphdef, self.state = nnx.split(model)
         self.eos_ids = set(self.cfg.eos_ids) | set(tokenizer.eos_ids)
 
@@ -85,8 +85,8 @@ class Generator:
         bar = tqdm(
             total=len(prompts), desc="generate", unit="prompt", disable=not progress or len(prompts) < 2
         )
-        for start in range(0, len(order), self.max_batch):
-            idx = order[start : start + self.max_batch]
+        for start in range(0, len(order), self.num_slots):
+            idx = order[start : start + self.num_slots]
             for i, r in zip(
                 idx, self._generate_batch([prompts[i] for i in idx], [params[i] for i in idx]), strict=True
             ):
@@ -103,7 +103,7 @@ class Generator:
         lens = np.array([len(p) for p in prompts] + [1] * (b - n), np.int32)
         t = pow2_bucket(int(lens.max()), 16)
         need = max(int(lens[i]) + params[i].max_tokens for i in range(n))
-        s = min(pow2_bucket(need, 64), cfg.max_seq_len)
+        s = min(pow2_bucket(need, 64), cfg.max_model_len)
         tokens = np.zeros((b, t), np.int32)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p

@@ -68,7 +68,7 @@ class AsyncLLMEngine:
         e = self.engine
         probe = f"layer {e.probe.cfg.layer}, {e.probe.cfg.num_bins} bins" if e.probe is not None else None
         c = e.config
-        return ModelInfo(model_name=self.model_name, max_context=c.max_model_len,
+        return ModelInfo(model_name=self.model_name, max_model_len=c.max_model_len,
                          vocab_size=e.model_cfg.vocab_size, policy=e.policy.name, num_slots=c.num_slots,
                          page_size=c.page_size, num_pages=c.num_pages, probe=probe)
 

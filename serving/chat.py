@@ -19,29 +19,29 @@ ROLES = ("system", "user", "assistant")
 MAX_PROMPT_BYTES_PER_TOKEN = 32
 
 
-def max_prompt_bytes(max_context: int) -> int:
-    return MAX_PROMPT_BYTES_PER_TOKEN * max_context
+def max_prompt_bytes(max_model_len: int) -> int:
+    return MAX_PROMPT_BYTES_PER_TOKEN * max_model_len
 
 
-def check_text_size(text: str, max_context: int, field: str = "prompt") -> None:
-    """Reject text that cannot fit `max_context` tokens, in time linear in its size at worst."""
-    limit = max_prompt_bytes(max_context)
+def check_text_size(text: str, max_model_len: int, field: str = "prompt") -> None:
+    """Reject text that cannot fit `max_model_len` tokens, in time linear in its size at worst."""
+    limit = max_prompt_bytes(max_model_len)
     if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
         raise InvalidRequestError(field, f"longer than {limit} bytes ({MAX_PROMPT_BYTES_PER_TOKEN} bytes per "
-                                         f"token of the {max_context}-token context)")
+                                         f"token of the {max_model_len}-token context)")
 
 
-def check_messages(messages: Any, max_context: int | None = None) -> list[dict[str, str]]:
+def check_messages(messages: Any, max_model_len: int | None = None) -> list[dict[str, str]]:
     """Validate a conversation ([{"role", "content"}, ...]) and return it as plain dicts.
 
     Every message needs a role in `ROLES` and string content; at least one user message must say
-    something. With `max_context`, the conversation's size is bounded before any tokenizing: at most
-    `max_context` messages (each costs template tokens) and `max_prompt_bytes(max_context)` bytes."""
+    something. With `max_model_len`, the conversation's size is bounded before any tokenizing: at most
+    `max_model_len` messages (each costs template tokens) and `max_prompt_bytes(max_model_len)` bytes."""
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence) or not messages:
         raise InvalidRequestError("messages", "must be a non-empty list of {'role', 'content'} messages")
-    if max_context is not None and len(messages) > max_context:
+    if max_model_len is not None and len(messages) > max_model_len:
         raise InvalidRequestError("messages", f"{len(messages)} messages cannot fit the "
-                                              f"{max_context}-token context")
+                                              f"{max_model_len}-token context")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
@@ -54,8 +54,8 @@ def check_messages(messages: Any, max_context: int | None = None) -> list[dict[s
             raise InvalidRequestError("messages", f"message {i}: content must be a string, got "
                                                   f"{type(content).__name__}")
         out.append({"role": role, "content": content})
-    if max_context is not None:
-        check_text_size("".join(m["content"] for m in out), max_context, "messages")
+    if max_model_len is not None:
+        check_text_size("".join(m["content"] for m in out), max_model_len, "messages")
     if not any(m["content"].strip() for m in out if m["role"] == "user"):
         raise InvalidRequestError("messages", "no non-empty user message")
     return out

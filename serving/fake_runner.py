@@ -13,12 +13,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .batch import StepBatch, StepOutput
 from .paging import pages_for
 from .sequence import Sequence
+
+if TYPE_CHECKING:
+    from .engine import EngineConfig
 
 BYTE_OFFSET = 3
 EOS_ID = 2
@@ -132,20 +136,17 @@ class FakeLengthPredictor:
 
 
 def mock_engine(num_slots: int = 8, num_pages: int = 256, page_size: int = 16, max_queue: int = 1024,
-                step_delay_s: float = 0.001, max_context: int = 2048, policy="fcfs",
-                decode_steps: int = 1, model_name: str = "mock"):
+                step_delay_s: float = 0.001, max_model_len: int = 2048, policy="fcfs",
+                decode_steps: int = 1, model_name: str = "mock", config: EngineConfig | None = None):
     """An AsyncLLMEngine over the real LLMEngine with a FakeRunner (and fake probe: every policy,
-    trail included, runs as it would on a model)."""
+    trail included, runs as it would on a model). `config` (e.g. `jtrail serve`'s) replaces the
+    keyword settings."""
     from .async_engine import AsyncLLMEngine
     from .engine import EngineConfig, LLMEngine
 
-    if isinstance(policy, str):
-        from .scheduler.registry import make_policy
-
-        policy = make_policy(policy)
-    cfg = EngineConfig(num_slots=num_slots, num_pages=num_pages, page_size=page_size,
-                       max_model_len=max_context, max_queue=max_queue, policy=policy,
-                       decode_steps_per_call=decode_steps)
-    runner = FakeRunner(num_slots, max_context, page_size, step_delay_s, probe=True)
+    cfg = config or EngineConfig(num_slots=num_slots, num_pages=num_pages, page_size=page_size,
+                                 max_model_len=max_model_len, max_queue=max_queue, policy=policy,
+                                 decode_steps_per_call=decode_steps)
+    runner = FakeRunner(cfg.num_slots, cfg.max_model_len, cfg.page_size, step_delay_s, probe=True)
     engine = LLMEngine(None, ByteTokenizer(), cfg, predictor=FakeLengthPredictor(), runner=runner)
     return AsyncLLMEngine(engine, model_name=model_name)

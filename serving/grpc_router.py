@@ -111,7 +111,7 @@ class ReplicaSet:
     def info(self) -> ModelInfo:
         i = self._info
         assert i is not None, "start() first"
-        return ModelInfo(model_name=i.model, max_context=i.max_context, vocab_size=i.vocab_size,
+        return ModelInfo(model_name=i.model, max_model_len=i.max_model_len, vocab_size=i.vocab_size,
                          policy=f"{self.router.name} over {len(self.targets)} x {i.policy}",
                          num_slots=i.num_slots * len(self.targets), page_size=i.page_size,
                          num_pages=i.num_pages * len(self.targets), probe=i.probe or None)
@@ -144,7 +144,8 @@ class RouterServicer(pb_grpc.JtrailServicer):
     async def ServerInfo(self, request: pb.ServerInfoRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> pb.ServerInfoResponse:
         i = self.replicas.info()
-        return pb.ServerInfoResponse(model=i.model_name, max_context=i.max_context, vocab_size=i.vocab_size,
+        return pb.ServerInfoResponse(model=i.model_name, max_model_len=i.max_model_len,
+                                     vocab_size=i.vocab_size,
                                      policy=i.policy, num_slots=i.num_slots, num_pages=i.num_pages,
                                      page_size=i.page_size, probe=i.probe or "",
                                      stats=stats_to_pb(self.replicas.stats()))

@@ -197,7 +197,7 @@ class OpenAIFrontDoor:
         async def models() -> api.ModelList:
             i = self.engine.info()
             return api.ModelList(data=[api.ModelCard(
-                id=i.model_name, created=self.created, max_model_len=i.max_context, policy=i.policy,
+                id=i.model_name, created=self.created, max_model_len=i.max_model_len, policy=i.policy,
                 probe=i.probe, num_slots=i.num_slots, max_queue=self.config.max_queue)])
 
         @app.get("/health")

@@ -218,9 +218,8 @@ class ModelRunner:
         pre = self._execute_prefills(batch) if batch.prefills else None
         dec = None
         if batch.decodes:
-            s_count = self.num_slots
-            tokens, positions, n_valid = (np.zeros(s_count, np.int32) for _ in range(3))
-            tables = np.zeros((s_count, self.max_pages_per_seq), np.int32)
+            tokens, positions, n_valid = (np.zeros(self.num_slots, np.int32) for _ in range(3))
+            tables = np.zeros((self.num_slots, self.max_pages_per_seq), np.int32)
             for row in batch.decodes:
                 seq, b = row.seq, row.seq.slot
                 tokens[b], positions[b], n_valid[b] = seq.all_ids[-1], seq.num_tokens - 1, row.steps

@@ -78,19 +78,19 @@ class JtrailServicer(pb_grpc.JtrailServicer):
         kind = req.WhichOneof("prompt")
         if kind is None:
             raise InvalidRequestError("prompt", "set one of text, token_ids or chat")
-        max_context = self.engine.info().max_context
+        max_model_len = self.engine.info().max_model_len
         if kind == "text":
             if not req.text:
                 raise InvalidRequestError("prompt", "must not be empty")
-            check_text_size(req.text, max_context)
+            check_text_size(req.text, max_model_len)
             return await asyncio.to_thread(self.engine.encode, req.text)
         if kind == "token_ids":
-            if len(req.token_ids.ids) >= max_context:  # before copying a huge list
+            if len(req.token_ids.ids) >= max_model_len:  # before copying a huge list
                 raise InvalidRequestError("prompt", f"{len(req.token_ids.ids)} tokens leave no room in the "
-                                                    f"{max_context}-token context")
+                                                    f"{max_model_len}-token context")
             return list(req.token_ids.ids)
         msgs = check_messages([{"role": m.role, "content": m.content} for m in req.chat.messages],
-                              max_context)
+                              max_model_len)
         return await asyncio.to_thread(self.engine.apply_chat_template, msgs)
 
     def _check_prompt(self, prompt_ids: list[int]) -> int:
@@ -98,12 +98,12 @@ class JtrailServicer(pb_grpc.JtrailServicer):
         info = self.engine.info()
         if not prompt_ids:
             raise InvalidRequestError("prompt", "must not be empty")
-        if len(prompt_ids) >= info.max_context:
+        if len(prompt_ids) >= info.max_model_len:
             raise InvalidRequestError("prompt", f"{len(prompt_ids)} tokens leave no room in the "
-                                                f"{info.max_context}-token context")
+                                                f"{info.max_model_len}-token context")
         if any(not 0 <= t < info.vocab_size for t in prompt_ids):
             raise InvalidRequestError("prompt.token_ids", f"ids must be in [0, {info.vocab_size})")
-        return info.max_context - len(prompt_ids)
+        return info.max_model_len - len(prompt_ids)
 
     async def _reject(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, msg: str) -> None:
         self.metrics.rejected.labels(code=code.name).inc()
@@ -180,7 +180,8 @@ class JtrailServicer(pb_grpc.JtrailServicer):
     async def ServerInfo(self, request: pb.ServerInfoRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> pb.ServerInfoResponse:
         i = self.engine.info()
-        return pb.ServerInfoResponse(model=i.model_name, max_context=i.max_context, vocab_size=i.vocab_size,
+        return pb.ServerInfoResponse(model=i.model_name, max_model_len=i.max_model_len,
+                                     vocab_size=i.vocab_size,
                                      policy=i.policy, num_slots=i.num_slots, num_pages=i.num_pages,
                                      page_size=i.page_size, probe=i.probe or "", max_queue=self.max_queue,
                                      stats=stats_to_pb(self.engine.stats()))

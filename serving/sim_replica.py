@@ -77,7 +77,7 @@ class SimReplica:
                  page_size: int, swap: bool, predictor: SimPredictor | None,
                  on_finish: Callable[[SimSequence], None],
                  max_jump_steps: int | None = None, prefill_chunk: int = 512):
-        self.policy, self.sm, self.slots = policy, step_model, num_slots
+        self.policy, self.sm, self.num_slots = policy, step_model, num_slots
         self.num_pages, self.ps = num_pages, page_size
         self.swap, self.predictor, self._on_finish = swap, predictor, on_finish
         self.max_jump = max_jump_steps or (1 << 62)
@@ -129,7 +129,7 @@ class SimReplica:
         # The engine's probe-only prefill (engine._probe_waiting): a request that must wait for a slot
         # is predicted from its prompt at once, for one prefill call in the next step.
         if (self.probe_on_arrival and s._pv is None and s._plen <= self.prefill_chunk
-                and len(self.waiting) + 1 > self.slots - len(self.running)):
+                and len(self.waiting) + 1 > self.num_slots - len(self.running)):
             self.predictor.sim_prefill(s)
             self._probes.append(s._plen)
         self.waiting.append(s)
@@ -223,7 +223,7 @@ class SimReplica:
 
     def _schedule(self, t: float) -> None:
         free_pages = self.num_pages - self.used_at(self.steps)
-        st = SchedulerState(self.waiting, self.running, self.slots - len(self.running), free_pages,
+        st = SchedulerState(self.waiting, self.running, self.num_slots - len(self.running), free_pages,
                             self.num_pages, self.ps, t, step=self.steps)
         dec = self.policy.schedule(st)
         for v in dec.preempt:
@@ -235,7 +235,7 @@ class SimReplica:
             if w.status not in _WAITING:
                 continue  # stale or duplicate entry from the policy
             need = pages_for(w._plen + w._gen0 + 1, self.ps)
-            if len(self.running) >= self.slots or need > free_pages:
+            if len(self.running) >= self.num_slots or need > free_pages:
                 break  # keep the policy's order: nothing jumps a request that does not fit yet
             self._admit(w, t)
             free_pages -= need

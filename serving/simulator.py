@@ -19,7 +19,7 @@ import time as _time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from .scheduler.registry import make_policy
 from .sequence import InvalidRequestError, SamplingParams
 from .sim_replica import SimReplica, SimSequence
 from .step_model import StepModel
+
+if TYPE_CHECKING:
+    from .engine import EngineConfig
 
 
 @dataclass
@@ -79,6 +82,13 @@ class Resources:
             raise InvalidRequestError("resources", f"slots, pages and page size must be >= 1: {self}")
         if self.preemption not in ("recompute", "swap"):
             raise InvalidRequestError("preemption", f"'recompute' or 'swap', got {self.preemption!r}")
+
+    @classmethod
+    def from_engine_config(cls, cfg: EngineConfig) -> Resources:
+        """The resources of the engine `cfg` describes: its slots, its usable KV pages (the allocator
+        keeps page 0 as the null page), page size, preemption mode and prefill budget per step."""
+        return cls(num_slots=cfg.num_slots, num_pages=cfg.num_pages - 1, page_size=cfg.page_size,
+                   preemption=cfg.preemption_mode, prefill_chunk=cfg.max_prefill_tokens_per_step)
 
 
 @dataclass

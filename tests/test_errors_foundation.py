@@ -105,7 +105,7 @@ def test_empty_prompt_and_bad_params(llm):
     with pytest.raises(InvalidRequestError, match="out of range"):
         llm.generate([[1, 999]])
     with pytest.raises(InvalidRequestError, match="do not fit"):
-        llm.generate([[1] * llm.cfg.max_seq_len])
+        llm.generate([[1] * llm.cfg.max_model_len])
     for n in (0, -3):
         with pytest.raises(InvalidRequestError, match="max_tokens"):
             SamplingParams(max_tokens=n)

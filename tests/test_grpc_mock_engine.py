@@ -69,7 +69,7 @@ def test_page_pressure_preempts_and_still_finishes() -> None:
 def test_validation_queue_full_and_cancel() -> None:
     async def main() -> None:
         eng = mock_engine(num_slots=1, num_pages=64, page_size=4, max_queue=1, step_delay_s=0.01,
-                          max_context=64)
+                          max_model_len=64)
         await eng.start()
         with pytest.raises(InvalidRequestError) as e:
             await anext(eng.generate("bad", [], SamplingParams(max_tokens=4)))

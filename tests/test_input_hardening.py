@@ -55,7 +55,7 @@ def test_roles_checked_by_one_function() -> None:
     with pytest.raises(InvalidRequestError, match="content"):
         check_messages([{"role": "user", "content": 5}])
     with pytest.raises(InvalidRequestError, match="messages"):
-        check_messages([{"role": "user", "content": "x"}] * 11, max_context=10)
+        check_messages([{"role": "user", "content": "x"}] * 11, max_model_len=10)
 
 
 def test_client_text_never_becomes_a_control_token(tok: Tokenizer) -> None:
@@ -120,7 +120,7 @@ async def _code(agen) -> grpc.RpcError:
 
 def test_grpc_roles_size_limit_and_wire_errors() -> None:
     async def main() -> None:
-        server, c = await _start(mock_engine(max_context=256, step_delay_s=0.0))
+        server, c = await _start(mock_engine(max_model_len=256, step_delay_s=0.0))
         try:
             for role in FORGED:
                 err = await _code(c.generate([{"role": role, "content": "hi"}], max_tokens=2))

@@ -142,9 +142,9 @@ class StatsResponse(_message.Message):
     def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., swapped: _Optional[int] = ..., pages_used: _Optional[int] = ..., pages_total: _Optional[int] = ..., preemptions: _Optional[int] = ..., outstanding_tokens: _Optional[float] = ..., steps: _Optional[int] = ..., finished_by_reason: _Optional[_Mapping[str, int]] = ..., slot_free_tokens: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ServerInfoResponse(_message.Message):
-    __slots__ = ("model", "max_context", "vocab_size", "policy", "num_slots", "num_pages", "page_size", "probe", "max_queue", "stats")
+    __slots__ = ("model", "max_model_len", "vocab_size", "policy", "num_slots", "num_pages", "page_size", "probe", "max_queue", "stats")
     MODEL_FIELD_NUMBER: _ClassVar[int]
-    MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     NUM_SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -154,7 +154,7 @@ class ServerInfoResponse(_message.Message):
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     model: str
-    max_context: int
+    max_model_len: int
     vocab_size: int
     policy: str
     num_slots: int
@@ -163,4 +163,4 @@ class ServerInfoResponse(_message.Message):
     probe: str
     max_queue: int
     stats: StatsResponse
-    def __init__(self, model: _Optional[str] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., policy: _Optional[str] = ..., num_slots: _Optional[int] = ..., num_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., probe: _Optional[str] = ..., max_queue: _Optional[int] = ..., stats: _Optional[_Union[StatsResponse, _Mapping]] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., policy: _Optional[str] = ..., num_slots: _Optional[int] = ..., num_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., probe: _Optional[str] = ..., max_queue: _Optional[int] = ..., stats: _Optional[_Union[StatsResponse, _Mapping]] = ...) -> None: ...
