@@ -30,10 +30,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from jtrail.serving.model_runner import TRACE_COUNTS  # noqa: E402
+from jtrail.serving.predictor import RecordingPredictor  # noqa: E402
 from loadgen import Workload, arrival_times, drive_engine, load_prompt_ids  # noqa: E402
 from metrics_summary import summarize  # noqa: E402
 from serving_report import analyse, write_outputs  # noqa: E402
-from serving_sim import RecordingPredictor, fit_step_model, sim_errors, simulate_policies  # noqa: E402
+from serving_sim import fit_step_model, sim_errors, simulate_policies  # noqa: E402
 
 
 @dataclass

@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 from jtrail.serving.capacity import StepRecord, capacity_req_s, full_batch_throughput
 from jtrail.serving.model_runner import TRACE_COUNTS
+from jtrail.serving.predictor import RecordingPredictor
 from loadgen import Workload, drive_engine
 from metrics_summary import cdf_points, ratio, summarize
 from regimes import REGIMES, Regime, regime_arrivals, regime_resources
-from serving_sim import RecordingPredictor, fit_step_model, sim_errors, simulate_policies
+from serving_sim import fit_step_model, sim_errors, simulate_policies
 
 BAR_KEYS = (
     "fcfs_over_trail_mean_e2e",

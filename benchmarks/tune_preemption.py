@@ -35,11 +35,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from jtrail.serving.capacity import capacity_req_s  # noqa: E402
-from jtrail.serving.predictor import OraclePredictor  # noqa: E402
+from jtrail.serving.predictor import (
+    OraclePredictor,  # noqa: E402
+    ProbeLikePredictor,  # noqa: E402
+)
 from jtrail.serving.simulator import Resources, Trace, simulate  # noqa: E402
 from jtrail.serving.step_model import StepModel  # noqa: E402
 from regimes import REGIMES, regime_arrivals, regime_resources  # noqa: E402
-from simulate import ProbeLikePredictor, predictor_mae  # noqa: E402
+from simulate import predictor_mae  # noqa: E402
 
 from jtrail.provenance import git_commit  # noqa: E402
 

@@ -5,10 +5,12 @@ the token-aware router (router.py) reads it; it lives here so that an engine nev
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Iterable
 from typing import Any
 
+from .engine_api import EngineStats
 from .sequence import InvalidRequestError
 
 # A waiting queue longer than this is list-scheduled for its first entries only; the rest is spread
@@ -57,3 +59,15 @@ def replica_forecast(running: Iterable[Any], waiting: Iterable[Any], num_slots: 
     if length_ranked:
         ahead = sorted(w for w in ahead if w <= prior_tokens)
     return slot_forecast([size(s) for s in running], ahead, num_slots)
+
+
+def count_routed(s: EngineStats, prompt_tokens: int, expected_tokens: float) -> EngineStats:
+    """The snapshot after one more request was sent to the replica (until the next poll replaces it):
+    one more waiting, its prompt and expected output in the outstanding tokens, and in the slot
+    forecast it takes the earliest free slot for `expected_tokens` decode steps."""
+    free = sorted(s.slot_free_tokens)
+    if free:
+        free[0] += max(expected_tokens, 1.0)
+        free.sort()
+    return dataclasses.replace(s, waiting=s.waiting + 1, slot_free_tokens=free,
+                               outstanding_tokens=s.outstanding_tokens + prompt_tokens + expected_tokens)

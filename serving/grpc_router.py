@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
 from .engine_api import EngineStats, ModelInfo
-from .forecast import FORECAST_PRIOR_TOKENS
+from .forecast import FORECAST_PRIOR_TOKENS, count_routed
 from .proto import jtrail_v1_pb2 as pb
 from .proto import jtrail_v1_pb2_grpc as pb_grpc
 from .router import Router
@@ -32,18 +31,6 @@ def _stats_from_pb(s: pb.StatsResponse) -> EngineStats:
                        pages_total=s.pages_total, preemptions=s.preemptions,
                        outstanding_tokens=s.outstanding_tokens, finished_by_reason=dict(s.finished_by_reason),
                        steps=s.steps, slot_free_tokens=list(s.slot_free_tokens))
-
-
-def count_routed(s: EngineStats, prompt_tokens: int, expected_tokens: float) -> EngineStats:
-    """The snapshot after one more request was sent to the replica (until the next poll replaces it):
-    one more waiting, its prompt and expected output in the outstanding tokens, and in the slot
-    forecast it takes the earliest free slot for `expected_tokens` decode steps."""
-    free = sorted(s.slot_free_tokens)
-    if free:
-        free[0] += max(expected_tokens, 1.0)
-        free.sort()
-    return dataclasses.replace(s, waiting=s.waiting + 1, slot_free_tokens=free,
-                               outstanding_tokens=s.outstanding_tokens + prompt_tokens + expected_tokens)
 
 
 def estimate_prompt_tokens(req: pb.GenerateRequest) -> int:

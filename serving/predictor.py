@@ -252,5 +252,95 @@ class SyntheticProbe(RecordedPredictor):
         return q + 1e-6
 
 
-__all__ = ["NoisyOraclePredictor", "OraclePredictor", "Predictor", "RecordedPredictor", "SimPredictor",
-           "SyntheticProbe", "TrailPredictor", "transition_matrix"]
+# The shipped probe's bins (equal:10:512), and a fixed table of normals for ProbeLikePredictor.
+PROBE_BINS = tuple(512 * i / 10 for i in range(11))
+_Z = np.random.default_rng(12345).standard_normal(1 << 16)
+
+
+class ProbeLikePredictor(RecordedPredictor):
+    """For simulations: a synthetic TRAIL probe whose errors match the measured one
+    (benchmarks/results/probe.json: refined MAE 46 tokens, prompt-only 118, mean predictor 123). Like
+    `SyntheticProbe`: each probe output is a discretized lognormal around the true remaining length
+    times exp(sigma z), refined by TRAIL's rule every `refine_every` tokens, but the prefill output is
+    much vaguer (`sigma0`: the prompt says little about the answer's length) than the per-token outputs
+    (`sigma`). Normals come from a fixed table indexed by a hash of (seed, request, tokens generated):
+    deterministic and cheap. Estimates are capped at `max_tokens` - generated, never at the true length."""
+
+    def __init__(self, sigma0: float = 1.7, sigma: float = 0.55, refine_every: int = 16, seed: int = 0,
+                 max_tokens: int = 512, edges: tuple[float, ...] = PROBE_BINS):
+        super().__init__(TrailPredictor(edges, refine_every=refine_every), {})
+        self.sigma0, self.sigma, self.seed, self.max_tokens = sigma0, sigma, seed, max_tokens
+        e = np.asarray(edges)
+        self._llo = [math.log(x) for x in np.maximum(e[:-1], 0.5)]
+        self._lhi = [math.log(x) for x in e[1:-1]] + [math.log(1e9)]  # the last bin takes everything longer
+
+    # The simulator forces lengths with max_tokens = the true length, and TRAIL caps an estimate at
+    # max_tokens - generated: the true remaining length would bound every estimate. A client sends the
+    # workload's cap (`max_tokens`, the answers' cap) instead, so the estimate is capped at that.
+    def _uncap(self, seq: Sequence) -> None:
+        mean = float(seq.posterior @ self.refiner.midpoints)
+        seq.predicted_remaining = min(max(mean, 0.0), float(max(self.max_tokens - seq.num_generated, 0)))
+
+    def sim_prefill(self, seq: Sequence) -> None:
+        super().sim_prefill(seq)
+        self._uncap(seq)
+        seq.initial_prediction = seq.predicted_remaining
+
+    def sim_refine(self, seq: Sequence, d: int) -> None:
+        super().sim_refine(seq, d)
+        self._uncap(seq)
+
+    def _row(self, seq: Sequence) -> np.ndarray:
+        g = seq.num_generated
+        sig = self.sigma0 if g == 0 else self.sigma
+        z = _Z[zlib.crc32(f"{self.seed}:{seq.request_id}:{g}".encode()) & 0xFFFF]
+        mu = math.log(max(float(seq.oracle_remaining or 0), 0.5)) + sig * z
+        k = 1.0 / (sig * math.sqrt(2.0))
+        lo = [0.5 * (1.0 + math.erf((x - mu) * k)) for x in self._llo]
+        q = np.array([0.5 * (1.0 + math.erf((x - mu) * k)) for x in self._lhi]) - np.array(lo)
+        q[0] += lo[0]
+        return q + 1e-6
+
+
+class RecordingPredictor:
+    """Engine-side predictor that forwards to TRAIL refinement and records every probe output, so the
+    simulator can replay them (`records()` -> `RecordedPredictor`) on the engine's own trace."""
+
+    def __init__(self, inner: TrailPredictor):
+        self.inner = inner
+        self.refine_every = inner.refine_every
+        self.rows: dict[str, dict[int, np.ndarray]] = {}
+        # (tokens generated, predicted remaining) after each probe output: the estimates the policy saw
+        self.predictions: dict[str, list[tuple[int, float | None]]] = {}
+
+    def on_prefill(self, seq: Sequence, probs: np.ndarray) -> None:
+        self.rows.setdefault(seq.request_id, {})[0] = np.array(probs, np.float32)
+        self.inner.on_prefill(seq, probs)
+        self.predictions.setdefault(seq.request_id, []).append((seq.num_generated, seq.predicted_remaining))
+
+    def on_decode(self, seq: Sequence, probs: np.ndarray, n_new: int) -> None:
+        self.rows.setdefault(seq.request_id, {})[seq.num_generated] = np.array(probs, np.float32)
+        self.inner.on_decode(seq, probs, n_new)
+        self.predictions.setdefault(seq.request_id, []).append((seq.num_generated, seq.predicted_remaining))
+
+    def records(self, request_ids: list[str], num_bins: int) -> dict[str, np.ndarray]:
+        """[n+1, K] per request: row t = output after t generated tokens, forward-filled; a request
+        never seen gets a uniform row (no information)."""
+        out = {}
+        for rid in request_ids:
+            got = self.rows.get(rid)
+            if not got:
+                out[rid] = np.full((1, num_bins), 1.0 / num_bins)
+                continue
+            n = max(got) + 1
+            arr = np.empty((n, num_bins), np.float64)
+            cur = got.get(0, np.full(num_bins, 1.0 / num_bins))
+            for t in range(n):
+                cur = got.get(t, cur)
+                arr[t] = cur
+            out[rid] = arr
+        return out
+
+
+__all__ = ["NoisyOraclePredictor", "OraclePredictor", "Predictor", "ProbeLikePredictor", "RecordedPredictor",
+           "RecordingPredictor", "SimPredictor", "SyntheticProbe", "TrailPredictor", "transition_matrix"]

@@ -96,6 +96,8 @@ class SimReplica:
         self.probe_on_arrival = policy.probe_on_arrival and predictor is not None
         self.planned: tuple | None = None  # ("wake",) or (t0, steps, n, kv0)
         self.preemptions = 0
+        # finished requests' output tokens: the mean is the slot forecast's prior, as in the engine
+        self.finished_tokens = self.finished_count = 0
         self._changed = False  # state changed at this boundary: the engine would re-schedule next step
         # Optional per-run records for capacity.py: (end time, seconds, steps, running, waiting, tokens
         # out); a run of m steps of a fixed batch of n is one record (n x m tokens). None: off.
@@ -180,6 +182,8 @@ class SimReplica:
     def _finish(self, s: SimSequence, t: float) -> None:
         self._remove(s)
         s.status, s.finish_time = Status.FINISHED, t
+        self.finished_tokens += s.num_generated
+        self.finished_count += 1
         self.policy.on_finish(s, t)
         self._on_finish(s)
 

@@ -14,6 +14,7 @@ policies whose ranks improve while nothing happens, to check preemption at that 
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import time as _time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import numpy as np
 
 from .capacity import StepRecord
 from .engine_api import EngineStats
+from .forecast import FORECAST_PRIOR_TOKENS, count_routed, replica_forecast
 from .predictor import OraclePredictor, SimPredictor
 from .scheduler.base import Policy, PolicyStats
 from .scheduler.registry import make_policy
@@ -137,12 +139,22 @@ def _factory(policy: PolicySpec, kwargs: dict[str, Any] | None) -> Callable[[], 
 def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel, resources: Resources, *,
              predictor: SimPredictor | None = None, num_replicas: int = 1, router: Any = None,
              policy_kwargs: dict[str, Any] | None = None, predict_at_arrival: bool = True,
-             max_jump_steps: int | None = None, record_steps: bool = False) -> SimResult:
-    """Run the trace to completion; returns per-request metrics (seconds)."""
+             max_jump_steps: int | None = None, record_steps: bool = False, router_poll_s: float = 0.0,
+             router_sees_estimate: bool = True) -> SimResult:
+    """Run the trace to completion; returns per-request metrics (seconds).
+
+    Routing (num_replicas > 1): the router gets each replica's `EngineStats` at every arrival, with
+    the slot forecast (`slot_free_tokens`) filled as the engine fills it when the router uses one.
+    `router_poll_s` > 0: the router sees the replicas as `jtrail route` does, through snapshots
+    refreshed every `router_poll_s` seconds of simulated time, each advanced by its own sends in between
+    (`forecast.count_routed`). `router_sees_estimate` False: the router is not given the new request's
+    length estimate (as `jtrail route`, which runs no probe), though the replica that gets it is."""
     if num_replicas < 1:
         raise InvalidRequestError("num_replicas", f"must be >= 1, got {num_replicas}")
     if num_replicas > 1 and router is None:
         raise InvalidRequestError("router", "several replicas need a router")
+    if not router_poll_s >= 0:
+        raise InvalidRequestError("router_poll_s", f"must be >= 0 seconds, got {router_poll_s!r}")
     cap = resources.num_pages * resources.page_size
     if len(trace) and int((trace.prompt_len + trace.output_len).max()) + 1 > cap:
         raise InvalidRequestError("trace", f"a request needs more than the KV cache's {cap} tokens")
@@ -167,6 +179,8 @@ def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel, resources:
         for r in reps:
             r.step_log = []
     needs_tokens = getattr(router, "uses_tokens", True)
+    needs_forecast = bool(getattr(router, "uses_forecast", False))
+    view, next_poll = stats, -float("inf")  # what the router sees, and when it is refreshed next
     params: dict[int, SamplingParams] = {}
     arr, plen, olen = trace.arrival, trace.prompt_len.tolist(), trace.output_len.tolist()
     mtok = trace.max_tokens.tolist() if trace.max_tokens is not None else olen
@@ -194,7 +208,19 @@ def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel, resources:
                     st.pages_used, st.preemptions = r.used_at(r.steps), r.preemptions
                     if needs_tokens:
                         st.outstanding_tokens = r.outstanding_tokens()
-                k = router.choose(stats, s.num_prompt_tokens, s.predicted_remaining)
+                if ta >= next_poll:
+                    if needs_forecast:
+                        for r, st in zip(reps, stats, strict=True):
+                            prior = (r.finished_tokens / r.finished_count if r.finished_count
+                                     else FORECAST_PRIOR_TOKENS)
+                            st.slot_free_tokens = replica_forecast(r.running, r.waiting, r.num_slots, prior,
+                                                                   r.policy.counts_down)
+                    view = [dataclasses.replace(st) for st in stats] if router_poll_s > 0 else stats
+                    next_poll = ta + router_poll_s
+                est = s.predicted_remaining if router_sees_estimate else None
+                k = router.choose(view, s.num_prompt_tokens, est)
+                if router_poll_s > 0:  # the snapshot counts its own sends until the next poll
+                    view[k] = count_routed(view[k], s.num_prompt_tokens, FORECAST_PRIOR_TOKENS)
             where[i] = k
             rep = reps[k]
             rep.arrive(s, ta)

@@ -14,7 +14,7 @@ from jtrail.models.config import NAMED_CONFIGS
 from jtrail.models.llama import Llama
 from jtrail.models.probe import ProbeConfig, ProbeHead
 from jtrail.serving.engine import EngineConfig, LLMEngine
-from jtrail.serving.predictor import TrailPredictor
+from jtrail.serving.predictor import RecordingPredictor, TrailPredictor
 from jtrail.serving.scheduler.registry import make_policy
 from jtrail.serving.sequence import SamplingParams, Sequence
 
@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from loadgen import RunResult, Workload, arrival_times, drive_engine  # noqa: E402
 from metrics_summary import summarize  # noqa: E402
 from serving_report import aging_tradeoff  # noqa: E402
-from serving_sim import RecordingPredictor  # noqa: E402
 
 CFG = NAMED_CONFIGS["tiny"].replace(tie_embeddings=False)
 
