@@ -134,29 +134,17 @@ def drive_engine(engine: Any, wl: Workload, oracle: bool = True, timeout_s: floa
     ran (their length before the step), seconds of the step plus our bookkeeping, prefill calls
     (sequences that ran a prefill chunk), decoding sequences.
     """
-    policy = engine.policy
-    inner = policy.on_arrival
-    if oracle:  # set before the policy files the request (srpt-oracle ranks it on arrival)
-        lengths = {rid: int(x) for rid, x in zip(wl.request_ids, wl.output_len, strict=True)}
-
-        def on_arrival(seq, now):
-            seq.oracle_remaining_at_start = lengths.get(seq.request_id)
-            inner(seq, now)
-
-        policy.on_arrival = on_arrival
     # A full collection walks every object the process holds (a pause of up to seconds, seen mid-run
     # on the GPU): collect now and freeze what exists, as vLLM does after start-up.
     gc.collect()
     gc.freeze()
     try:
-        return _drive(engine, wl, timeout_s, idle_sleep_s)
+        return _drive(engine, wl, timeout_s, idle_sleep_s, oracle)
     finally:
         gc.unfreeze()
-        if oracle:
-            policy.on_arrival = inner
 
 
-def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float) -> RunResult:
+def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float, oracle: bool) -> RunResult:
     n = len(wl)
     index = {rid: i for i, rid in enumerate(wl.request_ids)}
     first, finish = np.full(n, np.nan), np.full(n, np.nan)
@@ -173,7 +161,8 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float) -> 
             break
         while i < n and wl.arrival[i] <= now:  # engine clock is monotonic: give it the true arrival
             seqs.append(engine.add_request(wl.request_ids[i], wl.prompts[i], wl.params(i),
-                                           arrival_time=m0 + float(wl.arrival[i])))
+                                           arrival_time=m0 + float(wl.arrival[i]),
+                                           oracle_length=int(wl.output_len[i]) if oracle else None))
             i += 1
         if not engine.has_unfinished():
             if i < n:

@@ -124,17 +124,24 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams | None = None,
-                    priority: int = 0, arrival_time: float | None = None) -> Sequence:
+                    priority: int = 0, arrival_time: float | None = None,
+                    oracle_length: int | None = None) -> Sequence:
+        """Queue a request. `oracle_length`: its true output length, for srpt-oracle's rank and
+        benchmarks that force lengths (set before the policy files the request)."""
         params = params or SamplingParams()
         self.validate_request(prompt_ids, params)
         priority = check_priority(priority)
+        if oracle_length is not None and (isinstance(oracle_length, bool)
+                                          or not isinstance(oracle_length, int) or oracle_length < 0):
+            raise InvalidRequestError("oracle_length", f"must be None or an int >= 0, got {oracle_length!r}")
         if request_id in self._reqs:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
         if len(self.waiting) >= self.config.max_queue:
             raise QueueFullError(f"waiting queue is full ({self.config.max_queue} requests)")
         now = time.monotonic()
         seq = Sequence(request_id, [int(t) for t in prompt_ids], params,
-                       arrival_time if arrival_time is not None else now, priority=priority)
+                       arrival_time if arrival_time is not None else now, priority=priority,
+                       oracle_remaining_at_start=oracle_length)
         # mod 2**32: the sampler's uint32 seed column must never fail to cast (SamplingParams checks
         # the range; this keeps a bypassed check from failing the step for every request)
         seed = (params.seed if params.seed is not None else int(self._rng.integers(2**31))) % 2**32
