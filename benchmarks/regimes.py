@@ -1,6 +1,6 @@
 """The serving regimes of issue 15: one definition for the simulator and the GPU benchmark.
 
-    sys.path.insert(0, "benchmarks"); from regimes import REGIMES, regime_arrivals, regime_resources
+    from regimes import REGIMES, regime_arrivals, regime_resources  # from a script in benchmarks/
 
 - R1 stable: Poisson at 0.9 of capacity, 32 slots, 2,048 pages.
 - R2 overload: Poisson at 1.3x capacity for 45 s, then 0.6x for a 45 s drain window (or until

@@ -21,8 +21,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving_resim import load_raw  # noqa: E402
 from serving_sim import fit_step_model  # noqa: E402
 

@@ -33,8 +33,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from jtrail.serving.predictor import ProbeLikePredictor  # noqa: E402
 from jtrail.serving.router import make_router  # noqa: E402
 from jtrail.serving.simulator import Resources, Trace, simulate  # noqa: E402

@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from jtrail.serving.model_runner import TRACE_COUNTS  # noqa: E402
 from jtrail.serving.predictor import RecordingPredictor  # noqa: E402
 from loadgen import Workload, arrival_times, drive_engine, load_prompt_ids  # noqa: E402

@@ -10,13 +10,10 @@ and prints sim vs engine mean E2E per policy. No model and no GPU needed.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving_sim import fit_step_model, sim_errors, simulate_policies  # noqa: E402
 
 

@@ -32,8 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from jtrail.serving.capacity import capacity_req_s  # noqa: E402
 from jtrail.serving.predictor import (
     OraclePredictor,  # noqa: E402
