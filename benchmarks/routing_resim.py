@@ -1,6 +1,10 @@
 """Routing policies in the simulator on a GPU run's recorded workload (serving_raw.npz from serving.py).
 
-    python benchmarks/routing_resim.py benchmarks/results/serving_raw.npz [--replicas 2] [--loads 0.9,0.97]
+    python benchmarks/routing_resim.py serving_raw.npz [--replicas 2] [--loads 0.9,0.97]
+
+serving.py writes serving_raw.npz outside the source tree (its --raw-dir, default ~/.cache/jtrail/benchmarks).
+The file behind the recorded results/routing_resim*.json is kept in git history, not in the tree:
+    git show 53712ea:benchmarks/results/serving_raw.npz > serving_raw.npz
 
 Requests are drawn from the recorded trace (its prompt and forced output lengths, its recorded probe
 outputs), arrive as a seeded Poisson process at a fraction of the replicas' capacity (from the step

@@ -193,8 +193,9 @@ def _save_partial(runs: list[dict[str, Any]]) -> None:
 
 
 def save_raw(su: Setup, lengths: np.ndarray, cap: dict, sw: dict[str, Any]) -> None:
-    """Everything needed to re-run the simulator offline on this trace (serving_raw.npz, also under
-    $OUT): the top-rate trace, per-run per-request outcomes and step records, the probe records."""
+    """Everything needed to re-run the simulator offline on this trace (serving_raw.npz, written to
+    --raw-dir and $OUT, never into the source tree by default): the top-rate trace, per-run per-request
+    outcomes and step records, the probe records."""
     import os
 
     raw: dict[str, np.ndarray] = {"pool_output_len": lengths, "capacity_steps": cap["steps"]}
@@ -211,7 +212,7 @@ def save_raw(su: Setup, lengths: np.ndarray, cap: dict, sw: dict[str, Any]) -> N
                    top_max_tokens=np.array(wl.max_tokens if wl.max_tokens else -1),
                    records=np.concatenate([records[i] for i in ids]),
                    records_len=np.array([len(records[i]) for i in ids]))
-    for d in dict.fromkeys(str(Path(x).resolve()) for x in (su.args.out, os.environ.get("OUT")) if x):
+    for d in dict.fromkeys(str(Path(x).resolve()) for x in (su.args.raw_dir, os.environ.get("OUT")) if x):
         if d:
             Path(d).mkdir(parents=True, exist_ok=True)
             np.savez_compressed(Path(d) / "serving_raw.npz", **raw)
@@ -278,6 +279,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cv", type=float, default=1.0, help="arrival-gap CV (1 = Poisson)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--raw-dir", default=str(Path.home() / ".cache" / "jtrail" / "benchmarks"),
+                   help="where serving_raw.npz (per-request and per-step raw measurements, MBs) goes; "
+                        "outside the source tree by default")
     return p.parse_args(argv)
 
 

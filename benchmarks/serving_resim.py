@@ -1,6 +1,10 @@
 """Re-run the simulator offline on a GPU run's saved trace (serving_raw.npz from benchmarks/serving.py).
 
-    python benchmarks/serving_resim.py benchmarks/results/serving_raw.npz [--probe DIR]
+    python benchmarks/serving_resim.py serving_raw.npz [--probe DIR]
+
+serving.py writes serving_raw.npz outside the source tree (its --raw-dir, default ~/.cache/jtrail/benchmarks).
+The file behind the recorded results/routing_resim*.json is kept in git history, not in the tree:
+    git show 53712ea:benchmarks/results/serving_raw.npz > serving_raw.npz
 
 Fits the step model from the saved engine steps, replays the top-rate trace (same arrivals, prompt and
 forced output lengths, recorded probe outputs) through the simulator for fcfs / trail / srpt-oracle,
