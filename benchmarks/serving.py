@@ -98,7 +98,7 @@ def make_engine(su: Setup, policy: str, kw: dict, predictor: Any = None, slots: 
 
 def profile_lengths(su: Setup, prompts: list[list[int]]) -> np.ndarray:
     """Natural-EOS greedy output lengths (eos counted; capped at --max-output)."""
-    from jtrail.probe_data import generate_greedy
+    from jtrail.probe.data import generate_greedy
 
     # batch 128: few distinct shapes to compile, a one-while-loop decode per batch (fast)
     answers, _ = generate_greedy(su.model, prompts, su.args.max_output, su.eos, batch_size=128,

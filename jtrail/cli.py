@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from jtrail import __version__
 from jtrail.help_format import Parser
-from jtrail.probe_cli import add_train_probe
+from jtrail.probe.cli import add_train_probe
 from jtrail.serve import add_client, add_route, add_serve
 
 

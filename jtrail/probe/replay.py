@@ -25,18 +25,18 @@ import jax
 import numpy as np
 
 from jtrail.models.probe_io import probe_config_to_dict, save_probe
-from jtrail.probe_checks import degenerate_data, raise_if_degenerate
-from jtrail.probe_data import FeatureCacheError, ProbeFeatures, collect_features
-from jtrail.probe_eval import LayerEval
-from jtrail.provenance import git_commit
-from jtrail.replay import ReplaySet
-from jtrail.train_probe import (
+from jtrail.probe.checks import degenerate_data, raise_if_degenerate
+from jtrail.probe.data import FeatureCacheError, ProbeFeatures, collect_features
+from jtrail.probe.eval import LayerEval
+from jtrail.probe.train import (
     LayerResult,
     ProbeTrainingError,
     TrainOptions,
     evaluate_requests,
     train_and_evaluate,
 )
+from jtrail.provenance import git_commit
+from jtrail.replay import ReplaySet
 
 EVAL_SPLITS = ("tune", "bench", "ood")
 
@@ -164,7 +164,7 @@ def write_replay_outputs(choices: list[Choice], per_bins: dict[str, dict[int, La
                          out_dir: str | Path | None, results_path: str | Path | None,
                          plot_path: str | Path | None, command: str) -> dict[str, Any]:
     """The chosen probe (only if `out_dir`), the results JSON and the bench MAE plot."""
-    from jtrail.probe_pipeline import _device, curves_json, write_results
+    from jtrail.probe.pipeline import _device, curves_json, write_results
 
     best = choices[0]
     bench = best.evals.get("bench")

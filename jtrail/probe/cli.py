@@ -1,5 +1,5 @@
 """`jtrail train-probe`: argparse wiring only (JAX, Optax and the model load inside the handler, so
-`jtrail --help` stays fast). The work is in `jtrail.probe_pipeline` and `jtrail.train_probe`.
+`jtrail --help` stays fast). The work is in `jtrail.probe.pipeline` and `jtrail.probe.train`.
 
 Examples:
     jtrail train-probe --num-prompts 2000 --max-new-tokens 512 --layers 6,11,16,21 --bins equal:10:512 \
@@ -24,7 +24,7 @@ from pathlib import Path
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
-    from jtrail.train_probe import ProbeTrainingError
+    from jtrail.probe.train import ProbeTrainingError
 
     try:
         vals = tuple(int(x) for x in text.split(",") if x.strip())
@@ -86,7 +86,7 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
 def _check_inputs(args: argparse.Namespace) -> None:
     """Files and sizes, checked before any model loads or any answer is generated."""
     from jtrail.datasets import DatasetError, prompt_texts
-    from jtrail.probe_checks import ProbeInputError, check_sizes, check_split
+    from jtrail.probe.checks import ProbeInputError, check_sizes, check_split
 
     if args.from_features is not None:
         if not Path(args.from_features).is_file():
@@ -110,9 +110,9 @@ def _check_inputs(args: argparse.Namespace) -> None:
 def _run_train_probe(args: argparse.Namespace) -> int:
     _resolve_defaults(args)
     _check_inputs(args)  # everything that can fail before the model loads (and before JAX imports)
-    from jtrail.probe_data import FeatureCacheError
-    from jtrail.probe_pipeline import DataOptions, run
-    from jtrail.train_probe import ProbeTrainingError, TrainOptions, parse_bins
+    from jtrail.probe.data import FeatureCacheError
+    from jtrail.probe.pipeline import DataOptions, run
+    from jtrail.probe.train import ProbeTrainingError, TrainOptions, parse_bins
 
     for spec in args.bins:
         parse_bins(spec)
@@ -128,7 +128,7 @@ def _run_train_probe(args: argparse.Namespace) -> int:
     try:
         cache = args.from_features or args.features_cache
         if args.replay is not None:
-            from jtrail.probe_replay import ReplayOptions, run_replay
+            from jtrail.probe.replay import ReplayOptions, run_replay
 
             ropts = ReplayOptions(replay_path=args.replay, model=args.model, num_train=args.num_prompts,
                                   eval_limit=args.eval_limit, max_new_tokens=args.max_new_tokens,
@@ -146,7 +146,7 @@ def _run_train_probe(args: argparse.Namespace) -> int:
                                gen_batch=args.gen_batch,
                                token_budget=args.token_budget, chat=args.chat)
             if args.export_prompts:
-                from jtrail.probe_pipeline import export_prompts
+                from jtrail.probe.pipeline import export_prompts
 
                 n = export_prompts(args.dataset, args.export_prompts, args.num_prompts)
                 print(f"wrote {n} prompts to {args.export_prompts}")

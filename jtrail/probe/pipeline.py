@@ -20,11 +20,11 @@ import numpy as np
 
 from jtrail import datasets
 from jtrail.models.probe_io import probe_config_to_dict, save_probe
-from jtrail.probe_checks import check_split, degenerate_data, degenerate_metrics, raise_if_degenerate
-from jtrail.probe_data import FeatureCacheError, ProbeFeatures, collect_features, generate_greedy
-from jtrail.probe_eval import plot_curves
+from jtrail.probe.checks import check_split, degenerate_data, degenerate_metrics, raise_if_degenerate
+from jtrail.probe.data import FeatureCacheError, ProbeFeatures, collect_features, generate_greedy
+from jtrail.probe.eval import plot_curves
+from jtrail.probe.train import LayerResult, TrainOptions, best_layer, train_and_evaluate
 from jtrail.provenance import git_commit
-from jtrail.train_probe import LayerResult, TrainOptions, best_layer, train_and_evaluate
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Train TRAIL's probe head with Optax: AdamW + warmup-cosine LR, cross-entropy over length bins.
 
 One head per candidate layer is trained on the same requests (prompt-mean samples and per-token
-samples), evaluated on held-out requests (`probe_eval`), and the layer with the lowest refined MAE wins.
+samples), evaluated on held-out requests (`probe.eval`), and the layer with the lowest refined MAE wins.
 Inputs are standardized for optimization, and the standardization is then folded into the first
 linear layer, so the saved head takes raw hidden states exactly as the engine's tap gives them.
 """
@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from jtrail.models.errors import JtrailError
 from jtrail.models.probe import ProbeConfig, ProbeHead, equal_bins, log_bins
 from jtrail.models.shapes import pow2_bucket
-from jtrail.probe_data import ProbeFeatures
-from jtrail.probe_eval import LayerEval, evaluate_probs
+from jtrail.probe.data import ProbeFeatures
+from jtrail.probe.eval import LayerEval, evaluate_probs
 
 
 class ProbeTrainingError(JtrailError, ValueError):
