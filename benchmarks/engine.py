@@ -126,7 +126,7 @@ def bench_prefill_burst(model, args, n: int = 64, plen: int = 512) -> dict:
     """n prompts of plen tokens submitted at once (max_tokens 1): seconds until the last first
     token, after a warm-up burst that compiles every shape."""
     import numpy as np
-    from jtrail.serving.engine import EngineConfig, LLMEngine
+    from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
     from jtrail.serving.sequence import SamplingParams
 
     budget = args.burst_budget
@@ -158,7 +158,7 @@ def bench_prefill_burst(model, args, n: int = 64, plen: int = 512) -> dict:
 def bench_decode(model, cfg, b: int, args, bw: float) -> dict:
     import jax
     import numpy as np
-    from jtrail.serving.engine import EngineConfig, LLMEngine
+    from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
 
     k, steps, page = args.decode_steps, args.steps, args.page_size
     max_len = args.ctx + k * (steps + 2) + page
@@ -210,7 +210,7 @@ def bench_smollm2(path: str, args) -> dict:
     import jax.numpy as jnp
     import numpy as np
     from jtrail.models.loader import load_model
-    from jtrail.serving.engine import EngineConfig, LLMEngine
+    from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
     from jtrail.serving.sequence import SamplingParams
 
     lm = load_model(path, dtype=jnp.bfloat16, progress=False)

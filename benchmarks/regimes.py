@@ -9,7 +9,7 @@
   tokens / page size x 16), Poisson at 0.9 of capacity. Baseline: fcfs with vLLM's free-page
   watermark on admission (`make_policy("fcfs", watermark=0.01)`).
 
-Capacity is per regime: it is measured on that regime's resources (serving/capacity.py: full-batch
+Capacity is per regime: it is measured on that regime's resources (serving/brain/capacity.py: full-batch
 output tokens/s over mean output tokens; for R3 the batch is memory-bound, so "full" means requests
 were waiting, `backlog=True`). `regime_arrivals` turns it into arrival times for a seed.
 """

@@ -33,9 +33,9 @@ ROUTERS = ("round-robin", "least-requests", "token-aware")
 
 def main(argv: list[str] | None = None) -> int:
     from jtrail.models.probe_io import default_probe_path, load_probe
-    from jtrail.serving.predictor import OraclePredictor, RecordedPredictor, TrailPredictor
-    from jtrail.serving.router import make_router
-    from jtrail.serving.simulator import Resources, Trace, simulate
+    from jtrail.serving.brain.predictor import OraclePredictor, RecordedPredictor, TrailPredictor
+    from jtrail.serving.brain.router import make_router
+    from jtrail.serving.simulation.simulator import Resources, Trace, simulate
 
     from jtrail.provenance import git_commit
 

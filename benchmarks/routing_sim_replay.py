@@ -33,10 +33,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from jtrail.serving.predictor import ProbeLikePredictor  # noqa: E402
-from jtrail.serving.router import make_router  # noqa: E402
-from jtrail.serving.simulator import Resources, Trace, simulate  # noqa: E402
-from jtrail.serving.step_model import StepModel  # noqa: E402
+from jtrail.serving.brain.predictor import ProbeLikePredictor  # noqa: E402
+from jtrail.serving.brain.router import make_router  # noqa: E402
+from jtrail.serving.simulation.simulator import Resources, Trace, simulate  # noqa: E402
+from jtrail.serving.simulation.step_model import StepModel  # noqa: E402
 from simulate import (
     ROUTING_STEP_MODEL,
     capacity_rps,

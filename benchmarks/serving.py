@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from jtrail.serving.model_runner import TRACE_COUNTS  # noqa: E402
-from jtrail.serving.predictor import RecordingPredictor  # noqa: E402
+from jtrail.serving.brain.predictor import RecordingPredictor  # noqa: E402
+from jtrail.serving.engine.model_runner import TRACE_COUNTS  # noqa: E402
 from loadgen import Workload, arrival_times, drive_engine, load_prompt_ids  # noqa: E402
 from metrics_summary import summarize  # noqa: E402
 from serving_report import analyse, write_outputs  # noqa: E402
@@ -55,7 +55,7 @@ def load(args: argparse.Namespace) -> Setup:
     import jax.numpy as jnp
     from jtrail.models.loader import load_model
     from jtrail.models.probe_io import load_probe, resolve_probe_path
-    from jtrail.serving.predictor import TrailPredictor
+    from jtrail.serving.brain.predictor import TrailPredictor
 
     auto = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     dtype = args.dtype if args.dtype != "auto" else auto
@@ -77,8 +77,8 @@ def make_engine(su: Setup, policy: str, kw: dict, predictor: Any = None, slots: 
     this a run met multi-second stalls in its first steps and a compile of the largest bucket
     mid-trace (measured: 5 s in one run), and at 95% load a stall's backlog takes the rest of the
     trace to drain."""
-    from jtrail.serving.engine import EngineConfig, LLMEngine
-    from jtrail.serving.scheduler.registry import make_policy
+    from jtrail.serving.brain.scheduler.registry import make_policy
+    from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
 
     from jtrail.warmup import warm_up
 
@@ -219,7 +219,7 @@ def save_raw(su: Setup, lengths: np.ndarray, cap: dict, sw: dict[str, Any]) -> N
 
 
 def run_sim(su: Setup, sw: dict[str, Any]) -> dict[str, Any]:
-    from jtrail.serving.simulator import Resources
+    from jtrail.serving.simulation.simulator import Resources
 
     sm, fit = fit_step_model(sw["steps"])
     if sw["top"] is None:

@@ -43,8 +43,8 @@ def load_raw(path: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from jtrail.models.probe_io import default_probe_path, load_probe
-    from jtrail.serving.predictor import TrailPredictor
-    from jtrail.serving.simulator import Resources
+    from jtrail.serving.brain.predictor import TrailPredictor
+    from jtrail.serving.simulation.simulator import Resources
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("raw")

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from jtrail.serving.predictor import RecordedPredictor, TrailPredictor
-from jtrail.serving.simulator import Resources, Trace, simulate
-from jtrail.serving.step_model import StepModel
+from jtrail.serving.brain.predictor import RecordedPredictor, TrailPredictor
+from jtrail.serving.simulation.simulator import Resources, Trace, simulate
+from jtrail.serving.simulation.step_model import StepModel
 
 
 def fit_step_model(steps: np.ndarray) -> tuple[StepModel, dict[str, float]]:

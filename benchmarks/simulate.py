@@ -26,11 +26,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from jtrail.serving.predictor import NoisyOraclePredictor, ProbeLikePredictor, SyntheticProbe, TrailPredictor
-from jtrail.serving.queueing import mg1_fcfs_mean_response, mg1_srpt_mean_response
-from jtrail.serving.router import make_router
-from jtrail.serving.simulator import Resources, Trace, simulate
-from jtrail.serving.step_model import StepModel
+from jtrail.serving.brain.predictor import (
+    NoisyOraclePredictor,
+    ProbeLikePredictor,
+    SyntheticProbe,
+    TrailPredictor,
+)
+from jtrail.serving.brain.router import make_router
+from jtrail.serving.simulation.queueing import mg1_fcfs_mean_response, mg1_srpt_mean_response
+from jtrail.serving.simulation.simulator import Resources, Trace, simulate
+from jtrail.serving.simulation.step_model import StepModel
 
 from jtrail.provenance import git_commit
 

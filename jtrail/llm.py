@@ -19,9 +19,9 @@ import jax.numpy as jnp
 
 from jtrail.models.generate import GenerationResult, Generator
 from jtrail.models.loader import LoadedModel, load_model
-from jtrail.serving.chat import check_messages
-from jtrail.serving.engine import EngineConfig
-from jtrail.serving.outputs import final_text
+from jtrail.serving.engine.llm_engine import EngineConfig
+from jtrail.serving.engine.outputs import final_text
+from jtrail.serving.frontdoor.chat import check_messages
 from jtrail.serving.sequence import FinishReason, InvalidRequestError, SamplingParams
 from jtrail.serving.sequence import Sequence as SeqState
 
@@ -48,11 +48,11 @@ class Backend(Protocol):
 
 
 class EngineBackend:
-    """Runs `LLM.generate` on the continuous-batching engine (`jtrail.serving.engine.LLMEngine`)."""
+    """Runs `LLM.generate` on the continuous-batching engine (`serving.engine.llm_engine.LLMEngine`)."""
 
     def __init__(self, loaded: LoadedModel, num_slots: int = EngineConfig.num_slots, policy: str = "fcfs",
                  max_model_len: int = EngineConfig.max_model_len, page_size: int = EngineConfig.page_size):
-        from jtrail.serving.engine import LLMEngine
+        from jtrail.serving.engine.llm_engine import LLMEngine
 
         max_model_len = min(max_model_len, loaded.cfg.max_model_len)
         # Enough pages for every slot to hold a quarter context; longer mixes preempt and resume.

@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 
-from jtrail.serving.engine import EngineConfig  # plain Python: no JAX until a model loads
+from jtrail.serving.engine.llm_engine import EngineConfig  # plain Python: no JAX until a model loads
 from jtrail.serving.engine_api import AsyncEngine
 
 log = logging.getLogger("jtrail.serve")
@@ -64,7 +64,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def check_policy(name: str) -> None:
     """Fail fast, before loading any model, on a policy name the scheduler does not know."""
-    from jtrail.serving.scheduler.registry import make_policy
+    from jtrail.serving.brain.scheduler.registry import make_policy
 
     try:
         make_policy(name)
@@ -74,7 +74,7 @@ def check_policy(name: str) -> None:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The one EngineConfig the flags describe (the model-backed and the --mock engine both run it)."""
-    from jtrail.serving.scheduler.registry import make_policy
+    from jtrail.serving.brain.scheduler.registry import make_policy
 
     # Aging applies to the length-ranked policies; fcfs and priority take no options.
     opts = {"aging": args.aging} if args.policy in ("trail", "gittins", "srpt-oracle") else {}
@@ -86,7 +86,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 def build_engine(args: argparse.Namespace) -> AsyncEngine:
     if args.mock:
-        from jtrail.serving.fake_runner import mock_engine
+        from jtrail.serving.engine.fake_runner import mock_engine
 
         # the real engine and policy over a fake runner (no model; fake probe = exact lengths)
         return mock_engine(config=engine_config(args), step_delay_s=args.mock_step_delay)
@@ -96,8 +96,8 @@ def build_engine(args: argparse.Namespace) -> AsyncEngine:
 def build_real_engine(args: argparse.Namespace) -> AsyncEngine:
     """The model-backed engine: loader -> LLMEngine -> AsyncLLMEngine (imported lazily: JAX is slow)."""
     from jtrail.models.loader import load_model
-    from jtrail.serving.async_engine import AsyncLLMEngine
-    from jtrail.serving.engine import LLMEngine
+    from jtrail.serving.engine.async_engine import AsyncLLMEngine
+    from jtrail.serving.engine.llm_engine import LLMEngine
 
     loaded = load_model(args.model)
     probe, predictor = _load_probe(args.probe, default_model=args.model is None)
@@ -117,7 +117,7 @@ def _load_probe(spec: str | None, default_model: bool) -> tuple[object | None, o
     `--probe none` turns length prediction off (fcfs/priority do not need it); `--probe replay` picks the
     shipped probe trained on recorded answers."""
     from jtrail.models.probe_io import load_probe, resolve_probe_path
-    from jtrail.serving.predictor import TrailPredictor
+    from jtrail.serving.brain.predictor import TrailPredictor
 
     if spec is not None and spec.lower() == "none":
         return None, None
@@ -133,8 +133,8 @@ async def _serve(args: argparse.Namespace) -> BaseException | None:
     """One engine, two front doors: gRPC (`--port`) and the OpenAI-compatible HTTP API (`--http-port`),
     sharing the engine's queue and policy and one Prometheus registry. Serves until SIGTERM/SIGINT, or
     until the engine loop dies: then returns why (the caller exits non-zero)."""
-    from jtrail.serving.metrics import ServerMetrics
-    from jtrail.serving.server import JtrailServer, ServerConfig
+    from jtrail.serving.frontdoor.metrics import ServerMetrics
+    from jtrail.serving.frontdoor.server import JtrailServer, ServerConfig
 
     engine = build_engine(args)
     metrics = ServerMetrics()
@@ -168,7 +168,7 @@ async def _serve(args: argparse.Namespace) -> BaseException | None:
         if hasattr(engine, "on_fatal"):
             engine.on_fatal = engine_died
         if not args.no_http:
-            from jtrail.serving.http_server import HttpConfig, HttpServer
+            from jtrail.serving.frontdoor.http_server import HttpConfig, HttpServer
 
             http = HttpServer(engine, metrics, HttpConfig(
                 host=args.host, port=args.http_port, default_max_tokens=args.max_tokens,
@@ -287,9 +287,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_route(args: argparse.Namespace) -> int:
-    from jtrail.serving.grpc_router import ReplicaSet, RouterServicer
-    from jtrail.serving.router import make_router
-    from jtrail.serving.server import JtrailServer, ServerConfig
+    from jtrail.serving.brain.router import make_router
+    from jtrail.serving.frontdoor.router_server import ReplicaSet, RouterServicer
+    from jtrail.serving.frontdoor.server import JtrailServer, ServerConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

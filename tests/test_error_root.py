@@ -12,7 +12,7 @@ from jtrail import JtrailError
 
 # Generated gRPC stubs define no errors of ours; importing them needs nothing special, but they are not
 # jtrail's code.
-_SKIP = ("jtrail.serving.proto.",)
+_SKIP = ("jtrail.serving.frontdoor.proto",)
 
 
 # The folders are mapped into one namespace (pyproject's package-dir), so walking `jtrail`'s own folder

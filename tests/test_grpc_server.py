@@ -6,12 +6,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from jtrail.serving.async_engine import AsyncLLMEngine
-from jtrail.serving.fake_runner import encode_text, fake_token, mock_engine
-from jtrail.serving.proto import jtrail_v1_pb2 as pb
-from jtrail.serving.proto import jtrail_v1_pb2_grpc as pb_grpc
+from jtrail.serving.engine.async_engine import AsyncLLMEngine
+from jtrail.serving.engine.fake_runner import encode_text, fake_token, mock_engine
+from jtrail.serving.frontdoor.proto import jtrail_v1_pb2 as pb
+from jtrail.serving.frontdoor.proto import jtrail_v1_pb2_grpc as pb_grpc
+from jtrail.serving.frontdoor.server import JtrailServer, ServerConfig
 from jtrail.serving.sequence import RequestOutput, SamplingParams
-from jtrail.serving.server import JtrailServer, ServerConfig
 
 from jtrail.client import AsyncClient
 

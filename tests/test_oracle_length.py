@@ -4,9 +4,9 @@ policy files the request: srpt-oracle ranks by it with no patched hooks."""
 from __future__ import annotations
 
 import pytest
-from jtrail.serving.engine import EngineConfig, LLMEngine
-from jtrail.serving.fake_runner import ByteTokenizer, FakeRunner
-from jtrail.serving.scheduler.registry import make_policy
+from jtrail.serving.brain.scheduler.registry import make_policy
+from jtrail.serving.engine.fake_runner import ByteTokenizer, FakeRunner
+from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
 from jtrail.serving.sequence import InvalidRequestError, SamplingParams
 
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from jtrail.serving.predictor import (
+from jtrail.serving.brain.predictor import (
     NoisyOraclePredictor,
     OraclePredictor,
     Predictor,

@@ -2,10 +2,8 @@
 
 import numpy as np
 import pytest
-from jtrail.serving.engine_api import EngineStats
-from jtrail.serving.forecast import count_routed
-from jtrail.serving.grpc_router import _stats_from_pb
-from jtrail.serving.router import (
+from jtrail.serving.brain.forecast import count_routed
+from jtrail.serving.brain.router import (
     ROUTER_NAMES,
     LeastRequests,
     PowerOfTwo,
@@ -15,10 +13,12 @@ from jtrail.serving.router import (
     replica_forecast,
     slot_forecast,
 )
+from jtrail.serving.engine_api import EngineStats
+from jtrail.serving.frontdoor.router_server import _stats_from_pb
+from jtrail.serving.frontdoor.servicer import stats_to_pb
 from jtrail.serving.sequence import InvalidRequestError
-from jtrail.serving.servicer import stats_to_pb
-from jtrail.serving.simulator import Resources, Trace, simulate
-from jtrail.serving.step_model import StepModel
+from jtrail.serving.simulation.simulator import Resources, Trace, simulate
+from jtrail.serving.simulation.step_model import StepModel
 
 
 def st(waiting=0, running=0, tokens=0.0, used=0, total=100, free=()):

@@ -2,7 +2,7 @@
 
 For each held-out request with an n-token answer, estimates are made after prefill (j = 0, truth n) and
 after each fed-back token j = 1..n-1 (truth n - j):
-- refined: TRAIL's Bayesian refinement every token (`jtrail.serving.predictor.TrailPredictor`, the very
+- refined: TRAIL's Bayesian refinement every token (`jtrail.serving.brain.predictor.TrailPredictor`, the very
   object the engine uses), prefill probe on the prompt-mean state, then one refinement per token;
 - raw: the probe's own expectation at each token, no refinement;
 - prompt-only: the prefill estimate counted down one per token, floored at 0;
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jtrail.models.probe import ProbeConfig
-from jtrail.serving.predictor import TrailPredictor
+from jtrail.serving.brain.predictor import TrailPredictor
 from jtrail.serving.sequence import SamplingParams, Sequence
 
 ESTIMATORS = ("refined", "raw", "prompt_only", "mean")

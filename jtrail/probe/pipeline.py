@@ -123,7 +123,8 @@ def write_outputs(results: dict[int, LayerResult], data: dict[str, Any], info: d
            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
            "git_commit": git_commit(), "bins": opts.bins,
            "bin_edges": list(probe_config_to_dict(results[best].head.cfg)["bin_edges"]),
-           "refinement": "TRAIL Bayesian refinement every token (jtrail.serving.predictor.TrailPredictor)",
+           "refinement": "TRAIL Bayesian refinement every token "
+                         "(jtrail.serving.brain.predictor.TrailPredictor)",
            "train_options": asdict(opts), "data": data, "info": info, "table": table, "bars": bars,
            "ratios": {"refined_over_prompt_only": m["refined_mae"] / max(m["prompt_only_mae"], 1e-9),
                       "refined_over_mean_predictor": m["refined_mae"] / max(m["mean_mae"], 1e-9)},

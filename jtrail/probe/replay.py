@@ -180,7 +180,7 @@ def write_replay_outputs(choices: list[Choice], per_bins: dict[str, dict[int, La
         "mode": "replay: teacher-forced recorded answers; layer and bins chosen on 'tune', reported on "
                 "'bench' (held-out conversations) and 'ood' (AlpacaEval, GPT-4 answers)",
         "bins": best.bins, "bin_edges": list(probe_config_to_dict(best.result.head.cfg)["bin_edges"]),
-        "refinement": "TRAIL Bayesian refinement every token (jtrail.serving.predictor.TrailPredictor; "
+        "refinement": "TRAIL Bayesian refinement every token (jtrail.serving.brain.predictor.TrailPredictor; "
                       "per-bin width for non-equal bins)",
         "train_options": asdict(dataclasses.replace(opts, bins=best.bins)), "data": data, "info": info,
         "bars": bars,
