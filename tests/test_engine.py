@@ -12,7 +12,7 @@ from jtrail.models.attention import DenseMeta
 from jtrail.models.config import NAMED_CONFIGS
 from jtrail.models.llama import Llama
 from jtrail.models.probe import ProbeConfig, ProbeHead
-from jtrail.serving import swap
+from jtrail.serving.engine import swap
 from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
 from jtrail.serving.sequence import FinishReason, InvalidRequestError, QueueFullError, SamplingParams, Status
 

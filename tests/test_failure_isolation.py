@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 from jtrail.models.config import NAMED_CONFIGS
 from jtrail.models.llama import Llama
-from jtrail.serving import async_engine as ae
+from jtrail.serving.engine import async_engine as ae
 from jtrail.serving.engine.async_engine import AsyncLLMEngine
 from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
 from jtrail.serving.engine_api import EngineStats
