@@ -1,5 +1,5 @@
 """A gRPC front end that speaks the server's own API (`jtrail.v1.Jtrail`) and routes each request to
-one of several jtrail servers (data-parallel replicas) with a policy of `router.py`.
+one of several jtrail servers (data-parallel replicas) with a policy of `brain/router.py`.
 
 Load snapshots come from each replica's `Stats` RPC, polled in the background; between polls the
 router counts what it sent itself, so a burst does not all land on the replica that looked idlest at

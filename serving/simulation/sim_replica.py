@@ -99,7 +99,7 @@ class SimReplica:
         # finished requests' output tokens: the mean is the slot forecast's prior, as in the engine
         self.finished_tokens = self.finished_count = 0
         self._changed = False  # state changed at this boundary: the engine would re-schedule next step
-        # Optional per-run records for capacity.py: (end time, seconds, steps, running, waiting, tokens
+        # Optional per-run records for brain/capacity.py: (end time, seconds, steps, running, waiting, tokens
         # out); a run of m steps of a fixed batch of n is one record (n x m tokens). None: off.
         self.step_log: list[tuple[float, float, int, int, int, int]] | None = None
         self._plan_waiting = 0

@@ -103,7 +103,7 @@ class SimResult:
     wall_seconds: float
     makespan: float
     policy_stats: list[PolicyStats | None] = field(default_factory=list)
-    # per replica, with record_steps=True: a StepRecord (capacity.py) of the runs of steps it made
+    # per replica, with record_steps=True: a StepRecord (brain/capacity.py) of the runs of steps it made
     steps: list[Any] = field(default_factory=list)
 
     @property
