@@ -87,7 +87,7 @@ def hf_peer(shape: str, batches: list[int], ctx: int, new_tokens: int) -> dict:
     hf_cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_dim,
                          num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
                          num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim, rope_theta=c.rope_theta,
-                         max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings)
+                         max_position_embeddings=c.max_model_len, tie_word_embeddings=c.tie_embeddings)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         model = LlamaForCausalLM(hf_cfg).eval()
@@ -164,7 +164,7 @@ def bench_prefill_burst(model, args, n: int = 64, plen: int = 512) -> dict:
     """n prompts of plen tokens submitted at once (max_tokens 1): seconds until the last first
     token, after a warm-up burst that compiles every shape."""
     import numpy as np
-    from jtrail.serving.engine import EngineConfig, LLMEngine
+    from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
     from jtrail.serving.sequence import SamplingParams
 
     budget = args.burst_budget
@@ -196,7 +196,7 @@ def bench_prefill_burst(model, args, n: int = 64, plen: int = 512) -> dict:
 def bench_decode(model, cfg, b: int, args, bw: float) -> dict:
     import jax
     import numpy as np
-    from jtrail.serving.engine import EngineConfig, LLMEngine
+    from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
 
     k, steps, page = args.decode_steps, args.steps, args.page_size
     max_len = args.ctx + k * (steps + 2) + page
@@ -248,7 +248,7 @@ def bench_smollm2(path: str, args) -> dict:
     import jax.numpy as jnp
     import numpy as np
     from jtrail.models.loader import load_model
-    from jtrail.serving.engine import EngineConfig, LLMEngine
+    from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
     from jtrail.serving.sequence import SamplingParams
 
     lm = load_model(path, dtype=jnp.bfloat16, progress=False)

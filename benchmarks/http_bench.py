@@ -45,8 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import RunResult, StreamTimes, Workload, arrival_times, drive_grpc  # noqa: E402
 from routing import Proc, device_name, drain, jtrail_cmd, load_pool, summarize, wait_serving  # noqa: E402
 

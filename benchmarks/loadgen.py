@@ -162,7 +162,7 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float, ora
         while i < n and wl.arrival[i] <= now:  # engine clock is monotonic: give it the true arrival
             seqs.append(engine.add_request(wl.request_ids[i], wl.prompts[i], wl.params(i),
                                            arrival_time=m0 + float(wl.arrival[i]),
-                                           oracle_output_len=int(wl.output_len[i]) if oracle else None))
+                                           oracle_length=int(wl.output_len[i]) if oracle else None))
             i += 1
         if not engine.has_unfinished():
             if i < n:

@@ -50,8 +50,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import Workload, arrival_times, drive_grpc  # noqa: E402
 
 from jtrail.provenance import git_commit  # noqa: E402

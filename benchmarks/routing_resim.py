@@ -1,12 +1,16 @@
 """Routing policies in the simulator on a GPU run's recorded workload (serving_raw.npz from serving.py).
 
-    python benchmarks/routing_resim.py benchmarks/results/serving_raw.npz [--replicas 2] [--loads 0.9,0.97]
+    python benchmarks/routing_resim.py serving_raw.npz [--replicas 2] [--loads 0.9,0.97]
+
+serving.py writes serving_raw.npz outside the source tree (its --raw-dir, default ~/.cache/jtrail/benchmarks).
+The file behind the recorded results/routing_resim*.json is kept in git history, not in the tree:
+    git show 53712ea:benchmarks/results/serving_raw.npz > serving_raw.npz
 
 Requests are drawn from the recorded trace (its prompt and forced output lengths, its recorded probe
 outputs), arrive as a seeded Poisson process at a fraction of the replicas' capacity (from the step
 model fitted on the run), and are routed over fcfs replicas by round-robin, least-requests and
-token-aware (which sees each replica's slot forecast computed as the engine computes it, via
-simulate.py's `simulate_routed`). `predict_at_arrival`: False as in the real router (it sees no length
+token-aware (which sees each replica's slot forecast, filled by the simulator as the engine computes
+it). `predict_at_arrival`: False as in the real router (it sees no length
 estimate when it routes: token-aware assumes --expected-tokens for the new request), True gives it the
 probe's prompt estimate for free. Prints rr / token-aware and least-requests / token-aware mean E2E per
 seed and writes benchmarks/results/routing_resim.json. No model and no GPU needed.
@@ -21,20 +25,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving_resim import load_raw  # noqa: E402
 from serving_sim import fit_step_model  # noqa: E402
-from simulate import simulate_routed  # noqa: E402
 
 ROUTERS = ("round-robin", "least-requests", "token-aware")
 
 
 def main(argv: list[str] | None = None) -> int:
     from jtrail.models.probe_io import default_probe_path, load_probe
-    from jtrail.serving.predictor import OraclePredictor, RecordedPredictor, TrailPredictor
-    from jtrail.serving.router import make_router
-    from jtrail.serving.simulator import Resources, Trace
+    from jtrail.serving.brain.predictor import OraclePredictor, RecordedPredictor, TrailPredictor
+    from jtrail.serving.brain.router import make_router
+    from jtrail.serving.simulation.simulator import Resources, Trace, simulate
 
     from jtrail.provenance import git_commit
 
@@ -76,12 +77,13 @@ def main(argv: list[str] | None = None) -> int:
                 e2e = {}
                 for name in ROUTERS:
                     kw = {"page_size": a.page_size} if name == "token-aware" else {}
-                    # simulate_routed: token-aware sees each replica's slot forecast, as from a real server
-                    res = simulate_routed(tr, "fcfs", sm, Resources(a.slots, a.pages, a.page_size),
-                                          make_router(name, **kw), poll_s=a.poll_s, num_replicas=a.replicas,
-                                          predictor=RecordedPredictor(refiner, recs)
-                                          if a.predictor == "recorded" else OraclePredictor(),
-                                          predict_at_arrival=at_arrival)
+                    # token-aware sees each replica's slot forecast, as from a real server
+                    res = simulate(tr, "fcfs", sm, Resources(a.slots, a.pages, a.page_size),
+                                   router=make_router(name, **kw), router_poll_s=a.poll_s,
+                                   num_replicas=a.replicas,
+                                   predictor=RecordedPredictor(refiner, recs)
+                                   if a.predictor == "recorded" else OraclePredictor(),
+                                   predict_at_arrival=at_arrival)
                     e2e[name] = float(res.e2e.mean())
                 rows.append({"load": load, "predict_at_arrival": at_arrival, "seed": seed, "mean_e2e": e2e,
                              "rr_over_token_aware": e2e["round-robin"] / e2e["token-aware"],

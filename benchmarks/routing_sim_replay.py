@@ -33,18 +33,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from jtrail.serving.router import make_router  # noqa: E402
-from jtrail.serving.simulator import Resources, Trace  # noqa: E402
-from jtrail.serving.step_model import StepModel  # noqa: E402
+from jtrail.serving.brain.predictor import ProbeLikePredictor  # noqa: E402
+from jtrail.serving.brain.router import make_router  # noqa: E402
+from jtrail.serving.simulation.simulator import Resources, Trace, simulate  # noqa: E402
+from jtrail.serving.simulation.step_model import StepModel  # noqa: E402
 from simulate import (
     ROUTING_STEP_MODEL,
-    ProbeLikePredictor,
     capacity_rps,
     poisson,
     predictor_mae,
-    simulate_routed,  # noqa: E402
 )
 
 from jtrail.provenance import git_commit  # noqa: E402
@@ -85,9 +82,9 @@ def run_seed(seed: int, prm0: np.ndarray, out0: np.ndarray, a: argparse.Namespac
         if name == "power-of-two":
             kw.setdefault("seed", seed)
         t0 = time.perf_counter()
-        r = simulate_routed(tr, a.policy, sm, res, make_router(name, **kw), poll_s=a.poll_s,
-                            num_replicas=a.replicas, predictor=ProbeLikePredictor(**pred_kw),
-                            router_sees_estimate=a.router_sees_estimate)
+        r = simulate(tr, a.policy, sm, res, router=make_router(name, **kw), router_poll_s=a.poll_s,
+                     num_replicas=a.replicas, predictor=ProbeLikePredictor(**pred_kw),
+                     router_sees_estimate=a.router_sees_estimate)
         s = r.summary()
         rows[name] = {k: s[k] for k in ("mean_e2e", "p50_e2e", "p99_e2e", "mean_ttft", "p99_ttft",
                                         "preemptions_per_request")}

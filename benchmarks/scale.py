@@ -45,7 +45,7 @@ from jtrail.models.sharding import (  # noqa: E402
     make_mesh,
     shard_attention_fn,
 )
-from jtrail.serving.model_runner import PagedMeta, make_paged_attention  # noqa: E402
+from jtrail.serving.engine.model_runner import PagedMeta, make_paged_attention  # noqa: E402
 
 from jtrail.provenance import git_commit
 

@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from jtrail.serving.model_runner import TRACE_COUNTS  # noqa: E402
+from jtrail.serving.brain.predictor import RecordingPredictor  # noqa: E402
+from jtrail.serving.engine.model_runner import TRACE_COUNTS  # noqa: E402
 from loadgen import Workload, arrival_times, drive_engine, load_prompt_ids  # noqa: E402
 from metrics_summary import summarize  # noqa: E402
 from serving_report import analyse, write_outputs  # noqa: E402
-from serving_sim import RecordingPredictor, fit_step_model, sim_errors, simulate_policies  # noqa: E402
+from serving_sim import fit_step_model, sim_errors, simulate_policies  # noqa: E402
 
 
 @dataclass
@@ -56,7 +55,7 @@ def load(args: argparse.Namespace) -> Setup:
     import jax.numpy as jnp
     from jtrail.models.loader import load_model
     from jtrail.models.probe_io import load_probe, resolve_probe_path
-    from jtrail.serving.predictor import TrailPredictor
+    from jtrail.serving.brain.predictor import TrailPredictor
 
     auto = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     dtype = args.dtype if args.dtype != "auto" else auto
@@ -78,8 +77,8 @@ def make_engine(su: Setup, policy: str, kw: dict, predictor: Any = None, slots: 
     this a run met multi-second stalls in its first steps and a compile of the largest bucket
     mid-trace (measured: 5 s in one run), and at 95% load a stall's backlog takes the rest of the
     trace to drain."""
-    from jtrail.serving.engine import EngineConfig, LLMEngine
-    from jtrail.serving.scheduler.registry import make_policy
+    from jtrail.serving.brain.scheduler.registry import make_policy
+    from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
 
     from jtrail.warmup import warm_up
 
@@ -99,7 +98,7 @@ def make_engine(su: Setup, policy: str, kw: dict, predictor: Any = None, slots: 
 
 def profile_lengths(su: Setup, prompts: list[list[int]]) -> np.ndarray:
     """Natural-EOS greedy output lengths (eos counted; capped at --max-output)."""
-    from jtrail.probe_data import generate_greedy
+    from jtrail.probe.data import generate_greedy
 
     # batch 128: few distinct shapes to compile, a one-while-loop decode per batch (fast)
     answers, _ = generate_greedy(su.model, prompts, su.args.max_output, su.eos, batch_size=128,
@@ -194,8 +193,9 @@ def _save_partial(runs: list[dict[str, Any]]) -> None:
 
 
 def save_raw(su: Setup, lengths: np.ndarray, cap: dict, sw: dict[str, Any]) -> None:
-    """Everything needed to re-run the simulator offline on this trace (serving_raw.npz, also under
-    $OUT): the top-rate trace, per-run per-request outcomes and step records, the probe records."""
+    """Everything needed to re-run the simulator offline on this trace (serving_raw.npz, written to
+    --raw-dir and $OUT, never into the source tree by default): the top-rate trace, per-run per-request
+    outcomes and step records, the probe records."""
     import os
 
     raw: dict[str, np.ndarray] = {"pool_output_len": lengths, "capacity_steps": cap["steps"]}
@@ -212,14 +212,14 @@ def save_raw(su: Setup, lengths: np.ndarray, cap: dict, sw: dict[str, Any]) -> N
                    top_max_tokens=np.array(wl.max_tokens if wl.max_tokens else -1),
                    records=np.concatenate([records[i] for i in ids]),
                    records_len=np.array([len(records[i]) for i in ids]))
-    for d in dict.fromkeys(str(Path(x).resolve()) for x in (su.args.out, os.environ.get("OUT")) if x):
+    for d in dict.fromkeys(str(Path(x).resolve()) for x in (su.args.raw_dir, os.environ.get("OUT")) if x):
         if d:
             Path(d).mkdir(parents=True, exist_ok=True)
             np.savez_compressed(Path(d) / "serving_raw.npz", **raw)
 
 
 def run_sim(su: Setup, sw: dict[str, Any]) -> dict[str, Any]:
-    from jtrail.serving.simulator import Resources
+    from jtrail.serving.simulation.simulator import Resources
 
     sm, fit = fit_step_model(sw["steps"])
     if sw["top"] is None:
@@ -279,6 +279,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cv", type=float, default=1.0, help="arrival-gap CV (1 = Poisson)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--raw-dir", default=str(Path.home() / ".cache" / "jtrail" / "benchmarks"),
+                   help="where serving_raw.npz (per-request and per-step raw measurements, MBs) goes; "
+                        "outside the source tree by default")
     return p.parse_args(argv)
 
 

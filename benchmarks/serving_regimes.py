@@ -4,7 +4,7 @@ Every request carries its recorded answer (trace replay: the engine emits exactl
 hidden states and the probe see a real answer of real length). Requests come from one split of the
 replay set (`jtrail.replay`, held out from probe training; its name goes into the JSON). Per regime:
 1. capacity, measured: a saturated fcfs run; sustained output tokens/s over the full-batch steps
-   divided by the mean answer length (`jtrail.serving.capacity`);
+   divided by the mean answer length (`jtrail.serving.brain.capacity`);
 2. one seeded trace of the regime's arrival shape (benchmarks/regimes.py), and every policy on it, each
    on a fresh warmed engine; each run's summary is saved as soon as it ends ($OUT/serving_partial.json);
 3. the simulator on the same trace with the run's recorded probe outputs and the step model fitted on
@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from jtrail.serving.capacity import StepRecord, capacity_req_s, full_batch_throughput
-from jtrail.serving.model_runner import TRACE_COUNTS
+from jtrail.serving.brain.capacity import StepRecord, capacity_req_s, full_batch_throughput
+from jtrail.serving.brain.predictor import RecordingPredictor
+from jtrail.serving.engine.model_runner import TRACE_COUNTS
 from loadgen import Workload, drive_engine
 from metrics_summary import cdf_points, ratio, summarize
 from regimes import REGIMES, Regime, regime_arrivals, regime_resources
-from serving_sim import RecordingPredictor, fit_step_model, sim_errors, simulate_policies
+from serving_sim import fit_step_model, sim_errors, simulate_policies
 
 # Every XLA backend compile of the process (count, seconds), whatever function it belongs to:
 # TRACE_COUNTS counts retraces of the engine's two jitted calls only, and the H200 runs met ~4 s
@@ -250,7 +251,7 @@ def simulate_regime(
 ) -> dict[str, Any]:
     """The simulator on the regime's trace: same policies, the recorded probe outputs (replay makes
     them the same under every policy: the tokens are given), the step model fitted on engine steps."""
-    from jtrail.serving.simulator import Resources
+    from jtrail.serving.simulation.simulator import Resources
 
     rec = out["_recorder"]
     if rec is None:

@@ -1,6 +1,10 @@
 """Re-run the simulator offline on a GPU run's saved trace (serving_raw.npz from benchmarks/serving.py).
 
-    python benchmarks/serving_resim.py benchmarks/results/serving_raw.npz [--probe DIR]
+    python benchmarks/serving_resim.py serving_raw.npz [--probe DIR]
+
+serving.py writes serving_raw.npz outside the source tree (its --raw-dir, default ~/.cache/jtrail/benchmarks).
+The file behind the recorded results/routing_resim*.json is kept in git history, not in the tree:
+    git show 53712ea:benchmarks/results/serving_raw.npz > serving_raw.npz
 
 Fits the step model from the saved engine steps, replays the top-rate trace (same arrivals, prompt and
 forced output lengths, recorded probe outputs) through the simulator for fcfs / trail / srpt-oracle,
@@ -10,13 +14,10 @@ and prints sim vs engine mean E2E per policy. No model and no GPU needed.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving_sim import fit_step_model, sim_errors, simulate_policies  # noqa: E402
 
 
@@ -42,8 +43,8 @@ def load_raw(path: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from jtrail.models.probe_io import default_probe_path, load_probe
-    from jtrail.serving.predictor import TrailPredictor
-    from jtrail.serving.simulator import Resources
+    from jtrail.serving.brain.predictor import TrailPredictor
+    from jtrail.serving.simulation.simulator import Resources
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("raw")

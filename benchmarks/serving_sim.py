@@ -10,48 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from jtrail.serving.predictor import RecordedPredictor, TrailPredictor
-from jtrail.serving.simulator import Resources, Trace, simulate
-from jtrail.serving.step_model import StepModel
-
-
-class RecordingPredictor:
-    """Engine-side predictor that forwards to TRAIL refinement and records every probe output."""
-
-    def __init__(self, inner: TrailPredictor):
-        self.inner = inner
-        self.refine_every = inner.refine_every
-        self.rows: dict[str, dict[int, np.ndarray]] = {}
-        # (tokens generated, predicted remaining) after each probe output: the estimates the policy saw
-        self.predictions: dict[str, list[tuple[int, float | None]]] = {}
-
-    def on_prefill(self, seq: Any, probs: np.ndarray) -> None:
-        self.rows.setdefault(seq.request_id, {})[0] = np.array(probs, np.float32)
-        self.inner.on_prefill(seq, probs)
-        self.predictions.setdefault(seq.request_id, []).append((seq.num_generated, seq.predicted_remaining))
-
-    def on_decode(self, seq: Any, probs: np.ndarray, n_new: int) -> None:
-        self.rows.setdefault(seq.request_id, {})[seq.num_generated] = np.array(probs, np.float32)
-        self.inner.on_decode(seq, probs, n_new)
-        self.predictions.setdefault(seq.request_id, []).append((seq.num_generated, seq.predicted_remaining))
-
-    def records(self, request_ids: list[str], num_bins: int) -> dict[str, np.ndarray]:
-        """[n+1, K] per request: row t = output after t generated tokens, forward-filled; a request
-        never seen gets a uniform row (no information)."""
-        out = {}
-        for rid in request_ids:
-            got = self.rows.get(rid)
-            if not got:
-                out[rid] = np.full((1, num_bins), 1.0 / num_bins)
-                continue
-            n = max(got) + 1
-            arr = np.empty((n, num_bins), np.float64)
-            cur = got.get(0, np.full(num_bins, 1.0 / num_bins))
-            for t in range(n):
-                cur = got.get(t, cur)
-                arr[t] = cur
-            out[rid] = arr
-        return out
+from jtrail.serving.brain.predictor import RecordedPredictor, TrailPredictor
+from jtrail.serving.simulation.simulator import Resources, Trace, simulate
+from jtrail.serving.simulation.step_model import StepModel
 
 
 def fit_step_model(steps: np.ndarray) -> tuple[StepModel, dict[str, float]]:

@@ -12,31 +12,30 @@ Routing (`--sections routing`, ~2-3 min): 8 replicas like the serving benchmark'
 of 16 tokens), the GPU-fitted step model (`--routing-step-model`), ShareGPT lengths, a synthetic TRAIL
 probe with the measured errors (`ProbeLikePredictor`), 90% of the measured capacity; every router on
 the same trace, replicas running fcfs and trail. Token-aware reads each replica's slot forecast
-(`router.replica_forecast`); `simulate_routed` supplies it until the simulator does. The rule was
+(`forecast.replica_forecast`), which the simulator fills as the engine does. The rule was
 designed on seeds 1-4; the default `--routing-seed 11` was not looked at while designing.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
-import math
 import sys
 import time
-import zlib
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
-from jtrail.serving import simulator as simulator_module
-from jtrail.serving.predictor import NoisyOraclePredictor, RecordedPredictor, SyntheticProbe, TrailPredictor
-from jtrail.serving.queueing import mg1_fcfs_mean_response, mg1_srpt_mean_response
-from jtrail.serving.router import FORECAST_PRIOR_TOKENS, make_router, replica_forecast
-from jtrail.serving.sim_replica import SimReplica
-from jtrail.serving.simulator import Resources, Trace, simulate
-from jtrail.serving.step_model import StepModel
+from jtrail.serving.brain.predictor import (
+    NoisyOraclePredictor,
+    ProbeLikePredictor,
+    SyntheticProbe,
+    TrailPredictor,
+)
+from jtrail.serving.brain.router import make_router
+from jtrail.serving.simulation.queueing import mg1_fcfs_mean_response, mg1_srpt_mean_response
+from jtrail.serving.simulation.simulator import Resources, Trace, simulate
+from jtrail.serving.simulation.step_model import StepModel
 
 from jtrail.provenance import git_commit
 
@@ -110,53 +109,6 @@ def bench_theory(n: int, rng) -> dict:
 # 1024 tokens, answers capped at 512 like the probe's training), a TRAIL-like length predictor.
 ROUTING_STEP_MODEL = "0.004975,0.00017,0"  # a, b, c (s): GPU fit of serving.json's run
 ROUTERS = ("round-robin", "least-requests", "power-of-two", "token-aware (sum of tokens)", "token-aware")
-PROBE_BINS = tuple(512 * i / 10 for i in range(11))  # the shipped probe's bins: equal:10:512
-_Z = np.random.default_rng(12345).standard_normal(1 << 16)
-
-
-class ProbeLikePredictor(RecordedPredictor):
-    """A synthetic TRAIL probe whose errors match the measured one (benchmarks/results/probe.json: refined
-    MAE 46 tokens, prompt-only 118, mean predictor 123). Like `SyntheticProbe`: each probe output is a
-    discretized lognormal around the true remaining length times exp(sigma z), refined by TRAIL's rule
-    every `refine_every` tokens, but the prefill output is much vaguer (`sigma0`: the prompt says little
-    about the answer's length) than the per-token outputs (`sigma`). Normals come from a fixed table
-    indexed by a hash of (seed, request, tokens generated): deterministic and cheap. Estimates are capped
-    at `max_tokens` - generated, never at the true length."""
-
-    def __init__(self, sigma0: float = 1.7, sigma: float = 0.55, refine_every: int = 16, seed: int = 0,
-                 max_tokens: int = 512, edges: tuple[float, ...] = PROBE_BINS):
-        super().__init__(TrailPredictor(edges, refine_every=refine_every), {})
-        self.sigma0, self.sigma, self.seed, self.max_tokens = sigma0, sigma, seed, max_tokens
-        e = np.asarray(edges)
-        self._llo = [math.log(x) for x in np.maximum(e[:-1], 0.5)]
-        self._lhi = [math.log(x) for x in e[1:-1]] + [math.log(1e9)]  # the last bin takes everything longer
-
-    # The simulator forces lengths with max_tokens = the true length, and TRAIL caps an estimate at
-    # max_tokens - generated: the true remaining length would bound every estimate. A client sends the
-    # workload's cap (`max_tokens`, the answers' cap) instead, so the estimate is capped at that.
-    def _uncap(self, seq) -> None:
-        mean = float(seq.posterior @ self.refiner.midpoints)
-        seq.predicted_remaining = min(max(mean, 0.0), float(max(self.max_tokens - seq.num_generated, 0)))
-
-    def sim_prefill(self, seq) -> None:
-        super().sim_prefill(seq)
-        self._uncap(seq)
-        seq.initial_prediction = seq.predicted_remaining
-
-    def sim_refine(self, seq, d: int) -> None:
-        super().sim_refine(seq, d)
-        self._uncap(seq)
-
-    def _row(self, seq) -> np.ndarray:
-        g = seq.num_generated
-        sig = self.sigma0 if g == 0 else self.sigma
-        z = _Z[zlib.crc32(f"{self.seed}:{seq.request_id}:{g}".encode()) & 0xFFFF]
-        mu = math.log(max(float(seq.oracle_remaining or 0), 0.5)) + sig * z
-        k = 1.0 / (sig * math.sqrt(2.0))
-        lo = [0.5 * (1.0 + math.erf((x - mu) * k)) for x in self._llo]
-        q = np.array([0.5 * (1.0 + math.erf((x - mu) * k)) for x in self._lhi]) - np.array(lo)
-        q[0] += lo[0]
-        return q + 1e-6
 
 
 def predictor_mae(pred: ProbeLikePredictor, out: np.ndarray, n: int, rng) -> dict[str, float]:
@@ -205,63 +157,6 @@ def routing_lengths(n: int, rng, max_prompt: int = 1024,
     return prm[idx], out[idx], src
 
 
-def simulate_routed(trace: Trace, policy: str, sm: StepModel, res: Resources, router, poll_s: float = 0.0,
-                    router_sees_estimate: bool = True, **kw):
-    """`simulate` with every replica's slot forecast (`EngineStats.slot_free_tokens`) given to a router
-    that uses it, computed as the engine computes it (`router.replica_forecast`, prior = the replica's
-    mean output length so far). Shim until `simulate` fills that field itself: it wraps the replicas
-    the simulator builds (all else, including the routing call, is the simulator's own).
-
-    `poll_s` > 0: the router sees the replicas as `jtrail route` does, through snapshots refreshed every
-    `poll_s` seconds of simulated time, each advanced by its own sends in between (`count_routed`);
-    0: fresh state at every arrival.
-
-    `router_sees_estimate` False: the router is not given the new request's length estimate (as
-    `jtrail route`, which runs no probe), though the replica that gets it does."""
-    if not poll_s >= 0:
-        raise ValueError(f"poll_s must be >= 0 seconds, got {poll_s}")
-    if not getattr(router, "uses_forecast", False) and poll_s <= 0 and router_sees_estimate:
-        return simulate(trace, policy, sm, res, router=router, **kw)
-    from jtrail.serving.grpc_router import count_routed
-
-    reps: list = []
-    snap: dict = {"arrival": 0, "next_poll": -math.inf, "stats": None}
-
-    class Replica(SimReplica):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            self.out_tokens = self.out_count = 0
-            reps.append(self)
-
-        def _finish(self, s, t):
-            super()._finish(s, t)
-            self.out_tokens += s.num_generated
-            self.out_count += 1
-
-    class Fed:
-        name, uses_tokens, uses_forecast = router.name, router.uses_tokens, True
-
-        def choose(self, stats, prompt_tokens, predicted_tokens):
-            t = float(trace.arrival[snap["arrival"]])  # called once per arrival, in order
-            snap["arrival"] += 1
-            if t >= snap["next_poll"]:
-                if getattr(router, "uses_forecast", False):
-                    for st, r in zip(stats, reps, strict=True):
-                        prior = r.out_tokens / r.out_count if r.out_count else FORECAST_PRIOR_TOKENS
-                        st.slot_free_tokens = replica_forecast(r.running, r.waiting, r.slots, prior,
-                                                               r.policy.counts_down)
-                snap["stats"] = [dataclasses.replace(st) for st in stats]
-                snap["next_poll"] = t + poll_s
-            est = predicted_tokens if router_sees_estimate else None
-            k = router.choose(snap["stats"], prompt_tokens, est)
-            if poll_s > 0:
-                snap["stats"][k] = count_routed(snap["stats"][k], prompt_tokens, FORECAST_PRIOR_TOKENS)
-            return k
-
-    with mock.patch.object(simulator_module, "SimReplica", Replica):
-        return simulate(trace, policy, sm, res, router=Fed(), **kw)
-
-
 def _router(name: str, slots: int):
     if name == "token-aware (sum of tokens)":  # the earlier rule: a free slot, then least outstanding tokens
         return make_router("token-aware", page_size=16, num_slots=slots, forecast=False)
@@ -295,7 +190,7 @@ def bench_routing(n: int, sm: StepModel, seed: int, replicas: int = 8, load: flo
         sub = Trace(tr.arrival[:k], tr.prompt_len[:k], tr.output_len[:k])
         rows = {}
         for name in ROUTERS:
-            r = simulate_routed(sub, pol, sm, res, _router(name, slots), num_replicas=replicas,
+            r = simulate(sub, pol, sm, res, router=_router(name, slots), num_replicas=replicas,
                                 predictor=ProbeLikePredictor(**pred_kw), policy_kwargs=policy_kw.get(pol))
             s = r.summary()
             rows[name] = {key: s[key] for key in ("mean_e2e", "p50_e2e", "p99_e2e", "mean_ttft",

@@ -6,7 +6,7 @@ Workload: ShareGPT prompts of at most 1,024 tokens with their recorded first ans
 (capped at 1,024: mean ~291), sent with max_tokens 1,024 (policies do not learn the true length from
 the cap). Step model: the H200 SmolLM2 fit (serving.json `simulator.step_model`). Predictor: a
 synthetic probe (`ProbeLikePredictor`, 16 equal bins over 0-1,024) whose refined MAE is ~0.4x its
-prompt-only MAE (measured and recorded). Capacity per regime: serving/capacity.py on a saturated fcfs
+prompt-only MAE (measured and recorded). Capacity per regime: serving/brain/capacity.py on a saturated fcfs
 run (2,000 requests at t=0) on the regime's resources. Every policy runs the same trace per seed.
 
 Grid for trail: c in {0, 0.5, 0.8} x cost rule off/on x max_preemptions in {None, 1, 2} at aging 0,
@@ -32,14 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from jtrail.serving.capacity import capacity_req_s  # noqa: E402
-from jtrail.serving.predictor import OraclePredictor  # noqa: E402
-from jtrail.serving.simulator import Resources, Trace, simulate  # noqa: E402
-from jtrail.serving.step_model import StepModel  # noqa: E402
+from jtrail.serving.brain.capacity import capacity_req_s  # noqa: E402
+from jtrail.serving.brain.predictor import (
+    OraclePredictor,  # noqa: E402
+    ProbeLikePredictor,  # noqa: E402
+)
+from jtrail.serving.simulation.simulator import Resources, Trace, simulate  # noqa: E402
+from jtrail.serving.simulation.step_model import StepModel  # noqa: E402
 from regimes import REGIMES, regime_arrivals, regime_resources  # noqa: E402
-from simulate import ProbeLikePredictor, predictor_mae  # noqa: E402
+from simulate import predictor_mae  # noqa: E402
 
 from jtrail.provenance import git_commit  # noqa: E402
 

@@ -18,11 +18,11 @@ _EXPORTS = {
     "FinishReason": "jtrail.serving.sequence",
     "InvalidRequestError": "jtrail.serving.sequence",
     "QueueFullError": "jtrail.serving.sequence",
-    "JtrailError": "jtrail.serving.sequence",
+    "JtrailError": "jtrail.models.errors",
     "load_model": "jtrail.models.loader",
     "LoadedModel": "jtrail.models.loader",
     "ModelConfig": "jtrail.models.config",
-    "UnknownModelError": "jtrail.models.config",
+    "UnknownModelError": "jtrail.models.errors",
     "ModelFileError": "jtrail.models.errors",
     "CorruptCheckpointError": "jtrail.models.errors",
 }
@@ -31,13 +31,12 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs only
     from jtrail.llm import LLM, Completion  # noqa: F401
-    from jtrail.models.config import ModelConfig, UnknownModelError  # noqa: F401
-    from jtrail.models.errors import CorruptCheckpointError, ModelFileError  # noqa: F401
+    from jtrail.models.config import ModelConfig  # noqa: F401
+    from jtrail.models.errors import CorruptCheckpointError, JtrailError, ModelFileError, UnknownModelError  # noqa: F401
     from jtrail.models.loader import LoadedModel, load_model  # noqa: F401
     from jtrail.serving.sequence import (  # noqa: F401
         FinishReason,
         InvalidRequestError,
-        JtrailError,
         QueueFullError,
         SamplingParams,
     )

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from jtrail import __version__
 from jtrail.client_cli import add_chat, add_client
 from jtrail.help_format import Parser
-from jtrail.probe_cli import add_train_probe
+from jtrail.probe.cli import add_train_probe
 from jtrail.serve import add_route, add_serve
 
 
@@ -109,13 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jtrail.log_setup import quiet_library_logs
 
     quiet_library_logs()  # before any command imports JAX
-    from jtrail.models.config import UnknownModelError
-    from jtrail.models.errors import CorruptCheckpointError, ModelFileError
-    from jtrail.serving.sequence import JtrailError
+    from jtrail.models.errors import JtrailError
 
     try:
         return int(args.func(args) or 0)
-    except (JtrailError, UnknownModelError, ModelFileError, CorruptCheckpointError) as e:
+    except JtrailError as e:  # the root of every typed error jtrail raises
         print(f"jtrail {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 

@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from jtrail.serving.proto import jtrail_v1_pb2 as pb
-from jtrail.serving.proto import jtrail_v1_pb2_grpc as pb_grpc
+from jtrail.serving.frontdoor.proto import jtrail_v1_pb2 as pb
+from jtrail.serving.frontdoor.proto import jtrail_v1_pb2_grpc as pb_grpc
 
 _REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
             pb.FINISH_REASON_CANCELLED: "cancelled", pb.FINISH_REASON_ERROR: "error"}

@@ -19,12 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
+from jtrail.models.errors import JtrailError
+
 SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
 MTBENCH_FILE = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
 _CACHE_VERSION = 1
 
 
-class DatasetError(ValueError):
+class DatasetError(JtrailError, ValueError):
     """A data set that is missing or cannot be parsed."""
 
 

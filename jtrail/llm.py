@@ -2,7 +2,8 @@
 
 The API validates requests and turns text into ids; a backend turns ids into tokens. The default
 backend is the continuous-batching serving engine (paged KV cache, the same engine `jtrail serve`
-runs); `backend="simple"` selects the contiguous-cache batched generator of `jtrail.models.generate`.
+runs); `backend="reference"` selects the reference backend, the contiguous-cache batched generator of
+`jtrail.models.generate` that the engine is tested against ("simple", its former name, still works).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import jax.numpy as jnp
 
 from jtrail.models.generate import GenerationResult, Generator
 from jtrail.models.loader import LoadedModel, load_model
-from jtrail.serving.chat import check_messages
-from jtrail.serving.outputs import final_text
+from jtrail.serving.engine.llm_engine import EngineConfig
+from jtrail.serving.engine.outputs import final_text
+from jtrail.serving.frontdoor.chat import check_messages
 from jtrail.serving.sequence import FinishReason, InvalidRequestError, SamplingParams
 from jtrail.serving.sequence import Sequence as SeqState
 
@@ -46,16 +48,16 @@ class Backend(Protocol):
 
 
 class EngineBackend:
-    """Runs `LLM.generate` on the continuous-batching engine (`jtrail.serving.engine.LLMEngine`)."""
+    """Runs `LLM.generate` on the continuous-batching engine (`serving.engine.llm_engine.LLMEngine`)."""
 
-    def __init__(self, loaded: LoadedModel, max_batch: int = 16, policy: str = "fcfs",
-                 max_model_len: int = 2048, page_size: int = 16):
-        from jtrail.serving.engine import EngineConfig, LLMEngine
+    def __init__(self, loaded: LoadedModel, num_slots: int = EngineConfig.num_slots, policy: str = "fcfs",
+                 max_model_len: int = EngineConfig.max_model_len, page_size: int = EngineConfig.page_size):
+        from jtrail.serving.engine.llm_engine import LLMEngine
 
-        max_model_len = min(max_model_len, loaded.cfg.max_seq_len)
+        max_model_len = min(max_model_len, loaded.cfg.max_model_len)
         # Enough pages for every slot to hold a quarter context; longer mixes preempt and resume.
-        pages = 1 + max(max_batch * max_model_len // (4 * page_size), 2 * max_model_len // page_size)
-        cfg = EngineConfig(num_slots=max_batch, page_size=page_size, num_pages=pages,
+        pages = 1 + max(num_slots * max_model_len // (4 * page_size), 2 * max_model_len // page_size)
+        cfg = EngineConfig(num_slots=num_slots, page_size=page_size, num_pages=pages,
                            max_model_len=max_model_len, policy=policy)
         self.engine = LLMEngine(loaded.model, loaded.tokenizer, cfg)
         self.tokenizer = loaded.tokenizer
@@ -120,19 +122,21 @@ class LLM:
         self,
         model: str | os.PathLike | None = None,
         dtype=jnp.float32,
-        max_batch: int = 16,
+        num_slots: int = EngineConfig.num_slots,
         backend: Backend | str = "engine",
         progress: bool = True,
     ):
-        if isinstance(backend, str) and backend not in ("engine", "simple"):  # before the slow load
-            raise InvalidRequestError("backend", f"unknown backend {backend!r}; use 'engine' or 'simple'")
+        if backend == "simple":  # the reference backend's former name
+            backend = "reference"
+        if isinstance(backend, str) and backend not in ("engine", "reference"):  # before the slow load
+            raise InvalidRequestError("backend", f"unknown backend {backend!r}; use 'engine' or 'reference'")
         self.loaded: LoadedModel = load_model(model, dtype=dtype, progress=progress)
         self.cfg = self.loaded.cfg
         self.tokenizer = self.loaded.tokenizer
         if backend == "engine":
-            backend = EngineBackend(self.loaded, max_batch=max_batch)
-        elif backend == "simple":
-            backend = Generator(self.loaded.model, self.tokenizer, max_batch=max_batch)
+            backend = EngineBackend(self.loaded, num_slots=num_slots)
+        elif backend == "reference":
+            backend = Generator(self.loaded.model, self.tokenizer, num_slots=num_slots)
         self.backend: Backend = backend
         self.progress = progress
 
@@ -156,10 +160,10 @@ class LLM:
     def _check_ids(self, ids: list[int], p: SamplingParams) -> None:
         if not ids:
             raise InvalidRequestError("prompt", "prompt is empty")
-        if len(ids) >= self.cfg.max_seq_len:
+        if len(ids) >= self.cfg.max_model_len:
             raise InvalidRequestError(
                 "prompt",
-                f"{len(ids)} tokens do not fit the {self.cfg.max_seq_len}-token "
+                f"{len(ids)} tokens do not fit the {self.cfg.max_model_len}-token "
                 f"context with room to generate",
             )
         bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]

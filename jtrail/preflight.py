@@ -12,8 +12,10 @@ import argparse
 import socket
 from pathlib import Path
 
+from jtrail.models.errors import JtrailError
 
-class PreflightError(ValueError):
+
+class PreflightError(JtrailError, ValueError):
     """A start-up input that cannot work; the message names the flag."""
 
 

@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 
+from jtrail.serving.engine.llm_engine import EngineConfig  # plain Python: no JAX until a model loads
 from jtrail.serving.engine_api import AsyncEngine
 
 log = logging.getLogger("jtrail.serve")
@@ -35,10 +36,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="probe head directory, or a shipped probe by name: 'default' (trained on the model's "
                         "own answers; the default) or 'replay' (trained on recorded ShareGPT answers, for "
                         "replay workloads); 'none' disables")
-    p.add_argument("--slots", type=int, default=8, help="batch slots")
+    p.add_argument("--num-slots", "--slots", dest="num_slots", type=int, default=EngineConfig.num_slots,
+                   help="batch slots (--slots: the older name)")
     p.add_argument("--pages", type=int, default=512, help="KV cache pages")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
-    p.add_argument("--max-context", type=int, default=2048, help="max prompt + output tokens")
+    p.add_argument("--max-model-len", "--max-context", dest="max_model_len", type=int,
+                   default=EngineConfig.max_model_len,
+                   help="max prompt + output tokens (--max-context: the older name)")
     p.add_argument("--max-queue", type=int, default=1024, help="waiting requests before RESOURCE_EXHAUSTED")
     p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of a request")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus HTTP port (0: free port)")
@@ -62,7 +66,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def check_policy(name: str) -> None:
     """Fail fast, before loading any model, on a policy name the scheduler does not know."""
-    from jtrail.serving.scheduler.registry import make_policy
+    from jtrail.serving.brain.scheduler.registry import make_policy
 
     try:
         make_policy(name)
@@ -70,40 +74,37 @@ def check_policy(name: str) -> None:
         raise ValueError(f"unknown policy {name!r}: {e}") from None
 
 
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The one EngineConfig the flags describe (the model-backed and the --mock engine both run it)."""
+    from jtrail.serving.brain.scheduler.registry import make_policy
+
+    # Aging applies to the length-ranked policies; fcfs and priority take no options.
+    opts = {"aging": args.aging} if args.policy in ("trail", "gittins", "srpt-oracle") else {}
+    return EngineConfig(num_slots=args.num_slots, num_pages=args.pages, page_size=args.page_size,
+                        max_model_len=args.max_model_len, policy=make_policy(args.policy, **opts),
+                        max_queue=args.max_queue, decode_steps_per_call=args.decode_steps,
+                        tensor_parallel=args.tensor_parallel)
+
+
 def build_engine(args: argparse.Namespace) -> AsyncEngine:
     if args.mock:
-        from jtrail.serving.fake_runner import mock_engine
-        from jtrail.serving.scheduler.registry import make_policy
+        from jtrail.serving.engine.fake_runner import mock_engine
 
         # the real engine and policy over a fake runner (no model; fake probe = exact lengths)
-        opts = {"aging": args.aging} if args.policy in ("trail", "gittins", "srpt-oracle") else {}
-        return mock_engine(num_slots=args.slots, num_pages=args.pages, page_size=args.page_size,
-                           max_queue=args.max_queue, step_delay_s=args.mock_step_delay,
-                           max_context=args.max_context, policy=make_policy(args.policy, **opts),
-                           decode_steps=args.decode_steps)
+        return mock_engine(config=engine_config(args), step_delay_s=args.mock_step_delay)
     return build_real_engine(args)
 
 
 def build_real_engine(args: argparse.Namespace) -> AsyncEngine:
     """The model-backed engine: loader -> LLMEngine -> AsyncLLMEngine (imported lazily: JAX is slow)."""
-    try:  # first, so a missing engine fails before the slow model load
-        from jtrail.serving.async_engine import AsyncLLMEngine
-    except ImportError as e:
-        raise RuntimeError(f"the model-backed engine is not available ({e}); use --mock") from e
     from jtrail.models.loader import load_model
-    from jtrail.serving.engine import EngineConfig, LLMEngine
+    from jtrail.serving.engine.async_engine import AsyncLLMEngine
+    from jtrail.serving.engine.llm_engine import LLMEngine
 
     loaded = load_model(args.model)
     probe, predictor = _load_probe(args.probe, default_model=args.model is None)
     # The engine's model runner shards weights and KV pages itself when tensor_parallel > 1.
-    from jtrail.serving.scheduler.registry import make_policy
-
-    # Aging applies to the length-ranked policies; fcfs and priority take no options.
-    opts = {"aging": args.aging} if args.policy in ("trail", "gittins", "srpt-oracle") else {}
-    cfg = EngineConfig(num_slots=args.slots, num_pages=args.pages, page_size=args.page_size,
-                       max_model_len=args.max_context, policy=make_policy(args.policy, **opts),
-                       max_queue=args.max_queue,
-                       decode_steps_per_call=args.decode_steps, tensor_parallel=args.tensor_parallel)
+    cfg = engine_config(args)
     engine = LLMEngine(loaded.model, loaded.tokenizer, cfg, probe=probe, predictor=predictor)
     if not args.no_warmup:  # compile every prefill shape and the decode step before "serving"
         from jtrail.warmup import warm_up
@@ -118,7 +119,7 @@ def _load_probe(spec: str | None, default_model: bool) -> tuple[object | None, o
     `--probe none` turns length prediction off (fcfs/priority do not need it); `--probe replay` picks the
     shipped probe trained on recorded answers."""
     from jtrail.models.probe_io import load_probe, resolve_probe_path
-    from jtrail.serving.predictor import TrailPredictor
+    from jtrail.serving.brain.predictor import TrailPredictor
 
     if spec is not None and spec.lower() == "none":
         return None, None
@@ -134,8 +135,8 @@ async def _serve(args: argparse.Namespace) -> BaseException | None:
     """One engine, two front doors: gRPC (`--port`) and the OpenAI-compatible HTTP API (`--http-port`),
     sharing the engine's queue and policy and one Prometheus registry. Serves until SIGTERM/SIGINT, or
     until the engine loop dies: then returns why (the caller exits non-zero)."""
-    from jtrail.serving.metrics import ServerMetrics
-    from jtrail.serving.server import JtrailServer, ServerConfig
+    from jtrail.serving.frontdoor.metrics import ServerMetrics
+    from jtrail.serving.frontdoor.server import JtrailServer, ServerConfig
 
     engine = build_engine(args)
     metrics = ServerMetrics(model_name=engine.info().model_name)
@@ -169,7 +170,7 @@ async def _serve(args: argparse.Namespace) -> BaseException | None:
         if hasattr(engine, "on_fatal"):
             engine.on_fatal = engine_died
         if not args.no_http:
-            from jtrail.serving.http_server import HttpConfig, HttpServer
+            from jtrail.serving.frontdoor.http_server import HttpConfig, HttpServer
 
             http = HttpServer(engine, metrics, HttpConfig(
                 host=args.host, port=args.http_port, default_max_tokens=args.max_tokens,
@@ -185,7 +186,7 @@ async def _serve(args: argparse.Namespace) -> BaseException | None:
                                     "metrics": f"http://{args.host}:{mport}/metrics" if mport else "-"}):
             log.info("%s", line)
         if args.log_stats_interval > 0:
-            from jtrail.serving.stats_log import StatsLogger
+            from jtrail.serving.frontdoor.stats_log import StatsLogger
 
             stats_task = asyncio.create_task(StatsLogger(engine.stats, args.log_stats_interval).run(),
                                              name="jtrail-stats-log")
@@ -215,7 +216,7 @@ def run_serve(args: argparse.Namespace) -> int:
         check_policy(args.policy)
         if args.no_http and args.no_grpc:
             raise ValueError("--no-http and --no-grpc leave nothing to serve")
-        for name in ("slots", "pages", "page_size", "max_queue", "max_context", "tensor_parallel",
+        for name in ("num_slots", "pages", "page_size", "max_queue", "max_model_len", "tensor_parallel",
                      "decode_steps"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -254,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_route(args: argparse.Namespace) -> int:
     from jtrail.log_setup import quiet_library_logs
-    from jtrail.serving.grpc_router import ReplicaSet, RouterServicer
-    from jtrail.serving.router import make_router
-    from jtrail.serving.server import JtrailServer, ServerConfig
+    from jtrail.serving.brain.router import make_router
+    from jtrail.serving.frontdoor.router_server import ReplicaSet, RouterServicer
+    from jtrail.serving.frontdoor.server import JtrailServer, ServerConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     quiet_library_logs()

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jtrail.serving.paging import pages_for
+
 log = logging.getLogger("jtrail.serve")
 
 
@@ -39,7 +41,7 @@ def warm_up(engine, report: Callable[[str], None] = log.info) -> float:
             ids = (np.arange(n) % max(1, vocab - 3) + 3).tolist()  # any valid ids: only shapes matter
             # its length is known (ignore_eos): srpt-oracle engines warm up too
             engine.add_request(f"__warmup-{i}-{j}", ids, SamplingParams(max_tokens=new, ignore_eos=True),
-                               oracle_output_len=new)
+                               oracle_length=new)
         while engine.has_unfinished():
             engine.step()
     took = time.perf_counter() - t0
@@ -60,7 +62,7 @@ def _prompts_for(cap: int, prev: int, limit: int, row: int, cfg) -> list[int]:
     k = -(-total // unit)
     sizes = [unit] * (k - 1) + [total - unit * (k - 1)]
     lengths = [min(n, limit) for n in sizes]  # each pads back to its size: the call holds `total`
-    pages = sum(-(-(n + cfg.decode_steps_per_call + 1) // cfg.page_size) for n in lengths)
+    pages = sum(pages_for(n + cfg.decode_steps_per_call + 1, cfg.page_size) for n in lengths)
     return lengths if pages <= cfg.num_pages else []
 
 
@@ -85,6 +87,6 @@ def banner(async_engine, addresses: dict[str, str]) -> list[str]:
     lines = [f"model {info.model_name} (dtype {dtype}, vocab {info.vocab_size}); policy {info.policy}; "
              f"probe {info.probe or 'none'}",
              f"{info.num_slots} slots; KV cache {info.num_pages} pages x {info.page_size} tokens{kv_text}; "
-             f"max context {info.max_context} tokens",
+             f"max context {info.max_model_len} tokens",
              "; ".join(f"{k} {v}" for k, v in addresses.items())]
     return lines

@@ -45,6 +45,8 @@ def config_from_json(raw: dict) -> ModelConfig:
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         d["eos_ids"] = tuple(d.get("eos_ids", ()))
+        if "max_seq_len" in d:  # checkpoints written before the context limit had one name
+            d["max_model_len"] = d.pop("max_seq_len")
         return ModelConfig(**d)
     except (KeyError, TypeError) as e:
         raise CorruptCheckpointError(f"bad {CONFIG_FILE}: {e}") from e

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .errors import UnknownModelError
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -31,7 +33,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     attention_bias: bool = False  # Qwen2 uses biases on q/k/v
-    max_seq_len: int = 4096
+    max_model_len: int = 4096  # the model's context limit (positions it was trained for)
     bos_id: int | None = None
     eos_ids: tuple[int, ...] = field(default_factory=tuple)
 
@@ -55,28 +57,24 @@ NAMED_CONFIGS: dict[str, ModelConfig] = {
     "smollm2-135m": ModelConfig(
         name="smollm2-135m", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
         head_dim=64, ffn_dim=1536, rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True,
-        max_seq_len=8192, bos_id=1, eos_ids=(2,),
+        max_model_len=8192, bos_id=1, eos_ids=(2,),
     ),
     "llama3-1b": ModelConfig(
         name="llama3-1b", vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
         head_dim=64, ffn_dim=8192, rope_theta=500000.0, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
-        norm_eps=1e-5, tie_embeddings=True, max_seq_len=131072, bos_id=128000, eos_ids=(128001, 128009),
+        norm_eps=1e-5, tie_embeddings=True, max_model_len=131072, bos_id=128000, eos_ids=(128001, 128009),
     ),
     "llama3-8b": ModelConfig(
         name="llama3-8b", vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
         head_dim=128, ffn_dim=14336, rope_theta=500000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
-        norm_eps=1e-5, tie_embeddings=False, max_seq_len=8192, bos_id=128000, eos_ids=(128001, 128009),
+        norm_eps=1e-5, tie_embeddings=False, max_model_len=8192, bos_id=128000, eos_ids=(128001, 128009),
     ),
     # Tiny shape for fast CPU tests: GQA ratio 2, tied embeddings.
     "tiny": ModelConfig(
         name="tiny", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-        ffn_dim=128, rope_theta=10000.0, tie_embeddings=True, max_seq_len=512, bos_id=1, eos_ids=(2,),
+        ffn_dim=128, rope_theta=10000.0, tie_embeddings=True, max_model_len=512, bos_id=1, eos_ids=(2,),
     ),
 }
-
-
-class UnknownModelError(ValueError):
-    """A model name, architecture or file that jtrail cannot load."""
 
 
 def named_config(name: str) -> ModelConfig:

@@ -1,7 +1,9 @@
-"""Simple batched generation: contiguous KV cache, one jitted prefill, one jitted decode step per token.
+"""The reference backend: batched generation over a contiguous KV cache, one jitted prefill and one jitted
+decode step per token; no pages, no scheduler, no preemption.
 
-This is the temporary backend behind `jtrail.LLM`; the serving engine (continuous batching, paged KV)
-replaces it behind the same API. Shapes are bucketed to powers of two so a handful of compilations
+`jtrail.LLM(backend="reference")` runs it. It is kept as the independent check of the serving engine
+(continuous batching, paged KV): the same prompts must give the same greedy tokens on both
+(tests/test_llm.py). Shapes are bucketed to powers of two so a handful of compilations
 serve any mix of prompts. Sampling parameters are duck-typed (`SamplingLike`) so `models` does not
 depend on `serving`.
 """
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 from .attention import ContiguousMeta, contiguous_cache_attention, init_contiguous_cache
 from .llama import Llama
 from .sampling import sample_tokens
+from .shapes import pow2_bucket
 from .tokenizer import Tokenizer
 
 
@@ -44,10 +47,6 @@ class GenerationResult:
     prompt_tokens: int
 
 
-def _bucket(n: int, minimum: int) -> int:
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
-
-
 def _forward_sample(graphdef, state, tokens, positions, logits_index, caches, keys, step, temp, top_p, top_k):
     model = nnx.merge(graphdef, state)
     out = model(
@@ -67,11 +66,11 @@ _step = jax.jit(_forward_sample, static_argnums=0, donate_argnums=5)
 
 
 class Generator:
-    def __init__(self, model: Llama, tokenizer: Tokenizer, max_batch: int = 16):
+    def __init__(self, model: Llama, tokenizer: Tokenizer, num_slots: int = 8):
         self.model = model
         self.cfg = model.cfg
         self.tokenizer = tokenizer
-        self.max_batch = max_batch
+        self.num_slots = num_slots
         self.graphdef, self.state = nnx.split(model)
         self.eos_ids = set(self.cfg.eos_ids) | set(tokenizer.eos_ids)
 
@@ -86,8 +85,8 @@ class Generator:
         bar = tqdm(
             total=len(prompts), desc="generate", unit="prompt", disable=not progress or len(prompts) < 2
         )
-        for start in range(0, len(order), self.max_batch):
-            idx = order[start : start + self.max_batch]
+        for start in range(0, len(order), self.num_slots):
+            idx = order[start : start + self.num_slots]
             for i, r in zip(
                 idx, self._generate_batch([prompts[i] for i in idx], [params[i] for i in idx]), strict=True
             ):
@@ -100,11 +99,11 @@ class Generator:
         self, prompts: list[Sequence[int]], params: list[SamplingLike]
     ) -> list[GenerationResult]:
         n, cfg = len(prompts), self.cfg
-        b = _bucket(n, 1)
+        b = pow2_bucket(n, 1)
         lens = np.array([len(p) for p in prompts] + [1] * (b - n), np.int32)
-        t = _bucket(int(lens.max()), 16)
+        t = pow2_bucket(int(lens.max()), 16)
         need = max(int(lens[i]) + params[i].max_tokens for i in range(n))
-        s = min(_bucket(need, 64), cfg.max_seq_len)
+        s = min(pow2_bucket(need, 64), cfg.max_model_len)
         tokens = np.zeros((b, t), np.int32)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p

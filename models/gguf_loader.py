@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .config import ModelConfig, RopeScaling, UnknownModelError
-from .errors import CorruptCheckpointError, ModelFileError
+from .config import ModelConfig, RopeScaling
+from .errors import CorruptCheckpointError, ModelFileError, UnknownModelError
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
 
@@ -102,7 +102,7 @@ def gguf_config(reader, name: str = "gguf") -> ModelConfig:
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
-        max_seq_len=int(get("context_length", 4096)),
+        max_model_len=int(get("context_length", 4096)),
         bos_id=None if bos is None else int(bos),
         eos_ids=eos_ids,
     )

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .config import ModelConfig, RopeScaling, UnknownModelError
-from .errors import CorruptCheckpointError, ModelFileError
+from .config import ModelConfig, RopeScaling
+from .errors import CorruptCheckpointError, ModelFileError, UnknownModelError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -63,7 +63,7 @@ def hf_config(raw: dict, name: str = "hf") -> ModelConfig:
         norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
         attention_bias=bool(raw.get("attention_bias", qwen)),
-        max_seq_len=int(raw.get("max_position_embeddings", 4096)),
+        max_model_len=int(raw.get("max_position_embeddings", 4096)),
         bos_id=raw.get("bos_token_id"),
         eos_ids=eos_ids,
     )

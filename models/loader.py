@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .checkpoint import is_checkpoint_dir, restore_checkpoint
-from .config import NAMED_CONFIGS, ModelConfig, UnknownModelError
-from .errors import ModelFileError
+from .config import NAMED_CONFIGS, ModelConfig
+from .errors import ModelFileError, UnknownModelError
 from .llama import Llama
 from .tokenizer import Tokenizer
 from .weights import build_model

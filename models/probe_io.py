@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from .errors import JtrailError
 from .probe import ProbeConfig, ProbeHead
 
 META_FILE = "probe.json"
@@ -29,7 +30,7 @@ PARAMS_DIR = "params"
 FORMAT_VERSION = 1
 
 
-class ProbeFileError(ValueError):
+class ProbeFileError(JtrailError, ValueError):
     """A probe directory that is missing, incomplete or inconsistent with its metadata."""
 
 

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .config import ModelConfig
+from .errors import JtrailError
 
 TP_AXIS = "tp"
 
@@ -41,7 +42,7 @@ ROW_PARALLEL = ("o_proj", "down_proj")
 KV_SPECS = {"paged": P(TP_AXIS, None, None, None), "contiguous": P(None, None, TP_AXIS, None)}
 
 
-class ShardingError(ValueError):
+class ShardingError(JtrailError, ValueError):
     """A tensor-parallel layout that cannot be built (bad degree, too few devices, bad layout)."""
 
 

@@ -14,8 +14,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from .config import UnknownModelError
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, JtrailError, UnknownModelError
 
 # GGUF token types (llama.cpp's llama_token_type).
 _CONTROL, _USER_DEFINED = 3, 4
@@ -26,7 +25,7 @@ _LLAMA3_PATTERN = (
 )
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(JtrailError, ValueError):
     """The chat template raised (e.g. roles not alternating) or is missing."""
 
 

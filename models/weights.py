@@ -19,11 +19,12 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig
+from .errors import JtrailError
 from .fused import fuse_gate_up, fuse_qkv
 from .llama import Llama
 
 
-class WeightMismatchError(ValueError):
+class WeightMismatchError(JtrailError, ValueError):
     """A checkpoint tensor is missing or has the wrong shape for the configured model."""
 
 

@@ -37,7 +37,7 @@ class EngineStats:
 @dataclass
 class ModelInfo:
     model_name: str
-    max_context: int
+    max_model_len: int
     vocab_size: int
     policy: str
     num_slots: int

@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
-class JtrailError(Exception):
-    """Base class of the library's typed errors."""
+from ..models.errors import JtrailError
 
 
 class InvalidRequestError(JtrailError, ValueError):

@@ -159,7 +159,7 @@ def run_case(cfg, tp: int) -> dict:
 
 def run_engine_case(cfg, tp: int) -> dict:
     """The serving engine with tensor_parallel=tp vs 1: same greedy tokens, with swap preemption."""
-    from jtrail.serving.engine import EngineConfig, LLMEngine
+    from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
     from jtrail.serving.sequence import SamplingParams
 
     rng = np.random.default_rng(0)

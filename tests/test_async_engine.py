@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 from jtrail.models.config import NAMED_CONFIGS
 from jtrail.models.llama import Llama
-from jtrail.serving.async_engine import AsyncLLMEngine
-from jtrail.serving.engine import EngineConfig, LLMEngine
+from jtrail.serving.engine.async_engine import AsyncLLMEngine
+from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
 from jtrail.serving.sequence import FinishReason, InvalidRequestError, QueueFullError, SamplingParams
 
 CFG = NAMED_CONFIGS["tiny"].replace(tie_embeddings=False)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from jtrail.serving.block_manager import NULL_PAGE, BlockManager, OutOfPagesError
+from jtrail.serving.engine.block_manager import NULL_PAGE, BlockManager, OutOfPagesError
 from jtrail.serving.sequence import SamplingParams, Sequence
 
 NUM_PAGES, PAGE = 24, 4

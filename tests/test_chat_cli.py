@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from jtrail.serving.fake_runner import ByteTokenizer
+from jtrail.serving.engine.fake_runner import ByteTokenizer
 
 CLI = [sys.executable, "-m", "jtrail.cli"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}

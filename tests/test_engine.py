@@ -12,8 +12,8 @@ from jtrail.models.attention import DenseMeta
 from jtrail.models.config import NAMED_CONFIGS
 from jtrail.models.llama import Llama
 from jtrail.models.probe import ProbeConfig, ProbeHead
-from jtrail.serving import swap
-from jtrail.serving.engine import EngineConfig, LLMEngine
+from jtrail.serving.engine import swap
+from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
 from jtrail.serving.sequence import FinishReason, InvalidRequestError, QueueFullError, SamplingParams, Status
 
 # untied head: with tied embeddings the random tiny model just repeats its last token
@@ -222,8 +222,8 @@ def test_trail_probes_waiting_requests_before_admission(model):
     """A request that must wait for a slot gets its length prediction from a probe-only prefill of
     its prompt (the same probe output as its real prefill later), so a length-aware policy can rank
     it without preempting anyone to learn it; the borrowed pages come back, outputs are unchanged."""
-    from jtrail.serving.predictor import TrailPredictor
-    from jtrail.serving.scheduler.registry import make_policy
+    from jtrail.serving.brain.predictor import TrailPredictor
+    from jtrail.serving.brain.scheduler.registry import make_policy
 
     probe = ProbeHead(ProbeConfig(d_model=CFG.d_model, layer=0, hidden=32), rngs=nnx.Rngs(3))
     edges = np.linspace(0, 20, probe.cfg.num_bins + 1)

@@ -9,9 +9,9 @@ from flax import nnx
 from jtrail.models.config import NAMED_CONFIGS
 from jtrail.models.llama import Llama
 from jtrail.models.probe import ProbeConfig, ProbeHead
-from jtrail.serving.engine import EngineConfig, LLMEngine
-from jtrail.serving.predictor import TrailPredictor
-from jtrail.serving.scheduler.registry import make_policy
+from jtrail.serving.brain.predictor import TrailPredictor
+from jtrail.serving.brain.scheduler.registry import make_policy
+from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
 from jtrail.serving.sequence import SamplingParams
 
 CFG = NAMED_CONFIGS["tiny"].replace(tie_embeddings=False)

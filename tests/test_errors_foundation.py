@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 from _gguf_fixtures import write_llama_gguf
-from jtrail.models.config import UnknownModelError
-from jtrail.models.errors import CorruptCheckpointError, ModelFileError
+from jtrail.models.errors import CorruptCheckpointError, ModelFileError, UnknownModelError
 
 from jtrail import LLM, InvalidRequestError, SamplingParams, load_model
 from jtrail.cli import main
@@ -106,7 +105,7 @@ def test_empty_prompt_and_bad_params(llm):
     with pytest.raises(InvalidRequestError, match="out of range"):
         llm.generate([[1, 999]])
     with pytest.raises(InvalidRequestError, match="do not fit"):
-        llm.generate([[1] * llm.cfg.max_seq_len])
+        llm.generate([[1] * llm.cfg.max_model_len])
     for n in (0, -3):
         with pytest.raises(InvalidRequestError, match="max_tokens"):
             SamplingParams(max_tokens=n)

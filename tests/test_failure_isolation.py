@@ -21,10 +21,11 @@ import pytest
 from flax import nnx
 from jtrail.models.config import NAMED_CONFIGS
 from jtrail.models.llama import Llama
-from jtrail.serving import async_engine as ae
-from jtrail.serving.async_engine import AsyncLLMEngine
-from jtrail.serving.engine import EngineConfig, LLMEngine
+from jtrail.serving.engine import async_engine as ae
+from jtrail.serving.engine.async_engine import AsyncLLMEngine
+from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
 from jtrail.serving.engine_api import EngineStats
+from jtrail.serving.frontdoor.server import JtrailServer, ServerConfig
 from jtrail.serving.sequence import (
     EngineDeadError,
     FinishReason,
@@ -32,7 +33,6 @@ from jtrail.serving.sequence import (
     RequestFailedError,
     SamplingParams,
 )
-from jtrail.serving.server import JtrailServer, ServerConfig
 
 from jtrail.client import AsyncClient, Client
 
@@ -245,7 +245,7 @@ def test_queue_full_under_load_over_grpc(model: Llama) -> None:
 
 DYING_SERVER = """
 import sys
-from jtrail.serving.engine import LLMEngine
+from jtrail.serving.engine.llm_engine import LLMEngine
 real = LLMEngine.stats
 def stats(self):  # called by the engine loop outside any step: raising there kills the loop
     if any(s.prompt_ids[:3] == [68, 73, 69] for s in self.waiting + self.running):  # "DIE"

@@ -18,7 +18,7 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from jtrail.serving.proto import jtrail_v1_pb2 as pb
+from jtrail.serving.frontdoor.proto import jtrail_v1_pb2 as pb
 from test_grpc_process import ServerProc, _launch, _terminate
 
 from jtrail.client import AsyncClient, Client

@@ -5,9 +5,8 @@ policy: trail runs shortest-predicted first."""
 import asyncio
 
 import pytest
-from jtrail.serving.batch import StepBatch
-from jtrail.serving.engine import EngineConfig, LLMEngine
-from jtrail.serving.fake_runner import (
+from jtrail.serving.engine.batch import StepBatch
+from jtrail.serving.engine.fake_runner import (
     ByteTokenizer,
     FakeRunner,
     decode_ids,
@@ -15,6 +14,7 @@ from jtrail.serving.fake_runner import (
     fake_token,
     mock_engine,
 )
+from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
 from jtrail.serving.sequence import FinishReason, InvalidRequestError, QueueFullError, SamplingParams
 
 
@@ -69,7 +69,7 @@ def test_page_pressure_preempts_and_still_finishes() -> None:
 def test_validation_queue_full_and_cancel() -> None:
     async def main() -> None:
         eng = mock_engine(num_slots=1, num_pages=64, page_size=4, max_queue=1, step_delay_s=0.01,
-                          max_context=64)
+                          max_model_len=64)
         await eng.start()
         with pytest.raises(InvalidRequestError) as e:
             await anext(eng.generate("bad", [], SamplingParams(max_tokens=4)))
@@ -102,8 +102,8 @@ def test_validation_queue_full_and_cancel() -> None:
 
 
 def _fake_engine(policy: str, policy_kw: dict | None = None, **kw) -> LLMEngine:
-    from jtrail.serving.fake_runner import FakeLengthPredictor
-    from jtrail.serving.scheduler.registry import make_policy
+    from jtrail.serving.brain.scheduler.registry import make_policy
+    from jtrail.serving.engine.fake_runner import FakeLengthPredictor
 
     cfg = EngineConfig(num_slots=kw.get("slots", 2), num_pages=64, page_size=4, max_model_len=256,
                        policy=make_policy(policy, **(policy_kw or {})))

@@ -4,10 +4,10 @@ import ast
 import re
 from pathlib import Path
 
-from jtrail.serving.proto import jtrail_v1_pb2 as pb
-from jtrail.serving.proto import regen
+from jtrail.serving.frontdoor.proto import jtrail_v1_pb2 as pb
+from jtrail.serving.frontdoor.proto import regen
 
-_REGEN = "run python -m jtrail.serving.proto.regen"
+_REGEN = "run python -m jtrail.serving.frontdoor.proto.regen"
 
 
 def _descriptor_bytes(pb2_source: str) -> bytes:

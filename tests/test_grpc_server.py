@@ -6,12 +6,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from jtrail.serving.async_engine import AsyncLLMEngine
-from jtrail.serving.fake_runner import encode_text, fake_token, mock_engine
-from jtrail.serving.proto import jtrail_v1_pb2 as pb
-from jtrail.serving.proto import jtrail_v1_pb2_grpc as pb_grpc
+from jtrail.serving.engine.async_engine import AsyncLLMEngine
+from jtrail.serving.engine.fake_runner import encode_text, fake_token, mock_engine
+from jtrail.serving.frontdoor.proto import jtrail_v1_pb2 as pb
+from jtrail.serving.frontdoor.proto import jtrail_v1_pb2_grpc as pb_grpc
+from jtrail.serving.frontdoor.server import JtrailServer, ServerConfig
 from jtrail.serving.sequence import RequestOutput, SamplingParams
-from jtrail.serving.server import JtrailServer, ServerConfig
 
 from jtrail.client import AsyncClient
 
@@ -51,7 +51,7 @@ async def _wait_idle(client: AsyncClient, timeout: float = 3.0) -> pb.StatsRespo
 
 def test_stream_info_and_invalid_arguments() -> None:
     async def main() -> None:
-        engine = mock_engine(max_context=64, step_delay_s=0.0, num_pages=64, page_size=4)
+        engine = mock_engine(max_model_len=64, step_delay_s=0.0, num_pages=64, page_size=4)
         server, c = await _start(engine, max_queue=7)
         try:
             deltas = [d async for d in c.generate("hi there", max_tokens=9)]
@@ -63,7 +63,7 @@ def test_stream_info_and_invalid_arguments() -> None:
             chat = [d async for d in c.generate([{"role": "user", "content": "yo"}], max_tokens=2)]
             assert chat[-1].completion_tokens == 2 and chat[-1].prompt_tokens > 2
             info = await c.server_info()
-            assert (info.model, info.max_context, info.policy, info.max_queue) == ("mock", 64, "fcfs", 7)
+            assert (info.model, info.max_model_len, info.policy, info.max_queue) == ("mock", 64, "fcfs", 7)
             assert info.stats.finished_by_reason["length"] == 2
 
             cases = [(("",), {}, "prompt"), (([],), {}, "prompt"),

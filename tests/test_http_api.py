@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import openai
 import pytest
-from jtrail.serving.fake_runner import ByteTokenizer, decode_ids, encode_text, fake_token
+from jtrail.serving.engine.fake_runner import ByteTokenizer, decode_ids, encode_text, fake_token
 
 from jtrail.client import Client
 

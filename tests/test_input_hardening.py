@@ -20,12 +20,12 @@ from jtrail.models.llama import Llama
 from jtrail.models.loader import embedded_gguf_path
 from jtrail.models.probe import ProbeConfig, ProbeHead
 from jtrail.models.tokenizer import Tokenizer
-from jtrail.serving.async_engine import AsyncLLMEngine
-from jtrail.serving.chat import ROLES, check_messages, max_prompt_bytes
-from jtrail.serving.engine import EngineConfig, LLMEngine
-from jtrail.serving.fake_runner import mock_engine
+from jtrail.serving.engine.async_engine import AsyncLLMEngine
+from jtrail.serving.engine.fake_runner import mock_engine
+from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
+from jtrail.serving.frontdoor.chat import ROLES, check_messages, max_prompt_bytes
+from jtrail.serving.frontdoor.server import JtrailServer, ServerConfig
 from jtrail.serving.sequence import InvalidRequestError, SamplingParams
-from jtrail.serving.server import JtrailServer, ServerConfig
 
 from jtrail.client import AsyncClient
 
@@ -55,7 +55,7 @@ def test_roles_checked_by_one_function() -> None:
     with pytest.raises(InvalidRequestError, match="content"):
         check_messages([{"role": "user", "content": 5}])
     with pytest.raises(InvalidRequestError, match="messages"):
-        check_messages([{"role": "user", "content": "x"}] * 11, max_context=10)
+        check_messages([{"role": "user", "content": "x"}] * 11, max_model_len=10)
 
 
 def test_client_text_never_becomes_a_control_token(tok: Tokenizer) -> None:
@@ -120,7 +120,7 @@ async def _code(agen) -> grpc.RpcError:
 
 def test_grpc_roles_size_limit_and_wire_errors() -> None:
     async def main() -> None:
-        server, c = await _start(mock_engine(max_context=256, step_delay_s=0.0))
+        server, c = await _start(mock_engine(max_model_len=256, step_delay_s=0.0))
         try:
             for role in FORGED:
                 err = await _code(c.generate([{"role": role, "content": "hi"}], max_tokens=2))
@@ -204,8 +204,8 @@ def test_tokenization_runs_off_the_event_loop() -> None:
 def test_step_prefill_work_bounded_by_one_budget_including_probes() -> None:
     """Probe-only prefills of waiting requests share the step's prefill token budget with the real
     prefills (before, each had a full budget: a step could run twice the budget)."""
-    from jtrail.serving.predictor import TrailPredictor
-    from jtrail.serving.scheduler.registry import make_policy
+    from jtrail.serving.brain.predictor import TrailPredictor
+    from jtrail.serving.brain.scheduler.registry import make_policy
 
     cfg_m = NAMED_CONFIGS["tiny"].replace(tie_embeddings=False)
     model = Llama(cfg_m, dtype=jnp.float32, rngs=nnx.Rngs(7))

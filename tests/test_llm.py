@@ -1,4 +1,4 @@
-"""jtrail.LLM on the serving engine (and the simple batched generator), against a naive
+"""jtrail.LLM on the serving engine (and the reference backend), against a naive
 reference (full recompute, no cache, argmax), plus the CLI on the embedded SmolLM2
 ("What is the capital of France?" -> Paris)."""
 
@@ -111,9 +111,9 @@ def test_cli_generate_names_paris(capsys):
     assert rc == 0 and "Paris" in out, out
 
 
-def test_simple_backend_matches_engine_backend(llm, reference):
-    simple = LLM("tiny", backend="simple", progress=False)
-    outs = simple.generate(PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))
+def test_reference_backend_matches_engine_backend(llm, reference):
+    ref = LLM("tiny", backend="reference", progress=False)
+    outs = ref.generate(PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))
     assert [o.token_ids for o in outs] == reference
     with pytest.raises(ValueError, match="backend"):
         LLM("tiny", backend="nope", progress=False)

@@ -13,16 +13,15 @@ from flax import nnx
 from jtrail.models.config import NAMED_CONFIGS
 from jtrail.models.llama import Llama
 from jtrail.models.probe import ProbeConfig, ProbeHead
-from jtrail.serving.engine import EngineConfig, LLMEngine
-from jtrail.serving.predictor import TrailPredictor
-from jtrail.serving.scheduler.registry import make_policy
+from jtrail.serving.brain.predictor import RecordingPredictor, TrailPredictor
+from jtrail.serving.brain.scheduler.registry import make_policy
+from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
 from jtrail.serving.sequence import SamplingParams, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from loadgen import RunResult, Workload, arrival_times, drive_engine  # noqa: E402
 from metrics_summary import summarize  # noqa: E402
 from serving_report import aging_tradeoff  # noqa: E402
-from serving_sim import RecordingPredictor  # noqa: E402
 
 CFG = NAMED_CONFIGS["tiny"].replace(tie_embeddings=False)
 
@@ -174,9 +173,9 @@ def test_forced_lengths_under_a_nominal_max_tokens(tiny):
 
 
 def test_sim_trace_max_tokens_caps_predictions_not_the_truth():
-    from jtrail.serving.predictor import NoisyOraclePredictor
-    from jtrail.serving.simulator import Resources, Trace, simulate
-    from jtrail.serving.step_model import StepModel
+    from jtrail.serving.brain.predictor import NoisyOraclePredictor
+    from jtrail.serving.simulation.simulator import Resources, Trace, simulate
+    from jtrail.serving.simulation.step_model import StepModel
 
     out = np.array([5, 40, 7, 30])
     seen: dict[int, list[float]] = {}
@@ -203,8 +202,8 @@ def test_sim_trace_max_tokens_caps_predictions_not_the_truth():
 def test_grpc_target_streams_forced_lengths():
     import asyncio
 
-    from jtrail.serving.fake_runner import mock_engine
-    from jtrail.serving.server import JtrailServer, ServerConfig
+    from jtrail.serving.engine.fake_runner import mock_engine
+    from jtrail.serving.frontdoor.server import JtrailServer, ServerConfig
     from loadgen import grpc_run
 
     lengths = np.array([3, 1, 5, 2, 4, 6])

@@ -2,10 +2,13 @@
 
 import numpy as np
 import pytest
-from jtrail.serving.predictor import (
+from jtrail.serving.brain.predictor import (
     NoisyOraclePredictor,
     OraclePredictor,
+    Predictor,
     RecordedPredictor,
+    SimPredictor,
+    SyntheticProbe,
     TrailPredictor,
     transition_matrix,
 )
@@ -114,3 +117,12 @@ def test_oracle_noisy_and_recorded():
     s.output_ids.append(1)
     rp.sim_refine(s, 1)
     np.testing.assert_allclose(s.posterior, [0.7, 0.3])  # same numbers as the 2-bin hand case
+
+
+def test_every_predictor_declares_the_hooks_its_callers_use():
+    trail = TrailPredictor([0, 2, 4], refine_every=4)
+    sim_side = [OraclePredictor(), NoisyOraclePredictor(sigma=0.1), RecordedPredictor(trail, {}),
+                SyntheticProbe(trail)]
+    assert isinstance(trail, Predictor) and not isinstance(trail, SimPredictor)  # needs real probe outputs
+    for p in sim_side:  # the simulator's, and usable by the engine too
+        assert isinstance(p, Predictor) and isinstance(p, SimPredictor), type(p).__name__

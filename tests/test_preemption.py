@@ -4,12 +4,12 @@ import math
 
 import numpy as np
 import pytest
-from jtrail.serving.scheduler.base import SchedulerState
-from jtrail.serving.scheduler.preemption_cost import RecomputeCost
-from jtrail.serving.scheduler.registry import make_policy
+from jtrail.serving.brain.scheduler.base import SchedulerState
+from jtrail.serving.brain.scheduler.preemption_cost import RecomputeCost
+from jtrail.serving.brain.scheduler.registry import make_policy
 from jtrail.serving.sequence import InvalidRequestError, SamplingParams, Sequence, Status
-from jtrail.serving.simulator import Resources, Trace, simulate
-from jtrail.serving.step_model import StepModel
+from jtrail.serving.simulation.simulator import Resources, Trace, simulate
+from jtrail.serving.simulation.step_model import StepModel
 
 UNIT = StepModel(a=1.0)  # every step 1 time unit, recompute free
 ONE_SLOT = Resources(num_slots=1, num_pages=10_000, page_size=16)

@@ -16,9 +16,9 @@ from jtrail.models.llama import Llama
 from jtrail.models.probe import ProbeConfig
 from jtrail.models.probe_io import ProbeFileError, default_probe_path, load_probe, save_probe
 
-from jtrail.probe_data import FeatureCacheError, ProbeFeatures, collect_features, generate_greedy
-from jtrail.probe_eval import evaluate_probs
-from jtrail.train_probe import (
+from jtrail.probe.data import FeatureCacheError, ProbeFeatures, collect_features, generate_greedy
+from jtrail.probe.eval import evaluate_probs
+from jtrail.probe.train import (
     ProbeTrainingError,
     TrainOptions,
     parse_bins,

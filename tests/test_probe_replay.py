@@ -17,7 +17,7 @@ from jtrail.models.probe_io import (
     resolve_probe_path,
 )
 
-from jtrail.probe_data import ProbeFeatures
+from jtrail.probe.data import ProbeFeatures
 from jtrail.replay import ReplaySet
 
 TINY = NAMED_CONFIGS["tiny"]

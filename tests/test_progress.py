@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tqdm.auto
-from jtrail.serving.engine import EngineConfig, LLMEngine
-from jtrail.serving.fake_runner import ByteTokenizer, FakeRunner, encode_text
+from jtrail.serving.engine.fake_runner import ByteTokenizer, FakeRunner, encode_text
+from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
 from jtrail.serving.sequence import SamplingParams
-from jtrail.serving.simulator import Resources, Trace, simulate
-from jtrail.serving.step_model import StepModel
+from jtrail.serving.simulation.simulator import Resources, Trace, simulate
+from jtrail.serving.simulation.step_model import StepModel
 
 from jtrail.llm import generate_batch
 

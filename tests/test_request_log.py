@@ -6,8 +6,8 @@ import asyncio
 import logging
 import re
 
-from jtrail.serving.fake_runner import mock_engine
-from jtrail.serving.server import JtrailServer, ServerConfig
+from jtrail.serving.engine.fake_runner import mock_engine
+from jtrail.serving.frontdoor.server import JtrailServer, ServerConfig
 
 from jtrail.client import AsyncClient
 

@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-from jtrail.serving.engine_api import EngineStats
-from jtrail.serving.grpc_router import _stats_from_pb, count_routed
-from jtrail.serving.router import (
+from jtrail.serving.brain.forecast import count_routed
+from jtrail.serving.brain.router import (
     ROUTER_NAMES,
     LeastRequests,
     PowerOfTwo,
@@ -14,10 +13,12 @@ from jtrail.serving.router import (
     replica_forecast,
     slot_forecast,
 )
+from jtrail.serving.engine_api import EngineStats
+from jtrail.serving.frontdoor.router_server import _stats_from_pb
+from jtrail.serving.frontdoor.servicer import stats_to_pb
 from jtrail.serving.sequence import InvalidRequestError
-from jtrail.serving.servicer import stats_to_pb
-from jtrail.serving.simulator import Resources, Trace, simulate
-from jtrail.serving.step_model import StepModel
+from jtrail.serving.simulation.simulator import Resources, Trace, simulate
+from jtrail.serving.simulation.step_model import StepModel
 
 
 def st(waiting=0, running=0, tokens=0.0, used=0, total=100, free=()):
@@ -162,13 +163,7 @@ def test_simulated_replicas_token_aware_beats_round_robin():
 
 
 def test_simulated_replicas_with_slot_forecasts():
-    # the routing benchmark's path: each replica's forecast (router.replica_forecast) reaches token-aware
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from simulate import simulate_routed
-
+    # each replica's forecast (forecast.replica_forecast), filled by the simulator, reaches token-aware
     rng = np.random.default_rng(1)
     n, replicas, slots = 3000, 4, 8
     out = np.clip(np.round(rng.lognormal(np.log(150), 1.0, n)), 1, 1000).astype(int)
@@ -184,9 +179,9 @@ def test_simulated_replicas_with_slot_forecasts():
             seen.append([len(s.slot_free_tokens) for s in stats])
             return super()._choose(stats, prompt_tokens, predicted_tokens)
 
-    mean = {name: simulate_routed(tr, "fcfs", sm, res, make_router(name), num_replicas=replicas).e2e.mean()
+    mean = {name: simulate(tr, "fcfs", sm, res, router=make_router(name), num_replicas=replicas).e2e.mean()
             for name in ("round-robin", "least-requests")}
-    r = simulate_routed(tr, "fcfs", sm, res, Spy(), num_replicas=replicas)
+    r = simulate(tr, "fcfs", sm, res, router=Spy(), num_replicas=replicas)
     assert len(seen) == n and all(x == [slots] * replicas for x in seen)
     assert np.bincount(r.replica, minlength=replicas).min() > n / (2 * replicas)
     # (the margin over least-requests is small, ~1% in the benchmark: this checks the plumbing, not the claim)
@@ -194,40 +189,29 @@ def test_simulated_replicas_with_slot_forecasts():
 
 
 def test_simulated_router_sees_polled_snapshots():
-    # poll_s: the router works from snapshots (as `jtrail route`), advanced only by its own sends in between
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from simulate import simulate_routed
-
+    # router_poll_s: the router works from snapshots (as `jtrail route`), advanced only by its own sends
+    # in between
     rng = np.random.default_rng(3)
     n, replicas = 400, 3
     out = rng.integers(1, 300, n)
     tr = Trace(np.cumsum(rng.exponential(0.02, n)), rng.integers(10, 100, n), out)
     sm, res = StepModel(a=0.005), Resources(num_slots=4, num_pages=256, page_size=16)
-    rr = simulate_routed(tr, "fcfs", sm, res, make_router("round-robin"), num_replicas=replicas)
+    rr = simulate(tr, "fcfs", sm, res, router=make_router("round-robin"), num_replicas=replicas)
     # a snapshot taken at the first arrival and never refreshed: least-requests only counts its own sends,
     # so it deals requests out in turn, exactly as round-robin
-    frozen = simulate_routed(tr, "fcfs", sm, res, make_router("least-requests"), poll_s=1e9,
-                             num_replicas=replicas)
+    frozen = simulate(tr, "fcfs", sm, res, router=make_router("least-requests"), router_poll_s=1e9,
+                      num_replicas=replicas)
     assert np.array_equal(frozen.replica, rr.replica)
-    live = simulate_routed(tr, "fcfs", sm, res, make_router("least-requests"), num_replicas=replicas)
+    live = simulate(tr, "fcfs", sm, res, router=make_router("least-requests"), num_replicas=replicas)
     assert not np.array_equal(live.replica, rr.replica)
     # polled every 50 ms: between the two, and every request still finishes
-    polled = simulate_routed(tr, "fcfs", sm, res, make_router("least-requests"), poll_s=0.05,
-                             num_replicas=replicas)
+    polled = simulate(tr, "fcfs", sm, res, router=make_router("least-requests"), router_poll_s=0.05,
+                      num_replicas=replicas)
     assert np.isfinite(polled.e2e).all() and not np.array_equal(polled.replica, rr.replica)
 
 
 def test_simulated_router_rejects_negative_poll():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from simulate import simulate_routed
-
     tr = Trace(np.array([0.0, 0.1]), np.array([10, 10]), np.array([5, 5]))
     with pytest.raises(ValueError, match="poll_s"):
-        simulate_routed(tr, "fcfs", StepModel(a=0.005), Resources(num_slots=2, num_pages=16, page_size=16),
-                        make_router("least-requests"), poll_s=-1.0, num_replicas=2)
+        simulate(tr, "fcfs", StepModel(a=0.005), Resources(num_slots=2, num_pages=16, page_size=16),
+                 router=make_router("least-requests"), router_poll_s=-1.0, num_replicas=2)

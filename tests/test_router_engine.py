@@ -6,8 +6,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jtrail.models.config import NAMED_CONFIGS
 from jtrail.models.llama import Llama
-from jtrail.serving.engine import EngineConfig, LLMEngine
-from jtrail.serving.router import FORECAST_PRIOR_TOKENS
+from jtrail.serving.brain.router import FORECAST_PRIOR_TOKENS
+from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
 from jtrail.serving.sequence import SamplingParams
 
 

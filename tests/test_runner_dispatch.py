@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 from jtrail.models.config import NAMED_CONFIGS
 from jtrail.models.llama import Llama
-from jtrail.serving.engine import EngineConfig, LLMEngine
+from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
 from jtrail.serving.sequence import SamplingParams
 
 CFG = NAMED_CONFIGS["tiny"]

@@ -8,14 +8,14 @@ import math
 
 import numpy as np
 import pytest
-from jtrail.serving.scheduler import waitqueue
-from jtrail.serving.scheduler.base import SchedulerState
-from jtrail.serving.scheduler.gittins import GittinsPolicy, gittins_index
-from jtrail.serving.scheduler.memory import MemoryGuard
-from jtrail.serving.scheduler.registry import POLICY_NAMES, make_policy
+from jtrail.serving.brain.scheduler import waitqueue
+from jtrail.serving.brain.scheduler.base import SchedulerState
+from jtrail.serving.brain.scheduler.gittins import GittinsPolicy, gittins_index
+from jtrail.serving.brain.scheduler.memory import MemoryGuard
+from jtrail.serving.brain.scheduler.registry import POLICY_NAMES, make_policy
 from jtrail.serving.sequence import InvalidRequestError, SamplingParams, Sequence, Status
-from jtrail.serving.simulator import Resources, Trace, simulate
-from jtrail.serving.step_model import StepModel
+from jtrail.serving.simulation.simulator import Resources, Trace, simulate
+from jtrail.serving.simulation.step_model import StepModel
 
 UNIT = StepModel(a=1.0)
 ONE_SLOT = Resources(num_slots=1, num_pages=10_000, page_size=16)

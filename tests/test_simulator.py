@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-from jtrail.serving.predictor import NoisyOraclePredictor, RecordedPredictor, TrailPredictor
-from jtrail.serving.queueing import mg1_fcfs_mean_response, mg1_srpt_mean_response
+from jtrail.serving.brain.predictor import NoisyOraclePredictor, RecordedPredictor, TrailPredictor
 from jtrail.serving.sequence import InvalidRequestError
-from jtrail.serving.simulator import Resources, Trace, simulate
-from jtrail.serving.step_model import StepModel
+from jtrail.serving.simulation.queueing import mg1_fcfs_mean_response, mg1_srpt_mean_response
+from jtrail.serving.simulation.simulator import Resources, Trace, simulate
+from jtrail.serving.simulation.step_model import StepModel
 
 
 def mg1_trace(n, rho, seed, tick):
@@ -167,3 +167,13 @@ def test_probe_on_arrival_is_charged_one_prefill_call_each():
     free = simulate(tr, "trail", sm, res, predictor=RecordedPredictor(TrailPredictor(edges), recs),
                     predict_at_arrival=True)  # predictions given at arrival for free: no probe calls
     assert free.makespan == pytest.approx(fcfs.makespan)
+
+
+def test_resources_from_an_engine_config():
+    from jtrail.serving.engine.llm_engine import EngineConfig
+
+    cfg = EngineConfig(num_slots=3, num_pages=65, page_size=4, preemption_mode="swap",
+                       max_prefill_tokens_per_step=128)
+    r = Resources.from_engine_config(cfg)
+    # the engine's allocator keeps page 0 as its null page: 64 usable
+    assert (r.num_slots, r.num_pages, r.page_size, r.preemption, r.prefill_chunk) == (3, 64, 4, "swap", 128)

@@ -107,8 +107,8 @@ def test_busy_port_through_the_jtrail_cli(listener: int) -> None:
 def test_grpc_server_does_not_share_a_port_with_another_grpc_server() -> None:
     """The server's own bind (behind the pre-flight check, for the race): with gRPC's default
     SO_REUSEPORT, the second JtrailServer would bind the first one's port without error."""
-    from jtrail.serving.fake_runner import mock_engine
-    from jtrail.serving.server import JtrailServer, ServerConfig
+    from jtrail.serving.engine.fake_runner import mock_engine
+    from jtrail.serving.frontdoor.server import JtrailServer, ServerConfig
 
     async def main() -> None:
         first = JtrailServer(mock_engine(), ServerConfig(port=0))
@@ -124,7 +124,7 @@ def test_grpc_server_does_not_share_a_port_with_another_grpc_server() -> None:
 
 
 def test_busy_metrics_port_in_the_server_is_an_oserror_naming_it(listener: int) -> None:
-    from jtrail.serving.metrics import ServerMetrics
+    from jtrail.serving.frontdoor.metrics import ServerMetrics
 
     with pytest.raises(OSError, match=f"--metrics-port {listener}"):
         ServerMetrics().start_http(listener)

@@ -11,11 +11,11 @@ import subprocess
 import sys
 import time
 
+from jtrail.serving.engine.fake_runner import mock_engine
 from jtrail.serving.engine_api import EngineStats
-from jtrail.serving.fake_runner import mock_engine
-from jtrail.serving.metrics import ServerMetrics
-from jtrail.serving.server import JtrailServer, ServerConfig
-from jtrail.serving.stats_log import StatsLogger
+from jtrail.serving.frontdoor.metrics import ServerMetrics
+from jtrail.serving.frontdoor.server import JtrailServer, ServerConfig
+from jtrail.serving.frontdoor.stats_log import StatsLogger
 from prometheus_client.parser import text_string_to_metric_families
 
 from jtrail.client import AsyncClient, Client

@@ -11,7 +11,7 @@ from flax import nnx
 from jtrail.models.config import NAMED_CONFIGS
 from jtrail.models.llama import Llama
 from jtrail.models.probe import ProbeConfig, ProbeHead
-from jtrail.serving.engine import EngineConfig, LLMEngine
+from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
 from jtrail.serving.sequence import FinishReason, InvalidRequestError, SamplingParams
 
 CFG = NAMED_CONFIGS["tiny"].replace(tie_embeddings=False)

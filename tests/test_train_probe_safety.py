@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jtrail.probe_data import ProbeFeatures
+from jtrail.probe.data import ProbeFeatures
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_S = 5.0
@@ -67,7 +67,7 @@ def test_defaults_go_to_a_scratch_dir_never_to_shipped_assets(tmp_path, monkeypa
 
 def test_resolved_defaults_of_both_modes_are_in_the_workdir(tmp_path) -> None:
     from jtrail.cli import build_parser
-    from jtrail.probe_cli import _resolve_defaults
+    from jtrail.probe.cli import _resolve_defaults
 
     for extra in ([], ["--replay", "x.npz"]):
         args = build_parser().parse_args(["train-probe", *extra])
@@ -99,7 +99,7 @@ def test_degenerate_run_is_an_error_and_writes_nothing(tmp_path, capsys) -> None
 
 
 def test_degenerate_checks_against_hand_cases() -> None:
-    from jtrail.probe_checks import degenerate_data, degenerate_metrics
+    from jtrail.probe.checks import degenerate_data, degenerate_metrics
 
     assert degenerate_data(np.array([3, 5, 16]), np.array([True, True, False]), 16) == []
     assert len(degenerate_data(np.array([4, 4]), np.array([True, True]), 16)) == 1
@@ -112,7 +112,7 @@ def test_one_training_step_does_not_crash_optax() -> None:
     """Few prompts and one epoch: one minibatch in all (was `decay_steps=0` inside Optax)."""
     from jtrail.models.probe import ProbeConfig
 
-    from jtrail.train_probe import TrainOptions, parse_bins, train_head
+    from jtrail.probe.train import TrainOptions, parse_bins, train_head
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(5, 8)).astype(np.float32), rng.integers(0, 4, size=5)
@@ -172,7 +172,7 @@ def test_unknown_llm_backend_fails_before_the_model_loads(monkeypatch) -> None:
 
 def test_no_argparse_namespace_leaks_into_the_recorded_command() -> None:
     from jtrail.cli import build_parser
-    from jtrail.probe_cli import _command, _resolve_defaults
+    from jtrail.probe.cli import _command, _resolve_defaults
 
     args = build_parser().parse_args(["train-probe", "--allow-degenerate"])
     _resolve_defaults(args)

@@ -64,7 +64,7 @@ def test_warm_up_serves_an_srpt_oracle_engine() -> None:
     engine = build_real_engine(args).engine  # warms up
     assert not engine.has_unfinished() and engine.policy.name == "srpt-oracle"
     params = SamplingParams(max_tokens=3, ignore_eos=True)
-    seq = engine.add_request("x", [5, 6, 7], params, oracle_output_len=3)
+    seq = engine.add_request("x", [5, 6, 7], params, oracle_length=3)
     assert seq.oracle_remaining_at_start == 3
     while engine.has_unfinished():
         engine.step()

@@ -1,0 +1,143 @@
+"""Routing policies across replicas: pure objects over replica load snapshots (`EngineStats`).
+
+`choose(stats, prompt_tokens, predicted_tokens) -> replica index`. The simulator and a gRPC router
+call the same objects. `uses_tokens` tells the caller whether `outstanding_tokens` must be fresh and
+`uses_forecast` whether `slot_free_tokens` must be.
+
+- round-robin: ignores load.
+- least-requests: fewest outstanding requests (waiting + running).
+- power-of-two: two distinct replicas drawn at random (seeded), the one with fewer requests.
+- token-aware: least expected wait for a batch slot. Each replica forecasts, from TRAIL's predicted
+  remaining tokens of its running requests and the predicted lengths of the requests queued ahead of
+  a new arrival, how many decode steps until each of its slots frees up (`slot_forecast`, a list
+  schedule: the queue takes the earliest free slots in admission order). The router picks the
+  replica whose first slot frees soonest among those whose free KV pages hold the request (prompt +
+  expected output); ties (several replicas with a free slot) go to the fewest requests, as
+  least-requests would. Least-work-left (Kossmann et al.: least outstanding tokens) is the
+  single-server form of this rule; on a replica with batch slots what a new request waits for is
+  the first slot release, not the whole backlog: seven short requests and one long one free a slot
+  sooner than three long ones, though they add up to more tokens. Replicas that report no forecast
+  (older servers) fall back to least outstanding tokens, a free slot first. Forecasts are in decode
+  steps, comparable across identical replicas (different hardware would need them in seconds).
+
+What routing can gain is the wait for a slot: once a request runs, its time is its decode steps,
+which no router shortens much when a step's fixed cost dominates (benchmarks/simulate.py, routing:
+8 replicas of 8 slots at 90% load, fcfs, mean E2E least-requests / token-aware 1.008,
+round-robin / token-aware 1.14; with trail replicas, where a request routed to a full replica
+preempts a running one, the forecast matters far more).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence as Seq
+
+import numpy as np
+
+from ..engine_api import EngineStats
+from ..paging import pages_for
+from ..sequence import InvalidRequestError
+from .forecast import FORECAST_PRIOR_TOKENS, MAX_LISTED, replica_forecast, slot_forecast
+
+__all__ = ["FORECAST_PRIOR_TOKENS", "MAX_LISTED", "ROUTER_NAMES", "Router", "make_router", "replica_forecast",
+           "slot_forecast"]
+
+ROUTER_NAMES = ("round-robin", "least-requests", "power-of-two", "token-aware")
+
+
+
+class Router(ABC):
+    name = "router"
+    uses_tokens = False
+    uses_forecast = False
+
+    def choose(self, stats: Seq[EngineStats], prompt_tokens: int,
+               predicted_tokens: float | None = None) -> int:
+        if not stats:
+            raise InvalidRequestError("replicas", "no replica to route to")
+        return self._choose(stats, prompt_tokens, predicted_tokens)
+
+    @abstractmethod
+    def _choose(self, stats: Seq[EngineStats], prompt_tokens: int, predicted_tokens: float | None) -> int: ...
+
+
+def _requests(s: EngineStats) -> int:
+    return s.waiting + s.running + s.swapped
+
+
+class RoundRobin(Router):
+    name = "round-robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def _choose(self, stats, prompt_tokens, predicted_tokens):
+        k = self._next % len(stats)
+        self._next = k + 1
+        return k
+
+
+class LeastRequests(Router):
+    name = "least-requests"
+
+    def _choose(self, stats, prompt_tokens, predicted_tokens):
+        return min(range(len(stats)), key=lambda k: (_requests(stats[k]), k))
+
+
+class PowerOfTwo(Router):
+    name = "power-of-two"
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = np.random.default_rng(seed)
+
+    def _choose(self, stats, prompt_tokens, predicted_tokens):
+        if len(stats) == 1:
+            return 0
+        a, b = (int(x) for x in self._rng.choice(len(stats), size=2, replace=False))
+        return a if (_requests(stats[a]), a) <= (_requests(stats[b]), b) else b
+
+
+class TokenAware(Router):
+    name = "token-aware"
+    uses_tokens = True
+    uses_forecast = True
+
+    def __init__(self, page_size: int = 16, num_slots: int | None = None, expected_tokens: float = 256.0,
+                 forecast: bool = True) -> None:
+        """`expected_tokens`: output length assumed for a request with no prediction (KV pages it needs).
+        `num_slots`: only for the fallback rule. `forecast=False`: always the fallback rule (least
+        outstanding tokens), kept to compare with."""
+        if page_size < 1:
+            raise InvalidRequestError("page_size", f"must be >= 1, got {page_size}")
+        if num_slots is not None and num_slots < 1:
+            raise InvalidRequestError("num_slots", f"must be >= 1, got {num_slots}")
+        if not expected_tokens >= 0:
+            raise InvalidRequestError("expected_tokens", f"must be >= 0, got {expected_tokens}")
+        self.page_size, self.num_slots, self.expected_tokens = page_size, num_slots, float(expected_tokens)
+        self.forecast = forecast
+        self.uses_forecast = forecast
+
+    def _choose(self, stats, prompt_tokens, predicted_tokens):
+        out = self.expected_tokens if predicted_tokens is None else float(predicted_tokens)
+        need = pages_for(prompt_tokens + int(np.ceil(out)), self.page_size)
+        fits = [k for k, s in enumerate(stats) if s.pages_total - s.pages_used >= need]
+        pool = fits or range(len(stats))
+        if self.forecast and all(s.slot_free_tokens for s in stats):
+            return min(pool, key=lambda k: (stats[k].slot_free_tokens[0], _requests(stats[k]), k))
+        slots = self.num_slots
+
+        def busy(k: int) -> bool:
+            return slots is not None and _requests(stats[k]) >= slots
+
+        return min(pool, key=lambda k: (busy(k), stats[k].outstanding_tokens, _requests(stats[k]), k))
+
+
+def make_router(name: str, **kw) -> Router:
+    cls = {"round-robin": RoundRobin, "least-requests": LeastRequests, "power-of-two": PowerOfTwo,
+           "token-aware": TokenAware}.get(name)
+    if cls is None:
+        raise InvalidRequestError("router", f"unknown router {name!r}; choose from {ROUTER_NAMES}")
+    try:
+        return cls(**kw)
+    except TypeError as e:
+        raise InvalidRequestError("router", f"bad options for {name!r}: {e}") from None

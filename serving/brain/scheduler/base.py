@@ -1,0 +1,71 @@
+"""The scheduler interface: one object decides, each engine step, what is admitted and preempted.
+
+Plain Python over `Sequence` state, no JAX: the real engine and the simulator run the very same
+policy objects. The engine calls `schedule()` once per step with a snapshot of its resources, applies
+the preemptions, then admits in the order given while slots and pages allow (it re-checks), and
+calls `choose_victim()` when a running sequence needs a page that is not free.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from ...sequence import Sequence
+
+
+@dataclass
+class SchedulerState:
+    waiting: list[Sequence]  # waiting (new or preempted-by-recompute) and swapped, in arrival order
+    running: list[Sequence]  # hold a batch slot, in admission order
+    free_slots: int
+    free_pages: int
+    total_pages: int
+    page_size: int
+    now: float
+    # steps run so far, only where every running sequence gains one token per step (the simulator):
+    # lets policies keep the running sequences' rank order incrementally (scheduler/runindex.py)
+    step: int | None = None
+
+
+@dataclass
+class PolicyStats:
+    """Counts a policy keeps of its own decisions (the simulator reports them per replica)."""
+
+    schedule_calls: int = 0
+    admissions_proposed: int = 0
+    preemptions: int = 0  # decided in schedule()
+    victims: int = 0  # chosen in choose_victim() when memory ran out
+
+
+@dataclass
+class Decision:
+    preempt: list[Sequence] = field(default_factory=list)  # running -> waiting
+    admit: list[Sequence] = field(default_factory=list)  # waiting -> running, in this order
+
+
+class Policy(ABC):
+    """Base class of scheduling policies. Subclasses set `name` and implement `schedule`."""
+
+    name: str = "base"
+    # Ranks waiting requests by predicted length: the engine runs a probe-only prefill for requests
+    # that must wait for a slot, so they have a prediction to be ranked by (engine._probe_waiting).
+    probe_on_arrival: bool = False
+    # Ranks by remaining length, which falls one per generated token (the router's slot forecast
+    # then drops long queued requests from what a new arrival waits behind).
+    counts_down: bool = False
+    # Counts of this policy's decisions; None where a policy keeps none (the simple ones).
+    stats: PolicyStats | None = None
+
+    @abstractmethod
+    def schedule(self, state: SchedulerState) -> Decision: ...
+
+    def choose_victim(self, running: list[Sequence], now: float) -> Sequence:
+        """The running sequence to preempt when memory runs out (vLLM: the most recently admitted)."""
+        return max(running, key=lambda s: (s.admitted_time or 0.0, s.arrival_time))
+
+    def on_arrival(self, seq: Sequence, now: float) -> None:  # noqa: B027 - optional hook
+        """Called once when a request enters the waiting queue."""
+
+    def on_finish(self, seq: Sequence, now: float) -> None:  # noqa: B027 - optional hook
+        """Called once when a request finishes or is cancelled."""

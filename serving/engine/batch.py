@@ -1,0 +1,94 @@
+"""The batch description: what the engine's scheduler side decides for one step and the runner
+executes (nano-vllm / vLLM v1 style). Plain numpy and `Sequence`s, no JAX, so a fake runner can
+execute it with no model.
+
+Prefill chunks (admitted requests' prompt chunks and probe-only prefills of waiting requests) and
+decode rows (one per running, prefilled request, in its batch slot) make up one step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..sequence import Sequence
+
+
+class SamplingRows(NamedTuple):
+    """Per-row sampling parameters; keys derive from (seed, index of the generated token), so a
+    request's draws depend neither on its batch neighbours nor on preemption."""
+
+    temperature: Any  # [B] f32
+    top_p: Any  # [B] f32
+    top_k: Any  # [B] int32
+    seed: Any  # [B] uint32
+    gen_index: Any  # [B] int32: number of tokens generated before this draw
+    # [B, steps] int32: the token to emit at draw j instead of sampling (trace replay), -1 = sample
+    forced: Any
+
+
+@dataclass
+class PrefillChunk:
+    """KV for `tokens` at positions [start, start + len(tokens)) of `seq`; the runner samples the
+    token after the last one and (with a probe) reports the prompt-mean probe output."""
+
+    seq: Sequence
+    start: int
+    tokens: list[int]
+    probe_only: bool = False  # a waiting request's prompt in borrowed pages: only its probe output counts
+    tap: Any = None  # running prompt-tap sum of the sequence's earlier chunks (runner-owned value)
+
+    @property
+    def completes(self) -> bool:
+        """The chunk ends the sequence's prefill: its sampled token is the next output token."""
+        return not self.probe_only and self.start + len(self.tokens) == self.seq.num_tokens
+
+
+@dataclass
+class DecodeRow:
+    seq: Sequence  # runs in its batch slot, seq.slot
+    steps: int  # decode steps this row may take in the call (1..decode_steps_per_call)
+
+
+@dataclass
+class StepBatch:
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    prefill_sampling: SamplingRows | None = None  # one row per chunk
+    decodes: list[DecodeRow] = field(default_factory=list)
+    decode_sampling: SamplingRows | None = None  # one row per batch slot
+
+    @property
+    def empty(self) -> bool:
+        return not (self.prefills or self.decodes)
+
+
+@dataclass
+class StepOutput:
+    """The runner's results on the host, fetched once per step."""
+
+    prefill_tokens: np.ndarray | None = None  # [n_chunks]
+    prefill_probs: np.ndarray | None = None  # [n_chunks, K] (None without a probe)
+    prefill_taps: Any = None  # indexable by chunk: new running tap sums (stay on the device)
+    decode_tokens: np.ndarray | None = None  # [steps, num_slots]
+    decode_probs: np.ndarray | None = None  # [steps, num_slots, K]
+
+
+def prefill_layout(buckets: tuple[int, ...], max_tokens: int | None) -> tuple[int, tuple[int, ...]]:
+    """(row length, capacities) of the packed prefill call. A chunk occupies ceil(len / row) rows of
+    `row` = buckets[0] tokens; the call is padded to the smallest capacity that holds the step's rows.
+    Capacities are the buckets below the step budget `max_tokens` plus the budget itself (rounded up
+    to whole rows), so there are at most len(buckets) compilations."""
+    row = buckets[0]
+    top = max_tokens if max_tokens is not None else buckets[-1]
+
+    def up(x: int) -> int:
+        return -(-x // row) * row
+
+    return row, tuple(sorted({up(b) for b in buckets[:-1] if b < top} | {up(top)}))
+
+
+def padded_tokens(n: int, row: int) -> int:
+    """Tokens a chunk of n tokens costs in the packed call (whole rows)."""
+    return -(-n // row) * row

@@ -1,0 +1,257 @@
+"""LLMEngine: continuous batching over fixed slots with a paged KV cache.
+
+`step()` has three beats (nano-vllm, vLLM v1's EngineCore.step):
+    1. scheduler side (step_scheduler.py): the policy's preemptions and admissions, decode rows,
+       prefill chunks and probe-only prefills under the token budget -> one `StepBatch`;
+    2. the runner (runner.py: the JAX ModelRunner or the FakeRunner) executes it; results are
+       fetched to the host once;
+    3. the output processor (outputs.py) appends tokens, checks stops, detokenizes, finishes, frees.
+Per-request engine state lives in one record (request_state.EngineRequest).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..brain.forecast import FORECAST_PRIOR_TOKENS, replica_forecast
+from ..brain.predictor import Predictor
+from ..brain.scheduler.base import Policy
+from ..engine_api import EngineStats
+from ..sequence import (
+    FinishReason,
+    InvalidRequestError,
+    QueueFullError,
+    RequestOutput,
+    SamplingParams,
+    Sequence,
+    Status,
+    check_priority,
+)
+from .batch import SamplingRows, StepBatch
+from .detokenizer import IncrementalDetokenizer, Tokenizer
+from .outputs import OutputProcessor
+from .request_state import EngineRequest
+from .runner import Runner
+from .step_scheduler import StepScheduler
+
+
+@dataclass
+class EngineConfig:
+    num_slots: int = 8
+    page_size: int = 16
+    num_pages: int = 512
+    max_model_len: int = 2048
+    # the packed prefill call (batch.prefill_layout): rows of prefill_buckets[0] tokens, padded to a
+    # bucket below the step budget or to the budget itself
+    prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+    max_prefill_tokens_per_step: int = 512  # prefill tokens per step, counted in whole rows
+    decode_steps_per_call: int = 1
+    preemption_mode: str = "recompute"  # or "swap"
+    policy: str | Policy = "fcfs"
+    dtype: Any = None  # KV cache dtype; None = the model's compute dtype
+    kernel_impl: str = "auto"
+    max_queue: int = 4096
+    seed: int = 0  # seeds requests that give none
+    tensor_parallel: int = 1  # shard weights + KV pages over this many local devices
+
+    def __post_init__(self) -> None:
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
+        if min(self.num_slots, self.page_size, self.decode_steps_per_call, self.max_queue) < 1:
+            raise ValueError("num_slots, page_size, decode_steps_per_call and max_queue must be >= 1")
+        if not self.prefill_buckets or list(self.prefill_buckets) != sorted(set(self.prefill_buckets)):
+            raise ValueError(f"prefill_buckets must be increasing, got {self.prefill_buckets}")
+        if self.max_prefill_tokens_per_step < 1:
+            raise ValueError("max_prefill_tokens_per_step must be >= 1")
+
+
+def resolve_policy(policy: str | Policy) -> Policy:
+    if isinstance(policy, Policy):
+        return policy
+    from ..brain.scheduler.registry import make_policy
+
+    return make_policy(policy)
+
+
+class LLMEngine:
+    def __init__(self, model: Any, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None,
+                 probe: Any = None, predictor: Predictor | None = None, runner: Runner | None = None):
+        """`model` (a Llama) builds the JAX runner; or pass `runner` (e.g. a FakeRunner, whose `cfg`
+        then gives vocab_size and eos_ids) and model=None."""
+        self.config = cfg = config or EngineConfig()
+        self.tokenizer, self.predictor, self.probe = tokenizer, predictor, probe
+        if runner is None:
+            from .model_runner import ModelRunner  # JAX: imported only when a model is served
+
+            runner = ModelRunner(model, num_slots=cfg.num_slots, num_pages=cfg.num_pages,
+                                 page_size=cfg.page_size, max_model_len=cfg.max_model_len,
+                                 decode_steps=cfg.decode_steps_per_call, kv_dtype=cfg.dtype,
+                                 impl=cfg.kernel_impl, probe=probe, tensor_parallel=cfg.tensor_parallel,
+                                 prefill_buckets=cfg.prefill_buckets,
+                                 max_prefill_tokens=cfg.max_prefill_tokens_per_step)
+        self.runner = runner
+        self.model_cfg = model.cfg if model is not None else runner.cfg
+        self.policy = resolve_policy(cfg.policy)
+        self._reqs: dict[str, EngineRequest] = {}
+        self.scheduler = StepScheduler(cfg, self.policy, runner, self._reqs,
+                                       probe_waiting=runner.has_probe and predictor is not None)
+        self.outputs = OutputProcessor(self.model_cfg.eos_ids, cfg.max_model_len, self.policy, predictor,
+                                       self._free)
+        self._rng = np.random.default_rng(cfg.seed)
+        self.steps = 0
+        # token counters for the throughput log and metrics (vLLM's: a prompt counts once, at its
+        # first output token; every streamed output token counts)
+        self.prompt_tokens_total = self.generation_tokens_total = 0
+
+    # the scheduler side's state, under the names the benchmarks and tests use
+    blocks = property(lambda self: self.scheduler.blocks)
+    waiting = property(lambda self: self.scheduler.waiting)
+    running = property(lambda self: self.scheduler.running)
+    free_slots = property(lambda self: self.scheduler.free_slots)
+    num_preemptions = property(lambda self: self.scheduler.num_preemptions)
+    probe_calls = property(lambda self: self.scheduler.probe_calls)
+    probe_tokens = property(lambda self: self.scheduler.probe_tokens)
+    finished_by_reason = property(lambda self: self.outputs.finished_by_reason)
+
+    def pending_output_ids(self) -> set[str]:
+        """Requests with output not yet returned by a step (a failed step's, for the front end)."""
+        return set(self.outputs.pending)
+
+    @property
+    def requests(self) -> dict[str, Sequence]:
+        return {rid: st.seq for rid, st in self._reqs.items()}
+
+    # ---- requests -----------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams | None = None,
+                    priority: int = 0, arrival_time: float | None = None,
+                    oracle_length: int | None = None) -> Sequence:
+        """Queue a request. `oracle_length`: its true output length, for srpt-oracle's rank and
+        benchmarks that force lengths (set before the policy files the request)."""
+        params = params or SamplingParams()
+        self.validate_request(prompt_ids, params)
+        priority = check_priority(priority)
+        if oracle_length is not None and (isinstance(oracle_length, bool)
+                                          or not isinstance(oracle_length, int) or oracle_length < 0):
+            raise InvalidRequestError("oracle_length", f"must be None or an int >= 0, got {oracle_length!r}")
+        if request_id in self._reqs:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
+        if len(self.waiting) >= self.config.max_queue:
+            raise QueueFullError(f"waiting queue is full ({self.config.max_queue} requests)")
+        now = time.monotonic()
+        seq = Sequence(request_id, [int(t) for t in prompt_ids], params,
+                       arrival_time if arrival_time is not None else now, priority=priority,
+                       oracle_remaining_at_start=oracle_length)
+        # mod 2**32: the sampler's uint32 seed column must never fail to cast (SamplingParams checks
+        # the range; this keeps a bypassed check from failing the step for every request)
+        seed = (params.seed if params.seed is not None else int(self._rng.integers(2**31))) % 2**32
+        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids)
+        self._reqs[request_id] = EngineRequest(seq, detok, seed)
+        self.waiting.append(seq)
+        self.policy.on_arrival(seq, now)
+        return seq
+
+    def validate_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError for a request this engine can never serve (reads config only, so
+        the async front end may call it from its own thread)."""
+        cfg, vocab = self.config, self.model_cfg.vocab_size
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params", "must be a SamplingParams")
+        if not prompt_ids:
+            raise InvalidRequestError("prompt", "must contain at least one token")
+        if any((not isinstance(t, int | np.integer)) or t < 0 or t >= vocab for t in prompt_ids):
+            raise InvalidRequestError("prompt", f"token ids must be integers in [0, {vocab})")
+        if any(t >= vocab for t in params.forced_output_ids):
+            raise InvalidRequestError("forced_output_ids", f"token ids must be in [0, {vocab})")
+        if len(prompt_ids) >= cfg.max_model_len:
+            raise InvalidRequestError("prompt", f"{len(prompt_ids)} tokens leave no room under "
+                                      f"max_model_len={cfg.max_model_len}")
+        if self.blocks.pages_for(len(prompt_ids) + 1) > self.blocks.num_usable:
+            raise InvalidRequestError("prompt", "longer than the whole KV cache")
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel: frees the slot and pages at once. None if the request is unknown or done."""
+        st = self._reqs.get(request_id)
+        if st is None or st.seq.is_finished:
+            return None
+        self.outputs.finish(st, FinishReason.CANCELLED, time.monotonic())
+        return self.outputs.pending.pop(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Running -> waiting (recompute) or swapped (swap)."""
+        self.scheduler.preempt(seq)
+
+    # ---- the step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        self.steps += 1
+        batch = self.scheduler.schedule(time.monotonic())  # 1. what runs
+        if not batch.empty:
+            self._fill_sampling(batch)
+            handle = self.runner.execute(batch)  # 2. run it (dispatched, not waited for)
+            self.scheduler.return_borrowed(batch)
+            result = self.runner.fetch(handle)  # the step's one host sync
+            self.outputs.process(batch, result, self._reqs, time.monotonic())  # 3. tokens out
+        outs = self.outputs.take()
+        for o in outs:
+            self.generation_tokens_total += len(o.new_token_ids)
+            if o.new_token_ids and o.completion_tokens == len(o.new_token_ids):  # its first tokens
+                self.prompt_tokens_total += o.prompt_tokens
+        return outs
+
+    def _fill_sampling(self, batch: StepBatch) -> None:
+        if batch.prefills:
+            batch.prefill_sampling = self._sampling_rows([c.seq for c in batch.prefills])
+        if batch.decodes:
+            rows: list[Sequence | None] = [None] * self.config.num_slots
+            for r in batch.decodes:
+                rows[r.seq.slot] = r.seq
+            batch.decode_sampling = self._sampling_rows(rows, self.config.decode_steps_per_call)
+
+    def _sampling_rows(self, seqs: list[Sequence | None], steps: int = 1) -> SamplingRows:
+        def col(f, dtype, empty=0):  # empty slots get harmless values (greedy, top_p 1)
+            return np.array([f(s) if s is not None else empty for s in seqs], dtype)
+
+        forced = np.full((len(seqs), steps), -1, np.int32)  # trace replay: the given tokens
+        for b, s in enumerate(seqs):
+            if s is not None and s.params.forced_output_ids:
+                forced[b] = [s.forced_token(s.num_generated + j) for j in range(steps)]
+        return SamplingRows(col(lambda s: s.params.temperature, np.float32),
+                            col(lambda s: s.params.top_p, np.float32, 1.0),
+                            col(lambda s: s.params.top_k, np.int32),
+                            col(lambda s: self._reqs[s.request_id].seed, np.uint32),
+                            col(lambda s: s.num_generated, np.int32), forced)
+
+    def _free(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        self._reqs.pop(seq.request_id, None)
+
+    # ---- reporting ----------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        seqs = self.waiting + self.running
+        return EngineStats(
+            waiting=sum(s.status is Status.WAITING for s in self.waiting), running=len(self.running),
+            swapped=sum(st.swapped is not None for st in self._reqs.values()),
+            pages_used=self.blocks.num_used, pages_total=self.blocks.num_usable,
+            preemptions=self.num_preemptions,
+            outstanding_tokens=float(sum(s.num_prompt_tokens + (s.predicted_remaining if s.predicted_remaining
+                                                                 is not None else s.max_remaining)
+                                         for s in seqs)),
+            finished_by_reason=dict(self.finished_by_reason), steps=self.steps,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            slot_free_tokens=replica_forecast(
+                self.running, self.waiting, self.config.num_slots,
+                self.outputs.finished_tokens / self.outputs.finished_count if self.outputs.finished_count
+                else FORECAST_PRIOR_TOKENS, self.policy.counts_down))
+
+    def generate_batch(self, prompt_ids_list: list[list[int]], params_list=None, progress: bool = True):
+        """Kept for callers of the old method: see jtrail.llm.generate_batch."""
+        from jtrail.llm import generate_batch
+
+        return generate_batch(self, prompt_ids_list, params_list, progress=progress)

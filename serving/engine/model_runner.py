@@ -1,0 +1,338 @@
+"""Device side of the engine: the paged KV cache and the jitted prefill / decode steps.
+
+The cache is a list (one per layer) of (k_pages, v_pages), each [Hkv, num_pages, page_size, D],
+donated through every jitted call so XLA updates it in place. Shapes are static: decode always runs
+all `num_slots` rows for `decode_steps` steps; prefill runs every chunk of the step in one packed
+call padded to one of at most len(prefill_buckets) capacities (batch.prefill_layout), so the number
+of compilations is 1 + len(prefill_buckets) (+ swap buckets, see swap.py). The
+jitted steps are module-level functions keyed on `StepStatics`, so engines share compiled code.
+
+Each call returns sampled tokens and, when a probe is loaded, the probe's bin probabilities computed
+in the same graph from the tap (hidden state after `probe.cfg.layer`). With no probe, tap_layer is
+None and the probe code is not traced at all.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ...kernels import ops
+from ...models.llama import Llama
+from ...models.probe import ProbeHead
+from ...models.sampling import sample_tokens
+from ...models.sharding import kv_sharding, make_mesh, shard_attention_fn, shard_model
+from ..paging import pages_for
+from . import swap
+from .batch import SamplingRows, StepBatch, StepOutput, prefill_layout
+
+__all__ = ["ModelRunner", "SamplingRows", "PagedMeta", "make_paged_attention"]
+
+
+class PagedMeta(NamedTuple):
+    """What the paged attention fn needs besides q/k/v (all int32 device arrays)."""
+
+    slot_mapping: jax.Array  # [B*T] flat cache slot of each new token (page*page_size+offset), <0 skip
+    block_tables: jax.Array  # [B, max_pages_per_seq]
+    q_start: jax.Array  # [B] position of the first new token
+    q_lens: jax.Array  # [B] number of valid new tokens (0 = inactive row)
+
+
+def make_paged_attention(impl: str):
+    """attn_fn for models/attention.py's contract: write the step's K/V into the pages, then attend."""
+
+    def paged_attention(q, k, v, layer_cache, meta: PagedMeta):
+        k_pages, v_pages = layer_cache
+        b, t, hkv, d = k.shape
+        k_pages, v_pages = ops.write_kv(k_pages, v_pages, k.reshape(b * t, hkv, d),
+                                        v.reshape(b * t, hkv, d), meta.slot_mapping, impl=impl)
+        if t == 1:  # decode: one query per row attends to [0, pos]
+            lengths = jnp.where(meta.q_lens > 0, meta.q_start + 1, 0).astype(jnp.int32)
+            out = ops.decode_attention(q[:, 0], k_pages, v_pages, lengths, meta.block_tables,
+                                       impl=impl)[:, None]
+        else:
+            out = ops.prefill_attention(q, k_pages, v_pages, meta.q_start, meta.q_lens,
+                                        meta.block_tables, impl=impl)
+        return out, (k_pages, v_pages)
+
+    return paged_attention
+
+
+def _sample(logits: jax.Array, s: SamplingRows, offset: jax.Array | int = 0) -> jax.Array:
+    keys = jax.vmap(lambda sd, i: jax.random.fold_in(jax.random.PRNGKey(sd), i))(s.seed, s.gen_index + offset)
+    sampled = sample_tokens(logits, keys, s.temperature, s.top_p, s.top_k)
+    forced = jax.lax.dynamic_index_in_dim(s.forced, offset, axis=1, keepdims=False)
+    return jnp.where(forced >= 0, forced, sampled)
+
+
+@dataclass(frozen=True)
+class StepStatics:
+    """Everything static about a step: the jit cache key. Engines with equal statics (and shapes)
+    share compiled code, so tests and benchmarks that build several engines compile once."""
+
+    graphdef: Any
+    probe_graphdef: Any
+    probe_layer: int | None
+    page_size: int
+    decode_steps: int
+    impl: str
+    num_bins: int
+    mesh: Any = None  # tensor-parallel jax.sharding.Mesh; None = one device
+    state_treedef: Any = None  # the weights' pytree structure: calls pass the flat leaves
+
+    # jit hashes its static arguments on every call: hashing the model's graphdef anew cost
+    # milliseconds of host time per step (more than a small model's device time), so it is cached
+    def __hash__(self) -> int:
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(tuple(getattr(self, f.name) for f in fields(self)))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+
+_INTERNED: dict[StepStatics, StepStatics] = {}
+
+
+def intern_statics(st: StepStatics) -> StepStatics:
+    """One instance per distinct statics: jit then finds its cache entry by identity, not by a deep
+    comparison of two equal graphdefs on every call."""
+    return _INTERNED.setdefault(st, st)
+
+
+TRACE_COUNTS: Counter = Counter()  # (kind, statics) -> number of traces = number of compilations
+
+
+def _attention(st: StepStatics):
+    """Under TP the paged kernels run once per kv-head shard (shard_map)."""
+    attn_fn = make_paged_attention(st.impl)
+    return attn_fn if st.mesh is None else shard_attention_fn(attn_fn, st.mesh, "paged")
+
+
+def _merge(st: StepStatics, leaves):
+    """The model from the flat weight leaves (flattening an nnx.State at every call is host time)."""
+    return nnx.merge(st.graphdef, jax.tree_util.tree_unflatten(st.state_treedef, leaves))
+
+
+def _probe_probs(st: StepStatics, probe_state, h: jax.Array) -> jax.Array:
+    return nnx.merge(st.probe_graphdef, probe_state).probs(h)
+
+
+@partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _prefill_packed(st: StepStatics, state, caches, probe_state, tokens, positions, slot_mapping,
+                    block_tables, q_lens, row_chunk, last_row, n_prompt, chunk_end, tap_in,
+                    samp: SamplingRows):
+    """Every prefill chunk of a step in one call. Rows [R, T] are consecutive T-token pieces of the
+    chunks (a chunk spans several rows; each layer writes all rows' K/V before attending, so a row
+    sees the rows before it). Per chunk c (up to R): the token after its last one is sampled from row
+    last_row[c]; the probe sees the running prompt-tap sum tap_in[c] plus this call's prompt tokens."""
+    TRACE_COUNTS["prefill", st] += 1
+    model = _merge(st, state)
+    meta = PagedMeta(slot_mapping, block_tables, positions[:, 0], q_lens)
+    out = model(tokens, positions, caches, _attention(st), meta, tap_layer=st.probe_layer,
+                logits_index=jnp.maximum(q_lens - 1, 0))
+    token = _sample(out.logits[last_row], samp)
+    probs, tap_acc = None, tap_in
+    if st.probe_layer is not None:
+        t = tokens.shape[1]
+        valid = (jnp.arange(t)[None, :] < q_lens[:, None]) & (positions < n_prompt[row_chunk][:, None])
+        rows = jnp.sum(jnp.where(valid[..., None], out.tap.astype(jnp.float32), 0.0), axis=1)
+        tap_acc = tap_in + jax.ops.segment_sum(rows, row_chunk, num_segments=tap_in.shape[0])
+        count = jnp.maximum(jnp.minimum(chunk_end, n_prompt), 1).astype(jnp.float32)
+        probs = _probe_probs(st, probe_state, tap_acc / count[:, None])
+    return out.caches, token, probs, tap_acc
+
+
+@partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _decode_steps(st: StepStatics, state, caches, probe_state, tokens, positions, n_valid, block_tables,
+                  samp: SamplingRows):
+    TRACE_COUNTS["decode", st] += 1
+    model = _merge(st, state)
+    attn_fn = _attention(st)
+    rows = jnp.arange(tokens.shape[0])
+    n, ps = st.decode_steps, st.page_size
+
+    def one_step(j, carry):
+        caches, tok, out_tokens, out_probs = carry
+        pos = positions + j
+        live = j < n_valid
+        page = block_tables[rows, jnp.minimum(pos // ps, block_tables.shape[1] - 1)]
+        slot = jnp.where(live, page * ps + pos % ps, -1)
+        meta = PagedMeta(slot, block_tables, pos, live.astype(jnp.int32))
+        out = model(tok[:, None], pos[:, None], caches, attn_fn, meta, tap_layer=st.probe_layer,
+                    logits_index=jnp.zeros_like(tok))
+        new = _sample(out.logits, samp, j)
+        out_tokens = out_tokens.at[j].set(new)
+        if st.probe_layer is not None:
+            out_probs = out_probs.at[j].set(_probe_probs(st, probe_state, out.tap[:, 0]))
+        return out.caches, new, out_tokens, out_probs
+
+    init = (caches, tokens, jnp.zeros((n, tokens.shape[0]), jnp.int32),
+            jnp.zeros((n, tokens.shape[0], max(st.num_bins, 1)), jnp.float32))
+    caches, _, out_tokens, out_probs = jax.lax.fori_loop(0, n, one_step, init)
+    return caches, out_tokens, (out_probs if st.probe_layer is not None else None)
+
+
+def _pad_rows(samp: SamplingRows, r: int) -> SamplingRows:
+    """Pad every field to r rows: greedy, top_p 1, nothing forced (pad rows' tokens are dropped)."""
+    fills = (0.0, 1.0, 0, 0, 0, -1)
+    out = []
+    for a, fill in zip(samp, fills, strict=True):
+        a = np.asarray(a)
+        padded = np.full((r, *a.shape[1:]), fill, a.dtype)
+        padded[:len(a)] = a
+        out.append(padded)
+    return SamplingRows(*out)
+
+
+class ModelRunner:
+    def __init__(self, model: Llama, *, num_slots: int, num_pages: int, page_size: int,
+                 max_model_len: int, decode_steps: int = 1, kv_dtype: Any = None, impl: str = "auto",
+                 probe: ProbeHead | None = None, tensor_parallel: int = 1,
+                 prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512),
+                 max_prefill_tokens: int | None = None):
+        cfg = model.cfg
+        self.prefill_buckets = tuple(prefill_buckets)
+        # the packed prefill call: rows of prefill_row_tokens, total padded tokens one of these
+        self.prefill_row_tokens, self.prefill_capacities = prefill_layout(prefill_buckets, max_prefill_tokens)
+        self.has_probe = probe is not None
+        self.calls = 0  # device calls (prefill + decode), for the calls-per-step bound
+        # tensor parallelism: weights and KV pages sharded over kv heads on a mesh of
+        # `tensor_parallel` local devices; XLA partitions the jitted steps from these shardings.
+        mesh = make_mesh(tensor_parallel) if tensor_parallel > 1 else None
+        if mesh is not None:
+            shard_model(model, mesh)
+        self.cfg = cfg
+        self.num_slots = num_slots
+        self.page_size = page_size
+        self.max_pages_per_seq = pages_for(max_model_len, page_size)
+        kv_dtype = kv_dtype or model.dtype
+        shape = (cfg.n_kv_heads, num_pages, page_size, cfg.head_dim)
+        kv_dev = kv_sharding(mesh, "paged") if mesh is not None else None
+        self.caches = [(jnp.zeros(shape, kv_dtype, device=kv_dev), jnp.zeros(shape, kv_dtype, device=kv_dev))
+                       for _ in range(cfg.n_layers)]
+        graphdef, state = nnx.split(model)
+        self._state_leaves, treedef = jax.tree_util.tree_flatten(state)
+        probe_graphdef, self.probe_state = None, None
+        if probe is not None:
+            if not 0 <= probe.cfg.layer < cfg.n_layers:
+                raise ValueError(f"probe layer {probe.cfg.layer} outside [0, {cfg.n_layers})")
+            probe_graphdef, self.probe_state = nnx.split(probe)
+            if mesh is not None:  # the probe head is small: replicated
+                self.probe_state = jax.device_put(self.probe_state, NamedSharding(mesh, PartitionSpec()))
+        layer, bins = (probe.cfg.layer, probe.cfg.num_bins) if probe is not None else (None, 0)
+        self.statics = intern_statics(StepStatics(graphdef, probe_graphdef, layer, page_size, decode_steps,
+                                                  impl, bins, mesh, treedef))
+
+    @property
+    def state(self) -> nnx.State:
+        """The model's weights (the jitted steps take them as flat leaves)."""
+        return jax.tree_util.tree_unflatten(self.statics.state_treedef, self._state_leaves)
+
+    @property
+    def trace_counts(self) -> dict[str, int]:
+        """Compilations of this runner's steps (shared with runners of equal statics)."""
+        return {k: TRACE_COUNTS[k, self.statics] for k in ("prefill", "decode")}
+
+    # ---- the Runner interface (runner.py) ---------------------------------------------------
+    def execute(self, batch: StepBatch):
+        """Dispatch the step: all prefill chunks in one packed call, then the decode call; returns
+        device arrays (no sync)."""
+        pre = self._execute_prefills(batch) if batch.prefills else None
+        dec = None
+        if batch.decodes:
+            tokens, positions, n_valid = (np.zeros(self.num_slots, np.int32) for _ in range(3))
+            tables = np.zeros((self.num_slots, self.max_pages_per_seq), np.int32)
+            for row in batch.decodes:
+                seq, b = row.seq, row.seq.slot
+                tokens[b], positions[b], n_valid[b] = seq.all_ids[-1], seq.num_tokens - 1, row.steps
+                tables[b, :len(seq.block_table)] = seq.block_table
+            dec = self.decode(tokens, positions, n_valid, tables, batch.decode_sampling)
+            self.calls += 1
+        return pre, dec
+
+    def fetch(self, handle) -> StepOutput:
+        pre, dec = handle
+        host_pre, host_dec = jax.device_get((pre[:2] if pre else None, dec))  # one sync per step
+        out = StepOutput()
+        if host_pre is not None:
+            out.prefill_tokens, out.prefill_probs, out.prefill_taps = host_pre[0], host_pre[1], pre[2]
+        if host_dec is not None:
+            out.decode_tokens = np.asarray(host_dec[0])
+            out.decode_probs = np.asarray(host_dec[1]) if host_dec[1] is not None else None
+        return out
+
+    def _execute_prefills(self, batch: StepBatch):
+        t_row = self.prefill_row_tokens
+        pieces = []  # (chunk index, start position, tokens)
+        for c, ch in enumerate(batch.prefills):
+            for k in range(0, len(ch.tokens), t_row):
+                pieces.append((c, ch.start + k, ch.tokens[k:k + t_row]))
+        need = len(pieces) * t_row
+        cap = next((b for b in self.prefill_capacities if b >= need), None)
+        if cap is None:
+            raise ValueError(f"{need} padded prefill tokens exceed the packed call's "
+                             f"{self.prefill_capacities[-1]}")
+        r, ps = cap // t_row, self.page_size
+        tokens, positions = np.zeros((r, t_row), np.int32), np.zeros((r, t_row), np.int32)
+        slots = np.full((r, t_row), -1, np.int32)
+        tables = np.zeros((r, self.max_pages_per_seq), np.int32)
+        q_lens, row_chunk = np.zeros(r, np.int32), np.zeros(r, np.int32)
+        last_row, n_prompt, chunk_end = (np.zeros(r, np.int32) for _ in range(3))
+        for i, (c, start, toks) in enumerate(pieces):
+            bt = batch.prefills[c].seq.block_table
+            n = len(toks)
+            tokens[i, :n], positions[i] = toks, np.arange(start, start + t_row)
+            tables[i, :len(bt)] = bt
+            p = np.arange(start, start + n)
+            slots[i, :n] = tables[i, p // ps] * ps + p % ps
+            q_lens[i], row_chunk[i], last_row[c] = n, c, i
+        for c, ch in enumerate(batch.prefills):
+            n_prompt[c], chunk_end[c] = ch.seq.num_prompt_tokens, ch.start + len(ch.tokens)
+        d = self.cfg.d_model
+        taps = [ch.tap for ch in batch.prefills]
+        if any(t is not None for t in taps):
+            zero = jnp.zeros((d,), jnp.float32)
+            tap_in = jnp.stack([t if t is not None else zero for t in taps] + [zero] * (r - len(taps)))
+        else:
+            tap_in = np.zeros((r, d), np.float32)
+        samp = _pad_rows(batch.prefill_sampling, r)
+        self.caches, token, probs, tap_acc = _prefill_packed(
+            self.statics, self._state_leaves, self.caches, self.probe_state, tokens, positions,
+            slots.reshape(-1), tables, q_lens, row_chunk, last_row, n_prompt, chunk_end, tap_in, samp)
+        self.calls += 1
+        n_chunks = len(batch.prefills)
+        return token[:n_chunks], (probs[:n_chunks] if probs is not None else None), tap_acc
+
+    def swap_out(self, pages: list[int]) -> swap.SwappedKV:
+        return swap.swap_out(self.caches, pages)
+
+    def swap_in(self, pages: list[int], saved: swap.SwappedKV) -> None:
+        self.caches = swap.swap_in(self.caches, pages, saved)
+
+    def warmup(self) -> None:
+        """Compile the decode step ahead of traffic (all rows empty: nothing is written)."""
+        s = self.num_slots
+        z = np.zeros(s, np.int32)
+        samp = SamplingRows(np.zeros(s, np.float32), np.ones(s, np.float32), z, z.astype(np.uint32), z,
+                            np.full((s, self.statics.decode_steps), -1, np.int32))
+        tables = np.zeros((s, self.max_pages_per_seq), np.int32)
+        jax.block_until_ready(self.decode(z, z, z, tables, samp))
+
+    # ---- the jitted steps ---------------------------------------------------------------------
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, n_valid: np.ndarray,
+               block_tables: np.ndarray, samp: SamplingRows):
+        """tokens/positions/n_valid [S]: the last token of each slot, its position, and how many steps
+        the slot may take (0 = empty slot; pages for them must be allocated). Returns device arrays
+        tokens [n, S] and probs [n, S, K] or None; step j's token for slot b is at [j, b]."""
+        self.caches, out_tokens, out_probs = _decode_steps(
+            self.statics, self._state_leaves, self.caches, self.probe_state, tokens, positions, n_valid,
+            block_tables, samp)
+        return out_tokens, out_probs

@@ -1,0 +1,141 @@
+"""Token output: append sampled tokens, apply the stop rules, detokenize incrementally, trim stop
+strings, finish and free. The one place these rules live: the engine's output beat runs
+`OutputProcessor`, and the offline `LLM` path builds its final text with `final_text`.
+
+Stop rules (vLLM's): a replayed answer (`forced_output_ids`) ends after its last token and nothing
+else stops it early; otherwise a stop token id or eos (unless `ignore_eos`) ends with STOP and is
+counted but not shown, a stop string ends with STOP and the text ends before it; max_tokens or the
+context limit end with LENGTH.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..brain.predictor import Predictor
+from ..brain.scheduler.base import Policy
+from ..sequence import FinishReason, RequestOutput, SamplingParams, Sequence, Status
+from .batch import StepBatch, StepOutput
+from .request_state import EngineRequest
+
+
+def stop_reason(params: SamplingParams, token: int, text: str, num_generated: int, num_tokens: int,
+                eos_ids: tuple[int, ...], max_model_len: int) -> tuple[FinishReason | None, bool]:
+    """(reason to finish after appending `token`, or None; True if a stop string matched).
+    `text` is the output text so far (read only when the params have stop strings)."""
+    reason, by_string = None, False
+    if params.forced_output_ids:  # trace replay: the given answer ends the request, not eos or stops
+        if num_generated >= len(params.forced_output_ids):
+            reason = FinishReason.STOP
+    elif token in params.stop_token_ids or (not params.ignore_eos and token in eos_ids):
+        reason = FinishReason.STOP
+    elif params.stop and params.stop_index(text) is not None:
+        reason, by_string = FinishReason.STOP, True
+    if reason is None and (num_generated >= params.max_tokens or num_tokens >= max_model_len):
+        reason = FinishReason.LENGTH
+    return reason, by_string
+
+
+def final_text(seq: Sequence, decode: Callable[[list[int]], str], eos_ids: tuple[int, ...]) -> str:
+    """A finished request's answer text: a stop token is not shown, a stop string and what follows
+    it are cut (the same text the stream delivered)."""
+    shown = seq.output_ids
+    if (seq.finish_reason is FinishReason.STOP and shown
+            and (shown[-1] in seq.params.stop_token_ids or shown[-1] in eos_ids)):
+        shown = shown[:-1]
+    text = decode(shown)
+    cut = seq.params.stop_index(text)
+    return text if cut is None else text[:cut]
+
+
+class OutputProcessor:
+    """The engine's third beat. `release(seq)` frees a finished request's slot, pages and record."""
+
+    def __init__(self, eos_ids: tuple[int, ...], max_model_len: int, policy: Policy,
+                 predictor: Predictor | None,
+                 release: Callable[[Sequence], None]):
+        self.eos_ids, self.max_model_len = tuple(eos_ids), max_model_len
+        self.policy, self.predictor, self.release = policy, predictor, release
+        self.pending: dict[str, RequestOutput] = {}  # this step's outputs, one per request
+        self.finished_by_reason: dict[str, int] = {}
+        self.finished_tokens = self.finished_count = 0  # mean output length: the router forecast's prior
+
+    def take(self) -> list[RequestOutput]:
+        outs, self.pending = list(self.pending.values()), {}
+        return outs
+
+    def process(self, batch: StepBatch, out: StepOutput, reqs: dict[str, EngineRequest], now: float) -> None:
+        pred = self.predictor
+        for i, ch in enumerate(batch.prefills):
+            seq, probs = ch.seq, out.prefill_probs[i] if out.prefill_probs is not None else None
+            st = reqs.get(seq.request_id)
+            if ch.probe_only or st is None:
+                if pred is not None and probs is not None:
+                    pred.on_prefill(seq, probs)
+                continue
+            if not ch.completes:  # more chunks to come: keep the prompt-tap sum
+                st.tap = out.prefill_taps[i] if out.prefill_taps is not None else None
+                continue
+            st.tap, st.prefilled = None, True
+            if pred is not None and probs is not None and seq.num_generated == 0:
+                pred.on_prefill(seq, probs)
+            self.append(st, int(out.prefill_tokens[i]), now)
+        for row in batch.decodes:
+            seq, st = row.seq, reqs[row.seq.request_id]
+            k = 0
+            for j in range(row.steps):
+                k += 1
+                if self.append(st, int(out.decode_tokens[j, seq.slot]), now, free=False):
+                    break
+            if pred is not None and out.decode_probs is not None:
+                pred.on_decode(seq, out.decode_probs[k - 1, seq.slot], k)
+            if seq.is_finished:
+                self.release(seq)
+            else:
+                seq.num_computed_tokens = seq.num_tokens - 1
+
+    def append(self, st: EngineRequest, tok: int, now: float, free: bool = True) -> bool:
+        """Append one token, stream it, check stops. True if the request finished."""
+        seq = st.seq
+        seq.output_ids.append(tok)
+        seq.token_times.append(now)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        out = self.output(seq)
+        out.new_token_ids.append(tok)
+        out.new_text += st.detok.add([tok])
+        reason, by_string = stop_reason(seq.params, tok, st.detok.text, seq.num_generated, seq.num_tokens,
+                                        self.eos_ids, self.max_model_len)
+        if reason is None:
+            return False
+        self.finish(st, reason, now, free=free)
+        if by_string:  # the answer ends before the stop string (vLLM): drop it from the stream
+            full = st.detok.text
+            excess = min(len(full) - seq.params.stop_index(full), len(out.new_text))
+            out.new_text = out.new_text[: len(out.new_text) - excess]
+        return True
+
+    def output(self, seq: Sequence) -> RequestOutput:
+        out = self.pending.get(seq.request_id)
+        if out is None:
+            out = self.pending[seq.request_id] = RequestOutput(seq.request_id, [], "", False, None,
+                                                               seq.num_prompt_tokens, 0)
+        out.completion_tokens = seq.num_generated
+        out.remaining_estimate = seq.predicted_remaining
+        return out
+
+    def finish(self, st: EngineRequest, reason: FinishReason, now: float, free: bool = True) -> None:
+        seq = st.seq
+        seq.status, seq.finish_reason, seq.finish_time = Status.FINISHED, reason, now
+        out = self.output(seq)
+        out.finished, out.finish_reason = True, reason
+        out.new_text += st.detok.flush()
+        self.finished_by_reason[reason.value] = self.finished_by_reason.get(reason.value, 0) + 1
+        if reason in (FinishReason.STOP, FinishReason.LENGTH):
+            self.finished_tokens += seq.num_generated
+            self.finished_count += 1
+            out.remaining_estimate = 0.0  # done: nothing left, whatever the last estimate said
+        self.policy.on_finish(seq, now)
+        if free:
+            self.release(seq)
+

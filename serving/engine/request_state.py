@@ -1,0 +1,20 @@
+"""The engine's per-request record: everything the engine keeps about one request besides the
+scheduler-visible `Sequence` (which the policies, the simulator and the predictor share)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..sequence import Sequence
+from .detokenizer import IncrementalDetokenizer
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    seed: int  # the request's sampling seed (its own, or drawn from the engine's generator)
+    prefilled: bool = False  # KV covers all but the last token: the request decodes
+    tap: Any = None  # running prompt-tap sum while its prefill is split over steps (runner value)
+    swapped: Any = None  # host copy of its KV while preempted by swap (runner value)

@@ -1,0 +1,177 @@
+"""The engine's first beat: decide what runs this step and describe it as one `StepBatch`.
+
+Owns the request queues, the batch slots and the page allocator. Each step: the policy's decision
+(preempt, then admit in its order while slots and pages allow), then decode rows (each running,
+prefilled request gets pages for this call's tokens; when none are free the policy names a victim),
+then prefill chunks of admitted requests in admission order under the token budget, then probe-only
+prefills of waiting requests with the budget left.
+
+Probe-only prefills: a length-aware policy ranks waiting requests by the probe's prediction, which a
+request gets at its prefill. A request that waits has had none, so a policy could only rank it blind
+or preempt a running request to learn it (measured on the H200: 4 preemptions per request). So each
+waiting request gets one probe-only prefill: its prompt runs into pages borrowed for the step and
+returned right after the runner's call (the sampled token and the KV are dropped; the real prefill on
+admission gives the same probe output). Its prediction ranks it from the next step on. Prompts
+longer than the budget left, or with no pages free, stay unknown (and never preempt).
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..brain.scheduler.base import Policy, SchedulerState
+from ..sequence import Sequence, Status
+from .batch import DecodeRow, PrefillChunk, StepBatch, padded_tokens, prefill_layout
+from .block_manager import BlockManager
+from .request_state import EngineRequest
+from .runner import Runner
+
+
+class StepScheduler:
+    def __init__(self, config, policy: Policy, runner: Runner, reqs: dict[str, EngineRequest],
+                 probe_waiting: bool):
+        self.config, self.policy, self.runner, self.reqs = config, policy, runner, reqs
+        self.probe_waiting = probe_waiting and policy.probe_on_arrival
+        self.blocks = BlockManager(config.num_pages, config.page_size)
+        self.row = prefill_layout(config.prefill_buckets, config.max_prefill_tokens_per_step)[0]
+        self.waiting: list[Sequence] = []  # waiting + swapped
+        self.running: list[Sequence] = []  # admission order
+        self.free_slots = list(range(config.num_slots - 1, -1, -1))
+        self.num_preemptions = 0
+        self.probe_calls = self.probe_tokens = 0  # probe-only prefills (requests, prompt tokens)
+
+    def schedule(self, now: float) -> StepBatch:
+        decision = self.policy.schedule(self.state(now))
+        for seq in decision.preempt:
+            if seq.status is Status.RUNNING:
+                self.preempt(seq)
+        for seq in decision.admit:
+            if not self._admit(seq, now):
+                break  # keep the policy's order: nothing jumps a request that does not fit yet
+        decodes = self._decode_rows()
+        prefills, budget = self._prefill_chunks(self.config.max_prefill_tokens_per_step)
+        if self.probe_waiting:
+            prefills += self._probe_chunks(budget)
+        return StepBatch(prefills=prefills, decodes=decodes)
+
+    def state(self, now: float) -> SchedulerState:
+        self.waiting.sort(key=lambda s: s.arrival_time)
+        return SchedulerState(waiting=list(self.waiting), running=list(self.running),
+                              free_slots=len(self.free_slots), free_pages=self.blocks.num_free,
+                              total_pages=self.blocks.num_usable, page_size=self.config.page_size, now=now)
+
+    def _admit(self, seq: Sequence, now: float) -> bool:
+        if seq not in self.waiting:
+            return True  # stale entry from the policy: skip it, keep going
+        st = self.reqs[seq.request_id]
+        # Pages for every token so far (a request swapped mid-prefill still has chunks to write).
+        need = self.blocks.pages_for(seq.num_tokens)
+        if not self.free_slots or not self.blocks.can_allocate(need):
+            return False
+        self.waiting.remove(seq)
+        pages = self.blocks.allocate(seq, need)
+        if st.swapped is not None:
+            self.runner.swap_in(pages[:st.swapped.num_pages], st.swapped)
+            st.swapped = None
+        seq.slot = self.free_slots.pop()
+        seq.status = Status.RUNNING
+        seq.admitted_time = now
+        if seq.first_admitted_time is None:
+            seq.first_admitted_time = now
+        self.running.append(seq)
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Running -> waiting (recompute: drop the KV) or swapped (swap: KV to host memory)."""
+        if seq.status is not Status.RUNNING:
+            raise ValueError(f"{seq.request_id!r} is not running")
+        st = self.reqs[seq.request_id]
+        if self.config.preemption_mode == "swap":
+            keep = self.blocks.pages_for(seq.num_computed_tokens)
+            st.swapped = self.runner.swap_out(seq.block_table[:keep])
+            seq.status = Status.SWAPPED
+        else:
+            seq.num_computed_tokens = 0
+            st.prefilled, st.tap = False, None
+            seq.status = Status.WAITING
+        self.blocks.free(seq)
+        self.release_slot(seq)
+        self.waiting.append(seq)
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+
+    def release_slot(self, seq: Sequence) -> None:
+        if seq.slot is not None:
+            self.free_slots.append(seq.slot)
+            seq.slot = None
+        if seq in self.running:
+            self.running.remove(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """A finished or cancelled request: its slot and pages come back now."""
+        self.blocks.free(seq)
+        self.release_slot(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def _decode_rows(self) -> list[DecodeRow]:
+        cfg, rows = self.config, []
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING or not self.reqs[seq.request_id].prefilled:
+                continue  # preempted as a victim earlier in this loop, or still prefilling
+            n = min(cfg.decode_steps_per_call, seq.max_remaining, cfg.max_model_len - seq.num_tokens)
+            if seq.forced_remaining is not None:
+                n = min(n, seq.forced_remaining)
+            # KV for positions up to num_tokens - 1 + n - 1 is written by this call.
+            while not self.blocks.ensure_capacity(seq, seq.num_tokens + n - 1):
+                victim = self.policy.choose_victim(self.running, time.monotonic())
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                rows.append(DecodeRow(seq, n))
+        return [r for r in rows if r.seq.status is Status.RUNNING]  # later victims drop out
+
+    def _prefill_chunks(self, budget: int) -> tuple[list[PrefillChunk], int]:
+        """Chunks of requests still prefilling, in admission order, under the token budget (counted
+        in the packed call's whole rows, so every chunk of the step fits one call)."""
+        row, chunks = self.row, []
+        for seq in self.running:
+            st = self.reqs[seq.request_id]
+            if st.prefilled:
+                continue
+            start = seq.num_computed_tokens
+            n = min(seq.num_tokens - start, budget)
+            if padded_tokens(n, row) > budget:
+                n = budget // row * row
+            if n <= 0:
+                break
+            chunks.append(PrefillChunk(seq, start, seq.all_ids[start:start + n], tap=st.tap))
+            seq.num_computed_tokens += n
+            budget -= padded_tokens(n, row)
+        return chunks, budget
+
+    def _probe_chunks(self, budget: int) -> list[PrefillChunk]:
+        unknown = sorted((s for s in self.waiting if s.predicted_remaining is None and not s.num_generated
+                          and s.status is Status.WAITING), key=lambda s: s.arrival_time)
+        chunks = []
+        for seq in unknown:
+            n = seq.num_prompt_tokens
+            if padded_tokens(n, self.row) > budget:
+                continue
+            need = self.blocks.pages_for(n)
+            if not self.blocks.can_allocate(need):
+                break
+            self.blocks.allocate(seq, need)  # borrowed: `return_borrowed` frees them after the call
+            chunks.append(PrefillChunk(seq, 0, list(seq.prompt_ids), probe_only=True))
+            budget -= padded_tokens(n, self.row)
+            self.probe_calls += 1
+            self.probe_tokens += n
+        return chunks
+
+    def return_borrowed(self, batch: StepBatch) -> None:
+        """Free the probe-only prefills' pages (the device call that writes them is already queued,
+        so any later use of the pages is ordered after it)."""
+        for ch in batch.prefills:
+            if ch.probe_only:
+                self.blocks.free(ch.seq)

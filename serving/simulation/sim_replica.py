@@ -1,0 +1,293 @@
+"""One simulated engine replica: batch slots, KV pages, and steps that jump between events.
+
+The real policy objects decide (same `schedule` / `choose_victim` calls as the engine). What makes a
+million requests cheap: every running sequence gains exactly one token per step, so a sequence's
+token count is derived from the replica's step counter (`SimSequence`, nothing is touched per step),
+and a run of decode steps of a fixed batch is priced in closed form (`StepModel.decode_run_time`).
+A run ends at the next event: a completion, a refinement, a page shortage, or an arrival (the
+arrival is picked up at the end of the step during which it arrives, as in an engine loop).
+
+Step semantics (shared with the engine): a step computes one token for every running sequence; a
+newly admitted sequence first prefills its prompt (plus generated tokens after a recompute
+preemption) in that same step, which yields its first token; each prefill chunk of up to
+`prefill_chunk` tokens is one call, priced by the step model's per-call term. Before a step every
+running sequence must hold ceil((tokens + 1) / page_size) pages; if they do not fit,
+`choose_victim` preempts.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..brain.predictor import SimPredictor
+from ..brain.scheduler.base import Policy, SchedulerState
+from ..paging import pages_for
+from ..sequence import Sequence, Status
+from .step_model import StepModel
+
+_WAITING = (Status.WAITING, Status.SWAPPED)
+
+
+class SimSequence(Sequence):
+    """A Sequence whose token counts follow its replica's step counter (no per-token work)."""
+
+    _plen = 0
+    _gen0 = 0  # tokens generated when it was last (re)admitted or frozen
+    _s0 = 0  # replica step at that moment
+    _clock: Any = None  # the replica while running
+    _pv: float | None = None  # predicted remaining when last set ...
+    _pg = 0  # ... and the generated count at that moment (the estimate counts down from there)
+    _epoch = 0  # bumped at every preemption: invalidates heap entries
+    _ref_gen = 0  # generated count at the last refinement
+    _idx = 0  # index in the trace
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self._plen
+
+    @property
+    def num_generated(self) -> int:
+        c = self._clock
+        return self._gen0 if c is None else self._gen0 + c.steps - self._s0
+
+    @property
+    def num_tokens(self) -> int:
+        return self._plen + self.num_generated
+
+    @property
+    def predicted_remaining(self) -> float | None:  # type: ignore[override]
+        if self._pv is None:
+            return None
+        return max(self._pv - (self.num_generated - self._pg), 0.0)
+
+    @predicted_remaining.setter
+    def predicted_remaining(self, v: float | None) -> None:
+        self._pv = None if v is None else float(v)
+        self._pg = self.num_generated
+
+
+class SimReplica:
+    def __init__(self, policy: Policy, step_model: StepModel, num_slots: int, num_pages: int,
+                 page_size: int, swap: bool, predictor: SimPredictor | None,
+                 on_finish: Callable[[SimSequence], None],
+                 max_jump_steps: int | None = None, prefill_chunk: int = 512):
+        self.policy, self.sm, self.num_slots = policy, step_model, num_slots
+        self.num_pages, self.ps = num_pages, page_size
+        self.swap, self.predictor, self._on_finish = swap, predictor, on_finish
+        self.max_jump = max_jump_steps or (1 << 62)
+        self.prefill_chunk = prefill_chunk  # the engine's largest prefill call (tokens)
+        self.refine_every = predictor.refine_every if predictor is not None else None
+        self.steps, self.time, self.version = 0, 0.0, 0
+        self.running: list[SimSequence] = []
+        self.offs: list[int] = []  # tokens - steps, per running sequence (constant while it runs)
+        self.waiting: list[SimSequence] = []  # arrival order
+        self.waiting_tokens = 0.0  # Σ prompt + predicted remaining over waiting (for routing)
+        self._fin: list[tuple[int, int, int, SimSequence]] = []
+        self._ref: list[tuple[int, int, int, SimSequence]] = []
+        self._tick = itertools.count()
+        self._prefill: list[tuple[SimSequence, int]] = []  # admitted at this boundary, tokens to prefill
+        self._probes: list[int] = []  # prompt tokens of probe-only prefills due in the next step
+        self.probe_on_arrival = policy.probe_on_arrival and predictor is not None
+        self.planned: tuple | None = None  # ("wake",) or (t0, steps, n, kv0)
+        self.preemptions = 0
+        # finished requests' output tokens: the mean is the slot forecast's prior, as in the engine
+        self.finished_tokens = self.finished_count = 0
+        self._changed = False  # state changed at this boundary: the engine would re-schedule next step
+        # Optional per-run records for brain/capacity.py: (end time, seconds, steps, running, waiting, tokens
+        # out); a run of m steps of a fixed batch of n is one record (n x m tokens). None: off.
+        self.step_log: list[tuple[float, float, int, int, int, int]] | None = None
+        self._plan_waiting = 0
+
+    # --- resources -------------------------------------------------------------------------------------
+    def used_at(self, step: int) -> int:
+        """Pages held by the running sequences once they have `step - steps` more tokens."""
+        if not self.offs:
+            return 0
+        a = np.asarray(self.offs) + (step + self.ps - 1)
+        return int((a // self.ps).sum())
+
+    def fits(self, step: int) -> bool:
+        """used_at(step) <= num_pages, with a cheap upper bound first (ceil adds < 1 page each)."""
+        n = len(self.offs)
+        if (sum(self.offs) + n * step) // self.ps + n <= self.num_pages:
+            return True
+        return self.used_at(step) <= self.num_pages
+
+    def outstanding_tokens(self) -> float:
+        run = sum(s._plen + (s.predicted_remaining or 0.0) for s in self.running)
+        return self.waiting_tokens + run
+
+    # --- state changes -----------------------------------------------------------------------------
+    def _wtok(self, s: SimSequence) -> float:
+        return s._plen + (s._pv if s._pv is not None else 0.0)
+
+    def arrive(self, s: SimSequence, t: float) -> None:
+        # The engine's probe-only prefill (engine._probe_waiting): a request that must wait for a slot
+        # is predicted from its prompt at once, for one prefill call in the next step.
+        if (self.probe_on_arrival and s._pv is None and s._plen <= self.prefill_chunk
+                and len(self.waiting) + 1 > self.num_slots - len(self.running)):
+            self.predictor.sim_prefill(s)
+            self._probes.append(s._plen)
+        self.waiting.append(s)
+        self.waiting_tokens += self._wtok(s)
+        self.policy.on_arrival(s, t)
+
+    def _admit(self, s: SimSequence, t: float) -> int:
+        self.waiting.remove(s)
+        self.waiting_tokens -= self._wtok(s)
+        if s.first_admitted_time is None:
+            s.first_admitted_time = t
+            tokens = s._plen
+        else:
+            tokens = 0 if s.status is Status.SWAPPED else s._plen + s._gen0
+        s.status, s.admitted_time = Status.RUNNING, t
+        s._clock, s._s0 = self, self.steps
+        self._changed = True
+        self.running.append(s)
+        self.offs.append(s._plen + s._gen0 - self.steps)
+        self._prefill.append((s, tokens))
+        fin = self.steps + s.oracle_remaining_at_start - s._gen0  # forced length: ends at this step
+        heapq.heappush(self._fin, (fin, next(self._tick), s._epoch, s))
+        if self.refine_every:
+            due = max(self.refine_every - (s._gen0 - s._ref_gen), 1)
+            heapq.heappush(self._ref, (self.steps + due, next(self._tick), s._epoch, s))
+        return tokens
+
+    def _remove(self, s: SimSequence) -> None:
+        i = self.running.index(s)
+        del self.running[i]
+        del self.offs[i]
+        pv = s.predicted_remaining  # freeze the lazily derived counts
+        s._gen0 = s.num_generated
+        s._clock = None
+        if pv is not None:
+            s._pv, s._pg = pv, s._gen0
+        s._epoch += 1
+
+    def preempt(self, s: SimSequence, t: float) -> None:
+        self._remove(s)
+        s.status = Status.SWAPPED if self.swap else Status.WAITING
+        s.num_preemptions += 1
+        self.preemptions += 1
+        self._changed = True
+        bisect.insort(self.waiting, s, key=lambda x: x.arrival_time)
+        self.waiting_tokens += self._wtok(s)
+
+    def _finish(self, s: SimSequence, t: float) -> None:
+        self._remove(s)
+        s.status, s.finish_time = Status.FINISHED, t
+        self.finished_tokens += s.num_generated
+        self.finished_count += 1
+        self.policy.on_finish(s, t)
+        self._on_finish(s)
+
+    def _valid_top(self, heap: list) -> tuple | None:
+        while heap:
+            top = heap[0]
+            if top[3]._epoch == top[2] and top[3].status is Status.RUNNING:
+                return top
+            heapq.heappop(heap)
+        return None
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def end_jump(self, t: float) -> None:
+        """The planned run of steps ended at time t."""
+        p = self.planned
+        if p is not None and p[0] != "wake":
+            self.steps += p[1]
+            if self.step_log is not None:
+                self.step_log.append((t, t - p[0], p[1], p[2], self._plan_waiting, p[1] * p[2]))
+            for s, _ in self._prefill:
+                if s.first_token_time is None:
+                    s.first_token_time = t
+            self._prefill.clear()
+        self.time, self.planned = t, None
+
+    def boundary(self, t: float) -> None:
+        while (top := self._valid_top(self._fin)) is not None and top[0] <= self.steps:
+            self._finish(top[3], t)
+        while (top := self._valid_top(self._ref)) is not None and top[0] <= self.steps:
+            heapq.heappop(self._ref)
+            s = top[3]
+            d = s.num_generated - s._ref_gen
+            if d > 0:
+                self.predictor.sim_refine(s, d)
+                s._ref_gen = s.num_generated
+            heapq.heappush(self._ref, (self.steps + self.refine_every, next(self._tick), s._epoch, s))
+        if self.waiting:
+            self._schedule(t)
+        while self.running and not self.fits(self.steps + 1):
+            self.preempt(self.policy.choose_victim(self.running, t), t)
+
+    def _schedule(self, t: float) -> None:
+        free_pages = self.num_pages - self.used_at(self.steps)
+        st = SchedulerState(self.waiting, self.running, self.num_slots - len(self.running), free_pages,
+                            self.num_pages, self.ps, t, step=self.steps)
+        dec = self.policy.schedule(st)
+        for v in dec.preempt:
+            if v.status is Status.RUNNING:
+                self.preempt(v, t)
+        if dec.preempt:
+            free_pages = self.num_pages - self.used_at(self.steps)
+        for w in dec.admit:
+            if w.status not in _WAITING:
+                continue  # stale or duplicate entry from the policy
+            need = pages_for(w._plen + w._gen0 + 1, self.ps)
+            if len(self.running) >= self.num_slots or need > free_pages:
+                break  # keep the policy's order: nothing jumps a request that does not fit yet
+            self._admit(w, t)
+            free_pages -= need
+
+    def plan(self) -> float | None:
+        """Plan the next run of steps; returns its end time (None: idle)."""
+        n = len(self.running)
+        if n == 0:
+            self._prefill.clear()
+            self._probes.clear()
+            self._changed = False
+            return None
+        kv0 = sum(self.offs) + n * self.steps
+        self._plan_waiting = len(self.waiting)
+        if any(tok > 0 for _, tok in self._prefill) or self._probes:
+            self._changed = False
+            bt = n - len(self._prefill) + sum(max(tok, 1) for _, tok in self._prefill) + sum(self._probes)
+            calls = sum(-(-tok // self.prefill_chunk) for _, tok in self._prefill) + len(self._probes)
+            self._probes.clear()
+            self.planned = (self.time, 1, n, kv0)
+            return self.time + self.sm.step_time(bt, kv0, calls)
+        # after a change, one step: the engine's next `schedule` call sees the new state; after that
+        # nothing the policy looks at improves until the next event, so its answer cannot change
+        m = 1 if self._changed else self.max_jump
+        self._changed = False
+        fin = self._valid_top(self._fin)
+        if fin is not None:
+            m = min(m, fin[0] - self.steps)
+        if self.refine_every and (ref := self._valid_top(self._ref)) is not None:
+            m = min(m, ref[0] - self.steps)
+        m = max(m, 1)
+        if not self.fits(self.steps + m):  # largest run that fits (>= 1 step)
+            lo, hi = 1, m
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if self.fits(self.steps + mid) else (lo, mid)
+            m = lo
+        self.planned = (self.time, m, n, kv0)
+        return self.time + self.sm.decode_run_time(n, kv0, m)
+
+    def truncate(self, ta: float) -> float | None:
+        """An arrival at ta: end the current run after the step in progress; new end time if earlier."""
+        p = self.planned
+        if p is None or p[0] == "wake" or p[1] <= 1:
+            return None
+        t0, m_plan, n, kv0 = p
+        m = self.sm.steps_until(n, kv0, ta - t0)
+        if m >= m_plan:
+            return None
+        self.planned = (t0, m, n, kv0)
+        return t0 + self.sm.decode_run_time(n, kv0, m)

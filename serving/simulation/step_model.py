@@ -1,0 +1,83 @@
+"""Step-time model of an engine step: t = a + b * batch_tokens + c * kv_tokens + d * prefill_calls (s).
+
+batch_tokens: tokens computed in the step (1 per decoding sequence + prefill tokens); kv_tokens: tokens
+of context attended (sum of the running sequences' lengths); prefill_calls: prefill chunks run in the
+step (the engine prefills each admitted sequence in its own jitted call, so on a small model a call's
+fixed cost dwarfs its per-token cost). Fitted by least squares from measured engine steps.
+`decode_run_time` is the closed-form time of n decode steps of a fixed batch, which is what lets
+the simulator jump over steps where nothing changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..sequence import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class StepModel:
+    a: float  # fixed cost per step (launch, host work)
+    b: float = 0.0  # per computed token
+    c: float = 0.0  # per token of KV context read
+    d: float = 0.0  # per prefill call (chunk)
+
+    def __post_init__(self) -> None:
+        for k in ("a", "b", "c", "d"):
+            v = getattr(self, k)
+            if not (np.isfinite(v) and v >= 0):
+                raise InvalidRequestError(k, f"step-model coefficient must be finite and >= 0, got {v!r}")
+        if self.a == 0 and self.b == 0:
+            raise InvalidRequestError("a", "a step must take time: a or b must be > 0")
+
+    def step_time(self, batch_tokens: float, kv_tokens: float, prefill_calls: float = 0.0) -> float:
+        return self.a + self.b * batch_tokens + self.c * kv_tokens + self.d * prefill_calls
+
+    def decode_run_time(self, n_seqs: int, kv0: float, steps: int) -> float:
+        """Time of `steps` decode steps of a fixed batch of n_seqs starting at kv0 context tokens:
+        Σ_{i<steps} a + b n + c (kv0 + i n)."""
+        return steps * (self.a + self.b * n_seqs + self.c * kv0) + self.c * n_seqs * steps * (steps - 1) / 2
+
+    def steps_until(self, n_seqs: int, kv0: float, dt: float) -> int:
+        """Smallest m >= 1 with decode_run_time(m) >= dt (the step during which time dt is reached)."""
+        if dt <= 0:
+            return 1
+        base = self.a + self.b * n_seqs + self.c * kv0
+        q = self.c * n_seqs / 2
+        if q == 0:
+            m = int(np.ceil(dt / base))
+        else:  # q m^2 + (base - q) m - dt = 0
+            lin = base - q
+            m = int(np.ceil((-lin + np.sqrt(lin * lin + 4 * q * dt)) / (2 * q)))
+        m = max(m, 1)
+        while m > 1 and self.decode_run_time(n_seqs, kv0, m - 1) >= dt:  # float guard
+            m -= 1
+        while self.decode_run_time(n_seqs, kv0, m) < dt:
+            m += 1
+        return m
+
+    @classmethod
+    def fit(cls, batch_tokens: np.ndarray, kv_tokens: np.ndarray, seconds: np.ndarray,
+            prefill_calls: np.ndarray | None = None) -> StepModel:
+        """Least squares on measured steps. A coefficient that comes out negative (noise) is dropped
+        and the rest refitted without it, so the kept terms stay unbiased."""
+        bt, kv = np.asarray(batch_tokens, float), np.asarray(kv_tokens, float)
+        pc = np.zeros_like(bt) if prefill_calls is None else np.asarray(prefill_calls, float)
+        cols = {"a": np.ones(len(bt)), "b": bt, "c": kv, "d": pc}
+        y = np.asarray(seconds, dtype=np.float64)
+        x_all = np.column_stack(list(cols.values()))
+        if len(y) < 4 or not np.all(np.isfinite(x_all)) or not np.all(np.isfinite(y)):
+            raise InvalidRequestError("steps", "need >= 4 finite measured steps to fit a step model")
+        keep = [k for k in cols if k == "a" or np.ptp(cols[k]) > 0]  # a constant column says nothing
+        while True:
+            coef, *_ = np.linalg.lstsq(np.column_stack([cols[k] for k in keep]), y, rcond=None)
+            got = dict(zip(keep, (float(v) for v in coef), strict=True))
+            neg = [k for k in keep if k != "a" and got[k] < 0]
+            if not neg:
+                break
+            keep.remove(min(neg, key=lambda k: got[k] * np.std(cols[k])))
+        if got["a"] <= 0 and got.get("b", 0.0) <= 0:  # a decode step must cost something
+            return cls(a=float(np.mean(y)))
+        return cls(a=max(got["a"], 0.0), b=got.get("b", 0.0), c=got.get("c", 0.0), d=got.get("d", 0.0))
