@@ -64,7 +64,7 @@ def info_summary(target: str, health: str, i: Any) -> str:
     finished = ", ".join(f"{k} {v}" for k, v in sorted(s.finished_by_reason.items())) or "none yet"
     return "\n".join([
         f"server       {target}: {health}",
-        f"model        {i.model} (max context {i.max_context} tokens, vocab {i.vocab_size})",
+        f"model        {i.model} (max context {i.max_model_len} tokens, vocab {i.vocab_size})",
         f"policy       {i.policy}, probe {i.probe or 'none'}",
         f"capacity     {i.num_slots} slots, {i.num_pages} KV pages of {i.page_size} tokens, "
         f"queue up to {i.max_queue}",
