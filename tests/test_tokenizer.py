@@ -50,13 +50,30 @@ def test_digits_split_individually(tok):
 def ref_tok():
     transformers = pytest.importorskip("transformers")
     path = embedded_gguf_path()
-    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ref = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # transformers' GGUF converter ignores `tokenizer.ggml.pre` ("smollm" here) and pre-tokenizes as
+    # GPT-2; SmolLM2's own tokenizer.json (and llama.cpp's "smollm" type) first isolates every numeric
+    # character. Give the reference the checkpoint's pre-tokenizer: vocab, merges and special tokens
+    # stay transformers' own conversion.
+    from tokenizers import pre_tokenizers
+
+    ref.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    return ref
 
 
 def test_matches_transformers_gguf_tokenizer(tok, ref_tok):
     ref = ref_tok
     for text in SAMPLES + ["<|im_start|>user\nhi<|im_end|>"]:
         assert tok.encode(text) == ref(text, add_special_tokens=False).input_ids, text
+
+
+def test_numeric_characters_stand_alone(tok):
+    """Found by Hypothesis: ' ¼' is 'Ġ' + 'Â¼' under the smollm pre-tokenizer (each numeric character
+    isolated, as SmolLM2's tokenizer.json and llama.cpp), not GPT-2's 'ĠÂ' + '¼'."""
+    assert tok.encode(" ¼") == [tok.token_to_id("Ġ"), tok.token_to_id("Â¼")]
+    assert tok.decode(tok.encode(" ¼ Ⅳ ①")) == " ¼ Ⅳ ①"
 
 
 def test_special_tokens_and_eos(tok):
