@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jtrail.serving.brain.capacity import pauses  # noqa: E402
 from jtrail.serving.brain.predictor import RecordingPredictor  # noqa: E402
 from jtrail.serving.engine.model_runner import TRACE_COUNTS  # noqa: E402
 from loadgen import Workload, arrival_times, drive_engine, load_prompt_ids  # noqa: E402
@@ -160,8 +161,7 @@ def sweep(su: Setup, prompts, lengths, cap: dict, budget_s: float) -> dict[str, 
             compiled = sum(TRACE_COUNTS.values())
             res = drive_engine(eng, wl, timeout_s=max(a.run_timeout, 4 * n / rate))
             s = summarize(res)
-            # A step 20x the median is a stall (a compile, a pause), not the steady state: report them.
-            stall = res.steps[:, 2] > 20 * np.median(res.steps[:, 2])
+            stall = pauses(res.steps[:, 2])  # a compile or a pause, not the steady state: report them
             s.update(compiles_during_run=float(sum(TRACE_COUNTS.values()) - compiled),
                      stalls=float(stall.sum()), stall_s=float(res.steps[stall, 2].sum()))
             del eng

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from jtrail.serving.brain.capacity import StepRecord, capacity_req_s, full_batch_throughput
+from jtrail.serving.brain.capacity import StepRecord, capacity_req_s, full_batch_throughput, pauses
 from jtrail.serving.brain.predictor import RecordingPredictor
 from jtrail.serving.engine.model_runner import TRACE_COUNTS
 from loadgen import Workload, drive_engine
@@ -185,7 +185,7 @@ def run_regime(
         res = drive_engine(eng, wl, timeout_s=args.run_timeout)
         s = summarize(res)
         secs, rows = res.steps[:, 2], res.steps[:, 7]
-        stall = secs > 20 * np.median(secs)  # a compile or a pause, not the steady state
+        stall = pauses(secs)  # a compile or a pause, not the steady state
         s.update(
             compiles_during_run=float(sum(TRACE_COUNTS.values()) - compiled),
             backend_compiles_during_run=float(BACKEND_COMPILES["n"] - backend0["n"]),

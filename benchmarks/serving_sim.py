@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from jtrail.serving.brain.capacity import pauses
 from jtrail.serving.brain.predictor import RecordedPredictor, TrailPredictor
 from jtrail.serving.simulation.simulator import Resources, Trace, simulate
 from jtrail.serving.simulation.step_model import StepModel
@@ -19,9 +20,9 @@ def fit_step_model(steps: np.ndarray) -> tuple[StepModel, dict[str, float]]:
     """Least squares over measured (batch tokens, kv tokens, seconds, prefill calls); returns the
     model and its fit quality (relative error of the summed time, R^2)."""
     s = steps[steps[:, 0] > 0]
-    # Stalls (a compile, a GC pause: seconds, not milliseconds) are not part of the steady-state
-    # cost; least squares would smear them over every step of their kind.
-    stall = s[:, 2] > 20 * np.median(s[:, 2])
+    # Pauses (a compile: seconds, not milliseconds) are not part of the steady-state cost; least
+    # squares would smear them over every step of their kind.
+    stall = pauses(s[:, 2])
     s = s[~stall]
     sm = StepModel.fit(s[:, 0], s[:, 1], s[:, 2], s[:, 3])
     pred = np.array([sm.step_time(b, k, c) for b, k, c in zip(s[:, 0], s[:, 1], s[:, 3], strict=True)])

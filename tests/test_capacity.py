@@ -116,3 +116,13 @@ def test_a_one_time_pause_is_not_throughput() -> None:
     assert tp["stalls_excluded"] == 2 and tp["stall_seconds"] == pytest.approx(8.0)
     with_pauses = full_batch_throughput(rec, 32, stall_factor=0)["tokens_per_s"]
     assert with_pauses == pytest.approx(32 * n / secs.sum())
+
+
+def test_pauses_are_compiles_not_long_steps() -> None:
+    """One rule for capacity, the step-model fit and the runs' stall counts: over 20 x the median
+    step and over 1 s. A 0.15 s prefill step beside 5 ms decode steps is work, a 4 s compile is not."""
+    from jtrail.serving.brain.capacity import pauses
+
+    secs = np.r_[np.full(100, 0.005), 0.15, 4.0]
+    assert pauses(secs).tolist() == [False] * 101 + [True]
+    assert not pauses(secs, factor=0).any() and not pauses(np.array([])).any()

@@ -71,16 +71,26 @@ class StepRecord:
         return d  # row 0: NaN (unknown start), dropped by the callers
 
 
+PAUSE_FACTOR, PAUSE_MIN_S = 20.0, 1.0
+
+
+def pauses(seconds: np.ndarray, factor: float = PAUSE_FACTOR, min_s: float = PAUSE_MIN_S) -> np.ndarray:
+    """Steps that are one-time pauses (an XLA compile: ~4 s on the H200 against ~6 ms steps), not the
+    engine's steady cost: longer than `factor` x the median step and than `min_s` (a long prefill
+    step, ~0.1 s, is work). The one rule for capacity, the step-model fit and the runs' stall counts."""
+    seconds = np.asarray(seconds, dtype=np.float64)
+    if not len(seconds) or factor <= 0:
+        return np.zeros(len(seconds), dtype=bool)
+    return seconds > max(factor * float(np.nanmedian(seconds)), min_s)
+
+
 def full_batch_throughput(rec: StepRecord, num_slots: int, *, backlog: bool = False,
-                          min_seconds: float = 0.0, stall_factor: float = 20.0,
-                          stall_min_s: float = 1.0) -> dict[str, float]:
+                          min_seconds: float = 0.0, stall_factor: float = PAUSE_FACTOR) -> dict[str, float]:
     """Output tokens/s over the full-batch rows, with the time and share of rows that counted.
 
-    A full-batch row longer than `stall_factor` x the median full-batch row and than `stall_min_s` is
-    a one-time pause (an XLA compile, measured at ~4 s each on the H200 against ~6 ms steps), not
-    sustained throughput: it is left out, time and tokens, and counted in `stalls_excluded` (a long
-    prefill step, ~0.1 s, is work and stays). Without this, four such pauses in
-    a 25 s window put capacity at a quarter of what the engine sustains."""
+    Full-batch rows that are `pauses` (`stall_factor` x their median; 0: keep all) are not sustained
+    throughput: left out, time and tokens, and counted in `stalls_excluded`. Without this, four
+    compiles in a 25 s window put capacity at a quarter of what the engine sustains."""
     if num_slots < 1:
         raise InvalidRequestError("num_slots", f"must be >= 1, got {num_slots}")
     full = rec.running >= num_slots
@@ -91,9 +101,8 @@ def full_batch_throughput(rec: StepRecord, num_slots: int, *, backlog: bool = Fa
     dur = rec.durations()
     full &= np.isfinite(dur)
     stall = np.zeros_like(full)
-    if full.any() and stall_factor > 0:
-        stall = full & (dur > max(stall_factor * float(np.median(dur[full])), stall_min_s))
-        full &= ~stall
+    stall[full] = pauses(dur[full], stall_factor)
+    full &= ~stall
     secs = float(dur[full].sum())
     if secs <= 0 or secs < min_seconds:
         raise InvalidRequestError("steps", f"only {secs:.3g} s of full-batch steps (need > {min_seconds} s): "
