@@ -68,9 +68,9 @@ class StepBatch:
 class StepOutput:
     """The runner's results on the host, fetched once per step."""
 
-    prefill_tokens: np.ndarray | None = None  # [n_chunks]
-    prefill_probs: np.ndarray | None = None  # [n_chunks, K] (None without a probe)
-    prefill_taps: Any = None  # indexable by chunk: new running tap sums (stay on the device)
+    prefill_tokens: np.ndarray | None = None  # [rows]: chunk c in row c (rows past the chunks: padding)
+    prefill_probs: np.ndarray | None = None  # [rows, K] likewise (None without a probe)
+    prefill_taps: Any = None  # host rows by chunk: new running prompt-tap sums (None: none kept)
     decode_tokens: np.ndarray | None = None  # [steps, num_slots]
     decode_probs: np.ndarray | None = None  # [steps, num_slots, K]
 

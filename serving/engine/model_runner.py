@@ -260,10 +260,11 @@ class ModelRunner:
 
     def fetch(self, handle) -> StepOutput:
         pre, dec = handle
-        host_pre, host_dec = jax.device_get((pre[:2] if pre else None, dec))  # one sync per step
+        host_pre, host_dec = jax.device_get((pre, dec))  # one sync per step
         out = StepOutput()
         if host_pre is not None:
-            out.prefill_tokens, out.prefill_probs, out.prefill_taps = host_pre[0], host_pre[1], pre[2]
+            token, probs, taps = host_pre  # rows of the packed call; chunk c's results in row c
+            out.prefill_tokens, out.prefill_probs, out.prefill_taps = token, probs, taps
         if host_dec is not None:
             out.decode_tokens = np.asarray(host_dec[0])
             out.decode_probs = np.asarray(host_dec[1]) if host_dec[1] is not None else None
@@ -296,20 +297,20 @@ class ModelRunner:
             q_lens[i], row_chunk[i], last_row[c] = n, c, i
         for c, ch in enumerate(batch.prefills):
             n_prompt[c], chunk_end[c] = ch.seq.num_prompt_tokens, ch.start + len(ch.tokens)
-        d = self.cfg.d_model
-        taps = [ch.tap for ch in batch.prefills]
-        if any(t is not None for t in taps):
-            zero = jnp.zeros((d,), jnp.float32)
-            tap_in = jnp.stack([t if t is not None else zero for t in taps] + [zero] * (r - len(taps)))
-        else:
-            tap_in = np.zeros((r, d), np.float32)
+        # Host arrays only: an eager jnp op here (stack, slice, index) compiles once per new shape,
+        # measured as ~4 s pauses mid-run on the H200 that no warm-up reaches.
+        tap_in = np.zeros((r, self.cfg.d_model), np.float32)
+        for c, ch in enumerate(batch.prefills):
+            if ch.tap is not None:
+                tap_in[c] = ch.tap
         samp = _pad_rows(batch.prefill_sampling, r)
         self.caches, token, probs, tap_acc = _prefill_packed(
             self.statics, self._state_leaves, self.caches, self.probe_state, tokens, positions,
             slots.reshape(-1), tables, q_lens, row_chunk, last_row, n_prompt, chunk_end, tap_in, samp)
         self.calls += 1
-        n_chunks = len(batch.prefills)
-        return token[:n_chunks], (probs[:n_chunks] if probs is not None else None), tap_acc
+        # the running prompt-tap sums come back only when a prompt has chunks to come
+        keep_taps = any(not ch.completes for ch in batch.prefills)
+        return token, probs, (tap_acc if keep_taps else None)
 
     def swap_out(self, pages: list[int]) -> swap.SwappedKV:
         return swap.swap_out(self.caches, pages)
