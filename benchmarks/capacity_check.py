@@ -1,0 +1,51 @@
+"""The replay capacity burst alone (128 requests at t=0 on a fresh fcfs engine, 32 slots, 2,048 pages):
+capacity, full-batch step times and the pauses (`capacity.pauses`) in one short run. Used to check a
+fix of the engine's mid-run compiles without the full regime runs.
+
+    python benchmarks/capacity_check.py --replay replay_all.npz --model SmolLM2.gguf [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+from jtrail.serving.brain.capacity import pauses
+from regimes import REGIMES
+from serving_regimes import Pool, measure_capacity
+
+import serving as S
+from jtrail.provenance import git_commit
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--replay", required=True)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--requests", type=int, default=128)
+    ap.add_argument("--out", default=None, help="write the result as JSON here")
+    a = ap.parse_args()
+    args = S.parse(["--workload", "replay", "--replay", a.replay, "--probe", "replay",
+                    "--max-prompt-tokens", "1024", "--max-output", "1024"]
+                   + (["--model", a.model] if a.model else []))
+    args.max_model_len = 1024 + 1024 + args.page_size
+    su = S.load(args)
+    pool = Pool(a.replay, "bench", args.max_model_len, 0)
+    r = REGIMES["R2"]
+    make = lambda p, kw, reg, pred=None: S.make_engine(su, p, kw, pred, slots=r.num_slots, pages=r.num_pages)
+    cap = measure_capacity(make, pool, r, r.num_slots, a.requests, 1024, 120)
+    steps = cap.pop("steps")
+    cap.update(steps=len(steps), pauses=int(pauses(steps[:, 2]).sum()), max_step_s=float(steps[:, 2].max()))
+    print(json.dumps(cap, indent=1))
+    if a.out:
+        doc = {"command": "python benchmarks/capacity_check.py " + " ".join(sys.argv[1:]),
+               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+               "git_commit": git_commit(), "result": cap}
+        with open(a.out, "w") as f:
+            json.dump(doc, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
