@@ -22,31 +22,11 @@ from typing import Any
 import numpy as np
 from jtrail.serving.brain.capacity import StepRecord, capacity_req_s, full_batch_throughput, pauses
 from jtrail.serving.brain.predictor import RecordingPredictor
-from jtrail.serving.engine.model_runner import TRACE_COUNTS
+from jtrail.serving.engine.model_runner import BACKEND_COMPILES, TRACE_COUNTS
 from loadgen import Workload, drive_engine
 from metrics_summary import cdf_points, ratio, summarize
 from regimes import REGIMES, Regime, regime_arrivals, regime_resources
 from serving_sim import fit_step_model, sim_errors, simulate_policies
-
-# Every XLA backend compile of the process (count, seconds), whatever function it belongs to:
-# TRACE_COUNTS counts retraces of the engine's two jitted calls only, and the H200 runs met ~4 s
-# pauses it did not count.
-BACKEND_COMPILES = {"n": 0, "s": 0.0}
-
-
-def _on_duration(event: str, duration: float, **_kw: Any) -> None:
-    if event == "/jax/core/compile/backend_compile_duration":
-        BACKEND_COMPILES["n"] += 1
-        BACKEND_COMPILES["s"] += duration
-
-
-def _listen_to_compiles() -> None:
-    import jax
-
-    if not getattr(_listen_to_compiles, "done", False):
-        jax.monitoring.register_event_duration_secs_listener(_on_duration)
-        _listen_to_compiles.done = True
-
 
 BAR_KEYS = (
     "fcfs_over_trail_mean_e2e",
@@ -179,7 +159,6 @@ def run_regime(
         rec = RecordingPredictor(refiner) if label == "trail" else None
         eng = make(pname, kw, regime, rec)
         compiled = sum(TRACE_COUNTS.values())
-        _listen_to_compiles()
         backend0 = dict(BACKEND_COMPILES)
         t = time.perf_counter()
         res = drive_engine(eng, wl, timeout_s=args.run_timeout)

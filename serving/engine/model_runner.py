@@ -108,6 +108,18 @@ def intern_statics(st: StepStatics) -> StepStatics:
 
 
 TRACE_COUNTS: Counter = Counter()  # (kind, statics) -> number of traces = number of compilations
+# Every XLA backend compile in the process (count, seconds), whatever triggered it: TRACE_COUNTS sees
+# retraces of the two jitted steps only, and an eager jnp op on the host path compiles without one.
+BACKEND_COMPILES = {"n": 0, "s": 0.0}
+
+
+def _count_backend_compile(event: str, secs: float, **_kw: Any) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        BACKEND_COMPILES["n"] += 1
+        BACKEND_COMPILES["s"] += secs
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_backend_compile)
 
 
 def _attention(st: StepStatics):
