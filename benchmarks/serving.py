@@ -332,9 +332,10 @@ def run_replay_workload(su: Setup, args: argparse.Namespace) -> int:
     pool = Pool(args.replay, args.split, args.max_model_len, args.seed, args.max_answer_tokens)
     su.warm_prompts = pool.prompts[:32]
     edges, mids = list(su.refiner.bin_edges), [float(m) for m in su.refiner.midpoints]
-    # trail's default (c = 0, chosen on the simulator: benchmarks/results/tune_preemption.json); gittins
-    # and the oracle at the same c, so the comparison is of ranks, not of preemption rules
-    specs = {"fcfs": ("fcfs", {}), "trail": ("trail", {}),
+    # trail's defaults (c = 0, aging 100 tok/s, chosen on the simulator: results/tune_preemption.json),
+    # and trail without aging beside it; gittins and the oracle at c = 0 without aging, so the oracle is
+    # pure SRPT on true lengths (the mean's lower reference)
+    specs = {"fcfs": ("fcfs", {}), "trail": ("trail", {}), "trail-no-aging": ("trail", {"aging": 0.0}),
              "gittins": ("gittins", {"bin_edges": edges, "midpoints": mids, "c": 0.0}),
              "srpt-oracle": ("srpt-oracle", {"c": 0.0})}
     specs = {k: v for k, v in specs.items() if k in args.policies.split(",")}

@@ -51,10 +51,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="log prompt/generation tokens/s, running, waiting, KV use and preemptions every "
                         "SECONDS while busy (logger jtrail.stats); 0: off")
     p.add_argument("--tensor-parallel", type=int, default=1, help="devices to shard the model over")
-    p.add_argument("--aging", type=float, default=0.0,
-                   help="trail/gittins anti-starvation: tokens of rank credit per second waited (0: off). "
-                        "On the H200 runs (README) 18 tok/s gave 1.44x fcfs's mean E2E once and 0.52x "
-                        "twice; plain trail 1.19x, 0.78x, 1.02x. trail's default is c=0 (no preemption: "
+    p.add_argument("--aging", type=float, default=None,
+                   help="trail/gittins/srpt-oracle anti-starvation: tokens of rank credit per second waited "
+                        "(0: off; default: the policy's own, trail 100 tok/s, chosen on the simulator: "
                         "benchmarks/results/tune_preemption.json)")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode tokens per jitted call (higher: less host overhead, chunkier streams)")
@@ -79,7 +78,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     from jtrail.serving.brain.scheduler.registry import make_policy
 
     # Aging applies to the length-ranked policies; fcfs and priority take no options.
-    opts = {"aging": args.aging} if args.policy in ("trail", "gittins", "srpt-oracle") else {}
+    opts = ({"aging": args.aging} if args.aging is not None and args.policy in ("trail", "gittins", "srpt-oracle")
+            else {})
     return EngineConfig(num_slots=args.num_slots, num_pages=args.pages, page_size=args.page_size,
                         max_model_len=args.max_model_len, policy=make_policy(args.policy, **opts),
                         max_queue=args.max_queue, decode_steps_per_call=args.decode_steps,

@@ -57,7 +57,7 @@ def test_cost_rule_takes_largest_net_saving(r_v, victim):
     # V's net: (r_v - 10) x 0.025 - 0.63: -0.005 (35), +0.02 (36), +0.62 (60). Largest net wins.
     v, u = seq("V", 100, 10, r_v, True), seq("U", 20, 0, 20, True)
     w = seq("W", 5, 0, 10, False, arrival=0.9)
-    pol = make_policy("trail", c=math.inf, preempt_cost=COST)
+    pol = make_policy("trail", aging=0.0, c=math.inf, preempt_cost=COST)
     d = decide(pol, [v, u], [w])
     assert [s.request_id for s in d.preempt] == [victim]
     assert d.admit == [w]
@@ -73,19 +73,19 @@ def test_cost_rule_blocks_when_recompute_outweighs_saving():
     # Without the cost rule both preempt (rank 29 > 10).
     for gap, expect in ((19, []), (20, ["V"])):
         v, w = seq("V", 100, 10, 10 + gap, True), seq("W", 5, 0, 10, False, arrival=0.9)
-        d = decide(make_policy("trail", c=math.inf, preempt_cost=COST), [v], [w])
+        d = decide(make_policy("trail", aging=0.0, c=math.inf, preempt_cost=COST), [v], [w])
         assert [s.request_id for s in d.preempt] == expect
         v, w = seq("V", 100, 10, 10 + gap, True), seq("W", 5, 0, 10, False, arrival=0.9)
-        assert [s.request_id for s in decide(make_policy("trail", c=math.inf), [v], [w]).preempt] == ["V"]
+        assert [s.request_id for s in decide(make_policy("trail", aging=0.0, c=math.inf), [v], [w]).preempt] == ["V"]
 
 
 def test_cap_in_schedule_and_validation():
     v, w = seq("V", 10, 1, 500, True), seq("W", 5, 0, 10, False, arrival=0.9)
     v.num_preemptions = 2
-    assert decide(make_policy("trail", c=math.inf, max_preemptions=2), [v], [w]).preempt == []
+    assert decide(make_policy("trail", aging=0.0, c=math.inf, max_preemptions=2), [v], [w]).preempt == []
     v2, w2 = seq("V", 10, 1, 500, True), seq("W", 5, 0, 10, False, arrival=0.9)
     v2.num_preemptions = 1
-    assert decide(make_policy("trail", c=math.inf, max_preemptions=2), [v2], [w2]).preempt == [v2]
+    assert decide(make_policy("trail", aging=0.0, c=math.inf, max_preemptions=2), [v2], [w2]).preempt == [v2]
     with pytest.raises(InvalidRequestError, match="max_preemptions"):
         make_policy("trail", max_preemptions=-1)
     with pytest.raises(InvalidRequestError, match="preempt_cost"):

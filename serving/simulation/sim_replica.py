@@ -80,6 +80,9 @@ class SimReplica:
         self.policy, self.sm, self.num_slots = policy, step_model, num_slots
         self.num_pages, self.ps = num_pages, page_size
         self.swap, self.predictor, self._on_finish = swap, predictor, on_finish
+        aging = getattr(getattr(policy, "aging", None), "rate", 0.0)
+        if max_jump_steps is None and aging > 0 and getattr(policy, "preempt", False):
+            max_jump_steps = 8  # aged ranks move between events and may trigger a preemption: look often
         self.max_jump = max_jump_steps or (1 << 62)
         self.prefill_chunk = prefill_chunk  # the engine's largest prefill call (tokens)
         self.refine_every = predictor.refine_every if predictor is not None else None

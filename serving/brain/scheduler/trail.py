@@ -24,9 +24,14 @@ class TrailPolicy(RankedPolicy):
     name = "trail"
     probe_on_arrival = True
 
-    # c = 0 (no preemption in `schedule`): chosen by benchmarks/tune_preemption.py on the simulator
-    # (ShareGPT answer lengths, H200 step model, a probe at 0.4x prompt-only MAE): in R1-R3 it gave
-    # the best mean E2E of every c in {0, 0.5, 0.8} x cost rule x cap; preempting buys TTFT but the
-    # preempted long requests wait behind every shorter arrival (R1 p99 E2E 2.1x fcfs at c = 0.8).
-    def __init__(self, *, c: float = 0.0, margin: float = 0.0, victim: str = "longest", **kw: Any):
-        super().__init__(c=c, margin=margin, victim=victim, **kw)
+    # c = 0 (no preemption in `schedule`) and aging 100 tokens/s: chosen by benchmarks/tune_preemption.py
+    # on the simulator (ShareGPT answer lengths, the H200 step model, a probe at 0.35x prompt-only
+    # MAE, tuning seeds). Preempting buys TTFT, but the preempted long requests wait behind every
+    # shorter arrival (R1 p99 E2E 1.6x fcfs at c = 0.5). Without aging trail starves the requests it
+    # predicts long in overload (R2 p99 E2E 3.2x fcfs); 100 tokens/s keeps p99 within 1.2x of fcfs in
+    # R1 and R2 for 1.1-1.2x fcfs's mean E2E (tune_preemption.json has the whole trade-off).
+    DEFAULT_AGING = 100.0
+
+    def __init__(self, *, c: float = 0.0, margin: float = 0.0, victim: str = "longest",
+                 aging: float = DEFAULT_AGING, **kw: Any):
+        super().__init__(c=c, margin=margin, victim=victim, aging=aging, **kw)
