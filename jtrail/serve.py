@@ -78,8 +78,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     from jtrail.serving.brain.scheduler.registry import make_policy
 
     # Aging applies to the length-ranked policies; fcfs and priority take no options.
-    opts = ({"aging": args.aging} if args.aging is not None and args.policy in ("trail", "gittins", "srpt-oracle")
-            else {})
+    ranked = args.policy in ("trail", "gittins", "srpt-oracle")
+    opts = {"aging": args.aging} if args.aging is not None and ranked else {}
     return EngineConfig(num_slots=args.num_slots, num_pages=args.pages, page_size=args.page_size,
                         max_model_len=args.max_model_len, policy=make_policy(args.policy, **opts),
                         max_queue=args.max_queue, decode_steps_per_call=args.decode_steps,

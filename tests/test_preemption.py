@@ -76,7 +76,8 @@ def test_cost_rule_blocks_when_recompute_outweighs_saving():
         d = decide(make_policy("trail", aging=0.0, c=math.inf, preempt_cost=COST), [v], [w])
         assert [s.request_id for s in d.preempt] == expect
         v, w = seq("V", 100, 10, 10 + gap, True), seq("W", 5, 0, 10, False, arrival=0.9)
-        assert [s.request_id for s in decide(make_policy("trail", aging=0.0, c=math.inf), [v], [w]).preempt] == ["V"]
+        plain = make_policy("trail", aging=0.0, c=math.inf)
+        assert [s.request_id for s in decide(plain, [v], [w]).preempt] == ["V"]
 
 
 def test_cap_in_schedule_and_validation():
