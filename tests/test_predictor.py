@@ -126,3 +126,32 @@ def test_every_predictor_declares_the_hooks_its_callers_use():
     assert isinstance(trail, Predictor) and not isinstance(trail, SimPredictor)  # needs real probe outputs
     for p in sim_side:  # the simulator's, and usable by the engine too
         assert isinstance(p, Predictor) and isinstance(p, SimPredictor), type(p).__name__
+
+
+def test_refining_a_step_of_rows_at_once_equals_row_by_row():
+    # the engine's vectorized path (one matrix product per distance) against on_decode per row, with
+    # rows at different distances (multi-step decode), one not yet predicted, and refine_every > 1
+    rng = np.random.default_rng(3)
+    edges = np.linspace(0, 512, 9)
+    for every in (1, 3):
+        one, many = TrailPredictor(edges, refine_every=every), TrailPredictor(edges, refine_every=every)
+        a, b = [seq(400) for _ in range(6)], [seq(400) for _ in range(6)]
+        for i in range(5):  # the sixth row gets its first output from a decode step
+            p = rng.dirichlet(np.ones(8))
+            one.on_prefill(a[i], p)
+            many.on_prefill(b[i], p)
+        for _ in range(7):
+            probs, n_new = rng.dirichlet(np.ones(8), size=6), rng.integers(1, 4, 6).tolist()
+            for s_a, s_b, k in zip(a, b, n_new, strict=True):
+                s_a.output_ids += [5] * k
+                s_b.output_ids += [5] * k
+            for s_a, q, k in zip(a, probs, n_new, strict=True):
+                one.on_decode(s_a, q, k)
+            many.on_decode_rows(b, probs, n_new)
+            for s_a, s_b in zip(a, b, strict=True):
+                assert s_b.predicted_remaining == pytest.approx(s_a.predicted_remaining, rel=1e-12)
+                np.testing.assert_allclose(s_b.posterior, s_a.posterior, rtol=1e-12, atol=1e-15)
+                assert (s_b.tokens_since_refinement, s_b.prediction_epoch) == (
+                    s_a.tokens_since_refinement, s_a.prediction_epoch)
+    with pytest.raises(InvalidRequestError, match="probs"):
+        many.on_decode_rows(b[:2], np.array([[np.nan] * 8, [1.0] * 8]), [3, 3])

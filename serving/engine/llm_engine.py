@@ -150,7 +150,7 @@ class LLMEngine:
         seed = (params.seed if params.seed is not None else int(self._rng.integers(2**31))) % 2**32
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids)
         self._reqs[request_id] = EngineRequest(seq, detok, seed)
-        self.waiting.append(seq)
+        self.scheduler.enqueue(seq)
         self.policy.on_arrival(seq, now)
         return seq
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 from ..brain.predictor import Predictor
 from ..brain.scheduler.base import Policy
 from ..sequence import FinishReason, RequestOutput, SamplingParams, Sequence, Status
@@ -80,6 +82,7 @@ class OutputProcessor:
             if pred is not None and probs is not None and seq.num_generated == 0:
                 pred.on_prefill(seq, probs)
             self.append(st, int(out.prefill_tokens[i]), now)
+        counts = []
         for row in batch.decodes:
             seq, st = row.seq, reqs[row.seq.request_id]
             k = 0
@@ -87,8 +90,17 @@ class OutputProcessor:
                 k += 1
                 if self.append(st, int(out.decode_tokens[j, seq.slot]), now, free=False):
                     break
-            if pred is not None and out.decode_probs is not None:
-                pred.on_decode(seq, out.decode_probs[k - 1, seq.slot], k)
+            counts.append(k)
+        if pred is not None and out.decode_probs is not None and batch.decodes:
+            seqs = [row.seq for row in batch.decodes]
+            latest = out.decode_probs[np.array(counts) - 1, [s.slot for s in seqs]]
+            if hasattr(pred, "on_decode_rows"):  # one vectorized refinement for the step
+                pred.on_decode_rows(seqs, latest, counts)
+            else:
+                for seq, q, k in zip(seqs, latest, counts, strict=True):
+                    pred.on_decode(seq, q, k)
+        for row in batch.decodes:
+            seq = row.seq
             if seq.is_finished:
                 self.release(seq)
             else:

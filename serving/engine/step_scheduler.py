@@ -17,7 +17,9 @@ longer than the budget left, or with no pages free, stay unknown (and never pree
 
 from __future__ import annotations
 
+import bisect
 import time
+from operator import attrgetter
 
 from ..brain.scheduler.base import Policy, SchedulerState
 from ..sequence import Sequence, Status
@@ -25,6 +27,8 @@ from .batch import DecodeRow, PrefillChunk, StepBatch, padded_tokens, prefill_la
 from .block_manager import BlockManager
 from .request_state import EngineRequest
 from .runner import Runner
+
+_ARRIVAL = attrgetter("arrival_time")
 
 
 class StepScheduler:
@@ -54,8 +58,12 @@ class StepScheduler:
             prefills += self._probe_chunks(budget)
         return StepBatch(prefills=prefills, decodes=decodes)
 
+    def enqueue(self, seq: Sequence) -> None:
+        """Into the waiting list, kept in arrival order (a per-step sort of hundreds of waiting requests
+        cost a tenth of a millisecond of host time per step)."""
+        bisect.insort(self.waiting, seq, key=_ARRIVAL)
+
     def state(self, now: float) -> SchedulerState:
-        self.waiting.sort(key=lambda s: s.arrival_time)
         return SchedulerState(waiting=list(self.waiting), running=list(self.running),
                               free_slots=len(self.free_slots), free_pages=self.blocks.num_free,
                               total_pages=self.blocks.num_usable, page_size=self.config.page_size, now=now)
@@ -96,7 +104,7 @@ class StepScheduler:
             seq.status = Status.WAITING
         self.blocks.free(seq)
         self.release_slot(seq)
-        self.waiting.append(seq)
+        self.enqueue(seq)
         seq.num_preemptions += 1
         self.num_preemptions += 1
 
@@ -152,8 +160,8 @@ class StepScheduler:
         return chunks, budget
 
     def _probe_chunks(self, budget: int) -> list[PrefillChunk]:
-        unknown = sorted((s for s in self.waiting if s.predicted_remaining is None and not s.num_generated
-                          and s.status is Status.WAITING), key=lambda s: s.arrival_time)
+        unknown = [s for s in self.waiting  # in arrival order
+                   if s.predicted_remaining is None and not s.num_generated and s.status is Status.WAITING]
         chunks = []
         for seq in unknown:
             n = seq.num_prompt_tokens
