@@ -130,9 +130,9 @@ def drive_engine(engine: Any, wl: Workload, oracle: bool = True, timeout_s: floa
     """Open loop against an in-process LLMEngine: submit at arrival times, step while work is left.
 
     `oracle`: give each sequence its true output length (srpt-oracle's rank; the simulator's too).
-    Step records: batch tokens (prefill + decode tokens computed), KV tokens of the sequences that
-    ran (their length before the step), seconds of the step plus our bookkeeping, prefill calls
-    (sequences that ran a prefill chunk), decoding sequences.
+    Step records (the engine's `last_step`): batch tokens (prefill + decode tokens computed), KV
+    tokens of the sequences that ran (their length before the step), seconds of `engine.step()`,
+    prefill chunks (probe-only ones included), decode rows.
     """
     # A full collection walks every object the process holds (a pause of up to seconds, seen mid-run
     # on the GPU): collect now and freeze what exists, as vLLM does after start-up.
@@ -169,8 +169,6 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float, ora
                 time.sleep(max(0.0, min(idle_sleep_s, wl.arrival[i] - now)))
             continue
         n_run, n_wait = len(engine.running), len(engine.waiting)
-        before = [(s, s.num_computed_tokens, s.num_generated, s.num_tokens) for s in engine.requests.values()]
-        probes0 = (getattr(engine, "probe_calls", 0), getattr(engine, "probe_tokens", 0))
         ts = time.perf_counter()
         outs = engine.step()
         te = time.perf_counter()
@@ -194,18 +192,8 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float, ora
             if o.finished:
                 finish[k] = t_rel
                 done += 1
-        # probe-only prefills of waiting requests (engine._probe_waiting) are prefill calls too
-        calls = getattr(engine, "probe_calls", 0) - probes0[0]
-        bt, kv, dec = getattr(engine, "probe_tokens", 0) - probes0[1], 0, 0
-        for s, comp, gen, tok in before:
-            d = max(s.num_computed_tokens - comp, s.num_generated - gen)
-            if d > 0:
-                bt += d
-                kv += tok
-                if gen == 0 or comp < tok - 1:  # it had uncomputed tokens: a prefill chunk ran
-                    calls += 1
-                else:
-                    dec += 1
+        st = engine.last_step  # the engine's own accounting: no per-step walk over every request
+        bt, kv, calls, dec = st.batch_tokens, st.kv_tokens, st.prefill_chunks, st.decode_rows
         n_run = max(n_run, len(engine.running))  # the batch it ran: before, or after its admissions
         steps.append((bt, kv, time.perf_counter() - ts, calls, dec, emitted, t_rel, n_run, n_wait))
     for s in seqs:

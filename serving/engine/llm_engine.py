@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -77,6 +77,19 @@ def resolve_policy(policy: str | Policy) -> Policy:
     return make_policy(policy)
 
 
+class StepStats(NamedTuple):
+    """What the last `step()` ran, for the step-time model and the benchmarks: tokens computed
+    (prefill chunks' tokens + decode rows' steps), KV tokens of the sequences that ran (before the
+    step; probe-only prefills attend none that stay), prefill chunks (probe-only ones included: they
+    share the step's packed call), decode rows, and the step's seconds (schedule to outputs)."""
+
+    batch_tokens: int = 0
+    kv_tokens: int = 0
+    prefill_chunks: int = 0
+    decode_rows: int = 0
+    seconds: float = 0.0
+
+
 class LLMEngine:
     def __init__(self, model: Any, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None,
                  probe: Any = None, predictor: Predictor | None = None, runner: Runner | None = None):
@@ -103,6 +116,7 @@ class LLMEngine:
                                        self._free)
         self._rng = np.random.default_rng(cfg.seed)
         self.steps = 0
+        self.last_step = StepStats()
         # token counters for the throughput log and metrics (vLLM's: a prompt counts once, at its
         # first output token; every streamed output token counts)
         self.prompt_tokens_total = self.generation_tokens_total = 0
@@ -190,7 +204,13 @@ class LLMEngine:
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         self.steps += 1
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule(time.monotonic())  # 1. what runs
+        self.last_step = StepStats(
+            batch_tokens=sum(len(c.tokens) for c in batch.prefills) + sum(r.steps for r in batch.decodes),
+            kv_tokens=sum(c.seq.num_tokens for c in batch.prefills if not c.probe_only)
+            + sum(r.seq.num_tokens for r in batch.decodes),
+            prefill_chunks=len(batch.prefills), decode_rows=len(batch.decodes))
         if not batch.empty:
             self._fill_sampling(batch)
             handle = self.runner.execute(batch)  # 2. run it (dispatched, not waited for)
@@ -198,6 +218,7 @@ class LLMEngine:
             result = self.runner.fetch(handle)  # the step's one host sync
             self.outputs.process(batch, result, self._reqs, time.monotonic())  # 3. tokens out
         outs = self.outputs.take()
+        self.last_step = self.last_step._replace(seconds=time.perf_counter() - t0)
         for o in outs:
             self.generation_tokens_total += len(o.new_token_ids)
             if o.new_token_ids and o.completion_tokens == len(o.new_token_ids):  # its first tokens

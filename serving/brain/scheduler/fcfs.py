@@ -10,6 +10,8 @@ admitted only if, after taking the pages its tokens need now, that many pages st
 
 from __future__ import annotations
 
+import heapq
+
 from ...paging import pages_for
 from ...sequence import InvalidRequestError
 from .base import Decision, Policy, SchedulerState
@@ -24,12 +26,16 @@ class FCFSPolicy(Policy):
         self.watermark = float(watermark)
 
     def schedule(self, state: SchedulerState) -> Decision:
-        queue = sorted(state.waiting, key=lambda s: (s.arrival_time, s.request_id))
+        if state.free_slots <= 0 or not state.waiting:
+            return Decision()  # a full batch (most steps in overload): nothing to order
+        # the first free_slots in arrival order, without sorting the whole queue every step (hundreds
+        # of waiting requests in overload: a sort per step slowed the engine's steps by a tenth)
+        queue = heapq.nsmallest(state.free_slots, state.waiting, key=lambda s: (s.arrival_time, s.request_id))
         if self.watermark == 0.0:
-            return Decision(admit=queue[: state.free_slots])
+            return Decision(admit=queue)
         keep = self.watermark * state.total_pages
         free, admit = float(state.free_pages), []
-        for s in queue[: state.free_slots]:
+        for s in queue:
             need = pages_for(s.num_tokens + 1, state.page_size)
             if free - need < keep:
                 break
