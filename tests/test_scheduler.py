@@ -189,3 +189,15 @@ def test_registry_and_errors():
         make_policy("trail", victim="random")
     with pytest.raises(InvalidRequestError):
         make_policy("trail", watermark=1.5)
+
+
+def test_trail_defaults_are_the_ones_tuned_on_the_simulator():
+    # benchmarks/tune_preemption.py records its choice; the shipped policy must be that choice
+    import json
+    from pathlib import Path
+
+    tuned = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+                        / "tune_preemption.json").read_text())["chosen"]["trail_kwargs"]
+    pol = make_policy("trail")
+    assert pol.c == tuned.get("c", 0.0) and pol.aging.rate == tuned.get("aging", 0.0)
+    assert pol.max_preemptions == tuned.get("max_preemptions") and pol.cost is None
