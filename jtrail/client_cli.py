@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -148,6 +149,9 @@ def _read_line(prompt: str) -> str | None:
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    # Ctrl-C stops an answer even when the chat was started from a shell that ignores SIGINT for
+    # background jobs (Python keeps an ignored SIGINT ignored: no KeyboardInterrupt would ever come)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     tty = sys.stdin.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
