@@ -112,6 +112,11 @@ def _sharegpt_cached(path: str, size: int, mtime_ns: int) -> tuple[PromptRecord,
         with open(tmp, "wb") as f:
             pickle.dump([(r.id, r.prompt, r.answer, r.source, r.category) for r in records], f, protocol=5)
         os.replace(tmp, cache)  # atomic: parallel loaders never see half a file
+        # a reinstalled data package has a new mtime, hence a new key: drop the caches of older copies
+        # (26 MB each; seven had piled up on a development machine)
+        for old in cache.parent.glob("sharegpt-v*-*.pkl"):
+            if old != cache:
+                old.unlink(missing_ok=True)
     except OSError:
         pass  # read-only home: just skip the disk cache
     return tuple(records)

@@ -22,6 +22,8 @@ def test_salvage_truncated_array():
 
 def test_sharegpt_real_file_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("JTRAIL_CACHE", str(tmp_path))
+    stale = tmp_path / "sharegpt-v1-123-456.pkl"  # the cache of an earlier install of the data package
+    stale.write_bytes(b"old")
     ds._sharegpt_cached.cache_clear()
     t0 = time.perf_counter()
     allrec = ds.load_sharegpt(require_answer=False)
@@ -32,7 +34,7 @@ def test_sharegpt_real_file_and_cache(tmp_path, monkeypatch):
     r0 = paired[0]
     assert r0.id == "QWJhYvA_0" and r0.prompt.startswith("Summarize the main ideas of Jeff Walker")
     assert r0.answer.startswith("Here are the main ideas")
-    assert list(tmp_path.glob("sharegpt-*.pkl"))  # disk cache written
+    assert len(list(tmp_path.glob("sharegpt-*.pkl"))) == 1 and not stale.exists()  # written; stale one gone
     ds._sharegpt_cached.cache_clear()
     t0 = time.perf_counter()
     again = ds.load_sharegpt(require_answer=False)
