@@ -31,7 +31,7 @@ from ..sequence import (
     Status,
     check_priority,
 )
-from .batch import SamplingRows, StepBatch
+from .batch import Fed, SamplingRows, StepBatch
 from .detokenizer import IncrementalDetokenizer, Tokenizer
 from .outputs import OutputProcessor
 from .request_state import EngineRequest
@@ -57,6 +57,10 @@ class EngineConfig:
     max_queue: int = 4096
     seed: int = 0  # seeds requests that give none
     tensor_parallel: int = 1  # shard weights + KV pages over this many local devices
+    # vLLM's async scheduling: step N+1 is scheduled and dispatched while step N runs on the device,
+    # its decode rows fed step N's sampled tokens on the device; N's outputs are processed after
+    # (a stop is found one step late, the row's extra tokens dropped). Same outputs as synchronous.
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.preemption_mode not in ("recompute", "swap"):
@@ -81,13 +85,25 @@ class StepStats(NamedTuple):
     """What the last `step()` ran, for the step-time model and the benchmarks: tokens computed
     (prefill chunks' tokens + decode rows' steps), KV tokens of the sequences that ran (before the
     step; probe-only prefills attend none that stay), prefill chunks (probe-only ones included: they
-    share the step's packed call), decode rows, and the step's seconds (schedule to outputs)."""
+    share the step's packed call), decode rows, and the step's seconds (schedule to outputs).
+    Under async scheduling: the batch the step dispatched (its outputs come with the next step) and
+    the seconds of the call (schedule and dispatch of this batch, outputs of the one before)."""
 
     batch_tokens: int = 0
     kv_tokens: int = 0
     prefill_chunks: int = 0
     decode_rows: int = 0
     seconds: float = 0.0
+
+
+def _link_fed(batch: StepBatch, prev: StepBatch) -> None:
+    """Async: point each decode row with tokens in flight at its input token among `prev`'s sampled
+    tokens (the device output of the call in flight: no host round trip for the token ids)."""
+    where = {id(ch.seq): Fed(True, c) for c, ch in enumerate(prev.prefills) if ch.completes}
+    where.update((id(r.seq), Fed(False, r.steps - 1)) for r in prev.decodes)
+    for r in batch.decodes:
+        if r.ahead:
+            r.fed = where[id(r.seq)]
 
 
 class LLMEngine:
@@ -117,6 +133,7 @@ class LLMEngine:
         self._rng = np.random.default_rng(cfg.seed)
         self.steps = 0
         self.last_step = StepStats()
+        self._in_flight: tuple[StepBatch, Any] | None = None  # async: the dispatched, unprocessed step
         # token counters for the throughput log and metrics (vLLM's: a prompt counts once, at its
         # first output token; every streamed output token counts)
         self.prompt_tokens_total = self.generation_tokens_total = 0
@@ -195,7 +212,7 @@ class LLMEngine:
         return self.outputs.pending.pop(request_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._in_flight)
 
     def preempt(self, seq: Sequence) -> None:
         """Running -> waiting (recompute) or swapped (swap)."""
@@ -211,12 +228,20 @@ class LLMEngine:
             kv_tokens=sum(c.seq.num_tokens for c in batch.prefills if not c.probe_only)
             + sum(r.seq.num_tokens for r in batch.decodes),
             prefill_chunks=len(batch.prefills), decode_rows=len(batch.decodes))
+        launched = None
         if not batch.empty:
+            if self._in_flight is not None:
+                _link_fed(batch, self._in_flight[0])
             self._fill_sampling(batch)
-            handle = self.runner.execute(batch)  # 2. run it (dispatched, not waited for)
+            launched = batch, self.runner.execute(batch)  # 2. run it (dispatched, not waited for)
             self.scheduler.return_borrowed(batch)
-            result = self.runner.fetch(handle)  # the step's one host sync
-            self.outputs.process(batch, result, self._reqs, time.monotonic())  # 3. tokens out
+        if self.config.async_scheduling:  # the step before finishes on the device meanwhile
+            done, self._in_flight = self._in_flight, launched
+        else:
+            done = launched
+        if done is not None:
+            result = self.runner.fetch(done[1])  # the step's one host sync
+            self.outputs.process(done[0], result, self._reqs, time.monotonic())  # 3. tokens out
         outs = self.outputs.take()
         self.last_step = self.last_step._replace(seconds=time.perf_counter() - t0)
         for o in outs:
@@ -230,23 +255,28 @@ class LLMEngine:
             batch.prefill_sampling = self._sampling_rows([c.seq for c in batch.prefills])
         if batch.decodes:
             rows: list[Sequence | None] = [None] * self.config.num_slots
+            ahead = [0] * self.config.num_slots
             for r in batch.decodes:
-                rows[r.seq.slot] = r.seq
-            batch.decode_sampling = self._sampling_rows(rows, self.config.decode_steps_per_call)
+                rows[r.slot], ahead[r.slot] = r.seq, r.ahead
+            batch.decode_sampling = self._sampling_rows(rows, self.config.decode_steps_per_call, ahead)
 
-    def _sampling_rows(self, seqs: list[Sequence | None], steps: int = 1) -> SamplingRows:
+    def _sampling_rows(self, seqs: list[Sequence | None], steps: int = 1,
+                       ahead: list[int] | None = None) -> SamplingRows:
+        """`ahead[b]`: row b's tokens in flight (async), which its draws come after."""
         def col(f, dtype, empty=0):  # empty slots get harmless values (greedy, top_p 1)
             return np.array([f(s) if s is not None else empty for s in seqs], dtype)
 
+        gen = np.array([s.num_generated if s is not None else 0 for s in seqs], np.int32)
+        if ahead is not None:
+            gen += np.asarray(ahead, np.int32)
         forced = np.full((len(seqs), steps), -1, np.int32)  # trace replay: the given tokens
         for b, s in enumerate(seqs):
             if s is not None and s.params.forced_output_ids:
-                forced[b] = [s.forced_token(s.num_generated + j) for j in range(steps)]
+                forced[b] = [s.forced_token(int(gen[b]) + j) for j in range(steps)]
         return SamplingRows(col(lambda s: s.params.temperature, np.float32),
                             col(lambda s: s.params.top_p, np.float32, 1.0),
                             col(lambda s: s.params.top_k, np.int32),
-                            col(lambda s: self._reqs[s.request_id].seed, np.uint32),
-                            col(lambda s: s.num_generated, np.int32), forced)
+                            col(lambda s: self._reqs[s.request_id].seed, np.uint32), gen, forced)
 
     def _free(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
