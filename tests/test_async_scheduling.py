@@ -261,3 +261,45 @@ def test_async_equals_sync_fake_runner(mode, k):
     assert any(r["reason"] is FinishReason.STOP for rid, r in sync.items() if reqs[int(rid[1:])][1].stop)
     assert_same(sync, asyn, estimates=mode == "swap")
     assert_same_probe_outputs(*(e.predictor.seen for e in engines))
+
+
+class FailingFetch(FakeRunner):
+    fail_at = 6  # the fetch that raises (a lost device, say)
+
+    def fetch(self, handle):
+        self.fetches = getattr(self, "fetches", 0) + 1
+        if self.fetches == self.fail_at:
+            raise RuntimeError("device lost")
+        return handle
+
+
+def test_async_failed_step_names_its_requests():
+    """A step that fails loses its results and those of the step in flight: the engine names their
+    requests (for the front end to fail), nothing stays counted in flight, and the rest is served
+    as the synchronous engine serves it."""
+    reqs = mixed_requests(12, seed=4, vocab=200)
+    want = run(fake_engine("recompute", 2, False), reqs, late_from=12)
+    engine = fake_engine("recompute", 2, True)
+    engine.runner.__class__ = FailingFetch
+    got = {f"r{i}": [] for i in range(len(reqs))}
+    for i, (prompt, params) in enumerate(reqs):
+        engine.add_request(f"r{i}", prompt, params)
+    failed: set[str] = set()
+    while engine.has_unfinished():
+        try:
+            outs = engine.step()
+        except RuntimeError:
+            lost = engine.pending_output_ids()
+            assert lost and engine._in_flight is None
+            assert all(st.ahead == 0 and st.in_flight == 0 for st in engine._reqs.values())
+            for rid in lost:
+                engine.abort(rid)
+            failed |= lost
+            assert not engine.pending_output_ids()
+            continue
+        for o in outs:
+            got[o.request_id] += o.new_token_ids
+        engine.blocks.check_invariants()
+    assert engine.blocks.num_used == 0 and engine.runner.fetches > FailingFetch.fail_at
+    served = [rid for rid in got if rid not in failed]
+    assert served and all(got[rid] == want[rid]["ids"] for rid in served)

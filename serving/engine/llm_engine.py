@@ -7,6 +7,12 @@
        fetched to the host once;
     3. the output processor (outputs.py) appends tokens, checks stops, detokenizes, finishes, frees.
 Per-request engine state lives in one record (request_state.EngineRequest).
+
+With `EngineConfig.async_scheduling` (vLLM v1's async scheduling) a step schedules and dispatches
+batch N+1 before it fetches and processes batch N, so the host's scheduling and input preparation
+run while the device computes N, and output processing while it computes N+1. Decode rows of N+1
+take N's sampled tokens on the device (batch.Fed); N's outputs arrive one step late. Every request's
+tokens, text and finish are the synchronous engine's (tests/test_async_scheduling.py).
 """
 
 from __future__ import annotations
@@ -134,6 +140,7 @@ class LLMEngine:
         self.steps = 0
         self.last_step = StepStats()
         self._in_flight: tuple[StepBatch, Any] | None = None  # async: the dispatched, unprocessed step
+        self._lost: set[str] = set()  # requests whose step failed (see _lose_in_flight)
         # token counters for the throughput log and metrics (vLLM's: a prompt counts once, at its
         # first output token; every streamed output token counts)
         self.prompt_tokens_total = self.generation_tokens_total = 0
@@ -149,8 +156,10 @@ class LLMEngine:
     finished_by_reason = property(lambda self: self.outputs.finished_by_reason)
 
     def pending_output_ids(self) -> set[str]:
-        """Requests with output not yet returned by a step (a failed step's, for the front end)."""
-        return set(self.outputs.pending)
+        """Requests with output not yet returned by a step (a failed step's, for the front end),
+        and those whose results a failed step lost."""
+        self._lost &= self._reqs.keys()  # the front end aborted them (or they finished)
+        return set(self.outputs.pending) | self._lost
 
     @property
     def requests(self) -> dict[str, Sequence]:
@@ -205,6 +214,7 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancel: frees the slot and pages at once. None if the request is unknown or done."""
+        self._lost.discard(request_id)
         st = self._reqs.get(request_id)
         if st is None or st.seq.is_finished:
             return None
@@ -222,26 +232,31 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         self.steps += 1
         t0 = time.perf_counter()
-        batch = self.scheduler.schedule(time.monotonic())  # 1. what runs
-        self.last_step = StepStats(
-            batch_tokens=sum(len(c.tokens) for c in batch.prefills) + sum(r.steps for r in batch.decodes),
-            kv_tokens=sum(c.seq.num_tokens for c in batch.prefills if not c.probe_only)
-            + sum(r.seq.num_tokens for r in batch.decodes),
-            prefill_chunks=len(batch.prefills), decode_rows=len(batch.decodes))
-        launched = None
-        if not batch.empty:
-            if self._in_flight is not None:
-                _link_fed(batch, self._in_flight[0])
-            self._fill_sampling(batch)
-            launched = batch, self.runner.execute(batch)  # 2. run it (dispatched, not waited for)
-            self.scheduler.return_borrowed(batch)
-        if self.config.async_scheduling:  # the step before finishes on the device meanwhile
-            done, self._in_flight = self._in_flight, launched
-        else:
-            done = launched
-        if done is not None:
-            result = self.runner.fetch(done[1])  # the step's one host sync
-            self.outputs.process(done[0], result, self._reqs, time.monotonic())  # 3. tokens out
+        batch = done = None
+        try:
+            batch = self.scheduler.schedule(time.monotonic())  # 1. what runs
+            self.last_step = StepStats(
+                batch_tokens=sum(len(c.tokens) for c in batch.prefills) + sum(r.steps for r in batch.decodes),
+                kv_tokens=sum(c.seq.num_tokens for c in batch.prefills if not c.probe_only)
+                + sum(r.position + 1 for r in batch.decodes),
+                prefill_chunks=len(batch.prefills), decode_rows=len(batch.decodes))
+            launched = None
+            if not batch.empty:
+                if self._in_flight is not None:
+                    _link_fed(batch, self._in_flight[0])
+                self._fill_sampling(batch)
+                launched = batch, self.runner.execute(batch)  # 2. run it (dispatched, not waited for)
+                self.scheduler.return_borrowed(batch)
+            if self.config.async_scheduling:  # the step before finishes on the device meanwhile
+                done, self._in_flight = self._in_flight, launched
+            else:
+                done = launched
+            if done is not None:
+                result = self.runner.fetch(done[1])  # the step's one host sync
+                self.outputs.process(done[0], result, self._reqs, time.monotonic())  # 3. tokens out
+        except Exception:
+            self._lose_in_flight([batch, done[0] if done is not None else None])
+            raise
         outs = self.outputs.take()
         self.last_step = self.last_step._replace(seconds=time.perf_counter() - t0)
         for o in outs:
@@ -249,6 +264,22 @@ class LLMEngine:
             if o.new_token_ids and o.completion_tokens == len(o.new_token_ids):  # its first tokens
                 self.prompt_tokens_total += o.prompt_tokens
         return outs
+
+    def _lose_in_flight(self, batches: list[StepBatch | None]) -> None:
+        """A failed step: the results of its batch and of any still in flight are lost. Their
+        requests (prompt-only probes aside) can no longer be trusted, so `pending_output_ids` names
+        them for the front end to fail; every request's in-flight counts start again from zero."""
+        if self._in_flight is not None:
+            batches.append(self._in_flight[0])
+            self._in_flight = None
+        for b in batches:
+            if b is None:
+                continue
+            for seq in [c.seq for c in b.prefills if not c.probe_only] + [r.seq for r in b.decodes]:
+                if not seq.is_finished:
+                    self._lost.add(seq.request_id)
+        for st in self._reqs.values():
+            st.ahead = st.in_flight = 0
 
     def _fill_sampling(self, batch: StepBatch) -> None:
         if batch.prefills:

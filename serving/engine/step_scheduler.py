@@ -13,6 +13,14 @@ waiting request gets one probe-only prefill: its prompt runs into pages borrowed
 returned right after the runner's call (the sampled token and the KV are dropped; the real prefill on
 admission gives the same probe output). Its prediction ranks it from the next step on. Prompts
 longer than the budget left, or with no pages free, stay unknown (and never preempt).
+
+Async scheduling (EngineConfig.async_scheduling): this step is scheduled while the one before still
+runs, its results not yet on the host. A decode row counts the tokens in flight (`ahead`) as
+produced: its positions, pages and length limits include them (a stop among them is found one step
+late: that row's tokens are then dropped). Whatever needs a result still in flight waits one step:
+a request with work in flight is not admitted (its tokens are not all known) nor probed again, and
+with a probe a prompt's next chunk waits for the prompt-tap sum of the one before. Decode rows'
+KV progress and `prefilled` are set here, when the work is scheduled, in both modes.
 """
 
 from __future__ import annotations
