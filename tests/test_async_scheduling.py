@@ -66,9 +66,13 @@ def mixed_requests(n: int, seed: int, vocab: int) -> list[tuple[list[int], Sampl
     return reqs
 
 
-def run(engine: LLMEngine, reqs, late_from: int, late_step: int = 3) -> dict[str, dict]:
-    """Requests [0, late_from) at once, the rest after `late_step` steps; every output recorded."""
+def run(engine: LLMEngine, reqs, late_from: int, late_step: int = 3,
+        preempt_rate: float = 0.0) -> dict[str, dict]:
+    """Requests [0, late_from) at once, the rest after `late_step` steps; every output recorded.
+    `preempt_rate`: each running request is also preempted between steps with this probability
+    (under async scheduling: often with its tokens still in flight)."""
     got: dict[str, dict] = {}
+    rng = np.random.default_rng(1)
 
     def add(i: int) -> None:
         prompt, params = reqs[i]
@@ -91,6 +95,9 @@ def run(engine: LLMEngine, reqs, late_from: int, late_step: int = 3) -> dict[str
                 assert g["reason"] is None, "a request finished twice"
                 g["reason"] = out.finish_reason
         engine.blocks.check_invariants()
+        for seq in list(engine.running):
+            if rng.random() < preempt_rate:
+                engine.preempt(seq)
         steps += 1
         assert steps < 2000, "the engine does not converge"
     assert engine.blocks.num_used == 0 and not engine._reqs
@@ -169,7 +176,7 @@ def test_async_equals_sync_tiny_model(model, probe, mode, k, pages):
                            policy=make_policy("trail"), async_scheduling=async_on)
         pred = recording(TrailPredictor)(edges)
         engine = LLMEngine(model, HexTok(), cfg, probe=probe, predictor=pred)
-        results.append(run(engine, reqs, late_from=10))
+        results.append(run(engine, reqs, late_from=10, preempt_rate=0.05 if mode == "swap" else 0.0))
         engines.append(engine)
         preds.append(pred.seen)
     sync, asyn = results
@@ -255,7 +262,7 @@ def test_async_equals_sync_fake_runner(mode, k):
             if s.stop else (p, s) for p, s in reqs]
     reqs.append((encode_text("hello"), SamplingParams(max_tokens=9, forced_output_ids=(70, 2, 71))))
     engines = [fake_engine(mode, k, async_on) for async_on in (False, True)]
-    sync, asyn = (run(e, reqs, late_from=14) for e in engines)
+    sync, asyn = (run(e, reqs, late_from=14, preempt_rate=0.1) for e in engines)
     for e in engines:
         assert e.num_preemptions > 0 and e.probe_calls > 0
     assert any(r["reason"] is FinishReason.STOP for rid, r in sync.items() if reqs[int(rid[1:])][1].stop)
