@@ -4,6 +4,7 @@
     python benchmarks/engine.py --smoke       # CPU: tiny shapes, checks the script end to end
     python benchmarks/engine.py --smollm2-gguf PATH   # adds real-model (SmolLM2) end-to-end throughput
     python benchmarks/engine.py --issue16 --baseline-worktree DIR   # issue 16's bars, before vs after
+    python benchmarks/engine.py --async-compare   # sync vs async scheduling -> results/engine_async.json
 
 --issue16: SmolLM2-135M shape, ctx 512, batch 32 and 128 at one token per call and batch 128 at 8
 (64 tokens per sequence each: 64 timed steps at one token per call, 8 at eight), the prefill burst
