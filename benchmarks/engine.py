@@ -4,6 +4,7 @@
     python benchmarks/engine.py --smoke       # CPU: tiny shapes, checks the script end to end
     python benchmarks/engine.py --smollm2-gguf PATH   # adds real-model (SmolLM2) end-to-end throughput
     python benchmarks/engine.py --issue16 --baseline-worktree DIR   # issue 16's bars, before vs after
+    python benchmarks/engine.py --async-compare   # sync vs async scheduling -> results/engine_async.json
 
 --issue16: SmolLM2-135M shape, ctx 512, batch 32 and 128 at one token per call and batch 128 at 8
 (64 tokens per sequence each: 64 timed steps at one token per call, 8 at eight), the prefill burst
@@ -199,18 +200,26 @@ def bench_decode(model, cfg, b: int, args, bw: float) -> dict:
     from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
 
     k, steps, page = args.decode_steps, args.steps, args.page_size
-    max_len = args.ctx + k * (steps + 2) + page
+    async_on = getattr(args, "async_scheduling", False)
+    calls = steps + 2 + async_on  # async: one more untimed step (see below)
+    max_len = args.ctx + k * calls + page
     pages = b * -(-max_len // page) + 1
+    extra = {"async_scheduling": True} if async_on else {}  # the baseline worktree's config has no field
     ecfg = EngineConfig(num_slots=b, page_size=page, num_pages=pages, max_model_len=max_len,
-                        decode_steps_per_call=k, kernel_impl=args.impl, max_queue=b + 1)
+                        decode_steps_per_call=k, kernel_impl=args.impl, max_queue=b + 1, **extra)
     engine = LLMEngine(model, config=ecfg)
-    place_prefilled(engine, b, args.ctx, k * (steps + 2), np.random.default_rng(0))
+    place_prefilled(engine, b, args.ctx, k * calls, np.random.default_rng(0))
     t0 = time.perf_counter()
     engine.step()  # compile + first call
+    if async_on:  # the second step compiles the token feed; from here on a step is always in flight:
+        engine.step()  # the timed window starts and ends with none running on the device
+        jax.block_until_ready(engine._in_flight[1])
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
+    if async_on:  # every step dispatched in the window done; the last one's tokens not yet processed
+        jax.block_until_ready(engine._in_flight[1])
     wall = time.perf_counter() - t0
     toks = b * k * steps
     # device time of the jitted call alone: same shapes, inputs prepared once, back to back
@@ -241,7 +250,8 @@ def bench_decode(model, cfg, b: int, args, bw: float) -> dict:
     return {"batch": b, "ctx": args.ctx, "tokens_per_s": toks / wall, "roofline_tokens_per_s": roofline_tps,
             "roofline_fraction": toks / wall / roofline_tps, "step_wall_ms": step_wall * 1e3,
             "device_call_ms": device * 1e3, "host_gap_fraction": max(0.0, 1 - device / step_wall),
-            "compile_s": compile_s, "decode_steps_per_call": k, "timed_steps": steps}
+            "compile_s": compile_s, "decode_steps_per_call": k, "timed_steps": steps,
+            "async_scheduling": async_on}
 
 
 def bench_smollm2(path: str, args) -> dict:
@@ -270,6 +280,85 @@ def bench_smollm2(path: str, args) -> dict:
     wall = time.perf_counter() - t0
     return {"batch": b, "prompt_tokens": plen, "new_tokens": gen, "wall_s": wall,
             "output_tokens_per_s": b * gen / wall, "note": "end to end incl. prefill, bf16"}
+
+
+def bench_mixed(model, args, async_on: bool, n: int, slots: int, probe=None) -> dict:
+    """A serving-like workload through the engine: n requests at once, prompts of 16..plen_max tokens
+    and 8..gen_max output tokens (greedy, fixed lengths), `slots` batch slots, one token per call;
+    fcfs, or trail with `probe` (random weights: it ranks arbitrarily, but its probe-only prefills
+    and refinements run). Timed after a warm-up pass over the same shapes."""
+    import numpy as np
+    from jtrail.serving.brain.predictor import TrailPredictor
+    from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
+    from jtrail.serving.sequence import SamplingParams
+
+    plen_max, gen_max = (40, 24) if args.smoke else (1024, 512)
+    max_len = plen_max + gen_max + 16
+    pages = slots * -(-max_len // args.page_size) + 1
+    buckets = (16, 32, 64) if args.smoke else (64, 128, 256, 512, 1024, 2048)
+    ecfg = EngineConfig(num_slots=slots, page_size=args.page_size, num_pages=pages, max_model_len=max_len,
+                        prefill_buckets=buckets, max_prefill_tokens_per_step=buckets[-1],
+                        kernel_impl=args.impl, max_queue=2 * n, async_scheduling=async_on,
+                        policy="trail" if probe is not None else "fcfs")
+    pred = None
+    if probe is not None:
+        edges = np.linspace(0, gen_max, probe.cfg.num_bins + 1)
+        pred = TrailPredictor(edges)
+    engine = LLMEngine(model, config=ecfg, probe=probe, predictor=pred)
+    rng = np.random.default_rng(3)
+    vocab = engine.model_cfg.vocab_size
+    work = [(rng.integers(3, vocab, int(rng.integers(16, plen_max))).tolist(),
+             SamplingParams(max_tokens=int(rng.integers(8, gen_max)), ignore_eos=True)) for _ in range(n)]
+
+    def once(tag: str) -> tuple[float, int, dict[str, list[int]]]:
+        seqs = [engine.add_request(f"{tag}{i}", p, sp) for i, (p, sp) in enumerate(work)]
+        t0, steps = time.perf_counter(), 0
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+        return time.perf_counter() - t0, steps, {s.request_id[len(tag):]: s.output_ids for s in seqs}
+
+    once("warm")
+    wall, steps, outs = once("timed")
+    toks = sum(len(v) for v in outs.values())
+    return {"async_scheduling": async_on, "requests": n, "slots": slots, "probe": probe is not None,
+            "wall_s": wall, "steps": steps, "steps_per_s": steps / wall, "output_tokens_per_s": toks / wall,
+            "preemptions": engine.num_preemptions, "outputs": outs}
+
+
+def run_async_compare(args, model, cfg, bw: float) -> dict:
+    """Synchronous vs async scheduling on the same workloads, one process: the issue-16 decode rows
+    (steps/s, tokens/s, host gap) and the mixed workload (with and without the trail probe); reports
+    whether every request's greedy tokens match (bf16 on a GPU: a different batch composition may
+    flip a near-tie, so a mismatch is counted, not fatal)."""
+    from flax import nnx
+    from jtrail.models.probe import ProbeConfig, ProbeHead
+
+    rows: dict = {}
+    for key, (b, k) in (SMOKE_ROWS if args.smoke else ISSUE16_ROWS).items():
+        steps = args.steps if args.smoke else TOKENS_PER_SEQ // k
+        for mode in (False, True):
+            a = argparse.Namespace(**{**vars(args), "decode_steps": k, "steps": steps,
+                                      "async_scheduling": mode})
+            r = bench_decode(model, cfg, b, a, bw)
+            r["steps_per_s"] = 1e3 / r["step_wall_ms"]
+            rows[f"{key}_{'async' if mode else 'sync'}"] = r
+            print(json.dumps({key: r}), flush=True)
+        sync_tps, async_tps = rows[f"{key}_sync"]["tokens_per_s"], rows[f"{key}_async"]["tokens_per_s"]
+        rows[f"{key}_async_speedup"] = async_tps / sync_tps
+    n, slots = (12, 4) if args.smoke else (512, 128)
+    probe = ProbeHead(ProbeConfig(d_model=cfg.d_model, layer=cfg.n_layers // 2, hidden=64), rngs=nnx.Rngs(0))
+    mixed: dict = {}
+    for name, pr in (("fcfs", None), ("trail_probe", probe)):
+        sync = bench_mixed(model, args, False, n, slots, pr)
+        asyn = bench_mixed(model, args, True, n, slots, pr)
+        same = sum(sync["outputs"][r] == asyn["outputs"][r] for r in sync["outputs"])
+        for r in (sync, asyn):
+            r.pop("outputs")
+        mixed[name] = {"sync": sync, "async": asyn, "requests_same_tokens": same, "requests": n,
+                       "async_speedup_wall": sync["wall_s"] / asyn["wall_s"]}
+        print(json.dumps({name: mixed[name]}), flush=True)
+    return {"decode_rows": rows, "mixed": mixed}
 
 
 # issue 16's rows: key -> (batch, decode tokens per call); --smoke runs tiny ones under the same keys
@@ -432,12 +521,24 @@ def main() -> None:
                     help="with --issue16: XLA command-buffer settings to measure besides the default "
                          f"({','.join(COMMAND_BUFFERS)}), each in a subprocess; 'none' skips them")
     ap.add_argument("--rows-only", default=None, choices=("k1", "k8"), help=argparse.SUPPRESS)
+    ap.add_argument("--async-compare", action="store_true",
+                    help="synchronous vs async scheduling (EngineConfig.async_scheduling) on the same "
+                         "workloads: the issue-16 decode rows and a mixed serving workload "
+                         "(default shape smollm2-135m, ctx 512; writes results/engine_async.json)")
     args = ap.parse_args()
     args.batches = [int(x) for x in args.batches.split(",")]
     args.hf_batches = [int(x) for x in args.hf_batches.split(",")]
     if args.hf_peer_only:
         print(json.dumps(hf_peer(args.shape, args.hf_batches, args.ctx, args.hf_new_tokens)))
         return
+    if args.async_compare:
+        args.no_hf = True
+        if "--shape" not in sys.argv:
+            args.shape = "smollm2-135m"
+        if "--ctx" not in sys.argv:
+            args.ctx = 512
+        if "--out" not in sys.argv:
+            args.out = str(RESULTS.with_name("engine_async.json"))
     if args.issue16:
         args.shape, args.no_hf = "smollm2-135m", True
         if "--ctx" not in sys.argv:
@@ -462,6 +563,19 @@ def main() -> None:
     jax.block_until_ready(nnx_state(model))
     init_s = time.perf_counter() - t0
     bw = copy_bandwidth(jax, jnp, (1 << 20) if args.smoke else (1 << 30))
+    if args.async_compare:
+        result = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+                  "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
+                  "jax": jax.__version__,
+                  "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                  "git_commit": git_commit(), "shape": args.shape, "ctx": args.ctx, "dtype": "bfloat16",
+                  "smoke": args.smoke, **run_async_compare(args, model, cfg, bw)}
+        text = json.dumps(result, indent=2)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "engine_async.json").write_text(text)
+        return
     if args.issue16:
         import jtrail
 

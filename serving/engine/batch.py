@@ -39,17 +39,39 @@ class PrefillChunk:
     tokens: list[int]
     probe_only: bool = False  # a waiting request's prompt in borrowed pages: only its probe output counts
     tap: Any = None  # running prompt-tap sum of the sequence's earlier chunks (runner-owned value)
+    # the chunk ends the sequence's prefill: its sampled token is the next output token (fixed when
+    # the chunk is scheduled: under async scheduling the outputs of the step before may land later)
+    completes: bool = field(init=False)
 
-    @property
-    def completes(self) -> bool:
-        """The chunk ends the sequence's prefill: its sampled token is the next output token."""
-        return not self.probe_only and self.start + len(self.tokens) == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        self.completes = not self.probe_only and self.start + len(self.tokens) == self.seq.num_tokens
+
+
+class Fed(NamedTuple):
+    """Async scheduling: where a decode row's input token is among the sampled tokens of the call
+    still in flight (its device output, never fetched to the host for this)."""
+
+    prefill: bool  # True: the token of prefill chunk `index`; False: decode step `index` of the row's slot
+    index: int
 
 
 @dataclass
 class DecodeRow:
     seq: Sequence  # runs in its batch slot, seq.slot
     steps: int  # decode steps this row may take in the call (1..decode_steps_per_call)
+    # async scheduling: tokens of this sequence sampled by the call in flight and not yet on the host
+    # (the row's input is the last of them, at position seq.num_tokens - 1 + ahead); 0 when synchronous
+    ahead: int = 0
+    fed: Fed | None = None  # where that input token is (set when ahead > 0)
+    slot: int = field(init=False)  # the batch slot at scheduling (a preemption later clears seq.slot)
+
+    def __post_init__(self) -> None:
+        self.slot = self.seq.slot
+
+    @property
+    def position(self) -> int:
+        """Position of the row's input token (the last token so far, counting those in flight)."""
+        return self.seq.num_tokens - 1 + self.ahead
 
 
 @dataclass

@@ -86,24 +86,27 @@ class FakeRunner:
         return float(max(seq.params.max_tokens - generated, 0))
 
     def execute(self, batch: StepBatch) -> StepOutput:
+        """Tokens by output index: the sampling rows' gen_index (which counts, under async
+        scheduling, the tokens still in flight), as the JAX runner's sampler keys draws."""
         out = StepOutput()
         if batch.prefills:  # one call for every chunk of the step, as the JAX runner
             self.calls += 1
-            out.prefill_tokens = np.array([self._token(c.seq, c.seq.num_generated) for c in batch.prefills])
+            chunks = list(zip(batch.prefills, batch.prefill_sampling.gen_index.tolist(), strict=True))
+            out.prefill_tokens = np.array([self._token(c.seq, g) for c, g in chunks])
             if self.has_probe:  # remaining after the token this call samples
-                out.prefill_probs = np.array([[self._remaining(c.seq, c.seq.num_generated + 1)]
-                                              for c in batch.prefills])
+                out.prefill_probs = np.array([[self._remaining(c.seq, g + 1)] for c, g in chunks])
         if batch.decodes:
             self.calls += 1
+            gen = batch.decode_sampling.gen_index
             steps = max(r.steps for r in batch.decodes)
             out.decode_tokens = np.zeros((steps, self.num_slots), np.int64)
             out.decode_probs = np.zeros((steps, self.num_slots, 1)) if self.has_probe else None
             for r in batch.decodes:
                 for j in range(r.steps):
-                    out.decode_tokens[j, r.seq.slot] = self._token(r.seq, r.seq.num_generated + j)
+                    index = int(gen[r.slot]) + j
+                    out.decode_tokens[j, r.slot] = self._token(r.seq, index)
                     if self.has_probe:
-                        left = self._remaining(r.seq, r.seq.num_generated + j + 1)
-                        out.decode_probs[j, r.seq.slot, 0] = left
+                        out.decode_probs[j, r.slot, 0] = self._remaining(r.seq, index + 1)
         if self.step_delay_s > 0:
             time.sleep(self.step_delay_s)
         return out

@@ -7,6 +7,12 @@
        fetched to the host once;
     3. the output processor (outputs.py) appends tokens, checks stops, detokenizes, finishes, frees.
 Per-request engine state lives in one record (request_state.EngineRequest).
+
+With `EngineConfig.async_scheduling` (vLLM v1's async scheduling) a step schedules and dispatches
+batch N+1 before it fetches and processes batch N, so the host's scheduling and input preparation
+run while the device computes N, and output processing while it computes N+1. Decode rows of N+1
+take N's sampled tokens on the device (batch.Fed); N's outputs arrive one step late. Every request's
+tokens, text and finish are the synchronous engine's (tests/test_async_scheduling.py).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from ..sequence import (
     Status,
     check_priority,
 )
-from .batch import SamplingRows, StepBatch
+from .batch import Fed, SamplingRows, StepBatch
 from .detokenizer import IncrementalDetokenizer, Tokenizer
 from .outputs import OutputProcessor
 from .request_state import EngineRequest
@@ -57,6 +63,10 @@ class EngineConfig:
     max_queue: int = 4096
     seed: int = 0  # seeds requests that give none
     tensor_parallel: int = 1  # shard weights + KV pages over this many local devices
+    # vLLM's async scheduling: step N+1 is scheduled and dispatched while step N runs on the device,
+    # its decode rows fed step N's sampled tokens on the device; N's outputs are processed after
+    # (a stop is found one step late, the row's extra tokens dropped). Same outputs as synchronous.
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.preemption_mode not in ("recompute", "swap"):
@@ -81,13 +91,25 @@ class StepStats(NamedTuple):
     """What the last `step()` ran, for the step-time model and the benchmarks: tokens computed
     (prefill chunks' tokens + decode rows' steps), KV tokens of the sequences that ran (before the
     step; probe-only prefills attend none that stay), prefill chunks (probe-only ones included: they
-    share the step's packed call), decode rows, and the step's seconds (schedule to outputs)."""
+    share the step's packed call), decode rows, and the step's seconds (schedule to outputs).
+    Under async scheduling: the batch the step dispatched (its outputs come with the next step) and
+    the seconds of the call (schedule and dispatch of this batch, outputs of the one before)."""
 
     batch_tokens: int = 0
     kv_tokens: int = 0
     prefill_chunks: int = 0
     decode_rows: int = 0
     seconds: float = 0.0
+
+
+def _link_fed(batch: StepBatch, prev: StepBatch) -> None:
+    """Async: point each decode row with tokens in flight at its input token among `prev`'s sampled
+    tokens (the device output of the call in flight: no host round trip for the token ids)."""
+    where = {id(ch.seq): Fed(True, c) for c, ch in enumerate(prev.prefills) if ch.completes}
+    where.update((id(r.seq), Fed(False, r.steps - 1)) for r in prev.decodes)
+    for r in batch.decodes:
+        if r.ahead:
+            r.fed = where[id(r.seq)]
 
 
 class LLMEngine:
@@ -117,6 +139,8 @@ class LLMEngine:
         self._rng = np.random.default_rng(cfg.seed)
         self.steps = 0
         self.last_step = StepStats()
+        self._in_flight: tuple[StepBatch, Any] | None = None  # async: the dispatched, unprocessed step
+        self._lost: set[str] = set()  # requests whose step failed (see _lose_in_flight)
         # token counters for the throughput log and metrics (vLLM's: a prompt counts once, at its
         # first output token; every streamed output token counts)
         self.prompt_tokens_total = self.generation_tokens_total = 0
@@ -132,8 +156,10 @@ class LLMEngine:
     finished_by_reason = property(lambda self: self.outputs.finished_by_reason)
 
     def pending_output_ids(self) -> set[str]:
-        """Requests with output not yet returned by a step (a failed step's, for the front end)."""
-        return set(self.outputs.pending)
+        """Requests with output not yet returned by a step (a failed step's, for the front end),
+        and those whose results a failed step lost."""
+        self._lost &= self._reqs.keys()  # the front end aborted them (or they finished)
+        return set(self.outputs.pending) | self._lost
 
     @property
     def requests(self) -> dict[str, Sequence]:
@@ -188,6 +214,7 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancel: frees the slot and pages at once. None if the request is unknown or done."""
+        self._lost.discard(request_id)
         st = self._reqs.get(request_id)
         if st is None or st.seq.is_finished:
             return None
@@ -195,7 +222,7 @@ class LLMEngine:
         return self.outputs.pending.pop(request_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._in_flight)
 
     def preempt(self, seq: Sequence) -> None:
         """Running -> waiting (recompute) or swapped (swap)."""
@@ -205,18 +232,31 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         self.steps += 1
         t0 = time.perf_counter()
-        batch = self.scheduler.schedule(time.monotonic())  # 1. what runs
-        self.last_step = StepStats(
-            batch_tokens=sum(len(c.tokens) for c in batch.prefills) + sum(r.steps for r in batch.decodes),
-            kv_tokens=sum(c.seq.num_tokens for c in batch.prefills if not c.probe_only)
-            + sum(r.seq.num_tokens for r in batch.decodes),
-            prefill_chunks=len(batch.prefills), decode_rows=len(batch.decodes))
-        if not batch.empty:
-            self._fill_sampling(batch)
-            handle = self.runner.execute(batch)  # 2. run it (dispatched, not waited for)
-            self.scheduler.return_borrowed(batch)
-            result = self.runner.fetch(handle)  # the step's one host sync
-            self.outputs.process(batch, result, self._reqs, time.monotonic())  # 3. tokens out
+        batch = done = None
+        try:
+            batch = self.scheduler.schedule(time.monotonic())  # 1. what runs
+            self.last_step = StepStats(
+                batch_tokens=sum(len(c.tokens) for c in batch.prefills) + sum(r.steps for r in batch.decodes),
+                kv_tokens=sum(c.seq.num_tokens for c in batch.prefills if not c.probe_only)
+                + sum(r.position + 1 for r in batch.decodes),
+                prefill_chunks=len(batch.prefills), decode_rows=len(batch.decodes))
+            launched = None
+            if not batch.empty:
+                if self._in_flight is not None:
+                    _link_fed(batch, self._in_flight[0])
+                self._fill_sampling(batch)
+                launched = batch, self.runner.execute(batch)  # 2. run it (dispatched, not waited for)
+                self.scheduler.return_borrowed(batch)
+            if self.config.async_scheduling:  # the step before finishes on the device meanwhile
+                done, self._in_flight = self._in_flight, launched
+            else:
+                done = launched
+            if done is not None:
+                result = self.runner.fetch(done[1])  # the step's one host sync
+                self.outputs.process(done[0], result, self._reqs, time.monotonic())  # 3. tokens out
+        except Exception:
+            self._lose_in_flight([batch, done[0] if done is not None else None])
+            raise
         outs = self.outputs.take()
         self.last_step = self.last_step._replace(seconds=time.perf_counter() - t0)
         for o in outs:
@@ -225,28 +265,49 @@ class LLMEngine:
                 self.prompt_tokens_total += o.prompt_tokens
         return outs
 
+    def _lose_in_flight(self, batches: list[StepBatch | None]) -> None:
+        """A failed step: the results of its batch and of any still in flight are lost. Their
+        requests (prompt-only probes aside) can no longer be trusted, so `pending_output_ids` names
+        them for the front end to fail; every request's in-flight counts start again from zero."""
+        if self._in_flight is not None:
+            batches.append(self._in_flight[0])
+            self._in_flight = None
+        for b in batches:
+            if b is None:
+                continue
+            for seq in [c.seq for c in b.prefills if not c.probe_only] + [r.seq for r in b.decodes]:
+                if not seq.is_finished:
+                    self._lost.add(seq.request_id)
+        for st in self._reqs.values():
+            st.ahead = st.in_flight = 0
+
     def _fill_sampling(self, batch: StepBatch) -> None:
         if batch.prefills:
             batch.prefill_sampling = self._sampling_rows([c.seq for c in batch.prefills])
         if batch.decodes:
             rows: list[Sequence | None] = [None] * self.config.num_slots
+            ahead = [0] * self.config.num_slots
             for r in batch.decodes:
-                rows[r.seq.slot] = r.seq
-            batch.decode_sampling = self._sampling_rows(rows, self.config.decode_steps_per_call)
+                rows[r.slot], ahead[r.slot] = r.seq, r.ahead
+            batch.decode_sampling = self._sampling_rows(rows, self.config.decode_steps_per_call, ahead)
 
-    def _sampling_rows(self, seqs: list[Sequence | None], steps: int = 1) -> SamplingRows:
+    def _sampling_rows(self, seqs: list[Sequence | None], steps: int = 1,
+                       ahead: list[int] | None = None) -> SamplingRows:
+        """`ahead[b]`: row b's tokens in flight (async), which its draws come after."""
         def col(f, dtype, empty=0):  # empty slots get harmless values (greedy, top_p 1)
             return np.array([f(s) if s is not None else empty for s in seqs], dtype)
 
+        gen = np.array([s.num_generated if s is not None else 0 for s in seqs], np.int32)
+        if ahead is not None:
+            gen += np.asarray(ahead, np.int32)
         forced = np.full((len(seqs), steps), -1, np.int32)  # trace replay: the given tokens
         for b, s in enumerate(seqs):
             if s is not None and s.params.forced_output_ids:
-                forced[b] = [s.forced_token(s.num_generated + j) for j in range(steps)]
+                forced[b] = [s.forced_token(int(gen[b]) + j) for j in range(steps)]
         return SamplingRows(col(lambda s: s.params.temperature, np.float32),
                             col(lambda s: s.params.top_p, np.float32, 1.0),
                             col(lambda s: s.params.top_k, np.int32),
-                            col(lambda s: self._reqs[s.request_id].seed, np.uint32),
-                            col(lambda s: s.num_generated, np.int32), forced)
+                            col(lambda s: self._reqs[s.request_id].seed, np.uint32), gen, forced)
 
     def _free(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)

@@ -192,6 +192,15 @@ def _decode_steps(st: StepStatics, state, caches, probe_state, tokens, positions
     return caches, out_tokens, (out_probs if st.probe_layer is not None else None)
 
 
+@jax.jit
+def _fed_tokens(host_tokens, prev_decode, prev_prefill, src):
+    """Async scheduling: each decode row's input token, from the host (src < 0) or from the call in
+    flight's sampled tokens: flat index src into [decode tokens [n, S] raveled, prefill tokens [R]].
+    A small graph of its own (one compilation per prefill capacity), so the decode step keeps one."""
+    flat = jnp.concatenate([prev_decode.reshape(-1).astype(jnp.int32), prev_prefill.astype(jnp.int32)])
+    return jnp.where(src >= 0, flat[jnp.maximum(src, 0)], host_tokens)
+
+
 def _pad_rows(samp: SamplingRows, r: int) -> SamplingRows:
     """Pad every field to r rows: greedy, top_p 1, nothing forced (pad rows' tokens are dropped)."""
     fills = (0.0, 1.0, 0, 0, 0, -1)
@@ -240,6 +249,7 @@ class ModelRunner:
             if mesh is not None:  # the probe head is small: replicated
                 self.probe_state = jax.device_put(self.probe_state, NamedSharding(mesh, PartitionSpec()))
         layer, bins = (probe.cfg.layer, probe.cfg.num_bins) if probe is not None else (None, 0)
+        self._last: tuple[Any, Any] = (None, None)  # the last call's sampled tokens (prefill, decode)
         self.statics = intern_statics(StepStatics(graphdef, probe_graphdef, layer, page_size, decode_steps,
                                                   impl, bins, mesh, treedef))
 
@@ -257,17 +267,34 @@ class ModelRunner:
     def execute(self, batch: StepBatch):
         """Dispatch the step: all prefill chunks in one packed call, then the decode call; returns
         device arrays (no sync)."""
+        last_pre, last_dec = self._last  # the call before this one (async: still in flight)
         pre = self._execute_prefills(batch) if batch.prefills else None
         dec = None
         if batch.decodes:
             tokens, positions, n_valid = (np.zeros(self.num_slots, np.int32) for _ in range(3))
+            src = np.full(self.num_slots, -1, np.int32)
             tables = np.zeros((self.num_slots, self.max_pages_per_seq), np.int32)
             for row in batch.decodes:
-                seq, b = row.seq, row.seq.slot
-                tokens[b], positions[b], n_valid[b] = seq.all_ids[-1], seq.num_tokens - 1, row.steps
+                seq, b = row.seq, row.slot
+                positions[b], n_valid[b] = row.position, row.steps
+                if row.fed is None:
+                    tokens[b] = seq.all_ids[-1]
+                elif row.fed.prefill:  # after the decode tokens [n, S] in _fed_tokens' flat index
+                    src[b] = self.statics.decode_steps * self.num_slots + row.fed.index
+                else:
+                    src[b] = row.fed.index * self.num_slots + b
                 tables[b, :len(seq.block_table)] = seq.block_table
+            if any(r.fed is not None and (last_pre if r.fed.prefill else last_dec) is None
+                   for r in batch.decodes):
+                raise RuntimeError("a decode row is fed a token the previous call did not sample")
+            if (src >= 0).any():
+                z = np.zeros(1, np.int32)
+                tokens = _fed_tokens(tokens, last_dec if last_dec is not None else
+                                     np.zeros((self.statics.decode_steps, self.num_slots), np.int32),
+                                     last_pre if last_pre is not None else z, src)
             dec = self.decode(tokens, positions, n_valid, tables, batch.decode_sampling)
             self.calls += 1
+        self._last = (pre[0] if pre is not None else None, dec[0] if dec is not None else None)
         return pre, dec
 
     def fetch(self, handle) -> StepOutput:

@@ -67,44 +67,53 @@ class OutputProcessor:
         return outs
 
     def process(self, batch: StepBatch, out: StepOutput, reqs: dict[str, EngineRequest], now: float) -> None:
+        """Apply one step's results. Under async scheduling they land after the next step was
+        scheduled: a request may have been preempted since (its tokens still count, as they would
+        have before the preemption), or finished or cancelled (its results are dropped)."""
         pred = self.predictor
         for i, ch in enumerate(batch.prefills):
             seq, probs = ch.seq, out.prefill_probs[i] if out.prefill_probs is not None else None
-            st = reqs.get(seq.request_id)
+            st = _live(reqs, seq)
+            if st is not None:
+                st.in_flight -= 1
             if ch.probe_only or st is None:
                 if pred is not None and probs is not None:
                     pred.on_prefill(seq, probs)
                 continue
             if not ch.completes:  # more chunks to come: keep the prompt-tap sum
-                st.tap = out.prefill_taps[i] if out.prefill_taps is not None else None
+                # unless a recompute preemption since dropped the KV it sums
+                if seq.num_computed_tokens >= ch.start + len(ch.tokens):
+                    st.tap = out.prefill_taps[i] if out.prefill_taps is not None else None
                 continue
-            st.tap, st.prefilled = None, True
+            st.ahead -= 1
             if pred is not None and probs is not None and seq.num_generated == 0:
                 pred.on_prefill(seq, probs)
             self.append(st, int(out.prefill_tokens[i]), now)
-        counts = []
+        counts, rows = [], []
         for row in batch.decodes:
-            seq, st = row.seq, reqs[row.seq.request_id]
+            seq, st = row.seq, _live(reqs, row.seq)
+            if st is None:
+                continue  # async: it finished in the step before (a stop found one step late)
+            st.ahead -= row.steps
+            st.in_flight -= 1
             k = 0
             for j in range(row.steps):
                 k += 1
-                if self.append(st, int(out.decode_tokens[j, seq.slot]), now, free=False):
+                if self.append(st, int(out.decode_tokens[j, row.slot]), now, free=False):
                     break
             counts.append(k)
-        if pred is not None and out.decode_probs is not None and batch.decodes:
-            seqs = [row.seq for row in batch.decodes]
-            latest = out.decode_probs[np.array(counts) - 1, [s.slot for s in seqs]]
+            rows.append(row)
+        if pred is not None and out.decode_probs is not None and rows:
+            seqs = [row.seq for row in rows]
+            latest = out.decode_probs[np.array(counts) - 1, [row.slot for row in rows]]
             if hasattr(pred, "on_decode_rows"):  # one vectorized refinement for the step
                 pred.on_decode_rows(seqs, latest, counts)
             else:
                 for seq, q, k in zip(seqs, latest, counts, strict=True):
                     pred.on_decode(seq, q, k)
-        for row in batch.decodes:
-            seq = row.seq
-            if seq.is_finished:
-                self.release(seq)
-            else:
-                seq.num_computed_tokens = seq.num_tokens - 1
+        for row in rows:
+            if row.seq.is_finished:
+                self.release(row.seq)
 
     def append(self, st: EngineRequest, tok: int, now: float, free: bool = True) -> bool:
         """Append one token, stream it, check stops. True if the request finished."""
@@ -151,3 +160,9 @@ class OutputProcessor:
         if free:
             self.release(seq)
 
+
+def _live(reqs: dict[str, EngineRequest], seq: Sequence) -> EngineRequest | None:
+    """The record of `seq` if it is still served (not finished, cancelled, or replaced by a new
+    request under the same id)."""
+    st = reqs.get(seq.request_id)
+    return st if st is not None and st.seq is seq and not seq.is_finished else None

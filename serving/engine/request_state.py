@@ -18,3 +18,9 @@ class EngineRequest:
     prefilled: bool = False  # KV covers all but the last token: the request decodes
     tap: Any = None  # running prompt-tap sum while its prefill is split over steps (runner value)
     swapped: Any = None  # host copy of its KV while preempted by swap (runner value)
+    # Async scheduling (a step in flight while the next is scheduled): `ahead` counts its tokens
+    # sampled by calls in flight and not yet appended; `in_flight` its work items (prefill chunk,
+    # probe-only prefill, decode row) in calls not yet processed, whose results a new prefill, the
+    # next chunk (its prompt-tap sum) or another probe needs first. Both are 0 after a synchronous step.
+    ahead: int = 0
+    in_flight: int = 0

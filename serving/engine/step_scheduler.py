@@ -13,6 +13,14 @@ waiting request gets one probe-only prefill: its prompt runs into pages borrowed
 returned right after the runner's call (the sampled token and the KV are dropped; the real prefill on
 admission gives the same probe output). Its prediction ranks it from the next step on. Prompts
 longer than the budget left, or with no pages free, stay unknown (and never preempt).
+
+Async scheduling (EngineConfig.async_scheduling): this step is scheduled while the one before still
+runs, its results not yet on the host. A decode row counts the tokens in flight (`ahead`) as
+produced: its positions, pages and length limits include them (a stop among them is found one step
+late: that row's tokens are then dropped). Whatever needs a result still in flight waits one step:
+a request with work in flight is not admitted (its tokens are not all known) nor probed again, and
+with a probe a prompt's next chunk waits for the prompt-tap sum of the one before. Decode rows'
+KV progress and `prefilled` are set here, when the work is scheduled, in both modes.
 """
 
 from __future__ import annotations
@@ -72,6 +80,8 @@ class StepScheduler:
         if seq not in self.waiting:
             return True  # stale entry from the policy: skip it, keep going
         st = self.reqs[seq.request_id]
+        if st.in_flight:  # async: a call in flight still has its tokens or its probe output: a later
+            return True  # step (skipped, not blocking: new arrivals are probed in flight every step)
         # Pages for every token so far (a request swapped mid-prefill still has chunks to write).
         need = self.blocks.pages_for(seq.num_tokens)
         if not self.free_slots or not self.blocks.can_allocate(need):
@@ -125,20 +135,32 @@ class StepScheduler:
     def _decode_rows(self) -> list[DecodeRow]:
         cfg, rows = self.config, []
         for seq in list(self.running):
-            if seq.status is not Status.RUNNING or not self.reqs[seq.request_id].prefilled:
+            st = self.reqs[seq.request_id]
+            if seq.status is not Status.RUNNING or not st.prefilled:
                 continue  # preempted as a victim earlier in this loop, or still prefilling
-            n = min(cfg.decode_steps_per_call, seq.max_remaining, cfg.max_model_len - seq.num_tokens)
+            # async: `ahead` tokens are still in flight (assumed produced; a stop among them is
+            # found one step late and this row's tokens are then dropped)
+            num_tokens = seq.num_tokens + st.ahead
+            n = min(cfg.decode_steps_per_call, seq.max_remaining - st.ahead, cfg.max_model_len - num_tokens)
             if seq.forced_remaining is not None:
-                n = min(n, seq.forced_remaining)
+                n = min(n, seq.forced_remaining - st.ahead)
+            if n <= 0:
+                continue  # async: the tokens in flight reach its length limit; it finishes on arrival
             # KV for positions up to num_tokens - 1 + n - 1 is written by this call.
-            while not self.blocks.ensure_capacity(seq, seq.num_tokens + n - 1):
+            while not self.blocks.ensure_capacity(seq, num_tokens + n - 1):
                 victim = self.policy.choose_victim(self.running, time.monotonic())
                 self.preempt(victim)
                 if victim is seq:
                     break
             if seq.status is Status.RUNNING:
-                rows.append(DecodeRow(seq, n))
-        return [r for r in rows if r.seq.status is Status.RUNNING]  # later victims drop out
+                rows.append(DecodeRow(seq, n, ahead=st.ahead))
+        rows = [r for r in rows if r.seq.status is Status.RUNNING]  # later victims drop out
+        for r in rows:  # the call writes KV for n more positions and samples n tokens
+            st = self.reqs[r.seq.request_id]
+            r.seq.num_computed_tokens += r.steps
+            st.ahead += r.steps
+            st.in_flight += 1
+        return rows
 
     def _prefill_chunks(self, budget: int) -> tuple[list[PrefillChunk], int]:
         """Chunks of requests still prefilling, in admission order, under the token budget (counted
@@ -146,22 +168,28 @@ class StepScheduler:
         row, chunks = self.row, []
         for seq in self.running:
             st = self.reqs[seq.request_id]
-            if st.prefilled:
-                continue
+            if st.prefilled or (st.in_flight and self.runner.has_probe):
+                continue  # decoding, or (async) its previous chunk's prompt-tap sum is in flight
             start = seq.num_computed_tokens
             n = min(seq.num_tokens - start, budget)
             if padded_tokens(n, row) > budget:
                 n = budget // row * row
             if n <= 0:
                 break
-            chunks.append(PrefillChunk(seq, start, seq.all_ids[start:start + n], tap=st.tap))
+            ch = PrefillChunk(seq, start, seq.all_ids[start:start + n], tap=st.tap)
+            chunks.append(ch)
             seq.num_computed_tokens += n
             budget -= padded_tokens(n, row)
+            st.in_flight += 1
+            if ch.completes:  # it decodes from the next step on (async: fed this call's token)
+                st.prefilled, st.tap = True, None
+                st.ahead += 1
         return chunks, budget
 
     def _probe_chunks(self, budget: int) -> list[PrefillChunk]:
-        unknown = [s for s in self.waiting  # in arrival order
-                   if s.predicted_remaining is None and not s.num_generated and s.status is Status.WAITING]
+        unknown = [s for s in self.waiting  # in arrival order (async: not those probed in flight)
+                   if s.predicted_remaining is None and not s.num_generated and s.status is Status.WAITING
+                   and not self.reqs[s.request_id].in_flight]
         chunks = []
         for seq in unknown:
             n = seq.num_prompt_tokens
@@ -171,6 +199,7 @@ class StepScheduler:
             if not self.blocks.can_allocate(need):
                 break
             self.blocks.allocate(seq, need)  # borrowed: `return_borrowed` frees them after the call
+            self.reqs[seq.request_id].in_flight += 1
             chunks.append(PrefillChunk(seq, 0, list(seq.prompt_ids), probe_only=True))
             budget -= padded_tokens(n, self.row)
             self.probe_calls += 1
