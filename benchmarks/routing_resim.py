@@ -25,8 +25,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from serving_resim import load_raw  # noqa: E402
-from serving_sim import fit_step_model  # noqa: E402
+from jtrail.serving.simulation.step_model import fit_step_model
+
+from jtrail.bench.serving_sweep import load_raw
 
 ROUTERS = ("round-robin", "least-requests", "token-aware")
 

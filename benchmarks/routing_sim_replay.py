@@ -33,18 +33,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-from jtrail.serving.brain.predictor import ProbeLikePredictor  # noqa: E402
-from jtrail.serving.brain.router import make_router  # noqa: E402
-from jtrail.serving.simulation.simulator import Resources, Trace, simulate  # noqa: E402
-from jtrail.serving.simulation.step_model import StepModel  # noqa: E402
-from simulate import (
-    ROUTING_STEP_MODEL,
-    capacity_rps,
-    poisson,
-    predictor_mae,
-)
+from jtrail.serving.brain.predictor import ProbeLikePredictor
+from jtrail.serving.brain.router import make_router
+from jtrail.serving.simulation.predictor_mae import predictor_mae
+from jtrail.serving.simulation.simulator import Resources, Trace, simulate
+from jtrail.serving.simulation.step_model import StepModel
 
-from jtrail.provenance import git_commit  # noqa: E402
+from jtrail.bench.routing_report import carry_over
+from jtrail.bench.sim_workloads import ROUTING_STEP_MODEL, capacity_rps, poisson
+from jtrail.provenance import git_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPLAY = Path("/work/replay/replay_all.npz")
@@ -118,8 +115,6 @@ def run_seed(seed: int, prm0: np.ndarray, out0: np.ndarray, a: argparse.Namespac
 def record_bars(path: Path, doc: dict, run: dict) -> None:
     """The `*_sim8` bars (held-out seed) into routing.json, the file keeping the rest: a real-replica run
     at its top level moves to `history` (benchmarks/routing.py puts the next one there in turn)."""
-    from routing import carry_over
-
     r, c = run["ratios"], run["ceilings"]
     bars = {"rr_over_token_aware_mean_e2e_sim8": r["rr_over_token_aware_mean_e2e"],
             "rr_over_token_aware_p99_e2e_sim8": r["rr_over_token_aware_p99_e2e"],

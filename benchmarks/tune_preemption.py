@@ -1,4 +1,4 @@
-"""Tune trail's preemption rule on the simulator, in the regimes of issue 15 (benchmarks/regimes.py).
+"""Tune trail's preemption rule on the simulator, in the regimes of issue 15 (`simulation/regimes.py`).
 
     .venv/bin/python benchmarks/tune_preemption.py [--seeds 1,2] [--quick]
 
@@ -32,17 +32,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from jtrail.serving.brain.capacity import capacity_req_s  # noqa: E402
+from jtrail.serving.brain.capacity import capacity_req_s
 from jtrail.serving.brain.predictor import (
-    OraclePredictor,  # noqa: E402
-    ProbeLikePredictor,  # noqa: E402
+    OraclePredictor,
+    ProbeLikePredictor,
 )
-from jtrail.serving.simulation.simulator import Resources, Trace, simulate  # noqa: E402
-from jtrail.serving.simulation.step_model import StepModel  # noqa: E402
-from regimes import REGIMES, regime_arrivals, regime_resources  # noqa: E402
-from simulate import predictor_mae  # noqa: E402
+from jtrail.serving.simulation.predictor_mae import predictor_mae
+from jtrail.serving.simulation.regimes import REGIMES, regime_arrivals, regime_resources
+from jtrail.serving.simulation.simulator import Resources, Trace, simulate
+from jtrail.serving.simulation.step_model import StepModel
 
-from jtrail.provenance import git_commit  # noqa: E402
+from jtrail.provenance import git_commit
 
 OUT = Path(__file__).resolve().parent / "results" / "tune_preemption.json"
 # fitted on the H200 R2 run (serving.json simulator.R2.step_model, pauses left out)

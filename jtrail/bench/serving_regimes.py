@@ -5,8 +5,9 @@ hidden states and the probe see a real answer of real length). Requests come fro
 replay set (`jtrail.replay`, held out from probe training; its name goes into the JSON). Per regime:
 1. capacity, measured: a saturated fcfs run; sustained output tokens/s over the full-batch steps
    divided by the mean answer length (`jtrail.serving.brain.capacity`);
-2. one seeded trace of the regime's arrival shape (benchmarks/regimes.py), and every policy on it, each
-   on a fresh warmed engine; each run's summary is saved as soon as it ends ($OUT/serving_partial.json);
+2. one seeded trace of the regime's arrival shape (`jtrail.serving.simulation.regimes`), and every
+   policy on it, each on a fresh warmed engine; each run's summary is saved as soon as it ends
+   ($OUT/serving_partial.json);
 3. the simulator on the same trace with the run's recorded probe outputs and the step model fitted on
    the engine's steps: sim vs engine mean E2E per policy.
 """
@@ -20,13 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from jtrail.serving.brain.capacity import StepRecord, capacity_req_s, full_batch_throughput, pauses
+
+from jtrail.bench.loadgen import Workload, drive_engine, step_record
+from jtrail.bench.metrics import cdf_points, ratio, summarize
+from jtrail.bench.serving_report import clean_json, device_label
+from jtrail.provenance import git_commit
+from jtrail.serving.brain.capacity import capacity_req_s, full_batch_throughput, pauses
 from jtrail.serving.brain.predictor import RecordingPredictor
 from jtrail.serving.engine.model_runner import BACKEND_COMPILES, TRACE_COUNTS
-from loadgen import Workload, drive_engine
-from metrics_summary import cdf_points, ratio, summarize
-from regimes import REGIMES, Regime, regime_arrivals, regime_resources
-from serving_sim import fit_step_model, sim_errors, simulate_policies
+from jtrail.serving.simulation.regimes import REGIMES, Regime, regime_arrivals, regime_resources
+from jtrail.serving.simulation.sim_vs_engine import sim_errors, simulate_policies
+from jtrail.serving.simulation.step_model import fit_step_model
 
 BAR_KEYS = (
     "fcfs_over_trail_mean_e2e",
@@ -35,17 +40,6 @@ BAR_KEYS = (
     "trail_over_oracle_mean_e2e",
     "trail_preemptions_per_request",
 )
-
-
-def step_record(steps: np.ndarray) -> StepRecord:
-    """loadgen's step rows -> the capacity module's record (end time, running, tokens out, waiting)."""
-    return StepRecord(
-        end_time=steps[:, 6],
-        running=steps[:, 7],
-        tokens_out=steps[:, 5],
-        seconds=steps[:, 2],
-        waiting=steps[:, 8],
-    )
 
 
 class Pool:
@@ -384,18 +378,16 @@ def merge_docs(docs: list[dict[str, Any]]) -> dict[str, Any]:
 def write_doc(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     import shutil
 
-    from serving_report import _clean
-
     out_dir.mkdir(parents=True, exist_ok=True)
     files = plots(doc, out_dir)
     path = out_dir / "serving.json"
-    path.write_text(json.dumps(_clean(doc), indent=1))
+    path.write_text(json.dumps(clean_json(doc), indent=1))
     files.append(path)
     if os.environ.get("OUT") and Path(os.environ["OUT"]).resolve() != out_dir.resolve():
         for p in files:
             shutil.copy(p, Path(os.environ["OUT"]) / p.name)
     print(markdown(doc["table"]))
-    print("bars:", json.dumps(_clean(doc["bars"]), indent=1))
+    print("bars:", json.dumps(clean_json(doc["bars"]), indent=1))
     return files
 
 
@@ -421,10 +413,6 @@ def run_replay(
 ) -> dict[str, Any]:
     """All requested regimes; returns the serving.json document (also written, with plots)."""
     import datetime
-
-    from serving_report import _device
-
-    from jtrail.provenance import git_commit
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -481,7 +469,7 @@ def run_replay(
     bars["sim_vs_engine_mean_e2e_error"] = max(errs) if errs else None
     doc = {
         "command": args.command,
-        "device": _device(),
+        "device": device_label(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "config": {k: v for k, v in vars(args).items() if k != "command"},
