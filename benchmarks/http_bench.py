@@ -46,8 +46,9 @@ import numpy as np
 
 from jtrail.bench.guidellm import export_tokenizer, run_guidellm
 from jtrail.bench.http_driver import drive_http
+from jtrail.bench.http_report import door_ratios, mean_repeats
 from jtrail.bench.loadgen import Workload, arrival_times, drive_grpc
-from jtrail.bench.metrics import summarize_completed
+from jtrail.bench.metrics import burst_capacity, summarize_completed
 from jtrail.bench.processes import device_name, drain, served_model, start_server, wait_serving
 from jtrail.bench.prompt_pools import load_pool
 from jtrail.provenance import git_commit
@@ -148,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 prof = Workload(pool, np.zeros(n_pool), np.full(n_pool, a.max_output), forced=False,
                                 request_ids=[f"prof{i}" for i in range(n_pool)])
                 res = drive_grpc(grpc_addr, prof, timeout_s=a.run_timeout)
-                ok = res.completed & (res.output_tokens > 0)
-                fin = np.sort(res.finish[ok])
-                k = len(fin) - a.slots
-                k = k if k >= len(fin) // 2 else len(fin)
-                capacity = float(k / fin[k - 1]) if len(fin) else float("nan")
+                ok, capacity = burst_capacity(res, a.slots)
                 prompts = [p for p, good in zip(pool, ok, strict=True) if good]
                 lengths = np.minimum(res.output_tokens[ok], a.max_output).astype(np.int64)
                 if not prompts or not capacity > 0:
@@ -183,25 +180,11 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"{policy:6s} {door:8s} [{rep + 1}/{a.repeats}] done {row['completed']}/"
                         f"{row['requests']}: mean E2E {row['mean_e2e']:.3f} s, "
                         f"mean TTFT {row['mean_ttft']:.3f} s")
-            table[policy] = {d: _mean(rows) for d, rows in runs.items()}
+            table[policy] = {d: mean_repeats(rows) for d, rows in runs.items()}
         finally:
             server.stop()
 
-    ratios: dict[str, Any] = {}
-    for policy, t in table.items():
-        g, h = t["grpc"], t["http"]
-        ratios[f"{policy}_http_over_grpc_mean_e2e"] = h["mean_e2e"] / g["mean_e2e"]
-        ratios[f"{policy}_http_over_grpc_mean_ttft"] = h["mean_ttft"] / g["mean_ttft"]
-        if "outside" in t:
-            o = t["outside"]
-            ratios[f"{policy}_outside_vs_loadgen_mean_e2e_error"] = abs(o["mean_e2e"] / h["mean_e2e"] - 1)
-            ratios[f"{policy}_outside_vs_loadgen_mean_ttft_error"] = abs(o["mean_ttft"] / h["mean_ttft"] - 1)
-    if "fcfs" in table and "trail" in table:
-        for door in table["fcfs"]:
-            ratios[f"fcfs_over_trail_mean_e2e_{door}"] = (table["fcfs"][door]["mean_e2e"]
-                                                          / table["trail"][door]["mean_e2e"])
-    worst = lambda key: max((v for k, v in ratios.items() if k.endswith(key)), default=None,  # noqa: E731
-                            key=lambda v: abs(v - 1) if "over" in key else v)
+    ratios, bars = door_ratios(table)
     doc = {
         "command": command, "device": device_name(argparse.Namespace(mock=a.mock, gpus="0")),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "git_commit": git_commit(),
@@ -212,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                      "output_len_mean": float(wl.output_len.mean()) if wl else None},
         "outside_tool": {"name": a.outside, "note": "guidellm replays the same trace (prompts, lengths, "
                          "arrival times) over HTTP; compared with loadgen over HTTP on the same server"},
-        "table": table, "ratios": ratios,
-        "bars": {"http_over_grpc_mean_e2e": worst("_http_over_grpc_mean_e2e"),
-                 "outside_vs_loadgen_mean_e2e_error": worst("_outside_vs_loadgen_mean_e2e_error")},
+        "table": table, "ratios": ratios, "bars": bars,
     }
     out_path.write_text(json.dumps(doc, indent=2))
     if os.environ.get("OUT"):
@@ -232,18 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(doc["bars"]))
     print(f"-> {out_path}")
     return 0
-
-
-def _mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {k: float(np.mean([r[k] for r in rows])) for k, v in rows[0].items()
-                           if isinstance(v, int | float) and k not in ("completed", "requests")}
-    out["completed"] = int(sum(r["completed"] for r in rows))
-    out["requests"] = int(sum(r["requests"] for r in rows))
-    out["mean_e2e_per_repeat"] = [r["mean_e2e"] for r in rows]
-    for extra in ("command", "report"):
-        if extra in rows[0]:
-            out[extra] = [r[extra] for r in rows]
-    return out
 
 
 if __name__ == "__main__":

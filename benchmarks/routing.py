@@ -47,19 +47,10 @@ from pathlib import Path
 
 import numpy as np
 
-from jtrail.bench.loadgen import Workload, arrival_times, drive_grpc
-from jtrail.bench.metrics import summarize_completed
-from jtrail.bench.processes import (
-    Proc,
-    device_name,
-    drain,
-    finished_counts,
-    start_replica,
-    start_router,
-    wait_serving,
-)
-from jtrail.bench.prompt_pools import load_pool, load_replay_pool, sharegpt_lengths
-from jtrail.bench.routing_report import carry_over, mean_rows, ratio_table, real_bars
+from jtrail.bench.processes import Proc, device_name, start_replicas, wait_serving
+from jtrail.bench.prompt_pools import load_pool, load_replay_pool
+from jtrail.bench.routing_report import carry_over, print_table, ratio_table, real_bars
+from jtrail.bench.routing_runs import profile, routing_trace, run_routers
 from jtrail.provenance import git_commit
 
 OUT = Path(__file__).resolve().parent / "results" / "routing.json"
@@ -142,126 +133,22 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no prompt of at most {a.max_prompt_tokens} tokens in {a.replay or a.prompts}")
     log(f"{len(pool)} prompts; starting {a.replicas} replicas")
     reps: list[Proc] = []
-    router: Proc | None = None
     try:
-        # Replicas load in parallel (each process prints its address once bound).
-        import concurrent.futures as cf
-
-        with cf.ThreadPoolExecutor(a.replicas) as ex:
-            futs = [ex.submit(start_replica, i, a, log_dir) for i in range(a.replicas)]
-            errors = []
-            for f in futs:
-                try:
-                    reps.append(f.result())
-                except Exception as e:  # noqa: BLE001 - stop the others, then report
-                    errors.append(e)
-            if errors:
-                raise errors[0]
+        reps = start_replicas(a, log_dir)
         targets = [r.target for r in reps]
         wait_serving(targets, a.start_timeout)
         log(f"replicas SERVING at {targets}")
-
-        router = start_router("least-requests", targets, a, log_dir)
-        n_pool = len(pool)
-        warm = Workload(pool, np.zeros(n_pool), np.full(n_pool, 2), forced=True,
-                        request_ids=[f"warm{i}" for i in range(n_pool)])
-        drive_grpc(router.target, warm, timeout_s=a.run_timeout)
-        log("warm-up done (every prompt prefilled once)")
-        drain(targets, 60.0)
-        if answers is not None:  # replay: every pool request with its recorded answer, all at t=0
-            prof = Workload(pool, np.zeros(n_pool), np.zeros(n_pool), max_tokens=a.max_output,
-                            answers=answers, request_ids=[f"prof{i}" for i in range(n_pool)])
-        else:
-            prof = Workload(pool, np.zeros(n_pool), np.full(n_pool, a.max_output), forced=False,
-                            request_ids=[f"prof{i}" for i in range(n_pool)])
-        res = drive_grpc(router.target, prof, timeout_s=a.run_timeout)
-        ok = res.completed & (res.output_tokens > 0)
-        fin = np.sort(res.finish[ok])
-        k = len(fin) - a.slots * a.replicas  # exclude the tail where batches are no longer full ...
-        if k < len(fin) // 2:  # ... unless that leaves too little (a pool not much larger than the slots)
-            k = len(fin)
-        capacity = float(k / fin[k - 1]) if len(fin) else float("nan")
-        prompts = [p for p, good in zip(pool, ok, strict=True) if good]
-        kept = [ans for ans, good in zip(answers, ok, strict=True) if good] if answers is not None else None
-        lengths = np.minimum(res.output_tokens[ok], a.max_output).astype(np.int64)
-        router.stop()
-        router = None
-        if not len(prompts) or not np.isfinite(capacity) or capacity <= 0:
-            raise RuntimeError("the profiling run completed no request")
-        log(f"profiled {len(prompts)} prompts: mean output {lengths.mean():.1f} tokens; capacity "
-            f"{capacity:.2f} req/s through the router")
-        drain(targets, 60.0)
-
-        if a.lengths == "sharegpt" and not a.natural_eos:
-            # capacity scales with 1 / mean output length (a decode step's cost barely depends on it);
-            # the trace takes the first n of these draws
-            drawn = sharegpt_lengths(max(4096, a.requests), a.max_output, a.seed + 2)
-            capacity *= float(lengths.mean()) / float(drawn.mean())
-            lengths = drawn
-        # Size the trace so every policy fits in what is left of the deadline.
-        rate = a.load * capacity
-        left = a.deadline_s - (time.perf_counter() - T0) - 15.0
-        per_policy = min(left / (len(routers) * a.repeats), a.run_timeout)
-        tail = float(np.max(lengths)) / max(capacity / a.replicas / a.slots * float(lengths.mean()), 1e-9)
-        # time to finish the last arrivals: one long request, and at least a fifth of the run for the queue
-        # they find (a run that stops at per_policy drops what is unfinished from the means)
-        tail = min(max(tail, per_policy / 5), per_policy / 2)
-        n = int(min(a.requests, max(a.min_requests, (per_policy - tail) * rate)))
-        rng = np.random.default_rng(a.seed + 1)
-        pick = rng.integers(0, len(prompts), n)
-        # Forced lengths: ignore_eos, max_tokens = the profiled length (identical work for every policy).
-        # --natural-eos instead sends max_tokens = --max-output and lets the model stop (no true length in
-        # max_tokens, which caps the engine's length predictions; greedy decoding repeats the profile).
-        if kept is not None:
-            out_len = np.array([len(kept[i]) for i in pick], np.int64)
-        elif a.natural_eos:
-            out_len = np.full(n, a.max_output)
-        elif a.lengths == "sharegpt":
-            out_len = lengths[:n]
-        else:
-            out_len = lengths[pick]
-        expected_len = lengths[pick] if a.natural_eos else out_len  # what the requests generate
-        if kept is not None:  # the nominal cap for every request: max_tokens leaks no length
-            wl = Workload([prompts[i] for i in pick], arrival_times(n, rate, a.seed), out_len,
-                          max_tokens=a.max_output, answers=[kept[i] for i in pick],
-                          request_ids=[f"r{i}" for i in range(n)])
-        else:
-            wl = Workload([prompts[i] for i in pick], arrival_times(n, rate, a.seed), out_len,
-                          forced=not a.natural_eos, request_ids=[f"r{i}" for i in range(n)])
-        log(f"trace: {n} requests at {rate:.2f} req/s ({a.load:.0%} of capacity), "
-            f"{per_policy:.0f} s per policy")
-
-        runs: dict[str, list[dict]] = {name: [] for name in routers}
-        for rep in range(a.repeats):  # alternate the order: no router always runs first or last
-            for name in (routers if rep % 2 == 0 else routers[::-1]):
-                waited = drain(targets, 60.0)
-                before = finished_counts(targets)
-                router = start_router(name, targets, a, log_dir)
-                out = drive_grpc(router.target, wl, timeout_s=per_policy)
-                router.stop()
-                router = None
-                row = summarize_completed(out)
-                after = finished_counts(targets)
-                row["per_replica_finished"] = [x - y for x, y in zip(after, before, strict=True)]
-                row["drain_s_before"] = waited
-                runs[name].append(row)
-                if row["completed"] < n:
-                    log(f"{name} [{rep + 1}/{a.repeats}]: {n - row['completed']} of {n} requests unfinished "
-                        f"after {per_policy:.0f} s: this repeat gives no ratio")
-                log(f"{name:15s} [{rep + 1}/{a.repeats}] done {row['completed']}/{n}: mean E2E "
-                    f"{row['mean_e2e']:.3f} s, p99 {row['p99_e2e']:.3f} s, "
-                    f"mean TTFT {row['mean_ttft']:.3f} s, "
-                    f"split {row['per_replica_finished']}")
-        table = {name: mean_rows(rows) for name, rows in runs.items()}
+        prompts, kept, lengths, capacity = profile(pool, answers, targets, a, log_dir, log)
+        wl, expected_len, rate, per_policy = routing_trace(prompts, kept, lengths, capacity, a, routers, T0,
+                                                           log)
+        n = len(wl)
+        table = run_routers(routers, targets, wl, a, log_dir, per_policy, log)
     finally:
-        if router is not None:
-            router.stop()
         for r in reps:
             r.stop()
 
     ratios = ratio_table(table)
     complete = all(r["completed"] == r["requests"] for r in table.values())
-    ta = table["token-aware"]
     doc = {
         "command": command, "device": device_name(a),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "git_commit": git_commit(),
@@ -288,13 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         copy.parent.mkdir(parents=True, exist_ok=True)
         if copy.resolve() != out_path.resolve():
             shutil.copy(out_path, copy)
-    print(f"\n| router ({a.replicas} x {a.policy}, {a.load:.0%} load, {n} req) | done | mean E2E | p50 E2E | "
-          "p99 E2E | mean TTFT | p99 TTFT | E2E / token-aware |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in table.items():
-        print(f"| {name} | {r['completed']}/{r['requests']} | {r['mean_e2e']:.3f} | {r['p50_e2e']:.3f} | "
-              f"{r['p99_e2e']:.3f} | {r['mean_ttft']:.3f} | {r['p99_ttft']:.3f} | "
-              f"{r['mean_e2e'] / ta['mean_e2e']:.3f} |")
+    print_table(table, a, n)
     print(f"-> {out_path}" + ("" if complete else "  (some requests did not finish: see the table; "
                                "those repeats give no ratio and the bars are not set)"))
     return 0

@@ -24,13 +24,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from jtrail.bench.engine_setup import Setup, load, make_engine
+from jtrail.bench.engine_setup import load
 from jtrail.bench.loadgen import load_prompt_ids
-from jtrail.bench.serving_regimes import Pool, merge_docs, run_replay, write_doc
+from jtrail.bench.serving_regimes import merge_docs, run_replay_workload, write_doc
 from jtrail.bench.serving_report import analyse, write_outputs
 from jtrail.bench.serving_sweep import log, measure_capacity, profile_lengths, run_sim, save_raw, sweep
 
@@ -116,35 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     log(f"step model {sim['step_model']}; sim errors {sim.get('errors')}")
     result = analyse(args, lengths, cap, sw, sim)
     write_outputs(args, result)
-    return 0
-
-
-def run_replay_workload(su: Setup, args: argparse.Namespace) -> int:
-    if not args.replay:
-        raise SystemExit("--workload replay needs --replay PATH (from: python -m jtrail.replay --out PATH)")
-    pool = Pool(args.replay, args.split, args.max_model_len, args.seed, args.max_answer_tokens)
-    su.warm_prompts = pool.prompts[:32]
-    edges, mids = list(su.refiner.bin_edges), [float(m) for m in su.refiner.midpoints]
-    # trail's defaults (c = 0, aging 100 tok/s, chosen on the simulator: results/tune_preemption.json),
-    # and trail without aging beside it; gittins and the oracle at c = 0 without aging, so the oracle is
-    # pure SRPT on true lengths (the mean's lower reference)
-    specs = {"fcfs": ("fcfs", {}), "trail": ("trail", {}), "trail-no-aging": ("trail", {"aging": 0.0}),
-             "gittins": ("gittins", {"bin_edges": edges, "midpoints": mids, "c": 0.0}),
-             "srpt-oracle": ("srpt-oracle", {"c": 0.0})}
-    specs = {k: v for k, v in specs.items() if k in args.policies.split(",")}
-    old = Path(args.out) / "serving.json"
-    history = None
-    if old.is_file():  # the previous headline (natural lengths) stays in the file as history
-        prev = json.loads(old.read_text())
-        history = prev.get("history") or {k: prev.get(k) for k in ("command", "device", "date", "git_commit",
-                                                                    "workload", "table", "bars")}
-
-    def make(pname: str, kw: dict, regime: Any, predictor: Any = None) -> Any:
-        r = pool.resources(regime.name, args.page_size, args.regime_slots)
-        return make_engine(su, pname, kw, predictor, slots=r["num_slots"], pages=r["num_pages"])
-
-    meta = {"probe": args.probe_used, "dtype": args.dtype_used}
-    run_replay(make, pool, args, su.refiner, specs, history, meta)
     return 0
 
 

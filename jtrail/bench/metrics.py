@@ -61,6 +61,19 @@ def summarize_completed(res: Any) -> dict[str, float]:
     return row
 
 
+def burst_capacity(res: Any, total_slots: int) -> tuple[np.ndarray, float]:
+    """(requests that finished with output, requests/s) of a run with every request sent at t=0:
+    completions per second up to the k-th, k leaving out the last `total_slots` finishes (the tail
+    where batches are no longer full), unless that leaves less than half (a pool not much larger than
+    the slots): then all of them."""
+    ok = res.completed & (res.output_tokens > 0)
+    fin = np.sort(res.finish[ok])
+    k = len(fin) - total_slots
+    if k < len(fin) // 2:
+        k = len(fin)
+    return ok, float(k / fin[k - 1]) if len(fin) else float("nan")
+
+
 def ratio(a: float, b: float) -> float:
     """a / b, NaN when undefined (so a missing number never reads as a pass)."""
     return float(a / b) if b and np.isfinite(a) and np.isfinite(b) else float("nan")

@@ -18,6 +18,9 @@ from typing import Any
 
 
 class Proc:
+    """A benchmark's server subprocess: started, its address read from the first stdout line matching
+    `pattern`, stderr kept in a log file whose tail a failure shows."""
+
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], pattern: str, log_dir: Path,
                  timeout_s: float):
         self.name = name
@@ -91,6 +94,27 @@ def start_replica(i: int, a: argparse.Namespace, log_dir: Path) -> Proc:
             args += ["--aging", str(a.aging)]
         args += ["--decode-steps", str(a.decode_steps)]
     return Proc(f"replica{i}", jtrail_cmd(*args), env, r"serving on ([\d.]+:\d+)", log_dir, a.start_timeout)
+
+
+def start_replicas(a: argparse.Namespace, log_dir: Path) -> list[Proc]:
+    """a.replicas `jtrail serve` processes started in parallel (each prints its address once bound);
+    if one fails to start, the others are stopped and its error raised."""
+    import concurrent.futures as cf
+
+    reps: list[Proc] = []
+    with cf.ThreadPoolExecutor(a.replicas) as ex:
+        futs = [ex.submit(start_replica, i, a, log_dir) for i in range(a.replicas)]
+        errors = []
+        for f in futs:
+            try:
+                reps.append(f.result())
+            except Exception as e:  # noqa: BLE001 - stop the others, then report
+                errors.append(e)
+    if errors:
+        for r in reps:
+            r.stop()
+        raise errors[0]
+    return reps
 
 
 def start_router(policy: str, targets: list[str], a: argparse.Namespace, log_dir: Path) -> Proc:

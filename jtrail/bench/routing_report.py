@@ -4,6 +4,7 @@ keeps the simulator's bars and earlier real-replica runs (`carry_over`)."""
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import numpy as np
@@ -74,3 +75,15 @@ def carry_over(earlier: dict, doc: dict) -> dict:
     if "sim8_replay" in earlier:
         out["sim8_replay"] = earlier["sim8_replay"]
     return out
+
+
+def print_table(table: dict[str, dict], a: argparse.Namespace, n: int) -> None:
+    """The routers' table in Markdown (ratios to token-aware's mean E2E)."""
+    ta = table["token-aware"]
+    print(f"\n| router ({a.replicas} x {a.policy}, {a.load:.0%} load, {n} req) | done | mean E2E | p50 E2E | "
+          "p99 E2E | mean TTFT | p99 TTFT | E2E / token-aware |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in table.items():
+        print(f"| {name} | {r['completed']}/{r['requests']} | {r['mean_e2e']:.3f} | {r['p50_e2e']:.3f} | "
+              f"{r['p99_e2e']:.3f} | {r['mean_ttft']:.3f} | {r['p99_ttft']:.3f} | "
+              f"{r['mean_e2e'] / ta['mean_e2e']:.3f} |")

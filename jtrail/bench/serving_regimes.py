@@ -14,6 +14,7 @@ replay set (`jtrail.replay`, held out from probe training; its name goes into th
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from jtrail.bench.engine_setup import Setup, make_engine
 from jtrail.bench.loadgen import Workload, drive_engine, step_record
 from jtrail.bench.metrics import cdf_points, ratio, summarize
 from jtrail.bench.serving_report import clean_json, device_label
@@ -508,3 +510,34 @@ def markdown(table: list[dict]) -> str:
             cells.append("n/a" if v is None or not np.isfinite(v) else f"{v:.3g}")
         lines.append(f"| {r['regime']} | {r['policy']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def run_replay_workload(su: Setup, args: argparse.Namespace) -> int:
+    """`benchmarks/serving.py --workload replay`: the pool from the replay split, every policy in each
+    requested regime on fresh engines of the regime's size (`run_replay`)."""
+    if not args.replay:
+        raise SystemExit("--workload replay needs --replay PATH (from: python -m jtrail.replay --out PATH)")
+    pool = Pool(args.replay, args.split, args.max_model_len, args.seed, args.max_answer_tokens)
+    su.warm_prompts = pool.prompts[:32]
+    edges, mids = list(su.refiner.bin_edges), [float(m) for m in su.refiner.midpoints]
+    # trail's defaults (c = 0, aging 100 tok/s, chosen on the simulator: results/tune_preemption.json),
+    # and trail without aging beside it; gittins and the oracle at c = 0 without aging, so the oracle is
+    # pure SRPT on true lengths (the mean's lower reference)
+    specs = {"fcfs": ("fcfs", {}), "trail": ("trail", {}), "trail-no-aging": ("trail", {"aging": 0.0}),
+             "gittins": ("gittins", {"bin_edges": edges, "midpoints": mids, "c": 0.0}),
+             "srpt-oracle": ("srpt-oracle", {"c": 0.0})}
+    specs = {k: v for k, v in specs.items() if k in args.policies.split(",")}
+    old = Path(args.out) / "serving.json"
+    history = None
+    if old.is_file():  # the previous headline (natural lengths) stays in the file as history
+        prev = json.loads(old.read_text())
+        history = prev.get("history") or {k: prev.get(k) for k in ("command", "device", "date", "git_commit",
+                                                                    "workload", "table", "bars")}
+
+    def make(pname: str, kw: dict, regime: Any, predictor: Any = None) -> Any:
+        r = pool.resources(regime.name, args.page_size, args.regime_slots)
+        return make_engine(su, pname, kw, predictor, slots=r["num_slots"], pages=r["num_pages"])
+
+    meta = {"probe": args.probe_used, "dtype": args.dtype_used}
+    run_replay(make, pool, args, su.refiner, specs, history, meta)
+    return 0

@@ -175,3 +175,21 @@ def section_bars(res: dict, quick: bool) -> dict:
             "rr_over_token_aware_mean_e2e_sim8": get("routing", lambda r: r["rr_over_token_aware_mean_e2e"]),
             "least_requests_over_token_aware_mean_e2e_sim8":
                 get("routing", lambda r: r["least_requests_over_token_aware_mean_e2e"])}
+
+
+def print_summary(res: dict) -> None:
+    """Every section's headline figures, as the full run prints them."""
+    print(f"1M-request sim: {res['speed']['wall_s']:.1f} s ({res['speed']['us_per_request']:.0f} us/request)")
+    for p in ("fcfs", "srpt-oracle"):
+        t = res["theory"][p]
+        print(f"theory {p:12s} sim {t['sim_mean_s']:.4f} s  theory {t['theory_mean_s']:.4f} s  "
+              f"error {100 * t['rel_error']:.2f}%")
+    print_routing(res["routing"])
+    hdr = ("mean", "p99", "ttft")
+    print(f"{'policy (slot model, 95%)':30s} " + " ".join(f"{h:>9s}" for h in hdr) + "   gain p99/fcfs")
+    for k, r in res["policies"]["table"].items():
+        print(f"{k:30s} {r['mean_e2e']:9.1f} {r['p99_e2e']:9.1f} {r['mean_ttft']:9.1f} "
+              f"{r['fcfs_over_mean_e2e']:6.2f} {r['p99_over_fcfs_p99']:8.2f}")
+    for r in res["aging"]["sweep"]:
+        print(f"aging {r['aging_tokens_per_step']:<6g} mean gain {r['mean_gain_vs_fcfs']:.2f}  "
+              f"p99/fcfs {r['p99_over_fcfs_p99']:.2f}")
