@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         wait_serving(targets, a.start_timeout)
         log(f"replicas SERVING at {targets}")
         prompts, kept, lengths, capacity = profile(pool, answers, targets, a, log_dir, log)
-        wl, expected_len, rate, per_policy = routing_trace(prompts, kept, lengths, capacity, a, routers, T0,
-                                                           log)
+        wl, expected_len, rate, per_policy, capacity = routing_trace(prompts, kept, lengths, capacity, a,
+                                                                     routers, T0, log)
         n = len(wl)
         table = run_routers(routers, targets, wl, a, log_dir, per_policy, log)
     finally:

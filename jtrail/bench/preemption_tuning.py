@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jtrail.bench.sim_workloads import sharegpt_length_arrays
 from jtrail.serving.brain.capacity import capacity_req_s
 from jtrail.serving.brain.predictor import OraclePredictor, ProbeLikePredictor
 from jtrail.serving.simulation.regimes import REGIMES, regime_arrivals, regime_resources
@@ -36,18 +35,7 @@ BARS = {  # (regime, metric, op, value): issue 15's bars, evaluated here on the 
 
 def workload_lengths() -> tuple[np.ndarray, np.ndarray]:
     """ShareGPT (prompt, answer) token counts: prompts <= 1,024 tokens, answers capped at 1,024."""
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    cache = root / "jtrail" / "sharegpt_lengths.npz"
-    if cache.is_file():
-        z = np.load(cache)
-        p, o = z["prompt"], z["output"]
-    else:  # tokenizing takes ~40 s: keep the counts
-        from jtrail import datasets
-
-        p = np.asarray(datasets.sharegpt_prompt_lengths(), np.int64)
-        o = np.asarray(datasets.sharegpt_output_lengths(), np.int64)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, prompt=p, output=o)
+    p, o = sharegpt_length_arrays()
     keep = (p >= 1) & (p <= 1024)
     return p[keep], np.clip(o[keep], 1, MAX_TOKENS)
 

@@ -57,10 +57,10 @@ def profile(pool: list[Any], answers: list[np.ndarray] | None, targets: list[str
 
 def routing_trace(prompts: list[Any], kept: list[np.ndarray] | None, lengths: np.ndarray, capacity: float,
                   a: argparse.Namespace, routers: list[str], t0: float,
-                  log: Log) -> tuple[Workload, np.ndarray, float, float]:
+                  log: Log) -> tuple[Workload, np.ndarray, float, float, float]:
     """The seeded Poisson trace at a.load x capacity, sized so every router's repeats fit in what is
     left of a.deadline_s (counted from t0): (workload, the lengths its requests generate, rate,
-    seconds per router run)."""
+    seconds per router run, capacity: rescaled to ShareGPT's mean length with --lengths sharegpt)."""
     if a.lengths == "sharegpt" and not a.natural_eos:
         # capacity scales with 1 / mean output length (a decode step's cost barely depends on it);
         # the trace takes the first n of these draws
@@ -99,7 +99,7 @@ def routing_trace(prompts: list[Any], kept: list[np.ndarray] | None, lengths: np
                       forced=not a.natural_eos, request_ids=[f"r{i}" for i in range(n)])
     log(f"trace: {n} requests at {rate:.2f} req/s ({a.load:.0%} of capacity), "
         f"{per_policy:.0f} s per policy")
-    return wl, expected_len, rate, per_policy
+    return wl, expected_len, rate, per_policy, capacity
 
 
 def run_routers(routers: list[str], targets: list[str], wl: Workload, a: argparse.Namespace, log_dir: Path,

@@ -5,6 +5,9 @@ simulator."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 
 from jtrail.serving.simulation.simulator import Resources, Trace, simulate
@@ -16,12 +19,28 @@ from jtrail.serving.simulation.step_model import StepModel
 ROUTING_STEP_MODEL = "0.004975,0.00017,0"  # a, b, c (s): GPU fit of serving.json's run
 
 
-def lengths(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
-    try:  # real ShareGPT answer lengths, when the datasets module exists
-        from jtrail import datasets  # type: ignore[attr-defined]
+def sharegpt_length_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """Every ShareGPT conversation's (prompt, first answer) token counts (`jtrail.datasets`), int64.
+    Tokenizing them takes 20-40 s, so the counts are kept in ~/.cache/jtrail/sharegpt_lengths.npz
+    (`XDG_CACHE_HOME` honoured; delete the file after changing the dataset package)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    cache = root / "jtrail" / "sharegpt_lengths.npz"
+    if cache.is_file():
+        z = np.load(cache)
+        return z["prompt"], z["output"]
+    from jtrail import datasets
 
-        out = np.asarray(datasets.sharegpt_output_lengths(), dtype=np.int64)  # type: ignore[attr-defined]
-        prm = np.asarray(datasets.sharegpt_prompt_lengths(), dtype=np.int64)  # type: ignore[attr-defined]
+    p = np.asarray(datasets.sharegpt_prompt_lengths(), np.int64)
+    o = np.asarray(datasets.sharegpt_output_lengths(), np.int64)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, prompt=p, output=o)
+    return p, o
+
+
+def lengths(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
+    """n (prompt, answer) lengths drawn from ShareGPT, clipped to [1, 2048], or the lognormal stand-in."""
+    try:  # real ShareGPT answer lengths, when the datasets module exists
+        prm, out = sharegpt_length_arrays()
         idx = rng.integers(0, len(out), n)
         return np.clip(prm[idx], 1, 2048), np.clip(out[idx], 1, 2048), "sharegpt"
     except (ImportError, AttributeError):
@@ -49,11 +68,10 @@ def capacity_rps(sm: StepModel, res: Resources, prm: np.ndarray, out: np.ndarray
 
 def routing_lengths(n: int, rng, max_prompt: int = 1024,
                     max_output: int = 512) -> tuple[np.ndarray, np.ndarray, str]:
+    """n (prompt, answer) lengths of the routing runs: ShareGPT prompts of at most max_prompt tokens,
+    answers capped at max_output (or a lognormal stand-in without the datasets)."""
     try:
-        from jtrail import datasets
-
-        prm = np.asarray(datasets.sharegpt_prompt_lengths(), dtype=np.int64)
-        out = np.asarray(datasets.sharegpt_output_lengths(), dtype=np.int64)
+        prm, out = sharegpt_length_arrays()
         src = f"sharegpt (prompts <= {max_prompt} tokens, answers capped at {max_output})"
     except (ImportError, AttributeError, OSError):
         out = np.round(rng.lognormal(np.log(180), 1.0, 50_000)).astype(np.int64)
