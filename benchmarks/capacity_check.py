@@ -13,10 +13,10 @@ import json
 import sys
 
 from jtrail.serving.brain.capacity import pauses
-from regimes import REGIMES
-from serving_regimes import Pool, measure_capacity
+from jtrail.serving.simulation.regimes import REGIMES
 
-import serving as S
+from jtrail.bench.engine_setup import load, make_engine
+from jtrail.bench.serving_regimes import Pool, measure_capacity
 from jtrail.provenance import git_commit
 
 
@@ -27,14 +27,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     a = ap.parse_args()
-    args = S.parse(["--workload", "replay", "--replay", a.replay, "--probe", "replay",
-                    "--max-prompt-tokens", "1024", "--max-output", "1024"]
-                   + (["--model", a.model] if a.model else []))
-    args.max_model_len = 1024 + 1024 + args.page_size
-    su = S.load(args)
+    # benchmarks/serving.py's defaults, with 1,024-token prompts and answers
+    args = argparse.Namespace(model=a.model, probe="replay", dtype="auto", page_size=16, decode_steps=1,
+                              seed=0, slots=16, pages=384, max_model_len=1024 + 1024 + 16)
+    su = load(args)
     pool = Pool(a.replay, "bench", args.max_model_len, 0)
     r = REGIMES["R2"]
-    make = lambda p, kw, reg, pred=None: S.make_engine(su, p, kw, pred, slots=r.num_slots, pages=r.num_pages)
+    make = lambda p, kw, reg, pred=None: make_engine(su, p, kw, pred, slots=r.num_slots, pages=r.num_pages)
     cap = measure_capacity(make, pool, r, r.num_slots, a.requests, 1024, 120)
     steps = cap.pop("steps")
     cap.update(steps=len(steps), pauses=int(pauses(steps[:, 2]).sum()), max_step_s=float(steps[:, 2].max()))

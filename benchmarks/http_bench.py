@@ -12,8 +12,8 @@ For each policy (fcfs, trail) one server process serves both doors from one engi
    --max-output) through gRPC: each prompt's output length and the capacity, as benchmarks/routing.py.
 2. One seeded Poisson trace at --load x capacity, forced lengths (ignore_eos, max_tokens = the profiled
    length: identical work whatever the door or tool). The same trace runs through gRPC (loadgen's
-   `drive_grpc`), through HTTP (`drive_http` below: /v1/chat/completions, SSE, the `openai` client) and
-   through the outside tool, fed the same prompts, lengths and arrival times (guidellm's `replay`
+   `drive_grpc`), through HTTP (`jtrail.bench.http_driver`: /v1/chat/completions, SSE, the `openai`
+   client) and through the outside tool, fed the same prompts, lengths and arrival times (guidellm's `replay`
    profile, `schedule_turn=timestamp`); the server drains between runs; the doors' order alternates.
 3. bars: `http_over_grpc_mean_e2e` (HTTP mean E2E / gRPC mean E2E, the worse policy) and
    `outside_vs_loadgen_mean_e2e_error` (|guidellm mean E2E / loadgen-over-HTTP mean E2E - 1|, the worse
@@ -32,12 +32,10 @@ The driver never imports JAX: the server owns the accelerator.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,10 +43,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from loadgen import RunResult, StreamTimes, Workload, arrival_times, drive_grpc  # noqa: E402
-from routing import Proc, device_name, drain, jtrail_cmd, load_pool, summarize, wait_serving  # noqa: E402
 
-from jtrail.provenance import git_commit  # noqa: E402
+from jtrail.bench.guidellm import export_tokenizer, run_guidellm
+from jtrail.bench.http_driver import drive_http
+from jtrail.bench.http_report import door_ratios, mean_repeats
+from jtrail.bench.loadgen import Workload, arrival_times, drive_grpc
+from jtrail.bench.metrics import burst_capacity, summarize_completed
+from jtrail.bench.processes import device_name, drain, served_model, start_server, wait_serving
+from jtrail.bench.prompt_pools import load_pool
+from jtrail.provenance import git_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 T0 = time.perf_counter()
@@ -56,137 +59,6 @@ T0 = time.perf_counter()
 
 def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
-
-
-# --- the HTTP driver (loadgen's drive_grpc, through the OpenAI API) ----------------------------------
-async def http_run(base_url: str, model: str, wl: Workload, timeout_s: float) -> RunResult:
-    """Open loop over /v1/chat/completions (chat prompts) or /v1/completions (text / token ids), SSE
-    streaming with per-chunk usage (vLLM's `continuous_usage_stats`), so a chunk holding several tokens
-    (--decode-steps > 1) is counted exactly. Times as loadgen's: perf_counter seconds from the start."""
-    import openai
-
-    times = StreamTimes(wl)
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=timeout_s)
-
-    async def one(k: int) -> None:
-        await times.wait_arrival(k)
-        p = wl.params(k)
-        kw: dict[str, Any] = dict(model=model, max_tokens=p.max_tokens, temperature=0.0, stream=True,
-                                  stream_options={"include_usage": True, "continuous_usage_stats": True},
-                                  extra_body={"ignore_eos": p.ignore_eos})
-        prompt = wl.prompts[k]
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-            stream = await client.chat.completions.create(messages=prompt, **kw)
-        else:
-            stream = await client.completions.create(prompt=prompt, **kw)
-        async with stream:
-            async for chunk in stream:
-                t = times.now()
-                if chunk.usage is None or not chunk.choices:
-                    continue
-                times.tokens(k, chunk.usage.completion_tokens - int(times.nout[k]), t)
-                if times.end(k, chunk.choices[0].finish_reason is not None, t):
-                    break
-
-    tasks = [asyncio.create_task(one(k)) for k in range(len(wl))]
-    await asyncio.wait(tasks, timeout=timeout_s)
-    for t in tasks:
-        t.cancel()
-    failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
-    if failed:
-        log(f"  {len(failed)} HTTP requests failed, first: {failed[0].exception()!r}")
-    await client.close()
-    return times.result()
-
-
-def drive_http(base_url: str, model: str, wl: Workload, timeout_s: float = 600.0) -> RunResult:
-    return asyncio.run(http_run(base_url, model, wl, timeout_s))
-
-
-# --- the outside tool --------------------------------------------------------------------------------
-def guidellm_dataset(path: Path, wl: Workload) -> None:
-    """The trace as guidellm rows: prompt text, forced output length, arrival time (replay profile)."""
-    with path.open("w") as f:
-        for k in range(len(wl)):
-            p = wl.prompts[k]
-            text = p[-1]["content"] if isinstance(p, list) and p and isinstance(p[0], dict) else p
-            f.write(json.dumps({"prompt": text, "output_tokens_count": int(wl.output_len[k]),
-                                "relative_timestamp": float(wl.arrival[k])}) + "\n")
-
-
-def guidellm_cmd(a: argparse.Namespace, http: str, model: str, data: Path, out_dir: Path,
-                 n: int) -> list[str]:
-    """guidellm 0.8's CLI (kind=...,key=value options), checked against a live `jtrail serve --mock`."""
-    exe = a.guidellm or shutil.which("guidellm") or str(Path(sys.executable).parent / "guidellm")
-    return [exe, "run",
-            "--backend", f"kind=openai_http,target=http://{http},model={model},"
-                         "request_format=/v1/chat/completions",
-            "--profile", "kind=replay,schedule_turn=timestamp",
-            "--data", f"kind=json_file,path={data}",
-            "--tokenizer", f"kind=huggingface_auto,model={a.tokenizer_dir}",
-            "--constraint", f"kind=max_requests,count={n}",
-            "--output", f"kind=json,path={out_dir / 'guidellm.json'}",
-            "--disable-console-interactive"]
-
-
-def run_guidellm(a: argparse.Namespace, http: str, model: str, wl: Workload, out_dir: Path,
-                 policy: str) -> dict[str, Any]:
-    data = out_dir / f"guidellm_trace_{policy}.jsonl"
-    guidellm_dataset(data, wl)
-    cmd = guidellm_cmd(a, http, model, data, out_dir, len(wl))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    log("  " + " ".join(cmd))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.run_timeout + 300)
-    (out_dir / f"guidellm_{policy}.log").write_text(r.stdout + "\n--- stderr ---\n" + r.stderr)
-    report = out_dir / "guidellm.json"
-    if r.returncode != 0 or not report.exists():
-        raise RuntimeError(f"guidellm failed (rc {r.returncode}): {(r.stdout + r.stderr)[-1500:]}")
-    kept = out_dir / f"guidellm_{policy}.json"
-    report.rename(kept)
-    return {"command": " ".join(cmd), "report": kept.name, **guidellm_summary(json.loads(kept.read_text()))}
-
-
-def guidellm_summary(doc: dict[str, Any]) -> dict[str, Any]:
-    """guidellm's own figures from its JSON report: mean / p50 / p99 request latency (E2E, s) and TTFT
-    (s), over its successful requests (request_end - request_start, first token - request_start), plus
-    its dispatch delay (how late it sent requests against the trace's arrival times)."""
-    b = doc["benchmarks"][0]
-    m, reqs = b["metrics"], b["requests"]
-    row: dict[str, Any] = {"completed": len(reqs["successful"]),
-                           "requests": sum(len(reqs.get(k) or []) for k in ("successful", "errored",
-                                                                            "incomplete"))}
-    for name, key, scale in (("e2e", "request_latency", 1.0), ("ttft", "time_to_first_token_ms", 1e-3)):
-        st = m[key]["successful"]
-        row[f"mean_{name}"] = st["mean"] * scale
-        row[f"p50_{name}"] = st["percentiles"]["p50"] * scale
-        row[f"p99_{name}"] = st["percentiles"]["p99"] * scale
-    delay = m.get("request_dispatch_delay", {}).get("successful", {})
-    row["dispatch_delay_mean_s"] = delay.get("mean")
-    return row
-
-
-# --- processes ---------------------------------------------------------------------------------------
-def start_server(a: argparse.Namespace, policy: str, log_dir: Path) -> tuple[Proc, str, str]:
-    args = ["serve", "--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--policy", policy,
-            "--slots", str(a.slots), "--pages", str(a.pages), "--page-size", str(a.page_size),
-            "--max-context", str(a.max_context), "--max-queue", str(a.max_queue), "--grace", "1",
-            "--decode-steps", str(a.decode_steps)]
-    if a.mock:
-        args += ["--mock", "--mock-step-delay", str(a.mock_step_delay)]
-    else:
-        args += [*(["--model", a.model] if a.model else []), *(["--probe", a.probe] if a.probe else [])]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = Proc(f"serve_{policy}", jtrail_cmd(*args), env, r"(serving on \S+ metrics_port=\S+ http=\S+)",
-                log_dir, a.start_timeout)
-    grpc_addr = proc.target.split()[2]
-    http_addr = proc.target.split("http=")[1]
-    return proc, grpc_addr, http_addr
-
-
-def served_model(http: str) -> str:
-    import openai
-
-    return openai.OpenAI(base_url=f"http://{http}/v1", api_key="unused").models.list().data[0].id
 
 
 def write_jsonl(a: argparse.Namespace) -> int:
@@ -201,7 +73,6 @@ def write_jsonl(a: argparse.Namespace) -> int:
     return 0
 
 
-# --- main --------------------------------------------------------------------------------------------
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="GGUF / HF dir / named shape; default: embedded SmolLM2")
@@ -236,24 +107,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="only write the model's tokenizer as a Hugging Face directory here and exit")
     p.add_argument("--out", default=str(RESULTS / "http.json"))
     return p.parse_args(argv)
-
-
-def export_tokenizer(model: str | None, where: str) -> int:
-    """Write the served GGUF's tokenizer as a Hugging Face directory (tokenizer.json +
-    tokenizer_config.json): the outside tool counts tokens with it, offline (no hub)."""
-    import gguf
-    from jtrail.models.loader import embedded_gguf_path
-    from jtrail.models.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_gguf(gguf.GGUFReader(str(model or embedded_gguf_path())))
-    d = Path(where)
-    d.mkdir(parents=True, exist_ok=True)
-    tok.backend.save(str(d / "tokenizer.json"))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": tok.chat_template,
-           "model_max_length": 8192, **tok.special_tokens}
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
-    print(f"tokenizer -> {d}")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 prof = Workload(pool, np.zeros(n_pool), np.full(n_pool, a.max_output), forced=False,
                                 request_ids=[f"prof{i}" for i in range(n_pool)])
                 res = drive_grpc(grpc_addr, prof, timeout_s=a.run_timeout)
-                ok = res.completed & (res.output_tokens > 0)
-                fin = np.sort(res.finish[ok])
-                k = len(fin) - a.slots
-                k = k if k >= len(fin) // 2 else len(fin)
-                capacity = float(k / fin[k - 1]) if len(fin) else float("nan")
+                ok, capacity = burst_capacity(res, a.slots)
                 prompts = [p for p, good in zip(pool, ok, strict=True) if good]
                 lengths = np.minimum(res.output_tokens[ok], a.max_output).astype(np.int64)
                 if not prompts or not capacity > 0:
@@ -321,34 +170,21 @@ def main(argv: list[str] | None = None) -> int:
                     ids = [f"{door}{rep}_{i}" for i in range(len(wl))]
                     trace = Workload(wl.prompts, wl.arrival, wl.output_len, forced=True, request_ids=ids)
                     if door == "grpc":
-                        row = summarize(drive_grpc(grpc_addr, trace, timeout_s=a.run_timeout))
+                        row = summarize_completed(drive_grpc(grpc_addr, trace, timeout_s=a.run_timeout))
                     elif door == "http":
-                        row = summarize(drive_http(base, model, trace, timeout_s=a.run_timeout))
+                        res = drive_http(base, model, trace, timeout_s=a.run_timeout, log=log)
+                        row = summarize_completed(res)
                     else:
-                        row = run_guidellm(a, http_addr, model, trace, out_dir, f"{policy}_{rep}")
+                        row = run_guidellm(a, http_addr, model, trace, out_dir, f"{policy}_{rep}", log)
                     runs[door].append(row)
                     log(f"{policy:6s} {door:8s} [{rep + 1}/{a.repeats}] done {row['completed']}/"
                         f"{row['requests']}: mean E2E {row['mean_e2e']:.3f} s, "
                         f"mean TTFT {row['mean_ttft']:.3f} s")
-            table[policy] = {d: _mean(rows) for d, rows in runs.items()}
+            table[policy] = {d: mean_repeats(rows) for d, rows in runs.items()}
         finally:
             server.stop()
 
-    ratios: dict[str, Any] = {}
-    for policy, t in table.items():
-        g, h = t["grpc"], t["http"]
-        ratios[f"{policy}_http_over_grpc_mean_e2e"] = h["mean_e2e"] / g["mean_e2e"]
-        ratios[f"{policy}_http_over_grpc_mean_ttft"] = h["mean_ttft"] / g["mean_ttft"]
-        if "outside" in t:
-            o = t["outside"]
-            ratios[f"{policy}_outside_vs_loadgen_mean_e2e_error"] = abs(o["mean_e2e"] / h["mean_e2e"] - 1)
-            ratios[f"{policy}_outside_vs_loadgen_mean_ttft_error"] = abs(o["mean_ttft"] / h["mean_ttft"] - 1)
-    if "fcfs" in table and "trail" in table:
-        for door in table["fcfs"]:
-            ratios[f"fcfs_over_trail_mean_e2e_{door}"] = (table["fcfs"][door]["mean_e2e"]
-                                                          / table["trail"][door]["mean_e2e"])
-    worst = lambda key: max((v for k, v in ratios.items() if k.endswith(key)), default=None,  # noqa: E731
-                            key=lambda v: abs(v - 1) if "over" in key else v)
+    ratios, bars = door_ratios(table)
     doc = {
         "command": command, "device": device_name(argparse.Namespace(mock=a.mock, gpus="0")),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "git_commit": git_commit(),
@@ -359,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                      "output_len_mean": float(wl.output_len.mean()) if wl else None},
         "outside_tool": {"name": a.outside, "note": "guidellm replays the same trace (prompts, lengths, "
                          "arrival times) over HTTP; compared with loadgen over HTTP on the same server"},
-        "table": table, "ratios": ratios,
-        "bars": {"http_over_grpc_mean_e2e": worst("_http_over_grpc_mean_e2e"),
-                 "outside_vs_loadgen_mean_e2e_error": worst("_outside_vs_loadgen_mean_e2e_error")},
+        "table": table, "ratios": ratios, "bars": bars,
     }
     out_path.write_text(json.dumps(doc, indent=2))
     if os.environ.get("OUT"):
@@ -379,18 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(doc["bars"]))
     print(f"-> {out_path}")
     return 0
-
-
-def _mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {k: float(np.mean([r[k] for r in rows])) for k, v in rows[0].items()
-                           if isinstance(v, int | float) and k not in ("completed", "requests")}
-    out["completed"] = int(sum(r["completed"] for r in rows))
-    out["requests"] = int(sum(r["requests"] for r in rows))
-    out["mean_e2e_per_repeat"] = [r["mean_e2e"] for r in rows]
-    for extra in ("command", "report"):
-        if extra in rows[0]:
-            out[extra] = [r[extra] for r in rows]
-    return out
 
 
 if __name__ == "__main__":

@@ -39,20 +39,19 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from loadgen import Workload, arrival_times, drive_grpc  # noqa: E402
 
-from jtrail.provenance import git_commit  # noqa: E402
+from jtrail.bench.processes import Proc, device_name, start_replicas, wait_serving
+from jtrail.bench.prompt_pools import load_pool, load_replay_pool
+from jtrail.bench.routing_report import carry_over, print_table, ratio_table, real_bars
+from jtrail.bench.routing_runs import profile, routing_trace, run_routers
+from jtrail.provenance import git_commit
 
 OUT = Path(__file__).resolve().parent / "results" / "routing.json"
 T0 = time.perf_counter()
@@ -62,269 +61,6 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
 
 
-# --- processes -------------------------------------------------------------------------------------
-class Proc:
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], pattern: str, log_dir: Path,
-                 timeout_s: float):
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self.err = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.err, text=True, env=env,
-                                     start_new_session=True)
-        self.target = self._wait_line(pattern, timeout_s)
-
-    def _wait_line(self, pattern: str, timeout_s: float) -> str:
-        """The first stdout line matching `pattern` (the server prints it once bound); read in a thread
-        so a silent crash or hang hits the timeout instead of blocking."""
-        import threading
-
-        found: list[str] = []
-
-        def read() -> None:
-            for line in self.proc.stdout:  # type: ignore[union-attr]
-                m = re.search(pattern, line)
-                if m:
-                    found.append(m.group(1))
-                    return
-
-        t = threading.Thread(target=read, daemon=True)
-        t.start()
-        t.join(timeout_s)
-        if not found:
-            self.stop()
-            tail = self.log_path.read_text()[-2000:] if self.log_path.exists() else ""
-            raise RuntimeError(f"{self.name} did not start within {timeout_s:.0f} s "
-                               f"(rc {self.proc.poll()}); log tail:\n{tail}")
-        threading.Thread(target=self._drain_stdout, daemon=True).start()
-        return found[0]
-
-    def _drain_stdout(self) -> None:
-        for _ in self.proc.stdout:  # type: ignore[union-attr]
-            pass
-
-    def stop(self, timeout_s: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.err.close()
-
-
-def jtrail_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "jtrail.cli", *args]
-
-
-def start_replica(i: int, a: argparse.Namespace, log_dir: Path) -> Proc:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if a.gpus:
-        env["CUDA_VISIBLE_DEVICES"] = a.gpus.split(",")[i]
-    if a.mem_fraction:  # replicas sharing one GPU: each preallocates only its share
-        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(a.mem_fraction)
-    args = ["serve", "--host", "127.0.0.1", "--port", "0", "--no-http", "--policy", a.policy,
-            "--slots", str(a.slots), "--pages", str(a.pages), "--page-size", str(a.page_size),
-            "--max-context", str(a.max_context), "--max-queue", str(a.max_queue), "--grace", "1"]
-    if a.mock:
-        args += ["--mock", "--mock-step-delay", str(a.mock_step_delay)]
-    else:
-        if a.model:
-            args += ["--model", a.model]
-        if a.probe:
-            args += ["--probe", a.probe]
-        if a.policy in ("trail", "gittins", "srpt-oracle"):
-            args += ["--aging", str(a.aging)]
-        args += ["--decode-steps", str(a.decode_steps)]
-    return Proc(f"replica{i}", jtrail_cmd(*args), env, r"serving on ([\d.]+:\d+)", log_dir, a.start_timeout)
-
-
-def start_router(policy: str, targets: list[str], a: argparse.Namespace, log_dir: Path) -> Proc:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
-    args = ["route", "--replicas", ",".join(targets), "--router", policy, "--host", "127.0.0.1",
-            "--port", "0", "--page-size", str(a.page_size), "--expected-tokens", str(a.expected_tokens),
-            "--grace", "1"]
-    return Proc(f"router-{policy}", jtrail_cmd(*args), env, r"routing on ([\d.]+:\d+)", log_dir, 60.0)
-
-
-# --- measurements ----------------------------------------------------------------------------------
-def wait_serving(targets: list[str], timeout_s: float) -> None:
-    from jtrail.client import Client
-
-    deadline = time.monotonic() + timeout_s
-    for t in targets:
-        with Client(t) as c:
-            while True:
-                try:
-                    if c.health(timeout=2.0) == "SERVING":
-                        break
-                except Exception:  # noqa: BLE001 - not up yet
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{t} never became SERVING")
-                time.sleep(0.1)
-
-
-def replica_stats(targets: list[str]) -> list[Any]:
-    from jtrail.client import Client
-
-    out = []
-    for t in targets:
-        with Client(t) as c:
-            out.append(c.stats(timeout=10.0))
-    return out
-
-
-def drain(targets: list[str], timeout_s: float) -> float:
-    """Wait until every replica is idle (nothing waiting or running, no KV page held); seconds waited."""
-    t0 = time.monotonic()
-    while True:
-        st = replica_stats(targets)
-        if all(s.waiting == 0 and s.running == 0 and s.swapped == 0 and s.pages_used == 0 for s in st):
-            return time.monotonic() - t0
-        if time.monotonic() - t0 > timeout_s:
-            raise RuntimeError(f"replicas not idle after {timeout_s:.0f} s: {[str(s) for s in st]}")
-        time.sleep(0.1)
-
-
-def finished_counts(targets: list[str]) -> list[int]:
-    return [sum(s.finished_by_reason.values()) for s in replica_stats(targets)]
-
-
-def summarize(res: Any) -> dict[str, float]:
-    ok = res.completed
-    e2e = (res.finish - res.arrival)[ok]
-    ttft = (res.first_token - res.arrival)[ok]
-    row: dict[str, float] = {"completed": int(ok.sum()), "requests": len(ok), "wall_s": float(res.wall_s)}
-    for name, x in (("e2e", e2e), ("ttft", ttft)):
-        row[f"mean_{name}"] = float(x.mean()) if len(x) else float("nan")
-        for q in (50, 99):
-            row[f"p{q}_{name}"] = float(np.percentile(x, q)) if len(x) else float("nan")
-    return row
-
-
-def mean_rows(rows: list[dict]) -> dict:
-    """One router's repeats: numeric fields averaged, with each repeat's mean E2E / TTFT kept."""
-    out: dict = {k: float(np.mean([r[k] for r in rows])) for k, v in rows[0].items()
-                 if isinstance(v, int | float) and k not in ("completed", "requests")}
-    out["completed"] = int(sum(r["completed"] for r in rows))
-    out["requests"] = int(sum(r["requests"] for r in rows))
-    out["mean_e2e_per_repeat"] = [r["mean_e2e"] for r in rows]
-    out["mean_ttft_per_repeat"] = [r["mean_ttft"] for r in rows]
-    out["p99_e2e_per_repeat"] = [r["p99_e2e"] for r in rows]
-    out["completed_per_repeat"] = [r["completed"] for r in rows]
-    out["all_completed_per_repeat"] = [r["completed"] == r["requests"] for r in rows]
-    out["per_replica_finished"] = [r["per_replica_finished"] for r in rows]
-    return out
-
-
-def load_pool(a: argparse.Namespace) -> list[Any]:
-    """Seeded sample of prompts, as chat messages (the servers apply the model's template) or raw text.
-    Over-long prompts are skipped at ~4 characters a token (the servers reject what still does not fit)."""
-    from jtrail import datasets
-
-    texts = datasets.prompt_texts(a.prompts)
-    order = np.random.default_rng(a.seed).permutation(len(texts))
-    pool: list[Any] = []
-    for i in order:
-        t = texts[int(i)]
-        if 0 < len(t) <= 4 * a.max_prompt_tokens:
-            pool.append(t if a.raw else [{"role": "user", "content": t}])
-            if len(pool) >= a.pool:
-                break
-    return pool
-
-
-def load_replay_pool(a: argparse.Namespace) -> tuple[list[list[int]], list[np.ndarray]]:
-    """Seeded sample of the replay split's requests that fit --max-context and --max-prompt-tokens:
-    token-id prompts and their recorded answers (cut to --max-output, and to --max-answer-tokens if set)."""
-    from jtrail.replay import ReplaySet
-
-    rs = ReplaySet.load(a.replay).subset(a.split)
-    cut = min(a.max_output, a.max_answer_tokens or a.max_output)
-    prompts: list[list[int]] = []
-    answers: list[np.ndarray] = []
-    for i in np.random.default_rng(a.seed).permutation(len(rs)):
-        p, ans = rs.prompts[int(i)], rs.answers[int(i)][:cut]
-        if len(p) <= a.max_prompt_tokens and len(p) + len(ans) < a.max_context:
-            prompts.append(p.astype(np.int32).tolist())
-            answers.append(ans.astype(np.int32))
-            if len(prompts) >= a.pool:
-                break
-    return prompts, answers
-
-
-def sharegpt_lengths(n: int, cap: int, seed: int) -> np.ndarray:
-    """n seeded answer lengths of the simulator's routing section (ShareGPT, clipped to [1, cap])."""
-    from simulate import routing_lengths
-
-    return routing_lengths(n, np.random.default_rng(seed), max_output=cap)[1]
-
-
-def device_name(a: argparse.Namespace) -> str:
-    if a.mock:
-        return "cpu (mock engines)"
-    if a.gpus and shutil.which("nvidia-smi"):
-        try:
-            names = subprocess.run(["nvidia-smi", "--query-gpu=index,name", "--format=csv,noheader"],
-                                   capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
-            chosen = [n for n in names if n.split(",")[0].strip() in a.gpus.split(",")]
-            return f"{len(chosen)} x {chosen[0].split(',', 1)[1].strip()}" if chosen else "gpu"
-        except (OSError, subprocess.SubprocessError, IndexError):
-            return "gpu"
-    return "cpu" if not a.gpus else "gpu"
-
-
-def ratio_table(table: dict[str, dict]) -> dict[str, Any]:
-    """X / token-aware mean E2E, TTFT and p99 E2E, from the repeats in which both X and token-aware
-    finished every request (None when there is none: an unfinished run says nothing about its mean);
-    per-repeat ratios beside them (None for an incomplete repeat)."""
-    ta = table["token-aware"]
-    out: dict[str, Any] = {}
-    for name, key in (("round-robin", "rr"), ("least-requests", "least_requests"),
-                      ("power-of-two", "power_of_two")):
-        if name not in table:
-            continue
-        x = table[name]
-        ok = [a and b for a, b in zip(x["all_completed_per_repeat"], ta["all_completed_per_repeat"],
-                                      strict=True)]
-        used = [i for i, good in enumerate(ok) if good]
-        out[f"{key}_repeats_used"] = len(used)
-        for field, per in (("mean_e2e", "mean_e2e_per_repeat"), ("mean_ttft", "mean_ttft_per_repeat"),
-                           ("p99_e2e", "p99_e2e_per_repeat")):
-            out[f"{key}_over_token_aware_{field}"] = (
-                float(np.mean([x[per][i] for i in used]) / np.mean([ta[per][i] for i in used]))
-                if used else None)
-        out[f"{key}_over_token_aware_mean_e2e_per_repeat"] = [
-            x["mean_e2e_per_repeat"][i] / ta["mean_e2e_per_repeat"][i] if good else None
-            for i, good in enumerate(ok)]
-    return out
-
-
-def real_bars(table: dict[str, dict], ratios: dict[str, Any], complete: bool) -> dict[str, Any]:
-    """The issue's real-replica bars: only from runs in which every request of every repeat finished."""
-    get = (lambda k: ratios.get(k)) if complete else (lambda k: None)
-    bars = {"rr_over_token_aware_mean_e2e_real": get("rr_over_token_aware_mean_e2e"),
-            "least_requests_over_token_aware_mean_e2e_real": get("least_requests_over_token_aware_mean_e2e"),
-            "least_requests_over_token_aware_p99_e2e_real": get("least_requests_over_token_aware_p99_e2e"),
-            "every_request_finished": complete}
-    if complete:
-        ta = table["token-aware"]["mean_e2e"]
-        bars["token_aware_best"] = all(r["mean_e2e"] >= ta for r in table.values())
-    return bars
-
-
-def carry_over(earlier: dict, doc: dict) -> dict:
-    """This run's document, with the earlier file's `history` (and its real-replica run, if it was one,
-    appended to it), its simulator section and its simulator bars (keys naming sim) kept."""
-    history = list(earlier.get("history", []))
-    if "table" in earlier:  # the earlier top level was a real-replica run
-        history.append({k: v for k, v in earlier.items() if k not in ("history", "sim8_replay")})
-    bars = {k: v for k, v in earlier.get("bars", {}).items() if "sim" in k}
-    out = {**doc, "bars": {**bars, **doc["bars"]}, "history": history}
-    if "sim8_replay" in earlier:
-        out["sim8_replay"] = earlier["sim8_replay"]
-    return out
 
 
 # --- main ------------------------------------------------------------------------------------------
@@ -397,126 +133,22 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no prompt of at most {a.max_prompt_tokens} tokens in {a.replay or a.prompts}")
     log(f"{len(pool)} prompts; starting {a.replicas} replicas")
     reps: list[Proc] = []
-    router: Proc | None = None
     try:
-        # Replicas load in parallel (each process prints its address once bound).
-        import concurrent.futures as cf
-
-        with cf.ThreadPoolExecutor(a.replicas) as ex:
-            futs = [ex.submit(start_replica, i, a, log_dir) for i in range(a.replicas)]
-            errors = []
-            for f in futs:
-                try:
-                    reps.append(f.result())
-                except Exception as e:  # noqa: BLE001 - stop the others, then report
-                    errors.append(e)
-            if errors:
-                raise errors[0]
+        reps = start_replicas(a, log_dir)
         targets = [r.target for r in reps]
         wait_serving(targets, a.start_timeout)
         log(f"replicas SERVING at {targets}")
-
-        router = start_router("least-requests", targets, a, log_dir)
-        n_pool = len(pool)
-        warm = Workload(pool, np.zeros(n_pool), np.full(n_pool, 2), forced=True,
-                        request_ids=[f"warm{i}" for i in range(n_pool)])
-        drive_grpc(router.target, warm, timeout_s=a.run_timeout)
-        log("warm-up done (every prompt prefilled once)")
-        drain(targets, 60.0)
-        if answers is not None:  # replay: every pool request with its recorded answer, all at t=0
-            prof = Workload(pool, np.zeros(n_pool), np.zeros(n_pool), max_tokens=a.max_output,
-                            answers=answers, request_ids=[f"prof{i}" for i in range(n_pool)])
-        else:
-            prof = Workload(pool, np.zeros(n_pool), np.full(n_pool, a.max_output), forced=False,
-                            request_ids=[f"prof{i}" for i in range(n_pool)])
-        res = drive_grpc(router.target, prof, timeout_s=a.run_timeout)
-        ok = res.completed & (res.output_tokens > 0)
-        fin = np.sort(res.finish[ok])
-        k = len(fin) - a.slots * a.replicas  # exclude the tail where batches are no longer full ...
-        if k < len(fin) // 2:  # ... unless that leaves too little (a pool not much larger than the slots)
-            k = len(fin)
-        capacity = float(k / fin[k - 1]) if len(fin) else float("nan")
-        prompts = [p for p, good in zip(pool, ok, strict=True) if good]
-        kept = [ans for ans, good in zip(answers, ok, strict=True) if good] if answers is not None else None
-        lengths = np.minimum(res.output_tokens[ok], a.max_output).astype(np.int64)
-        router.stop()
-        router = None
-        if not len(prompts) or not np.isfinite(capacity) or capacity <= 0:
-            raise RuntimeError("the profiling run completed no request")
-        log(f"profiled {len(prompts)} prompts: mean output {lengths.mean():.1f} tokens; capacity "
-            f"{capacity:.2f} req/s through the router")
-        drain(targets, 60.0)
-
-        if a.lengths == "sharegpt" and not a.natural_eos:
-            # capacity scales with 1 / mean output length (a decode step's cost barely depends on it);
-            # the trace takes the first n of these draws
-            drawn = sharegpt_lengths(max(4096, a.requests), a.max_output, a.seed + 2)
-            capacity *= float(lengths.mean()) / float(drawn.mean())
-            lengths = drawn
-        # Size the trace so every policy fits in what is left of the deadline.
-        rate = a.load * capacity
-        left = a.deadline_s - (time.perf_counter() - T0) - 15.0
-        per_policy = min(left / (len(routers) * a.repeats), a.run_timeout)
-        tail = float(np.max(lengths)) / max(capacity / a.replicas / a.slots * float(lengths.mean()), 1e-9)
-        # time to finish the last arrivals: one long request, and at least a fifth of the run for the queue
-        # they find (a run that stops at per_policy drops what is unfinished from the means)
-        tail = min(max(tail, per_policy / 5), per_policy / 2)
-        n = int(min(a.requests, max(a.min_requests, (per_policy - tail) * rate)))
-        rng = np.random.default_rng(a.seed + 1)
-        pick = rng.integers(0, len(prompts), n)
-        # Forced lengths: ignore_eos, max_tokens = the profiled length (identical work for every policy).
-        # --natural-eos instead sends max_tokens = --max-output and lets the model stop (no true length in
-        # max_tokens, which caps the engine's length predictions; greedy decoding repeats the profile).
-        if kept is not None:
-            out_len = np.array([len(kept[i]) for i in pick], np.int64)
-        elif a.natural_eos:
-            out_len = np.full(n, a.max_output)
-        elif a.lengths == "sharegpt":
-            out_len = lengths[:n]
-        else:
-            out_len = lengths[pick]
-        expected_len = lengths[pick] if a.natural_eos else out_len  # what the requests generate
-        if kept is not None:  # the nominal cap for every request: max_tokens leaks no length
-            wl = Workload([prompts[i] for i in pick], arrival_times(n, rate, a.seed), out_len,
-                          max_tokens=a.max_output, answers=[kept[i] for i in pick],
-                          request_ids=[f"r{i}" for i in range(n)])
-        else:
-            wl = Workload([prompts[i] for i in pick], arrival_times(n, rate, a.seed), out_len,
-                          forced=not a.natural_eos, request_ids=[f"r{i}" for i in range(n)])
-        log(f"trace: {n} requests at {rate:.2f} req/s ({a.load:.0%} of capacity), "
-            f"{per_policy:.0f} s per policy")
-
-        runs: dict[str, list[dict]] = {name: [] for name in routers}
-        for rep in range(a.repeats):  # alternate the order: no router always runs first or last
-            for name in (routers if rep % 2 == 0 else routers[::-1]):
-                waited = drain(targets, 60.0)
-                before = finished_counts(targets)
-                router = start_router(name, targets, a, log_dir)
-                out = drive_grpc(router.target, wl, timeout_s=per_policy)
-                router.stop()
-                router = None
-                row = summarize(out)
-                after = finished_counts(targets)
-                row["per_replica_finished"] = [x - y for x, y in zip(after, before, strict=True)]
-                row["drain_s_before"] = waited
-                runs[name].append(row)
-                if row["completed"] < n:
-                    log(f"{name} [{rep + 1}/{a.repeats}]: {n - row['completed']} of {n} requests unfinished "
-                        f"after {per_policy:.0f} s: this repeat gives no ratio")
-                log(f"{name:15s} [{rep + 1}/{a.repeats}] done {row['completed']}/{n}: mean E2E "
-                    f"{row['mean_e2e']:.3f} s, p99 {row['p99_e2e']:.3f} s, "
-                    f"mean TTFT {row['mean_ttft']:.3f} s, "
-                    f"split {row['per_replica_finished']}")
-        table = {name: mean_rows(rows) for name, rows in runs.items()}
+        prompts, kept, lengths, capacity = profile(pool, answers, targets, a, log_dir, log)
+        wl, expected_len, rate, per_policy, capacity = routing_trace(prompts, kept, lengths, capacity, a,
+                                                                     routers, T0, log)
+        n = len(wl)
+        table = run_routers(routers, targets, wl, a, log_dir, per_policy, log)
     finally:
-        if router is not None:
-            router.stop()
         for r in reps:
             r.stop()
 
     ratios = ratio_table(table)
     complete = all(r["completed"] == r["requests"] for r in table.values())
-    ta = table["token-aware"]
     doc = {
         "command": command, "device": device_name(a),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "git_commit": git_commit(),
@@ -543,13 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         copy.parent.mkdir(parents=True, exist_ok=True)
         if copy.resolve() != out_path.resolve():
             shutil.copy(out_path, copy)
-    print(f"\n| router ({a.replicas} x {a.policy}, {a.load:.0%} load, {n} req) | done | mean E2E | p50 E2E | "
-          "p99 E2E | mean TTFT | p99 TTFT | E2E / token-aware |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in table.items():
-        print(f"| {name} | {r['completed']}/{r['requests']} | {r['mean_e2e']:.3f} | {r['p50_e2e']:.3f} | "
-              f"{r['p99_e2e']:.3f} | {r['mean_ttft']:.3f} | {r['p99_ttft']:.3f} | "
-              f"{r['mean_e2e'] / ta['mean_e2e']:.3f} |")
+    print_table(table, a, n)
     print(f"-> {out_path}" + ("" if complete else "  (some requests did not finish: see the table; "
                                "those repeats give no ratio and the bars are not set)"))
     return 0

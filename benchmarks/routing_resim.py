@@ -25,17 +25,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from serving_resim import load_raw  # noqa: E402
-from serving_sim import fit_step_model  # noqa: E402
+from jtrail.serving.simulation.step_model import fit_step_model
 
-ROUTERS = ("round-robin", "least-requests", "token-aware")
+from jtrail.bench.routing_sim import resim_rows
+from jtrail.bench.serving_sweep import load_raw
 
 
 def main(argv: list[str] | None = None) -> int:
     from jtrail.models.probe_io import default_probe_path, load_probe
-    from jtrail.serving.brain.predictor import OraclePredictor, RecordedPredictor, TrailPredictor
-    from jtrail.serving.brain.router import make_router
-    from jtrail.serving.simulation.simulator import Resources, Trace, simulate
+    from jtrail.serving.brain.predictor import TrailPredictor
 
     from jtrail.provenance import git_commit
 
@@ -59,38 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     refiner = TrailPredictor(pcfg.bin_edges, pcfg.midpoints)
     steps = [raw["capacity_steps"], *(r["steps"] for r in raw["runs"].values())]
     sm, fit = fit_step_model(np.concatenate(steps))
-    wl = raw["workload"]
-    ids0, out0 = list(wl.request_ids), np.asarray(wl.output_len)
-    plen0 = np.array([len(x) for x in wl.prompts])
-    capacity = a.replicas * a.slots / (out0.mean() * sm.a + sm.d)  # req/s with full batches
-    rows = []
-    for load in (float(x) for x in a.loads.split(",")):
-        for at_arrival in (False, True):
-            for seed in range(a.seeds):
-                rng = np.random.default_rng(seed)
-                pick = rng.integers(0, len(ids0), a.requests)
-                ids = [f"{ids0[i]}#{j}" for j, i in enumerate(pick)]
-                recs = {rid: raw["records"][ids0[i]] for rid, i in zip(ids, pick, strict=True)}
-                arrival = np.cumsum(rng.exponential(1 / (load * capacity), a.requests))
-                tr = Trace(arrival, plen0[pick], out0[pick], request_ids=ids,
-                           max_tokens=np.full(a.requests, int(out0.max())))
-                e2e = {}
-                for name in ROUTERS:
-                    kw = {"page_size": a.page_size} if name == "token-aware" else {}
-                    # token-aware sees each replica's slot forecast, as from a real server
-                    res = simulate(tr, "fcfs", sm, Resources(a.slots, a.pages, a.page_size),
-                                   router=make_router(name, **kw), router_poll_s=a.poll_s,
-                                   num_replicas=a.replicas,
-                                   predictor=RecordedPredictor(refiner, recs)
-                                   if a.predictor == "recorded" else OraclePredictor(),
-                                   predict_at_arrival=at_arrival)
-                    e2e[name] = float(res.e2e.mean())
-                rows.append({"load": load, "predict_at_arrival": at_arrival, "seed": seed, "mean_e2e": e2e,
-                             "rr_over_token_aware": e2e["round-robin"] / e2e["token-aware"],
-                             "least_requests_over_token_aware": e2e["least-requests"] / e2e["token-aware"]})
-                r = rows[-1]
-                print(f"load {load:.2f} predict_at_arrival={at_arrival!s:5} seed {seed}: rr/ta "
-                      f"{r['rr_over_token_aware']:.3f} lr/ta {r['least_requests_over_token_aware']:.3f}")
+    out_mean = float(np.asarray(raw["workload"].output_len).mean())
+    capacity = a.replicas * a.slots / (out_mean * sm.a + sm.d)  # req/s with full batches
+    rows = resim_rows(raw, refiner, sm, capacity, a)
     args = sys.argv[1:] if argv is None else argv
     out = {"command": "python benchmarks/routing_resim.py " + " ".join(args), "device": "cpu (simulator)",
            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

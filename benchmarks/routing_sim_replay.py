@@ -29,22 +29,15 @@ import argparse
 import datetime
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-from jtrail.serving.brain.predictor import ProbeLikePredictor  # noqa: E402
-from jtrail.serving.brain.router import make_router  # noqa: E402
-from jtrail.serving.simulation.simulator import Resources, Trace, simulate  # noqa: E402
-from jtrail.serving.simulation.step_model import StepModel  # noqa: E402
-from simulate import (
-    ROUTING_STEP_MODEL,
-    capacity_rps,
-    poisson,
-    predictor_mae,
-)
+from jtrail.serving.simulation.simulator import Resources
+from jtrail.serving.simulation.step_model import StepModel
 
-from jtrail.provenance import git_commit  # noqa: E402
+from jtrail.bench.routing_sim import print_tables, record_bars, replay_lengths, run_seed
+from jtrail.bench.sim_workloads import ROUTING_STEP_MODEL
+from jtrail.provenance import git_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPLAY = Path("/work/replay/replay_all.npz")
@@ -54,92 +47,8 @@ ROUTERS = ("round-robin", "least-requests", "power-of-two", "token-aware")
 SIGMA0, SIGMA = 0.72, 0.65
 
 
-def replay_lengths(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    from jtrail.replay import ReplaySet
-
-    rs = ReplaySet.load(path).subset(split)
-    return rs.prompt_lengths(), rs.answer_lengths()
-
-
 def probe_edges() -> tuple[float, ...]:
     return tuple(float(x) for x in json.loads((RESULTS / "probe_replay.json").read_text())["bin_edges"])
-
-
-def run_seed(seed: int, prm0: np.ndarray, out0: np.ndarray, a: argparse.Namespace, sm: StepModel,
-             res: Resources, routers: list[str], router_kw: dict) -> dict:
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(out0), a.requests)
-    prm, out = prm0[idx], out0[idx]
-    cap = capacity_rps(sm, res, prm, out)  # per replica, fcfs, saturated
-    rate = a.load * a.replicas * cap
-    max_tokens = int(out0.max())  # the client's cap, not each request's true length
-    tr = Trace(poisson(a.requests, rate, rng), prm, out, max_tokens=np.full(a.requests, max_tokens))
-    pred_kw = {"sigma0": a.sigma0, "sigma": a.sigma, "refine_every": 16, "seed": seed,
-               "max_tokens": max_tokens, "edges": probe_edges()}
-    rows = {}
-    for name in routers:
-        kw = dict(router_kw.get(name, {}))
-        if name == "power-of-two":
-            kw.setdefault("seed", seed)
-        t0 = time.perf_counter()
-        r = simulate(tr, a.policy, sm, res, router=make_router(name, **kw), router_poll_s=a.poll_s,
-                     num_replicas=a.replicas, predictor=ProbeLikePredictor(**pred_kw),
-                     router_sees_estimate=a.router_sees_estimate)
-        s = r.summary()
-        rows[name] = {k: s[k] for k in ("mean_e2e", "p50_e2e", "p99_e2e", "mean_ttft", "p99_ttft",
-                                        "preemptions_per_request")}
-        q = a.requests // 4  # > 1: later arrivals wait longer (past capacity)
-        rows[name]["late_over_early_mean_e2e"] = float(r.e2e[3 * q:].mean() / r.e2e[q:2 * q].mean())
-        rows[name]["finished"] = int(np.isfinite(r.e2e).sum())
-        # the part of E2E no router shortens much: a request's own decode (and prefill) time once it runs
-        rows[name]["mean_e2e_minus_ttft"] = float(np.nanmean(r.e2e - r.ttft))
-        print(f"  seed {seed} {name:15s} mean E2E {s['mean_e2e']:.3f} s  p99 {s['p99_e2e']:.3f} s  "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    ta = rows["token-aware"]
-    ratios = {}
-    for name, key in (("round-robin", "rr"), ("least-requests", "least_requests"),
-                      ("power-of-two", "power_of_two")):
-        if name in rows:
-            ratios[f"{key}_over_token_aware_mean_e2e"] = rows[name]["mean_e2e"] / ta["mean_e2e"]
-            ratios[f"{key}_over_token_aware_p99_e2e"] = rows[name]["p99_e2e"] / ta["p99_e2e"]
-    # Ceiling of any router's gain over X: X's mean E2E / the least mean (E2E - TTFT) seen, i.e. what
-    # token-aware would reach if it removed every wait for a slot and kept the best decode time.
-    floor = min(row["mean_e2e_minus_ttft"] for row in rows.values())
-    ceilings = {f"{key}_over_zero_wait_bound": rows[name]["mean_e2e"] / floor
-                for name, key in (("round-robin", "rr"), ("least-requests", "least_requests"))
-                if name in rows}
-    return {"seed": seed, "rate_req_s": rate, "ceilings": ceilings, "capacity_req_s_per_replica": cap,
-            "mean_prompt": float(prm.mean()), "mean_output": float(out.mean()),
-            "predictor_mae": predictor_mae(ProbeLikePredictor(**pred_kw), out, 300,
-                                           np.random.default_rng(seed)),
-            "table": rows, "ratios": ratios}
-
-
-def record_bars(path: Path, doc: dict, run: dict) -> None:
-    """The `*_sim8` bars (held-out seed) into routing.json, the file keeping the rest: a real-replica run
-    at its top level moves to `history` (benchmarks/routing.py puts the next one there in turn)."""
-    from routing import carry_over
-
-    r, c = run["ratios"], run["ceilings"]
-    bars = {"rr_over_token_aware_mean_e2e_sim8": r["rr_over_token_aware_mean_e2e"],
-            "rr_over_token_aware_p99_e2e_sim8": r["rr_over_token_aware_p99_e2e"],
-            "least_requests_over_token_aware_mean_e2e_sim8": r["least_requests_over_token_aware_mean_e2e"],
-            "least_requests_over_token_aware_p99_e2e_sim8": r["least_requests_over_token_aware_p99_e2e"],
-            "power_of_two_over_token_aware_mean_e2e_sim8": r["power_of_two_over_token_aware_mean_e2e"],
-            "rr_sim8_met": r["rr_over_token_aware_mean_e2e"] >= 1.2,
-            "least_requests_sim8_met": r["least_requests_over_token_aware_mean_e2e"] >= 1.05,
-            "rr_over_zero_wait_bound_sim8": c["rr_over_zero_wait_bound"],
-            "least_requests_over_zero_wait_bound_sim8": c["least_requests_over_zero_wait_bound"]}
-    sim = {"source": "benchmarks/results/routing_sim8_replay.json", "seed": run["seed"],
-           "table": run["table"], "ratios": r, "ceilings": c,
-           **{k: doc[k] for k in ("command", "date", "git_commit", "config", "lengths", "probe")}}
-    earlier = json.loads(path.read_text()) if path.exists() else {}
-    top = {k: doc[k] for k in ("command", "device", "date", "git_commit")}
-    top["bars"] = bars
-    out = carry_over(earlier, top)
-    out["bars"] = {**out["bars"], **bars}
-    out["sim8_replay"] = sim
-    path.write_text(json.dumps(out, indent=2))
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -178,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--routers must include token-aware (the reference of the ratios)")
     router_kw = {"token-aware": {"page_size": a.page_size, "expected_tokens": float(out0.mean())}}
     seeds = [int(s) for s in a.seeds.split(",")]
-    runs = [run_seed(s, prm0, out0, a, sm, res, routers, router_kw) for s in seeds]
+    edges = probe_edges()
+    runs = [run_seed(s, prm0, out0, a, sm, res, routers, router_kw, edges) for s in seeds]
     args = sys.argv[1:] if argv is None else argv
     doc = {"command": "python benchmarks/routing_sim_replay.py " + " ".join(args),
            "device": "cpu (simulator)",
@@ -199,15 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(a.out).write_text(json.dumps(doc, indent=2))
     if a.record_bars:
         record_bars(Path(a.record_bars), doc, runs[0])
-    for r in runs:
-        print(f"\n| router (seed {r['seed']}, {a.replicas} x {a.policy}, {a.load:.0%} load) | mean E2E "
-              "| p99 E2E | mean TTFT | p99 TTFT | mean E2E / token-aware | p99 / token-aware |")
-        print("|---|---|---|---|---|---|---|")
-        ta = r["table"]["token-aware"]
-        for name, row in r["table"].items():
-            print(f"| {name} | {row['mean_e2e']:.3f} | {row['p99_e2e']:.3f} | {row['mean_ttft']:.3f} | "
-                  f"{row['p99_ttft']:.3f} | {row['mean_e2e'] / ta['mean_e2e']:.3f} | "
-                  f"{row['p99_e2e'] / ta['p99_e2e']:.3f} |")
+    print_tables(runs, a)
     print(f"-> {a.out}")
     return 0
 

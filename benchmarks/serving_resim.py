@@ -15,30 +15,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
-from serving_sim import fit_step_model, sim_errors, simulate_policies  # noqa: E402
+from jtrail.serving.simulation.sim_vs_engine import sim_errors, simulate_policies
+from jtrail.serving.simulation.step_model import fit_step_model
 
-
-def load_raw(path: str) -> dict:
-    z = np.load(path)
-    runs_all = []
-    k = 0
-    while f"run{k}_meta" in z:
-        label, name, frac, aging = (str(x) for x in z[f"run{k}_meta"])
-        runs_all.append({"label": label, "name": name, "rate_frac": float(frac), "aging": float(aging),
-                       "e2e": z[f"run{k}_e2e"], "ttft": z[f"run{k}_ttft"], "steps": z[f"run{k}_steps"]})
-        k += 1
-    top = max(r["rate_frac"] for r in runs_all)
-    runs = {r["label"]: r for r in runs_all if r["rate_frac"] == top}  # the saved trace is the top rate's
-    ids = [str(i) for i in z["top_ids"]]
-    ends = np.cumsum(z["records_len"])
-    rec = {rid: z["records"][e - n:e] for rid, n, e in zip(ids, z["records_len"], ends, strict=True)}
-    cap = int(z["top_max_tokens"]) if "top_max_tokens" in z else -1  # -1: sent as the forced length
-    wl = SimpleNamespace(arrival=z["top_arrival"], prompts=[[0] * int(n) for n in z["top_prompt_len"]],
-                         output_len=z["top_output_len"], request_ids=ids, max_tokens=cap if cap > 0 else None)
-    return {"runs": runs, "records": rec, "workload": wl, "capacity_steps": z["capacity_steps"]}
+from jtrail.bench.serving_sweep import load_raw
 
 
 def main(argv: list[str] | None = None) -> int:

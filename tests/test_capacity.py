@@ -1,17 +1,12 @@
 """Capacity from step records, its queueing sanity on the simulator, and the regimes' arrival shapes."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from jtrail.serving.brain.capacity import StepRecord, capacity_req_s, full_batch_throughput
 from jtrail.serving.sequence import InvalidRequestError
+from jtrail.serving.simulation.regimes import REGIMES, regime_arrivals, regime_resources
 from jtrail.serving.simulation.simulator import Resources, Trace, simulate
 from jtrail.serving.simulation.step_model import StepModel
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from regimes import REGIMES, regime_arrivals, regime_resources  # noqa: E402
 
 
 def synthetic_record():

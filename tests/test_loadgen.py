@@ -3,9 +3,6 @@ the real engine (tiny random model) doing identical work under every policy."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,10 +15,9 @@ from jtrail.serving.brain.scheduler.registry import make_policy
 from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
 from jtrail.serving.sequence import SamplingParams, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from loadgen import RunResult, Workload, arrival_times, drive_engine  # noqa: E402
-from metrics_summary import summarize  # noqa: E402
-from serving_report import aging_tradeoff  # noqa: E402
+from jtrail.bench.loadgen import RunResult, Workload, arrival_times, drive_engine
+from jtrail.bench.metrics import summarize
+from jtrail.bench.serving_report import aging_tradeoff
 
 CFG = NAMED_CONFIGS["tiny"].replace(tie_embeddings=False)
 
@@ -204,7 +200,8 @@ def test_grpc_target_streams_forced_lengths():
 
     from jtrail.serving.engine.fake_runner import mock_engine
     from jtrail.serving.frontdoor.server import JtrailServer, ServerConfig
-    from loadgen import grpc_run
+
+    from jtrail.bench.loadgen import grpc_run
 
     lengths = np.array([3, 1, 5, 2, 4, 6])
     wl = Workload([[70, 71, 72]] * 6, arrival_times(6, 50.0, seed=0), lengths)

@@ -101,8 +101,7 @@ def _row(e2e: list[float], done: list[int], n: int = 10) -> dict:
 
 
 def test_an_unfinished_repeat_gives_no_ratio_and_no_bar() -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from routing import ratio_table, real_bars
+    from jtrail.bench.routing_report import ratio_table, real_bars
 
     table = {"least-requests": _row([2.0, 9.0, 3.0], [10, 10, 10]),
              "token-aware": _row([1.0, 1.0, 2.0], [10, 7, 10])}
@@ -118,8 +117,7 @@ def test_an_unfinished_repeat_gives_no_ratio_and_no_bar() -> None:
 
 
 def test_a_real_run_keeps_the_files_history_and_simulator_bars() -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from routing import carry_over
+    from jtrail.bench.routing_report import carry_over
 
     earlier = {"command": "sim", "bars": {"rr_over_token_aware_mean_e2e_sim8": 1.1, "x_real": 0.9},
                "sim8_replay": {"seed": 11}, "history": [{"command": "old"}]}

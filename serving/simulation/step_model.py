@@ -5,7 +5,8 @@ of context attended (sum of the running sequences' lengths); prefill_calls: pref
 step (the engine prefills each admitted sequence in its own jitted call, so on a small model a call's
 fixed cost dwarfs its per-token cost). Fitted by least squares from measured engine steps.
 `decode_run_time` is the closed-form time of n decode steps of a fixed batch, which is what lets
-the simulator jump over steps where nothing changes.
+the simulator jump over steps where nothing changes. `fit_step_model` fits it on a run's recorded
+steps (the load generator's step rows), leaving out pauses.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..brain.capacity import pauses
 from ..sequence import InvalidRequestError
 
 
@@ -81,3 +83,22 @@ class StepModel:
         if got["a"] <= 0 and got.get("b", 0.0) <= 0:  # a decode step must cost something
             return cls(a=float(np.mean(y)))
         return cls(a=max(got["a"], 0.0), b=got.get("b", 0.0), c=got.get("c", 0.0), d=got.get("d", 0.0))
+
+
+def fit_step_model(steps: np.ndarray) -> tuple[StepModel, dict[str, float]]:
+    """Least squares over measured steps, rows of (batch tokens, kv tokens, seconds, prefill calls, ...)
+    as `jtrail.bench.loadgen` records them; returns the model and its fit quality (relative error of the
+    summed time, R^2). Steps that computed nothing are left out, and so are pauses."""
+    s = steps[steps[:, 0] > 0]
+    # Pauses (a compile: seconds, not milliseconds) are not part of the steady-state cost; least
+    # squares would smear them over every step of their kind.
+    stall = pauses(s[:, 2])
+    s = s[~stall]
+    sm = StepModel.fit(s[:, 0], s[:, 1], s[:, 2], s[:, 3])
+    pred = np.array([sm.step_time(b, k, c) for b, k, c in zip(s[:, 0], s[:, 1], s[:, 3], strict=True)])
+    ss_res = float(np.sum((s[:, 2] - pred) ** 2))
+    ss_tot = float(np.sum((s[:, 2] - s[:, 2].mean()) ** 2)) or 1.0
+    info = {"a": sm.a, "b": sm.b, "c": sm.c, "d": sm.d, "steps": float(len(s)),
+            "stalls_excluded": float(stall.sum()), "r2": 1.0 - ss_res / ss_tot,
+            "total_time_rel_error": float(pred.sum() / s[:, 2].sum() - 1.0)}
+    return sm, info

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from jtrail.serving.sequence import SamplingParams
 
 from jtrail import datasets
+from jtrail.serving.brain.capacity import StepRecord
+from jtrail.serving.sequence import SamplingParams
 
 
 def arrival_times(n: int, rate: float, seed: int, cv: float = 1.0) -> np.ndarray:
@@ -118,6 +119,17 @@ class RunResult:
     @property
     def completed(self) -> np.ndarray:
         return np.isfinite(self.finish)
+
+
+def step_record(steps: np.ndarray) -> StepRecord:
+    """RunResult.steps rows -> the capacity module's record (end time, running, tokens out, waiting)."""
+    return StepRecord(
+        end_time=steps[:, 6],
+        running=steps[:, 7],
+        tokens_out=steps[:, 5],
+        seconds=steps[:, 2],
+        waiting=steps[:, 8],
+    )
 
 
 def _result(arrival, first, finish, nout, npre, itl: list[float], steps: list, wall: float) -> RunResult:

@@ -1,6 +1,6 @@
 """The serving regimes of issue 15: one definition for the simulator and the GPU benchmark.
 
-    from regimes import REGIMES, regime_arrivals, regime_resources  # from a script in benchmarks/
+    from jtrail.serving.simulation.regimes import REGIMES, regime_arrivals, regime_resources
 
 - R1 stable: Poisson at 0.9 of capacity, 32 slots, 2,048 pages.
 - R2 overload: Poisson at 1.3x capacity for 45 s, then 0.6x for a 45 s drain window (or until
@@ -9,7 +9,7 @@
   tokens / page size x 16), Poisson at 0.9 of capacity. Baseline: fcfs with vLLM's free-page
   watermark on admission (`make_policy("fcfs", watermark=0.01)`).
 
-Capacity is per regime: it is measured on that regime's resources (serving/brain/capacity.py: full-batch
+Capacity is per regime: it is measured on that regime's resources (`brain/capacity.py`: full-batch
 output tokens/s over mean output tokens; for R3 the batch is memory-bound, so "full" means requests
 were waiting, `backlog=True`). `regime_arrivals` turns it into arrival times for a seed.
 """

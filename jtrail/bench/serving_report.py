@@ -1,4 +1,5 @@
-"""Tables, bars, plots and the JSON file of the serving benchmark (benchmarks/serving.py)."""
+"""Tables, bars, plots and the JSON file of the serving benchmark's natural-length sweep
+(benchmarks/serving.py)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from metrics_summary import cdf_points, ratio
 
+from jtrail.bench.metrics import cdf_points, ratio
 from jtrail.provenance import git_commit
 
 MAX_P99_RATIO, MIN_MEAN_GAIN = 2.0, 1.4  # the aging default must keep both (issue 7)
 
 
-def _device() -> str:
+def device_label() -> str:
     import jax
 
     d = jax.devices()[0]
@@ -82,7 +83,7 @@ def analyse(args: Any, lengths: np.ndarray, cap: dict, sw: dict, sim: dict) -> d
                 "ttft": [c.tolist() for c in cdf_points(r["_ttft"], 100)]} for p, r in top.items()}
     config = {k: v for k, v in vars(args).items() if k not in ("command",)}
     return {
-        "command": args.command, "device": _device(),
+        "command": args.command, "device": device_label(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(), "config": config,
         "workload": {"prompts": args.prompts, "mode": "forced lengths (profiled natural EOS, capped)",
@@ -98,11 +99,11 @@ def analyse(args: Any, lengths: np.ndarray, cap: dict, sw: dict, sim: dict) -> d
     }
 
 
-def _clean(x: Any) -> Any:
+def clean_json(x: Any) -> Any:
     if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
+        return {str(k): clean_json(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
+        return [clean_json(v) for v in x]
     if isinstance(x, np.generic):
         x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
@@ -176,7 +177,7 @@ def write_outputs(args: Any, result: dict[str, Any]) -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = plots(result, out_dir)
-    doc = _clean({k: v for k, v in result.items() if not k.startswith("_")})
+    doc = clean_json({k: v for k, v in result.items() if not k.startswith("_")})
     path = out_dir / "serving.json"
     path.write_text(json.dumps(doc, indent=1))
     files.append(path)

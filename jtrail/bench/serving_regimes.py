@@ -5,14 +5,16 @@ hidden states and the probe see a real answer of real length). Requests come fro
 replay set (`jtrail.replay`, held out from probe training; its name goes into the JSON). Per regime:
 1. capacity, measured: a saturated fcfs run; sustained output tokens/s over the full-batch steps
    divided by the mean answer length (`jtrail.serving.brain.capacity`);
-2. one seeded trace of the regime's arrival shape (benchmarks/regimes.py), and every policy on it, each
-   on a fresh warmed engine; each run's summary is saved as soon as it ends ($OUT/serving_partial.json);
+2. one seeded trace of the regime's arrival shape (`jtrail.serving.simulation.regimes`), and every
+   policy on it, each on a fresh warmed engine; each run's summary is saved as soon as it ends
+   ($OUT/serving_partial.json);
 3. the simulator on the same trace with the run's recorded probe outputs and the step model fitted on
    the engine's steps: sim vs engine mean E2E per policy.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -20,13 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from jtrail.serving.brain.capacity import StepRecord, capacity_req_s, full_batch_throughput, pauses
+
+from jtrail.bench.engine_setup import Setup, make_engine
+from jtrail.bench.loadgen import Workload, drive_engine, step_record
+from jtrail.bench.metrics import cdf_points, ratio, summarize
+from jtrail.bench.serving_report import clean_json, device_label
+from jtrail.provenance import git_commit
+from jtrail.serving.brain.capacity import capacity_req_s, full_batch_throughput, pauses
 from jtrail.serving.brain.predictor import RecordingPredictor
 from jtrail.serving.engine.model_runner import BACKEND_COMPILES, TRACE_COUNTS
-from loadgen import Workload, drive_engine
-from metrics_summary import cdf_points, ratio, summarize
-from regimes import REGIMES, Regime, regime_arrivals, regime_resources
-from serving_sim import fit_step_model, sim_errors, simulate_policies
+from jtrail.serving.simulation.regimes import REGIMES, Regime, regime_arrivals, regime_resources
+from jtrail.serving.simulation.sim_vs_engine import sim_errors, simulate_policies
+from jtrail.serving.simulation.step_model import fit_step_model
 
 BAR_KEYS = (
     "fcfs_over_trail_mean_e2e",
@@ -35,17 +42,6 @@ BAR_KEYS = (
     "trail_over_oracle_mean_e2e",
     "trail_preemptions_per_request",
 )
-
-
-def step_record(steps: np.ndarray) -> StepRecord:
-    """loadgen's step rows -> the capacity module's record (end time, running, tokens out, waiting)."""
-    return StepRecord(
-        end_time=steps[:, 6],
-        running=steps[:, 7],
-        tokens_out=steps[:, 5],
-        seconds=steps[:, 2],
-        waiting=steps[:, 8],
-    )
 
 
 class Pool:
@@ -384,18 +380,16 @@ def merge_docs(docs: list[dict[str, Any]]) -> dict[str, Any]:
 def write_doc(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     import shutil
 
-    from serving_report import _clean
-
     out_dir.mkdir(parents=True, exist_ok=True)
     files = plots(doc, out_dir)
     path = out_dir / "serving.json"
-    path.write_text(json.dumps(_clean(doc), indent=1))
+    path.write_text(json.dumps(clean_json(doc), indent=1))
     files.append(path)
     if os.environ.get("OUT") and Path(os.environ["OUT"]).resolve() != out_dir.resolve():
         for p in files:
             shutil.copy(p, Path(os.environ["OUT"]) / p.name)
     print(markdown(doc["table"]))
-    print("bars:", json.dumps(_clean(doc["bars"]), indent=1))
+    print("bars:", json.dumps(clean_json(doc["bars"]), indent=1))
     return files
 
 
@@ -421,10 +415,6 @@ def run_replay(
 ) -> dict[str, Any]:
     """All requested regimes; returns the serving.json document (also written, with plots)."""
     import datetime
-
-    from serving_report import _device
-
-    from jtrail.provenance import git_commit
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -481,7 +471,7 @@ def run_replay(
     bars["sim_vs_engine_mean_e2e_error"] = max(errs) if errs else None
     doc = {
         "command": args.command,
-        "device": _device(),
+        "device": device_label(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "config": {k: v for k, v in vars(args).items() if k != "command"},
@@ -520,3 +510,34 @@ def markdown(table: list[dict]) -> str:
             cells.append("n/a" if v is None or not np.isfinite(v) else f"{v:.3g}")
         lines.append(f"| {r['regime']} | {r['policy']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def run_replay_workload(su: Setup, args: argparse.Namespace) -> int:
+    """`benchmarks/serving.py --workload replay`: the pool from the replay split, every policy in each
+    requested regime on fresh engines of the regime's size (`run_replay`)."""
+    if not args.replay:
+        raise SystemExit("--workload replay needs --replay PATH (from: python -m jtrail.replay --out PATH)")
+    pool = Pool(args.replay, args.split, args.max_model_len, args.seed, args.max_answer_tokens)
+    su.warm_prompts = pool.prompts[:32]
+    edges, mids = list(su.refiner.bin_edges), [float(m) for m in su.refiner.midpoints]
+    # trail's defaults (c = 0, aging 100 tok/s, chosen on the simulator: results/tune_preemption.json),
+    # and trail without aging beside it; gittins and the oracle at c = 0 without aging, so the oracle is
+    # pure SRPT on true lengths (the mean's lower reference)
+    specs = {"fcfs": ("fcfs", {}), "trail": ("trail", {}), "trail-no-aging": ("trail", {"aging": 0.0}),
+             "gittins": ("gittins", {"bin_edges": edges, "midpoints": mids, "c": 0.0}),
+             "srpt-oracle": ("srpt-oracle", {"c": 0.0})}
+    specs = {k: v for k, v in specs.items() if k in args.policies.split(",")}
+    old = Path(args.out) / "serving.json"
+    history = None
+    if old.is_file():  # the previous headline (natural lengths) stays in the file as history
+        prev = json.loads(old.read_text())
+        history = prev.get("history") or {k: prev.get(k) for k in ("command", "device", "date", "git_commit",
+                                                                    "workload", "table", "bars")}
+
+    def make(pname: str, kw: dict, regime: Any, predictor: Any = None) -> Any:
+        r = pool.resources(regime.name, args.page_size, args.regime_slots)
+        return make_engine(su, pname, kw, predictor, slots=r["num_slots"], pages=r["num_pages"])
+
+    meta = {"probe": args.probe_used, "dtype": args.dtype_used}
+    run_replay(make, pool, args, su.refiner, specs, history, meta)
+    return 0

@@ -1,0 +1,217 @@
+"""Paged-attention kernel timings and checks of `benchmarks/kernels.py` (GPU).
+
+Timing: each op runs K times in one jitted, unrolled chain (its output feeds the next call's query, so
+nothing is hoisted) and alternates between two disjoint sets of pages so the KV working set is 2x the
+shape's cache (past L2). All ops of one shape are timed interleaved (A, B, C, A, B, C, ...; many
+reps), and ratios are the median of per-rep ratios, so clock drift between reps cancels.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtrail.kernels import reference
+from jtrail.kernels.paged_attention_gpu import decode_attention_pallas, prefill_attention_pallas_gpu
+
+HQ, HKV, D, PAGE, DT = 32, 8, 128, 16, jnp.bfloat16
+
+
+def chain(fn, iters: int):
+    """fn(q, tables, *rest) -> q-shaped, chained `iters` times in one jit (unrolled: an XLA while
+    loop on GPU syncs with the host every trip)."""
+
+    @jax.jit
+    def loop(q, tables, *rest):
+        for i in range(iters):
+            q = fn(q, tables[i % 2], *rest).astype(q.dtype)
+        return q
+
+    return loop
+
+
+def bench_group(fns: dict, args, *, iters: int = 20, reps: int = 21) -> dict:
+    """Seconds per call for each fn, timed interleaved: -> {name: np.array of per-rep times}.
+    A fn that fails to compile is reported and left out."""
+    loops = {}
+    for name, fn in fns.items():
+        try:
+            loops[name] = chain(fn, iters)
+            jax.block_until_ready(loops[name](*args))
+        except Exception as e:  # a variant that fails to compile is reported, not fatal
+            print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            loops.pop(name)
+    times = {name: [] for name in loops}
+    for _ in range(reps):
+        for name, loop in loops.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(loop(*args))
+            times[name].append((time.perf_counter() - t0) / iters)
+    return {name: np.array(t) for name, t in times.items()}
+
+
+def copy_bandwidth(iters: int = 20) -> float:
+    """Read+write bytes per second of an elementwise op over 1 GiB of bf16 (donated, queued calls)."""
+    x = jax.random.normal(jax.random.key(0), (512 * 1024 * 1024,), jnp.bfloat16)
+    f = jax.jit(lambda x: 1.0 - x, donate_argnums=0)  # (x*1.0001 rounds to x*1 in bf16: a no-op)
+    x = jax.block_until_ready(f(x))
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            x = f(x)
+        jax.block_until_ready(x)
+        ts.append((time.perf_counter() - t0) / iters)
+    return 2 * x.nbytes / float(np.median(ts))
+
+
+def make_cache(key, b: int, ctx: int):
+    """Two disjoint block-table sets over one shuffled cache; returns (k, v, tables [2, B, P])."""
+    p = ctx // PAGE
+    num_pages = 2 * b * p + 1
+    kk, kv, kp = jax.random.split(key, 3)
+    k = jax.random.normal(kk, (HKV, num_pages, PAGE, D), DT)
+    v = jax.random.normal(kv, (HKV, num_pages, PAGE, D), DT)
+    perm = jax.random.permutation(kp, num_pages - 1)[: 2 * b * p] + 1  # page 0 stays null
+    return k, v, perm.reshape(2, b, p).astype(jnp.int32)
+
+
+def rel_err(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def decode_rows(b: int, ctx: int, variants: list[dict]) -> list[dict]:
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+    k, v, tables = make_cache(jax.random.key(b * ctx), b, ctx)
+    q = jax.random.normal(jax.random.key(1), (b, HQ, D), DT)
+    lengths = jnp.full((b,), ctx, jnp.int32)
+    nbytes = 2 * b * ctx * HKV * D * 2 + 2 * q.nbytes
+    scale = D**-0.5
+    ref = reference.decode_attention(q, k, v, lengths, tables[0])
+    fns = {"jax": lambda q, t, k, v, n: paged_attention(q * scale, k, v, t, n),
+           "ref": lambda q, t, k, v, n: reference.decode_attention(q, k, v, n, t)}
+    errs = {}
+    for i, var in enumerate(variants):
+        f = lambda q, t, k, v, n, var=var: decode_attention_pallas(q, k, v, n, t, **var)
+        try:
+            errs[i] = rel_err(f(q, tables[0], k, v, lengths), ref)
+            fns[i] = f
+        except Exception as e:  # a variant that fails to compile is reported, not fatal
+            print(f"decode b{b} ctx{ctx} {var}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+    ts = bench_group(fns, (q, tables, k, v, lengths))
+    rows = []
+    for i, var in enumerate(variants):
+        if i not in ts:
+            continue
+        t = float(np.median(ts[i]))
+        rows.append(dict(kind="decode", batch=b, ctx=ctx, variant=var, us=t * 1e6, rel_err=errs[i],
+                         tb_s=nbytes / t / 1e12, jax_us=float(np.median(ts["jax"])) * 1e6,
+                         speedup_vs_jax=float(np.median(ts["jax"] / ts[i])),
+                         ref_us=float(np.median(ts["ref"])) * 1e6,
+                         speedup_vs_ref=float(np.median(ts["ref"] / ts[i])),
+                         rep_us=[round(x * 1e6, 1) for x in ts[i]],
+                         jax_rep_us=[round(x * 1e6, 1) for x in ts["jax"]]))
+        r = rows[-1]
+        print(f"decode b{b:4d} ctx{ctx:5d} {str(var):56s} {t*1e6:8.1f}us {r['tb_s']:.2f}TB/s "
+              f"vsJAX {r['speedup_vs_jax']:.2f}x vsRef {r['speedup_vs_ref']:.2f}x err {errs[i]:.1e}",
+              flush=True)
+    return rows
+
+
+def prefill_rows(b: int, t_len: int, variants: list[dict]) -> list[dict]:
+    k, v, tables = make_cache(jax.random.key(7), b, t_len)
+    q = jax.random.normal(jax.random.key(2), (b, t_len, HQ, D), DT)
+    q_start = jnp.zeros((b,), jnp.int32)
+    q_lens = jnp.full((b,), t_len, jnp.int32)
+    kd = jax.random.normal(jax.random.key(3), (b, t_len, HKV, D), DT)
+    vd = jax.random.normal(jax.random.key(4), (b, t_len, HKV, D), DT)
+    impl = "cudnn"
+    dense = lambda q, t, k, v, kd, vd: jax.nn.dot_product_attention(q, kd, vd, is_causal=True,
+                                                                    implementation="cudnn")
+    try:
+        jax.block_until_ready(dense(q, tables[0], k, v, kd, vd))
+    except Exception as e:
+        print("cudnn flash unavailable:", type(e).__name__, str(e)[:200])
+        impl = "xla"
+        dense = lambda q, t, k, v, kd, vd: jax.nn.dot_product_attention(q, kd, vd, is_causal=True)
+    ref = reference.prefill_attention(q, k, v, q_start, q_lens, tables[0])
+    flops = 4 * b * HQ * D * t_len * (t_len + 1) / 2
+    fns, errs = {"dense": dense}, {}
+    for i, var in enumerate(variants):
+        f = lambda q, t, k, v, kd, vd, var=var: prefill_attention_pallas_gpu(q, k, v, q_start, q_lens,
+                                                                             t, **var)
+        try:
+            errs[i] = rel_err(f(q, tables[0], k, v, kd, vd), ref)
+            fns[i] = f
+        except Exception as e:
+            print(f"prefill b{b} T{t_len} {var}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+    ts = bench_group(fns, (q, tables, k, v, kd, vd), iters=10, reps=15)
+    t_dense = float(np.median(ts["dense"]))
+    rows = []
+    for i, var in enumerate(variants):
+        if i not in ts:
+            continue
+        t = float(np.median(ts[i]))
+        ratio = float(np.median(ts[i] / ts["dense"]))
+        rows.append(dict(kind="prefill", batch=b, ctx=t_len, variant=var, us=t * 1e6, rel_err=errs[i],
+                         tflops=flops / t / 1e12, dense_impl=impl, dense_us=t_dense * 1e6,
+                         time_vs_dense=ratio, rep_us=[round(x * 1e6, 1) for x in ts[i]],
+                         dense_rep_us=[round(x * 1e6, 1) for x in ts["dense"]]))
+        print(f"prefill b{b} T{t_len} {str(var):56s} {t*1e6:8.1f}us {flops/t/1e12:6.1f}TFLOP/s "
+              f"dense[{impl}] {t_dense*1e6:8.1f}us ratio {ratio:.2f} err {errs[i]:.1e}", flush=True)
+    return rows
+
+
+def gpu_check() -> dict:
+    """Correctness on the GPU itself: ragged lengths, every slot outside a sequence is NaN."""
+    from jtrail.kernels import ops
+
+    out = {}
+    rng = np.random.default_rng(0)
+    for dt in (jnp.float32, jnp.bfloat16):
+        for hq, hkv, d in ((32, 8, 128), (9, 3, 64), (8, 8, 64)):
+            b, p = 5, 9
+            lens = np.array([1, PAGE, PAGE + 1, p * PAGE, 37])
+            num_pages = b * p + 3
+            k = np.full((hkv, num_pages, PAGE, d), np.nan, np.float32)
+            v = k.copy()
+            tables = (rng.permutation(num_pages - 1)[: b * p] + 1).reshape(b, p).astype(np.int32)
+            for i, n in enumerate(lens):
+                for pos in range(n):
+                    pg, off = tables[i, pos // PAGE], pos % PAGE
+                    k[:, pg, off] = rng.standard_normal((hkv, d))
+                    v[:, pg, off] = rng.standard_normal((hkv, d))
+                tables[i, -(-n // PAGE):] = 0  # unused entries point at the (NaN) null page
+            k, v, tables = jnp.asarray(k, dt), jnp.asarray(v, dt), jnp.asarray(tables)
+            q = jnp.asarray(rng.standard_normal((b, hq, d)), dt)
+            lj = jnp.asarray(lens, jnp.int32)
+            r = reference.decode_attention(q, k, v, lj, tables, softcap=30.0)
+            o = ops.decode_attention(q, k, v, lj, tables, softcap=30.0, impl="pallas")
+            out[f"decode_{np.dtype(dt).name}_{hq}_{hkv}_{d}"] = rel_err(o, r)
+            for ns in (2, 4):
+                o = ops.decode_attention(q, k, v, lj, tables, impl="pallas", num_splits=ns,
+                                         pages_per_block=2)
+                r = reference.decode_attention(q, k, v, lj, tables)
+                out[f"decode_split{ns}_{np.dtype(dt).name}_{hq}_{hkv}_{d}"] = rel_err(o, r)
+            t = 24
+            qp = jnp.asarray(rng.standard_normal((b, t, hq, d)), dt)
+            qs = jnp.asarray(np.maximum(lens - 20, 0), jnp.int32)
+            ql = jnp.asarray(np.minimum(lens, 20), jnp.int32)
+            r = reference.prefill_attention(qp, k, v, qs, ql, tables)
+            o = ops.prefill_attention(qp, k, v, qs, ql, tables, impl="pallas")
+            out[f"prefill_{np.dtype(dt).name}_{hq}_{hkv}_{d}"] = rel_err(o, r)
+            kn = jnp.asarray(rng.standard_normal((6, hkv, d)), dt)
+            sm = jnp.asarray([3, -1, 17, 40, -5, 2], jnp.int32)
+            rk, rv = reference.write_kv(k, v, kn, kn * 2, sm)
+            ok, ov = ops.write_kv(jnp.array(k), jnp.array(v), kn, kn * 2, sm, impl="pallas")
+            same = np.array_equal(np.asarray(ok, np.float32), np.asarray(rk, np.float32), equal_nan=True)
+            same_v = np.array_equal(np.asarray(ov, np.float32), np.asarray(rv, np.float32), equal_nan=True)
+            out[f"write_kv_{np.dtype(dt).name}_{hq}_{hkv}_{d}_exact"] = bool(same and same_v)
+    for name, val in out.items():
+        print(f"check {name}: {val}")
+    return out
