@@ -107,9 +107,7 @@ def build_real_engine(args: argparse.Namespace) -> AsyncEngine:
     cfg = engine_config(args)
     engine = LLMEngine(loaded.model, loaded.tokenizer, cfg, probe=probe, predictor=predictor)
     if not args.no_warmup:  # compile every prefill shape and the decode step before "serving"
-        from jtrail.warmup import warm_up
-
-        warm_up(engine)
+        engine.warmup(report=log.info)
     return AsyncLLMEngine(engine, model_name=loaded.cfg.name)
 
 

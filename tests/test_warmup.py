@@ -6,10 +6,11 @@ import argparse
 
 import numpy as np
 from jtrail.serving.engine.model_runner import BACKEND_COMPILES
+from jtrail.serving.engine.warmup import _prompts_for
 from jtrail.serving.sequence import SamplingParams
 
 from jtrail.serve import add_serve_args, build_real_engine
-from jtrail.warmup import _prompts_for, banner
+from jtrail.warmup import banner
 
 
 def test_no_compilation_after_warm_up_whatever_the_traffic() -> None:

@@ -46,13 +46,12 @@ def load(args: argparse.Namespace) -> Setup:
 def make_engine(su: Setup, policy: str, kw: dict, predictor: Any = None, slots: int | None = None,
                 pages: int | None = None) -> Any:
     """A fresh engine, warmed up: every prefill shape and the decode step have run on it before
-    anything is timed (`jtrail.warmup.warm_up`, as `jtrail serve` does). Without
+    anything is timed (`LLMEngine.warmup`, as `jtrail serve` does). Without
     this a run met multi-second stalls in its first steps and a compile of the largest bucket
     mid-trace (measured: 5 s in one run), and at 95% load a stall's backlog takes the rest of the
     trace to drain."""
     from jtrail.serving.brain.scheduler.registry import make_policy
     from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
-    from jtrail.warmup import warm_up
 
     a = su.args
     cfg = EngineConfig(num_slots=slots or a.slots, page_size=a.page_size, num_pages=pages or a.pages,
@@ -61,7 +60,7 @@ def make_engine(su: Setup, policy: str, kw: dict, predictor: Any = None, slots: 
     eng = LLMEngine(su.model, su.tokenizer, cfg, probe=su.probe, predictor=predictor or su.refiner)
     # the server's own warm-up: every packed prefill shape the slots can reach and the decode step
     # (a warm-up of one prompt per bucket missed packed shapes: compiles mid-run, seconds each)
-    warm_up(eng, report=lambda _msg: None)
+    eng.warmup(report=lambda _msg: None)
     if isinstance(predictor, RecordingPredictor):
         predictor.rows.clear()
         predictor.predictions.clear()

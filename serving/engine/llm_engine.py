@@ -18,6 +18,7 @@ tokens, text and finish are the synchronous engine's (tests/test_async_schedulin
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -43,6 +44,7 @@ from .outputs import OutputProcessor
 from .request_state import EngineRequest
 from .runner import Runner
 from .step_scheduler import StepScheduler
+from .warmup import warm_up
 
 
 @dataclass
@@ -154,6 +156,12 @@ class LLMEngine:
     probe_calls = property(lambda self: self.scheduler.probe_calls)
     probe_tokens = property(lambda self: self.scheduler.probe_tokens)
     finished_by_reason = property(lambda self: self.outputs.finished_by_reason)
+
+    def warmup(self, report: Callable[[str], None] | None = None) -> float:
+        """Compile every packed prefill shape and the decode step before traffic (warmup.py); returns
+        the seconds it took and leaves the engine empty. `report` gets one line per shape (default:
+        this package's logger)."""
+        return warm_up(self) if report is None else warm_up(self, report)
 
     def pending_output_ids(self) -> set[str]:
         """Requests with output not yet returned by a step (a failed step's, for the front end),
