@@ -67,8 +67,8 @@ def check_probe(spec: str | None) -> None:
         PARAMS_DIR,
         ProbeFileError,
         read_probe_meta,
-        resolve_probe_path,
     )
+    from jtrail.shipped import resolve_probe_path
 
     try:
         path = resolve_probe_path(spec)

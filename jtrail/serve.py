@@ -116,8 +116,9 @@ def _load_probe(spec: str | None, default_model: bool) -> tuple[object | None, o
 
     `--probe none` turns length prediction off (fcfs/priority do not need it); `--probe replay` picks the
     shipped probe trained on recorded answers."""
-    from jtrail.models.probe_io import load_probe, resolve_probe_path
+    from jtrail.models.probe_io import load_probe
     from jtrail.serving.brain.predictor import TrailPredictor
+    from jtrail.shipped import resolve_probe_path
 
     if spec is not None and spec.lower() == "none":
         return None, None

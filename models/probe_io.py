@@ -5,9 +5,9 @@ Layout of a probe directory:
     probe.json    {"probe_config": {...}, "meta": {...}}  (model, layer, bins, data, metrics)
     params/       Orbax checkpoint of the ProbeHead's parameters (f32)
 
-The probe is small (d_model*512 + 512*K floats), so the shipped default lives in the repository. It is
-restored against a freshly built abstract head on the current default device, so a probe trained on a
-GPU loads on a CPU and the other way round.
+The probe is small (d_model*512 + 512*K floats), so shipped ones live in the repository (found by
+jtrail/shipped.py). It is restored against a freshly built abstract head on the current default
+device, so a probe trained on a GPU loads on a CPU and the other way round.
 """
 
 from __future__ import annotations
@@ -114,41 +114,3 @@ def load_probe(path: str | Path) -> tuple[ProbeHead, ProbeConfig, dict[str, Any]
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(head, state)
     return head, cfg, meta
-
-
-# Probes shipped for the embedded SmolLM2, by name -> directory under jtrail/assets/.
-# "default": trained on the model's own greedy answers (natural generation);
-# "replay": trained on recorded ShareGPT answers, teacher-forced (`jtrail train-probe --replay`).
-NAMED_PROBES = {"default": "probe", "replay": "probe_replay"}
-
-
-def _assets_dir() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("jtrail")
-    if spec is None or not spec.submodule_search_locations:
-        raise ProbeFileError("cannot locate the jtrail package")
-    return Path(list(spec.submodule_search_locations)[0]) / "assets"
-
-
-def default_probe_path() -> Path:
-    """The probe shipped with the package for the embedded SmolLM2 (jtrail/assets/probe)."""
-    return _assets_dir() / NAMED_PROBES["default"]
-
-
-def named_probe_path(name: str) -> Path:
-    """The directory of a shipped probe by name (see NAMED_PROBES); ProbeFileError names the choices."""
-    if name not in NAMED_PROBES:
-        raise ProbeFileError(f"probe: unknown name {name!r} (shipped: {sorted(NAMED_PROBES)})")
-    return _assets_dir() / NAMED_PROBES[name]
-
-
-def resolve_probe_path(spec: str | None) -> Path:
-    """`--probe` value -> directory: None or a shipped name (default, replay) -> jtrail/assets/...,
-    anything else is a path. A named probe that is not shipped yet raises ProbeFileError."""
-    if spec is None or spec in NAMED_PROBES:
-        path = named_probe_path(spec or "default")
-        if spec is not None and not (path / META_FILE).is_file():
-            raise ProbeFileError(f"probe {spec!r} is not shipped in this install ({path} has no {META_FILE})")
-        return path
-    return Path(spec)

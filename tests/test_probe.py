@@ -14,7 +14,7 @@ from jtrail.models.attention import DenseMeta, dense_causal_attention
 from jtrail.models.config import NAMED_CONFIGS
 from jtrail.models.llama import Llama
 from jtrail.models.probe import ProbeConfig
-from jtrail.models.probe_io import ProbeFileError, default_probe_path, load_probe, save_probe
+from jtrail.models.probe_io import ProbeFileError, load_probe, save_probe
 
 from jtrail.probe.data import FeatureCacheError, ProbeFeatures, collect_features, generate_greedy
 from jtrail.probe.eval import evaluate_probs
@@ -26,6 +26,7 @@ from jtrail.probe.train import (
     train_and_evaluate,
     train_head,
 )
+from jtrail.shipped import default_probe_path
 
 TINY = NAMED_CONFIGS["tiny"]
 

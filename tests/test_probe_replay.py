@@ -9,16 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from jtrail.models.config import NAMED_CONFIGS
-from jtrail.models.probe_io import (
-    ProbeFileError,
-    default_probe_path,
-    load_probe,
-    named_probe_path,
-    resolve_probe_path,
-)
+from jtrail.models.probe_io import ProbeFileError, load_probe
 
 from jtrail.probe.data import ProbeFeatures
 from jtrail.replay import ReplaySet
+from jtrail.shipped import default_probe_path, named_probe_path, resolve_probe_path
 
 TINY = NAMED_CONFIGS["tiny"]
 EOS = 2

@@ -15,7 +15,8 @@ if QUIET:
     quiet_library_logs()
 import jax
 jax.devices()  # backend probing
-from jtrail.models.probe_io import load_probe, resolve_probe_path
+from jtrail.models.probe_io import load_probe
+from jtrail.shipped import resolve_probe_path
 load_probe(resolve_probe_path(None))  # the shipped probe: an Orbax restore
 logging.getLogger("absl").warning("an absl warning")
 logging.getLogger("jtrail.serve").warning("a warning of ours")

@@ -27,8 +27,9 @@ def load(args: argparse.Namespace) -> Setup:
     import jax.numpy as jnp
 
     from jtrail.models.loader import load_model
-    from jtrail.models.probe_io import load_probe, resolve_probe_path
+    from jtrail.models.probe_io import load_probe
     from jtrail.serving.brain.predictor import TrailPredictor
+    from jtrail.shipped import resolve_probe_path
 
     auto = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     dtype = args.dtype if args.dtype != "auto" else auto
