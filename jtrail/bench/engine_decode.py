@@ -124,6 +124,7 @@ def bench_decode(model, cfg, b: int, args, bw: float) -> dict:
     import numpy as np
 
     from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
+    from jtrail.serving.engine.model_runner import DecodeInputs
 
     k, steps, page = args.decode_steps, args.steps, args.page_size
     async_on = getattr(args, "async_scheduling", False)
@@ -158,12 +159,13 @@ def bench_decode(model, cfg, b: int, args, bw: float) -> dict:
     for s in rows:
         positions[s.slot] = s.num_tokens - 1
         tables[s.slot, :len(s.block_table)] = s.block_table
-    samp = engine._sampling_rows([None] * b, k)
-    out, _ = r.decode(tokens, positions, n_valid, tables, samp)
+    inputs = DecodeInputs(tokens=tokens, positions=positions, n_valid=n_valid, block_tables=tables,
+                          samp=engine._sampling_rows([None] * b, k))
+    out, _ = r.decode(inputs)
     jax.block_until_ready(out)
     t0 = time.perf_counter()
     for _ in range(steps):
-        out, _ = r.decode(tokens, positions, n_valid, tables, samp)
+        out, _ = r.decode(inputs)
     jax.block_until_ready(out)
     device = (time.perf_counter() - t0) / steps
     step_wall = wall / steps

@@ -34,7 +34,8 @@ from ..paging import pages_for
 from . import swap
 from .batch import SamplingRows, StepBatch, StepOutput, prefill_layout
 
-__all__ = ["ModelRunner", "SamplingRows", "PagedMeta", "make_paged_attention"]
+__all__ = ["ModelRunner", "SamplingRows", "PagedMeta", "PrefillInputs", "DecodeInputs",
+           "make_paged_attention"]
 
 
 class PagedMeta(NamedTuple):
@@ -64,6 +65,33 @@ def make_paged_attention(impl: str):
         return out, (k_pages, v_pages)
 
     return paged_attention
+
+
+class PrefillInputs(NamedTuple):
+    """One packed prefill call's inputs: R rows of T tokens, and per chunk c (up to R) its results'
+    row and prompt (all int32 host arrays except tap_in and samp)."""
+
+    tokens: Any  # [R, T] the rows' tokens (consecutive T-token pieces of the step's chunks)
+    positions: Any  # [R, T] each token's position in its sequence
+    slot_mapping: Any  # [R*T] flat KV slot of each token (page*page_size+offset), -1 = pad
+    block_tables: Any  # [R, max_pages_per_seq] the row's sequence's pages
+    q_lens: Any  # [R] valid tokens in the row (0 = pad row)
+    row_chunk: Any  # [R] the chunk a row belongs to
+    last_row: Any  # [R] per chunk: the row holding its last token (the next token is sampled there)
+    n_prompt: Any  # [R] per chunk: its sequence's prompt length (the probe taps prompt tokens only)
+    chunk_end: Any  # [R] per chunk: the position after its last token
+    tap_in: Any  # [R, d_model] f32 per chunk: the running prompt-tap sum from its earlier chunks
+    samp: SamplingRows  # per chunk
+
+
+class DecodeInputs(NamedTuple):
+    """One decode call's inputs, one row per slot (int32 [S] unless noted)."""
+
+    tokens: Any  # the last token of each slot (a device array when fed from the call in flight)
+    positions: Any  # its position
+    n_valid: Any  # steps the slot may take (0 = empty slot; pages for them must be allocated)
+    block_tables: Any  # [S, max_pages_per_seq]
+    samp: SamplingRows
 
 
 def _sample(logits: jax.Array, s: SamplingRows, offset: jax.Array | int = 0) -> jax.Array:
@@ -137,35 +165,37 @@ def _probe_probs(st: StepStatics, probe_state, h: jax.Array) -> jax.Array:
     return nnx.merge(st.probe_graphdef, probe_state).probs(h)
 
 
-@partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _prefill_packed(st: StepStatics, state, caches, probe_state, tokens, positions, slot_mapping,
-                    block_tables, q_lens, row_chunk, last_row, n_prompt, chunk_end, tap_in,
-                    samp: SamplingRows):
+# the KV cache is donated (updated in place); the statics are the jit cache key
+@partial(jax.jit, static_argnames=("st",), donate_argnames=("caches",))
+def _prefill_packed(st: StepStatics, state, caches, probe_state, inputs: PrefillInputs):
     """Every prefill chunk of a step in one call. Rows [R, T] are consecutive T-token pieces of the
     chunks (a chunk spans several rows; each layer writes all rows' K/V before attending, so a row
     sees the rows before it). Per chunk c (up to R): the token after its last one is sampled from row
     last_row[c]; the probe sees the running prompt-tap sum tap_in[c] plus this call's prompt tokens."""
     TRACE_COUNTS["prefill", st] += 1
+    tokens, positions, q_lens, tap_in = inputs.tokens, inputs.positions, inputs.q_lens, inputs.tap_in
     model = _merge(st, state)
-    meta = PagedMeta(slot_mapping, block_tables, positions[:, 0], q_lens)
+    meta = PagedMeta(inputs.slot_mapping, inputs.block_tables, positions[:, 0], q_lens)
     out = model(tokens, positions, caches, _attention(st), meta, tap_layer=st.probe_layer,
                 logits_index=jnp.maximum(q_lens - 1, 0))
-    token = _sample(out.logits[last_row], samp)
+    token = _sample(out.logits[inputs.last_row], inputs.samp)
     probs, tap_acc = None, tap_in
     if st.probe_layer is not None:
         t = tokens.shape[1]
-        valid = (jnp.arange(t)[None, :] < q_lens[:, None]) & (positions < n_prompt[row_chunk][:, None])
+        n_prompt = inputs.n_prompt
+        valid = (jnp.arange(t)[None, :] < q_lens[:, None]) & (positions < n_prompt[inputs.row_chunk][:, None])
         rows = jnp.sum(jnp.where(valid[..., None], out.tap.astype(jnp.float32), 0.0), axis=1)
-        tap_acc = tap_in + jax.ops.segment_sum(rows, row_chunk, num_segments=tap_in.shape[0])
-        count = jnp.maximum(jnp.minimum(chunk_end, n_prompt), 1).astype(jnp.float32)
+        tap_acc = tap_in + jax.ops.segment_sum(rows, inputs.row_chunk, num_segments=tap_in.shape[0])
+        count = jnp.maximum(jnp.minimum(inputs.chunk_end, n_prompt), 1).astype(jnp.float32)
         probs = _probe_probs(st, probe_state, tap_acc / count[:, None])
     return out.caches, token, probs, tap_acc
 
 
-@partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _decode_steps(st: StepStatics, state, caches, probe_state, tokens, positions, n_valid, block_tables,
-                  samp: SamplingRows):
+@partial(jax.jit, static_argnames=("st",), donate_argnames=("caches",))
+def _decode_steps(st: StepStatics, state, caches, probe_state, inputs: DecodeInputs):
     TRACE_COUNTS["decode", st] += 1
+    tokens, positions, n_valid = inputs.tokens, inputs.positions, inputs.n_valid
+    block_tables, samp = inputs.block_tables, inputs.samp
     model = _merge(st, state)
     attn_fn = _attention(st)
     rows = jnp.arange(tokens.shape[0])
@@ -292,7 +322,8 @@ class ModelRunner:
                 tokens = _fed_tokens(tokens, last_dec if last_dec is not None else
                                      np.zeros((self.statics.decode_steps, self.num_slots), np.int32),
                                      last_pre if last_pre is not None else z, src)
-            dec = self.decode(tokens, positions, n_valid, tables, batch.decode_sampling)
+            dec = self.decode(DecodeInputs(tokens=tokens, positions=positions, n_valid=n_valid,
+                                           block_tables=tables, samp=batch.decode_sampling))
             self.calls += 1
         self._last = (pre[0] if pre is not None else None, dec[0] if dec is not None else None)
         return pre, dec
@@ -343,9 +374,12 @@ class ModelRunner:
             if ch.tap is not None:
                 tap_in[c] = ch.tap
         samp = _pad_rows(batch.prefill_sampling, r)
+        inputs = PrefillInputs(tokens=tokens, positions=positions, slot_mapping=slots.reshape(-1),
+                               block_tables=tables, q_lens=q_lens, row_chunk=row_chunk, last_row=last_row,
+                               n_prompt=n_prompt, chunk_end=chunk_end, tap_in=tap_in, samp=samp)
         self.caches, token, probs, tap_acc = _prefill_packed(
-            self.statics, self._state_leaves, self.caches, self.probe_state, tokens, positions,
-            slots.reshape(-1), tables, q_lens, row_chunk, last_row, n_prompt, chunk_end, tap_in, samp)
+            self.statics, state=self._state_leaves, caches=self.caches, probe_state=self.probe_state,
+            inputs=inputs)
         self.calls += 1
         # the running prompt-tap sums come back only when a prompt has chunks to come
         keep_taps = any(not ch.completes for ch in batch.prefills)
@@ -364,15 +398,14 @@ class ModelRunner:
         samp = SamplingRows(np.zeros(s, np.float32), np.ones(s, np.float32), z, z.astype(np.uint32), z,
                             np.full((s, self.statics.decode_steps), -1, np.int32))
         tables = np.zeros((s, self.max_pages_per_seq), np.int32)
-        jax.block_until_ready(self.decode(z, z, z, tables, samp))
+        jax.block_until_ready(self.decode(DecodeInputs(tokens=z, positions=z, n_valid=z, block_tables=tables,
+                                                       samp=samp)))
 
     # ---- the jitted steps ---------------------------------------------------------------------
-    def decode(self, tokens: np.ndarray, positions: np.ndarray, n_valid: np.ndarray,
-               block_tables: np.ndarray, samp: SamplingRows):
-        """tokens/positions/n_valid [S]: the last token of each slot, its position, and how many steps
-        the slot may take (0 = empty slot; pages for them must be allocated). Returns device arrays
-        tokens [n, S] and probs [n, S, K] or None; step j's token for slot b is at [j, b]."""
+    def decode(self, inputs: DecodeInputs):
+        """One decode call of `decode_steps` steps over every slot. Returns device arrays tokens [n, S]
+        and probs [n, S, K] or None; step j's token for slot b is at [j, b]."""
         self.caches, out_tokens, out_probs = _decode_steps(
-            self.statics, self._state_leaves, self.caches, self.probe_state, tokens, positions, n_valid,
-            block_tables, samp)
+            self.statics, state=self._state_leaves, caches=self.caches, probe_state=self.probe_state,
+            inputs=inputs)
         return out_tokens, out_probs
