@@ -32,10 +32,11 @@ from jtrail.bench.serving_sweep import load_raw
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jtrail.models.probe_io import default_probe_path, load_probe
+    from jtrail.models.probe_io import load_probe
     from jtrail.serving.brain.predictor import TrailPredictor
 
     from jtrail.provenance import git_commit
+    from jtrail.shipped import default_probe_path
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("raw")
