@@ -1,6 +1,5 @@
-"""The replay capacity burst alone (128 requests at t=0 on a fresh fcfs engine, 32 slots, 2,048 pages):
-capacity, full-batch step times and the pauses (`capacity.pauses`) in one short run. Used to check a
-fix of the engine's mid-run compiles without the full regime runs.
+"""The replay capacity burst alone (128 requests at t=0, fresh fcfs engine, 32 slots, 2,048 pages): capacity,
+full-batch step times and pauses (`capacity.pauses`) in one short run, without the full regime runs.
 
     python benchmarks/capacity_check.py --replay replay_all.npz --model SmolLM2.gguf [--out FILE]
 """

@@ -10,10 +10,10 @@ Requests are drawn from the recorded trace (its prompt and forced output lengths
 outputs), arrive as a seeded Poisson process at a fraction of the replicas' capacity (from the step
 model fitted on the run), and are routed over fcfs replicas by round-robin, least-requests and
 token-aware (which sees each replica's slot forecast, filled by the simulator as the engine computes
-it). `predict_at_arrival`: False as in the real router (it sees no length
-estimate when it routes: token-aware assumes --expected-tokens for the new request), True gives it the
-probe's prompt estimate for free. Prints rr / token-aware and least-requests / token-aware mean E2E per
-seed and writes benchmarks/results/routing_resim.json. No model and no GPU needed.
+it). `predict_at_arrival`: False as in the real router (it sees no length estimate when it routes:
+token-aware assumes --expected-tokens for the new request), True gives it the probe's prompt estimate.
+Prints rr / token-aware and least-requests / token-aware mean E2E per seed and writes
+benchmarks/results/routing_resim.json. No model and no GPU needed.
 """
 
 from __future__ import annotations
@@ -58,14 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     refiner = TrailPredictor(pcfg.bin_edges, pcfg.midpoints)
     steps = [raw["capacity_steps"], *(r["steps"] for r in raw["runs"].values())]
     sm, fit = fit_step_model(np.concatenate(steps))
-    out_mean = float(np.asarray(raw["workload"].output_len).mean())
-    capacity = a.replicas * a.slots / (out_mean * sm.a + sm.d)  # req/s with full batches
+    capacity = a.replicas * a.slots / (float(np.mean(raw["workload"].output_len)) * sm.a + sm.d)  # req/s
     rows = resim_rows(raw, refiner, sm, capacity, a)
-    args = sys.argv[1:] if argv is None else argv
-    out = {"command": "python benchmarks/routing_resim.py " + " ".join(args), "device": "cpu (simulator)",
+    args = " ".join(sys.argv[1:] if argv is None else argv)
+    out = {"command": f"python benchmarks/routing_resim.py {args}", "device": "cpu (simulator)",
            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-           "git_commit": git_commit(), "predictor": a.predictor, "poll_s": a.poll_s,
-           "step_model": fit,
+           "git_commit": git_commit(), "predictor": a.predictor, "poll_s": a.poll_s, "step_model": fit,
            "capacity_req_s": capacity, "rows": rows}
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(f"-> {a.out}")
