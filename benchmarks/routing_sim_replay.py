@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from jtrail.serving.brain.router import TokenAware
 from jtrail.serving.simulation.simulator import Resources
 from jtrail.serving.simulation.step_model import StepModel
 
@@ -67,6 +68,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--router-sees-estimate", action="store_true",
                    help="give the router the new request's prompt-probe estimate (a Predict call)")
     p.add_argument("--routers", default=",".join(ROUTERS))
+    p.add_argument("--request-weight", type=float, default=TokenAware.REQUEST_WEIGHT,
+                   help="token-aware: steps per outstanding request / mean output (default: tuned on 1-4)")
     p.add_argument("--step-model", default=ROUTING_STEP_MODEL)
     p.add_argument("--sigma0", type=float, default=SIGMA0)
     p.add_argument("--sigma", type=float, default=SIGMA)
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     routers = [r for r in a.routers.split(",") if r]
     if "token-aware" not in routers:
         raise SystemExit("--routers must include token-aware (the reference of the ratios)")
-    router_kw = {"token-aware": {"page_size": a.page_size, "expected_tokens": float(out0.mean())}}
+    router_kw = {"token-aware": {"page_size": a.page_size, "expected_tokens": float(out0.mean()),
+                                 "request_weight": a.request_weight}}
     seeds = [int(s) for s in a.seeds.split(",")]
     edges = probe_edges()
     runs = [run_seed(s, prm0, out0, a, sm, res, routers, router_kw, edges) for s in seeds]

@@ -93,8 +93,8 @@ def test_replica_forecast_uses_predictions_prior_and_policy_order():
 
 def test_token_aware_waits_least_for_a_slot():
     ta = TokenAware(page_size=16)
-    # replica 0: fewer requests and tokens, but its slots free late; replica 1's first slot frees at 3
-    stats = [st(0, 4, tokens=800, free=[50, 60, 70, 80]), st(2, 4, tokens=2000, free=[3, 90, 400, 500])]
+    # as many requests each; replica 0 has fewer tokens, but its slots free late; replica 1's frees at 3
+    stats = [st(2, 4, tokens=800, free=[50, 60, 70, 80]), st(2, 4, tokens=2000, free=[3, 90, 400, 500])]
     assert ta.choose(stats, 10, 20.0) == 1
     # free slots on both (forecast 0): fewest requests, then index
     stats = [st(0, 3, free=[0, 9, 9, 9]), st(0, 2, free=[0, 0, 400, 400]), st(1, 2, free=[0, 0, 5, 5])]
@@ -115,6 +115,29 @@ def test_token_aware_waits_least_for_a_slot():
     assert ta.choose(stats, 10, 20.0) == 0
     assert TokenAware(forecast=False).choose(stats, 10, 20.0) == 1  # least outstanding tokens
     assert not TokenAware(forecast=False).uses_forecast and ta.uses_forecast
+
+
+def test_token_aware_counts_each_request_as_expected_wait():
+    # expected_tokens 300, request_weight 0.2: each outstanding request adds 60 steps to the first-slot
+    # forecast. Replica 0: slot at 100 + 2 requests x 60 = 220; replica 1: slot at 10 + 4 x 60 = 250;
+    # replica 2: a free slot, 0 + 5 x 60 = 300
+    ta = TokenAware(expected_tokens=300.0)
+    stats = [st(1, 1, free=[100, 100]), st(2, 2, free=[10, 400]), st(3, 2, free=[0, 500])]
+    assert [ta.expected_wait(s) for s in stats] == [220.0, 250.0, 300.0]
+    assert ta.choose(stats, 10, None) == 0
+    # one request fewer on replica 1 (190) makes it the least
+    stats[1] = st(1, 2, free=[10, 400])
+    assert ta.choose(stats, 10, None) == 1
+    # request_weight 0: the first slot alone, ties by fewest requests
+    first = TokenAware(expected_tokens=300.0, request_weight=0.0)
+    assert first.choose(stats, 10, None) == 2
+    assert first.choose([st(3, 2, free=[0, 5]), st(1, 1, free=[0, 9])], 10, None) == 1
+    # the page filter still comes first: (10 + 300) tokens need 20 pages, replica 0 has 19 free
+    stats[0] = st(1, 1, used=81, free=[100, 100])
+    assert ta.choose([stats[0], st(6, 2, free=[0, 0])], 10, None) == 1
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(InvalidRequestError, match="request_weight"):
+            TokenAware(request_weight=bad)
 
 
 def test_router_counts_its_own_sends_and_stats_round_trip():

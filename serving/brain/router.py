@@ -8,17 +8,27 @@ call the same objects. `uses_tokens` tells the caller whether `outstanding_token
 - least-requests: fewest outstanding requests (waiting + running).
 - power-of-two: two distinct replicas drawn at random (seeded), the one with fewer requests.
 - token-aware: least expected wait for a batch slot. Each replica forecasts, from TRAIL's predicted
-  remaining tokens of its running requests and the predicted lengths of the requests queued ahead of
-  a new arrival, how many decode steps until each of its slots frees up (`slot_forecast`, a list
-  schedule: the queue takes the earliest free slots in admission order). The router picks the
-  replica whose first slot frees soonest among those whose free KV pages hold the request (prompt +
-  expected output); ties (several replicas with a free slot) go to the fewest requests, as
-  least-requests would. Least-work-left (Kossmann et al.: least outstanding tokens) is the
-  single-server form of this rule; on a replica with batch slots what a new request waits for is
-  the first slot release, not the whole backlog: seven short requests and one long one free a slot
-  sooner than three long ones, though they add up to more tokens. Replicas that report no forecast
-  (older servers) fall back to least outstanding tokens, a free slot first. Forecasts are in decode
-  steps, comparable across identical replicas (different hardware would need them in seconds).
+  remaining tokens of its running requests and the predicted lengths of the requests queued ahead of a
+  new arrival, how many decode steps until each of its slots frees up (`slot_forecast`, a list schedule:
+  the queue takes the earliest free slots in admission order). The router picks the replica whose first
+  slot frees soonest among those whose free KV pages hold the request (prompt + expected output), each
+  of its outstanding requests adding `request_weight` x expected_tokens steps (below); ties go to the
+  fewest requests. Least-work-left (Kossmann et al.: least outstanding tokens) is the single-server form
+  of the first-slot rule; on a replica with batch slots what a new request waits for is the first slot
+  release, not the whole backlog: seven short requests and one long one free a slot sooner than three
+  long ones, though they add up to more tokens.
+  Why the per-request term: the first-slot forecast alone ranks replicas by differences of a few steps
+  that are below its own error (the probe's refined MAE is ~100 tokens) and that the router's 50 ms-old
+  snapshot (~8 decode steps) blurs anyway; and it ignores the queue behind the slot: under trail a new
+  request of unknown length may rank ahead of queued ones (delaying each by a share of a slot) or behind
+  them. Counting each outstanding request as 0.2 x expected_tokens steps (~60 steps for replay lengths)
+  was chosen on the simulator's tuning seeds 1-4 (benchmarks/routing_sim_replay.py, 4000 requests;
+  least-requests / token-aware mean E2E 1.011 at weight 0.07, 1.013-1.018 from 0.14 to 0.5, differences
+  within the seeds' noise; 1.007 at 0, the first-slot rule with fewest-requests ties). It also cut
+  token-aware's p99 TTFT (0.55-1.0 s from 1.0-1.55 s on those seeds).
+  Replicas that report no forecast (older servers) fall back to least outstanding tokens, a free slot
+  first. Forecasts are in decode steps, comparable across identical replicas (different hardware would
+  need them in seconds).
 
 What routing can gain is the wait for a slot: once a request runs, its time is its decode steps,
 which no router shortens much when a step's fixed cost dominates (benchmarks/simulate.py, routing:
@@ -102,18 +112,25 @@ class TokenAware(Router):
     uses_tokens = True
     uses_forecast = True
 
+    # steps of expected wait each outstanding request adds, as a fraction of expected_tokens (module doc)
+    REQUEST_WEIGHT = 0.2
+
     def __init__(self, page_size: int = 16, num_slots: int | None = None, expected_tokens: float = 256.0,
-                 forecast: bool = True) -> None:
+                 forecast: bool = True, request_weight: float = REQUEST_WEIGHT) -> None:
         """`expected_tokens`: output length assumed for a request with no prediction (KV pages it needs).
         `num_slots`: only for the fallback rule. `forecast=False`: always the fallback rule (least
-        outstanding tokens), kept to compare with."""
+        outstanding tokens), kept to compare with. `request_weight`: each outstanding request of a
+        replica adds request_weight x expected_tokens decode steps to its first-slot forecast."""
         if page_size < 1:
             raise InvalidRequestError("page_size", f"must be >= 1, got {page_size}")
         if num_slots is not None and num_slots < 1:
             raise InvalidRequestError("num_slots", f"must be >= 1, got {num_slots}")
         if not expected_tokens >= 0:
             raise InvalidRequestError("expected_tokens", f"must be >= 0, got {expected_tokens}")
+        if not (request_weight >= 0 and np.isfinite(request_weight)):
+            raise InvalidRequestError("request_weight", f"must be finite and >= 0, got {request_weight}")
         self.page_size, self.num_slots, self.expected_tokens = page_size, num_slots, float(expected_tokens)
+        self.request_weight = float(request_weight)
         self.forecast = forecast
         self.uses_forecast = forecast
 
@@ -123,13 +140,18 @@ class TokenAware(Router):
         fits = [k for k, s in enumerate(stats) if s.pages_total - s.pages_used >= need]
         pool = fits or range(len(stats))
         if self.forecast and all(s.slot_free_tokens for s in stats):
-            return min(pool, key=lambda k: (stats[k].slot_free_tokens[0], _requests(stats[k]), k))
+            return min(pool, key=lambda k: (self.expected_wait(stats[k]), _requests(stats[k]), k))
         slots = self.num_slots
 
         def busy(k: int) -> bool:
             return slots is not None and _requests(stats[k]) >= slots
 
         return min(pool, key=lambda k: (busy(k), stats[k].outstanding_tokens, _requests(stats[k]), k))
+
+    def expected_wait(self, s: EngineStats) -> float:
+        """The forecast rule's score of a replica, in decode steps: its first slot's forecast plus
+        request_weight x expected_tokens per outstanding request."""
+        return s.slot_free_tokens[0] + self.request_weight * self.expected_tokens * _requests(s)
 
 
 def make_router(name: str, **kw) -> Router:
