@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+from _procs import stop_gracefully
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from jtrail.client import AsyncClient, Client
@@ -49,12 +50,7 @@ def _launch(*args: str, timeout: float = 20.0, mock: bool = True) -> ServerProc:
 
 
 def _terminate(sp: ServerProc) -> int:
-    sp.proc.send_signal(signal.SIGTERM)  # graceful path: drain, stop engine, exit 0
-    try:
-        return sp.proc.wait(timeout=15)
-    finally:
-        if sp.proc.poll() is None:
-            sp.proc.kill()
+    return stop_gracefully(sp.proc, timeout=15)  # graceful path: drain, stop engine, exit 0
 
 
 @pytest.fixture(scope="module")

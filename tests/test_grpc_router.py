@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from _procs import stop_gracefully
 from test_grpc_process import ServerProc, _launch, _terminate
 
 from jtrail.client import AsyncClient, Client
@@ -45,12 +45,7 @@ def _finished(target: str) -> int:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    stop_gracefully(proc, timeout=15)
 
 
 def test_round_robin_spreads_evenly_and_passes_errors(replicas: list[ServerProc]) -> None:

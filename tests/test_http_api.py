@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import openai
 import pytest
+from _procs import stop_gracefully
 from jtrail.serving.engine.fake_runner import ByteTokenizer, decode_ids, encode_text, fake_token
 
 from jtrail.client import Client
@@ -64,12 +65,7 @@ def _launch(*args: str, mock: bool = True, timeout: float = 30.0) -> Server:
 
 
 def _stop(sv: Server) -> int:
-    sv.proc.send_signal(signal.SIGTERM)
-    try:
-        return sv.proc.wait(timeout=20)
-    finally:
-        if sv.proc.poll() is None:
-            sv.proc.kill()
+    return stop_gracefully(sv.proc, timeout=20)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from _procs import stop_gracefully
 
 FAST_S = 5.0  # the bound for a start-up mistake to be reported
 
@@ -58,12 +58,7 @@ def running_server() -> Iterator[tuple[int, int]]:
     m = re.search(r"serving on [\d.]+:(\d+) .* http=[\d.]+:(\d+)", proc.stdout.readline())
     assert m, "server did not start"
     yield int(m.group(1)), int(m.group(2))
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    stop_gracefully(proc, timeout=15)
 
 
 def test_second_server_on_the_grpc_port_of_a_running_one_is_refused(running_server) -> None:
