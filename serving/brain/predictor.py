@@ -57,6 +57,16 @@ def _cap(seq: Sequence, remaining: float) -> float:
     return float(min(max(remaining, 0.0), seq.max_remaining))
 
 
+def _count_down(seq: Sequence, n_new: int) -> None:
+    """Between refinements the estimate falls one per generated token."""
+    if seq.predicted_remaining is None:
+        return
+    raw = seq.predicted_remaining - n_new
+    seq.predicted_remaining = _cap(seq, raw)
+    if seq.predicted_remaining != raw:  # clamped: not a plain count-down, tell the policies
+        seq.prediction_epoch += 1
+
+
 def transition_matrix(bin_edges: Seq[float]) -> np.ndarray:
     """One-token transition matrix over remaining-length bins (rows: from, columns: to).
 
@@ -138,11 +148,8 @@ class TrailPredictor:
         seq.tokens_since_refinement += n_new
         if seq.posterior is None or seq.tokens_since_refinement >= self.refine_every:
             self.refine(seq, probs, seq.tokens_since_refinement)
-        elif seq.predicted_remaining is not None:  # count down between refinements
-            raw = seq.predicted_remaining - n_new
-            seq.predicted_remaining = _cap(seq, raw)
-            if seq.predicted_remaining != raw:  # clamped: not a plain count-down, tell the policies
-                seq.prediction_epoch += 1
+        else:
+            _count_down(seq, n_new)
 
     def on_decode_rows(self, seqs: Seq[Sequence], probs: np.ndarray, n_new: Seq[int]) -> None:
         """`on_decode` for a step's decode rows at once (probs [n, K]): the refinements that fall due
@@ -156,11 +163,8 @@ class TrailPredictor:
                 self.on_prefill(seq, q[i])
             elif seq.tokens_since_refinement >= self.refine_every:
                 due.setdefault(seq.tokens_since_refinement, []).append(i)
-            elif seq.predicted_remaining is not None:  # count down between refinements
-                raw = seq.predicted_remaining - n_new[i]
-                seq.predicted_remaining = _cap(seq, raw)
-                if seq.predicted_remaining != raw:
-                    seq.prediction_epoch += 1
+            else:
+                _count_down(seq, n_new[i])
         for d, rows in due.items():
             qs = q[rows]
             sums = qs.sum(axis=1)
