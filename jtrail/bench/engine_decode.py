@@ -68,6 +68,26 @@ def copy_bandwidth(jax, jnp, nbytes: int) -> float:
     return 2 * nbytes * n / (time.perf_counter() - t0)
 
 
+def engine_classes():
+    """(EngineConfig, LLMEngine) from today's tree or from a baseline worktree from before issue 16,
+    where the engine was one module (`jtrail.serving.engine`)."""
+    try:
+        from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
+    except ModuleNotFoundError:  # the baseline tree's layout
+        from jtrail.serving.engine import EngineConfig, LLMEngine
+    return EngineConfig, LLMEngine
+
+
+def runner_decode(runner, tokens, positions, n_valid, tables, samp):
+    """One jitted decode call: named inputs today, positional arrays in the baseline tree."""
+    try:
+        from jtrail.serving.engine.model_runner import DecodeInputs
+    except ModuleNotFoundError:
+        return runner.decode(tokens, positions, n_valid, tables, samp)
+    return runner.decode(DecodeInputs(tokens=tokens, positions=positions, n_valid=n_valid,
+                                      block_tables=tables, samp=samp))
+
+
 def place_prefilled(engine, b: int, ctx: int, max_tokens: int, rng) -> None:
     """B running sequences whose first ctx-1 tokens count as computed (decode starts at once).
     Works on the engine before issue 16 (a baseline worktree) and after."""
@@ -90,9 +110,9 @@ def bench_prefill_burst(model, args, n: int = 64, plen: int = 512) -> dict:
     token, after a warm-up burst that compiles every shape."""
     import numpy as np
 
-    from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
     from jtrail.serving.sequence import SamplingParams
 
+    EngineConfig, LLMEngine = engine_classes()
     budget = args.burst_budget
     buckets = tuple(plen << i for i in range(6) if plen << i <= budget) or (budget,)
     pages = n * -(-(plen + 16) // args.page_size) + 1
@@ -123,9 +143,7 @@ def bench_decode(model, cfg, b: int, args, bw: float) -> dict:
     import jax
     import numpy as np
 
-    from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
-    from jtrail.serving.engine.model_runner import DecodeInputs
-
+    EngineConfig, LLMEngine = engine_classes()
     k, steps, page = args.decode_steps, args.steps, args.page_size
     async_on = getattr(args, "async_scheduling", False)
     calls = steps + 2 + async_on  # async: one more untimed step (see below)
@@ -159,13 +177,12 @@ def bench_decode(model, cfg, b: int, args, bw: float) -> dict:
     for s in rows:
         positions[s.slot] = s.num_tokens - 1
         tables[s.slot, :len(s.block_table)] = s.block_table
-    inputs = DecodeInputs(tokens=tokens, positions=positions, n_valid=n_valid, block_tables=tables,
-                          samp=engine._sampling_rows([None] * b, k))
-    out, _ = r.decode(inputs)
+    samp = engine._sampling_rows([None] * b, k)
+    out, _ = runner_decode(r, tokens, positions, n_valid, tables, samp)
     jax.block_until_ready(out)
     t0 = time.perf_counter()
     for _ in range(steps):
-        out, _ = r.decode(inputs)
+        out, _ = runner_decode(r, tokens, positions, n_valid, tables, samp)
     jax.block_until_ready(out)
     device = (time.perf_counter() - t0) / steps
     step_wall = wall / steps
@@ -187,9 +204,9 @@ def bench_smollm2(path: str, args) -> dict:
     import numpy as np
 
     from jtrail.models.loader import load_model
-    from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
     from jtrail.serving.sequence import SamplingParams
 
+    EngineConfig, LLMEngine = engine_classes()
     lm = load_model(path, dtype=jnp.bfloat16, progress=False)
     b, plen, gen = args.smollm2_batch, 256, 128
     pages = b * (plen + gen) // args.page_size + 64
