@@ -48,7 +48,7 @@ from jtrail.bench.guidellm import export_tokenizer, run_guidellm
 from jtrail.bench.http_driver import drive_http
 from jtrail.bench.http_report import door_ratios, mean_repeats
 from jtrail.bench.loadgen import Workload, arrival_times, drive_grpc
-from jtrail.bench.metrics import burst_capacity, summarize_completed
+from jtrail.bench.metrics import burst_capacity, summarize
 from jtrail.bench.processes import device_name, drain, served_model, start_server, wait_serving
 from jtrail.bench.prompt_pools import load_pool
 from jtrail.provenance import git_commit
@@ -170,10 +170,10 @@ def main(argv: list[str] | None = None) -> int:
                     ids = [f"{door}{rep}_{i}" for i in range(len(wl))]
                     trace = Workload(wl.prompts, wl.arrival, wl.output_len, forced=True, request_ids=ids)
                     if door == "grpc":
-                        row = summarize_completed(drive_grpc(grpc_addr, trace, timeout_s=a.run_timeout))
+                        row = summarize(drive_grpc(grpc_addr, trace, timeout_s=a.run_timeout))
                     elif door == "http":
                         res = drive_http(base, model, trace, timeout_s=a.run_timeout, log=log)
-                        row = summarize_completed(res)
+                        row = summarize(res)
                     else:
                         row = run_guidellm(a, http_addr, model, trace, out_dir, f"{policy}_{rep}", log)
                     runs[door].append(row)

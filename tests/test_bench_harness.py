@@ -9,7 +9,7 @@ import pytest
 from jtrail.serving.simulation.step_model import fit_step_model
 
 from jtrail.bench.loadgen import RunResult
-from jtrail.bench.metrics import burst_capacity, summarize_completed
+from jtrail.bench.metrics import burst_capacity, summarize
 
 
 def _run(finish: list[float], first: list[float], nout: list[int]) -> RunResult:
@@ -33,7 +33,7 @@ def test_burst_capacity_leaves_out_the_tail_where_batches_empty() -> None:
 
 def test_front_door_summary_counts_finished_requests_only() -> None:
     res = _run([2.0, 4.0, np.nan], [1.0, 1.0, 0.5], [4, 4, 1])
-    row = summarize_completed(res)
+    row = summarize(res)
     assert row["completed"] == 2 and row["requests"] == 3 and row["wall_s"] == 10.0
     assert row["mean_e2e"] == pytest.approx(3.0) and row["p50_e2e"] == pytest.approx(3.0)
     assert row["mean_ttft"] == pytest.approx(1.0)  # the unfinished request's 0.5 s TTFT is left out

@@ -1,10 +1,6 @@
-"""Latency metrics of one run, with vLLM's definitions.
-
-E2E = finish - arrival; TTFT = first token - arrival; TPOT = (E2E - TTFT) / (output_tokens - 1) over
-requests with more than one output token; ITL = gaps between streamed tokens; throughput = output
-tokens (and requests) per second over the run's makespan (first arrival to last finish).
-`summarize` is the in-process benchmarks' full summary; `summarize_completed` the front-door
-benchmarks' shorter row over finished requests only.
+"""Metrics of one benchmark run: its latency summary (`summarize`, the library's
+`serving.latency_summary.summarize_requests` on a `RunResult`, which holds vLLM's definitions), the
+burst capacity of a profiling run, and small helpers for the reports.
 """
 
 from __future__ import annotations
@@ -13,52 +9,16 @@ from typing import Any
 
 import numpy as np
 
-PCTS = (50, 90, 99)
-
-
-def _stats(name: str, x: np.ndarray) -> dict[str, float]:
-    x = np.asarray(x, float)
-    x = x[np.isfinite(x)]
-    out = {f"mean_{name}": float(np.mean(x)) if len(x) else float("nan")}
-    for q in PCTS:
-        out[f"p{q}_{name}"] = float(np.percentile(x, q)) if len(x) else float("nan")
-    return out
+from jtrail.serving.latency_summary import summarize_requests
 
 
 def summarize(res: Any) -> dict[str, float]:
-    """Metrics of a `jtrail.bench.loadgen.RunResult` (seconds, tokens/s)."""
-    ok = res.completed
-    e2e = res.finish - res.arrival
-    ttft = res.first_token - res.arrival
-    out: dict[str, float] = {"requests": float(len(e2e)), "completed": float(ok.sum())}
-    out.update(_stats("e2e", e2e[ok]))
-    out.update(_stats("ttft", ttft[np.isfinite(ttft)]))
-    n = res.output_tokens
-    multi = ok & (n > 1)
-    out.update(_stats("tpot", (e2e[multi] - ttft[multi]) / (n[multi] - 1)))
-    out.update(_stats("itl", res.itl))
-    span = float(np.nanmax(res.finish) - np.min(res.arrival)) if ok.any() else float("nan")
-    out["makespan_s"] = span
-    out["throughput_tok_s"] = float(n[ok].sum() / span) if ok.any() and span > 0 else float("nan")
-    out["throughput_req_s"] = float(ok.sum() / span) if ok.any() and span > 0 else float("nan")
-    out["preemptions_per_request"] = float(np.mean(res.preemptions)) if len(res.preemptions) else 0.0
-    out["output_tokens"] = float(n.sum())
+    """The summary of a `jtrail.bench.loadgen.RunResult` (in-process or front-door run; seconds,
+    tokens/s): latencies over the finished requests, with the run's wall time (`wall_s`)."""
+    out = summarize_requests(res.arrival, res.first_token, res.finish, res.output_tokens, res.preemptions,
+                             completed=res.completed, itl=res.itl)
+    out["wall_s"] = float(res.wall_s)
     return out
-
-
-def summarize_completed(res: Any) -> dict[str, float]:
-    """The front-door benchmarks' row (routing, HTTP vs gRPC): mean, p50 and p99 of E2E and TTFT over
-    the requests that finished only (a run cut off by its time limit reports how many finished, and its
-    means say nothing about the rest), with the run's wall time."""
-    ok = res.completed
-    e2e = (res.finish - res.arrival)[ok]
-    ttft = (res.first_token - res.arrival)[ok]
-    row: dict[str, float] = {"completed": int(ok.sum()), "requests": len(ok), "wall_s": float(res.wall_s)}
-    for name, x in (("e2e", e2e), ("ttft", ttft)):
-        row[f"mean_{name}"] = float(x.mean()) if len(x) else float("nan")
-        for q in (50, 99):
-            row[f"p{q}_{name}"] = float(np.percentile(x, q)) if len(x) else float("nan")
-    return row
 
 
 def burst_capacity(res: Any, total_slots: int) -> tuple[np.ndarray, float]:

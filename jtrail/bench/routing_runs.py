@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from jtrail.bench.loadgen import Workload, arrival_times, drive_grpc
-from jtrail.bench.metrics import burst_capacity, summarize_completed
+from jtrail.bench.metrics import burst_capacity, summarize
 from jtrail.bench.processes import Proc, drain, finished_counts, start_router
 from jtrail.bench.prompt_pools import sharegpt_lengths
 from jtrail.bench.routing_report import mean_rows
@@ -117,7 +117,7 @@ def run_routers(routers: list[str], targets: list[str], wl: Workload, a: argpars
                 out = drive_grpc(router.target, wl, timeout_s=per_policy)
                 router.stop()
                 router = None
-                row = summarize_completed(out)
+                row = summarize(out)
                 after = finished_counts(targets)
                 row["per_replica_finished"] = [x - y for x, y in zip(after, before, strict=True)]
                 row["drain_s_before"] = waited

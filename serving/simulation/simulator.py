@@ -30,6 +30,7 @@ from ..brain.predictor import OraclePredictor, SimPredictor
 from ..brain.scheduler.base import Policy, PolicyStats
 from ..brain.scheduler.registry import make_policy
 from ..engine_api import EngineStats
+from ..latency_summary import summarize_requests
 from ..sequence import InvalidRequestError, SamplingParams
 from .sim_replica import SimReplica, SimSequence
 from .step_model import StepModel
@@ -95,6 +96,7 @@ class Resources:
 
 @dataclass
 class SimResult:
+    arrival: np.ndarray  # the trace's arrival times (s); ttft and e2e are from these
     ttft: np.ndarray
     e2e: np.ndarray
     output_len: np.ndarray
@@ -112,17 +114,10 @@ class SimResult:
             return np.where(self.output_len > 1, (self.e2e - self.ttft) / (self.output_len - 1), np.nan)
 
     def summary(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name, x in (("e2e", self.e2e), ("ttft", self.ttft), ("tpot", self.tpot)):
-            x = x[np.isfinite(x)]
-            out[f"mean_{name}"] = float(np.mean(x)) if len(x) else float("nan")
-            for q in (50, 90, 99):
-                out[f"p{q}_{name}"] = float(np.percentile(x, q)) if len(x) else float("nan")
-        out["preemptions_per_request"] = float(np.mean(self.preemptions))
-        span = self.makespan
-        out["throughput_tokens_per_s"] = float(self.output_len.sum() / span) if span else 0.0
-        out["requests"] = float(len(self.e2e))
-        return out
+        """The run's latency summary, the same keys and definitions as a measured run's
+        (`serving.latency_summary`)."""
+        return summarize_requests(self.arrival, self.arrival + self.ttft, self.arrival + self.e2e,
+                                  self.output_len, self.preemptions)
 
 
 PolicySpec = str | Callable[[], Policy]
@@ -273,6 +268,6 @@ def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel, resources:
     if stuck:
         raise RuntimeError(f"simulation ended with unfinished requests ({len(stuck[0].waiting)} waiting)")
     steps = [StepRecord.from_rows(r.step_log) for r in reps] if record_steps else []
-    return SimResult(ttft, e2e, trace.output_len.copy(), npre, where, _time.perf_counter() - wall0,
-                     last - (float(arr[0]) if n else 0.0), [r.policy.stats for r in reps],
-                     steps)
+    return SimResult(arr.copy(), ttft, e2e, trace.output_len.copy(), npre, where,
+                     _time.perf_counter() - wall0, last - (float(arr[0]) if n else 0.0),
+                     [r.policy.stats for r in reps], steps)
