@@ -305,9 +305,11 @@ def nnx_state(model):
 
 
 def write_result(result: dict, out: str, out_dir: str | None, name: str) -> None:
-    """The result to `out`, and a copy into `out_dir` (the device machine's $OUT) when set."""
+    """The result to `out`, and a copy into `out_dir` (the device machine's $OUT) when set. Each file
+    is replaced whole (written aside, then renamed): a run killed mid-write leaves the last one."""
     text = json.dumps(result, indent=2)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(text)
-    if out_dir:
-        Path(out_dir, name).write_text(text)
+    for path in [Path(out)] + ([Path(out_dir, name)] if out_dir else []):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
