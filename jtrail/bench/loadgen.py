@@ -144,8 +144,8 @@ def drive_engine(engine: Any, wl: Workload, oracle: bool = True, timeout_s: floa
     `oracle`: give each sequence its true output length (srpt-oracle's rank; the simulator's too).
     Step records (the engine's `last_step`): batch tokens (prefill + decode tokens computed), KV
     tokens of the sequences that ran (their length before the step), seconds of `engine.step()`,
-    prefill chunks (probe-only ones included), decode rows. Under async scheduling a row's counts are
-    those of the batch whose outputs the step fetched (dispatched one step earlier).
+    prefill chunks (probe-only ones included), decode rows. Under async scheduling a row's counts (and
+    running, waiting) are those of the batch whose outputs the step fetched (dispatched a step earlier).
     """
     # A full collection walks every object the process holds (a pause of up to seconds, seen mid-run
     # on the GPU): collect now and freeze what exists, as vLLM does after start-up.
@@ -173,7 +173,7 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float, ora
     # seconds with the batch whose outputs it fetched, as under synchronous steps, so the step model
     # fits the same quantity either way.
     lagged = bool(getattr(getattr(engine, "config", None), "async_scheduling", False))
-    in_flight: tuple[int, int, int, int] = (0, 0, 0, 0)  # async: the dispatched batch's counts
+    in_flight: tuple[int, ...] = (0,) * 6  # async: the dispatched batch's counts, running and waiting
     while done < n:
         now = time.perf_counter() - t0
         if now > timeout_s:
@@ -213,9 +213,9 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float, ora
                 done += 1
         st = engine.last_step  # the engine's own accounting: no per-step walk over every request
         bt, kv, calls, dec = st.batch_tokens, st.kv_tokens, st.prefill_chunks, st.decode_rows
-        if lagged:
-            (bt, kv, calls, dec), in_flight = in_flight, (bt, kv, calls, dec)
         n_run = max(n_run, len(engine.running))  # the batch it ran: before, or after its admissions
+        if lagged:
+            (bt, kv, calls, dec, n_run, n_wait), in_flight = in_flight, (bt, kv, calls, dec, n_run, n_wait)
         steps.append((bt, kv, time.perf_counter() - ts, calls, dec, emitted, t_rel, n_run, n_wait))
     for s in seqs:
         npre[index[s.request_id]] = s.num_preemptions
