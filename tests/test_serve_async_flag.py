@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import pytest
+from jtrail.serving.engine.llm_engine import EngineConfig
+
 from jtrail.cli import build_parser
 from jtrail.serve import engine_config
-from jtrail.serving.engine.llm_engine import EngineConfig
 
 
 @pytest.mark.parametrize(("flags", "want"), [([], True), (["--no-async-scheduling"], False),

@@ -149,9 +149,11 @@ def run_async_compare(args, model, cfg, bw: float, prog: Progress) -> dict:
     return prog.result
 
 
-def async_compare_result(args, model, cfg, bw: float, command: str, emit: Callable[[dict], None]) -> dict:
+def async_compare_result(args, model, cfg, bw: float, command: str, emit: Callable[[dict], None],
+                         setup_s: float | None = None) -> dict:
     """The JSON of `--async-compare`; `emit` (the script's writer) gets it after every row and at
-    the end (`complete: true`)."""
+    the end (`complete: true`). `setup_s`: the script's seconds before this (imports, weights, copy
+    bandwidth), reported as the first part."""
     import jax
 
     head = {"command": command, "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
@@ -159,6 +161,9 @@ def async_compare_result(args, model, cfg, bw: float, command: str, emit: Callab
             "git_commit": git_commit(), "shape": args.shape, "ctx": args.ctx, "dtype": "bfloat16",
             "smoke": args.smoke}
     prog = Progress(head, emit)
+    if setup_s is not None:
+        prog.t_start -= setup_s  # totals count from the script's start
+        prog.part("setup (imports, random weights, copy bandwidth)", setup_s)
     result = run_async_compare(args, model, cfg, bw, prog)
     prog.save(complete=True)
     return result
