@@ -221,6 +221,10 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float, ora
         npre[index[s.request_id]] = s.num_preemptions
         if not s.is_finished:
             engine.abort(s.request_id)
+    # async scheduling: a step may still be in flight for requests that are gone (aborted above, or
+    # stopped here at their forced length): collect it, so the engine is left idle
+    while engine.has_unfinished() and not (engine.waiting or engine.running):
+        engine.step()
     return _result(wl.arrival, first, finish, nout, npre, itl, steps, time.perf_counter() - t0)
 
 
