@@ -62,6 +62,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pages", type=int, default=384, help="KV pages (limited so memory matters)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--decode-steps", type=int, default=1)
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="the engines' async scheduling (the engine's default: on); recorded in config")
     p.add_argument("--max-prompt-tokens", type=int, default=512)
     p.add_argument("--max-output", type=int, default=512, help="cap of the profiled (forced) lengths")
     p.add_argument("--pool", type=int, default=384, help="prompts profiled")

@@ -57,6 +57,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "benchmarks/results/tune_preemption.json)")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode tokens per jitted call (higher: less host overhead, chunkier streams)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                   default=EngineConfig.async_scheduling,
+                   help="schedule and dispatch step N+1 while step N runs on the device (same outputs; "
+                        "--no-async-scheduling: each step waits for its own outputs)")
     p.add_argument("--no-warmup", action="store_true",
                    help="report ready before compiling (the first requests then wait for XLA)")
     p.add_argument("--mock", action="store_true", help="the engine over a fake runner (no model)")
@@ -83,7 +87,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(num_slots=args.num_slots, num_pages=args.pages, page_size=args.page_size,
                         max_model_len=args.max_model_len, policy=make_policy(args.policy, **opts),
                         max_queue=args.max_queue, decode_steps_per_call=args.decode_steps,
-                        tensor_parallel=args.tensor_parallel)
+                        tensor_parallel=args.tensor_parallel, async_scheduling=args.async_scheduling)
 
 
 def build_engine(args: argparse.Namespace) -> AsyncEngine:

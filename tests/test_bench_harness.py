@@ -53,3 +53,34 @@ def test_step_model_fit_recovers_the_coefficients_and_leaves_out_pauses() -> Non
     assert (sm.a, sm.b, sm.c, sm.d) == pytest.approx((4e-3, 2e-6, 1e-7, 3e-3), rel=1e-6)
     assert info["stalls_excluded"] == 1 and info["steps"] == 399
     assert info["r2"] == pytest.approx(1.0) and abs(info["total_time_rel_error"]) < 1e-9
+
+
+def test_async_compare_saves_every_row_and_the_file_survives_a_cut(tmp_path) -> None:
+    """--async-compare's result is written after each row (complete false until the end), the sync
+    row's token ids (kept for the comparison) never reach the file, and each write replaces the file
+    whole."""
+    import json
+
+    from jtrail.bench.engine_async import Progress
+    from jtrail.bench.engine_decode import write_result
+
+    out = tmp_path / "engine_async.json"
+    seen: list[dict] = []
+
+    def emit(result: dict) -> None:
+        write_result(result, str(out), None, "engine_async.json")
+        seen.append(json.loads(out.read_text()))
+
+    prog = Progress({"shape": "tiny"}, emit)
+    prog.result["decode_rows"]["b32_k1_sync"] = {"tokens_per_s": 1.0}
+    prog.part("decode b32_k1_sync", 0.5)
+    prog.save()
+    prog.result["mixed"]["fcfs"] = {"requests": 2, "sync": {"wall_s": 1.0, "outputs": {"t0": [5, 6]}}}
+    prog.save()
+    assert [s["complete"] for s in seen] == [False, False]
+    assert seen[0]["decode_rows"] == {"b32_k1_sync": {"tokens_per_s": 1.0}}
+    assert seen[0]["part_seconds"] == {"decode b32_k1_sync": 0.5}
+    assert seen[1]["mixed"]["fcfs"]["sync"] == {"wall_s": 1.0}  # token ids left out of the file
+    assert prog.result["mixed"]["fcfs"]["sync"]["outputs"] == {"t0": [5, 6]}  # kept in memory
+    prog.save(complete=True)
+    assert seen[-1]["complete"] is True and not list(tmp_path.glob("*.tmp"))

@@ -145,11 +145,14 @@ def bench_decode(model, cfg, b: int, args, bw: float) -> dict:
 
     EngineConfig, LLMEngine = engine_classes()
     k, steps, page = args.decode_steps, args.steps, args.page_size
-    async_on = getattr(args, "async_scheduling", False)
+    # the engine's default unless the caller says (--async-compare measures both); always explicit to
+    # the config, since the timed window below differs; the baseline worktree's config has no field
+    has_field = "async_scheduling" in getattr(EngineConfig, "__dataclass_fields__", {})
+    async_on = bool(getattr(args, "async_scheduling", has_field and EngineConfig.async_scheduling))
     calls = steps + 2 + async_on  # async: one more untimed step (see below)
     max_len = args.ctx + k * calls + page
     pages = b * -(-max_len // page) + 1
-    extra = {"async_scheduling": True} if async_on else {}  # the baseline worktree's config has no field
+    extra = {"async_scheduling": async_on} if has_field else {}
     ecfg = EngineConfig(num_slots=b, page_size=page, num_pages=pages, max_model_len=max_len,
                         decode_steps_per_call=k, kernel_impl=args.impl, max_queue=b + 1, **extra)
     engine = LLMEngine(model, config=ecfg)
@@ -305,9 +308,11 @@ def nnx_state(model):
 
 
 def write_result(result: dict, out: str, out_dir: str | None, name: str) -> None:
-    """The result to `out`, and a copy into `out_dir` (the device machine's $OUT) when set."""
+    """The result to `out`, and a copy into `out_dir` (the device machine's $OUT) when set. Each file
+    is replaced whole (written aside, then renamed): a run killed mid-write leaves the last one."""
     text = json.dumps(result, indent=2)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(text)
-    if out_dir:
-        Path(out_dir, name).write_text(text)
+    for path in [Path(out)] + ([Path(out_dir, name)] if out_dir else []):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)

@@ -57,7 +57,8 @@ def make_engine(su: Setup, policy: str, kw: dict, predictor: Any = None, slots: 
     a = su.args
     cfg = EngineConfig(num_slots=slots or a.slots, page_size=a.page_size, num_pages=pages or a.pages,
                        max_model_len=a.max_model_len,
-                       decode_steps_per_call=a.decode_steps, policy=make_policy(policy, **kw), seed=a.seed)
+                       decode_steps_per_call=a.decode_steps, policy=make_policy(policy, **kw), seed=a.seed,
+                       async_scheduling=getattr(a, "async_scheduling", EngineConfig.async_scheduling))
     eng = LLMEngine(su.model, su.tokenizer, cfg, probe=su.probe, predictor=predictor or su.refiner)
     # the server's own warm-up: every packed prefill shape the slots can reach and the decode step
     # (a warm-up of one prompt per bucket missed packed shapes: compiles mid-run, seconds each)

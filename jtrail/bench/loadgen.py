@@ -144,7 +144,8 @@ def drive_engine(engine: Any, wl: Workload, oracle: bool = True, timeout_s: floa
     `oracle`: give each sequence its true output length (srpt-oracle's rank; the simulator's too).
     Step records (the engine's `last_step`): batch tokens (prefill + decode tokens computed), KV
     tokens of the sequences that ran (their length before the step), seconds of `engine.step()`,
-    prefill chunks (probe-only ones included), decode rows.
+    prefill chunks (probe-only ones included), decode rows. Under async scheduling a row's counts (and
+    running, waiting) are those of the batch whose outputs the step fetched (dispatched a step earlier).
     """
     # A full collection walks every object the process holds (a pause of up to seconds, seen mid-run
     # on the GPU): collect now and freeze what exists, as vLLM does after start-up.
@@ -167,6 +168,12 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float, ora
     seqs: list[Any] = []
     t0, m0 = time.perf_counter(), time.monotonic()
     i = done = 0
+    # Async scheduling: a step dispatches batch N and waits for (then processes) batch N-1, so its
+    # seconds are N-1's device time (or the host's, when that is longer). Each row pairs a step's
+    # seconds with the batch whose outputs it fetched, as under synchronous steps, so the step model
+    # fits the same quantity either way.
+    lagged = bool(getattr(getattr(engine, "config", None), "async_scheduling", False))
+    in_flight: tuple[int, ...] = (0,) * 6  # async: the dispatched batch's counts, running and waiting
     while done < n:
         now = time.perf_counter() - t0
         if now > timeout_s:
@@ -207,11 +214,17 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float, ora
         st = engine.last_step  # the engine's own accounting: no per-step walk over every request
         bt, kv, calls, dec = st.batch_tokens, st.kv_tokens, st.prefill_chunks, st.decode_rows
         n_run = max(n_run, len(engine.running))  # the batch it ran: before, or after its admissions
+        if lagged:
+            (bt, kv, calls, dec, n_run, n_wait), in_flight = in_flight, (bt, kv, calls, dec, n_run, n_wait)
         steps.append((bt, kv, time.perf_counter() - ts, calls, dec, emitted, t_rel, n_run, n_wait))
     for s in seqs:
         npre[index[s.request_id]] = s.num_preemptions
         if not s.is_finished:
             engine.abort(s.request_id)
+    # async scheduling: a step may still be in flight for requests that are gone (aborted above, or
+    # stopped here at their forced length): collect it, so the engine is left idle
+    while engine.has_unfinished() and not (engine.waiting or engine.running):
+        engine.step()
     return _result(wl.arrival, first, finish, nout, npre, itl, steps, time.perf_counter() - t0)
 
 

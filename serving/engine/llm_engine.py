@@ -67,8 +67,10 @@ class EngineConfig:
     tensor_parallel: int = 1  # shard weights + KV pages over this many local devices
     # vLLM's async scheduling: step N+1 is scheduled and dispatched while step N runs on the device,
     # its decode rows fed step N's sampled tokens on the device; N's outputs are processed after
-    # (a stop is found one step late, the row's extra tokens dropped). Same outputs as synchronous.
-    async_scheduling: bool = False
+    # (a stop is found one step late, the row's extra tokens dropped). Same outputs as synchronous;
+    # on by default (1.3-1.5x decode tokens/s on the H200, SmolLM2-135M shape); False (`jtrail serve
+    # --no-async-scheduling`) makes every step wait for its own outputs.
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.preemption_mode not in ("recompute", "swap"):
