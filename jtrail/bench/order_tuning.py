@@ -74,14 +74,20 @@ def order_candidates() -> dict[str, tuple[str, dict[str, Any]]]:
     return c
 
 
-def search(seeds: list[int], n: int | None, sigma0: float, only: list[str] | None = None) -> dict[str, Any]:
+def length_prior(out: np.ndarray) -> list[float]:
+    """The workload's answer lengths as bin weights over EDGES: the synthetic probe's prior."""
+    return [float(x) for x in np.histogram(out, bins=np.asarray(EDGES))[0]]
+
+
+def search(seeds: list[int], n: int | None, sigma0: float, prior: bool = True,
+           only: list[str] | None = None) -> dict[str, Any]:
     """Every candidate and fcfs on the same traces per regime and seed. Returns per-seed rows, the
     seed means, ratios to fcfs and the oracle, host seconds per run, and the choice: among the orders
     meeting the p99 bars in R1 and R2 (simulator, seed means), the largest geometric mean over
     R1-R3 of fcfs / x mean E2E."""
     prm, out = workload_lengths()
     sm = StepModel(**STEP_MODEL)
-    probe = {**PROBE, "sigma0": sigma0}
+    probe = {**PROBE, "sigma0": sigma0, "prior": length_prior(out) if prior else None}
     cands = order_candidates()
     if only:
         cands = {k: v for k, v in cands.items() if k in only or k.startswith(tuple(only))}
