@@ -122,5 +122,6 @@ def search(seeds: list[int], n: int | None, sigma0: float, prior: bool = True,
     return {"per_seed": per_seed, "table": table, "ratios": ratios,
             "host_s_per_run": {k: float(np.mean(v)) for k, v in host.items()},
             "candidates": {k: {"policy": p, "options": kw} for k, (p, kw) in cands.items()},
-            "meets_p99_bars": ok, "geo_mean_gain": {lab: gain(lab) for lab in cands if lab.startswith("trail")},
+            "meets_p99_bars": ok,
+            "geo_mean_gain": {lab: gain(lab) for lab in cands if lab.startswith("trail")},
             "best": best, "best_options": cands[best][1] if best else None}

@@ -29,9 +29,9 @@ from typing import Any
 from ...sequence import InvalidRequestError, Sequence
 from .aging import Aging
 from .base import Decision, Policy, PolicyStats, SchedulerState
+from .hrrn import hrrn_key
 from .memory import MemoryGuard, least_work_victim
 from .preemption_cost import RecomputeCost
-from .hrrn import hrrn_key
 from .runindex import RunIndex
 from .starvation import StarvationGuard
 from .waitqueue import WaitIndex
