@@ -71,6 +71,8 @@ def order_candidates() -> dict[str, tuple[str, dict[str, Any]]]:
     c["trail hrrn"] = ("trail", {"aging": 0.0, "order": "hrrn"})
     for g in (1.0, 1.5, 2.0, 3.0, 4.0):
         c[f"trail guard {g:g}"] = ("trail", {"aging": 0.0, "order": "guard", "guard": g})
+    for f in (0.5, 1.0, 2.0, 3.0, 4.0):
+        c[f"trail deadline {f:g}"] = ("trail", {"aging": 0.0, "order": "deadline", "deadline": f})
     return c
 
 

@@ -4,7 +4,8 @@ Each policy defines `rank(seq)` (lower runs first; in tokens for the length-awar
 turns a rank into a full policy:
 - waiting queue ordered by (rank aged by waiting time, arrival time, request id) (`order="rank"`,
   aging linear or multiplicative: aging.py), or by response ratio (`order="hrrn"`: hrrn.py), or by
-  rank with a starvation guard in front (`order="guard"`: starvation.py);
+  rank with a starvation guard in front (`order="guard"`: starvation.py), or by a deadline set from
+  the rank's quantile and the recent mean E2E (`order="deadline"`: deadline.py);
 - admission into free slots in that order, optionally memory-aware (memory.py);
 - limited preemption (TRAIL): when the batch is full, the best waiting request may preempt the
   running request with the largest rank among those still preemptible (generated <= c x initial
@@ -29,6 +30,7 @@ from typing import Any
 from ...sequence import InvalidRequestError, Sequence
 from .aging import Aging
 from .base import Decision, Policy, PolicyStats, SchedulerState
+from .deadline import DeadlineOrder
 from .hrrn import hrrn_key
 from .memory import MemoryGuard, least_work_victim
 from .preemption_cost import RecomputeCost
@@ -37,7 +39,7 @@ from .starvation import StarvationGuard
 from .waitqueue import WaitIndex
 
 VICTIM_RULES = ("recent", "least_work", "longest")
-ORDERS = ("rank", "hrrn", "guard")
+ORDERS = ("rank", "hrrn", "guard", "deadline")
 
 
 
@@ -49,7 +51,7 @@ class RankedPolicy(Policy):
                  memory: MemoryGuard | None = None, victim: str = "recent", unknown_rank: float = 0.0,
                  preempt: bool = True, max_preemptions: int | None = None,
                  preempt_cost: Any = None, aging_form: str = "linear", order: str = "rank",
-                 guard: float = 2.0):
+                 guard: float = 2.0, deadline: float = 2.0):
         if not c >= 0:
             raise InvalidRequestError("c", f"must be >= 0, got {c!r}")
         if not margin >= 0:
@@ -64,6 +66,7 @@ class RankedPolicy(Policy):
         self.c, self.margin, self.victim, self.order = float(c), float(margin), victim, order
         self.aging = Aging(float(aging), aging_form)
         self.guard = StarvationGuard(float(guard)) if order == "guard" else None
+        self.deadline = DeadlineOrder(float(deadline)) if order == "deadline" else None
         self.memory = memory
         self.unknown_rank = float(unknown_rank)
         self.max_preemptions = max_preemptions
@@ -80,6 +83,10 @@ class RankedPolicy(Policy):
         return self.unknown_rank if p is None else float(p)
 
     def _key(self, seq: Sequence) -> tuple:
+        if self.deadline is not None:
+            known = seq.predicted_remaining is not None or not self.probe_on_arrival
+            return (self.deadline.key(seq, self.rank(seq) if known else None), seq.arrival_time,
+                    seq.request_id)
         return (self.aging.static_key(self.rank(seq), seq.arrival_time), seq.arrival_time, seq.request_id)
 
     def preemptible(self, seq: Sequence) -> bool:
@@ -227,5 +234,7 @@ class RankedPolicy(Policy):
     def on_finish(self, seq: Sequence, now: float) -> None:
         if self.guard is not None:
             self.guard.on_finish(seq, now)
+        if self.deadline is not None:
+            self.deadline.on_finish(seq, now)
         self._index.discard(seq)
         self._run.forget(seq)
