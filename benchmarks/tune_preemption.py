@@ -50,7 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=None, help="per regime (default: the regime's own)")
     p.add_argument("--quick", action="store_true", help="one seed, 300 requests: a smoke test")
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--order", action="store_true", help="search the waiting-queue order instead "
+                   "(jtrail.bench.order_tuning; writes results/tune_order.json unless --out)")
     a = p.parse_args(argv)
+    if a.order:
+        from jtrail.bench.order_tuning import write_order_results
+        out = a.out if a.out != str(OUT) else str(OUT.with_name("tune_order.json"))
+        write_order_results([int(s) for s in a.seeds.split(",")], a.requests, out, " ".join(
+            ["python benchmarks/tune_preemption.py", *(argv if argv is not None else sys.argv[1:])]))
+        return 0
     seeds = [int(s) for s in a.seeds.split(",")][: 1 if a.quick else None]
     n = 300 if a.quick else a.requests
     t = tune(seeds, n)

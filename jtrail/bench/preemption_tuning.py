@@ -65,11 +65,11 @@ def trail_grid() -> list[dict[str, Any]]:
 
 
 def run(tr: Trace, name: str, kw: dict[str, Any], sm: StepModel, res: Resources,
-        seed: int) -> dict[str, float]:
+        seed: int, probe: dict[str, Any] | None = None) -> dict[str, float]:
     if name == "srpt-oracle":
         pred: Any = OraclePredictor()
     else:
-        pred = ProbeLikePredictor(**PROBE, seed=seed, edges=EDGES)
+        pred = ProbeLikePredictor(**(probe or PROBE), seed=seed, edges=EDGES)
     kw = dict(kw)
     if name == "gittins":
         kw["bin_edges"] = EDGES

@@ -2,7 +2,10 @@
 
 Each policy defines `rank(seq)` (lower runs first; in tokens for the length-aware ones). This class
 turns a rank into a full policy:
-- waiting queue ordered by (rank aged by waiting time, arrival time, request id);
+- waiting queue ordered by (rank aged by waiting time, arrival time, request id) (`order="rank"`,
+  aging linear or multiplicative: aging.py), or by response ratio (`order="hrrn"`: hrrn.py), or by
+  rank with a starvation guard in front (`order="guard"`: starvation.py), or by a deadline set from
+  the rank's quantile and the recent mean E2E (`order="deadline"`: deadline.py);
 - admission into free slots in that order, optionally memory-aware (memory.py);
 - limited preemption (TRAIL): when the batch is full, the best waiting request may preempt the
   running request with the largest rank among those still preemptible (generated <= c x initial
@@ -21,17 +24,22 @@ turns a rank into a full policy:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 from ...sequence import InvalidRequestError, Sequence
 from .aging import Aging
 from .base import Decision, Policy, PolicyStats, SchedulerState
+from .deadline import DeadlineOrder
+from .hrrn import hrrn_key
 from .memory import MemoryGuard, least_work_victim
 from .preemption_cost import RecomputeCost
 from .runindex import RunIndex
+from .starvation import StarvationGuard
 from .waitqueue import WaitIndex
 
 VICTIM_RULES = ("recent", "least_work", "longest")
+ORDERS = ("rank", "hrrn", "guard", "deadline")
 
 
 
@@ -42,7 +50,8 @@ class RankedPolicy(Policy):
     def __init__(self, *, c: float = math.inf, margin: float = 0.0, aging: float = 0.0,
                  memory: MemoryGuard | None = None, victim: str = "recent", unknown_rank: float = 0.0,
                  preempt: bool = True, max_preemptions: int | None = None,
-                 preempt_cost: Any = None):
+                 preempt_cost: Any = None, aging_form: str = "linear", order: str = "rank",
+                 guard: float = 2.0, deadline: float = 2.0):
         if not c >= 0:
             raise InvalidRequestError("c", f"must be >= 0, got {c!r}")
         if not margin >= 0:
@@ -52,8 +61,12 @@ class RankedPolicy(Policy):
                                       f"must be None or an int >= 0, got {max_preemptions!r}")
         if victim not in VICTIM_RULES:
             raise InvalidRequestError("victim", f"must be one of {VICTIM_RULES}, got {victim!r}")
-        self.c, self.margin, self.victim = float(c), float(margin), victim
-        self.aging = Aging(float(aging))
+        if order not in ORDERS:
+            raise InvalidRequestError("order", f"must be one of {ORDERS}, got {order!r}")
+        self.c, self.margin, self.victim, self.order = float(c), float(margin), victim, order
+        self.aging = Aging(float(aging), aging_form)
+        self.guard = StarvationGuard(float(guard)) if order == "guard" else None
+        self.deadline = DeadlineOrder(float(deadline)) if order == "deadline" else None
         self.memory = memory
         self.unknown_rank = float(unknown_rank)
         self.max_preemptions = max_preemptions
@@ -70,6 +83,10 @@ class RankedPolicy(Policy):
         return self.unknown_rank if p is None else float(p)
 
     def _key(self, seq: Sequence) -> tuple:
+        if self.deadline is not None:
+            known = seq.predicted_remaining is not None or not self.probe_on_arrival
+            return (self.deadline.key(seq, self.rank(seq) if known else None), seq.arrival_time,
+                    seq.request_id)
         return (self.aging.static_key(self.rank(seq), seq.arrival_time), seq.arrival_time, seq.request_id)
 
     def preemptible(self, seq: Sequence) -> bool:
@@ -85,7 +102,7 @@ class RankedPolicy(Policy):
     # --- the interface -------------------------------------------------------------------------------
     def schedule(self, state: SchedulerState) -> Decision:
         self.stats.schedule_calls += 1
-        ordered = self._index.ordered(state.waiting)
+        ordered = self._ordered(state.waiting, state.now)
         admit: list[Sequence] = []
         free = state.free_slots
         budget = None
@@ -106,12 +123,28 @@ class RankedPolicy(Policy):
         preempt: list[Sequence] = []
         if nxt is not None and self.preempt and state.running:
             preempt = self._preemptions(nxt, ordered, state, admit)
-        ordered.close()  # puts the consumed heap entries back
+        ordered.close()
         self._index.watch(admit)
         self._index.watch(preempt)
         self.stats.admissions_proposed += len(admit)
         self.stats.preemptions += len(preempt)
         return Decision(preempt=preempt, admit=admit)
+
+    def _ordered(self, waiting: list[Sequence], now: float) -> Iterator[Sequence]:
+        if self.order == "hrrn":  # time-varying keys: a sort per call (hrrn.py)
+            yield from sorted(waiting, key=lambda s: hrrn_key(self.rank(s), s, now))
+            return
+        it = self._index.ordered(waiting)
+        try:
+            if self.guard is None:
+                yield from it
+                return
+            first = self.guard.starving(waiting, now)
+            yield from first
+            skip = set(first)
+            yield from (s for s in it if s not in skip)
+        finally:
+            it.close()  # puts the consumed heap entries back
 
     def _preemptions(self, first: Sequence, rest, state: SchedulerState,
                      admit: list[Sequence]) -> list[Sequence]:
@@ -199,5 +232,9 @@ class RankedPolicy(Policy):
         self._index.add(seq)
 
     def on_finish(self, seq: Sequence, now: float) -> None:
+        if self.guard is not None:
+            self.guard.on_finish(seq, now)
+        if self.deadline is not None:
+            self.deadline.on_finish(seq, now)
         self._index.discard(seq)
         self._run.forget(seq)

@@ -10,7 +10,9 @@ prefill it first to learn it).
 
 Beyond the paper (ranked.py): `max_preemptions` caps preemptions per request, `preempt_cost` makes a
 preemption pass only when its SRPT exchange saving beats the victim's recompute time
-(preemption_cost.py), `aging` bounds waits. The defaults come from benchmarks/tune_preemption.py.
+(preemption_cost.py), `aging` bounds waits (linear, or multiplicative with `aging_form="exp"`),
+`order` picks another waiting-queue order ("hrrn", "guard", "deadline"; compared in
+benchmarks/results/tune_order.json). The defaults come from benchmarks/tune_preemption.py.
 """
 
 from __future__ import annotations
