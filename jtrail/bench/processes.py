@@ -71,7 +71,11 @@ class Proc:
 
 
 def jtrail_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "jtrail.cli", *args]
+    # -P: the working directory stays off sys.path. Run from the repository root, `-m` would otherwise
+    # import the source folder ./jtrail, which lacks the subpackages that pyproject maps in from
+    # serving/, models/, kernels/ (jtrail.serving, ...), instead of the installed jtrail (the GPU box
+    # installs the checkout with `pip install --target`, not in editable mode).
+    return [sys.executable, "-P", "-m", "jtrail.cli", *args]
 
 
 def start_replica(i: int, a: argparse.Namespace, log_dir: Path) -> Proc:
