@@ -12,9 +12,11 @@ For each policy (fcfs, trail) one server process serves both doors from one engi
    --max-output) through gRPC: each prompt's output length and the capacity, as benchmarks/routing.py.
 2. One seeded Poisson trace at --load x capacity, forced lengths (ignore_eos, max_tokens = the profiled
    length: identical work whatever the door or tool). The same trace runs through gRPC (loadgen's
-   `drive_grpc`), through HTTP (`jtrail.bench.http_driver`: /v1/chat/completions, SSE, the `openai`
-   client) and through the outside tool, fed the same prompts, lengths and arrival times (guidellm's `replay`
-   profile, `schedule_turn=timestamp`); the server drains between runs; the doors' order alternates.
+   `drive_grpc`), through HTTP (`jtrail.bench.http_driver`: /v1/chat/completions, SSE; --http-client
+   sse reads the stream with httpx2, openai with the `openai` client, whose per-chunk cost the driver
+   then measures as well) and through the outside tool, fed the same prompts, lengths and arrival
+   times (guidellm's `replay` profile, `schedule_turn=timestamp`); the server drains between runs;
+   the doors' order alternates.
 3. bars: `http_over_grpc_mean_e2e` (HTTP mean E2E / gRPC mean E2E, the worse policy) and
    `outside_vs_loadgen_mean_e2e_error` (|guidellm mean E2E / loadgen-over-HTTP mean E2E - 1|, the worse
    policy); TTFT the same way in `ratios`. Writes benchmarks/results/http.json (+ guidellm's own
@@ -45,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from jtrail.bench.guidellm import export_tokenizer, run_guidellm
-from jtrail.bench.http_driver import drive_http
+from jtrail.bench.http_driver import CLIENTS, drive_http
 from jtrail.bench.http_report import door_ratios, mean_repeats
 from jtrail.bench.loadgen import Workload, arrival_times, drive_grpc
 from jtrail.bench.metrics import burst_capacity, summarize_completed
@@ -96,6 +98,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="runs of each door per policy (order alternates)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--outside", default="guidellm", choices=["guidellm", "none"])
+    p.add_argument("--http-client", default="sse", choices=list(CLIENTS),
+                   help="the HTTP door's driver: sse (httpx2, lean) or openai (the official client)")
     p.add_argument("--guidellm", default=None, help="the guidellm executable (default: on PATH)")
     p.add_argument("--tokenizer-dir", default=None,
                    help="local Hugging Face tokenizer directory for the outside tool (no hub access; "
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                             request_ids=[f"warm{i}" for i in range(n_pool)])
             drive_grpc(grpc_addr, warm, timeout_s=a.run_timeout)
             drive_http(base, model, Workload(pool[:8], np.zeros(min(8, n_pool)), np.full(min(8, n_pool), 2)),
-                       timeout_s=a.run_timeout)
+                       timeout_s=a.run_timeout, client=a.http_client)
             drain([grpc_addr], 60.0)
             log(f"{policy}: server at gRPC {grpc_addr}, HTTP {http_addr} ({model}); warmed up")
             if wl is None:  # profile once: every policy and door then runs the same trace
@@ -172,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                     if door == "grpc":
                         row = summarize_completed(drive_grpc(grpc_addr, trace, timeout_s=a.run_timeout))
                     elif door == "http":
-                        res = drive_http(base, model, trace, timeout_s=a.run_timeout, log=log)
+                        res = drive_http(base, model, trace, timeout_s=a.run_timeout, log=log,
+                                         client=a.http_client)
                         row = summarize_completed(res)
                     else:
                         row = run_guidellm(a, http_addr, model, trace, out_dir, f"{policy}_{rep}", log)
