@@ -22,11 +22,14 @@ For each policy (fcfs, trail) one server process serves both doors from one engi
    policy); TTFT the same way in `ratios`. Writes benchmarks/results/http.json (+ guidellm's own
    report files beside it), copied to $OUT when set.
 
-Offline GPU box: carry the wheels the box lacks (fastapi, starlette, uvicorn, httptools, openai and its
-httpx2 stack, guidellm and its closure minus torch / transformers / tokenizers / numpy, which the box
-has), the exported tokenizer directory and the prompts JSONL; then
-`pip install --no-index --find-links WHEELS fastapi uvicorn httptools openai guidellm`. guidellm runs
-with HF_HUB_OFFLINE=1 (set here), so it never reaches a hub.
+Offline GPU box (python 3.12, no registry): carry the wheels it lacks (grpcio >= 1.85.1 and protobuf
+>= 7.35.1 for the committed stubs, grpcio-health-checking/-reflection, fastapi, starlette, uvicorn,
+httptools, pydantic, openai and its httpx2 stack, guidellm and its closure minus torch / transformers
+/ tokenizers / numpy / pandas / pyarrow, which the box has), install them with `pip install
+--no-index --no-deps --target /tmp/site WHEELS/*.whl` and this checkout with the same flags plus
+--no-build-isolation and `.` (PYTHONPATH=/tmp/site); export the tokenizer there with
+--export-tokenizer DIR --model GGUF. guidellm runs with HF_HUB_OFFLINE=1
+(set here), so it never reaches a hub; without its script on PATH it runs as `python -m guidellm`.
 
 The driver never imports JAX: the server owns the accelerator.
 """

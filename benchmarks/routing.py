@@ -106,7 +106,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-requests", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deadline-s", type=float, default=360.0,
-                   help="wall budget of the whole run: the trace is sized to fit")
+                   help="wall budget of the whole run, counted from its start (replica startup, warm-up "
+                        "and profile included): each router run gets what is left / (routers x repeats), "
+                        "at most --run-timeout, and the trace is sized to fit")
     p.add_argument("--start-timeout", type=float, default=240.0, help="seconds for a replica to come up")
     p.add_argument("--run-timeout", type=float, default=150.0, help="most seconds of one policy run")
     p.add_argument("--out", default=str(OUT))
