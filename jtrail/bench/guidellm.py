@@ -61,7 +61,9 @@ def run_guidellm(a: argparse.Namespace, http: str, model: str, wl: Workload, out
     cmd = guidellm_cmd(a, http, model, data, out_dir, len(wl))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     log("  " + " ".join(cmd))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.run_timeout + 300)
+    # + its own start (worker processes importing torch / transformers): ~25-55 s on the 2-core dev
+    # machine; a hung guidellm then costs at most this, and http_bench goes on without the door
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.run_timeout + 120)
     (out_dir / f"guidellm_{policy}.log").write_text(r.stdout + "\n--- stderr ---\n" + r.stderr)
     report = out_dir / "guidellm.json"
     if r.returncode != 0 or not report.exists():
