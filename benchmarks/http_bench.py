@@ -55,7 +55,14 @@ from jtrail.bench.http_driver import CLIENTS, drive_http
 from jtrail.bench.http_report import door_ratios, mean_repeats
 from jtrail.bench.loadgen import Workload, arrival_times, drive_grpc
 from jtrail.bench.metrics import burst_capacity, summarize_completed
-from jtrail.bench.processes import device_name, drain, served_model, start_server, wait_serving
+from jtrail.bench.processes import (
+    device_name,
+    drain,
+    exit_on_sigterm,
+    served_model,
+    start_server,
+    wait_serving,
+)
 from jtrail.bench.prompt_pools import load_pool
 from jtrail.provenance import git_commit
 
@@ -119,6 +126,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    exit_on_sigterm()
     if a.write_jsonl:
         return write_jsonl(a)
     if a.export_tokenizer:

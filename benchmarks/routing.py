@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jtrail.bench.processes import Proc, device_name, start_replicas, wait_serving
+from jtrail.bench.processes import Proc, device_name, exit_on_sigterm, start_replicas, wait_serving
 from jtrail.bench.prompt_pools import load_pool, load_replay_pool
 from jtrail.bench.routing_report import carry_over, print_table, ratio_table, real_bars
 from jtrail.bench.routing_runs import profile, routing_trace, run_routers
@@ -117,6 +117,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    exit_on_sigterm()
     routers = [r for r in a.routers.split(",") if r]
     if "token-aware" not in routers:
         raise SystemExit("--routers must include token-aware (the reference of the ratios)")

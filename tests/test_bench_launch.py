@@ -3,7 +3,12 @@ installed with `pip install --target DIR` (PYTHONPATH=DIR) and the benchmark run
 
 from __future__ import annotations
 
+import json
+import signal
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,3 +37,38 @@ def test_guidellm_exe_falls_back_to_the_module(monkeypatch: pytest.MonkeyPatch, 
     assert guidellm.guidellm_exe(None) == [str(tmp_path / "guidellm")]
     monkeypatch.setattr(guidellm.shutil, "which", lambda name: "/usr/bin/guidellm")
     assert guidellm.guidellm_exe(None) == ["/usr/bin/guidellm"]
+
+
+def test_sigterm_stops_the_benchmarks_servers(tmp_path: Path) -> None:
+    # `timeout` sends SIGTERM; the replicas run in their own sessions, so only the benchmark's own
+    # cleanup can stop them (a GPU box would otherwise keep them, and their memory, for the next run)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"q{i} why?"}) + "\n" for i in range(8)))
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, str(root / "benchmarks" / "routing.py"), "--mock", "--prompts",
+                             str(prompts), "--pool", "8", "--max-output", "4000", "--max-context", "4096",
+                             "--pages", "512", "--out", str(tmp_path / "r.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        targets: list[str] = []
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if "replicas SERVING at" in line:
+                targets = json.loads(line.split("SERVING at ")[1].replace("'", '"'))
+                break
+        assert len(targets) == 2
+        time.sleep(1.0)  # inside the warm-up / profile
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 20
+    for t in targets:
+        host, port = t.rsplit(":", 1)
+        while True:
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+            except OSError:
+                break  # nothing listens: the replica is gone
+            assert time.monotonic() < deadline, f"replica {t} still serving after the benchmark's SIGTERM"
+            time.sleep(0.5)

@@ -70,6 +70,13 @@ class Proc:
         self.err.close()
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (`timeout`, a job limit) raises SystemExit in the main thread, so the benchmark's
+    `finally` blocks stop its servers: they run in their own sessions (start_new_session), and a
+    benchmark killed outright would leave them holding the GPU for the next command."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def jtrail_cmd(*args: str) -> list[str]:
     # -P: the working directory stays off sys.path. Run from the repository root, `-m` would otherwise
     # import the source folder ./jtrail, which lacks the subpackages that pyproject maps in from
