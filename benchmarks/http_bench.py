@@ -12,19 +12,24 @@ For each policy (fcfs, trail) one server process serves both doors from one engi
    --max-output) through gRPC: each prompt's output length and the capacity, as benchmarks/routing.py.
 2. One seeded Poisson trace at --load x capacity, forced lengths (ignore_eos, max_tokens = the profiled
    length: identical work whatever the door or tool). The same trace runs through gRPC (loadgen's
-   `drive_grpc`), through HTTP (`jtrail.bench.http_driver`: /v1/chat/completions, SSE, the `openai`
-   client) and through the outside tool, fed the same prompts, lengths and arrival times (guidellm's `replay`
-   profile, `schedule_turn=timestamp`); the server drains between runs; the doors' order alternates.
+   `drive_grpc`), through HTTP (`jtrail.bench.http_driver`: /v1/chat/completions, SSE; --http-client
+   sse reads the stream with httpx2, openai with the `openai` client, whose per-chunk cost the driver
+   then measures as well) and through the outside tool, fed the same prompts, lengths and arrival
+   times (guidellm's `replay` profile, `schedule_turn=timestamp`); the server drains between runs;
+   the doors' order alternates.
 3. bars: `http_over_grpc_mean_e2e` (HTTP mean E2E / gRPC mean E2E, the worse policy) and
    `outside_vs_loadgen_mean_e2e_error` (|guidellm mean E2E / loadgen-over-HTTP mean E2E - 1|, the worse
    policy); TTFT the same way in `ratios`. Writes benchmarks/results/http.json (+ guidellm's own
    report files beside it), copied to $OUT when set.
 
-Offline GPU box: carry the wheels the box lacks (fastapi, starlette, uvicorn, httptools, openai and its
-httpx2 stack, guidellm and its closure minus torch / transformers / tokenizers / numpy, which the box
-has), the exported tokenizer directory and the prompts JSONL; then
-`pip install --no-index --find-links WHEELS fastapi uvicorn httptools openai guidellm`. guidellm runs
-with HF_HUB_OFFLINE=1 (set here), so it never reaches a hub.
+Offline GPU box (python 3.12, no registry): carry the wheels it lacks (grpcio >= 1.85.1 and protobuf
+>= 7.35.1 for the committed stubs, grpcio-health-checking/-reflection, fastapi, starlette, uvicorn,
+httptools, pydantic, openai and its httpx2 stack, guidellm and its closure minus torch / transformers
+/ tokenizers / numpy / pandas / pyarrow, which the box has), install them with `pip install
+--no-index --no-deps --target /tmp/site WHEELS/*.whl` and this checkout with the same flags plus
+--no-build-isolation and `.` (PYTHONPATH=/tmp/site); export the tokenizer there with
+--export-tokenizer DIR --model GGUF. guidellm runs with HF_HUB_OFFLINE=1
+(set here), so it never reaches a hub; without its script on PATH it runs as `python -m guidellm`.
 
 The driver never imports JAX: the server owns the accelerator.
 """
@@ -36,6 +41,7 @@ import datetime
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,11 +51,18 @@ from typing import Any
 import numpy as np
 
 from jtrail.bench.guidellm import export_tokenizer, run_guidellm
-from jtrail.bench.http_driver import drive_http
+from jtrail.bench.http_driver import CLIENTS, drive_http
 from jtrail.bench.http_report import door_ratios, mean_repeats
 from jtrail.bench.loadgen import Workload, arrival_times, drive_grpc
 from jtrail.bench.metrics import burst_capacity, summarize
-from jtrail.bench.processes import device_name, drain, served_model, start_server, wait_serving
+from jtrail.bench.processes import (
+    device_name,
+    drain,
+    exit_on_sigterm,
+    served_model,
+    start_server,
+    wait_serving,
+)
 from jtrail.bench.prompt_pools import load_pool
 from jtrail.provenance import git_commit
 
@@ -96,6 +109,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="runs of each door per policy (order alternates)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--outside", default="guidellm", choices=["guidellm", "none"])
+    p.add_argument("--http-client", default="sse", choices=list(CLIENTS),
+                   help="the HTTP door's driver: sse (httpx2, lean) or openai (the official client)")
     p.add_argument("--guidellm", default=None, help="the guidellm executable (default: on PATH)")
     p.add_argument("--tokenizer-dir", default=None,
                    help="local Hugging Face tokenizer directory for the outside tool (no hub access; "
@@ -111,6 +126,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    exit_on_sigterm()
     if a.write_jsonl:
         return write_jsonl(a)
     if a.export_tokenizer:
@@ -131,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     wl: Workload | None = None
     capacity = rate = float("nan")
     table: dict[str, dict[str, Any]] = {}
+    outside_errors: list[str] = []
     for pi, policy in enumerate(policies):
         server, grpc_addr, http_addr = start_server(a, policy, log_dir)
         try:
@@ -142,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                             request_ids=[f"warm{i}" for i in range(n_pool)])
             drive_grpc(grpc_addr, warm, timeout_s=a.run_timeout)
             drive_http(base, model, Workload(pool[:8], np.zeros(min(8, n_pool)), np.full(min(8, n_pool), 2)),
-                       timeout_s=a.run_timeout)
+                       timeout_s=a.run_timeout, client=a.http_client)
             drain([grpc_addr], 60.0)
             log(f"{policy}: server at gRPC {grpc_addr}, HTTP {http_addr} ({model}); warmed up")
             if wl is None:  # profile once: every policy and door then runs the same trace
@@ -172,15 +189,23 @@ def main(argv: list[str] | None = None) -> int:
                     if door == "grpc":
                         row = summarize(drive_grpc(grpc_addr, trace, timeout_s=a.run_timeout))
                     elif door == "http":
-                        res = drive_http(base, model, trace, timeout_s=a.run_timeout, log=log)
+                        res = drive_http(base, model, trace, timeout_s=a.run_timeout, log=log,
+                                         client=a.http_client)
                         row = summarize(res)
                     else:
-                        row = run_guidellm(a, http_addr, model, trace, out_dir, f"{policy}_{rep}", log)
+                        try:
+                            row = run_guidellm(a, http_addr, model, trace, out_dir, f"{policy}_{rep}", log)
+                        except (RuntimeError, subprocess.TimeoutExpired) as e:
+                            # keep the gRPC / HTTP figures of the run: the outside door is left out
+                            outside_errors.append(f"{policy} repeat {rep + 1}: {str(e)[-1500:]}")
+                            log(f"{policy:6s} {door:8s} [{rep + 1}/{a.repeats}] FAILED (run goes on): "
+                                f"{str(e)[-300:]}")
+                            continue
                     runs[door].append(row)
                     log(f"{policy:6s} {door:8s} [{rep + 1}/{a.repeats}] done {row['completed']}/"
                         f"{row['requests']}: mean E2E {row['mean_e2e']:.3f} s, "
                         f"mean TTFT {row['mean_ttft']:.3f} s")
-            table[policy] = {d: mean_repeats(rows) for d, rows in runs.items()}
+            table[policy] = {d: mean_repeats(rows) for d, rows in runs.items() if rows}
         finally:
             server.stop()
 
@@ -194,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                      "rate_req_s": rate, "capacity_req_s": capacity,
                      "output_len_mean": float(wl.output_len.mean()) if wl else None},
         "outside_tool": {"name": a.outside, "note": "guidellm replays the same trace (prompts, lengths, "
-                         "arrival times) over HTTP; compared with loadgen over HTTP on the same server"},
+                         "arrival times) over HTTP; compared with loadgen over HTTP on the same server",
+                         "errors": outside_errors},
         "table": table, "ratios": ratios, "bars": bars,
     }
     out_path.write_text(json.dumps(doc, indent=2))

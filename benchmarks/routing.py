@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jtrail.bench.processes import Proc, device_name, start_replicas, wait_serving
+from jtrail.bench.processes import Proc, device_name, exit_on_sigterm, start_replicas, wait_serving
 from jtrail.bench.prompt_pools import load_pool, load_replay_pool
 from jtrail.bench.routing_report import carry_over, print_table, ratio_table, real_bars
 from jtrail.bench.routing_runs import profile, routing_trace, run_routers
@@ -106,7 +106,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-requests", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deadline-s", type=float, default=360.0,
-                   help="wall budget of the whole run: the trace is sized to fit")
+                   help="wall budget of the whole run, counted from its start (replica startup, warm-up "
+                        "and profile included): each router run gets what is left / (routers x repeats), "
+                        "at most --run-timeout, and the trace is sized to fit")
     p.add_argument("--start-timeout", type=float, default=240.0, help="seconds for a replica to come up")
     p.add_argument("--run-timeout", type=float, default=150.0, help="most seconds of one policy run")
     p.add_argument("--out", default=str(OUT))
@@ -115,6 +117,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    exit_on_sigterm()
     routers = [r for r in a.routers.split(",") if r]
     if "token-aware" not in routers:
         raise SystemExit("--routers must include token-aware (the reference of the ratios)")

@@ -27,11 +27,23 @@ def guidellm_dataset(path: Path, wl: Workload) -> None:
                                 "relative_timestamp": float(wl.arrival[k])}) + "\n")
 
 
+def guidellm_exe(given: str | None) -> list[str]:
+    """The guidellm command: --guidellm, else on PATH, else beside this interpreter, else
+    `python -m guidellm`: wheels installed with `pip install --target DIR` put the script in DIR/bin,
+    which is on no PATH, while the package itself imports through PYTHONPATH (the offline GPU box)."""
+    if given:
+        return [given]
+    found = shutil.which("guidellm")
+    if found:
+        return [found]
+    beside = Path(sys.executable).parent / "guidellm"
+    return [str(beside)] if beside.is_file() else [sys.executable, "-m", "guidellm"]
+
+
 def guidellm_cmd(a: argparse.Namespace, http: str, model: str, data: Path, out_dir: Path,
                  n: int) -> list[str]:
     """guidellm 0.8's CLI (kind=...,key=value options), checked against a live `jtrail serve --mock`."""
-    exe = a.guidellm or shutil.which("guidellm") or str(Path(sys.executable).parent / "guidellm")
-    return [exe, "run",
+    return [*guidellm_exe(a.guidellm), "run",
             "--backend", f"kind=openai_http,target=http://{http},model={model},"
                          "request_format=/v1/chat/completions",
             "--profile", "kind=replay,schedule_turn=timestamp",
@@ -49,7 +61,9 @@ def run_guidellm(a: argparse.Namespace, http: str, model: str, wl: Workload, out
     cmd = guidellm_cmd(a, http, model, data, out_dir, len(wl))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     log("  " + " ".join(cmd))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.run_timeout + 300)
+    # + its own start (worker processes importing torch / transformers): ~25-55 s on the 2-core dev
+    # machine; a hung guidellm then costs at most this, and http_bench goes on without the door
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.run_timeout + 120)
     (out_dir / f"guidellm_{policy}.log").write_text(r.stdout + "\n--- stderr ---\n" + r.stderr)
     report = out_dir / "guidellm.json"
     if r.returncode != 0 or not report.exists():

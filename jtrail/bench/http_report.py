@@ -34,7 +34,7 @@ def door_ratios(table: dict[str, dict[str, dict[str, Any]]]) -> tuple[dict[str, 
             ratios[f"{policy}_outside_vs_loadgen_mean_e2e_error"] = abs(o["mean_e2e"] / h["mean_e2e"] - 1)
             ratios[f"{policy}_outside_vs_loadgen_mean_ttft_error"] = abs(o["mean_ttft"] / h["mean_ttft"] - 1)
     if "fcfs" in table and "trail" in table:
-        for door in table["fcfs"]:
+        for door in [d for d in table["fcfs"] if d in table["trail"]]:
             ratios[f"fcfs_over_trail_mean_e2e_{door}"] = (table["fcfs"][door]["mean_e2e"]
                                                           / table["trail"][door]["mean_e2e"])
     worst = lambda key: max((v for k, v in ratios.items() if k.endswith(key)), default=None,  # noqa: E731

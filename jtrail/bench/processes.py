@@ -70,8 +70,19 @@ class Proc:
         self.err.close()
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (`timeout`, a job limit) raises SystemExit in the main thread, so the benchmark's
+    `finally` blocks stop its servers: they run in their own sessions (start_new_session), and a
+    benchmark killed outright would leave them holding the GPU for the next command."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def jtrail_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "jtrail.cli", *args]
+    # -P: the working directory stays off sys.path. Run from the repository root, `-m` would otherwise
+    # import the source folder ./jtrail, which lacks the subpackages that pyproject maps in from
+    # serving/, models/, kernels/ (jtrail.serving, ...), instead of the installed jtrail (the GPU box
+    # installs the checkout with `pip install --target`, not in editable mode).
+    return [sys.executable, "-P", "-m", "jtrail.cli", *args]
 
 
 def start_replica(i: int, a: argparse.Namespace, log_dir: Path) -> Proc:

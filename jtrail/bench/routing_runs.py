@@ -71,6 +71,10 @@ def routing_trace(prompts: list[Any], kept: list[np.ndarray] | None, lengths: np
     rate = a.load * capacity
     left = a.deadline_s - (time.perf_counter() - t0) - 15.0
     per_policy = min(left / (len(routers) * a.repeats), a.run_timeout)
+    if per_policy < 2.0:
+        raise RuntimeError(f"--deadline-s {a.deadline_s:.0f} leaves {per_policy:.1f} s per router run after "
+                           f"{time.perf_counter() - t0:.0f} s of startup, warm-up and profile: raise it "
+                           "(it is the whole run's budget)")
     tail = float(np.max(lengths)) / max(capacity / a.replicas / a.slots * float(lengths.mean()), 1e-9)
     # time to finish the last arrivals: one long request, and at least a fifth of the run for the queue
     # they find (a run that stops at per_policy drops what is unfinished from the means)
