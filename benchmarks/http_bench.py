@@ -41,28 +41,18 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from jtrail.bench.guidellm import export_tokenizer, run_guidellm
-from jtrail.bench.http_driver import CLIENTS, drive_http
-from jtrail.bench.http_report import door_ratios, mean_repeats
-from jtrail.bench.loadgen import Workload, arrival_times, drive_grpc
-from jtrail.bench.metrics import burst_capacity, summarize
-from jtrail.bench.processes import (
-    device_name,
-    drain,
-    exit_on_sigterm,
-    served_model,
-    start_server,
-    wait_serving,
-)
+from jtrail.bench.guidellm import export_tokenizer
+from jtrail.bench.http_driver import CLIENTS
+from jtrail.bench.http_report import door_ratios
+from jtrail.bench.http_runs import print_table, profile_trace, run_doors, warm_up
+from jtrail.bench.loadgen import Workload
+from jtrail.bench.processes import device_name, exit_on_sigterm, served_model, start_server, wait_serving
 from jtrail.bench.prompt_pools import load_pool
 from jtrail.provenance import git_commit
 
@@ -153,59 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             wait_serving([grpc_addr], a.start_timeout)
             model = served_model(http_addr)
-            base = f"http://{http_addr}/v1"
-            n_pool = len(pool)
-            warm = Workload(pool, np.zeros(n_pool), np.full(n_pool, 2), forced=True,
-                            request_ids=[f"warm{i}" for i in range(n_pool)])
-            drive_grpc(grpc_addr, warm, timeout_s=a.run_timeout)
-            drive_http(base, model, Workload(pool[:8], np.zeros(min(8, n_pool)), np.full(min(8, n_pool), 2)),
-                       timeout_s=a.run_timeout, client=a.http_client)
-            drain([grpc_addr], 60.0)
+            warm_up(a, grpc_addr, f"http://{http_addr}/v1", model, pool)
             log(f"{policy}: server at gRPC {grpc_addr}, HTTP {http_addr} ({model}); warmed up")
             if wl is None:  # profile once: every policy and door then runs the same trace
-                prof = Workload(pool, np.zeros(n_pool), np.full(n_pool, a.max_output), forced=False,
-                                request_ids=[f"prof{i}" for i in range(n_pool)])
-                res = drive_grpc(grpc_addr, prof, timeout_s=a.run_timeout)
-                ok, capacity = burst_capacity(res, a.slots)
-                prompts = [p for p, good in zip(pool, ok, strict=True) if good]
-                lengths = np.minimum(res.output_tokens[ok], a.max_output).astype(np.int64)
-                if not prompts or not capacity > 0:
-                    raise RuntimeError("the profiling run completed no request")
+                wl, capacity = profile_trace(a, grpc_addr, pool, log)
                 rate = a.load * capacity
-                pick = np.random.default_rng(a.seed + 1).integers(0, len(prompts), a.requests)
-                wl = Workload([prompts[i] for i in pick], arrival_times(a.requests, rate, a.seed),
-                              lengths[pick], forced=True, request_ids=[f"r{i}" for i in range(a.requests)])
-                log(f"profiled {len(prompts)} prompts, mean output {lengths.mean():.1f}; capacity "
-                    f"{capacity:.2f} req/s; trace {a.requests} requests at {rate:.2f} req/s")
-                drain([grpc_addr], 60.0)
-            doors = ["grpc", "http"] + (["outside"] if a.outside != "none" else [])
-            runs: dict[str, list[dict[str, Any]]] = {d: [] for d in doors}
-            for rep in range(a.repeats):
-                order = doors if (rep + pi) % 2 == 0 else doors[::-1]
-                for door in order:
-                    drain([grpc_addr], 120.0)
-                    ids = [f"{door}{rep}_{i}" for i in range(len(wl))]
-                    trace = Workload(wl.prompts, wl.arrival, wl.output_len, forced=True, request_ids=ids)
-                    if door == "grpc":
-                        row = summarize(drive_grpc(grpc_addr, trace, timeout_s=a.run_timeout))
-                    elif door == "http":
-                        res = drive_http(base, model, trace, timeout_s=a.run_timeout, log=log,
-                                         client=a.http_client)
-                        row = summarize(res)
-                    else:
-                        try:
-                            row = run_guidellm(a, http_addr, model, trace, out_dir, f"{policy}_{rep}", log)
-                        except (RuntimeError, subprocess.TimeoutExpired) as e:
-                            # keep the gRPC / HTTP figures of the run: the outside door is left out
-                            outside_errors.append(f"{policy} repeat {rep + 1}: {str(e)[-1500:]}")
-                            log(f"{policy:6s} {door:8s} [{rep + 1}/{a.repeats}] FAILED (run goes on): "
-                                f"{str(e)[-300:]}")
-                            continue
-                    runs[door].append(row)
-                    log(f"{policy:6s} {door:8s} [{rep + 1}/{a.repeats}] done {row['completed']}/"
-                        f"{row['requests']}: mean E2E {row['mean_e2e']:.3f} s, "
-                        f"mean TTFT {row['mean_ttft']:.3f} s")
-            table[policy] = {d: mean_repeats(rows) for d, rows in runs.items() if rows}
+            table[policy] = run_doors(a, policy, pi, wl, (grpc_addr, http_addr), model, out_dir,
+                                      outside_errors, log)
         finally:
             server.stop()
 
@@ -230,12 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         for f in [out_path, *out_dir.glob("guidellm_*")]:
             if (dest / f.name).resolve() != f.resolve():
                 shutil.copy(f, dest / f.name)
-    print("\n| policy | door | done | mean E2E | p50 E2E | p99 E2E | mean TTFT | p99 TTFT |")
-    print("|---|---|---|---|---|---|---|---|")
-    for policy, t in table.items():
-        for door, r in t.items():
-            print(f"| {policy} | {door} | {r['completed']}/{r['requests']} | {r['mean_e2e']:.3f} | "
-                  f"{r['p50_e2e']:.3f} | {r['p99_e2e']:.3f} | {r['mean_ttft']:.3f} | {r['p99_ttft']:.3f} |")
+    print_table(table)
     print(json.dumps(doc["bars"]))
     print(f"-> {out_path}")
     return 0
