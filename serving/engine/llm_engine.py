@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from ..brain.forecast import FORECAST_PRIOR_TOKENS, replica_forecast
 from ..brain.predictor import Predictor
-from ..brain.scheduler.base import Policy
 from ..engine_api import EngineStats
 from ..sequence import (
     FinishReason,
@@ -38,82 +36,16 @@ from ..sequence import (
     Status,
     check_priority,
 )
-from .batch import Fed, SamplingRows, StepBatch
+from .batch import SamplingRows, StepBatch
+from .config import EngineConfig, StepStats, resolve_policy
 from .detokenizer import IncrementalDetokenizer, Tokenizer
 from .outputs import OutputProcessor
 from .request_state import EngineRequest
 from .runner import Runner
+from .sampling import fill_sampling, link_fed, sampling_rows
 from .step_scheduler import StepScheduler
+from .validation import check_request
 from .warmup import warm_up
-
-
-@dataclass
-class EngineConfig:
-    num_slots: int = 8
-    page_size: int = 16
-    num_pages: int = 512
-    max_model_len: int = 2048
-    # the packed prefill call (batch.prefill_layout): rows of prefill_buckets[0] tokens, padded to a
-    # bucket below the step budget or to the budget itself
-    prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
-    max_prefill_tokens_per_step: int = 512  # prefill tokens per step, counted in whole rows
-    decode_steps_per_call: int = 1
-    preemption_mode: str = "recompute"  # or "swap"
-    policy: str | Policy = "fcfs"
-    dtype: Any = None  # KV cache dtype; None = the model's compute dtype
-    kernel_impl: str = "auto"
-    max_queue: int = 4096
-    seed: int = 0  # seeds requests that give none
-    tensor_parallel: int = 1  # shard weights + KV pages over this many local devices
-    # vLLM's async scheduling: step N+1 is scheduled and dispatched while step N runs on the device,
-    # its decode rows fed step N's sampled tokens on the device; N's outputs are processed after
-    # (a stop is found one step late, the row's extra tokens dropped). Same outputs as synchronous;
-    # on by default (1.3-1.5x decode tokens/s on the H200, SmolLM2-135M shape); False (`jtrail serve
-    # --no-async-scheduling`) makes every step wait for its own outputs.
-    async_scheduling: bool = True
-
-    def __post_init__(self) -> None:
-        if self.preemption_mode not in ("recompute", "swap"):
-            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
-        if min(self.num_slots, self.page_size, self.decode_steps_per_call, self.max_queue) < 1:
-            raise ValueError("num_slots, page_size, decode_steps_per_call and max_queue must be >= 1")
-        if not self.prefill_buckets or list(self.prefill_buckets) != sorted(set(self.prefill_buckets)):
-            raise ValueError(f"prefill_buckets must be increasing, got {self.prefill_buckets}")
-        if self.max_prefill_tokens_per_step < 1:
-            raise ValueError("max_prefill_tokens_per_step must be >= 1")
-
-
-def resolve_policy(policy: str | Policy) -> Policy:
-    if isinstance(policy, Policy):
-        return policy
-    from ..brain.scheduler.registry import make_policy
-
-    return make_policy(policy)
-
-
-class StepStats(NamedTuple):
-    """What the last `step()` ran, for the step-time model and the benchmarks: tokens computed
-    (prefill chunks' tokens + decode rows' steps), KV tokens of the sequences that ran (before the
-    step; probe-only prefills attend none that stay), prefill chunks (probe-only ones included: they
-    share the step's packed call), decode rows, and the step's seconds (schedule to outputs).
-    Under async scheduling: the batch the step dispatched (its outputs come with the next step) and
-    the seconds of the call (schedule and dispatch of this batch, outputs of the one before)."""
-
-    batch_tokens: int = 0
-    kv_tokens: int = 0
-    prefill_chunks: int = 0
-    decode_rows: int = 0
-    seconds: float = 0.0
-
-
-def _link_fed(batch: StepBatch, prev: StepBatch) -> None:
-    """Async: point each decode row with tokens in flight at its input token among `prev`'s sampled
-    tokens (the device output of the call in flight: no host round trip for the token ids)."""
-    where = {id(ch.seq): Fed(True, c) for c, ch in enumerate(prev.prefills) if ch.completes}
-    where.update((id(r.seq), Fed(False, r.steps - 1)) for r in prev.decodes)
-    for r in batch.decodes:
-        if r.ahead:
-            r.fed = where[id(r.seq)]
 
 
 class LLMEngine:
@@ -207,20 +139,7 @@ class LLMEngine:
     def validate_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequestError for a request this engine can never serve (reads config only, so
         the async front end may call it from its own thread)."""
-        cfg, vocab = self.config, self.model_cfg.vocab_size
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError("params", "must be a SamplingParams")
-        if not prompt_ids:
-            raise InvalidRequestError("prompt", "must contain at least one token")
-        if any((not isinstance(t, int | np.integer)) or t < 0 or t >= vocab for t in prompt_ids):
-            raise InvalidRequestError("prompt", f"token ids must be integers in [0, {vocab})")
-        if any(t >= vocab for t in params.forced_output_ids):
-            raise InvalidRequestError("forced_output_ids", f"token ids must be in [0, {vocab})")
-        if len(prompt_ids) >= cfg.max_model_len:
-            raise InvalidRequestError("prompt", f"{len(prompt_ids)} tokens leave no room under "
-                                      f"max_model_len={cfg.max_model_len}")
-        if self.blocks.pages_for(len(prompt_ids) + 1) > self.blocks.num_usable:
-            raise InvalidRequestError("prompt", "longer than the whole KV cache")
+        check_request(prompt_ids, params, self.model_cfg.vocab_size, self.config.max_model_len, self.blocks)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancel: frees the slot and pages at once. None if the request is unknown or done."""
@@ -253,7 +172,7 @@ class LLMEngine:
             launched = None
             if not batch.empty:
                 if self._in_flight is not None:
-                    _link_fed(batch, self._in_flight[0])
+                    link_fed(batch, self._in_flight[0])
                 self._fill_sampling(batch)
                 launched = batch, self.runner.execute(batch)  # 2. run it (dispatched, not waited for)
                 self.scheduler.return_borrowed(batch)
@@ -292,32 +211,10 @@ class LLMEngine:
             st.ahead = st.in_flight = 0
 
     def _fill_sampling(self, batch: StepBatch) -> None:
-        if batch.prefills:
-            batch.prefill_sampling = self._sampling_rows([c.seq for c in batch.prefills])
-        if batch.decodes:
-            rows: list[Sequence | None] = [None] * self.config.num_slots
-            ahead = [0] * self.config.num_slots
-            for r in batch.decodes:
-                rows[r.slot], ahead[r.slot] = r.seq, r.ahead
-            batch.decode_sampling = self._sampling_rows(rows, self.config.decode_steps_per_call, ahead)
+        fill_sampling(batch, self._reqs, self.config.num_slots, self.config.decode_steps_per_call)
 
-    def _sampling_rows(self, seqs: list[Sequence | None], steps: int = 1,
-                       ahead: list[int] | None = None) -> SamplingRows:
-        """`ahead[b]`: row b's tokens in flight (async), which its draws come after."""
-        def col(f, dtype, empty=0):  # empty slots get harmless values (greedy, top_p 1)
-            return np.array([f(s) if s is not None else empty for s in seqs], dtype)
-
-        gen = np.array([s.num_generated if s is not None else 0 for s in seqs], np.int32)
-        if ahead is not None:
-            gen += np.asarray(ahead, np.int32)
-        forced = np.full((len(seqs), steps), -1, np.int32)  # trace replay: the given tokens
-        for b, s in enumerate(seqs):
-            if s is not None and s.params.forced_output_ids:
-                forced[b] = [s.forced_token(int(gen[b]) + j) for j in range(steps)]
-        return SamplingRows(col(lambda s: s.params.temperature, np.float32),
-                            col(lambda s: s.params.top_p, np.float32, 1.0),
-                            col(lambda s: s.params.top_k, np.int32),
-                            col(lambda s: self._reqs[s.request_id].seed, np.uint32), gen, forced)
+    def _sampling_rows(self, seqs: list[Sequence | None], steps: int = 1) -> SamplingRows:
+        return sampling_rows(seqs, self._reqs, steps)
 
     def _free(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)

@@ -1,0 +1,67 @@
+"""The engine's configuration (`EngineConfig`), policy lookup by name, and what a step ran (`StepStats`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from ..brain.scheduler.base import Policy
+
+
+@dataclass
+class EngineConfig:
+    num_slots: int = 8
+    page_size: int = 16
+    num_pages: int = 512
+    max_model_len: int = 2048
+    # the packed prefill call (batch.prefill_layout): rows of prefill_buckets[0] tokens, padded to a
+    # bucket below the step budget or to the budget itself
+    prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+    max_prefill_tokens_per_step: int = 512  # prefill tokens per step, counted in whole rows
+    decode_steps_per_call: int = 1
+    preemption_mode: str = "recompute"  # or "swap"
+    policy: str | Policy = "fcfs"
+    dtype: Any = None  # KV cache dtype; None = the model's compute dtype
+    kernel_impl: str = "auto"
+    max_queue: int = 4096
+    seed: int = 0  # seeds requests that give none
+    tensor_parallel: int = 1  # shard weights + KV pages over this many local devices
+    # vLLM's async scheduling: step N+1 is scheduled and dispatched while step N runs on the device,
+    # its decode rows fed step N's sampled tokens on the device; N's outputs are processed after
+    # (a stop is found one step late, the row's extra tokens dropped). Same outputs as synchronous;
+    # on by default (1.3-1.5x decode tokens/s on the H200, SmolLM2-135M shape); False (`jtrail serve
+    # --no-async-scheduling`) makes every step wait for its own outputs.
+    async_scheduling: bool = True
+
+    def __post_init__(self) -> None:
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
+        if min(self.num_slots, self.page_size, self.decode_steps_per_call, self.max_queue) < 1:
+            raise ValueError("num_slots, page_size, decode_steps_per_call and max_queue must be >= 1")
+        if not self.prefill_buckets or list(self.prefill_buckets) != sorted(set(self.prefill_buckets)):
+            raise ValueError(f"prefill_buckets must be increasing, got {self.prefill_buckets}")
+        if self.max_prefill_tokens_per_step < 1:
+            raise ValueError("max_prefill_tokens_per_step must be >= 1")
+
+
+def resolve_policy(policy: str | Policy) -> Policy:
+    if isinstance(policy, Policy):
+        return policy
+    from ..brain.scheduler.registry import make_policy
+
+    return make_policy(policy)
+
+
+class StepStats(NamedTuple):
+    """What the last `step()` ran, for the step-time model and the benchmarks: tokens computed
+    (prefill chunks' tokens + decode rows' steps), KV tokens of the sequences that ran (before the
+    step; probe-only prefills attend none that stay), prefill chunks (probe-only ones included: they
+    share the step's packed call), decode rows, and the step's seconds (schedule to outputs).
+    Under async scheduling: the batch the step dispatched (its outputs come with the next step) and
+    the seconds of the call (schedule and dispatch of this batch, outputs of the one before)."""
+
+    batch_tokens: int = 0
+    kv_tokens: int = 0
+    prefill_chunks: int = 0
+    decode_rows: int = 0
+    seconds: float = 0.0

@@ -1,0 +1,52 @@
+"""Per-row sampling inputs of a step (temperature, top-p, top-k, seed, tokens generated, forced tokens),
+and the async token feed: which row of the call in flight a decode row takes its input token from."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..sequence import Sequence
+from .batch import Fed, SamplingRows, StepBatch
+from .request_state import EngineRequest
+
+
+def link_fed(batch: StepBatch, prev: StepBatch) -> None:
+    """Async: point each decode row with tokens in flight at its input token among `prev`'s sampled
+    tokens (the device output of the call in flight: no host round trip for the token ids)."""
+    where = {id(ch.seq): Fed(True, c) for c, ch in enumerate(prev.prefills) if ch.completes}
+    where.update((id(r.seq), Fed(False, r.steps - 1)) for r in prev.decodes)
+    for r in batch.decodes:
+        if r.ahead:
+            r.fed = where[id(r.seq)]
+
+
+def fill_sampling(batch: StepBatch, reqs: dict[str, EngineRequest], num_slots: int,
+                  decode_steps: int) -> None:
+    """The batch's sampling rows: one per prefill chunk, and one per slot for the decode call."""
+    if batch.prefills:
+        batch.prefill_sampling = sampling_rows([c.seq for c in batch.prefills], reqs)
+    if batch.decodes:
+        rows: list[Sequence | None] = [None] * num_slots
+        ahead = [0] * num_slots
+        for r in batch.decodes:
+            rows[r.slot], ahead[r.slot] = r.seq, r.ahead
+        batch.decode_sampling = sampling_rows(rows, reqs, decode_steps, ahead)
+
+
+def sampling_rows(seqs: list[Sequence | None], reqs: dict[str, EngineRequest], steps: int = 1,
+                  ahead: list[int] | None = None) -> SamplingRows:
+    """`ahead[b]`: row b's tokens in flight (async), which its draws come after."""
+    def col(f, dtype, empty=0):  # empty slots get harmless values (greedy, top_p 1)
+        return np.array([f(s) if s is not None else empty for s in seqs], dtype)
+
+    gen = np.array([s.num_generated if s is not None else 0 for s in seqs], np.int32)
+    if ahead is not None:
+        gen += np.asarray(ahead, np.int32)
+    forced = np.full((len(seqs), steps), -1, np.int32)  # trace replay: the given tokens
+    for b, s in enumerate(seqs):
+        if s is not None and s.params.forced_output_ids:
+            forced[b] = [s.forced_token(int(gen[b]) + j) for j in range(steps)]
+    return SamplingRows(col(lambda s: s.params.temperature, np.float32),
+                        col(lambda s: s.params.top_p, np.float32, 1.0),
+                        col(lambda s: s.params.top_k, np.int32),
+                        col(lambda s: reqs[s.request_id].seed, np.uint32), gen, forced)

@@ -1,0 +1,29 @@
+"""The checks a request passes before it is queued: a request the engine can never serve fails at once
+with an InvalidRequestError naming the field, before any slow work and without touching other requests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..sequence import InvalidRequestError, SamplingParams
+
+
+def check_request(prompt_ids: list[int], params: SamplingParams, vocab: int, max_model_len: int,
+                  blocks: Any) -> None:
+    """Raise InvalidRequestError for a request an engine with this vocabulary, context limit and KV
+    cache (`blocks`: its BlockManager) can never serve."""
+    if not isinstance(params, SamplingParams):
+        raise InvalidRequestError("params", "must be a SamplingParams")
+    if not prompt_ids:
+        raise InvalidRequestError("prompt", "must contain at least one token")
+    if any((not isinstance(t, int | np.integer)) or t < 0 or t >= vocab for t in prompt_ids):
+        raise InvalidRequestError("prompt", f"token ids must be integers in [0, {vocab})")
+    if any(t >= vocab for t in params.forced_output_ids):
+        raise InvalidRequestError("forced_output_ids", f"token ids must be in [0, {vocab})")
+    if len(prompt_ids) >= max_model_len:
+        raise InvalidRequestError("prompt", f"{len(prompt_ids)} tokens leave no room under "
+                                  f"max_model_len={max_model_len}")
+    if blocks.pages_for(len(prompt_ids) + 1) > blocks.num_usable:
+        raise InvalidRequestError("prompt", "longer than the whole KV cache")
