@@ -70,6 +70,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--routers", default=",".join(ROUTERS))
     p.add_argument("--request-weight", type=float, default=TokenAware.REQUEST_WEIGHT,
                    help="token-aware: steps per outstanding request / mean output (default: tuned on 1-4)")
+    p.add_argument("--batch-cost", type=float, default=0.0,
+                   help="token-aware: expected-completion score, step model b/a (router.py; 0: first-slot rule)")
     p.add_argument("--step-model", default=ROUTING_STEP_MODEL)
     p.add_argument("--sigma0", type=float, default=SIGMA0)
     p.add_argument("--sigma", type=float, default=SIGMA)
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if "token-aware" not in routers:
         raise SystemExit("--routers must include token-aware (the reference of the ratios)")
     router_kw = {"token-aware": {"page_size": a.page_size, "expected_tokens": float(out0.mean()),
-                                 "request_weight": a.request_weight}}
+                                 "request_weight": a.request_weight, "batch_cost": a.batch_cost}}
     seeds = [int(s) for s in a.seeds.split(",")]
     edges = probe_edges()
     runs = [run_seed(s, prm0, out0, a, sm, res, routers, router_kw, edges) for s in seeds]

@@ -140,6 +140,27 @@ def test_token_aware_counts_each_request_as_expected_wait():
             TokenAware(request_weight=bad)
 
 
+def test_token_aware_expected_completion_by_hand():
+    # expected_tokens 300, request_weight 0.2 (60 steps a request), batch_cost 0.1, slowdown_share 2, a
+    # request of 100 expected tokens, 2 slots each, both full (batch 2):
+    # replica 0: wait 10 + 2 x 60 = 130 -> 130 x 1.2 = 156; own 100 x (1 + 0.1 x 2) = 120; overlap
+    #   min(10, 100) + min(400, 100) = 110 -> 2 x 0.1 x 110 = 22; total 298
+    # replica 1: wait 15 + 120 = 135 -> 162; own 120; overlap 15 + 20 = 35 -> 7; total 289
+    ta = TokenAware(expected_tokens=300.0, batch_cost=0.1, slowdown_share=2.0)
+    stats = [st(0, 2, free=[10, 400]), st(0, 2, free=[15, 20])]
+    assert [ta.expected_completion(s, 100.0) for s in stats] == pytest.approx([298.0, 289.0])
+    assert ta.choose(stats, 10, 100.0) == 1
+    # the first-slot rule (batch_cost 0, the default) picks replica 0 (130 < 135)
+    assert TokenAware(expected_tokens=300.0).choose(stats, 10, 100.0) == 0
+    # a free slot: batch 1, wait 0 + 60 = 60 -> 66; own 100 x 1.2 = 120; overlap 30 (the free slot's 0
+    # is not counted) -> 6; total 192
+    assert ta.expected_completion(st(0, 1, free=[0, 30]), 100.0) == pytest.approx(192.0)
+    for name in ("batch_cost", "slowdown_share"):
+        for bad in (-0.1, float("nan"), float("inf")):
+            with pytest.raises(InvalidRequestError, match=name):
+                TokenAware(**{name: bad})
+
+
 def test_router_counts_its_own_sends_and_stats_round_trip():
     s = st(1, 3, tokens=100.0, free=[0, 40, 50, 70])
     s2 = count_routed(s, 10, 64.0)
