@@ -71,7 +71,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-weight", type=float, default=TokenAware.REQUEST_WEIGHT,
                    help="token-aware: steps per outstanding request / mean output (default: tuned on 1-4)")
     p.add_argument("--batch-cost", type=float, default=0.0,
-                   help="token-aware: expected-completion score, step model b/a (router.py; 0: first-slot rule)")
+                   help="token-aware: expected-completion score, step model b/a (router.py; 0: off)")
     p.add_argument("--step-model", default=ROUTING_STEP_MODEL)
     p.add_argument("--sigma0", type=float, default=SIGMA0)
     p.add_argument("--sigma", type=float, default=SIGMA)

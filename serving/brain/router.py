@@ -29,12 +29,13 @@ call the same objects. `uses_tokens` tells the caller whether `outstanding_token
   `batch_cost` > 0 (an option, off by default): the score becomes the request's expected completion in
   units of an empty batch's decode step, with each running sequence adding `batch_cost` (the step
   model's b/a, ~0.034 for the routing step model) to a step: wait x (1 + batch_cost x batch) + own
-  tokens x (1 + batch_cost x (batch + 1)) + `slowdown_share` x batch_cost x sum over slots of
+  tokens x (1 + batch_cost x min(batch + 1, slots)) + `slowdown_share` x batch_cost x sum over slots of
   min(slot's forecast, own tokens), the last term being the slow-down the request inflicts on the
   replica's running ones while they overlap. Own tokens are the request's estimate when the router is
   given one, else expected_tokens. On the simulator's tuning seeds (1-4, 4000 requests, the router given
   the prompt-probe estimate) batch_cost 0.0342 with slowdown_share 0.5 cut token-aware's mean E2E by
-  0.6% (2.030 s from 2.041 s, 3 of 4 seeds; shares 0.25-2 and no estimate: within the seeds' noise).
+  0.6% (2.029 s from 2.041 s, 3 of 4 seeds; least-requests / token-aware 1.020 from 1.014), too little to
+  be the default; shares 0.25-2, or no estimate: within the seeds' noise (routing_sim8_replay_explore.json).
   Replicas that report no forecast (older servers) fall back to least outstanding tokens, a free slot
   first. Forecasts are in decode steps, comparable across identical replicas (different hardware would
   need them in seconds).
