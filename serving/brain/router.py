@@ -34,8 +34,11 @@ call the same objects. `uses_tokens` tells the caller whether `outstanding_token
   replica's running ones while they overlap. Own tokens are the request's estimate when the router is
   given one, else expected_tokens. On the simulator's tuning seeds (1-4, 4000 requests, the router given
   the prompt-probe estimate) batch_cost 0.0342 with slowdown_share 0.5 cut token-aware's mean E2E by
-  0.6% (2.029 s from 2.041 s, 3 of 4 seeds; least-requests / token-aware 1.020 from 1.014), too little to
-  be the default; shares 0.25-2, or no estimate: within the seeds' noise (routing_sim8_replay_explore.json).
+  0.6% (2.029 s from 2.041 s, 3 of 4 seeds; least-requests / token-aware 1.020 from 1.014), on seeds 5-8
+  by 0.6% (2.047 s from 2.060 s, 3 of 4), p99 E2E lower on all 8; shares 0.25-2, or no estimate: within
+  the seeds' noise (routing_sim8_replay_explore.json). Held-out seed 11 (routing_sim8_replay_batch_cost
+  .json): 2.060 s from 2.065 s (least-requests / token-aware 1.031 from 1.028), p99 6.63 s from 6.59 s.
+  Too little to be the default, and it needs the estimate, which `jtrail route` does not get.
   Replicas that report no forecast (older servers) fall back to least outstanding tokens, a free slot
   first. Forecasts are in decode steps, comparable across identical replicas (different hardware would
   need them in seconds).
