@@ -1,0 +1,39 @@
+"""Every script in benchmarks/ imports and parses its arguments: `--help` through each script's own
+`__main__` path, all in one subprocess (one interpreter start, so the suite stays fast). The scripts
+that run end to end on CPU are exercised further by their own tests (routing.py: test_routing_bench.py,
+http_bench.py's driver: test_http_driver.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
+
+RUNNER = r"""
+import runpy, sys, io, contextlib
+failed = []
+for path in sys.argv[1:]:
+    sys.argv = [path, "--help"]
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(path, run_name="__main__")
+        failed.append(f"{path}: --help did not exit")
+    except SystemExit as e:
+        if e.code not in (0, None) or "usage" not in out.getvalue():
+            failed.append(f"{path}: exit {e.code!r}, output {out.getvalue()[:200]!r}")
+    except Exception as e:
+        failed.append(f"{path}: {type(e).__name__}: {e}")
+print("\n".join(failed) if failed else "ALL OK")
+sys.exit(1 if failed else 0)
+"""
+
+
+def test_every_benchmark_script_imports_and_parses_its_arguments() -> None:
+    assert len(SCRIPTS) >= 10, SCRIPTS
+    r = subprocess.run([sys.executable, "-c", RUNNER, *map(str, SCRIPTS)], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 0 and "ALL OK" in r.stdout, r.stdout + r.stderr[-3000:]
