@@ -79,7 +79,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpus", default="", help="comma list: replica i runs with CUDA_VISIBLE_DEVICES=gpus[i]")
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--policy", default="fcfs", help="engine policy of the replicas (fcfs, trail, ...)")
-    p.add_argument("--aging", type=float, default=0.0, help="trail/gittins aging (as `jtrail serve`)")
+    p.add_argument("--aging", type=float, default=None,
+                   help="trail/gittins aging (as `jtrail serve`; default: the policy's own)")
     p.add_argument("--decode-steps", type=int, default=1)
     p.add_argument("--routers", default="round-robin,least-requests,token-aware",
                    help="routing policies to compare (token-aware is the reference of the ratios)")

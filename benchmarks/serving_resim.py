@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         ok = np.isfinite(r["e2e"])
         eng[label] = {"mean_e2e": float(r["e2e"][ok].mean()), "mean_ttft": float(r["ttft"][ok].mean())}
     specs = {"fcfs": ("fcfs", {}), "trail": ("trail", {}), "srpt-oracle": ("srpt-oracle", {})}
-    specs.update({lab: (r["name"], {"aging": r["aging"]}) for lab, r in raw["runs"].items()
-                  if r["name"] == "trail" and r["aging"] > 0})
+    specs.update({lab: (r["name"], {"aging": r["aging"], "aging_form": "linear"})
+                  for lab, r in raw["runs"].items() if r["name"] == "trail" and r["aging"] > 0})
     specs = {k: v for k, v in specs.items() if k in eng}
     res = Resources(num_slots=a.slots, num_pages=a.pages, page_size=a.page_size)
     sim = simulate_policies(raw["workload"], specs, sm, res, refiner, raw["records"])

@@ -52,9 +52,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "SECONDS while busy (logger jtrail.stats); 0: off")
     p.add_argument("--tensor-parallel", type=int, default=1, help="devices to shard the model over")
     p.add_argument("--aging", type=float, default=None,
-                   help="trail/gittins/srpt-oracle anti-starvation: tokens of rank credit per second waited "
-                        "(0: off; default: the policy's own, trail 100 tok/s, chosen on the simulator: "
-                        "benchmarks/results/tune_preemption.json)")
+                   help="trail/gittins/srpt-oracle anti-starvation: rank credit per second waited, in tokens "
+                        "(--aging-form linear) or as a rate (exp: the rank halves every ln2/RATE s); 0: off; "
+                        "default: the policy's own, trail exp 0.15, chosen on the simulator: "
+                        "benchmarks/results/tune_order.json)")
+    p.add_argument("--aging-form", choices=("linear", "exp"), default=None,
+                   help="how --aging credits a wait (default: the policy's own; trail: exp)")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode tokens per jitted call (higher: less host overhead, chunkier streams)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
@@ -83,7 +86,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
     # Aging applies to the length-ranked policies; fcfs and priority take no options.
     ranked = args.policy in ("trail", "gittins", "srpt-oracle")
-    opts = {"aging": args.aging} if args.aging is not None and ranked else {}
+    given = {"aging": args.aging, "aging_form": args.aging_form}
+    opts = {k: v for k, v in given.items() if v is not None} if ranked else {}
     return EngineConfig(num_slots=args.num_slots, num_pages=args.pages, page_size=args.page_size,
                         max_model_len=args.max_model_len, policy=make_policy(args.policy, **opts),
                         max_queue=args.max_queue, decode_steps_per_call=args.decode_steps,

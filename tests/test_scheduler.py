@@ -22,8 +22,9 @@ ONE_SLOT = Resources(num_slots=1, num_pages=10_000, page_size=16)
 
 
 def run(policy, arrivals, lengths, priority=None, **kw):
-    if policy == "trail":  # the pure rule: trail's default aging (100 tokens/s) would swamp unit-time ranks
+    if policy == "trail":  # the pure rule: trail's default aging (exp 0.15 / s) would reorder unit-time ranks
         kw.setdefault("aging", 0.0)
+        kw.setdefault("aging_form", "linear")
     tr = Trace(np.array(arrivals, float), np.ones(len(lengths), int), np.array(lengths), priority=priority)
     return simulate(tr, policy, UNIT, ONE_SLOT, policy_kwargs=kw or None)
 
@@ -150,7 +151,7 @@ def test_index_path_equals_plain_sort(monkeypatch):
     tr = Trace(arr, rng.integers(1, 50, n), lengths)
     res = Resources(num_slots=4, num_pages=200, page_size=16)
     sm = StepModel(a=1.0, b=0.01, c=0.001)
-    kw = dict(c=0.8, margin=2.0, aging=0.5, memory=True)
+    kw = dict(c=0.8, margin=2.0, aging=0.5, aging_form="linear", memory=True)
     rebuilds = []
     orig = waitqueue.WaitIndex.rebuild
     spy = lambda self, w: (rebuilds.append(len(w)), orig(self, w))
@@ -196,8 +197,10 @@ def test_trail_defaults_are_the_ones_tuned_on_the_simulator():
     import json
     from pathlib import Path
 
-    tuned = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-                        / "tune_preemption.json").read_text())["chosen"]["trail_kwargs"]
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    tuned = json.loads((results / "tune_preemption.json").read_text())["chosen"]["trail_kwargs"]
+    order = json.loads((results / "tune_order.json").read_text())["best_options"]  # the aging, later
     pol = make_policy("trail")
-    assert pol.c == tuned.get("c", 0.0) and pol.aging.rate == tuned.get("aging", 0.0)
+    assert pol.c == tuned.get("c", 0.0)
+    assert (pol.aging.rate, pol.aging.form) == (order["aging"], order.get("aging_form", "linear"))
     assert pol.max_preemptions == tuned.get("max_preemptions") and pol.cost is None

@@ -32,11 +32,12 @@ def order_candidates() -> dict[str, tuple[str, dict[str, Any]]]:
     """label -> (policy, options): the references, then every candidate order (all at c = 0)."""
     c: dict[str, tuple[str, dict[str, Any]]] = {
         "srpt-oracle": ("srpt-oracle", {"c": 0.0}),
-        "trail default (linear aging 100)": ("trail", {}),
+        # the label names trail's default when results/tune_order.json was made (it chose exp 0.15)
+        "trail default (linear aging 100)": ("trail", {"aging": 100.0, "aging_form": "linear"}),
         "trail no aging": ("trail", {"aging": 0.0}),
     }
     for r in (25.0, 50.0, 200.0, 400.0):
-        c[f"trail linear aging {r:g}"] = ("trail", {"aging": r})
+        c[f"trail linear aging {r:g}"] = ("trail", {"aging": r, "aging_form": "linear"})
     for r in (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0):
         c[f"trail exp aging {r:g}"] = ("trail", {"aging": r, "aging_form": "exp"})
     c["trail hrrn"] = ("trail", {"aging": 0.0, "order": "hrrn"})

@@ -155,8 +155,8 @@ def tune(seeds: list[int], n: int | None) -> dict[str, Any]:
 
     top = sorted(grid, key=lambda kw: score(trail_label(kw)), reverse=True)[:2]
     for kw in top:
-        for extra in ({"aging": 25.0}, {"aging": 50.0}, {"aging": 100.0}, {"aging": 200.0}):
-            akw = {**kw, **extra}
+        for rate in (25.0, 50.0, 100.0, 200.0):
+            akw = {**kw, "aging": rate, "aging_form": "linear"}
             grid.append(akw)
             for reg in REGIMES:
                 add(reg, trail_label(akw), "trail", akw)

@@ -101,7 +101,7 @@ def start_replica(i: int, a: argparse.Namespace, log_dir: Path) -> Proc:
             args += ["--model", a.model]
         if a.probe:
             args += ["--probe", a.probe]
-        if a.policy in ("trail", "gittins", "srpt-oracle"):
+        if a.policy in ("trail", "gittins", "srpt-oracle") and a.aging is not None:
             args += ["--aging", str(a.aging)]
         args += ["--decode-steps", str(a.decode_steps)]
     return Proc(f"replica{i}", jtrail_cmd(*args), env, r"serving on ([\d.]+:\d+)", log_dir, a.start_timeout)

@@ -58,7 +58,7 @@ def policy_specs(su: Setup, aging_rates: list[float]) -> tuple[dict, dict]:
     main = {"fcfs": ("fcfs", {}), "trail": ("trail", {}), "srpt-oracle": ("srpt-oracle", {}),
             "gittins": ("gittins", {"bin_edges": edges, "midpoints": mids})}
     main = {k: v for k, v in main.items() if k in su.args.policies.split(",")}
-    aged = {f"trail-aging-{r:.4g}": ("trail", {"aging": r}) for r in aging_rates}
+    aged = {f"trail-aging-{r:.4g}": ("trail", {"aging": r, "aging_form": "linear"}) for r in aging_rates}
     return main, aged
 
 

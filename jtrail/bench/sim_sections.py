@@ -146,7 +146,8 @@ def bench_aging(n: int, rng, slots: int = 8, rates=(0.0, 0.01, 0.03, 0.1, 0.3, 1
     fc = simulate(tr, "fcfs", sm, res).summary()
     rows = []
     for a in rates:
-        s = simulate(tr, "trail", sm, res, policy_kwargs={"aging": a}, max_jump_steps=16).summary()
+        kw = {"aging": a, "aging_form": "linear"}
+        s = simulate(tr, "trail", sm, res, policy_kwargs=kw, max_jump_steps=16).summary()
         rows.append({"aging_tokens_per_step": a, "mean_gain_vs_fcfs": fc["mean_e2e"] / s["mean_e2e"],
                      "p99_over_fcfs_p99": s["p99_e2e"] / fc["p99_e2e"]})
     ok = [r for r in rows if r["p99_over_fcfs_p99"] <= 2.0 and r["mean_gain_vs_fcfs"] >= 1.4]
