@@ -54,10 +54,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aging", type=float, default=None,
                    help="trail/gittins/srpt-oracle anti-starvation: rank credit per second waited, in tokens "
                         "(--aging-form linear) or as a rate (exp: the rank halves every ln2/RATE s); 0: off; "
-                        "default: the policy's own, trail exp 0.15, chosen on the simulator: "
-                        "benchmarks/results/tune_order.json)")
+                        "default: the policy's own, trail linear 100 tok/s, chosen on the simulator: "
+                        "benchmarks/results/tune_preemption.json)")
     p.add_argument("--aging-form", choices=("linear", "exp"), default=None,
-                   help="how --aging credits a wait (default: the policy's own; trail: exp)")
+                   help="how --aging credits a wait (default: the policy's own; trail: linear)")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode tokens per jitted call (higher: less host overhead, chunkier streams)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,

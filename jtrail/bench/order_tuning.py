@@ -32,7 +32,6 @@ def order_candidates() -> dict[str, tuple[str, dict[str, Any]]]:
     """label -> (policy, options): the references, then every candidate order (all at c = 0)."""
     c: dict[str, tuple[str, dict[str, Any]]] = {
         "srpt-oracle": ("srpt-oracle", {"c": 0.0}),
-        # the label names trail's default when results/tune_order.json was made (it chose exp 0.15)
         "trail default (linear aging 100)": ("trail", {"aging": 100.0, "aging_form": "linear"}),
         "trail no aging": ("trail", {"aging": 0.0}),
     }

@@ -520,12 +520,12 @@ def run_replay_workload(su: Setup, args: argparse.Namespace) -> int:
     pool = Pool(args.replay, args.split, args.max_model_len, args.seed, args.max_answer_tokens)
     su.warm_prompts = pool.prompts[:32]
     edges, mids = list(su.refiner.bin_edges), [float(m) for m in su.refiner.midpoints]
-    # trail's defaults (c = 0: results/tune_preemption.json; multiplicative aging 0.15 / s:
-    # results/tune_order.json, both chosen on the simulator), trail without aging and with the previous
-    # default (linear aging 100 tok/s) beside it; gittins and the oracle at c = 0 without aging, so the
-    # oracle is pure SRPT on true lengths (the mean's lower reference)
+    # trail's defaults (c = 0, aging 100 tok/s, chosen on the simulator: results/tune_preemption.json),
+    # and trail without aging beside it; gittins and the oracle at c = 0 without aging, so the oracle is
+    # pure SRPT on true lengths (the mean's lower reference). trail-exp-aging: multiplicative aging at
+    # 0.15 / s, results/tune_order.json's choice on the simulator (not confirmed on the engine in R2)
     specs = {"fcfs": ("fcfs", {}), "trail": ("trail", {}), "trail-no-aging": ("trail", {"aging": 0.0}),
-             "trail-linear-aging": ("trail", {"aging": 100.0, "aging_form": "linear"}),
+             "trail-exp-aging": ("trail", {"aging": 0.15, "aging_form": "exp"}),
              "gittins": ("gittins", {"bin_edges": edges, "midpoints": mids, "c": 0.0}),
              "srpt-oracle": ("srpt-oracle", {"c": 0.0})}
     specs = {k: v for k, v in specs.items() if k in args.policies.split(",")}
