@@ -54,23 +54,42 @@ def guidellm_cmd(a: argparse.Namespace, http: str, model: str, data: Path, out_d
             "--disable-console-interactive"]
 
 
-def run_guidellm(a: argparse.Namespace, http: str, model: str, wl: Workload, out_dir: Path,
+def run_guidellm(a: argparse.Namespace, http: str, model: str, wl: Workload, work_dir: Path,
                  policy: str, log: Callable[[str], None] = print) -> dict[str, Any]:
-    data = out_dir / f"guidellm_trace_{policy}.jsonl"
+    """One guidellm run of the trace; its dataset, log and report stay in `work_dir` (a scratch
+    directory: http_bench keeps the reports in one results file, `keep_reports`)."""
+    data = work_dir / f"guidellm_trace_{policy}.jsonl"
     guidellm_dataset(data, wl)
-    cmd = guidellm_cmd(a, http, model, data, out_dir, len(wl))
+    cmd = guidellm_cmd(a, http, model, data, work_dir, len(wl))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     log("  " + " ".join(cmd))
     # + its own start (worker processes importing torch / transformers): ~25-55 s on the 2-core dev
     # machine; a hung guidellm then costs at most this, and http_bench goes on without the door
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.run_timeout + 120)
-    (out_dir / f"guidellm_{policy}.log").write_text(r.stdout + "\n--- stderr ---\n" + r.stderr)
-    report = out_dir / "guidellm.json"
+    (work_dir / f"guidellm_{policy}.log").write_text(r.stdout + "\n--- stderr ---\n" + r.stderr)
+    report = work_dir / "guidellm.json"
     if r.returncode != 0 or not report.exists():
         raise RuntimeError(f"guidellm failed (rc {r.returncode}): {(r.stdout + r.stderr)[-1500:]}")
-    kept = out_dir / f"guidellm_{policy}.json"
+    kept = work_dir / f"guidellm_{policy}.json"
     report.rename(kept)
-    return {"command": " ".join(cmd), "report": kept.name, **guidellm_summary(json.loads(kept.read_text()))}
+    return {"command": " ".join(cmd), "report": policy, **guidellm_summary(json.loads(kept.read_text()))}
+
+
+def keep_reports(work_dir: Path, path: Path) -> Path | None:
+    """guidellm's own JSON reports of every run, in one file (run name -> report) with their
+    per-request rows left out (MBs; the summaries and distributions stay): what the results keep,
+    and one file, not one per run, for the device's few returned files."""
+    reports = {}
+    for f in sorted(work_dir.glob("guidellm_*.json")):
+        doc = json.loads(f.read_text())
+        for b in doc.get("benchmarks", []):
+            b["requests"] = {k: f"{len(v)} rows left out" for k, v in (b.get("requests") or {}).items()
+                             if isinstance(v, list)}
+        reports[f.stem.removeprefix("guidellm_")] = doc
+    if not reports:
+        return None
+    path.write_text(json.dumps(reports, separators=(",", ":")))
+    return path
 
 
 def guidellm_summary(doc: dict[str, Any]) -> dict[str, Any]:

@@ -50,7 +50,7 @@ def profile_trace(a: Any, grpc_addr: str, pool: list, log: Callable[[str], None]
 
 
 def run_doors(a: Any, policy: str, first: int, wl: Workload, addrs: tuple[str, str], model: str,
-              out_dir: Any, errors: list[str], log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+              work_dir: Any, errors: list[str], log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """The trace through each door --repeats times (order alternates with `first`), the server drained
     before each run; mean row per door. A failed outside-tool run is logged in `errors` and left out."""
     grpc_addr, http_addr = addrs
@@ -69,7 +69,7 @@ def run_doors(a: Any, policy: str, first: int, wl: Workload, addrs: tuple[str, s
                                            client=a.http_client))
             else:
                 try:
-                    row = run_guidellm(a, http_addr, model, trace, out_dir, f"{policy}_{rep}", log)
+                    row = run_guidellm(a, http_addr, model, trace, work_dir, f"{policy}_{rep}", log)
                 except (RuntimeError, subprocess.TimeoutExpired) as e:
                     # keep the gRPC / HTTP figures of the run: the outside door is left out
                     errors.append(f"{policy} repeat {rep + 1}: {str(e)[-1500:]}")
