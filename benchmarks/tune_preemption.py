@@ -52,7 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--order", action="store_true", help="search the waiting-queue order instead "
                    "(jtrail.bench.order_tuning; writes results/tune_order.json unless --out)")
+    p.add_argument("--arrival-costs", action="store_true", help="trail with and without the probe-only "
+                   "prefills' device cost (writes results/tune_arrival.json unless --out)")
     a = p.parse_args(argv)
+    if a.arrival_costs:
+        from jtrail.bench.order_tuning import arrival_cost_check
+        out = a.out if a.out != str(OUT) else str(OUT.with_name("tune_arrival.json"))
+        arrival_cost_check([int(s) for s in a.seeds.split(",")], a.requests, out, " ".join(
+            ["python benchmarks/tune_preemption.py", *(argv if argv is not None else sys.argv[1:])]))
+        return 0
     if a.order:
         from jtrail.bench.order_tuning import write_order_results
         out = a.out if a.out != str(OUT) else str(OUT.with_name("tune_order.json"))

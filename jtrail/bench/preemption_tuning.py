@@ -65,7 +65,9 @@ def trail_grid() -> list[dict[str, Any]]:
 
 
 def run(tr: Trace, name: str, kw: dict[str, Any], sm: StepModel, res: Resources,
-        seed: int, probe: dict[str, Any] | None = None) -> dict[str, float]:
+        seed: int, probe: dict[str, Any] | None = None, predict_at_arrival: bool = True) -> dict[str, float]:
+    """One simulated run. predict_at_arrival=True: the first estimate costs no device time (as the
+    tuning assumed); False: the engine's probe-only prefills are charged (sim_replica.arrive)."""
     if name == "srpt-oracle":
         pred: Any = OraclePredictor()
     else:
@@ -73,7 +75,7 @@ def run(tr: Trace, name: str, kw: dict[str, Any], sm: StepModel, res: Resources,
     kw = dict(kw)
     if name == "gittins":
         kw["bin_edges"] = EDGES
-    r = simulate(tr, name, sm, res, predictor=pred, policy_kwargs=kw,
+    r = simulate(tr, name, sm, res, predictor=pred, policy_kwargs=kw, predict_at_arrival=predict_at_arrival,
                  max_jump_steps=8 if kw.get("aging") else None)
     s = r.summary()
     return {k: s[k] for k in KEYS}
