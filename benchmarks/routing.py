@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jtrail.bench.processes import Proc, device_name, exit_on_sigterm, start_replicas, wait_serving
+from jtrail.bench.processes import device_name, exit_on_sigterm, start_replicas, stop_procs, wait_serving
 from jtrail.bench.prompt_pools import load_pool, load_replay_pool
 from jtrail.bench.routing_report import carry_over, print_table, ratio_table, real_bars
 from jtrail.bench.routing_runs import profile, routing_trace, run_routers
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if not pool:
         raise SystemExit(f"no prompt of at most {a.max_prompt_tokens} tokens in {a.replay or a.prompts}")
     log(f"{len(pool)} prompts; starting {a.replicas} replicas")
-    reps: list[Proc] = []
+    reps = []
     try:
         reps = start_replicas(a, log_dir)
         targets = [r.target for r in reps]
@@ -148,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         n = len(wl)
         table = run_routers(routers, targets, wl, a, log_dir, per_policy, log)
     finally:
-        for r in reps:
-            r.stop()
+        stop_procs(reps)
 
     ratios = ratio_table(table)
     complete = all(r["completed"] == r["requests"] for r in table.values())

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from jtrail.bench import guidellm
-from jtrail.bench.processes import jtrail_cmd
+from jtrail.bench import guidellm, processes
+from jtrail.bench.processes import Proc, jtrail_cmd
 
 
 def test_jtrail_cmd_ignores_a_jtrail_folder_in_the_working_directory(tmp_path: Path) -> None:
@@ -72,3 +72,51 @@ def test_sigterm_stops_the_benchmarks_servers(tmp_path: Path) -> None:
                 break  # nothing listens: the replica is gone
             assert time.monotonic() < deadline, f"replica {t} still serving after the benchmark's SIGTERM"
             time.sleep(0.5)
+
+
+# A server that ignores SIGTERM (a stuck drain): only SIGKILL stops it.
+STUBBORN = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('serving on 127.0.0.1:1', flush=True); time.sleep(120)")
+
+
+def test_servers_left_running_are_stopped_at_exit_even_if_stubborn(tmp_path: Path) -> None:
+    # a Proc that no `finally` stops (a SIGTERM landed while it was being built, or an earlier stop
+    # failed) is still in the registry that the atexit hook stops; a stubborn one gets SIGKILL
+    procs = [Proc(f"s{i}", [sys.executable, "-c", STUBBORN], {}, r"serving on (\S+)", tmp_path, 60)
+             for i in range(2)]
+    assert all(p.proc in processes._LIVE and p.proc.poll() is None for p in procs)
+    t0 = time.monotonic()
+    processes.stop_processes([p.proc for p in procs], timeout_s=1.0)
+    assert all(p.proc.poll() is not None for p in procs)
+    assert time.monotonic() - t0 < 8  # one shared drain time, not one per server
+    assert not any(p.proc in processes._LIVE for p in procs)
+
+
+LEAKER = """
+import sys
+from pathlib import Path
+from jtrail.bench.processes import Proc
+server = "import time; print('serving on 127.0.0.1:1', flush=True); time.sleep(120)"
+p = Proc("s", [sys.executable, "-c", server], {}, r"serving on (\\S+)",
+         Path(sys.argv[1]), 60)
+print(p.proc.pid, flush=True)
+sys.exit(3)  # no stop(): as a benchmark that a signal interrupted between spawning and its `try`
+"""
+
+
+def test_a_benchmark_that_exits_without_stopping_its_server_still_stops_it(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-c", LEAKER, str(tmp_path)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 3, r.stderr[-2000:]
+    pid = int(r.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            break  # gone (reaped by the parent's atexit hook)
+        if state == "Z":
+            break  # exited, not yet reaped by init
+        assert time.monotonic() < deadline, f"server {pid} still running after its benchmark exited"
+        time.sleep(0.2)

@@ -6,6 +6,7 @@ their stats, wait until they are idle. The driver never imports JAX: the servers
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
 import shutil
@@ -15,6 +16,41 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+# Every server subprocess still running, from the moment it is spawned: they run in their own sessions,
+# so nothing stops them with the benchmark unless it does. `stop_all` (atexit) stops any that a
+# `finally` missed: a SIGTERM that lands while a Proc is being built (its object never returned), or a
+# stop that failed before the others' turn.
+_LIVE: set[subprocess.Popen] = set()
+
+
+def stop_processes(procs: list[subprocess.Popen], timeout_s: float = 20.0) -> None:
+    """SIGTERM to every one at once, then one shared wait (they drain in parallel), then SIGKILL to
+    the survivors. Never raises: a cleanup that fails half-way would leave the rest running."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except OSError:
+                pass
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        _LIVE.discard(p)
+
+
+def stop_all() -> None:
+    stop_processes(list(_LIVE))
+
+
+atexit.register(stop_all)
 
 
 class Proc:
@@ -28,6 +64,7 @@ class Proc:
         self.err = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.err, text=True, env=env,
                                      start_new_session=True)
+        _LIVE.add(self.proc)
         self.target = self._wait_line(pattern, timeout_s)
 
     def _wait_line(self, pattern: str, timeout_s: float) -> str:
@@ -60,14 +97,15 @@ class Proc:
             pass
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_processes([self.proc], timeout_s)
         self.err.close()
+
+
+def stop_procs(procs: list[Proc], timeout_s: float = 20.0) -> None:
+    """Stop several servers in parallel (one shared drain time, not one each)."""
+    stop_processes([p.proc for p in procs], timeout_s)
+    for p in procs:
+        p.err.close()
 
 
 def exit_on_sigterm() -> None:
@@ -122,8 +160,7 @@ def start_replicas(a: argparse.Namespace, log_dir: Path) -> list[Proc]:
             except Exception as e:  # noqa: BLE001 - stop the others, then report
                 errors.append(e)
     if errors:
-        for r in reps:
-            r.stop()
+        stop_procs(reps)
         raise errors[0]
     return reps
 
