@@ -526,9 +526,14 @@ def run_replay_workload(su: Setup, args: argparse.Namespace) -> int:
     # 0.15 / s, results/tune_order.json's choice on the simulator (not confirmed on the engine in R2)
     specs = {"fcfs": ("fcfs", {}), "trail": ("trail", {}), "trail-no-aging": ("trail", {"aging": 0.0}),
              "trail-exp-aging": ("trail", {"aging": 0.15, "aging_form": "exp"}),
+             # trail ranking arrivals by the host-side prompt estimator (no probe-only prefills)
+             "trail-host": ("trail", {"arrival_estimate": "host"}),
              "gittins": ("gittins", {"bin_edges": edges, "midpoints": mids, "c": 0.0}),
              "srpt-oracle": ("srpt-oracle", {"c": 0.0})}
     specs = {k: v for k, v in specs.items() if k in args.policies.split(",")}
+    if "trail-host" in specs and su.prompt_estimator is None:
+        raise SystemExit(f"trail-host needs a prompt estimator beside the probe ({args.probe_used}/"
+                         "prompt_estimator.npz, from jtrail train-prompt-estimator)")
     old = Path(args.out) / "serving.json"
     history = None
     if old.is_file():  # the previous headline (natural lengths) stays in the file as history

@@ -28,8 +28,12 @@ def simulate_policies(wl: Any, specs: dict[str, tuple[str, dict]], sm: StepModel
     for label, (name, kw) in specs.items():
         pred = RecordedPredictor(refiner, records)
         aging = bool(kw.get("aging"))
-        r = simulate(trace, name, sm, res, predictor=pred, policy_kwargs=dict(kw), predict_at_arrival=False,
-                     max_jump_steps=8 if aging else None)
+        # the engine's arrival estimate: a probe-only prefill (device time, modelled by the replica) or
+        # the host's prompt estimator (free, at arrival; replayed here as the recorded prefill output,
+        # which the engine's on_prefill at the real prefill overwrote: the probe's, not the estimator's)
+        at_arrival = kw.get("arrival_estimate") == "host"
+        r = simulate(trace, name, sm, res, predictor=pred, policy_kwargs=dict(kw),
+                     predict_at_arrival=at_arrival, max_jump_steps=8 if aging else None)
         s = r.summary()
         s["sim_wall_s"] = r.wall_seconds
         out[label] = s

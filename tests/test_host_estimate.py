@@ -1,0 +1,110 @@
+"""trail's `arrival_estimate="host"` on the real engine over the fake runner: each arriving request gets
+the prompt estimator's probabilities through the predictor's on_prefill, no probe-only prefill runs,
+waiting requests are admitted in the estimator's order, the real prefill's probe output then replaces
+the estimate, and every request's tokens are the ones the default (probe) mode produces."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from jtrail.serving.brain.predictor import TrailPredictor
+from jtrail.serving.brain.prompt_estimator import PromptLengthEstimator
+from jtrail.serving.brain.scheduler.registry import make_policy
+from jtrail.serving.engine.fake_runner import ByteTokenizer, FakeLengthPredictor, FakeRunner
+from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
+from jtrail.serving.sequence import InvalidRequestError, SamplingParams
+
+EDGES = (0.0, 8.0, 32.0, 128.0, 512.0, 1024.0)
+# arrival order; the estimator below predicts each prompt's own length, so it admits 1, 3, 2, 0
+PROMPT_LENS = [100, 3, 40, 12]
+MAX_TOKENS = 128  # above the estimates: a prediction is capped at max_tokens, which would tie them
+
+
+def length_estimator() -> PromptLengthEstimator:
+    """log(answer + 1) = log(prompt length + 1): the estimate is the prompt's length (an order a test
+    can state), spread with sigma 0.3 over EDGES."""
+    dims = 4
+    w = np.zeros(dims + 1)
+    w[dims] = 1.0
+    return PromptLengthEstimator(w, 0.0, EDGES, sigma=0.3, dims=dims, l2=1.0)
+
+
+class EstimateThenProbe:
+    """TRAIL's predictor for the estimator's bin probabilities; the fake probe's output (one value: the
+    exact remaining length) as FakeLengthPredictor installs it. Records every on_prefill's width."""
+
+    bin_edges = EDGES
+    refine_every = 1
+
+    def __init__(self):
+        self.trail, self.fake = TrailPredictor(EDGES), FakeLengthPredictor()
+        self.prefills: dict[str, list[int]] = {}
+
+    def on_prefill(self, seq, probs):
+        self.prefills.setdefault(seq.request_id, []).append(len(probs))
+        (self.trail if len(probs) == len(EDGES) - 1 else self.fake).on_prefill(seq, probs)
+
+    def on_decode(self, seq, probs, n_new):
+        self.fake.on_decode(seq, probs, n_new)
+
+
+def make_engine(arrival_estimate: str, async_on: bool = False, estimator=None, predictor=None) -> LLMEngine:
+    cfg = EngineConfig(num_slots=1, num_pages=64, page_size=16, max_model_len=256,
+                       policy=make_policy("trail", aging=0.0, arrival_estimate=arrival_estimate),
+                       async_scheduling=async_on)
+    runner = FakeRunner(cfg.num_slots, cfg.max_model_len, cfg.page_size, probe=True)
+    return LLMEngine(None, ByteTokenizer(), cfg, runner=runner, predictor=predictor or EstimateThenProbe(),
+                     prompt_estimator=estimator)
+
+
+def run(engine: LLMEngine) -> tuple[list[str], dict[str, list[int]]]:
+    """Admission order and each request's output tokens."""
+    seqs = [engine.add_request(f"r{i}", [10 + i] * n, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+            for i, n in enumerate(PROMPT_LENS)]
+    outputs: dict[str, list[int]] = {s.request_id: [] for s in seqs}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outputs[o.request_id] += o.new_token_ids
+    admitted = sorted(seqs, key=lambda s: s.first_admitted_time)
+    return [s.request_id for s in admitted], outputs
+
+
+@pytest.mark.parametrize("async_on", [False, True])
+def test_host_estimate_ranks_waiting_requests_without_probe_prefills(async_on):
+    engine = make_engine("host", async_on, estimator=length_estimator())
+    first = engine.add_request("x", [9] * 50, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+    assert first.predicted_remaining is not None  # estimated at add_request, before any step
+    engine.abort("x")
+    order, outputs = run(engine)
+    assert engine.probe_calls == 0 and engine.probe_tokens == 0
+    assert order == ["r1", "r3", "r2", "r0"]  # by estimated length, not arrival
+    # the estimate at arrival (K bins), then the real prefill's probe output (the fake probe: 1 value)
+    assert {rid: w for rid, w in engine.predictor.prefills.items() if rid != "x"} == \
+        {f"r{i}": [len(EDGES) - 1, 1] for i in range(4)}
+    probe_engine = make_engine("probe", async_on)
+    probe_order, probe_outputs = run(probe_engine)
+    assert probe_engine.probe_calls > 0  # the default still probes waiting requests
+    assert probe_order != order and probe_outputs == outputs  # another order, the same tokens
+    assert all(len(t) == MAX_TOKENS for t in outputs.values())
+
+
+def test_host_needs_an_estimator_a_predictor_and_the_same_bins():
+    with pytest.raises(InvalidRequestError) as e:
+        make_engine("host", estimator=None)
+    assert e.value.field == "prompt_estimator"
+    cfg = EngineConfig(num_slots=1, num_pages=64, page_size=16, max_model_len=256,
+                       policy=make_policy("trail", arrival_estimate="host"))
+    with pytest.raises(InvalidRequestError) as e:
+        LLMEngine(None, ByteTokenizer(), cfg, runner=FakeRunner(1, 256, 16, probe=True),
+                  prompt_estimator=length_estimator())
+    assert e.value.field == "predictor"
+    with pytest.raises(InvalidRequestError, match="differ") as e:
+        make_engine("host", estimator=length_estimator(), predictor=TrailPredictor((0.0, 10.0, 1024.0)))
+    assert e.value.field == "prompt_estimator"
+
+
+def test_arrival_estimate_is_validated_and_defaults_to_probe():
+    assert make_policy("trail").arrival_estimate == "probe"
+    with pytest.raises(InvalidRequestError) as e:
+        make_policy("trail", arrival_estimate="guess")
+    assert e.value.field == "arrival_estimate"
