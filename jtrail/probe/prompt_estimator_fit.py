@@ -95,16 +95,22 @@ def fit_and_measure(replay: ReplaySet, probe_dir: str | Path, dims: int = 4096,
     t0 = time.perf_counter()
     est = PromptLengthEstimator.fit(train_p, train_y, edges, dims=dims, seed=seed)
     fit_s = time.perf_counter() - t0
-    tune = evaluate(est, tune_p, tune_y, float(train_y.mean()))
+    train_mean = float(train_y.mean())
+    # the probe was scored on the first `eval_requests` of "tune" (file order: its --eval-limit)
+    n_probe = int((probe_meta.get("tune_metrics") or {}).get("eval_requests", len(tune_y)))
+    tune = evaluate(est, tune_p[:n_probe], tune_y[:n_probe], train_mean)
     probe_tune = probe_meta.get("tune_metrics") or {}
     return est, {
         "estimator": {"dims": est.dims, "l2": est.l2, "sigma": est.sigma, "bins": probe_meta.get("bins"),
                       "bin_edges": list(edges), "train_requests": len(train_y), "fit_s": fit_s},
         "tune_metrics": tune,
+        "tune_all_metrics": evaluate(est, tune_p, tune_y, train_mean),
         "probe_tune_metrics": {k: probe_tune[k] for k in PROBE_METRIC_KEYS if k in probe_tune},
-        "notes": "split 'tune' only (bench and ood unseen). mae_estimate: the log-normal median; "
-                 "mae_posterior_mean: what TrailPredictor.on_prefill makes of probs (the engine's view), "
-                 "comparable to the probe's prefill_mae; *_counted_down: the probe eval's per-token "
-                 "prompt-only MAE, comparable to its prompt_only_mae. probe_tune_metrics: the replay "
-                 "probe's probe.json meta tune_metrics (its 'metrics' are on bench).",
+        "notes": ("split 'tune' only (bench and ood unseen): tune_metrics on the first requests of "
+                  "'tune', those the probe was scored on; tune_all_metrics on all of them. mae_estimate: "
+                  "the log-normal median; mae_posterior_mean: what TrailPredictor.on_prefill makes of "
+                  "probs (the engine's view), comparable to the probe's prefill_mae; *_counted_down: the "
+                  "probe eval's per-token prompt-only MAE, comparable to its prompt_only_mae. "
+                  "probe_tune_metrics: the replay probe's probe.json meta tune_metrics (its 'metrics' "
+                  "are on bench)."),
     }
