@@ -108,3 +108,54 @@ def test_arrival_estimate_is_validated_and_defaults_to_probe():
     with pytest.raises(InvalidRequestError) as e:
         make_policy("trail", arrival_estimate="guess")
     assert e.value.field == "arrival_estimate"
+
+
+@pytest.mark.parametrize(("flags", "want"), [([], "probe"), (["--arrival-estimate", "host"], "host"),
+                                             (["--arrival-estimate", "probe"], "probe")])
+def test_serve_flag_reaches_trail(flags, want):
+    from jtrail.cli import build_parser
+    from jtrail.serve import engine_config
+
+    args = build_parser().parse_args(["serve", "--mock", "--policy", "trail", *flags])
+    assert engine_config(args).policy.arrival_estimate == want
+
+
+def test_simulator_runs_host_specs_with_free_arrival_estimates(monkeypatch):
+    """sim_vs_engine: a "host" spec is simulated with its estimate at arrival (no device time), the
+    default spec with the engine's probe-only prefills (predict_at_arrival False)."""
+    from types import SimpleNamespace
+
+    from jtrail.serving.simulation import sim_vs_engine
+
+    seen = {}
+
+    def fake_simulate(trace, name, sm, res, **kw):
+        seen[kw["policy_kwargs"].get("arrival_estimate", "probe")] = kw["predict_at_arrival"]
+        return SimpleNamespace(summary=lambda: {"mean_e2e": 1.0}, wall_seconds=0.0)
+
+    monkeypatch.setattr(sim_vs_engine, "simulate", fake_simulate)
+    wl = SimpleNamespace(arrival=np.array([0.0]), prompts=[[1, 2]], output_len=np.array([3]),
+                         request_ids=["r0"])
+    specs = {"trail": ("trail", {}), "trail-host": ("trail", {"arrival_estimate": "host"})}
+    sim_vs_engine.simulate_policies(wl, specs, None, None, TrailPredictor(EDGES), {})
+    assert seen == {"probe": False, "host": True}
+
+
+def test_sim_replica_makes_no_probe_prefills_for_host():
+    """The simulator's model of the probe-only prefill (a waiting arrival's prompt joins the next
+    step's prefill call) is off for a host policy, as on the engine."""
+    from jtrail.serving.brain.predictor import OraclePredictor
+    from jtrail.serving.simulation.sim_replica import SimReplica, SimSequence
+    from jtrail.serving.simulation.step_model import StepModel
+
+    def probes_after_arrivals(**policy_kw) -> list[int]:
+        rep = SimReplica(make_policy("trail", **policy_kw), StepModel(a=1e-3), 1, 400, 16, False,
+                         OraclePredictor(), lambda s: None, None, 512)
+        for i in range(3):  # one slot: the second and third must wait
+            s = SimSequence(f"r{i}", [], SamplingParams(max_tokens=9), 0.0, oracle_remaining_at_start=9)
+            s._plen, s._idx = 20, i
+            rep.arrive(s, 0.0)
+        return list(rep._probes)
+
+    assert probes_after_arrivals() == [20, 20]  # the default: two probe-only prefills of 20 tokens
+    assert probes_after_arrivals(arrival_estimate="host") == []
