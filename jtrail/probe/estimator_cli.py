@@ -10,6 +10,7 @@ split, report it on "tune" (jtrail.probe.prompt_estimator_fit), save it next to 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import time
@@ -37,7 +38,9 @@ def _run(args: argparse.Namespace) -> int:
         est.save(args.out)
     doc = {"command": _command(args), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "git_commit": git_commit(),
-           "replay": str(args.replay), "probe_dir": str(probe_dir), "out": args.out, **body}
+           "replay": {"path": str(args.replay),
+                      "sha256": hashlib.sha256(Path(args.replay).read_bytes()).hexdigest()},
+           "probe_dir": str(probe_dir), "out": args.out, **body}
     if args.results:
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results).write_text(json.dumps(doc, indent=2) + "\n")
