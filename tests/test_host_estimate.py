@@ -121,8 +121,9 @@ def test_serve_flag_reaches_trail(flags, want):
 
 
 def test_simulator_runs_host_specs_with_free_arrival_estimates(monkeypatch):
-    """sim_vs_engine: a "host" spec is simulated with its estimate at arrival (no device time), the
-    default spec with the engine's probe-only prefills (predict_at_arrival False)."""
+    """sim_vs_engine: a "host" spec is simulated with its estimate at arrival (no device time): the
+    estimator's probs for each prompt when given one; the default spec with the engine's probe-only
+    prefills (predict_at_arrival False)."""
     from types import SimpleNamespace
 
     from jtrail.serving.simulation import sim_vs_engine
@@ -130,15 +131,52 @@ def test_simulator_runs_host_specs_with_free_arrival_estimates(monkeypatch):
     seen = {}
 
     def fake_simulate(trace, name, sm, res, **kw):
-        seen[kw["policy_kwargs"].get("arrival_estimate", "probe")] = kw["predict_at_arrival"]
+        arrival = kw["arrival_predictor"]
+        rows = None if arrival is None else {k: v.tolist() for k, v in arrival.records.items()}
+        seen[kw["policy_kwargs"].get("arrival_estimate", "probe")] = (kw["predict_at_arrival"], rows)
         return SimpleNamespace(summary=lambda: {"mean_e2e": 1.0}, wall_seconds=0.0)
 
     monkeypatch.setattr(sim_vs_engine, "simulate", fake_simulate)
     wl = SimpleNamespace(arrival=np.array([0.0]), prompts=[[1, 2]], output_len=np.array([3]),
                          request_ids=["r0"])
     specs = {"trail": ("trail", {}), "trail-host": ("trail", {"arrival_estimate": "host"})}
+    est = length_estimator()
+    sim_vs_engine.simulate_policies(wl, specs, None, None, TrailPredictor(EDGES), {}, est)
+    assert seen == {"probe": (False, None), "host": (True, {"r0": [est.probs([1, 2]).tolist()]})}
     sim_vs_engine.simulate_policies(wl, specs, None, None, TrailPredictor(EDGES), {})
-    assert seen == {"probe": False, "host": True}
+    assert seen == {"probe": (False, None), "host": (True, None)}  # no estimator: the probe's at arrival
+
+
+def test_simulator_arrival_predictor_ranks_then_the_prefill_estimate_replaces_it():
+    """One slot; r1 and r2 wait while r0 runs. The arrival estimates (reversed lengths) put r2 first;
+    each request then gets exactly one prefill estimate from `predictor`, at its prefill."""
+    from jtrail.serving.brain.predictor import OraclePredictor
+    from jtrail.serving.simulation.simulator import Resources, Trace, simulate
+    from jtrail.serving.simulation.step_model import StepModel
+
+    class Reversed(OraclePredictor):
+        def sim_prefill(self, seq):
+            seq.predicted_remaining = 100.0 - seq.oracle_remaining_at_start
+            seq.prediction_epoch += 1
+
+    class Counting(OraclePredictor):
+        def __init__(self):
+            self.calls: list[int] = []
+
+        def sim_prefill(self, seq):
+            self.calls.append(seq._idx)
+            super().sim_prefill(seq)
+
+    trace = Trace([0.0, 1e-6, 2e-6], [10, 10, 10], [5, 10, 20])
+    res, sm = Resources(num_slots=1, num_pages=100, page_size=16), StepModel(a=1e-3)
+    kw = {"aging": 0.0}
+    counting = Counting()
+    host = simulate(trace, "trail", sm, res, predictor=counting, policy_kwargs=kw,
+                    arrival_predictor=Reversed())
+    assert host.e2e[2] < host.e2e[1]  # ranked by the arrival estimates
+    assert sorted(counting.calls) == [0, 1, 2]  # one prefill estimate each, none at arrival
+    oracle = simulate(trace, "trail", sm, res, predictor=OraclePredictor(), policy_kwargs=kw)
+    assert oracle.e2e[1] < oracle.e2e[2]
 
 
 def test_sim_replica_makes_no_probe_prefills_for_host():

@@ -46,6 +46,7 @@ class SimSequence(Sequence):
     _epoch = 0  # bumped at every preemption: invalidates heap entries
     _ref_gen = 0  # generated count at the last refinement
     _idx = 0  # index in the trace
+    _arrival_estimate = False  # its estimate is the arrival one: the prefill's replaces it (simulate)
 
     @property
     def num_prompt_tokens(self) -> int:
