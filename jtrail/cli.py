@@ -14,6 +14,7 @@ from jtrail import __version__
 from jtrail.client_cli import add_chat, add_client
 from jtrail.help_format import Parser
 from jtrail.probe.cli import add_train_probe
+from jtrail.probe.estimator_cli import add_train_prompt_estimator
 from jtrail.serve import add_route, add_serve
 
 
@@ -84,7 +85,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_generate)
 
 
-# One line per subcommand (serve, client, train-probe register here).
+# One line per subcommand (serve, client, train-probe, train-prompt-estimator register here).
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_generate,
     add_serve,
@@ -92,6 +93,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_client,
     add_chat,
     add_train_probe,
+    add_train_prompt_estimator,
 ]
 
 

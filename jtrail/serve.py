@@ -58,6 +58,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "benchmarks/results/tune_preemption.json)")
     p.add_argument("--aging-form", choices=("linear", "exp"), default=None,
                    help="how --aging credits a wait (default: the policy's own; trail: linear)")
+    p.add_argument("--arrival-estimate", choices=("probe", "host"), default=None,
+                   help="trail: where a waiting request's first length estimate comes from: 'probe' "
+                        "(default: a probe-only prefill, device time) or 'host' (the prompt estimator "
+                        "shipped beside the probe, prompt_estimator.npz: no device time)")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode tokens per jitted call (higher: less host overhead, chunkier streams)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
@@ -88,6 +92,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     ranked = args.policy in ("trail", "gittins", "srpt-oracle")
     given = {"aging": args.aging, "aging_form": args.aging_form}
     opts = {k: v for k, v in given.items() if v is not None} if ranked else {}
+    if args.policy == "trail" and getattr(args, "arrival_estimate", None) is not None:
+        opts["arrival_estimate"] = args.arrival_estimate
     return EngineConfig(num_slots=args.num_slots, num_pages=args.pages, page_size=args.page_size,
                         max_model_len=args.max_model_len, policy=make_policy(args.policy, **opts),
                         max_queue=args.max_queue, decode_steps_per_call=args.decode_steps,
@@ -111,9 +117,15 @@ def build_real_engine(args: argparse.Namespace) -> AsyncEngine:
 
     loaded = load_model(args.model)
     probe, predictor = _load_probe(args.probe, default_model=args.model is None)
+    estimator = None
+    if predictor is not None:
+        from jtrail.shipped import prompt_estimator_beside, resolve_probe_path
+
+        estimator = prompt_estimator_beside(resolve_probe_path(args.probe))
     # The engine's model runner shards weights and KV pages itself when tensor_parallel > 1.
     cfg = engine_config(args)
-    engine = LLMEngine(loaded.model, loaded.tokenizer, cfg, probe=probe, predictor=predictor)
+    engine = LLMEngine(loaded.model, loaded.tokenizer, cfg, probe=probe, predictor=predictor,
+                       prompt_estimator=estimator)
     if not args.no_warmup:  # compile every prefill shape and the decode step before "serving"
         engine.warmup(report=log.info)
     return AsyncLLMEngine(engine, model_name=loaded.cfg.name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from jtrail.models.probe_io import META_FILE, ProbeFileError
+from jtrail.serving.brain.prompt_estimator import PromptLengthEstimator
 
 # Probes shipped for the embedded SmolLM2, by name -> directory under jtrail/assets/.
 # "default": trained on the model's own greedy answers (natural generation);
@@ -16,6 +17,9 @@ from jtrail.models.probe_io import META_FILE, ProbeFileError
 NAMED_PROBES = {"default": "probe", "replay": "probe_replay"}
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"  # package data, next to this module
+# The host-side prompt estimator trained for a probe lives in the probe's directory, on its bins
+# (`jtrail train-prompt-estimator`): trail's arrival_estimate="host" uses it.
+PROMPT_ESTIMATOR_FILE = "prompt_estimator.npz"
 
 
 def default_probe_path() -> Path:
@@ -42,3 +46,10 @@ def resolve_probe_path(spec: str | None) -> Path:
             raise ProbeFileError(f"probe {spec!r} is not shipped in this install ({path} has no {META_FILE})")
         return path
     return Path(spec)
+
+
+def prompt_estimator_beside(probe_dir: Path) -> PromptLengthEstimator | None:
+    """The prompt estimator in a probe's directory, or None where it has none (a file that is there but
+    unreadable raises PromptEstimatorFileError: a broken install should not pass silently)."""
+    path = Path(probe_dir) / PROMPT_ESTIMATOR_FILE
+    return PromptLengthEstimator.load(path) if path.is_file() else None

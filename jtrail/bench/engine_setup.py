@@ -16,6 +16,7 @@ class Setup:
     tokenizer: Any
     probe: Any
     refiner: Any  # TrailPredictor
+    prompt_estimator: Any  # PromptLengthEstimator beside the probe (trail's arrival_estimate="host"), or None
     eos: tuple[int, ...]
     args: argparse.Namespace
     warm_prompts: list[list[int]] = field(default_factory=list)  # token source for engine warm-ups
@@ -29,7 +30,7 @@ def load(args: argparse.Namespace) -> Setup:
     from jtrail.models.loader import load_model
     from jtrail.models.probe_io import load_probe
     from jtrail.serving.brain.predictor import TrailPredictor
-    from jtrail.shipped import resolve_probe_path
+    from jtrail.shipped import prompt_estimator_beside, resolve_probe_path
 
     auto = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     dtype = args.dtype if args.dtype != "auto" else auto
@@ -41,7 +42,7 @@ def load(args: argparse.Namespace) -> Setup:
     eos = tuple(dict.fromkeys([*loaded.cfg.eos_ids, *getattr(loaded.tokenizer, "eos_ids", ())]))
     args.dtype_used, args.probe_used = dtype, str(probe_dir)
     refiner = TrailPredictor(pcfg.bin_edges, pcfg.midpoints)
-    return Setup(loaded.model, loaded.tokenizer, head, refiner, eos, args)
+    return Setup(loaded.model, loaded.tokenizer, head, refiner, prompt_estimator_beside(probe_dir), eos, args)
 
 
 def make_engine(su: Setup, policy: str, kw: dict, predictor: Any = None, slots: int | None = None,
@@ -59,7 +60,8 @@ def make_engine(su: Setup, policy: str, kw: dict, predictor: Any = None, slots: 
                        max_model_len=a.max_model_len,
                        decode_steps_per_call=a.decode_steps, policy=make_policy(policy, **kw), seed=a.seed,
                        async_scheduling=getattr(a, "async_scheduling", EngineConfig.async_scheduling))
-    eng = LLMEngine(su.model, su.tokenizer, cfg, probe=su.probe, predictor=predictor or su.refiner)
+    eng = LLMEngine(su.model, su.tokenizer, cfg, probe=su.probe, predictor=predictor or su.refiner,
+                    prompt_estimator=su.prompt_estimator)
     # the server's own warm-up: every packed prefill shape the slots can reach and the decode step
     # (a warm-up of one prompt per bucket missed packed shapes: compiles mid-run, seconds each)
     eng.warmup(report=lambda _msg: None)

@@ -222,7 +222,8 @@ def bars_of(name: str, runs: dict[str, dict]) -> dict[str, float]:
 
 
 def simulate_regime(
-    out: dict[str, Any], specs: dict, steps: np.ndarray, refiner: Any, pool: Pool, page_size: int
+    out: dict[str, Any], specs: dict, steps: np.ndarray, refiner: Any, pool: Pool, page_size: int,
+    prompt_estimator: Any = None,
 ) -> dict[str, Any]:
     """The simulator on the regime's trace: same policies, the recorded probe outputs (replay makes
     them the same under every policy: the tokens are given), the step model fitted on engine steps."""
@@ -236,7 +237,7 @@ def simulate_regime(
     records = rec.records(list(wl.request_ids), len(refiner.midpoints))
     res = Resources(num_slots=out["slots"], num_pages=out["pages"], page_size=page_size)
     keep = {k: v for k, v in specs.items() if k in out["_runs"]}
-    sim = simulate_policies(wl, keep, sm, res, refiner, records)
+    sim = simulate_policies(wl, keep, sm, res, refiner, records, prompt_estimator)
     eng = {k: r for k, r in out["_runs"].items()}
     return {"step_model": fit, "sim": sim, "errors": sim_errors(sim, eng)}
 
@@ -412,8 +413,10 @@ def run_replay(
     specs: dict[str, tuple[str, dict]],
     history: dict | None,
     meta: dict[str, Any],
+    prompt_estimator: Any = None,
 ) -> dict[str, Any]:
-    """All requested regimes; returns the serving.json document (also written, with plots)."""
+    """All requested regimes; returns the serving.json document (also written, with plots).
+    `prompt_estimator`: the arrival estimates the simulator gives "host" specs (as their engine did)."""
     import datetime
 
     out_dir = Path(args.out)
@@ -452,7 +455,7 @@ def run_replay(
         bars.update(bars_of(name, out["_runs"]))
         steps = np.concatenate([cap["steps"], *(r["_res"].steps for r in out["_runs"].values())])
         if name in args.sim_regimes.split(","):
-            sims[name] = simulate_regime(out, specs, steps, refiner, pool, args.page_size)
+            sims[name] = simulate_regime(out, specs, steps, refiner, pool, args.page_size, prompt_estimator)
             print(f"{name}: sim vs engine mean E2E {sims[name].get('errors')}", flush=True)
         if out["_recorder"] is not None and not traj:
             traj = prediction_trajectories(out["_recorder"], out["_wl"])
@@ -526,9 +529,14 @@ def run_replay_workload(su: Setup, args: argparse.Namespace) -> int:
     # 0.15 / s, results/tune_order.json's choice on the simulator (not confirmed on the engine in R2)
     specs = {"fcfs": ("fcfs", {}), "trail": ("trail", {}), "trail-no-aging": ("trail", {"aging": 0.0}),
              "trail-exp-aging": ("trail", {"aging": 0.15, "aging_form": "exp"}),
+             # trail ranking arrivals by the host-side prompt estimator (no probe-only prefills)
+             "trail-host": ("trail", {"arrival_estimate": "host"}),
              "gittins": ("gittins", {"bin_edges": edges, "midpoints": mids, "c": 0.0}),
              "srpt-oracle": ("srpt-oracle", {"c": 0.0})}
     specs = {k: v for k, v in specs.items() if k in args.policies.split(",")}
+    if "trail-host" in specs and su.prompt_estimator is None:
+        raise SystemExit(f"trail-host needs a prompt estimator beside the probe ({args.probe_used}/"
+                         "prompt_estimator.npz, from jtrail train-prompt-estimator)")
     old = Path(args.out) / "serving.json"
     history = None
     if old.is_file():  # the previous headline (natural lengths) stays in the file as history
@@ -541,5 +549,5 @@ def run_replay_workload(su: Setup, args: argparse.Namespace) -> int:
         return make_engine(su, pname, kw, predictor, slots=r["num_slots"], pages=r["num_pages"])
 
     meta = {"probe": args.probe_used, "dtype": args.dtype_used}
-    run_replay(make, pool, args, su.refiner, specs, history, meta)
+    run_replay(make, pool, args, su.refiner, specs, history, meta, su.prompt_estimator)
     return 0

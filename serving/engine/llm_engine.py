@@ -25,6 +25,7 @@ import numpy as np
 
 from ..brain.forecast import FORECAST_PRIOR_TOKENS, replica_forecast
 from ..brain.predictor import Predictor
+from ..brain.prompt_estimator import PromptLengthEstimator
 from ..engine_api import EngineStats
 from ..sequence import (
     FinishReason,
@@ -50,11 +51,14 @@ from .warmup import warm_up
 
 class LLMEngine:
     def __init__(self, model: Any, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None,
-                 probe: Any = None, predictor: Predictor | None = None, runner: Runner | None = None):
+                 probe: Any = None, predictor: Predictor | None = None, runner: Runner | None = None,
+                 prompt_estimator: PromptLengthEstimator | None = None):
         """`model` (a Llama) builds the JAX runner; or pass `runner` (e.g. a FakeRunner, whose `cfg`
-        then gives vocab_size and eos_ids) and model=None."""
+        then gives vocab_size and eos_ids) and model=None. `prompt_estimator`: the arrival estimate of
+        a policy with `arrival_estimate="host"` (required then: InvalidRequestError without it)."""
         self.config = cfg = config or EngineConfig()
         self.tokenizer, self.predictor, self.probe = tokenizer, predictor, probe
+        self.prompt_estimator = prompt_estimator
         if runner is None:
             from .model_runner import ModelRunner  # JAX: imported only when a model is served
 
@@ -67,6 +71,9 @@ class LLMEngine:
         self.runner = runner
         self.model_cfg = model.cfg if model is not None else runner.cfg
         self.policy = resolve_policy(cfg.policy)
+        self._estimate_on_arrival = getattr(self.policy, "arrival_estimate", "probe") == "host"
+        if self._estimate_on_arrival:
+            _check_host_estimate(prompt_estimator, predictor)
         self._reqs: dict[str, EngineRequest] = {}
         self.scheduler = StepScheduler(cfg, self.policy, runner, self._reqs,
                                        probe_waiting=runner.has_probe and predictor is not None)
@@ -131,6 +138,8 @@ class LLMEngine:
         # the range; this keeps a bypassed check from failing the step for every request)
         seed = (params.seed if params.seed is not None else int(self._rng.integers(2**31))) % 2**32
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids)
+        if self._estimate_on_arrival:  # before the policy files it: it ranks by this estimate
+            self.predictor.on_prefill(seq, self.prompt_estimator.probs(seq.prompt_ids))
         self._reqs[request_id] = EngineRequest(seq, detok, seed)
         self.scheduler.enqueue(seq)
         self.policy.on_arrival(seq, now)
@@ -244,3 +253,20 @@ class LLMEngine:
         from jtrail.llm import generate_batch
 
         return generate_batch(self, prompt_ids_list, params_list, progress=progress)
+
+
+def _check_host_estimate(estimator: PromptLengthEstimator | None, predictor: Predictor | None) -> None:
+    """A policy asking for host-side arrival estimates needs an estimator, and a predictor that takes
+    its bin probabilities: the same bins as the probe's (a mismatch would fail every add_request)."""
+    if estimator is None:
+        raise InvalidRequestError("prompt_estimator", "the policy's arrival_estimate='host' needs a "
+                                  "PromptLengthEstimator (e.g. the replay probe's prompt_estimator.npz)")
+    if predictor is None:
+        raise InvalidRequestError("predictor", "arrival_estimate='host' needs a length predictor to take "
+                                  "the estimates (a probe and its TrailPredictor)")
+    for p in (predictor, getattr(predictor, "inner", None)):  # RecordingPredictor wraps one
+        edges = getattr(p, "bin_edges", None)
+        if edges is not None and not (len(edges) == len(estimator.bin_edges)
+                                      and np.allclose(edges, estimator.bin_edges)):
+            raise InvalidRequestError("prompt_estimator", f"its bins {list(estimator.bin_edges)} differ "
+                                      f"from the predictor's {list(edges)}")

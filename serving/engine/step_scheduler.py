@@ -12,7 +12,9 @@ or preempt a running request to learn it (measured on the H200: 4 preemptions pe
 waiting request gets one probe-only prefill: its prompt runs into pages borrowed for the step and
 returned right after the runner's call (the sampled token and the KV are dropped; the real prefill on
 admission gives the same probe output). Its prediction ranks it from the next step on. Prompts
-longer than the budget left, or with no pages free, stay unknown (and never preempt).
+longer than the budget left, or with no pages free, stay unknown (and never preempt). A policy with
+`arrival_estimate="host"` gets none: the engine gives each request a prompt estimator's estimate
+when it arrives (LLMEngine.add_request).
 
 Async scheduling (EngineConfig.async_scheduling): this step is scheduled while the one before still
 runs, its results not yet on the host. A decode row counts the tokens in flight (`ahead`) as
@@ -43,7 +45,8 @@ class StepScheduler:
     def __init__(self, config, policy: Policy, runner: Runner, reqs: dict[str, EngineRequest],
                  probe_waiting: bool):
         self.config, self.policy, self.runner, self.reqs = config, policy, runner, reqs
-        self.probe_waiting = probe_waiting and policy.probe_on_arrival
+        # a policy whose first estimate comes from the host's prompt estimator needs no probe-only prefills
+        self.probe_waiting = probe_waiting and policy.probe_on_arrival and policy.arrival_estimate == "probe"
         self.blocks = BlockManager(config.num_pages, config.page_size)
         self.row = prefill_layout(config.prefill_buckets, config.max_prefill_tokens_per_step)[0]
         self.waiting: list[Sequence] = []  # waiting + swapped

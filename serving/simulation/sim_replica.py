@@ -46,6 +46,7 @@ class SimSequence(Sequence):
     _epoch = 0  # bumped at every preemption: invalidates heap entries
     _ref_gen = 0  # generated count at the last refinement
     _idx = 0  # index in the trace
+    _arrival_estimate = False  # its estimate is the arrival one: the prefill's replaces it (simulate)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -96,7 +97,8 @@ class SimReplica:
         self._tick = itertools.count()
         self._prefill: list[tuple[SimSequence, int]] = []  # admitted at this boundary, tokens to prefill
         self._probes: list[int] = []  # prompt tokens of probe-only prefills due in the next step
-        self.probe_on_arrival = policy.probe_on_arrival and predictor is not None
+        self.probe_on_arrival = (policy.probe_on_arrival and policy.arrival_estimate == "probe"
+                                 and predictor is not None)
         self.planned: tuple | None = None  # ("wake",) or (t0, steps, n, kv0)
         self.preemptions = 0
         # finished requests' output tokens: the mean is the slot forecast's prior, as in the engine

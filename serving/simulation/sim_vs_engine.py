@@ -18,18 +18,29 @@ from .step_model import StepModel
 
 
 def simulate_policies(wl: Any, specs: dict[str, tuple[str, dict]], sm: StepModel, res: Resources,
-                      refiner: TrailPredictor, records: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+                      refiner: TrailPredictor, records: dict[str, np.ndarray],
+                      prompt_estimator: Any = None) -> dict[str, dict[str, float]]:
     """Run the simulator on the workload for each (label -> (policy, kwargs)); summaries per label.
     `wl`: anything with `arrival`, `prompts`, `output_len`, `request_ids` (and optionally `max_tokens`),
-    as `jtrail.bench.loadgen.Workload`."""
+    as `jtrail.bench.loadgen.Workload`. `prompt_estimator` (a PromptLengthEstimator): the arrival
+    estimates of specs with `arrival_estimate="host"`, from the workload's prompts."""
     trace = Trace(wl.arrival, np.array([len(p) for p in wl.prompts]), wl.output_len,
                   request_ids=list(wl.request_ids), max_tokens=getattr(wl, "max_tokens", None))
     out = {}
     for label, (name, kw) in specs.items():
         pred = RecordedPredictor(refiner, records)
         aging = bool(kw.get("aging"))
-        r = simulate(trace, name, sm, res, predictor=pred, policy_kwargs=dict(kw), predict_at_arrival=False,
-                     max_jump_steps=8 if aging else None)
+        # the engine's arrival estimate: a probe-only prefill (device time, modelled by the replica) or
+        # the host's prompt estimator (free, at arrival); without the estimator a host spec is
+        # approximated by the recorded prefill probe output at arrival (the probe's quality, not its)
+        host = kw.get("arrival_estimate") == "host"
+        arrival = None
+        if host and prompt_estimator is not None:
+            rows = {rid: prompt_estimator.probs(p)[None]
+                    for rid, p in zip(wl.request_ids, wl.prompts, strict=True)}
+            arrival = RecordedPredictor(refiner, rows)
+        r = simulate(trace, name, sm, res, predictor=pred, policy_kwargs=dict(kw), predict_at_arrival=host,
+                     arrival_predictor=arrival, max_jump_steps=8 if aging else None)
         s = r.summary()
         s["sim_wall_s"] = r.wall_seconds
         out[label] = s

@@ -147,7 +147,8 @@ def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel, resources:
              predictor: SimPredictor | None = None, num_replicas: int = 1, router: Any = None,
              policy_kwargs: dict[str, Any] | None = None, predict_at_arrival: bool = True,
              max_jump_steps: int | None = None, record_steps: bool = False, router_poll_s: float = 0.0,
-             router_sees_estimate: bool = True, progress: bool | None = None) -> SimResult:
+             router_sees_estimate: bool = True, progress: bool | None = None,
+             arrival_predictor: SimPredictor | None = None) -> SimResult:
     """Run the trace to completion; returns per-request metrics (seconds).
 
     `progress`: a bar of requests arrived on stderr (tqdm; shown only on a terminal); None: for traces
@@ -158,7 +159,10 @@ def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel, resources:
     `router_poll_s` > 0: the router sees the replicas as `jtrail route` does, through snapshots
     refreshed every `router_poll_s` seconds of simulated time, each advanced by its own sends in between
     (`forecast.count_routed`). `router_sees_estimate` False: the router is not given the new request's
-    length estimate (as `jtrail route`, which runs no probe), though the replica that gets it is."""
+    length estimate (as `jtrail route`, which runs no probe), though the replica that gets it is.
+    `arrival_predictor`: another first estimate, made at arrival at no cost (trail's host-side prompt
+    estimate); `predictor`'s prefill estimate replaces it when the request's prefill is scheduled, as
+    the engine's real prefill does (overrides `predict_at_arrival`)."""
     if num_replicas < 1:
         raise InvalidRequestError("num_replicas", f"must be >= 1, got {num_replicas}")
     if num_replicas > 1 and router is None:
@@ -210,7 +214,10 @@ def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel, resources:
             s = SimSequence(ids[i] if ids is not None else f"r{i}", [], sp, ta,
                             priority=prio[i] if prio is not None else 0, oracle_remaining_at_start=o)
             s._plen, s._idx = plen[i], i
-            if predict_at_arrival:
+            if arrival_predictor is not None:
+                arrival_predictor.sim_prefill(s)
+                s._arrival_estimate = True
+            elif predict_at_arrival:
                 predictor.sim_prefill(s)
             k = 0
             if num_replicas > 1:
@@ -252,7 +259,12 @@ def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel, resources:
         rep = reps[k]
         rep.end_jump(t)
         rep.boundary(t)
-        if not predict_at_arrival:
+        if arrival_predictor is not None:
+            for s, _tok in rep._prefill:
+                if s._arrival_estimate:
+                    s._arrival_estimate = False
+                    predictor.sim_prefill(s)
+        elif not predict_at_arrival:
             for s, _tok in rep._prefill:
                 if s._pv is None:
                     predictor.sim_prefill(s)

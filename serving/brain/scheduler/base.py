@@ -51,6 +51,9 @@ class Policy(ABC):
     # Ranks waiting requests by predicted length: the engine runs a probe-only prefill for requests
     # that must wait for a slot, so they have a prediction to be ranked by (engine._probe_waiting).
     probe_on_arrival: bool = False
+    # Where that first estimate comes from: "probe" (the probe-only prefill) or "host" (the engine's
+    # prompt estimator at add_request, no device time; `trail`'s option).
+    arrival_estimate: str = "probe"
     # Ranks by remaining length, which falls one per generated token (the router's slot forecast
     # then drops long queued requests from what a new arrival waits behind).
     counts_down: bool = False

@@ -8,6 +8,11 @@ Past the cutoff a request is never preempted (it has sunk too much work to be wo
 A request not yet predicted (the engine predicts at prefill) ranks as `unknown_rank` (default 0:
 prefill it first to learn it).
 
+`arrival_estimate`: where a waiting request's first estimate comes from. "probe" (default): a
+probe-only prefill of its prompt (device time, step_scheduler.py). "host": the engine's
+PromptLengthEstimator (brain/prompt_estimator.py) at `add_request`, no device time; the probe's output
+replaces it at the real prefill.
+
 Beyond the paper (ranked.py): `max_preemptions` caps preemptions per request, `preempt_cost` makes a
 preemption pass only when its SRPT exchange saving beats the victim's recompute time
 (preemption_cost.py), `aging` bounds waits (linear, or multiplicative with `aging_form="exp"`),
@@ -19,7 +24,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...sequence import InvalidRequestError
 from .ranked import RankedPolicy
+
+ARRIVAL_ESTIMATES = ("probe", "host")
 
 
 class TrailPolicy(RankedPolicy):
@@ -39,5 +47,10 @@ class TrailPolicy(RankedPolicy):
     DEFAULT_AGING_FORM = "linear"
 
     def __init__(self, *, c: float = 0.0, margin: float = 0.0, victim: str = "longest",
-                 aging: float = DEFAULT_AGING, aging_form: str = DEFAULT_AGING_FORM, **kw: Any):
+                 aging: float = DEFAULT_AGING, aging_form: str = DEFAULT_AGING_FORM,
+                 arrival_estimate: str = "probe", **kw: Any):
+        if arrival_estimate not in ARRIVAL_ESTIMATES:
+            raise InvalidRequestError("arrival_estimate",
+                                      f"must be one of {ARRIVAL_ESTIMATES}, got {arrival_estimate!r}")
         super().__init__(c=c, margin=margin, victim=victim, aging=aging, aging_form=aging_form, **kw)
+        self.arrival_estimate = arrival_estimate
