@@ -1,7 +1,8 @@
 """trail's arrival estimate in the simulator: probe-only prefills vs the host-side prompt estimator.
 
     python -m jtrail.replay --out /tmp/replay_all.npz
-    python benchmarks/sim_host_estimate.py --replay /tmp/replay_all.npz    # -> results/sim_host_estimate.json
+    python -m jtrail.bench.host_estimate_sim --replay /tmp/replay_all.npz
+    # -> benchmarks/results/sim_host_estimate.json
 
 Indicative, not the engine: regimes R1 and R2 (their arrivals at the H200's measured capacity, the step
 model fitted on its steps: results/serving.json), prompts and recorded answer lengths of the replay
@@ -22,17 +23,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from jtrail.provenance import git_commit
+from jtrail.replay import ReplaySet
 from jtrail.serving.brain.predictor import ProbeLikePredictor, RecordedPredictor, TrailPredictor
 from jtrail.serving.brain.prompt_estimator import PromptLengthEstimator
 from jtrail.serving.simulation.regimes import REGIMES, regime_arrivals
 from jtrail.serving.simulation.simulator import Resources, Trace, simulate
 from jtrail.serving.simulation.step_model import StepModel
-
-from jtrail.provenance import git_commit
-from jtrail.replay import ReplaySet
 from jtrail.shipped import PROMPT_ESTIMATOR_FILE, named_probe_path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"  # in a checkout
 MAX_TOKENS = 1024
 
 
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     means = {f"{r}/{k}/{m}": float(np.mean([t[k][m] for key, t in table.items() if key.startswith(r + "/")]))
              for r in regimes for k in ("trail", "trail-host", "trail-free-probe")
              for m in ("mean_e2e_vs_fcfs", "p99_e2e_vs_fcfs")}
-    doc = {"command": "python benchmarks/sim_host_estimate.py " + " ".join(args), "device": "cpu (simulator)",
+    doc = {"command": "python -m jtrail.bench.host_estimate_sim " + " ".join(args),
+           "device": "cpu (simulator)",
            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
            "git_commit": git_commit(), "config": vars(a), "seed_means": means, "table": table}
     Path(a.out).write_text(json.dumps(doc, indent=2) + "\n")
