@@ -48,6 +48,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override every regime's slot count (0: as defined; for CPU smoke runs)")
     p.add_argument("--regime-requests", default="0",
                    help="requests per regime trace: N, or per regime R1=N,R3=M (0: the regime's default)")
+    p.add_argument("--warm-requests", type=int, default=100, help="replay: the trace's first N requests "
+                   "through a throwaway engine of each policy before its measured run (0: none)")
     p.add_argument("--alternate-order", action="store_true",
                    help="replay: run the policies in reverse order in every other regime")
     p.add_argument("--capacity", default="",
