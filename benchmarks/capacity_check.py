@@ -2,6 +2,7 @@
 full-batch step times and pauses (`capacity.pauses`) in one short run, without the full regime runs.
 
     python benchmarks/capacity_check.py --replay replay_all.npz --model SmolLM2.gguf [--out FILE]
+    (tests/test_benchmark_runs.py runs it on CPU: --model tiny, a tiny probe, a few requests)
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--replay", required=True)
     ap.add_argument("--model", default=None)
+    ap.add_argument("--probe", default="replay", help="probe directory or shipped name (default: replay)")
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     a = ap.parse_args()
     # benchmarks/serving.py's defaults, with 1,024-token prompts and answers
-    args = argparse.Namespace(model=a.model, probe="replay", dtype="auto", page_size=16, decode_steps=1,
+    args = argparse.Namespace(model=a.model, probe=a.probe, dtype="auto", page_size=16, decode_steps=1,
                               seed=0, slots=16, pages=384, max_model_len=1024 + 1024 + 16)
     su = load(args)
     pool = Pool(a.replay, "bench", args.max_model_len, 0)
