@@ -38,7 +38,7 @@ def _inputs(tmp: Path) -> None:
     ReplaySet([rng.integers(3, 250, 4 + i % 9) for i in range(n)],
               [rng.integers(3, 250, 2 + (5 * i) % 13) for i in range(n)],
               [f"c{i}" for i in range(n)], ["bench"] * n).save(tmp / "replay.npz")
-    lines = [json.dumps({"prompt": f"question {i}: " + "why? " * (1 + i % 5)}) + "\n" for i in range(24)]
+    lines = [json.dumps({"prompt": f"q{i} " + "why? " * (1 + i % 3)}) + "\n" for i in range(24)]
     (tmp / "prompts.jsonl").write_text("".join(lines))
 
 
@@ -90,15 +90,15 @@ def test_model_benchmarks_run_end_to_end_on_cpu(tmp_path: Path) -> None:
     _inputs(tmp_path)
     tiny = ["--model", "tiny", "--probe", "probe"]
     outs = run_scripts([
-        ["scale.py", "--smoke"],  # on the 4 fake CPU devices of XLA_FLAGS below (the prelude imports JAX)
+        ["scale.py", "--smoke", "--batches", "4", "--steps", "2", "--calls", "1"],  # on the 4 fake CPU devices of XLA_FLAGS below (the prelude imports JAX)
         ["engine.py", "--smoke", "--out", "engine.json"],
-        ["serving.py", *tiny, "--prompts", "prompts.jsonl", "--pool", "12", "--max-prompt-tokens", "48",
-         "--max-output", "6", "--slots", "4", "--pages", "64", "--capacity-requests", "8", "--rates", "0.9",
+        ["serving.py", *tiny, "--prompts", "prompts.jsonl", "--pool", "12", "--max-prompt-tokens", "24",
+         "--max-output", "6", "--slots", "2", "--pages", "64", "--capacity-requests", "6", "--rates", "0.9",
          "--policies", "fcfs,trail,srpt-oracle", "--aging", "0.1", "--deadline-s", "1", "--min-requests", "8",
          "--max-requests", "8", "--out", "serving", "--raw-dir", "raw"],
-        ["serving_resim.py", "raw/serving_raw.npz", "--probe", "probe", "--slots", "4", "--pages", "64"],
+        ["serving_resim.py", "raw/serving_raw.npz", "--probe", "probe", "--slots", "2", "--pages", "64"],
         ["routing_resim.py", "raw/serving_raw.npz", "--requests", "40", "--seeds", "1", "--loads", "0.9",
-         "--slots", "4", "--pages", "64", "--out", "routing_resim.json"],
+         "--slots", "2", "--pages", "64", "--out", "routing_resim.json"],
         ["capacity_check.py", "--replay", "replay.npz", *tiny, "--requests", "40", "--out", "capacity.json"],
     ], tmp_path, {**_env(tmp_path), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
         prelude=PROBE_PRELUDE)
