@@ -99,7 +99,8 @@ def test_model_benchmarks_run_end_to_end_on_cpu(tmp_path: Path) -> None:
         ["serving_resim.py", "raw/serving_raw.npz", "--probe", "probe", "--slots", "2", "--pages", "64"],
         ["routing_resim.py", "raw/serving_raw.npz", "--requests", "40", "--seeds", "1", "--loads", "0.9",
          "--slots", "2", "--pages", "64", "--out", "routing_resim.json"],
-        ["capacity_check.py", "--replay", "replay.npz", *tiny, "--requests", "40", "--out", "capacity.json"],
+        ["capacity_check.py", "--replay", "replay.npz", *tiny, "--requests", "40", "--max-tokens", "24",
+         "--out", "capacity.json"],
     ], tmp_path, {**_env(tmp_path), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
         prelude=PROBE_PRELUDE)
 

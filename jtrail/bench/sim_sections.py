@@ -28,7 +28,7 @@ ROUTERS = ("round-robin", "least-requests", "power-of-two", "token-aware (sum of
 # script in seconds: too few requests for the figures to mean anything).
 SIZES = {"quick": dict(speed=50_000, theory=20_000, routing=4_000, routing_trail=2_000, policies=10_000,
                        aging=5_000),
-         "smoke": dict(speed=1_000, theory=300, routing=200, routing_trail=100, policies=200, aging=200)}
+         "smoke": dict(speed=1_000, theory=300, routing=100, routing_trail=50, policies=100, aging=100)}
 
 
 def section_sizes(args: argparse.Namespace) -> dict[str, int]:
