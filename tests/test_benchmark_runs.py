@@ -52,7 +52,7 @@ def test_simulator_and_http_benchmarks_run_end_to_end(tmp_path: Path) -> None:
     _inputs(tmp_path)
     run_scripts([
         ["simulate.py", "--smoke", "--out", "simulate.json"],
-        ["tune_preemption.py", "--seeds", "1", "--requests", "30", "--out", "tune.json"],
+        ["tune_preemption.py", "--smoke", "--out", "tune.json"],
         ["routing_sim_replay.py", "--replay", "replay.npz", "--requests", "60", "--replicas", "2",
          "--out", "routing_sim8.json"],
         ["http_bench.py", "--mock", "--prompts", "prompts.jsonl", "--pool", "8", "--requests", "8",
@@ -68,7 +68,7 @@ def test_simulator_and_http_benchmarks_run_end_to_end(tmp_path: Path) -> None:
     assert sim["theory"]["requests"] < 1000 and sim["speed"]["requests"] < 10_000
 
     tune = load(tmp_path / "tune.json")
-    assert tune["seeds"] == [1] and set(tune["regimes"]) == {"R1", "R2", "R3"}
+    assert tune["seeds"] == [1] and tune["regimes"]["R1"]["requests"] == [30] and set(tune["regimes"]) == {"R1", "R2", "R3"}
     assert tune["chosen"]["label"] in tune["table"]["R1"]
     assert_finite(tune["bars_sim"], list(tune["bars_sim"]))
     assert len(tune["bars_sim"]) == 15  # five bars per regime
