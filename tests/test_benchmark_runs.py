@@ -28,6 +28,13 @@ save_probe("probe", ProbeHead(ProbeConfig(d_model=NAMED_CONFIGS["tiny"].d_model,
 """
 
 
+# 4 fake CPU devices for scale.py (the prelude imports JAX before it runs), and XLA's CPU backend
+# without its expensive LLVM passes: compiling is most of these runs' time (measured: 35 s -> 18 s
+# of capacity_check.py's), and they check the scripts, not CPU speed.
+XLA_FLAGS = ("--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
+             "--xla_llvm_disable_expensive_passes=true")
+
+
 def _inputs(tmp: Path) -> None:
     """A replay set (token ids inside the tiny model's 256-token vocabulary, all in split 'bench') and
     a prompt file."""
@@ -68,7 +75,8 @@ def test_simulator_and_http_benchmarks_run_end_to_end(tmp_path: Path) -> None:
     assert sim["theory"]["requests"] < 1000 and sim["speed"]["requests"] < 10_000
 
     tune = load(tmp_path / "tune.json")
-    assert tune["seeds"] == [1] and tune["regimes"]["R1"]["requests"] == [30] and set(tune["regimes"]) == {"R1", "R2", "R3"}
+    assert tune["seeds"] == [1] and set(tune["regimes"]) == {"R1", "R2", "R3"}
+    assert tune["regimes"]["R1"]["requests"] == [30]
     assert tune["chosen"]["label"] in tune["table"]["R1"]
     assert_finite(tune["bars_sim"], list(tune["bars_sim"]))
     assert len(tune["bars_sim"]) == 15  # five bars per regime
@@ -90,7 +98,7 @@ def test_model_benchmarks_run_end_to_end_on_cpu(tmp_path: Path) -> None:
     _inputs(tmp_path)
     tiny = ["--model", "tiny", "--probe", "probe"]
     outs = run_scripts([
-        ["scale.py", "--smoke", "--batches", "4", "--steps", "2", "--calls", "1"],  # on the 4 fake CPU devices of XLA_FLAGS below (the prelude imports JAX)
+        ["scale.py", "--smoke", "--batches", "4", "--steps", "2", "--calls", "1"],  # XLA_FLAGS' 4 devices
         ["engine.py", "--smoke", "--out", "engine.json"],
         ["serving.py", *tiny, "--prompts", "prompts.jsonl", "--pool", "12", "--max-prompt-tokens", "24",
          "--max-output", "6", "--slots", "2", "--pages", "64", "--capacity-requests", "6", "--rates", "0.9",
@@ -101,8 +109,7 @@ def test_model_benchmarks_run_end_to_end_on_cpu(tmp_path: Path) -> None:
          "--slots", "2", "--pages", "64", "--out", "routing_resim.json"],
         ["capacity_check.py", "--replay", "replay.npz", *tiny, "--requests", "40", "--max-tokens", "24",
          "--out", "capacity.json"],
-    ], tmp_path, {**_env(tmp_path), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
-        prelude=PROBE_PRELUDE)
+    ], tmp_path, {**_env(tmp_path), "XLA_FLAGS": XLA_FLAGS}, prelude=PROBE_PRELUDE)
 
     scale = load(tmp_path / "benchmarks" / "results" / "scale_smoke.json")
     assert (tmp_path / "out" / "scale_smoke.json").exists()
