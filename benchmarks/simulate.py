@@ -1,7 +1,8 @@
 """Simulator benchmark: speed, agreement with queueing theory, routing and policy comparisons.
 
     .venv/bin/python benchmarks/simulate.py            # full run (~ a few minutes on one core)
-    .venv/bin/python benchmarks/simulate.py --quick    # smaller sizes, for a smoke test
+    .venv/bin/python benchmarks/simulate.py --quick    # smaller sizes (a few minutes)
+    .venv/bin/python benchmarks/simulate.py --smoke --out /tmp/s.json   # tiny sizes: a CPU test (seconds)
 
 Writes benchmarks/results/simulate.json. Lengths: real ShareGPT answer lengths when `jtrail.datasets`
 provides them, else a documented lognormal stand-in (median 180 tokens, sigma 1.0, clipped to
@@ -37,6 +38,7 @@ from jtrail.bench.sim_sections import (
     print_routing,
     print_summary,
     section_bars,
+    section_sizes,
 )
 from jtrail.bench.sim_workloads import ROUTING_STEP_MODEL
 from jtrail.provenance import git_commit
@@ -47,6 +49,7 @@ OUT = Path(__file__).resolve().parent / "results" / "simulate.json"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: a CPU test of the script (seconds)")
     ap.add_argument("--step-model", default="0.008,2e-5,5e-9",
                     help="a,b,c in seconds (default: a documented guess, until a GPU fit)")
     ap.add_argument("--seed", type=int, default=0)
@@ -65,17 +68,16 @@ def main() -> None:
     ap.add_argument("--aging-requests", type=int, default=50_000)
     args = ap.parse_args()
     sm = StepModel(*(float(x) for x in args.step_model.split(",")))
-    q = args.quick
     rng = np.random.default_rng(args.seed)
-    sections = {"speed": lambda: bench_speed(50_000 if q else 1_000_000, sm, rng, args.speed_load),
-                "theory": lambda: bench_theory(20_000 if q else 200_000, rng),
+    n = section_sizes(args)
+    sections = {"speed": lambda: bench_speed(n["speed"], sm, rng, args.speed_load),
+                "theory": lambda: bench_theory(n["theory"], rng),
                 "routing": lambda: bench_routing(
-                    4_000 if q else args.routing_requests,
-                    StepModel(*(float(x) for x in args.routing_step_model.split(","))), args.routing_seed,
-                    policies=tuple(args.routing_policies.split(",")),
-                    trail_requests=2_000 if q else args.routing_trail_requests),
-                "policies": lambda: bench_policies(10_000 if q else args.policy_requests, rng),
-                "aging": lambda: bench_aging(5_000 if q else args.aging_requests, rng)}
+                    n["routing"], StepModel(*(float(x) for x in args.routing_step_model.split(","))),
+                    args.routing_seed, policies=tuple(args.routing_policies.split(",")),
+                    trail_requests=n["routing_trail"]),
+                "policies": lambda: bench_policies(n["policies"], rng),
+                "aging": lambda: bench_aging(n["aging"], rng)}
     wanted = args.sections.split(",") if args.sections else list(sections)
     out_path = Path(args.out)
     # Sections not run now keep their earlier results (sections can run in separate processes).
@@ -95,7 +97,7 @@ def main() -> None:
     doc = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": "cpu (1 core, simulator)",
            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "git_commit": commit,
            "step_model": {"a": sm.a, "b": sm.b, "c": sm.c}, **res,
-           "missing_sections": missing, "bars": section_bars(res, q)}
+           "missing_sections": missing, "bars": section_bars(res, args.quick or args.smoke)}
     # keys added to the file by hand (notes, earlier commands, kept runs) stay
     doc.update({k: v for k, v in earlier.items() if k not in doc and k not in sections})
     if wanted != list(sections) and isinstance(earlier.get("commands"), dict):

@@ -1,6 +1,6 @@
 """Tune trail's preemption rule on the simulator, in the regimes of issue 15 (`simulation/regimes.py`).
 
-    .venv/bin/python benchmarks/tune_preemption.py [--seeds 1,2] [--quick]
+    .venv/bin/python benchmarks/tune_preemption.py [--seeds 1,2] [--quick | --smoke]
 
 Workload: ShareGPT prompts of at most 1,024 tokens with their recorded first answers' lengths
 (capped at 1,024: mean ~291), sent with max_tokens 1,024 (policies do not learn the true length from
@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="1,2", help="tuning seeds (the GPU benchmark's seed is not among them)")
     p.add_argument("--requests", type=int, default=None, help="per regime (default: the regime's own)")
-    p.add_argument("--quick", action="store_true", help="one seed, 300 requests: a smoke test")
+    p.add_argument("--quick", action="store_true", help="one seed, 300 requests: a quick check")
+    p.add_argument("--smoke", action="store_true", help="one seed, 30 requests, 200-request capacity runs")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--order", action="store_true", help="search the waiting-queue order instead "
                    "(jtrail.bench.order_tuning; writes results/tune_order.json unless --out)")
@@ -67,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         write_order_results([int(s) for s in a.seeds.split(",")], a.requests, out, " ".join(
             ["python benchmarks/tune_preemption.py", *(argv if argv is not None else sys.argv[1:])]))
         return 0
-    seeds = [int(s) for s in a.seeds.split(",")][: 1 if a.quick else None]
-    n = 300 if a.quick else a.requests
-    t = tune(seeds, n)
+    seeds = [int(s) for s in a.seeds.split(",")][: 1 if a.quick or a.smoke else None]
+    n = 30 if a.smoke else 300 if a.quick else a.requests
+    t = tune(seeds, n, saturation_requests=200 if a.smoke else 2000)
     prm, out, per_seed, info, table = t["prm"], t["out"], t["per_seed"], t["info"], t["table"]
     best, best_kw, bars, ratios = t["best"], t["best_kw"], t["bars"], t["ratios"]
     mae = predictor_mae(ProbeLikePredictor(**PROBE, seed=0, edges=EDGES), out, 300, np.random.default_rng(0))

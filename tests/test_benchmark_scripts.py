@@ -1,7 +1,7 @@
 """Every script in benchmarks/ imports and parses its arguments: `--help` through each script's own
-`__main__` path, all in one subprocess (one interpreter start, so the suite stays fast). The scripts
-that run end to end on CPU are exercised further by their own tests (routing.py: test_routing_bench.py,
-http_bench.py's driver: test_http_driver.py)."""
+`__main__` path, all in one subprocess (one interpreter start, so the suite stays fast). Every script
+but kernels.py (GPU only) also runs end to end on CPU: test_benchmark_runs.py (routing.py:
+test_routing_bench.py)."""
 
 from __future__ import annotations
 

@@ -82,11 +82,11 @@ def run(tr: Trace, name: str, kw: dict[str, Any], sm: StepModel, res: Resources,
 
 
 def regime_setup(regime: str, prm: np.ndarray, out: np.ndarray, seed: int, sm: StepModel,
-                 n: int | None) -> tuple[Trace, Resources, float]:
+                 n: int | None, saturation_requests: int = 2000) -> tuple[Trace, Resources, float]:
     R = REGIMES[regime]
     res = Resources(**regime_resources(regime, float(prm.mean()), float(out.mean())))
     rng = np.random.default_rng(1000 + seed)
-    k = 2000  # saturated fcfs run for capacity
+    k = saturation_requests  # saturated fcfs run for capacity
     idx = rng.integers(0, len(out), k)
     sat = simulate(Trace(np.zeros(k), prm[idx], out[idx], max_tokens=np.full(k, MAX_TOKENS)), "fcfs", sm, res,
                    policy_kwargs=R.fcfs_kwargs, record_steps=True)
@@ -117,16 +117,18 @@ def bars_met(b: dict[str, float]) -> dict[str, bool]:
     return {k: (b[k] >= v if op == ">=" else b[k] <= v) for k, (_, op, v) in BARS.items()}
 
 
-def tune(seeds: list[int], n: int | None) -> dict[str, Any]:
+def tune(seeds: list[int], n: int | None, saturation_requests: int = 2000) -> dict[str, Any]:
     """The whole search on `seeds` (n requests per regime trace; None: each regime's own): the trail
     grid at aging 0, aging on the best two, then the references with the chosen knobs. Returns the
-    workload lengths, per-seed and mean tables, the choice, its simulator bars and every ratio."""
+    workload lengths, per-seed and mean tables, the choice, its simulator bars and every ratio.
+    `saturation_requests`: the size of each regime's capacity run (fewer: a smoke test's)."""
     prm, out = workload_lengths()
     sm = StepModel(**STEP_MODEL)
     grid = trail_grid()
     per_seed: dict[str, dict[str, list[dict[str, float]]]] = {r: {} for r in REGIMES}
     info: dict[str, Any] = {}
-    setups = {(reg, s): regime_setup(reg, prm, out, s, sm, n) for reg in REGIMES for s in seeds}
+    setups = {(reg, s): regime_setup(reg, prm, out, s, sm, n, saturation_requests)
+              for reg in REGIMES for s in seeds}
 
     def add(reg: str, label: str, name: str, kw: dict[str, Any]) -> None:
         for s in seeds:

@@ -3,6 +3,8 @@ theory, routing over replicas, policies and aging on the slot model. Each return
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 
 from jtrail.bench.sim_workloads import capacity_rps, lengths, poisson, routing_lengths
@@ -20,6 +22,23 @@ from jtrail.serving.simulation.step_model import StepModel
 
 EDGES = tuple(float(x) for x in [0, 16, 32, 64, 128, 256, 512, 1024, 2048])  # log-spaced probe bins
 ROUTERS = ("round-robin", "least-requests", "power-of-two", "token-aware (sum of tokens)", "token-aware")
+
+
+# Requests per section: --quick (a check of the numbers in minutes) and --smoke (a CPU test of the
+# script in seconds: too few requests for the figures to mean anything).
+SIZES = {"quick": dict(speed=50_000, theory=20_000, routing=4_000, routing_trail=2_000, policies=10_000,
+                       aging=5_000),
+         "smoke": dict(speed=1_000, theory=300, routing=100, routing_trail=50, policies=100, aging=100)}
+
+
+def section_sizes(args: argparse.Namespace) -> dict[str, int]:
+    """Requests per section of `benchmarks/simulate.py`: --smoke's, --quick's, or the full run's (the
+    1M-request speed run, 200k for theory, the routing / policy / aging sizes of the flags)."""
+    if args.smoke or args.quick:
+        return SIZES["smoke" if args.smoke else "quick"]
+    return dict(speed=1_000_000, theory=200_000, routing=args.routing_requests,
+                routing_trail=args.routing_trail_requests, policies=args.policy_requests,
+                aging=args.aging_requests)
 
 
 def bench_speed(n: int, sm: StepModel, rng, speed_load: float = 0.5) -> dict:
