@@ -258,9 +258,12 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_serve_process_exits_nonzero_when_the_engine_dies() -> None:
+    # --no-warmup: this test is about the loop dying, not start-up (warm-up compiles every prefill
+    # bucket, ~3x the one the first request needs; warm-up is tested in test_warmup.py)
     proc = subprocess.Popen(
         [sys.executable, "-c", DYING_SERVER, "--model", "tiny", "--policy", "fcfs", "--probe", "none",
-         "--port", "0", "--slots", "2", "--pages", "64", "--max-context", "64", "--max-tokens", "8"],
+         "--port", "0", "--slots", "2", "--pages", "64", "--max-context", "64", "--max-tokens", "8",
+         "--no-warmup"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
