@@ -71,7 +71,7 @@ class LLMEngine:
         self.runner = runner
         self.model_cfg = model.cfg if model is not None else runner.cfg
         self.policy = resolve_policy(cfg.policy)
-        self._estimate_on_arrival = getattr(self.policy, "arrival_estimate", "probe") == "host"
+        self._estimate_on_arrival = self.policy.arrival_estimate == "host"
         if self._estimate_on_arrival:
             _check_host_estimate(prompt_estimator, predictor)
         self._reqs: dict[str, EngineRequest] = {}
