@@ -547,11 +547,16 @@ def run_replay_workload(su: Setup, args: argparse.Namespace) -> int:
              "trail-exp-aging": ("trail", {"aging": 0.15, "aging_form": "exp"}),
              # trail ranking arrivals by the host-side prompt estimator (no probe-only prefills)
              "trail-host": ("trail", {"arrival_estimate": "host"}),
+             # and with tune_order.json's order: that search gave every estimate at arrival for free,
+             # which is what the host estimate does (the probe-only prefills it was tried with are not)
+             "trail-host-exp-aging": ("trail", {"arrival_estimate": "host", "aging": 0.15,
+                                                "aging_form": "exp"}),
              "gittins": ("gittins", {"bin_edges": edges, "midpoints": mids, "c": 0.0}),
              "srpt-oracle": ("srpt-oracle", {"c": 0.0})}
     specs = {k: v for k, v in specs.items() if k in args.policies.split(",")}
-    if "trail-host" in specs and su.prompt_estimator is None:
-        raise SystemExit(f"trail-host needs a prompt estimator beside the probe ({args.probe_used}/"
+    host = [k for k, (_, kw) in specs.items() if kw.get("arrival_estimate") == "host"]
+    if host and su.prompt_estimator is None:
+        raise SystemExit(f"{', '.join(host)} need a prompt estimator beside the probe ({args.probe_used}/"
                          "prompt_estimator.npz, from jtrail train-prompt-estimator)")
     old = Path(args.out) / "serving.json"
     history = None
