@@ -56,17 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arrival-costs", action="store_true", help="trail with and without the probe-only "
                    "prefills' device cost (writes results/tune_arrival.json unless --out)")
     a = p.parse_args(argv)
-    if a.arrival_costs:
-        from jtrail.bench.order_tuning import arrival_cost_check
-        out = a.out if a.out != str(OUT) else str(OUT.with_name("tune_arrival.json"))
-        arrival_cost_check([int(s) for s in a.seeds.split(",")], a.requests, out, " ".join(
-            ["python benchmarks/tune_preemption.py", *(argv if argv is not None else sys.argv[1:])]))
-        return 0
-    if a.order:
-        from jtrail.bench.order_tuning import write_order_results
-        out = a.out if a.out != str(OUT) else str(OUT.with_name("tune_order.json"))
-        write_order_results([int(s) for s in a.seeds.split(",")], a.requests, out, " ".join(
-            ["python benchmarks/tune_preemption.py", *(argv if argv is not None else sys.argv[1:])]))
+    command = " ".join(["python benchmarks/tune_preemption.py", *(sys.argv[1:] if argv is None else argv)])
+    if a.arrival_costs or a.order:  # the other searches (jtrail.bench.order_tuning), each its own file
+        from jtrail.bench.order_tuning import arrival_cost_check, write_order_results
+        run, name = ((arrival_cost_check, "tune_arrival.json") if a.arrival_costs
+                     else (write_order_results, "tune_order.json"))
+        run([int(s) for s in a.seeds.split(",")], a.requests,
+            a.out if a.out != str(OUT) else str(OUT.with_name(name)), command)
         return 0
     seeds = [int(s) for s in a.seeds.split(",")][: 1 if a.quick or a.smoke else None]
     n = 30 if a.smoke else 300 if a.quick else a.requests
@@ -75,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     best, best_kw, bars, ratios = t["best"], t["best_kw"], t["bars"], t["ratios"]
     mae = predictor_mae(ProbeLikePredictor(**PROBE, seed=0, edges=EDGES), out, 300, np.random.default_rng(0))
     doc = {
-        "command": " ".join(["python benchmarks/tune_preemption.py",
-                             *(argv if argv is not None else sys.argv[1:])]),
+        "command": command,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(), "seeds": seeds, "step_model": STEP_MODEL,
         "workload": {"prompts": "ShareGPT first human turns <= 1024 tokens", "answers":
