@@ -52,6 +52,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "through a throwaway engine of each policy before its measured run (0: none)")
     p.add_argument("--alternate-order", action="store_true",
                    help="replay: run the policies in reverse order in every other regime")
+    p.add_argument("--repeats", type=int, default=1, help="replay: runs of each policy, in mirrored order "
+                   "(A B C C B A): averaged, each repeat's figures kept")
     p.add_argument("--capacity", default="",
                    help="per regime R2=REQ_S: reuse a capacity measured by an earlier run (default: measure)")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",

@@ -42,16 +42,17 @@ for script, *argv in spec["runs"]:
 
 def run_scripts(runs: list[list[str]], cwd: Path, env: dict[str, str], prelude: str = "",
                 timeout: float = 600) -> dict[str, str]:
-    """Run `runs` ([script name, *argv]) in one child process; -> each script's stdout by name. Fails
-    the test with the child's output tail when a script fails."""
+    """Run `runs` ([script name, *argv]) in one child process; -> each script's stdout by name (a
+    script's second run: "name#index"). Fails the test with the child's output tail when a script fails."""
     spec = {"prelude": prelude, "runs": [[str(BENCH / script), *argv] for script, *argv in runs]}
     r = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(spec)], capture_output=True, text=True,
                        timeout=timeout, cwd=cwd, env={**os.environ, **env})
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     outs = {}
     for m in re.finditer(r"@@ start (\S+)\n(.*?)@@ done \1 ([\d.]+)s", r.stdout, re.S):
-        outs[m.group(1)] = m.group(2)
-        print(f"{m.group(1)}: {m.group(3)} s")  # shown with -s: what each script costs
+        name = m.group(1) if m.group(1) not in outs else f"{m.group(1)}#{len(outs)}"  # a script run twice
+        outs[name] = m.group(2)
+        print(f"{name}: {m.group(3)} s")  # shown with -s: what each script costs
     assert len(outs) == len(runs), r.stdout[-4000:]
     return outs
 

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from _bench_runner import assert_finite, load, run_scripts
 
 # The tiny model (named shape "tiny", random weights, byte-level tokenizer) needs a probe of its width.
@@ -109,6 +110,11 @@ def test_model_benchmarks_run_end_to_end_on_cpu(tmp_path: Path) -> None:
          "--slots", "2", "--pages", "64", "--out", "routing_resim.json"],
         ["capacity_check.py", "--replay", "replay.npz", *tiny, "--requests", "40", "--max-tokens", "24",
          "--out", "capacity.json"],
+        # replay regimes, each policy twice in mirrored order (R1 on 2 slots: the tiny pool fills them)
+        ["serving.py", "--workload", "replay", "--replay", "replay.npz", *tiny, "--max-prompt-tokens", "24",
+         "--max-output", "16", "--regimes", "R1", "--sim-regimes", "R1", "--regime-slots", "2",
+         "--regime-requests", "R1=8", "--capacity-requests", "8", "--warm-requests", "2", "--repeats", "2",
+         "--policies", "fcfs,trail", "--out", "serving_replay"],
     ], tmp_path, {**_env(tmp_path), "XLA_FLAGS": XLA_FLAGS}, prelude=PROBE_PRELUDE)
 
     scale = load(tmp_path / "benchmarks" / "results" / "scale_smoke.json")
@@ -140,3 +146,12 @@ def test_model_benchmarks_run_end_to_end_on_cpu(tmp_path: Path) -> None:
     assert_finite(cap, ["capacity_req_s", "max_step_s", "mean_answer_tokens"])
     assert cap["capacity_req_s"] > 0
 
+    rep = load(tmp_path / "serving_replay" / "serving.json")
+    assert rep["workload"]["split"] == "bench" and [r["policy"] for r in rep["table"]] == ["fcfs", "trail"]
+    for r in rep["table"]:  # the mean of two repeats, each kept, every request of both finished
+        assert r["repeats"] == 2 and r["completed"] == r["requests"] == 16
+        assert np.mean(r["mean_e2e_per_repeat"]) == pytest.approx(r["mean_e2e"])
+        assert len(r["median_decode_step_ms_per_repeat"]) == 2
+    order = [(x["policy"], x["repeat"]) for x in load(tmp_path / "out" / "serving_partial.json")]
+    assert order == [("fcfs", 0), ("trail", 0), ("trail", 1), ("fcfs", 1)]
+    assert_finite(rep["bars"], ["r1_fcfs_over_trail_mean_e2e", "sim_vs_engine_mean_e2e_error"])

@@ -5,21 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-
-def mean_repeats(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """One door's repeats: numeric fields averaged, counts summed, each repeat's mean E2E kept."""
-    out: dict[str, Any] = {k: float(np.mean([r[k] for r in rows])) for k, v in rows[0].items()
-                           if isinstance(v, int | float) and k not in ("completed", "requests")}
-    out["completed"] = int(sum(r["completed"] for r in rows))
-    out["requests"] = int(sum(r["requests"] for r in rows))
-    out["mean_e2e_per_repeat"] = [r["mean_e2e"] for r in rows]
-    for extra in ("command", "report"):
-        if extra in rows[0]:
-            out[extra] = [r[extra] for r in rows]
-    return out
-
 
 def door_ratios(table: dict[str, dict[str, dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(ratios per policy, bars): HTTP / gRPC mean E2E and TTFT, |outside tool / loadgen over HTTP - 1|,

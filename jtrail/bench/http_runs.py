@@ -11,10 +11,10 @@ import numpy as np
 
 from jtrail.bench.guidellm import run_guidellm
 from jtrail.bench.http_driver import drive_http
-from jtrail.bench.http_report import mean_repeats
 from jtrail.bench.loadgen import Workload, arrival_times, drive_grpc
 from jtrail.bench.metrics import burst_capacity, summarize
 from jtrail.bench.processes import drain
+from jtrail.bench.repeats import mean_repeats
 
 
 def warm_up(a: Any, grpc_addr: str, base: str, model: str, pool: list) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 from jtrail.bench.engine_setup import Setup, make_engine
 from jtrail.bench.loadgen import Workload, drive_engine, step_record
 from jtrail.bench.metrics import cdf_points, ratio, summarize
+from jtrail.bench.repeats import concat_results, mean_repeats, mirrored_order
 from jtrail.bench.serving_report import clean_json, device_label
 from jtrail.provenance import git_commit
 from jtrail.serving.brain.capacity import capacity_req_s, full_batch_throughput, pauses
@@ -127,6 +128,39 @@ def _full_step_times(steps: np.ndarray, slots: int) -> dict[str, float]:
             "full_step_ms_with_prefill": ms(full & pre), "partial_step_ms": ms(~full)}
 
 
+PER_REPEAT = ("mean_e2e", "p99_e2e", "mean_ttft", "median_decode_step_ms")
+
+
+def _measured_run(eng: Any, wl: Workload, timeout_s: float) -> tuple[dict[str, float], Any]:
+    """One measured run of the trace: the latency summary and what the engine did meanwhile
+    (compiles, stalls, step times: what to check before reading a difference as the policy's)."""
+    compiled = sum(TRACE_COUNTS.values())
+    backend0 = dict(BACKEND_COMPILES)
+    t = time.perf_counter()
+    res = drive_engine(eng, wl, timeout_s=timeout_s)
+    s = summarize(res)
+    secs, rows = res.steps[:, 2], res.steps[:, 7]
+    stall = pauses(secs)  # a compile or a pause, not the steady state
+    full = rows >= rows.max() if len(rows) else rows.astype(bool)
+    decode_only = full & (res.steps[:, 3] == 0)
+    s.update(
+        compiles_during_run=float(sum(TRACE_COUNTS.values()) - compiled),
+        backend_compiles_during_run=float(BACKEND_COMPILES["n"] - backend0["n"]),
+        backend_compile_s=float(BACKEND_COMPILES["s"] - backend0["s"]),
+        wall_s=time.perf_counter() - t,
+        probe_calls=float(getattr(eng, "probe_calls", 0)),
+        stalls=float(stall.sum()),
+        stall_s=float(secs[stall].sum()),
+        busy_s=float(secs.sum()),  # engine steps; wall_s - busy_s: the driver's own time and idling
+        mean_step_ms_full_batch=float(secs[full].mean() * 1e3) if full.any() else float("nan"),
+        median_decode_step_ms=float(np.median(secs[decode_only]) * 1e3)
+        if decode_only.any()
+        else float("nan"),
+        tokens_per_step=float(res.steps[:, 5].mean()) if len(secs) else float("nan"),
+    )
+    return s, res
+
+
 def run_regime(
     make,
     pool: Pool,
@@ -144,51 +178,44 @@ def run_regime(
     )
     # each regime starts elsewhere in the shuffled pool (fresh requests), every policy the same ones
     wl = pool.workload(arrival, offset=len(partial) * 37, max_tokens=args.max_output, tag=f"{name}-")
-    runs: dict[str, dict[str, Any]] = {}
     recorder = None
-    order = list(specs.items())
-    if getattr(args, "alternate_order", False) and list(REGIMES).index(name) % 2:
-        order.reverse()  # the second regime runs the policies last-first: a first-run effect shows up
-    for label, (pname, kw) in order:
-        if label == "fcfs":  # the regime's baseline (R3: vLLM's free-page watermark)
-            kw = {**kw, **regime.fcfs_kwargs}
-        warm_run(make(pname, kw, regime, None), wl, getattr(args, "warm_requests", 0), args.run_timeout)
-        rec = RecordingPredictor(refiner) if label == "trail" else None
+    repeats = max(1, int(getattr(args, "repeats", 1)))
+    # the second regime of a call starts last-first (--alternate-order); with --repeats each policy runs
+    # again in mirrored order, so a drift in step time over the call falls on every policy alike
+    reverse = bool(getattr(args, "alternate_order", False) and list(REGIMES).index(name) % 2)
+    rows: dict[str, list[dict[str, Any]]] = {label: [] for label in specs}
+    results: dict[str, list[Any]] = {label: [] for label in specs}
+    # fcfs is the regime's baseline (R3: vLLM's free-page watermark)
+    kwargs = {label: {**kw, **regime.fcfs_kwargs} if label == "fcfs" else kw
+              for label, (_, kw) in specs.items()}
+    for label, rep in mirrored_order(list(specs), repeats, reverse):
+        pname, kw = specs[label][0], kwargs[label]
+        if rep == 0:
+            warm_run(make(pname, kw, regime, None), wl, getattr(args, "warm_requests", 0), args.run_timeout)
+        rec = RecordingPredictor(refiner) if label == "trail" and rep == 0 else None
         eng = make(pname, kw, regime, rec)
-        compiled = sum(TRACE_COUNTS.values())
-        backend0 = dict(BACKEND_COMPILES)
-        t = time.perf_counter()
-        res = drive_engine(eng, wl, timeout_s=args.run_timeout)
-        s = summarize(res)
-        secs, rows = res.steps[:, 2], res.steps[:, 7]
-        stall = pauses(secs)  # a compile or a pause, not the steady state
-        s.update(
-            compiles_during_run=float(sum(TRACE_COUNTS.values()) - compiled),
-            backend_compiles_during_run=float(BACKEND_COMPILES["n"] - backend0["n"]),
-            backend_compile_s=float(BACKEND_COMPILES["s"] - backend0["s"]),
-            wall_s=time.perf_counter() - t,
-            probe_calls=float(getattr(eng, "probe_calls", 0)),
-            stalls=float(stall.sum()),
-            stall_s=float(secs[stall].sum()),
-            busy_s=float(secs.sum()),  # engine steps; wall_s - busy_s: the driver's own time and idling
-            mean_step_ms_full_batch=float(secs[rows >= rows.max()].mean() * 1e3)
-            if len(secs)
-            else float("nan"),
-            tokens_per_step=float(res.steps[:, 5].mean()) if len(secs) else float("nan"),
-        )
-        runs[label] = {"policy": label, "name": pname, "options": _jsonable(kw), **s, "_res": res}
+        s, res = _measured_run(eng, wl, args.run_timeout)
+        rows[label].append(s)
+        results[label].append(res)
         if rec is not None:
             recorder = rec
-        partial.append({"regime": name, **{k: v for k, v in runs[label].items() if not k.startswith("_")}})
+        partial.append({"regime": name, "policy": label, "repeat": rep, **s})
         _save_partial(partial)
         print(
-            f"  {name} {label:>12}: mean e2e {s['mean_e2e']:.3f}s p99 {s['p99_e2e']:.3f}s "
+            f"  {name} {label:>12} [{rep + 1}/{repeats}]: "
+            f"mean e2e {s['mean_e2e']:.3f}s p99 {s['p99_e2e']:.3f}s "
             f"ttft {s['mean_ttft']:.3f}s p99 {s['p99_ttft']:.3f}s "
-            f"preempt/req {s['preemptions_per_request']:.2f} "
+            f"preempt/req {s['preemptions_per_request']:.2f} decode step {s['median_decode_step_ms']:.2f} ms "
             f"done {int(s['completed'])}/{len(wl)} in {s['wall_s']:.0f}s",
             flush=True,
         )
         del eng
+    runs = {
+        label: {"policy": label, "name": pname, "options": _jsonable(kwargs[label]),
+                **mean_repeats(rows[label], PER_REPEAT), "repeats": repeats,
+                "_res": concat_results(results[label])}
+        for label, (pname, _) in specs.items()
+    }
     res_ = pool.resources(name, args.page_size, args.regime_slots)
     out = {
         "regime": name,
