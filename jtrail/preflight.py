@@ -81,6 +81,28 @@ def check_probe(spec: str | None) -> None:
         raise PreflightError(f"--probe {spec!r}: {e}") from None
 
 
+def check_arrival_estimate(args: argparse.Namespace) -> None:
+    """`--arrival-estimate host`: trail only, and the model-backed engine needs the prompt estimator
+    file beside the probe; found out before the model loads, not after (the engine would refuse it)."""
+    choice = getattr(args, "arrival_estimate", None)
+    if choice is None:
+        return
+    if args.policy != "trail":
+        raise PreflightError(f"--arrival-estimate applies to --policy trail, not {args.policy!r}")
+    if choice != "host" or args.mock:  # the mock's fake probe gives exact lengths: nothing to load
+        return
+    if args.probe is not None and args.probe.lower() == "none":
+        raise PreflightError("--arrival-estimate host needs a probe (its length bins) and the prompt "
+                             "estimator beside it; --probe none turns prediction off")
+    from jtrail.shipped import PROMPT_ESTIMATOR_FILE, resolve_probe_path
+
+    path = resolve_probe_path(args.probe) / PROMPT_ESTIMATOR_FILE
+    if not path.is_file():
+        raise PreflightError(f"--arrival-estimate host: no prompt estimator at {path} (the shipped 'replay' "
+                             "probe has one; or make it with `jtrail train-prompt-estimator`, or use "
+                             "--arrival-estimate probe)")
+
+
 def check_tensor_parallel(n: int) -> None:
     """`--tensor-parallel N` needs N devices; checked before the weights are built (JAX imported only
     when N > 1, as only then can it fail)."""
@@ -111,4 +133,5 @@ def check_serve_args(args: argparse.Namespace) -> None:
         ports["--metrics-port"] = args.metrics_port
     check_ports(args.host, ports)
     check_probe(args.probe)
+    check_arrival_estimate(args)
     check_tensor_parallel(args.tensor_parallel)

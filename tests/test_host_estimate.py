@@ -197,3 +197,27 @@ def test_sim_replica_makes_no_probe_prefills_for_host():
 
     assert probes_after_arrivals() == [20, 20]  # the default: two probe-only prefills of 20 tokens
     assert probes_after_arrivals(arrival_estimate="host") == []
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--policy", "fcfs", "--arrival-estimate", "host"], "--arrival-estimate applies to --policy trail"),
+    (["--arrival-estimate", "host", "--probe", "none"], "--arrival-estimate host needs a probe"),
+    # the default probe (natural generation) ships no prompt estimator
+    (["--arrival-estimate", "host"], "no prompt estimator at"),
+])
+def test_serve_refuses_a_host_estimate_it_cannot_run_before_loading_a_model(flags, says, capsys):
+    from jtrail.serve import main
+
+    assert main(["--port", "0", "--http-port", "0", *flags]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "model loaded" not in err
+
+
+def test_serve_preflight_accepts_the_replay_probes_host_estimate():
+    import argparse
+
+    from jtrail.preflight import check_arrival_estimate
+
+    ns = argparse.Namespace(policy="trail", arrival_estimate="host", probe="replay", mock=False)
+    check_arrival_estimate(ns)  # the shipped replay probe carries prompt_estimator.npz
+    check_arrival_estimate(argparse.Namespace(policy="fcfs", arrival_estimate=None, probe=None, mock=False))
