@@ -89,8 +89,11 @@ def check_arrival_estimate(args: argparse.Namespace) -> None:
         return
     if args.policy != "trail":
         raise PreflightError(f"--arrival-estimate applies to --policy trail, not {args.policy!r}")
-    if choice != "host" or args.mock:  # the mock's fake probe gives exact lengths: nothing to load
+    if choice != "host":
         return
+    if args.mock:  # its fake probe installs exact lengths; there is no prompt estimator to run
+        raise PreflightError("--arrival-estimate host needs the model-backed engine, not --mock (the "
+                             "mock's fake probe gives every request its exact length)")
     if args.probe is not None and args.probe.lower() == "none":
         raise PreflightError("--arrival-estimate host needs a probe (its length bins) and the prompt "
                              "estimator beside it; --probe none turns prediction off")

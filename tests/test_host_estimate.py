@@ -204,6 +204,7 @@ def test_sim_replica_makes_no_probe_prefills_for_host():
     (["--arrival-estimate", "host", "--probe", "none"], "--arrival-estimate host needs a probe"),
     # the default probe (natural generation) ships no prompt estimator
     (["--arrival-estimate", "host"], "no prompt estimator at"),
+    (["--arrival-estimate", "host", "--mock"], "needs the model-backed engine, not --mock"),
 ])
 def test_serve_refuses_a_host_estimate_it_cannot_run_before_loading_a_model(flags, says, capsys):
     from jtrail.serve import main
