@@ -27,8 +27,13 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# Two workers (pytest-xdist): one test file per worker at a time, so a module's fixtures (a loaded model,
+# a started server) are built once; the suite's processes leave half of a 2-core machine idle otherwise.
+# Files start in collection order, the slowest first (tests/conftest.py). TEST_WORKERS=0: in this process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q -x --durations=15 tests
+	$(PY) -m pytest -q -x --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 serve: $(STAMP)
 	$(VENV)/bin/jtrail serve --host $(HOST) --port $(PORT) --http-port $(HTTP_PORT)

@@ -1,8 +1,8 @@
 """Benchmark the paged-attention kernels on the GPU against JAX's kernel, the jnp reference, the
 HBM copy ceiling and dense causal flash attention. Writes benchmarks/results/kernels.json (and a copy
-under $OUT when set).
+under $OUT when set). --smoke: the same code on CPU (Pallas interpret mode, tiny shapes), to --out only.
 
-    python benchmarks/kernels.py [--quick | --sweep]
+    python benchmarks/kernels.py [--quick | --sweep | --smoke --out PATH]
 
 Timing: each op runs K times in one jitted, unrolled chain (its output feeds the next call's query, so
 nothing is hoisted) and alternates between two disjoint sets of pages so the KV working set is 2x the
@@ -20,7 +20,7 @@ import sys
 
 import jax
 
-from jtrail.bench.kernel_timing import HKV, HQ, PAGE, D, copy_bandwidth, decode_rows, gpu_check, prefill_rows
+from jtrail.bench import kernel_timing as kt
 from jtrail.provenance import git_commit
 
 # Variants per group: {} is the defaults (what the engine runs); the others are alternatives.
@@ -55,66 +55,61 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="CPU: interpret mode, tiny shapes, 2 x 2 timings")
+    ap.add_argument("--out", help="the JSON's path (default: benchmarks/results/kernels.json and $OUT)")
     args = ap.parse_args()
-    out_dirs = [d for d in ("benchmarks/results", os.environ.get("OUT")) if d]
-    checks = gpu_check()
-    bw0 = copy_bandwidth()
+    if args.smoke and not args.out:
+        ap.error("--smoke needs --out (a smoke run's figures are not results)")
+    run = kt.SMOKE if args.smoke else kt.GPU
+    checks = kt.gpu_check(run)
+    bw0 = kt.copy_bandwidth(run)
     print(f"device {jax.devices()[0].device_kind}  jax {jax.__version__}  copy bw {bw0/1e12:.2f} TB/s")
     short, long, pv = DECODE_SHORT, DECODE_LONG, PREFILL
     shapes = ((32, 2048), (64, 2048), (32, 4096), (128, 1024), (8, 4096))
+    short_shape, prefill_shape = (64, 512), (4, 1024)  # (batch, ctx) of the decode bar and of prefill
     if args.sweep:
         short, long, pv, shapes = SWEEP["short"], SWEEP["long"], SWEEP["prefill"], shapes[:4]
     if args.quick:
         short, long, pv, shapes = short[:1], long[:1], pv[:1], shapes[:1]
+    if args.smoke:  # tiny shapes; the defaults and one other variant at the short shape
+        short, long, pv, shapes = short[:2], long[:1], pv[:1], ((2, 64),)
+        short_shape, prefill_shape = (2, 32), (1, 24)
+    bw_shapes = shapes if args.smoke else [s for s in shapes if s[0] >= 32 and s[1] >= 2048]
     def partial(rows):  # keep what was measured if the run is cut off
         if os.environ.get("OUT"):
             with open(os.path.join(os.environ["OUT"], "kernels_partial.json"), "w") as fh:
                 json.dump(rows, fh)
         return rows
 
-    table = partial(prefill_rows(4, 1024, pv))
-    table += partial(decode_rows(64, 512, short))
+    table = partial(kt.prefill_rows(*prefill_shape, pv, run))
+    table += partial(kt.decode_rows(*short_shape, short, run))
     for b, ctx in shapes:
-        table += partial(decode_rows(b, ctx, long))
-    bw1 = copy_bandwidth()
+        table += partial(kt.decode_rows(b, ctx, long, run))
+    bw1 = kt.copy_bandwidth(run)
     bw = max(bw0, bw1)  # the higher reading: the conservative ceiling
     for r in table:
         if r["kind"] == "decode":
             r["copy_frac"] = r["tb_s"] * 1e12 / bw
 
-    def best(kind, pred):
-        rs = [r for r in table if r["kind"] == kind and pred(r)]
-        groups = {}
-        for r in rs:  # best variant per shape
-            key = (r["batch"], r["ctx"])
-            if key not in groups or r["us"] < groups[key]["us"]:
-                groups[key] = r
-        return list(groups.values())
-
-    bar1 = best("decode", lambda r: r["batch"] == 64 and r["ctx"] == 512)
-    bar2 = best("decode", lambda r: r["batch"] >= 32 and r["ctx"] >= 2048)
-    bar3 = best("prefill", lambda r: True)
-    bars = dict(
-        decode_speedup_vs_jax=bar1[0]["speedup_vs_jax"] if bar1 else None,
-        decode_bw_fraction_long=min(r["copy_frac"] for r in bar2) if bar2 else None,
-        prefill_time_vs_dense_flash=max(r["time_vs_dense"] for r in bar3) if bar3 else None,
-    )
+    bars, best = kt.kernel_bars(table, short_shape, bw_shapes)
     res = dict(command="python benchmarks/kernels.py " + " ".join(sys.argv[1:]),
                device=jax.devices()[0].device_kind, jax_version=jax.__version__,
                date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                git_commit=git_commit(), copy_bw_tb_s=bw / 1e12,
                copy_bw_readings_tb_s=[bw0 / 1e12, bw1 / 1e12],
-               shapes=dict(hq=HQ, hkv=HKV, d=D, page=PAGE, dtype="bfloat16"),
-               checks=checks, table=table, best=bar1 + best("decode", lambda r: True) + bar3, bars=bars)
+               shapes=dict(hq=run.hq, hkv=run.hkv, d=run.d, page=run.page, dtype="bfloat16"),
+               smoke=args.smoke, checks=checks, table=table, best=best, bars=bars)
     for r in table:
         if r["kind"] == "decode":
             print(f"decode b{r['batch']:4d} ctx{r['ctx']:5d} {str(r['variant']):56s} {r['us']:8.1f}us "
                   f"copy {r['copy_frac']:.2f} vsJAX {r['speedup_vs_jax']:.2f}x")
     print(f"copy bw readings {bw0/1e12:.2f} {bw1/1e12:.2f} TB/s")
     print(json.dumps(bars))
-    for d in out_dirs:
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "kernels.json"), "w") as fh:
+    outs = [args.out] if args.out else [os.path.join(d, "kernels.json") for d in ("benchmarks/results",
+                                                                                  os.environ.get("OUT")) if d]
+    for path in outs:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as fh:
             json.dump(res, fh, indent=1)
 
 

@@ -3,9 +3,9 @@ writes only under the test's tmp dir (the child's cwd, --out / --raw-dir, $OUT a
 there; tmp_path/benchmarks/results is where the scripts that write relative to the cwd put their
 JSON). Two child processes: the simulator scripts and the HTTP bench (no JAX in the child's own
 work), then the scripts that run a model in-process (one JAX import for all of them).
-benchmarks/routing.py: tests/test_routing_bench.py. benchmarks/kernels.py is GPU only (Triton Pallas
-kernels, JAX's GPU paged attention and cuDNN flash attention at GPU sizes): test_benchmark_scripts.py
-checks its import and arguments."""
+benchmarks/routing.py: tests/test_routing_bench.py. benchmarks/kernels.py times GPU kernels (Triton
+Pallas, JAX's GPU paged attention, cuDNN flash attention); its --smoke runs the same code on CPU in
+Pallas interpret mode at tiny shapes (a third child)."""
 
 from __future__ import annotations
 
@@ -155,3 +155,27 @@ def test_model_benchmarks_run_end_to_end_on_cpu(tmp_path: Path) -> None:
     order = [(x["policy"], x["repeat"]) for x in load(tmp_path / "out" / "serving_partial.json")]
     assert order == [("fcfs", 0), ("trail", 0), ("trail", 1), ("fcfs", 1)]
     assert_finite(rep["bars"], ["r1_fcfs_over_trail_mean_e2e", "sim_vs_engine_mean_e2e_error"])
+
+
+def test_kernel_benchmark_smoke_runs_on_cpu(tmp_path: Path) -> None:
+    """benchmarks/kernels.py --smoke: its GPU kernels, JAX's and the reference in Pallas interpret mode at
+    tiny shapes; the correctness checks hold and every timed row and bar is there."""
+    run_scripts([["kernels.py", "--smoke", "--out", "k/kernels.json"]], tmp_path,
+                {**_env(tmp_path), "XLA_FLAGS": XLA_FLAGS})
+    assert not (tmp_path / "benchmarks").exists()  # --out only: nothing where real results go
+    doc = load(tmp_path / "k" / "kernels.json")
+    assert doc["smoke"] and doc["shapes"]["hq"] == 8 and doc["shapes"]["hkv"] == 2
+    checks = doc["checks"]
+    errs = {k: v for k, v in checks.items() if not k.endswith("_exact")}
+    assert sorted(errs) == [f"{kind}_float32_9_3_64" for kind in
+                            ("decode", "decode_split2", "decode_split4", "prefill")], sorted(checks)
+    assert all(err < 1e-5 for err in errs.values()), errs  # float32 tolerance of test_kernels.py
+    assert checks["write_kv_float32_9_3_64_exact"] is True
+    rows = [(r["kind"], r["batch"], r["ctx"]) for r in doc["table"]]
+    assert rows == [("prefill", 1, 24), ("decode", 2, 32), ("decode", 2, 32), ("decode", 2, 64)], rows
+    for r in doc["table"]:
+        assert r["rel_err"] < 1e-2, r  # bf16 tolerance of test_kernels.py
+        assert_finite(r, ["us", "speedup_vs_jax", "speedup_vs_ref", "copy_frac"] if r["kind"] == "decode"
+                      else ["us", "time_vs_dense", "dense_us"])
+    assert_finite(doc["bars"], ["decode_speedup_vs_jax", "decode_bw_fraction_long",
+                                "prefill_time_vs_dense_flash"])

@@ -1,6 +1,6 @@
 """Every script in benchmarks/ imports and parses its arguments: `--help` through each script's own
 `__main__` path, all in one subprocess (one interpreter start, so the suite stays fast). Every script
-but kernels.py (GPU only) also runs end to end on CPU: test_benchmark_runs.py (routing.py:
+also runs end to end on CPU (kernels.py: its --smoke): test_benchmark_runs.py (routing.py:
 test_routing_bench.py)."""
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ N_FAKE = 4
 
 @pytest.fixture(scope="module")
 def tp_report() -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={N_FAKE}",
-               JAX_PLATFORMS="cpu")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={N_FAKE}"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")  # the suite's flags kept (conftest)
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("_tp_child.py"))], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
