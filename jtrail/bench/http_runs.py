@@ -23,7 +23,7 @@ def warm_up(a: Any, grpc_addr: str, base: str, model: str, pool: list) -> None:
     drive_grpc(grpc_addr, Workload(pool, np.zeros(n), np.full(n, 2), forced=True,
                                    request_ids=[f"warm{i}" for i in range(n)]), timeout_s=a.run_timeout)
     drive_http(base, model, Workload(pool[:8], np.zeros(min(8, n)), np.full(min(8, n), 2)),
-               timeout_s=a.run_timeout, client=a.http_client)
+               timeout_s=a.run_timeout, client=a.http_client, chunk_usage=a.decode_steps > 1)
     drain([grpc_addr], 60.0)
 
 
@@ -66,7 +66,7 @@ def run_doors(a: Any, policy: str, first: int, wl: Workload, addrs: tuple[str, s
                 row = summarize(drive_grpc(grpc_addr, trace, timeout_s=a.run_timeout))
             elif door == "http":
                 row = summarize(drive_http(base, model, trace, timeout_s=a.run_timeout, log=log,
-                                           client=a.http_client))
+                                           client=a.http_client, chunk_usage=a.decode_steps > 1))
             else:
                 try:
                     row = run_guidellm(a, http_addr, model, trace, work_dir, f"{policy}_{rep}", log)
