@@ -15,6 +15,7 @@ import pytest
 from jtrail.bench.http_driver import drive_http, request_body
 from jtrail.bench.loadgen import Workload
 from jtrail.bench.processes import served_model, start_server, wait_serving
+from jtrail.bench.server_side import parse_totals, server_means, server_totals
 
 PROMPTS = [[{"role": "user", "content": "hello there"}], "plain text prompt",
            [{"role": "user", "content": "why?"}], "another"]
@@ -79,6 +80,29 @@ def test_counting_chunks_against_several_tokens_a_chunk_fails_loudly(server_2_st
     # the 1-token request is one chunk either way; every longer one holds 2-token chunks
     assert res.completed.tolist() == [bool(n == 1) for n in LENGTHS]
     assert len(logged) == 1 and "3 HTTP requests failed" in logged[0] and "TokenCountError" in logged[0]
+
+
+def test_server_side_means_cover_exactly_the_runs_requests(server: str) -> None:
+    before = server_totals(server)
+    res = drive_http(f"http://{server}/v1", served_model(server), _trace("srv"), timeout_s=60.0,
+                     log=pytest.fail)
+    after = server_totals(server)  # read to [DONE], each stream was observed (its `done`) before it ended
+    assert after["e2e_count"] - before["e2e_count"] == 4
+    means = server_means(before, after)
+    # the server's interval (its door to its first token) lies inside the client's (arrival to reading it)
+    assert 0 < means["server_mean_ttft"] <= float(np.mean(res.first_token - res.arrival))
+    assert 0 < means["server_mean_tpot"] and means["server_mean_ttft"] < means["server_mean_e2e"]
+
+
+def test_server_totals_parse_prometheus_text() -> None:
+    text = ("# HELP jtrail_e2e_request_latency_seconds End-to-end request latency\n"
+            "jtrail_e2e_request_latency_seconds_sum 3.5\njtrail_e2e_request_latency_seconds_count 2.0\n"
+            "jtrail_time_to_first_token_seconds_count 2.0\n")
+    t = parse_totals(text)
+    assert (t["e2e_sum"], t["e2e_count"], t["ttft_count"]) == (3.5, 2.0, 2.0)
+    assert np.isnan(t["ttft_sum"]) and np.isnan(t["tpot_count"])
+    zero = dict.fromkeys(t, 0.0)
+    assert server_means(zero, {**zero, "e2e_sum": 3.0, "e2e_count": 2.0})["server_mean_e2e"] == 1.5
 
 
 def test_unknown_client_is_refused() -> None:
