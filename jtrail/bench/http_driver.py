@@ -104,6 +104,8 @@ async def _one_sse(client: Any, base_url: str, model: str, wl: Workload, times: 
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             c = json.loads(line[6:])
+            if "error" in c:  # the server's error event after the stream started (then [DONE])
+                raise RuntimeError(f"stream error: {c['error']}")
             usage, choices = c.get("usage"), c.get("choices")
             first = choices[0] if choices else {}
             delta = first.get("delta") or {}
