@@ -93,6 +93,9 @@ def test_simulator_and_http_benchmarks_run_end_to_end(tmp_path: Path) -> None:
     assert http["bars"]["outside_vs_loadgen_mean_e2e_error"] is None  # --outside none
     for door in ("grpc", "http"):
         assert http["table"]["fcfs"][door]["completed"] == 8, http["table"]
+        # the server's own view of the same run (jtrail.bench.server_side) and the driver's CPU share
+        assert_finite(http["table"]["fcfs"][door],
+                      ["server_mean_e2e", "server_mean_ttft", "driver_cpu_share"])
 
 
 def test_model_benchmarks_run_end_to_end_on_cpu(tmp_path: Path) -> None:
