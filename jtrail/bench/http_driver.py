@@ -28,11 +28,12 @@ from collections.abc import Callable
 from typing import Any
 
 from jtrail.bench.loadgen import RunResult, StreamTimes, Workload
+from jtrail.models.errors import JtrailError
 
 CLIENTS = ("sse", "openai")
 
 
-class TokenCountError(RuntimeError):
+class TokenCountError(JtrailError, RuntimeError):
     """The tokens counted from a stream's chunks differ from the server's final usage."""
 
 
