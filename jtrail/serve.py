@@ -117,13 +117,13 @@ def build_real_engine(args: argparse.Namespace) -> AsyncEngine:
 
     loaded = load_model(args.model)
     probe, predictor = _load_probe(args.probe, default_model=args.model is None)
+    # The engine's model runner shards weights and KV pages itself when tensor_parallel > 1.
+    cfg = engine_config(args)
     estimator = None
-    if predictor is not None:
+    if predictor is not None and cfg.policy.arrival_estimate == "host":  # preflight checked its file
         from jtrail.shipped import prompt_estimator_beside, resolve_probe_path
 
         estimator = prompt_estimator_beside(resolve_probe_path(args.probe))
-    # The engine's model runner shards weights and KV pages itself when tensor_parallel > 1.
-    cfg = engine_config(args)
     engine = LLMEngine(loaded.model, loaded.tokenizer, cfg, probe=probe, predictor=predictor,
                        prompt_estimator=estimator)
     if not args.no_warmup:  # compile every prefill shape and the decode step before "serving"
