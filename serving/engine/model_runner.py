@@ -266,18 +266,26 @@ class ModelRunner:
         self.max_pages_per_seq = pages_for(max_model_len, page_size)
         kv_dtype = kv_dtype or model.dtype
         shape = (cfg.n_kv_heads, num_pages, page_size, cfg.head_dim)
-        kv_dev = kv_sharding(mesh, "paged") if mesh is not None else None
+        # Every array the jitted steps take is committed to its device (or mesh) from the start. jit
+        # keys its cache on which arguments are committed: caches made uncommitted became committed
+        # after the first call (its outputs inherit the probe's committed weights), so the first
+        # warmed-up shape compiled a second time mid-traffic (H200: 3.4 s, in whichever run met it).
+        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        kv_dev = kv_sharding(mesh, "paged") if mesh is not None else one_device
+        self._token_sharding = NamedSharding(mesh, PartitionSpec()) if mesh is not None else one_device
         self.caches = [(jnp.zeros(shape, kv_dtype, device=kv_dev), jnp.zeros(shape, kv_dtype, device=kv_dev))
                        for _ in range(cfg.n_layers)]
         graphdef, state = nnx.split(model)
         self._state_leaves, treedef = jax.tree_util.tree_flatten(state)
+        if mesh is None:  # (shard_model placed them on the mesh)
+            self._state_leaves = jax.device_put(self._state_leaves, one_device)
         probe_graphdef, self.probe_state = None, None
         if probe is not None:
             if not 0 <= probe.cfg.layer < cfg.n_layers:
                 raise ValueError(f"probe layer {probe.cfg.layer} outside [0, {cfg.n_layers})")
             probe_graphdef, self.probe_state = nnx.split(probe)
-            if mesh is not None:  # the probe head is small: replicated
-                self.probe_state = jax.device_put(self.probe_state, NamedSharding(mesh, PartitionSpec()))
+            # the probe head is small: replicated on a mesh
+            self.probe_state = jax.device_put(self.probe_state, self._token_sharding)
         layer, bins = (probe.cfg.layer, probe.cfg.num_bins) if probe is not None else (None, 0)
         self._last: tuple[Any, Any] = (None, None)  # the last call's sampled tokens (prefill, decode)
         self.statics = intern_statics(StepStatics(graphdef, probe_graphdef, layer, page_size, decode_steps,
@@ -318,10 +326,12 @@ class ModelRunner:
                    for r in batch.decodes):
                 raise RuntimeError("a decode row is fed a token the previous call did not sample")
             if (src >= 0).any():
-                z = np.zeros(1, np.int32)
+                # a missing previous call's tokens: committed zeros, as the device's own outputs are
+                # (an uncommitted stand-in is another compile of _fed_tokens)
+                put = lambda a: jax.device_put(a, self._token_sharding)
                 tokens = _fed_tokens(tokens, last_dec if last_dec is not None else
-                                     np.zeros((self.statics.decode_steps, self.num_slots), np.int32),
-                                     last_pre if last_pre is not None else z, src)
+                                     put(np.zeros((self.statics.decode_steps, self.num_slots), np.int32)),
+                                     last_pre if last_pre is not None else put(np.zeros(1, np.int32)), src)
             dec = self.decode(DecodeInputs(tokens=tokens, positions=positions, n_valid=n_valid,
                                            block_tables=tables, samp=batch.decode_sampling))
             self.calls += 1
