@@ -272,7 +272,11 @@ class ModelRunner:
         # warmed-up shape compiled a second time mid-traffic (H200: 3.4 s, in whichever run met it).
         one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         kv_dev = kv_sharding(mesh, "paged") if mesh is not None else one_device
-        self._token_sharding = NamedSharding(mesh, PartitionSpec()) if mesh is not None else one_device
+        tokens_on = NamedSharding(mesh, PartitionSpec()) if mesh is not None else one_device
+        # _fed_tokens' stand-ins for a previous call that sampled nothing: committed, as the device's own
+        # outputs are (an uncommitted stand-in is another compile of _fed_tokens); made once, here
+        self._no_tokens = (jax.device_put(np.zeros((decode_steps, num_slots), np.int32), tokens_on),
+                           jax.device_put(np.zeros(1, np.int32), tokens_on))
         self.caches = [(jnp.zeros(shape, kv_dtype, device=kv_dev), jnp.zeros(shape, kv_dtype, device=kv_dev))
                        for _ in range(cfg.n_layers)]
         graphdef, state = nnx.split(model)
@@ -285,7 +289,7 @@ class ModelRunner:
                 raise ValueError(f"probe layer {probe.cfg.layer} outside [0, {cfg.n_layers})")
             probe_graphdef, self.probe_state = nnx.split(probe)
             # the probe head is small: replicated on a mesh
-            self.probe_state = jax.device_put(self.probe_state, self._token_sharding)
+            self.probe_state = jax.device_put(self.probe_state, tokens_on)
         layer, bins = (probe.cfg.layer, probe.cfg.num_bins) if probe is not None else (None, 0)
         self._last: tuple[Any, Any] = (None, None)  # the last call's sampled tokens (prefill, decode)
         self.statics = intern_statics(StepStatics(graphdef, probe_graphdef, layer, page_size, decode_steps,
@@ -326,12 +330,9 @@ class ModelRunner:
                    for r in batch.decodes):
                 raise RuntimeError("a decode row is fed a token the previous call did not sample")
             if (src >= 0).any():
-                # a missing previous call's tokens: committed zeros, as the device's own outputs are
-                # (an uncommitted stand-in is another compile of _fed_tokens)
-                put = lambda a: jax.device_put(a, self._token_sharding)
-                tokens = _fed_tokens(tokens, last_dec if last_dec is not None else
-                                     put(np.zeros((self.statics.decode_steps, self.num_slots), np.int32)),
-                                     last_pre if last_pre is not None else put(np.zeros(1, np.int32)), src)
+                no_dec, no_pre = self._no_tokens
+                tokens = _fed_tokens(tokens, last_dec if last_dec is not None else no_dec,
+                                     last_pre if last_pre is not None else no_pre, src)
             dec = self.decode(DecodeInputs(tokens=tokens, positions=positions, n_valid=n_valid,
                                            block_tables=tables, samp=batch.decode_sampling))
             self.calls += 1
