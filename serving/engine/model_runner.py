@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ...kernels import ops
 from ...models.llama import Llama
 from ...models.probe import ProbeHead
-from ...models.sampling import sample_tokens
+from ...models.sampling import needs_filter, sample_tokens
 from ...models.sharding import kv_sharding, make_mesh, shard_attention_fn, shard_model
 from ..paging import pages_for
 from . import swap
@@ -94,9 +94,10 @@ class DecodeInputs(NamedTuple):
     samp: SamplingRows
 
 
-def _sample(logits: jax.Array, s: SamplingRows, offset: jax.Array | int = 0) -> jax.Array:
+def _sample(logits: jax.Array, s: SamplingRows, offset: jax.Array | int = 0,
+            filtered: bool = True) -> jax.Array:
     keys = jax.vmap(lambda sd, i: jax.random.fold_in(jax.random.PRNGKey(sd), i))(s.seed, s.gen_index + offset)
-    sampled = sample_tokens(logits, keys, s.temperature, s.top_p, s.top_k)
+    sampled = sample_tokens(logits, keys, s.temperature, s.top_p, s.top_k, filtered=filtered)
     forced = jax.lax.dynamic_index_in_dim(s.forced, offset, axis=1, keepdims=False)
     return jnp.where(forced >= 0, forced, sampled)
 
@@ -191,9 +192,36 @@ def _prefill_packed(st: StepStatics, state, caches, probe_state, inputs: Prefill
     return out.caches, token, probs, tap_acc
 
 
-@partial(jax.jit, static_argnames=("st",), donate_argnames=("caches",))
-def _decode_steps(st: StepStatics, state, caches, probe_state, inputs: DecodeInputs):
+def pack_decode_inputs(inputs: DecodeInputs) -> np.ndarray:
+    """Every host input of the decode call but the tokens in one int32 [S, 7 + P + n] array (floats
+    bit-cast), so a step makes one host-to-device copy, not ten: on the H200 the ten small copies
+    cost 0.5 ms of host time per step at batch 32 and 2 ms at batch 128 (ENGINE_NOTES.md)."""
+    s = inputs.samp
+    cols = [np.asarray(inputs.positions, np.int32), np.asarray(inputs.n_valid, np.int32),
+            np.asarray(s.top_k, np.int32), np.asarray(s.seed, np.uint32).view(np.int32),
+            np.asarray(s.gen_index, np.int32), np.asarray(s.temperature, np.float32).view(np.int32),
+            np.asarray(s.top_p, np.float32).view(np.int32)]
+    return np.concatenate([np.stack(cols, axis=1), np.asarray(inputs.block_tables, np.int32),
+                           np.asarray(s.forced, np.int32)], axis=1)
+
+
+def _unpack_decode_inputs(tokens: jax.Array, packed: jax.Array, steps: int) -> DecodeInputs:
+    """pack_decode_inputs' inverse, inside the jitted step (static column slices: free)."""
+    col = [packed[:, i] for i in range(7)]
+    as_f32 = partial(jax.lax.bitcast_convert_type, new_dtype=jnp.float32)
+    samp = SamplingRows(temperature=as_f32(col[5]), top_p=as_f32(col[6]), top_k=col[2],
+                        seed=jax.lax.bitcast_convert_type(col[3], jnp.uint32), gen_index=col[4],
+                        forced=packed[:, packed.shape[1] - steps:])
+    return DecodeInputs(tokens=tokens, positions=col[0], n_valid=col[1],
+                        block_tables=packed[:, 7:packed.shape[1] - steps], samp=samp)
+
+
+@partial(jax.jit, static_argnames=("st", "filtered"), donate_argnames=("caches",))
+def _decode_steps(st: StepStatics, state, caches, probe_state, tokens, packed, filtered: bool = True):
+    """`packed`: pack_decode_inputs' array; `filtered`: some row samples with top-p or top-k (static:
+    two compiled variants, both warmed up; without it the vocabulary is not sorted)."""
     TRACE_COUNTS["decode", st] += 1
+    inputs = _unpack_decode_inputs(tokens, packed, st.decode_steps)
     tokens, positions, n_valid = inputs.tokens, inputs.positions, inputs.n_valid
     block_tables, samp = inputs.block_tables, inputs.samp
     model = _merge(st, state)
@@ -210,7 +238,7 @@ def _decode_steps(st: StepStatics, state, caches, probe_state, inputs: DecodeInp
         meta = PagedMeta(slot, block_tables, pos, live.astype(jnp.int32))
         out = model(tok[:, None], pos[:, None], caches, attn_fn, meta, tap_layer=st.probe_layer,
                     logits_index=jnp.zeros_like(tok))
-        new = _sample(out.logits, samp, j)
+        new = _sample(out.logits, samp, j, filtered)
         out_tokens = out_tokens.at[j].set(new)
         if st.probe_layer is not None:
             out_probs = out_probs.at[j].set(_probe_probs(st, probe_state, out.tap[:, 0]))
@@ -403,20 +431,25 @@ class ModelRunner:
         self.caches = swap.swap_in(self.caches, pages, saved)
 
     def warmup(self) -> None:
-        """Compile the decode step ahead of traffic (all rows empty: nothing is written)."""
+        """Compile the decode step ahead of traffic, with and without top-p/top-k (all rows empty:
+        nothing is written)."""
         s = self.num_slots
         z = np.zeros(s, np.int32)
-        samp = SamplingRows(np.zeros(s, np.float32), np.ones(s, np.float32), z, z.astype(np.uint32), z,
-                            np.full((s, self.statics.decode_steps), -1, np.int32))
         tables = np.zeros((s, self.max_pages_per_seq), np.int32)
-        jax.block_until_ready(self.decode(DecodeInputs(tokens=z, positions=z, n_valid=z, block_tables=tables,
-                                                       samp=samp)))
+        forced = np.full((s, self.statics.decode_steps), -1, np.int32)
+        for top_p in (1.0, 0.9):  # the second variant sorts the vocabulary (sample_tokens' filtered)
+            samp = SamplingRows(np.ones(s, np.float32), np.full(s, top_p, np.float32), z, z.astype(np.uint32),
+                                z, forced)
+            inputs = DecodeInputs(tokens=z, positions=z, n_valid=z, block_tables=tables, samp=samp)
+            jax.block_until_ready(self.decode(inputs))
 
     # ---- the jitted steps ---------------------------------------------------------------------
     def decode(self, inputs: DecodeInputs):
         """One decode call of `decode_steps` steps over every slot. Returns device arrays tokens [n, S]
         and probs [n, S, K] or None; step j's token for slot b is at [j, b]."""
+        samp = inputs.samp
         self.caches, out_tokens, out_probs = _decode_steps(
             self.statics, state=self._state_leaves, caches=self.caches, probe_state=self.probe_state,
-            inputs=inputs)
+            tokens=inputs.tokens, packed=pack_decode_inputs(inputs),
+            filtered=needs_filter(samp.temperature, samp.top_p, samp.top_k))
         return out_tokens, out_probs
