@@ -19,6 +19,19 @@ import pytest
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
 
+# One persistent compilation cache for the whole run: both workers and every server, CLI and benchmark
+# script a test starts (they inherit the environment) load what another process already compiled
+# instead of compiling it again. A fresh directory per run (made by the first process, removed by it
+# at the end), so nothing carries over between runs. JAX reports a load from it as a backend compile
+# too, so model_runner.BACKEND_COMPILES and the no-compile-under-traffic tests still see it
+# (tests/test_warmup.py checks that).
+CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_OWN_CACHE = CACHE_ENV not in os.environ
+if _OWN_CACHE:
+    os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="jtrail-test-xla-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the tiny test programs compile fast
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 # The files that cost the most (CPU seconds under `make test`'s two workers, 2 cores), most first.
 # `make test` runs files in collection order (--dist loadfile --no-loadscope-reorder): these go first
 # so that the last files to start are short ones and neither worker is left alone at the end with a
@@ -56,6 +69,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if "PYTEST_XDIST_WORKER" not in os.environ and LOCK_DIR_ENV in os.environ:
         shutil.rmtree(os.environ.pop(LOCK_DIR_ENV), ignore_errors=True)
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ.pop(CACHE_ENV), ignore_errors=True)
 
 
 @pytest.hookimpl(wrapper=True)

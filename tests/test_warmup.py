@@ -96,3 +96,25 @@ def test_warm_up_serves_an_srpt_oracle_engine() -> None:
     while engine.has_unfinished():
         engine.step()
     assert seq.num_generated == 3
+
+
+def test_an_executable_loaded_from_the_persistent_cache_counts_as_a_compile() -> None:
+    """The suite runs with a persistent compilation cache (conftest.py): a program another process
+    compiled is loaded, not compiled, and the no-compile-under-traffic test above must still see it."""
+    import jax
+    import jax.numpy as jnp
+
+    assert jax.config.jax_compilation_cache_dir  # set by conftest.py for the whole run
+    hits: list[str] = []
+    jax.monitoring.register_event_listener(
+        lambda event, **_: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None)
+    f = jax.jit(lambda x: jnp.sin(x) * 3.0 + 0.25)
+    x = jnp.arange(7, dtype=jnp.float32)
+    before = BACKEND_COMPILES["n"]
+    f(x).block_until_ready()  # compiled (or loaded, when a neighbour ran it first)
+    assert BACKEND_COMPILES["n"] == before + 1
+    jax.clear_caches()  # the in-memory caches gone: the next call loads from the disk cache
+    n_hits = len(hits)
+    f(x).block_until_ready()
+    assert len(hits) == n_hits + 1  # loaded, not compiled ...
+    assert BACKEND_COMPILES["n"] == before + 2  # ... and counted all the same
