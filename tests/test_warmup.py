@@ -104,7 +104,8 @@ def test_an_executable_loaded_from_the_persistent_cache_counts_as_a_compile() ->
     import jax
     import jax.numpy as jnp
 
-    assert jax.config.jax_compilation_cache_dir  # set by conftest.py for the whole run
+    if not jax.config.jax_compilation_cache_dir:  # conftest.py sets one unless the caller turned it off
+        pytest.skip("no persistent compilation cache in this run (JAX_COMPILATION_CACHE_DIR empty)")
     hits: list[str] = []
     jax.monitoring.register_event_listener(
         lambda event, **_: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None)
