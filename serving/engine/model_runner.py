@@ -216,12 +216,40 @@ def _unpack_decode_inputs(tokens: jax.Array, packed: jax.Array, steps: int) -> D
                         block_tables=packed[:, 7:packed.shape[1] - steps], samp=samp)
 
 
-@partial(jax.jit, static_argnames=("st", "filtered"), donate_argnames=("caches",))
-def _decode_steps(st: StepStatics, state, caches, probe_state, tokens, packed, filtered: bool = True):
-    """`packed`: pack_decode_inputs' array; `filtered`: some row samples with top-p or top-k (static:
+class DecodeIO(NamedTuple):
+    """The decode call's per-step inputs and outputs, kept in device buffers whose addresses never
+    change: every call donates them and gets them back (`_stage_decode` writes the step's inputs into
+    them, the decode call its outputs). XLA runs the decode step as one CUDA graph; when a buffer it
+    touches moves, the graph is updated and the next launch uploads it again. With fresh input and
+    output arrays each step that cost ~1.1 ms of host time per call on the H200 for SmolLM2's ~400
+    kernels, more than the device's whole step (ENGINE_NOTES.md)."""
+
+    tokens: jax.Array  # [S] int32 the last token of each slot
+    packed: jax.Array  # [S, W] int32 pack_decode_inputs' array
+    out_tokens: jax.Array  # [n, S] int32 the call's sampled tokens
+    out_probs: jax.Array  # [n, S, max(K, 1)] f32 the probe's bin probabilities (zeros without a probe)
+
+
+@partial(jax.jit, donate_argnames=("io",))
+def _stage_decode(io: DecodeIO, tokens, packed) -> DecodeIO:
+    """Write a step's inputs into the donated buffers (a small graph of its own: its updates are cheap)."""
+    return io._replace(tokens=io.tokens.at[:].set(tokens.astype(jnp.int32)),
+                       packed=io.packed.at[:].set(packed))
+
+
+@jax.jit
+def _collect_decode(io: DecodeIO) -> tuple[jax.Array, jax.Array]:
+    """Copies of the call's outputs: the next call donates the buffers while the host may still read
+    these (async scheduling fetches a step's tokens after the next step is dispatched)."""
+    return io.out_tokens + 0, io.out_probs + 0
+
+
+@partial(jax.jit, static_argnames=("st", "filtered"), donate_argnames=("caches", "io"))
+def _decode_steps(st: StepStatics, state, caches, probe_state, io: DecodeIO, filtered: bool = True):
+    """`io`: the staged inputs (DecodeIO); `filtered`: some row samples with top-p or top-k (static:
     two compiled variants, both warmed up; without it the vocabulary is not sorted)."""
     TRACE_COUNTS["decode", st] += 1
-    inputs = _unpack_decode_inputs(tokens, packed, st.decode_steps)
+    inputs = _unpack_decode_inputs(io.tokens, io.packed, st.decode_steps)
     tokens, positions, n_valid = inputs.tokens, inputs.positions, inputs.n_valid
     block_tables, samp = inputs.block_tables, inputs.samp
     model = _merge(st, state)
@@ -244,10 +272,11 @@ def _decode_steps(st: StepStatics, state, caches, probe_state, tokens, packed, f
             out_probs = out_probs.at[j].set(_probe_probs(st, probe_state, out.tap[:, 0]))
         return out.caches, new, out_tokens, out_probs
 
-    init = (caches, tokens, jnp.zeros((n, tokens.shape[0]), jnp.int32),
-            jnp.zeros((n, tokens.shape[0], max(st.num_bins, 1)), jnp.float32))
+    init = (caches, tokens, jnp.zeros_like(io.out_tokens), jnp.zeros_like(io.out_probs))
     caches, _, out_tokens, out_probs = jax.lax.fori_loop(0, n, one_step, init)
-    return caches, out_tokens, (out_probs if st.probe_layer is not None else None)
+    # written into the donated buffers, so the outputs keep their addresses too
+    return caches, io._replace(out_tokens=io.out_tokens.at[:].set(out_tokens),
+                               out_probs=io.out_probs.at[:].set(out_probs))
 
 
 @jax.jit
@@ -320,6 +349,14 @@ class ModelRunner:
             self.probe_state = jax.device_put(self.probe_state, tokens_on)
         layer, bins = (probe.cfg.layer, probe.cfg.num_bins) if probe is not None else (None, 0)
         self._last: tuple[Any, Any] = (None, None)  # the last call's sampled tokens (prefill, decode)
+        width = 7 + self.max_pages_per_seq + decode_steps  # pack_decode_inputs' columns
+        # the decode call's fixed-address inputs and outputs (made on the device: a CPU device_put of
+        # numpy may share the host memory, which a call cannot take over, so the first call moved them)
+        self._io = DecodeIO(
+            tokens=jnp.zeros(num_slots, jnp.int32, device=tokens_on),
+            packed=jnp.zeros((num_slots, width), jnp.int32, device=tokens_on),
+            out_tokens=jnp.zeros((decode_steps, num_slots), jnp.int32, device=tokens_on),
+            out_probs=jnp.zeros((decode_steps, num_slots, max(bins, 1)), jnp.float32, device=tokens_on))
         self.statics = intern_statics(StepStatics(graphdef, probe_graphdef, layer, page_size, decode_steps,
                                                   impl, bins, mesh, treedef))
 
@@ -448,8 +485,9 @@ class ModelRunner:
         """One decode call of `decode_steps` steps over every slot. Returns device arrays tokens [n, S]
         and probs [n, S, K] or None; step j's token for slot b is at [j, b]."""
         samp = inputs.samp
-        self.caches, out_tokens, out_probs = _decode_steps(
+        self._io = _stage_decode(self._io, tokens=inputs.tokens, packed=pack_decode_inputs(inputs))
+        self.caches, self._io = _decode_steps(
             self.statics, state=self._state_leaves, caches=self.caches, probe_state=self.probe_state,
-            tokens=inputs.tokens, packed=pack_decode_inputs(inputs),
-            filtered=needs_filter(samp.temperature, samp.top_p, samp.top_k))
-        return out_tokens, out_probs
+            io=self._io, filtered=needs_filter(samp.temperature, samp.top_p, samp.top_k))
+        out_tokens, out_probs = _collect_decode(self._io)
+        return out_tokens, (out_probs if self.has_probe else None)
