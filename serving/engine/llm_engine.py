@@ -45,7 +45,7 @@ from .request_state import EngineRequest
 from .runner import Runner
 from .sampling import fill_sampling, link_fed, sampling_rows
 from .step_scheduler import StepScheduler
-from .validation import check_request
+from .validation import check_host_estimate, check_oracle_length, check_request
 from .warmup import warm_up
 
 
@@ -73,7 +73,7 @@ class LLMEngine:
         self.policy = resolve_policy(cfg.policy)
         self._estimate_on_arrival = self.policy.arrival_estimate == "host"
         if self._estimate_on_arrival:
-            _check_host_estimate(prompt_estimator, predictor)
+            check_host_estimate(prompt_estimator, predictor)
         self._reqs: dict[str, EngineRequest] = {}
         self.scheduler = StepScheduler(cfg, self.policy, runner, self._reqs,
                                        probe_waiting=runner.has_probe and predictor is not None)
@@ -110,9 +110,7 @@ class LLMEngine:
         self._lost &= self._reqs.keys()  # the front end aborted them (or they finished)
         return set(self.outputs.pending) | self._lost
 
-    @property
-    def requests(self) -> dict[str, Sequence]:
-        return {rid: st.seq for rid, st in self._reqs.items()}
+    requests = property(lambda self: {rid: st.seq for rid, st in self._reqs.items()})  # in flight
 
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams | None = None,
@@ -123,9 +121,7 @@ class LLMEngine:
         params = params or SamplingParams()
         self.validate_request(prompt_ids, params)
         priority = check_priority(priority)
-        if oracle_length is not None and (isinstance(oracle_length, bool)
-                                          or not isinstance(oracle_length, int) or oracle_length < 0):
-            raise InvalidRequestError("oracle_length", f"must be None or an int >= 0, got {oracle_length!r}")
+        check_oracle_length(oracle_length)
         if request_id in self._reqs:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
         if len(self.waiting) >= self.config.max_queue:
@@ -182,7 +178,7 @@ class LLMEngine:
             if not batch.empty:
                 if self._in_flight is not None:
                     link_fed(batch, self._in_flight[0])
-                self._fill_sampling(batch)
+                fill_sampling(batch, self._reqs, self.config.num_slots, self.config.decode_steps_per_call)
                 launched = batch, self.runner.execute(batch)  # 2. run it (dispatched, not waited for)
                 self.scheduler.return_borrowed(batch)
             if self.config.async_scheduling:  # the step before finishes on the device meanwhile
@@ -219,9 +215,6 @@ class LLMEngine:
         for st in self._reqs.values():
             st.ahead = st.in_flight = 0
 
-    def _fill_sampling(self, batch: StepBatch) -> None:
-        fill_sampling(batch, self._reqs, self.config.num_slots, self.config.decode_steps_per_call)
-
     def _sampling_rows(self, seqs: list[Sequence | None], steps: int = 1) -> SamplingRows:
         return sampling_rows(seqs, self._reqs, steps)
 
@@ -251,22 +244,5 @@ class LLMEngine:
     def generate_batch(self, prompt_ids_list: list[list[int]], params_list=None, progress: bool = True):
         """Kept for callers of the old method: see jtrail.llm.generate_batch."""
         from jtrail.llm import generate_batch
-
         return generate_batch(self, prompt_ids_list, params_list, progress=progress)
 
-
-def _check_host_estimate(estimator: PromptLengthEstimator | None, predictor: Predictor | None) -> None:
-    """A policy asking for host-side arrival estimates needs an estimator, and a predictor that takes
-    its bin probabilities: the same bins as the probe's (a mismatch would fail every add_request)."""
-    if estimator is None:
-        raise InvalidRequestError("prompt_estimator", "the policy's arrival_estimate='host' needs a "
-                                  "PromptLengthEstimator (e.g. the replay probe's prompt_estimator.npz)")
-    if predictor is None:
-        raise InvalidRequestError("predictor", "arrival_estimate='host' needs a length predictor to take "
-                                  "the estimates (a probe and its TrailPredictor)")
-    for p in (predictor, getattr(predictor, "inner", None)):  # RecordingPredictor wraps one
-        edges = getattr(p, "bin_edges", None)
-        if edges is not None and not (len(edges) == len(estimator.bin_edges)
-                                      and np.allclose(edges, estimator.bin_edges)):
-            raise InvalidRequestError("prompt_estimator", f"its bins {list(estimator.bin_edges)} differ "
-                                      f"from the predictor's {list(edges)}")
