@@ -63,6 +63,8 @@ def run_baseline(args) -> dict:
 # XLA command buffers (CUDA graphs) for the decode step; the main run keeps XLA's default.
 COMMAND_BUFFERS = {
     "off": "--xla_gpu_enable_command_buffer=",
+    # XLA's default command-buffer types, but graphs of any size (default minimum: 5 ops)
+    "min1": "--xla_gpu_graph_min_graph_size=1",
     "all": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
            "--xla_gpu_graph_min_graph_size=1",
 }
