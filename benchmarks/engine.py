@@ -127,6 +127,7 @@ def main() -> None:
                     help="with --issue16: XLA command-buffer settings to measure besides the default "
                          f"({','.join(COMMAND_BUFFERS)}), each in a subprocess; 'none' skips them")
     ap.add_argument("--rows-only", default=None, choices=("k1", "k8"), help=argparse.SUPPRESS)
+    ap.add_argument("--skip-roofline", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--async-compare", action="store_true", help="sync vs async scheduling on issue 16's "
                     "rows and a mixed workload (smollm2-135m, ctx 512 unless given)")
     ap.add_argument("--mixed-requests", type=int, default=256,

@@ -54,7 +54,7 @@ def run_baseline(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "baseline.json")
         try:
-            _issue16_subprocess(args, out, [], {"JTRAIL_BENCH_ROOT": base})
+            _issue16_subprocess(args, out, ["--skip-roofline"], {"JTRAIL_BENCH_ROOT": base})
         except RuntimeError as e:
             raise SystemExit(f"baseline run failed: {e}") from None
         return json.loads(out.read_text())
