@@ -114,12 +114,11 @@ def guidellm_summary(doc: dict[str, Any]) -> dict[str, Any]:
 def export_tokenizer(model: str | None, where: str) -> int:
     """Write the served GGUF's tokenizer as a Hugging Face directory (tokenizer.json +
     tokenizer_config.json): the outside tool counts tokens with it, offline (no hub)."""
-    import gguf
-
+    from jtrail.models.gguf_loader import open_gguf
     from jtrail.models.loader import embedded_gguf_path
     from jtrail.models.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_gguf(gguf.GGUFReader(str(model or embedded_gguf_path())))
+    tok = Tokenizer.from_gguf(open_gguf(model or embedded_gguf_path()))
     d = Path(where)
     d.mkdir(parents=True, exist_ok=True)
     tok.backend.save(str(d / "tokenizer.json"))
