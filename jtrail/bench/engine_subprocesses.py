@@ -54,7 +54,8 @@ def run_baseline(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "baseline.json")
         try:
-            _issue16_subprocess(args, out, ["--skip-roofline"], {"JTRAIL_BENCH_ROOT": base})
+            rows_only = ["--rows-only", args.rows_only] if args.rows_only else []
+            _issue16_subprocess(args, out, ["--skip-roofline", *rows_only], {"JTRAIL_BENCH_ROOT": base})
         except RuntimeError as e:
             raise SystemExit(f"baseline run failed: {e}") from None
         return json.loads(out.read_text())
