@@ -44,8 +44,9 @@ _LAYER_NAMES = {
 def _plain_view_reader():
     """gguf.GGUFReader reading through a plain ndarray view of its memory map (still mapped, not read
     in). The reader slices its map once per metadata string, and numpy's `memmap` subclass runs Python
-    on every slice (`__array_finalize__`, `__getitem__`): SmolLM2's 49k-token vocabulary and 49k merges
-    cost 3.0 s to parse that way and 1.0 s through the plain view (same fields, same tensors)."""
+    on every slice (`__array_finalize__`, `__getitem__`), ~100k slices for SmolLM2's vocabulary and
+    merges: through the plain view its metadata parses about 3x faster (both readers timed in one run
+    on CPU). Same fields and tensors: tests/test_gguf.py checks them against gguf's own reader."""
     import gguf  # lazy: keeps `import jtrail` light
 
     class PlainViewReader(gguf.GGUFReader):
@@ -62,7 +63,6 @@ def _plain_view_reader():
 
 def open_gguf(path: str | os.PathLike):
     """GGUFReader with typed errors: missing file -> ModelFileError, unreadable -> CorruptCheckpointError."""
-
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"GGUF file not found: {path}")

@@ -76,3 +76,32 @@ def test_embedded_smollm2_metadata():
     assert (cfg.vocab_size, cfg.rope_theta, cfg.tie_embeddings, cfg.eos_ids) == (49152, 1e5, True, (2,))
     types = {t.tensor_type.name for t in reader.tensors}
     assert "Q4_1" in types  # the real file exercises a real quantization format
+
+
+def test_open_gguf_reads_what_ggufs_own_reader_reads(tmp_path):
+    """open_gguf reads through a plain ndarray view of the memory map (for speed): every field and
+    tensor must equal what gguf.GGUFReader itself reads from the same file, string arrays included."""
+    path = tmp_path / "vocab.gguf"
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_token_list([f"tok{i}\u00e9" for i in range(300)])
+    w.add_token_merges([f"t o{i}" for i in range(200)])
+    w.add_token_scores(rng.standard_normal(300).astype(np.float32).tolist())
+    w.add_tensor("token_embd.weight", rng.standard_normal((300, 8)).astype(np.float32))
+    w.add_tensor("blk.0.attn_q.weight", rng.standard_normal((4, 64)).astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    ours, theirs = open_gguf(path), gguf.GGUFReader(str(path))
+    assert type(ours.data) is np.ndarray and isinstance(theirs.data, np.memmap)
+    assert list(ours.fields) == list(theirs.fields)
+    for name, field in theirs.fields.items():
+        want, got = field.contents(), ours.fields[name].contents()
+        assert (np.array_equal(got, want) if isinstance(want, np.ndarray) else got == want), name
+    assert ours.fields["tokenizer.ggml.tokens"].contents()[299] == "tok299\u00e9"
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert a.tensor_type == b.tensor_type and np.array_equal(np.asarray(a.data), np.asarray(b.data))

@@ -273,7 +273,7 @@ def run_issue16(args, model, cfg, bw: float) -> dict:
     burst = bench_prefill_burst(model, args, n=8, plen=64) if args.smoke else bench_prefill_burst(model, args)
     print(json.dumps(burst), flush=True)
     # the baseline skips the Llama-3-8B row: the bar is on the change's own roofline fraction
-    roofline = None if getattr(args, "skip_roofline", False) else bench_roofline(args, bw)
+    roofline = None if args.skip_roofline else bench_roofline(args, bw)
     print(json.dumps(roofline), flush=True)
     return {"rows": rows, "prefill_burst": burst, "roofline": roofline}
 
