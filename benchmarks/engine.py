@@ -8,7 +8,7 @@
                                                   # (~1 min on an H200; the file is rewritten per row)
 
 --issue16: SmolLM2-135M shape, ctx 512, batch 32 and 128 at one token per call and batch 128 at 8
-(64 tokens per sequence each: 64 timed steps at one token per call, 8 at eight), the prefill burst
+(256 tokens per sequence each: 256 timed steps at one token per call, 32 at eight), the prefill burst
 (64 prompts of 512 tokens at once, max_tokens 1: seconds from submission to the last first token),
 and the Llama-3-8B shape at batch 128 (ctx 1024, 8 tokens per call, 8 steps: the roofline row of the
 default run). With --baseline-worktree DIR (a checkout of the commit before the change, e.g.
@@ -16,7 +16,8 @@ default run). With --baseline-worktree DIR (a checkout of the commit before the 
 in a subprocess that imports jtrail from DIR, and the result holds both and their ratios. Then, unless
 --command-buffers none, the SmolLM2 rows at one token per call run once more per XLA command-buffer
 (CUDA graph) setting, each in a subprocess with its XLA_FLAGS ("off": none; "all": every command
-type, loops included, graphs of any size); the main run is XLA's default. All weights are random
+type, loops included, graphs of any size; "vmm*": CUDA's virtual-memory allocator, alone or with an
+XLA graph update mode); the main run is XLA's default. All weights are random
 (the real GGUF is not needed). All subprocesses run before this process touches the GPU.
 
 Decode measurement: for each batch size B, B requests with `ctx`-token contexts are placed in the

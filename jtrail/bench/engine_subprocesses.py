@@ -68,7 +68,14 @@ COMMAND_BUFFERS = {
     "min1": "--xla_gpu_graph_min_graph_size=1",
     "all": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
            "--xla_gpu_graph_min_graph_size=1",
+    # CUDA's virtual-memory allocator, and with it XLA's update modes that keep the graph's addresses
+    # stable by remapping physical memory under a fixed virtual range instead of updating the graph
+    "vmm": "",
+    "vmm_never": "--xla_gpu_command_buffer_update_mode=NEVER_UPDATE",
+    "vmm_skip_temp": "--xla_gpu_command_buffer_update_mode=SKIP_TEMP",
 }
+COMMAND_BUFFER_ENV = {name: {"XLA_PYTHON_CLIENT_ALLOCATOR": "vmm"} for name in COMMAND_BUFFERS
+                      if name.startswith("vmm")}
 
 
 def run_command_buffer_variants(args) -> dict:
@@ -87,10 +94,11 @@ def run_command_buffer_variants(args) -> dict:
             path = Path(tmp, f"cmdbuf_{name}.json")
             try:
                 # a setting that hangs must not eat the whole run: two rows take well under a minute
-                _issue16_subprocess(args, path, ["--rows-only", "k1"], {"XLA_FLAGS": flags}, timeout=240)
+                _issue16_subprocess(args, path, ["--rows-only", "k1"],
+                                    {"XLA_FLAGS": flags, **COMMAND_BUFFER_ENV.get(name, {})}, timeout=240)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
-                out[name] = {"xla_flags": flags, "error": str(e)}
+                out[name] = {"xla_flags": flags, **COMMAND_BUFFER_ENV.get(name, {}), "error": str(e)}
                 continue
             res = json.loads(path.read_text())
-        out[name] = {"xla_flags": flags, **k1_summary(res["rows"])}
+        out[name] = {"xla_flags": flags, **COMMAND_BUFFER_ENV.get(name, {}), **k1_summary(res["rows"])}
     return out

@@ -43,7 +43,7 @@ from .detokenizer import IncrementalDetokenizer, Tokenizer
 from .outputs import OutputProcessor
 from .request_state import EngineRequest
 from .runner import Runner
-from .sampling import fill_sampling, link_fed, sampling_rows
+from .sampling import SlotSampling, fill_sampling, link_fed, sampling_rows
 from .step_scheduler import StepScheduler
 from .validation import check_host_estimate, check_oracle_length, check_request
 from .warmup import warm_up
@@ -80,6 +80,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.model_cfg.eos_ids, cfg.max_model_len, self.policy, predictor,
                                        self._free)
         self._rng = np.random.default_rng(cfg.seed)
+        self._slot_sampling = SlotSampling(cfg.num_slots)  # the decode rows' sampling, kept per slot
         self.steps = 0
         self.last_step = StepStats()
         self._in_flight: tuple[StepBatch, Any] | None = None  # async: the dispatched, unprocessed step
@@ -178,7 +179,7 @@ class LLMEngine:
             if not batch.empty:
                 if self._in_flight is not None:
                     link_fed(batch, self._in_flight[0])
-                fill_sampling(batch, self._reqs, self.config.num_slots, self.config.decode_steps_per_call)
+                fill_sampling(batch, self._reqs, self._slot_sampling, self.config.decode_steps_per_call)
                 launched = batch, self.runner.execute(batch)  # 2. run it (dispatched, not waited for)
                 self.scheduler.return_borrowed(batch)
             if self.config.async_scheduling:  # the step before finishes on the device meanwhile

@@ -33,6 +33,7 @@ from ...models.sharding import kv_sharding, make_mesh, shard_attention_fn, shard
 from ..paging import pages_for
 from . import swap
 from .batch import SamplingRows, StepBatch, StepOutput, prefill_layout
+from .slot_rows import SlotTables
 
 __all__ = ["ModelRunner", "SamplingRows", "PagedMeta", "PrefillInputs", "DecodeInputs",
            "make_paged_attention"]
@@ -321,6 +322,7 @@ class ModelRunner:
         self.num_slots = num_slots
         self.page_size = page_size
         self.max_pages_per_seq = pages_for(max_model_len, page_size)
+        self._tables = SlotTables(num_slots, self.max_pages_per_seq)  # the decode rows' block tables
         kv_dtype = kv_dtype or model.dtype
         shape = (cfg.n_kv_heads, num_pages, page_size, cfg.head_dim)
         # Every array the jitted steps take is committed to its device (or mesh) from the start. jit
@@ -380,17 +382,16 @@ class ModelRunner:
         if batch.decodes:
             tokens, positions, n_valid = (np.zeros(self.num_slots, np.int32) for _ in range(3))
             src = np.full(self.num_slots, -1, np.int32)
-            tables = np.zeros((self.num_slots, self.max_pages_per_seq), np.int32)
             for row in batch.decodes:
                 seq, b = row.seq, row.slot
                 positions[b], n_valid[b] = row.position, row.steps
-                if row.fed is None:
-                    tokens[b] = seq.all_ids[-1]
+                if row.fed is None:  # the last token so far (all_ids would copy the whole context)
+                    tokens[b] = seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1]
                 elif row.fed.prefill:  # after the decode tokens [n, S] in _fed_tokens' flat index
                     src[b] = self.statics.decode_steps * self.num_slots + row.fed.index
                 else:
                     src[b] = row.fed.index * self.num_slots + b
-                tables[b, :len(seq.block_table)] = seq.block_table
+            tables = self._tables.update(batch.decodes)
             if any(r.fed is not None and (last_pre if r.fed.prefill else last_dec) is None
                    for r in batch.decodes):
                 raise RuntimeError("a decode row is fed a token the previous call did not sample")

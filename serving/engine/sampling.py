@@ -8,6 +8,7 @@ import numpy as np
 from ..sequence import Sequence
 from .batch import Fed, SamplingRows, StepBatch
 from .request_state import EngineRequest
+from .slot_rows import SlotSampling
 
 
 def link_fed(batch: StepBatch, prev: StepBatch) -> None:
@@ -20,28 +21,23 @@ def link_fed(batch: StepBatch, prev: StepBatch) -> None:
             r.fed = where[id(r.seq)]
 
 
-def fill_sampling(batch: StepBatch, reqs: dict[str, EngineRequest], num_slots: int,
+def fill_sampling(batch: StepBatch, reqs: dict[str, EngineRequest], slots: SlotSampling,
                   decode_steps: int) -> None:
-    """The batch's sampling rows: one per prefill chunk, and one per slot for the decode call."""
+    """The batch's sampling rows: one per prefill chunk, and one per slot for the decode call (kept
+    per slot between steps by `slots`)."""
     if batch.prefills:
         batch.prefill_sampling = sampling_rows([c.seq for c in batch.prefills], reqs)
     if batch.decodes:
-        rows: list[Sequence | None] = [None] * num_slots
-        ahead = [0] * num_slots
-        for r in batch.decodes:
-            rows[r.slot], ahead[r.slot] = r.seq, r.ahead
-        batch.decode_sampling = sampling_rows(rows, reqs, decode_steps, ahead)
+        batch.decode_sampling = slots.rows(batch.decodes, reqs, decode_steps)
 
 
-def sampling_rows(seqs: list[Sequence | None], reqs: dict[str, EngineRequest], steps: int = 1,
-                  ahead: list[int] | None = None) -> SamplingRows:
-    """`ahead[b]`: row b's tokens in flight (async), which its draws come after."""
+def sampling_rows(seqs: list[Sequence | None], reqs: dict[str, EngineRequest],
+                  steps: int = 1) -> SamplingRows:
+    """One row per sequence (None: an empty row), each draw after the tokens generated so far."""
     def col(f, dtype, empty=0):  # empty slots get harmless values (greedy, top_p 1)
         return np.array([f(s) if s is not None else empty for s in seqs], dtype)
 
     gen = np.array([s.num_generated if s is not None else 0 for s in seqs], np.int32)
-    if ahead is not None:
-        gen += np.asarray(ahead, np.int32)
     forced = np.full((len(seqs), steps), -1, np.int32)  # trace replay: the given tokens
     for b, s in enumerate(seqs):
         if s is not None and s.params.forced_output_ids:
