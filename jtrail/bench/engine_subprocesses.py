@@ -70,9 +70,10 @@ COMMAND_BUFFERS = {
            "--xla_gpu_graph_min_graph_size=1",
     # CUDA's virtual-memory allocator, and with it XLA's update modes that keep the graph's addresses
     # stable by remapping physical memory under a fixed virtual range instead of updating the graph
+    # (jaxlib 0.11.2 on the H200 rejects the mode SKIP_TEMP: not a value there)
     "vmm": "",
     "vmm_never": "--xla_gpu_command_buffer_update_mode=NEVER_UPDATE",
-    "vmm_skip_temp": "--xla_gpu_command_buffer_update_mode=SKIP_TEMP",
+    "vmm_capture_never": "--xla_gpu_command_buffer_update_mode=CAPTURE_CMD_NEVER_UPDATE",
 }
 COMMAND_BUFFER_ENV = {name: {"XLA_PYTHON_CLIENT_ALLOCATOR": "vmm"} for name in COMMAND_BUFFERS
                       if name.startswith("vmm")}

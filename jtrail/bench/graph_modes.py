@@ -1,0 +1,134 @@
+"""Does the decode step's CUDA graph get updated on every call, and what does each XLA setting do to
+the engine's step time and tokens (issue 16)?
+
+    python -m jtrail.bench.graph_modes [SETTING,...] [--batches 32,128]
+                                          # -> $OUT/graph_modes.json (or ./graph_modes.json)
+
+SmolLM2-135M shape, random bf16 weights, ctx 512, batch 32 (default), one token per call, async engine.
+Each setting (names of engine_subprocesses.COMMAND_BUFFERS: XLA flags and, for "vmm*", CUDA's
+virtual-memory allocator) runs in its own process: three timed windows of 150 engine steps, then a
+profiler trace of 20 steps whose command-buffer spans (update, launch) are summarized, and a hash of
+every token the engine produced, which must equal the default setting's (a graph that is not updated
+when an address moved computes garbage). The file is rewritten after each setting.
+
+On the H200 (2026-12-03, jaxlib 0.11.2, default setting) every decode call updated its graph
+(`command_buffer::update` ~1.0-1.3 ms of host time per call, then `cuGraphLaunch` ~1.0-1.3 ms) although
+the call's inputs and outputs keep their addresses (model_runner.DecodeIO): the step is host-bound on
+these two spans.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+from jtrail.bench.engine_subprocesses import COMMAND_BUFFER_ENV, COMMAND_BUFFERS
+
+SETTINGS = ("default", "vmm_never", "vmm_capture_never")  # ~2 minutes each on a fresh H200
+
+
+def graph_spans(trace_dir: str) -> dict[str, list[float]]:
+    """Host spans of XLA's command buffers and CUDA graph launches in a profiler trace: name ->
+    [count, median microseconds]."""
+    import numpy as np
+
+    agg: dict[str, list[float]] = defaultdict(list)
+    for path in glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True):
+        for e in json.load(gzip.open(path))["traceEvents"]:
+            name = e.get("name", "")
+            if e.get("ph") == "X" and "dur" in e and ("command_buffer" in name or "cuGraph" in name):
+                agg[name].append(e["dur"])
+    return {k: [len(v), round(float(np.median(v)), 1)] for k, v in agg.items()}
+
+
+def measure(batches: tuple[int, ...], windows: int = 3, window_steps: int = 150) -> dict:
+    """This process's setting: per batch, step ms per window, graph spans, token hash."""
+    import jax
+
+    from jtrail.bench import step_breakdown as sb
+
+    model = sb.random_model(sb.CFG, seed=0)
+    out: dict = {"jax": jax.__version__, "device": jax.devices()[0].device_kind}
+    for b in batches:
+        engine = sb.make_engine(model, b, asyn=True, steps=windows * window_steps + 60)
+        tokens: dict[str, list[int]] = defaultdict(list)
+
+        def step(engine=engine, tokens=tokens) -> None:
+            for o in engine.step():
+                tokens[o.request_id].extend(o.new_token_ids)
+
+        for _ in range(10):
+            step()
+        jax.block_until_ready(engine._in_flight[1])
+        row: dict = {"step_ms": []}
+        for _ in range(windows):
+            t0 = time.perf_counter()
+            for _ in range(window_steps):
+                step()
+            jax.block_until_ready(engine._in_flight[1])
+            row["step_ms"].append(round(1e3 * (time.perf_counter() - t0) / window_steps, 3))
+        trace = tempfile.mkdtemp()
+        jax.profiler.start_trace(trace)
+        for _ in range(20):
+            step()
+        jax.block_until_ready(engine._in_flight[1])
+        jax.profiler.stop_trace()
+        row["spans"] = graph_spans(trace)
+        shutil.rmtree(trace)
+        while engine.has_unfinished() and sum(map(len, tokens.values())) < b * (windows * window_steps + 30):
+            step()
+        row["tokens_sha1"] = hashlib.sha1(json.dumps(sorted(tokens.items())).encode()).hexdigest()[:16]
+        row["tokens"] = sum(map(len, tokens.values()))
+        out[f"b{b}"] = row
+        del engine
+    return out
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--child"]:
+        print("RESULT " + json.dumps(measure(tuple(int(x) for x in argv[1].split(",")))), flush=True)
+        return
+    batches = "32"
+    if "--batches" in argv:
+        i = argv.index("--batches")
+        batches, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    names = argv[0].split(",") if argv else list(SETTINGS)
+    path = os.path.join(os.environ.get("OUT") or ".", "graph_modes.json")
+    res: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "git_commit": os.environ.get("GIT_COMMIT"), "settings": {}}
+    for name in names:
+        flags = "" if name == "default" else COMMAND_BUFFERS[name]
+        env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip(),
+               **COMMAND_BUFFER_ENV.get(name, {})}
+        t0 = time.time()
+        try:
+            cmd = [sys.executable, "-m", "jtrail.bench.graph_modes", "--child", batches]
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            got = json.loads(line[0][7:]) if line else {"rc": p.returncode, "stderr_tail": p.stderr[-800:]}
+        except subprocess.TimeoutExpired:
+            got = {"error": "timed out after 300 s"}
+        got.update(xla_flags=env["XLA_FLAGS"], wall_s=round(time.time() - t0, 1),
+                   **COMMAND_BUFFER_ENV.get(name, {}))
+        res["settings"][name] = got
+        ref = res["settings"].get("default", {})
+        for b in batches.split(","):
+            key = f"b{b}"
+            if key in got and key in ref:
+                got[key]["tokens_equal_default"] = got[key]["tokens_sha1"] == ref[key]["tokens_sha1"]
+        print(name, json.dumps(got)[:600], flush=True)
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
