@@ -74,9 +74,31 @@ def test_decode_inputs_and_outputs_keep_their_device_buffers():
     model = Llama(CFG, dtype=jnp.float32, rngs=nnx.Rngs(0))
     engine = _engine(model)
     assert engine.config.async_scheduling  # the default: a step is dispatched before the last is read
-    io, caches = _addresses(engine.runner._io), _addresses(engine.runner.caches)
+    io, caches = _addresses(engine.runner._ios), _addresses(engine.runner.caches)
     tokens, decodes = _run(engine)
     assert decodes >= 4
-    assert _addresses(engine.runner._io) == io and _addresses(engine.runner.caches) == caches
+    assert _addresses(engine.runner._ios) == io and _addresses(engine.runner.caches) == caches
     sync = LLMEngine(model, config=dataclasses.replace(engine.config, async_scheduling=False))
     assert tokens == _run(sync)[0] and [len(tokens[r]) for r in "ab"] == [7, 5]
+
+
+def test_two_decode_graphs_alternate_and_give_the_same_tokens():
+    """decode_graphs=2: consecutive decode calls alternate between two executables, each with its own
+    donated buffers that stay put; tokens equal the one-executable engine's."""
+    model = Llama(CFG, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    one = _engine(model)
+    twin = LLMEngine(model, config=dataclasses.replace(one.config, decode_graphs=2))
+    ios = [_addresses(io) for io in twin.runner._ios]
+    assert len(ios) == 2 and ios[0] != ios[1]
+    turns = []
+    real_decode = twin.runner.decode
+
+    def recording(inputs):
+        turns.append(twin.runner._turn)
+        return real_decode(inputs)
+
+    twin.runner.decode = recording
+    tokens, decodes = _run(twin)
+    assert tokens == _run(one)[0] and decodes >= 4
+    assert turns[:4] == [0, 1, 0, 1]
+    assert [_addresses(io) for io in twin.runner._ios] == ios

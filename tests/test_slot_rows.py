@@ -6,7 +6,6 @@ from types import SimpleNamespace
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as hs
-
 from jtrail.serving.engine.batch import DecodeRow
 from jtrail.serving.engine.block_manager import BlockManager
 from jtrail.serving.engine.sampling import sampling_rows

@@ -65,7 +65,7 @@ def test_no_compilation_after_warm_up_whatever_the_traffic(with_probe: bool, tin
 
 
 class _Cfg:
-    decode_steps_per_call, page_size, num_slots, num_pages = 1, 16, 8, 512
+    decode_steps_per_call, page_size, num_slots, num_pages, decode_graphs = 1, 16, 8, 512, 1
 
 
 def test_prompts_fill_each_capacity_exactly() -> None:
@@ -119,3 +119,23 @@ def test_an_executable_loaded_from_the_persistent_cache_counts_as_a_compile() ->
     f(x).block_until_ready()
     assert len(hits) == n_hits + 1  # loaded, not compiled ...
     assert BACKEND_COMPILES["n"] == before + 2  # ... and counted all the same
+
+
+def test_warm_up_compiles_both_decode_graphs() -> None:
+    """decode_graphs=2: warm-up runs a decode call on each of the two executables, so traffic
+    compiles nothing."""
+    import jax.numpy as jnp
+    from jtrail.models.llama import Llama
+    from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
+
+    model = Llama(NAMED_CONFIGS["tiny"], dtype=jnp.float32, rngs=nnx.Rngs(0))
+    engine = LLMEngine(model, config=EngineConfig(num_slots=2, page_size=4, num_pages=64, max_model_len=48,
+                                                  prefill_buckets=(16,), max_prefill_tokens_per_step=16,
+                                                  kernel_impl="reference", decode_graphs=2))
+    engine.warmup(report=lambda line: None)
+    backend = BACKEND_COMPILES["n"]
+    for i, n in enumerate((3, 11, 16)):
+        engine.add_request(f"r{i}", list(range(3, 3 + n)), SamplingParams(max_tokens=6, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    assert BACKEND_COMPILES["n"] == backend

@@ -6,10 +6,12 @@ the engine's step time and tokens (issue 16)?
 
 SmolLM2-135M shape, random bf16 weights, ctx 512, batch 32 (default), one token per call, async engine.
 Each setting (names of engine_subprocesses.COMMAND_BUFFERS: XLA flags and, for "vmm*", CUDA's
-virtual-memory allocator) runs in its own process: three timed windows of 150 engine steps, then a
-profiler trace of 20 steps whose command-buffer spans (update, launch) are summarized, and a hash of
-every token the engine produced, which must equal the default setting's (a graph that is not updated
-when an address moved computes garbage). The file is rewritten after each setting.
+virtual-memory allocator; "twin": XLA's defaults, the engine alternating two compiled copies of the
+decode step, EngineConfig.decode_graphs=2) runs in its own process: three timed windows of 150
+engine steps, then a profiler trace of 20 steps whose command-buffer spans (update, launch) are
+summarized, and a hash of every token the engine produced, which must equal the default setting's
+(a graph not updated when an address moved computes garbage). The file is rewritten after each
+setting.
 
 On the H200 (2026-12-03, jaxlib 0.11.2, default setting) every decode call updated its graph
 (`command_buffer::update` ~1.0-1.3 ms of host time per call, then `cuGraphLaunch` ~1.0-1.3 ms) although
@@ -33,7 +35,7 @@ from collections import defaultdict
 
 from jtrail.bench.engine_subprocesses import COMMAND_BUFFER_ENV, COMMAND_BUFFERS
 
-SETTINGS = ("default", "vmm_never", "vmm_capture_never")  # ~2 minutes each on a fresh H200
+SETTINGS = ("default", "twin", "vmm_never", "vmm_capture_never")  # ~2 minutes each on a fresh H200
 
 
 def graph_spans(trace_dir: str) -> dict[str, list[float]]:
@@ -50,7 +52,8 @@ def graph_spans(trace_dir: str) -> dict[str, list[float]]:
     return {k: [len(v), round(float(np.median(v)), 1)] for k, v in agg.items()}
 
 
-def measure(batches: tuple[int, ...], windows: int = 3, window_steps: int = 150) -> dict:
+def measure(batches: tuple[int, ...], decode_graphs: int = 1, windows: int = 3,
+            window_steps: int = 150) -> dict:
     """This process's setting: per batch, step ms per window, graph spans, token hash."""
     import jax
 
@@ -59,7 +62,8 @@ def measure(batches: tuple[int, ...], windows: int = 3, window_steps: int = 150)
     model = sb.random_model(sb.CFG, seed=0)
     out: dict = {"jax": jax.__version__, "device": jax.devices()[0].device_kind}
     for b in batches:
-        engine = sb.make_engine(model, b, asyn=True, steps=windows * window_steps + 60)
+        engine = sb.make_engine(model, b, asyn=True, steps=windows * window_steps + 60,
+                                decode_graphs=decode_graphs)
         tokens: dict[str, list[int]] = defaultdict(list)
 
         def step(engine=engine, tokens=tokens) -> None:
@@ -95,7 +99,8 @@ def measure(batches: tuple[int, ...], windows: int = 3, window_steps: int = 150)
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--child"]:
-        print("RESULT " + json.dumps(measure(tuple(int(x) for x in argv[1].split(",")))), flush=True)
+        batches = tuple(int(x) for x in argv[1].split(","))
+        print("RESULT " + json.dumps(measure(batches, decode_graphs=int(argv[2]))), flush=True)
         return
     batches = "32"
     if "--batches" in argv:
@@ -106,12 +111,13 @@ def main(argv: list[str]) -> None:
     res: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "git_commit": os.environ.get("GIT_COMMIT"), "settings": {}}
     for name in names:
-        flags = "" if name == "default" else COMMAND_BUFFERS[name]
+        flags = "" if name in ("default", "twin") else COMMAND_BUFFERS[name]
         env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip(),
                **COMMAND_BUFFER_ENV.get(name, {})}
         t0 = time.time()
         try:
-            cmd = [sys.executable, "-m", "jtrail.bench.graph_modes", "--child", batches]
+            graphs = "2" if name == "twin" else "1"
+            cmd = [sys.executable, "-m", "jtrail.bench.graph_modes", "--child", batches, graphs]
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
             line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
             got = json.loads(line[0][7:]) if line else {"rc": p.returncode, "stderr_tail": p.stderr[-800:]}

@@ -46,12 +46,13 @@ CFG = (dataclasses.replace(named_config("tiny"), n_layers=4, vocab_size=512) if 
 BATCHES = (8,) if CPU else (32, 128)
 
 
-def make_engine(model, b: int, asyn: bool, steps: int = 300) -> LLMEngine:
+def make_engine(model, b: int, asyn: bool, steps: int = 300, **config) -> LLMEngine:
+    """B requests placed as prefilled at ctx 512 (32 on CPU); `config`: other EngineConfig fields."""
     ctx, page = (32 if CPU else 512), 16
     max_len = ctx + steps + 40
     ecfg = EngineConfig(kernel_impl="reference" if CPU else "auto", num_slots=b, page_size=page,
                         num_pages=b * (max_len // page + 2) + 1, max_model_len=max_len, max_queue=b + 1,
-                        async_scheduling=asyn)
+                        async_scheduling=asyn, **config)
     engine = LLMEngine(model, config=ecfg)
     place_prefilled(engine, b, ctx, steps + 20, np.random.default_rng(0))
     return engine

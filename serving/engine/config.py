@@ -32,6 +32,9 @@ class EngineConfig:
     # on by default (1.3-1.5x decode tokens/s on the H200, SmolLM2-135M shape); False (`jtrail serve
     # --no-async-scheduling`) makes every step wait for its own outputs.
     async_scheduling: bool = True
+    # 2: decode calls alternate between two compiled copies of the step (ModelRunner's decode_graphs),
+    # so each executable's CUDA graph may find its buffers where it left them; 1 until measured
+    decode_graphs: int = 1
 
     def __post_init__(self) -> None:
         if self.preemption_mode not in ("recompute", "swap"):
@@ -42,6 +45,8 @@ class EngineConfig:
             raise ValueError(f"prefill_buckets must be increasing, got {self.prefill_buckets}")
         if self.max_prefill_tokens_per_step < 1:
             raise ValueError("max_prefill_tokens_per_step must be >= 1")
+        if self.decode_graphs not in (1, 2):
+            raise ValueError(f"decode_graphs must be 1 or 2, got {self.decode_graphs}")
 
 
 def resolve_policy(policy: str | Policy) -> Policy:

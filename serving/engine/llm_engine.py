@@ -66,7 +66,7 @@ class LLMEngine:
                                  page_size=cfg.page_size, max_model_len=cfg.max_model_len,
                                  decode_steps=cfg.decode_steps_per_call, kv_dtype=cfg.dtype,
                                  impl=cfg.kernel_impl, probe=probe, tensor_parallel=cfg.tensor_parallel,
-                                 prefill_buckets=cfg.prefill_buckets,
+                                 prefill_buckets=cfg.prefill_buckets, decode_graphs=cfg.decode_graphs,
                                  max_prefill_tokens=cfg.max_prefill_tokens_per_step)
         self.runner = runner
         self.model_cfg = model.cfg if model is not None else runner.cfg

@@ -245,8 +245,7 @@ def _collect_decode(io: DecodeIO) -> tuple[jax.Array, jax.Array]:
     return io.out_tokens + 0, io.out_probs + 0
 
 
-@partial(jax.jit, static_argnames=("st", "filtered"), donate_argnames=("caches", "io"))
-def _decode_steps(st: StepStatics, state, caches, probe_state, io: DecodeIO, filtered: bool = True):
+def _decode_program(st: StepStatics, state, caches, probe_state, io: DecodeIO, filtered: bool = True):
     """`io`: the staged inputs (DecodeIO); `filtered`: some row samples with top-p or top-k (static:
     two compiled variants, both warmed up; without it the vocabulary is not sorted)."""
     TRACE_COUNTS["decode", st] += 1
@@ -280,6 +279,17 @@ def _decode_steps(st: StepStatics, state, caches, probe_state, io: DecodeIO, fil
                                out_probs=io.out_probs.at[:].set(out_probs))
 
 
+def _decode_program_twin(st: StepStatics, state, caches, probe_state, io: DecodeIO, filtered: bool = True):
+    """The same program under another name, so XLA compiles it as a second executable (see
+    `ModelRunner(decode_graphs=2)`)."""
+    return _decode_program(st, state, caches, probe_state, io, filtered)
+
+
+_DECODE_JIT = {"static_argnames": ("st", "filtered"), "donate_argnames": ("caches", "io")}
+# the KV cache and the staged inputs/outputs are donated (updated in place); the statics are the jit key
+_DECODE_CALLS = (jax.jit(_decode_program, **_DECODE_JIT), jax.jit(_decode_program_twin, **_DECODE_JIT))
+
+
 @jax.jit
 def _fed_tokens(host_tokens, prev_decode, prev_prefill, src):
     """Async scheduling: each decode row's input token, from the host (src < 0) or from the call in
@@ -306,7 +316,13 @@ class ModelRunner:
                  max_model_len: int, decode_steps: int = 1, kv_dtype: Any = None, impl: str = "auto",
                  probe: ProbeHead | None = None, tensor_parallel: int = 1,
                  prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512),
-                 max_prefill_tokens: int | None = None):
+                 max_prefill_tokens: int | None = None, decode_graphs: int = 1):
+        """`decode_graphs` 2: consecutive decode calls alternate between two compiled copies of the step,
+        each with its own DecodeIO. Under async scheduling call N is dispatched while N-1 runs, so XLA's
+        temporary buffers of one executable alternate between two addresses and its CUDA graph is
+        updated on every call; with two executables each may find its own at the same place again."""
+        if decode_graphs not in (1, 2):
+            raise ValueError(f"decode_graphs must be 1 or 2, got {decode_graphs}")
         cfg = model.cfg
         self.prefill_buckets = tuple(prefill_buckets)
         # the packed prefill call: rows of prefill_row_tokens, total padded tokens one of these
@@ -354,11 +370,13 @@ class ModelRunner:
         width = 7 + self.max_pages_per_seq + decode_steps  # pack_decode_inputs' columns
         # the decode call's fixed-address inputs and outputs (made on the device: a CPU device_put of
         # numpy may share the host memory, which a call cannot take over, so the first call moved them)
-        self._io = DecodeIO(
+        self._ios = [DecodeIO(
             tokens=jnp.zeros(num_slots, jnp.int32, device=tokens_on),
             packed=jnp.zeros((num_slots, width), jnp.int32, device=tokens_on),
             out_tokens=jnp.zeros((decode_steps, num_slots), jnp.int32, device=tokens_on),
             out_probs=jnp.zeros((decode_steps, num_slots, max(bins, 1)), jnp.float32, device=tokens_on))
+            for _ in range(decode_graphs)]
+        self._turn = 0  # which decode executable (and its DecodeIO) the next call uses
         self.statics = intern_statics(StepStatics(graphdef, probe_graphdef, layer, page_size, decode_steps,
                                                   impl, bins, mesh, treedef))
 
@@ -479,16 +497,19 @@ class ModelRunner:
             samp = SamplingRows(np.ones(s, np.float32), np.full(s, top_p, np.float32), z, z.astype(np.uint32),
                                 z, forced)
             inputs = DecodeInputs(tokens=z, positions=z, n_valid=z, block_tables=tables, samp=samp)
-            jax.block_until_ready(self.decode(inputs))
+            for _ in self._ios:  # each decode executable in turn
+                jax.block_until_ready(self.decode(inputs))
 
     # ---- the jitted steps ---------------------------------------------------------------------
     def decode(self, inputs: DecodeInputs):
         """One decode call of `decode_steps` steps over every slot. Returns device arrays tokens [n, S]
         and probs [n, S, K] or None; step j's token for slot b is at [j, b]."""
-        samp = inputs.samp
-        self._io = _stage_decode(self._io, tokens=inputs.tokens, packed=pack_decode_inputs(inputs))
-        self.caches, self._io = _decode_steps(
+        samp, k = inputs.samp, self._turn
+        self._turn = (k + 1) % len(self._ios)
+        io = _stage_decode(self._ios[k], tokens=inputs.tokens, packed=pack_decode_inputs(inputs))
+        self.caches, io = _DECODE_CALLS[k](
             self.statics, state=self._state_leaves, caches=self.caches, probe_state=self.probe_state,
-            io=self._io, filtered=needs_filter(samp.temperature, samp.top_p, samp.top_k))
-        out_tokens, out_probs = _collect_decode(self._io)
+            io=io, filtered=needs_filter(samp.temperature, samp.top_p, samp.top_k))
+        self._ios[k] = io
+        out_tokens, out_probs = _collect_decode(io)
         return out_tokens, (out_probs if self.has_probe else None)

@@ -30,7 +30,8 @@ def warm_up(engine: LLMEngine, report: Callable[[str], None] = log.info) -> floa
     t0 = time.perf_counter()
     runner, cfg = engine.runner, engine.config
     caps = tuple(getattr(runner, "prefill_capacities", ())) or (16,)
-    new = cfg.decode_steps_per_call + 1  # the first token comes from prefill: > 1 decode call
+    # the first token comes from prefill, then one decode call per decode executable (decode_graphs)
+    new = cfg.decode_steps_per_call * cfg.decode_graphs + 1
     # the longest prompt the engine admits: context and the KV pool both bound it
     limit = max(1, min(cfg.max_model_len, cfg.num_pages * cfg.page_size) - new - 1)
     row = int(getattr(runner, "prefill_row_tokens", 1))
@@ -66,5 +67,6 @@ def _prompts_for(cap: int, prev: int, limit: int, row: int, cfg: Any) -> list[in
     k = -(-total // unit)
     sizes = [unit] * (k - 1) + [total - unit * (k - 1)]
     lengths = [min(n, limit) for n in sizes]  # each pads back to its size: the call holds `total`
-    pages = sum(pages_for(n + cfg.decode_steps_per_call + 1, cfg.page_size) for n in lengths)
+    new = cfg.decode_steps_per_call * cfg.decode_graphs + 1
+    pages = sum(pages_for(n + new, cfg.page_size) for n in lengths)
     return lengths if pages <= cfg.num_pages else []
