@@ -9,6 +9,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from jtrail.models.config import NAMED_CONFIGS
 from jtrail.models.llama import Llama
@@ -102,3 +103,9 @@ def test_two_decode_graphs_alternate_and_give_the_same_tokens():
     assert tokens == _run(one)[0] and decodes >= 4
     assert turns[:4] == [0, 1, 0, 1]
     assert [_addresses(io) for io in twin.runner._ios] == ios
+
+
+def test_decode_graphs_outside_one_or_two_is_refused_before_any_model_work():
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="decode_graphs"):
+            EngineConfig(decode_graphs=bad)

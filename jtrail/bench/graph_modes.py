@@ -13,9 +13,10 @@ summarized, and a hash of every token the engine produced, which must equal the 
 (a graph not updated when an address moved computes garbage). The file is rewritten after each
 setting.
 
-On the H200 (2026-12-03, jaxlib 0.11.2, default setting) every decode call updated its graph
-(`command_buffer::update` ~1.0-1.3 ms of host time per call, then `cuGraphLaunch` ~1.0-1.3 ms) although
-the call's inputs and outputs keep their addresses (model_runner.DecodeIO): the step is host-bound on
+On the H200 (2026-12-03, jaxlib 0.11.2, default setting, batch 32) every decode call updated its
+graph (`command_buffer::update` medians 951 and 1,290 us of host time per call in two runs, then
+`cuGraphLaunch` 977 and 1,264 us; results/engine_dispatch.json, followup_2026_12_03) although the
+call's inputs and outputs keep their addresses (model_runner.DecodeIO): the step is host-bound on
 these two spans.
 """
 

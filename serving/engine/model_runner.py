@@ -320,9 +320,8 @@ class ModelRunner:
         """`decode_graphs` 2: consecutive decode calls alternate between two compiled copies of the step,
         each with its own DecodeIO. Under async scheduling call N is dispatched while N-1 runs, so XLA's
         temporary buffers of one executable alternate between two addresses and its CUDA graph is
-        updated on every call; with two executables each may find its own at the same place again."""
-        if decode_graphs not in (1, 2):
-            raise ValueError(f"decode_graphs must be 1 or 2, got {decode_graphs}")
+        updated on every call; with two executables each may find its own at the same place again.
+        (EngineConfig checks the value.)"""
         cfg = model.cfg
         self.prefill_buckets = tuple(prefill_buckets)
         # the packed prefill call: rows of prefill_row_tokens, total padded tokens one of these

@@ -2,10 +2,9 @@
 
 A decode step sends one row per batch slot: the slot's block table and its request's sampling
 parameters. Both change only when another request takes the slot or the request gains a page, yet
-rebuilding them from Python lists for every slot on every step was a tenth of a millisecond of host
-time per step at batch 32, when the whole step is under two milliseconds of device time. So a slot's
-row is rewritten only when its request or page list changes; a step fills only what moves every
-step (positions, tokens generated, replayed tokens).
+they were rebuilt from Python lists for every slot on every step, on the host path that bounds a
+small model's step. So a slot's row is rewritten only when its request or page list changes; a step
+fills only what moves every step (positions, tokens generated, replayed tokens).
 """
 
 from __future__ import annotations
