@@ -18,3 +18,21 @@ def test_graph_spans_counts_and_medians(tmp_path):
         json.dump({"traceEvents": events}, f)
     assert graph_spans(str(tmp_path)) == {"command_buffer::update": [3, 1000.0],
                                           "cuGraphLaunch (CudaGraph:5)": [2, 20.0]}
+
+
+def test_device_work_counts_stream_ops_only(tmp_path):
+    from jtrail.bench.graph_modes import device_work
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #13(Compute)"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "XLA Ops"}},
+            {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "Stream #13"}}]
+    ops = [{"ph": "X", "pid": 1, "tid": 7, "name": f"k{i}", "dur": 10} for i in range(6)]
+    ops += [{"ph": "X", "pid": 1, "tid": 8, "name": "fusion", "dur": 60},  # derived line: not counted
+            {"ph": "X", "pid": 2, "tid": 7, "name": "host", "dur": 99}]  # not a GPU
+    run = tmp_path / "plugins" / "profile" / "run1"
+    run.mkdir(parents=True)
+    with gzip.open(run / "h.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": meta + ops}, f)
+    assert device_work(str(tmp_path), steps=2) == {"ops_per_step": 3.0, "busy_us_per_step": 30.0}

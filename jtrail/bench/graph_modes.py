@@ -36,7 +36,10 @@ from collections import defaultdict
 
 from jtrail.bench.engine_subprocesses import COMMAND_BUFFER_ENV, COMMAND_BUFFERS
 
-SETTINGS = ("default", "twin", "vmm_never", "vmm_capture_never")  # ~2 minutes each on a fresh H200
+SETTINGS = ("default", "twin", "twin_queues4x")  # ~2 minutes each on a fresh H200
+# settings beyond XLA's flags: the engine's decode_graphs and environment variables of CUDA's driver
+# (CUDA_SCALE_LAUNCH_QUEUES: the host blocks in a launch when the driver's launch queue is full)
+TWIN_SETTINGS = {"twin": {}, "twin_queues4x": {"CUDA_SCALE_LAUNCH_QUEUES": "4x"}}
 
 
 def graph_spans(trace_dir: str) -> dict[str, list[float]]:
@@ -53,6 +56,23 @@ def graph_spans(trace_dir: str) -> dict[str, list[float]]:
     return {k: [len(v), round(float(np.median(v)), 1)] for k, v in agg.items()}
 
 
+def device_work(trace_dir: str, steps: int) -> dict[str, float]:
+    """Per engine step: the GPU's ops (kernels, copies: events on a GPU's stream lines, not on the
+    trace's derived lines such as "XLA Ops") and their summed microseconds."""
+    n, busy = 0, 0.0
+    for path in glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True):
+        events = json.load(gzip.open(path))["traceEvents"]
+        meta = [e for e in events if e.get("ph") == "M"]
+        gpu = {e["pid"] for e in meta if e.get("name") == "process_name"
+               and "GPU" in str(e.get("args", {}).get("name", ""))}
+        streams = {(e["pid"], e.get("tid")) for e in meta if e.get("name") == "thread_name"
+                   and e["pid"] in gpu and "Stream" in str(e.get("args", {}).get("name", ""))}
+        for e in events:
+            if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams and "dur" in e:
+                n, busy = n + 1, busy + e["dur"]
+    return {"ops_per_step": round(n / steps, 1), "busy_us_per_step": round(busy / steps, 1)}
+
+
 def measure(batches: tuple[int, ...], decode_graphs: int = 1, windows: int = 3,
             window_steps: int = 150) -> dict:
     """This process's setting: per batch, step ms per window, graph spans, token hash."""
@@ -63,39 +83,50 @@ def measure(batches: tuple[int, ...], decode_graphs: int = 1, windows: int = 3,
     model = sb.random_model(sb.CFG, seed=0)
     out: dict = {"jax": jax.__version__, "device": jax.devices()[0].device_kind}
     for b in batches:
-        engine = sb.make_engine(model, b, asyn=True, steps=windows * window_steps + 60,
-                                decode_graphs=decode_graphs)
-        tokens: dict[str, list[int]] = defaultdict(list)
-
-        def step(engine=engine, tokens=tokens) -> None:
-            for o in engine.step():
-                tokens[o.request_id].extend(o.new_token_ids)
-
-        for _ in range(10):
-            step()
-        jax.block_until_ready(engine._in_flight[1])
-        row: dict = {"step_ms": []}
-        for _ in range(windows):
-            t0 = time.perf_counter()
-            for _ in range(window_steps):
-                step()
-            jax.block_until_ready(engine._in_flight[1])
-            row["step_ms"].append(round(1e3 * (time.perf_counter() - t0) / window_steps, 3))
-        trace = tempfile.mkdtemp()
-        jax.profiler.start_trace(trace)
-        for _ in range(20):
-            step()
-        jax.block_until_ready(engine._in_flight[1])
-        jax.profiler.stop_trace()
-        row["spans"] = graph_spans(trace)
-        shutil.rmtree(trace)
-        while engine.has_unfinished() and sum(map(len, tokens.values())) < b * (windows * window_steps + 30):
-            step()
-        row["tokens_sha1"] = hashlib.sha1(json.dumps(sorted(tokens.items())).encode()).hexdigest()[:16]
-        row["tokens"] = sum(map(len, tokens.values()))
-        out[f"b{b}"] = row
-        del engine
+        for asyn in (True, False):
+            out[f"b{b}" + ("" if asyn else "_sync")] = _measure_one(
+                sb.make_engine(model, b, asyn=asyn, steps=windows * window_steps + 60,
+                               decode_graphs=decode_graphs), b, windows if asyn else 1, window_steps)
     return out
+
+
+def _measure_one(engine, b: int, windows: int, window_steps: int) -> dict:
+    import jax
+
+    tokens: dict[str, list[int]] = defaultdict(list)
+
+    def step() -> None:
+        for o in engine.step():
+            tokens[o.request_id].extend(o.new_token_ids)
+
+    def drain() -> None:
+        if engine._in_flight is not None:
+            jax.block_until_ready(engine._in_flight[1])
+
+    for _ in range(10):
+        step()
+    drain()
+    row: dict = {"step_ms": []}
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        for _ in range(window_steps):
+            step()
+        drain()
+        row["step_ms"].append(round(1e3 * (time.perf_counter() - t0) / window_steps, 3))
+    trace = tempfile.mkdtemp()
+    jax.profiler.start_trace(trace)
+    for _ in range(20):
+        step()
+    drain()
+    jax.profiler.stop_trace()
+    row["spans"] = graph_spans(trace)
+    row["device"] = device_work(trace, 20)
+    shutil.rmtree(trace)
+    while engine.has_unfinished() and sum(map(len, tokens.values())) < b * (windows * window_steps + 30):
+        step()
+    row["tokens_sha1"] = hashlib.sha1(json.dumps(sorted(tokens.items())).encode()).hexdigest()[:16]
+    row["tokens"] = sum(map(len, tokens.values()))
+    return row
 
 
 def main(argv: list[str]) -> None:
@@ -112,24 +143,22 @@ def main(argv: list[str]) -> None:
     res: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "git_commit": os.environ.get("GIT_COMMIT"), "settings": {}}
     for name in names:
-        flags = "" if name in ("default", "twin") else COMMAND_BUFFERS[name]
-        env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip(),
-               **COMMAND_BUFFER_ENV.get(name, {})}
+        flags = "" if name == "default" or name in TWIN_SETTINGS else COMMAND_BUFFERS[name]
+        extra = {**COMMAND_BUFFER_ENV.get(name, {}), **TWIN_SETTINGS.get(name, {})}
+        env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip(), **extra}
         t0 = time.time()
         try:
-            graphs = "2" if name == "twin" else "1"
+            graphs = "2" if name in TWIN_SETTINGS else "1"
             cmd = [sys.executable, "-m", "jtrail.bench.graph_modes", "--child", batches, graphs]
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
             line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
             got = json.loads(line[0][7:]) if line else {"rc": p.returncode, "stderr_tail": p.stderr[-800:]}
         except subprocess.TimeoutExpired:
             got = {"error": "timed out after 300 s"}
-        got.update(xla_flags=env["XLA_FLAGS"], wall_s=round(time.time() - t0, 1),
-                   **COMMAND_BUFFER_ENV.get(name, {}))
+        got.update(xla_flags=env["XLA_FLAGS"], wall_s=round(time.time() - t0, 1), **extra)
         res["settings"][name] = got
         ref = res["settings"].get("default", {})
-        for b in batches.split(","):
-            key = f"b{b}"
+        for key in [f"b{b}{m}" for b in batches.split(",") for m in ("", "_sync")]:
             if key in got and key in ref:
                 got[key]["tokens_equal_default"] = got[key]["tokens_sha1"] == ref[key]["tokens_sha1"]
         print(name, json.dumps(got)[:600], flush=True)
