@@ -109,3 +109,13 @@ def test_decode_graphs_outside_one_or_two_is_refused_before_any_model_work():
     for bad in (0, 3):
         with pytest.raises(ValueError, match="decode_graphs"):
             EngineConfig(decode_graphs=bad)
+
+
+def test_decode_graphs_automatic_is_two_only_for_async_on_a_gpu(monkeypatch):
+    """None: two executables where a CUDA graph would be updated on every call (async scheduling on
+    a GPU); one elsewhere (this CPU; synchronous steps reuse the same temporaries)."""
+    assert EngineConfig().resolved_decode_graphs() == 1  # the CPU backend
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert EngineConfig().resolved_decode_graphs() == 2
+    assert EngineConfig(async_scheduling=False).resolved_decode_graphs() == 1
+    assert EngineConfig(decode_graphs=1).resolved_decode_graphs() == 1

@@ -65,20 +65,20 @@ def test_no_compilation_after_warm_up_whatever_the_traffic(with_probe: bool, tin
 
 
 class _Cfg:
-    decode_steps_per_call, page_size, num_slots, num_pages, decode_graphs = 1, 16, 8, 512, 1
+    decode_steps_per_call, page_size, num_slots, num_pages = 1, 16, 8, 512
 
 
 def test_prompts_fill_each_capacity_exactly() -> None:
     row, limit = 16, 125
     for prev, cap in ((0, 16), (32, 64), (64, 128), (128, 256), (256, 512)):
-        lengths = _prompts_for(cap, prev, limit, row, _Cfg)
+        lengths = _prompts_for(cap, prev, limit, row, _Cfg, 2)
         assert all(1 <= n <= limit for n in lengths)
         assert sum(-(-n // row) * row for n in lengths) == cap  # the packed call's padded size
     small = type("C", (), {**vars(_Cfg), "num_slots": 3})
     # 3 slots hold at most 3 x 128 padded tokens: capacity 512 is reached by 384 of them
-    assert sum(-(-n // row) * row for n in _prompts_for(512, 256, limit, row, small)) == 384
+    assert sum(-(-n // row) * row for n in _prompts_for(512, 256, limit, row, small, 2)) == 384
     two = type("C", (), {**vars(_Cfg), "num_slots": 2})
-    assert _prompts_for(512, 256, limit, row, two) == []  # 2 x 128 never needs more than 256
+    assert _prompts_for(512, 256, limit, row, two, 2) == []  # 2 x 128 never needs more than 256
 
 
 def test_warm_up_serves_an_srpt_oracle_engine() -> None:

@@ -33,8 +33,9 @@ class EngineConfig:
     # --no-async-scheduling`) makes every step wait for its own outputs.
     async_scheduling: bool = True
     # 2: decode calls alternate between two compiled copies of the step (ModelRunner's decode_graphs),
-    # so each executable's CUDA graph may find its buffers where it left them; 1 until measured
-    decode_graphs: int = 1
+    # so each executable's CUDA graph finds its buffers where it left them and is not updated on every
+    # call (H200, benchmarks/ENGINE_NOTES.md); None: 2 with async scheduling on a GPU, else 1
+    decode_graphs: int | None = None
 
     def __post_init__(self) -> None:
         if self.preemption_mode not in ("recompute", "swap"):
@@ -45,8 +46,17 @@ class EngineConfig:
             raise ValueError(f"prefill_buckets must be increasing, got {self.prefill_buckets}")
         if self.max_prefill_tokens_per_step < 1:
             raise ValueError("max_prefill_tokens_per_step must be >= 1")
-        if self.decode_graphs not in (1, 2):
-            raise ValueError(f"decode_graphs must be 1 or 2, got {self.decode_graphs}")
+        if self.decode_graphs not in (None, 1, 2):
+            raise ValueError(f"decode_graphs must be 1, 2 or None (automatic), got {self.decode_graphs}")
+
+    def resolved_decode_graphs(self) -> int:
+        """decode_graphs, None resolved: two executables only where the graph would otherwise be
+        updated on every call (async scheduling, CUDA graphs: a GPU backend)."""
+        if self.decode_graphs is not None:
+            return self.decode_graphs
+        import jax
+
+        return 2 if self.async_scheduling and jax.default_backend() == "gpu" else 1
 
 
 def resolve_policy(policy: str | Policy) -> Policy:

@@ -380,6 +380,11 @@ class ModelRunner:
                                                   impl, bins, mesh, treedef))
 
     @property
+    def decode_graphs(self) -> int:
+        """How many compiled copies of the decode step the calls alternate between."""
+        return len(self._ios)
+
+    @property
     def state(self) -> nnx.State:
         """The model's weights (the jitted steps take them as flat leaves)."""
         return jax.tree_util.tree_unflatten(self.statics.state_treedef, self._state_leaves)

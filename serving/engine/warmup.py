@@ -31,13 +31,13 @@ def warm_up(engine: LLMEngine, report: Callable[[str], None] = log.info) -> floa
     runner, cfg = engine.runner, engine.config
     caps = tuple(getattr(runner, "prefill_capacities", ())) or (16,)
     # the first token comes from prefill, then one decode call per decode executable (decode_graphs)
-    new = cfg.decode_steps_per_call * cfg.decode_graphs + 1
+    new = cfg.decode_steps_per_call * getattr(runner, "decode_graphs", 1) + 1
     # the longest prompt the engine admits: context and the KV pool both bound it
     limit = max(1, min(cfg.max_model_len, cfg.num_pages * cfg.page_size) - new - 1)
     row = int(getattr(runner, "prefill_row_tokens", 1))
     prevs = (0, *caps[:-1])
-    plans = [p for p in (_prompts_for(c, prev, limit, row, cfg) for prev, c in zip(prevs, caps, strict=True))
-             if p]
+    plans = [p for p in (_prompts_for(c, prev, limit, row, cfg, new)
+                         for prev, c in zip(prevs, caps, strict=True)) if p]
     vocab = int(engine.model_cfg.vocab_size)
     for i, lengths in enumerate(plans, 1):
         report(f"warm-up {i}/{len(plans)}: compiling prefill of {sum(lengths)} tokens "
@@ -54,10 +54,11 @@ def warm_up(engine: LLMEngine, report: Callable[[str], None] = log.info) -> floa
     return took
 
 
-def _prompts_for(cap: int, prev: int, limit: int, row: int, cfg: Any) -> list[int]:
+def _prompts_for(cap: int, prev: int, limit: int, row: int, cfg: Any, new: int) -> list[int]:
     """Prompt lengths whose packed prefill compiles capacity `cap`: a padded total in (prev, cap],
     as large as the slots allow (several prompts when one may not be that long); [] when no step
-    can need this capacity (the slots or KV pages cannot hold more than `prev` tokens at once)."""
+    can need this capacity (the slots or KV pages cannot hold more than `prev` tokens at once).
+    `new`: the tokens each warm-up request generates."""
     if cap <= limit:
         return [cap]
     unit = -(-limit // row) * row  # what the longest admissible prompt occupies in the packed call
@@ -67,6 +68,5 @@ def _prompts_for(cap: int, prev: int, limit: int, row: int, cfg: Any) -> list[in
     k = -(-total // unit)
     sizes = [unit] * (k - 1) + [total - unit * (k - 1)]
     lengths = [min(n, limit) for n in sizes]  # each pads back to its size: the call holds `total`
-    new = cfg.decode_steps_per_call * cfg.decode_graphs + 1
     pages = sum(pages_for(n + new, cfg.page_size) for n in lengths)
     return lengths if pages <= cfg.num_pages else []
