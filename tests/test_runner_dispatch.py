@@ -5,6 +5,7 @@ weights travel as flat leaves, and the runner's `state` still reads as the model
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -53,14 +54,14 @@ def _run(engine, count: bool = False) -> tuple[dict[str, list[int]], int]:
     engine.add_request("a", [5, 6, 7], SamplingParams(max_tokens=7, ignore_eos=True))
     engine.add_request("b", [8, 9], SamplingParams(max_tokens=5, ignore_eos=True, temperature=0.8, seed=3))
     runner, decodes, tokens = engine.runner, 0, {"a": [], "b": []}
-    real_decode = runner.decode
+    real_decode = runner._decode_call
 
-    def counting(inputs):
+    def counting(*args):
         nonlocal decodes
         decodes += 1
-        return real_decode(inputs)
+        return real_decode(*args)
 
-    runner.decode = counting
+    runner._decode_call = counting
     while engine.has_unfinished():
         for out in engine.step():
             tokens[out.request_id] += out.new_token_ids
@@ -92,13 +93,13 @@ def test_two_decode_graphs_alternate_and_give_the_same_tokens():
     ios = [_addresses(io) for io in twin.runner._ios]
     assert len(ios) == 2 and ios[0] != ios[1]
     turns = []
-    real_decode = twin.runner.decode
+    real_decode = twin.runner._decode_call
 
-    def recording(inputs):
+    def recording(*args):
         turns.append(twin.runner._turn)
-        return real_decode(inputs)
+        return real_decode(*args)
 
-    twin.runner.decode = recording
+    twin.runner._decode_call = recording
     tokens, decodes = _run(twin)
     assert tokens == _run(one)[0] and decodes >= 4
     assert turns[:4] == [0, 1, 0, 1]
@@ -119,3 +120,48 @@ def test_decode_graphs_automatic_is_two_only_for_async_on_a_gpu(monkeypatch):
     assert EngineConfig().resolved_decode_graphs() == 2
     assert EngineConfig(async_scheduling=False).resolved_decode_graphs() == 1
     assert EngineConfig(decode_graphs=1).resolved_decode_graphs() == 1
+
+
+def _staggered(engine, threads: set[str] | None = None) -> dict[str, list[int]]:
+    """Five requests arriving over the first steps (prefills beside decode rows, tokens fed from
+    the prefill in flight), greedy and seeded sampling, more than the slots and pages hold at once
+    (queueing, preemption)."""
+    if threads is not None:
+        real = engine.runner._decode_call
+
+        def recording(*args):
+            threads.add(threading.current_thread().name)
+            return real(*args)
+
+        engine.runner._decode_call = recording
+    arrivals = {0: [("a", [5, 6, 7], 0.0)], 1: [("b", [8, 9], 0.8), ("c", [3] * 9, 0.0)],
+                3: [("d", [4, 4, 2], 1.0)], 4: [("e", [7] * 5, 0.0)]}
+    tokens: dict[str, list[int]] = {}
+    step = 0
+    while step < 5 or engine.has_unfinished():
+        for rid, prompt, temp in arrivals.get(step, []):
+            tokens[rid] = []
+            engine.add_request(rid, prompt, SamplingParams(max_tokens=9, ignore_eos=True, temperature=temp,
+                                                           seed=11))
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+        step += 1
+    return tokens
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_launch_thread_gives_the_inline_engines_tokens(mode):
+    """launch_thread: the runner's device calls are issued from the launcher's thread, in order, while
+    the engine goes on with the step before's tokens; every token equals the inline engine's, with
+    prefills joining decode rows, sampled rows, and preemption (recompute and swap) on a small pool."""
+    model = Llama(CFG, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    cfg = EngineConfig(num_slots=3, page_size=4, num_pages=9, max_model_len=32, prefill_buckets=(8,),
+                       max_prefill_tokens_per_step=16, kernel_impl="reference", preemption_mode=mode)
+    inline = LLMEngine(model, config=cfg)
+    threaded = LLMEngine(model, config=dataclasses.replace(cfg, launch_thread=True))
+    threads: set[str] = set()
+    want, got = _staggered(inline), _staggered(threaded, threads)
+    assert got == want and all(len(t) == 9 for t in want.values())
+    assert threads and all(t.startswith("jtrail-launch") for t in threads)
+    assert threaded.num_preemptions == inline.num_preemptions > 0
+    assert threaded.scheduler.blocks.num_used == 0  # every page back

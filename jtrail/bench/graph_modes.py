@@ -36,10 +36,11 @@ from collections import defaultdict
 
 from jtrail.bench.engine_subprocesses import COMMAND_BUFFER_ENV, COMMAND_BUFFERS
 
-SETTINGS = ("default", "twin", "twin_queues4x")  # ~2 minutes each on a fresh H200
+SETTINGS = ("thread_ab",)  # ~2 minutes each on a fresh H200
 # settings beyond XLA's flags: the engine's decode_graphs and environment variables of CUDA's driver
 # (CUDA_SCALE_LAUNCH_QUEUES: the host blocks in a launch when the driver's launch queue is full)
-TWIN_SETTINGS = {"twin": {}, "twin_queues4x": {"CUDA_SCALE_LAUNCH_QUEUES": "4x"}}
+TWIN_SETTINGS = {"twin": {}, "twin_queues4x": {"CUDA_SCALE_LAUNCH_QUEUES": "4x"}, "twin_thread": {}}
+THREAD_SETTINGS = ("twin_thread",)  # and the runner's launch thread (EngineConfig.launch_thread)
 
 
 def graph_spans(trace_dir: str) -> dict[str, list[float]]:
@@ -74,7 +75,7 @@ def device_work(trace_dir: str, steps: int) -> dict[str, float]:
 
 
 def measure(batches: tuple[int, ...], decode_graphs: int = 1, windows: int = 3,
-            window_steps: int = 150) -> dict:
+            window_steps: int = 150, launch_thread: bool = False) -> dict:
     """This process's setting: per batch, step ms per window, graph spans, token hash."""
     import jax
 
@@ -86,7 +87,8 @@ def measure(batches: tuple[int, ...], decode_graphs: int = 1, windows: int = 3,
         for asyn in (True, False):
             out[f"b{b}" + ("" if asyn else "_sync")] = _measure_one(
                 sb.make_engine(model, b, asyn=asyn, steps=windows * window_steps + 60,
-                               decode_graphs=decode_graphs), b, windows if asyn else 1, window_steps)
+                               decode_graphs=decode_graphs, launch_thread=launch_thread),
+                b, windows if asyn else 1, window_steps)
     return out
 
 
@@ -129,10 +131,57 @@ def _measure_one(engine, b: int, windows: int, window_steps: int) -> dict:
     return row
 
 
+def measure_thread_ab(batches: tuple[int, ...], windows: int = 6, window_steps: int = 150) -> dict:
+    """One process, two engines (two decode executables each), the runner's launch thread off and on,
+    timed in alternating windows (off, on, on, off, ...): the host's drift between processes and
+    minutes cannot rank them, same-process interleaving can. Tokens must be equal."""
+    import jax
+
+    from jtrail.bench import step_breakdown as sb
+
+    model = sb.random_model(sb.CFG, seed=0)
+    out: dict = {"jax": jax.__version__, "device": jax.devices()[0].device_kind}
+    for b in batches:
+        engines = {t: sb.make_engine(model, b, asyn=True, steps=windows * window_steps + 60, decode_graphs=2,
+                                     launch_thread=t) for t in (False, True)}
+        tokens: dict[bool, dict[str, list[int]]] = {t: defaultdict(list) for t in engines}
+        row: dict = {"thread_off_step_ms": [], "thread_on_step_ms": []}
+
+        def window(t: bool, n: int, engines=engines, tokens=tokens) -> float:
+            e = engines[t]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                for o in e.step():
+                    tokens[t][o.request_id].extend(o.new_token_ids)
+            if e._in_flight is not None:
+                jax.block_until_ready(e._in_flight[1].result())
+            return 1e3 * (time.perf_counter() - t0) / n
+
+        for t in engines:
+            window(t, 10)
+        for i in range(windows):
+            for t in ((False, True) if i % 2 == 0 else (True, False)):
+                row[f"thread_{'on' if t else 'off'}_step_ms"].append(round(window(t, window_steps), 3))
+        for t, e in engines.items():
+            while e.has_unfinished():
+                window(t, 1)
+        off, on = (sum(row[f"thread_{k}_step_ms"]) for k in ("off", "on"))
+        row["off_over_on"] = round(off / on, 3)
+        row["tokens_equal"] = tokens[False] == tokens[True]
+        row["tokens"] = sum(map(len, tokens[True].values()))
+        out[f"b{b}"] = row
+    return out
+
+
 def main(argv: list[str]) -> None:
+    if argv[:1] == ["--child-ab"]:
+        batches = tuple(int(x) for x in argv[1].split(","))
+        print("RESULT " + json.dumps(measure_thread_ab(batches)), flush=True)
+        return
     if argv[:1] == ["--child"]:
         batches = tuple(int(x) for x in argv[1].split(","))
-        print("RESULT " + json.dumps(measure(batches, decode_graphs=int(argv[2]))), flush=True)
+        print("RESULT " + json.dumps(measure(batches, decode_graphs=int(argv[2]),
+                                             launch_thread=argv[3:] == ["thread"])), flush=True)
         return
     batches = "32"
     if "--batches" in argv:
@@ -143,13 +192,16 @@ def main(argv: list[str]) -> None:
     res: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "git_commit": os.environ.get("GIT_COMMIT"), "settings": {}}
     for name in names:
-        flags = "" if name == "default" or name in TWIN_SETTINGS else COMMAND_BUFFERS[name]
+        flags = "" if name in ("default", "thread_ab") or name in TWIN_SETTINGS else COMMAND_BUFFERS[name]
         extra = {**COMMAND_BUFFER_ENV.get(name, {}), **TWIN_SETTINGS.get(name, {})}
         env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip(), **extra}
         t0 = time.time()
         try:
             graphs = "2" if name in TWIN_SETTINGS else "1"
-            cmd = [sys.executable, "-m", "jtrail.bench.graph_modes", "--child", batches, graphs]
+            cmd = [sys.executable, "-m", "jtrail.bench.graph_modes", "--child", batches, graphs,
+                   *(["thread"] if name in THREAD_SETTINGS else [])]
+            if name == "thread_ab":
+                cmd = [sys.executable, "-m", "jtrail.bench.graph_modes", "--child-ab", batches]
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
             line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
             got = json.loads(line[0][7:]) if line else {"rc": p.returncode, "stderr_tail": p.stderr[-800:]}

@@ -36,6 +36,9 @@ class EngineConfig:
     # so each executable's CUDA graph finds its buffers where it left them and is not updated on every
     # call (H200, benchmarks/ENGINE_NOTES.md); None: 2 with async scheduling on a GPU, else 1
     decode_graphs: int | None = None
+    # the runner issues its device calls from a thread of its own (launcher.Launcher): the decode
+    # call's CUDA graph launch (~1.5 ms of host time on the H200) overlaps the engine's Python
+    launch_thread: bool = False
 
     def __post_init__(self) -> None:
         if self.preemption_mode not in ("recompute", "swap"):

@@ -67,7 +67,7 @@ class LLMEngine:
                                  decode_steps=cfg.decode_steps_per_call, impl=cfg.kernel_impl, probe=probe,
                                  tensor_parallel=cfg.tensor_parallel, prefill_buckets=cfg.prefill_buckets,
                                  max_prefill_tokens=cfg.max_prefill_tokens_per_step,
-                                 decode_graphs=cfg.resolved_decode_graphs())
+                                 decode_graphs=cfg.resolved_decode_graphs(), launch_thread=cfg.launch_thread)
         self.runner = runner
         self.model_cfg = model.cfg if model is not None else runner.cfg
         self.policy = resolve_policy(cfg.policy)

@@ -33,6 +33,7 @@ from ...models.sharding import kv_sharding, make_mesh, shard_attention_fn, shard
 from ..paging import pages_for
 from . import swap
 from .batch import SamplingRows, StepBatch, StepOutput, prefill_layout
+from .launcher import Launcher
 from .slot_rows import SlotTables
 
 __all__ = ["ModelRunner", "SamplingRows", "PagedMeta", "PrefillInputs", "DecodeInputs",
@@ -316,12 +317,13 @@ class ModelRunner:
                  max_model_len: int, decode_steps: int = 1, kv_dtype: Any = None, impl: str = "auto",
                  probe: ProbeHead | None = None, tensor_parallel: int = 1,
                  prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512),
-                 max_prefill_tokens: int | None = None, decode_graphs: int = 1):
+                 max_prefill_tokens: int | None = None, decode_graphs: int = 1, launch_thread: bool = False):
         """`decode_graphs` 2: consecutive decode calls alternate between two compiled copies of the step,
         each with its own DecodeIO. Under async scheduling call N is dispatched while N-1 runs, so XLA's
         temporary buffers of one executable alternate between two addresses and its CUDA graph is
         updated on every call; with two executables each may find its own at the same place again.
-        (EngineConfig checks the value.)"""
+        (EngineConfig checks the value.) `launch_thread`: the device calls are issued from a thread of
+        their own (launcher.Launcher), so a call's launch overlaps the engine's host work."""
         cfg = model.cfg
         self.prefill_buckets = tuple(prefill_buckets)
         # the packed prefill call: rows of prefill_row_tokens, total padded tokens one of these
@@ -351,7 +353,8 @@ class ModelRunner:
         # outputs are (an uncommitted stand-in is another compile of _fed_tokens); made once, here
         self._no_tokens = (jax.device_put(np.zeros((decode_steps, num_slots), np.int32), tokens_on),
                            jax.device_put(np.zeros(1, np.int32), tokens_on))
-        self.caches = [(jnp.zeros(shape, kv_dtype, device=kv_dev), jnp.zeros(shape, kv_dtype, device=kv_dev))
+        self._launcher = Launcher(launch_thread)
+        self._caches = [(jnp.zeros(shape, kv_dtype, device=kv_dev), jnp.zeros(shape, kv_dtype, device=kv_dev))
                        for _ in range(cfg.n_layers)]
         graphdef, state = nnx.split(model)
         self._state_leaves, treedef = jax.tree_util.tree_flatten(state)
@@ -366,6 +369,7 @@ class ModelRunner:
             self.probe_state = jax.device_put(self.probe_state, tokens_on)
         layer, bins = (probe.cfg.layer, probe.cfg.num_bins) if probe is not None else (None, 0)
         self._last: tuple[Any, Any] = (None, None)  # the last call's sampled tokens (prefill, decode)
+        self._issued = (False, False)  # whether the last execute had prefill chunks, decode rows
         width = 7 + self.max_pages_per_seq + decode_steps  # pack_decode_inputs' columns
         # the decode call's fixed-address inputs and outputs (made on the device: a CPU device_put of
         # numpy may share the host memory, which a call cannot take over, so the first call moved them)
@@ -378,6 +382,12 @@ class ModelRunner:
         self._turn = 0  # which decode executable (and its DecodeIO) the next call uses
         self.statics = intern_statics(StepStatics(graphdef, probe_graphdef, layer, page_size, decode_steps,
                                                   impl, bins, mesh, treedef))
+
+    @property
+    def caches(self) -> list[tuple[jax.Array, jax.Array]]:
+        """The KV pages per layer, once every queued call has been issued."""
+        self._launcher.drain()
+        return self._caches
 
     @property
     def decode_graphs(self) -> int:
@@ -396,10 +406,10 @@ class ModelRunner:
 
     # ---- the Runner interface (runner.py) ---------------------------------------------------
     def execute(self, batch: StepBatch):
-        """Dispatch the step: all prefill chunks in one packed call, then the decode call; returns
-        device arrays (no sync)."""
-        last_pre, last_dec = self._last  # the call before this one (async: still in flight)
-        pre = self._execute_prefills(batch) if batch.prefills else None
+        """Dispatch the step: all prefill chunks in one packed call, then the decode call; returns a
+        handle (no sync). The host inputs are built here; the calls are issued by the launcher."""
+        had_pre, had_dec = self._issued  # the call before this one (async: still in flight)
+        pre = self._prefill_inputs(batch) if batch.prefills else None
         dec = None
         if batch.decodes:
             tokens, positions, n_valid = (np.zeros(self.num_slots, np.int32) for _ in range(3))
@@ -414,21 +424,34 @@ class ModelRunner:
                 else:
                     src[b] = row.fed.index * self.num_slots + b
             tables = self._tables.update(batch.decodes)
-            if any(r.fed is not None and (last_pre if r.fed.prefill else last_dec) is None
-                   for r in batch.decodes):
+            if any(r.fed is not None and not (had_pre if r.fed.prefill else had_dec) for r in batch.decodes):
                 raise RuntimeError("a decode row is fed a token the previous call did not sample")
-            if (src >= 0).any():
+            inputs = DecodeInputs(tokens=tokens, positions=positions, n_valid=n_valid,
+                                  block_tables=tables, samp=batch.decode_sampling)
+            # packed now: the launcher's thread may run while the next step rewrites the tables
+            dec = (tokens, pack_decode_inputs(inputs), needs_filter(inputs.samp.temperature,
+                   inputs.samp.top_p, inputs.samp.top_k), src if (src >= 0).any() else None)
+        self.calls += (pre is not None) + (dec is not None)
+        self._issued = (pre is not None, dec is not None)
+        return self._launcher.submit(partial(self._launch, pre, dec))
+
+    def _launch(self, pre, dec):
+        """The step's device calls, in order (on the launcher's thread when it has one)."""
+        last_pre, last_dec = self._last
+        pre_out = self._prefill_call(*pre) if pre is not None else None
+        dec_out = None
+        if dec is not None:
+            tokens, packed, filtered, src = dec
+            if src is not None:
                 no_dec, no_pre = self._no_tokens
                 tokens = _fed_tokens(tokens, last_dec if last_dec is not None else no_dec,
                                      last_pre if last_pre is not None else no_pre, src)
-            dec = self.decode(DecodeInputs(tokens=tokens, positions=positions, n_valid=n_valid,
-                                           block_tables=tables, samp=batch.decode_sampling))
-            self.calls += 1
-        self._last = (pre[0] if pre is not None else None, dec[0] if dec is not None else None)
-        return pre, dec
+            dec_out = self._decode_call(tokens, packed, filtered)
+        self._last = tuple(out[0] if out is not None else None for out in (pre_out, dec_out))
+        return pre_out, dec_out
 
     def fetch(self, handle) -> StepOutput:
-        pre, dec = handle
+        pre, dec = handle.result()  # issued (an error of the launch is raised here)
         host_pre, host_dec = jax.device_get((pre, dec))  # one sync per step
         out = StepOutput()
         if host_pre is not None:
@@ -439,7 +462,7 @@ class ModelRunner:
             out.decode_probs = np.asarray(host_dec[1]) if host_dec[1] is not None else None
         return out
 
-    def _execute_prefills(self, batch: StepBatch):
+    def _prefill_inputs(self, batch: StepBatch) -> tuple[PrefillInputs, bool]:
         t_row = self.prefill_row_tokens
         pieces = []  # (chunk index, start position, tokens)
         for c, ch in enumerate(batch.prefills):
@@ -476,19 +499,20 @@ class ModelRunner:
         inputs = PrefillInputs(tokens=tokens, positions=positions, slot_mapping=slots.reshape(-1),
                                block_tables=tables, q_lens=q_lens, row_chunk=row_chunk, last_row=last_row,
                                n_prompt=n_prompt, chunk_end=chunk_end, tap_in=tap_in, samp=samp)
-        self.caches, token, probs, tap_acc = _prefill_packed(
-            self.statics, state=self._state_leaves, caches=self.caches, probe_state=self.probe_state,
-            inputs=inputs)
-        self.calls += 1
         # the running prompt-tap sums come back only when a prompt has chunks to come
-        keep_taps = any(not ch.completes for ch in batch.prefills)
+        return inputs, any(not ch.completes for ch in batch.prefills)
+
+    def _prefill_call(self, inputs: PrefillInputs, keep_taps: bool):
+        self._caches, token, probs, tap_acc = _prefill_packed(
+            self.statics, state=self._state_leaves, caches=self._caches, probe_state=self.probe_state,
+            inputs=inputs)
         return token, probs, (tap_acc if keep_taps else None)
 
     def swap_out(self, pages: list[int]) -> swap.SwappedKV:
         return swap.swap_out(self.caches, pages)
 
     def swap_in(self, pages: list[int], saved: swap.SwappedKV) -> None:
-        self.caches = swap.swap_in(self.caches, pages, saved)
+        self._caches = swap.swap_in(self.caches, pages, saved)
 
     def warmup(self) -> None:
         """Compile the decode step ahead of traffic, with and without top-p/top-k (all rows empty:
@@ -508,12 +532,18 @@ class ModelRunner:
     def decode(self, inputs: DecodeInputs):
         """One decode call of `decode_steps` steps over every slot. Returns device arrays tokens [n, S]
         and probs [n, S, K] or None; step j's token for slot b is at [j, b]."""
-        samp, k = inputs.samp, self._turn
+        samp = inputs.samp
+        self._launcher.drain()
+        return self._decode_call(inputs.tokens, pack_decode_inputs(inputs),
+                                 needs_filter(samp.temperature, samp.top_p, samp.top_k))
+
+    def _decode_call(self, tokens, packed: np.ndarray, filtered: bool):
+        k = self._turn
         self._turn = (k + 1) % len(self._ios)
-        io = _stage_decode(self._ios[k], tokens=inputs.tokens, packed=pack_decode_inputs(inputs))
-        self.caches, io = _DECODE_CALLS[k](
-            self.statics, state=self._state_leaves, caches=self.caches, probe_state=self.probe_state,
-            io=io, filtered=needs_filter(samp.temperature, samp.top_p, samp.top_k))
+        io = _stage_decode(self._ios[k], tokens=tokens, packed=packed)
+        self._caches, io = _DECODE_CALLS[k](
+            self.statics, state=self._state_leaves, caches=self._caches, probe_state=self.probe_state,
+            io=io, filtered=filtered)
         self._ios[k] = io
         out_tokens, out_probs = _collect_decode(io)
         return out_tokens, (out_probs if self.has_probe else None)
