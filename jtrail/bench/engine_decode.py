@@ -18,6 +18,16 @@ import time
 from pathlib import Path
 
 
+def wait_in_flight(engine) -> None:
+    """Wait until the engine's step in flight (async scheduling) has run on the device. Its handle is
+    the runner's: a future of the launched calls where the runner issues them from a thread."""
+    handle = engine._in_flight[1] if engine._in_flight is not None else None
+    if handle is not None:
+        import jax  # this module imports JAX late (the CLI's argument errors come first)
+
+        jax.block_until_ready(handle.result() if hasattr(handle, "result") else handle)
+
+
 def hf_peer(shape: str, batches: list[int], ctx: int, new_tokens: int) -> dict:
     """Runs in its own process: transformers generate, random bf16 weights on the GPU."""
     import torch
@@ -162,13 +172,13 @@ def bench_decode(model, cfg, b: int, args, bw: float) -> dict:
     engine.step()  # compile + first call
     if async_on:  # the second step compiles the token feed; from here on a step is always in flight:
         engine.step()  # the timed window starts and ends with none running on the device
-        jax.block_until_ready(engine._in_flight[1])
+        wait_in_flight(engine)
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
     if async_on:  # every step dispatched in the window done; the last one's tokens not yet processed
-        jax.block_until_ready(engine._in_flight[1])
+        wait_in_flight(engine)
     wall = time.perf_counter() - t0
     toks = b * k * steps
     # device time of the jitted call alone: same shapes, inputs prepared once, back to back

@@ -34,6 +34,7 @@ import tempfile
 import time
 from collections import defaultdict
 
+from jtrail.bench.engine_decode import wait_in_flight
 from jtrail.bench.engine_subprocesses import COMMAND_BUFFER_ENV, COMMAND_BUFFERS
 
 SETTINGS = ("thread_ab",)  # ~2 minutes each on a fresh H200
@@ -102,8 +103,7 @@ def _measure_one(engine, b: int, windows: int, window_steps: int) -> dict:
             tokens[o.request_id].extend(o.new_token_ids)
 
     def drain() -> None:
-        if engine._in_flight is not None:
-            jax.block_until_ready(engine._in_flight[1])
+        wait_in_flight(engine)
 
     for _ in range(10):
         step()
@@ -153,8 +153,7 @@ def measure_thread_ab(batches: tuple[int, ...], windows: int = 6, window_steps: 
             for _ in range(n):
                 for o in e.step():
                     tokens[t][o.request_id].extend(o.new_token_ids)
-            if e._in_flight is not None:
-                jax.block_until_ready(e._in_flight[1].result())
+            wait_in_flight(e)
             return 1e3 * (time.perf_counter() - t0) / n
 
         for t in engines:
