@@ -132,42 +132,51 @@ def _measure_one(engine, b: int, windows: int, window_steps: int) -> dict:
 
 
 def measure_thread_ab(batches: tuple[int, ...], windows: int = 6, window_steps: int = 150) -> dict:
-    """One process, two engines (two decode executables each), the runner's launch thread off and on,
-    timed in alternating windows (off, on, on, off, ...): the host's drift between processes and
-    minutes cannot rank them, same-process interleaving can. Tokens must be equal."""
+    """One process, three engines (two decode executables each): the runner's launch thread off, on,
+    and on with Python's thread switch interval at 0.5 ms instead of 5 ms (the launcher waits for the
+    GIL after each call while the engine's thread runs Python), timed in windows of rotating order:
+    the host's drift between processes and minutes cannot rank them, same-process interleaving can.
+    Tokens must be equal."""
     import jax
 
     from jtrail.bench import step_breakdown as sb
 
     model = sb.random_model(sb.CFG, seed=0)
     out: dict = {"jax": jax.__version__, "device": jax.devices()[0].device_kind}
+    variants = {"off": (False, None), "on": (True, None), "on_switch_0.5ms": (True, 0.0005)}
     for b in batches:
-        engines = {t: sb.make_engine(model, b, asyn=True, steps=windows * window_steps + 60, decode_graphs=2,
-                                     launch_thread=t) for t in (False, True)}
-        tokens: dict[bool, dict[str, list[int]]] = {t: defaultdict(list) for t in engines}
-        row: dict = {"thread_off_step_ms": [], "thread_on_step_ms": []}
+        engines = {v: sb.make_engine(model, b, asyn=True, steps=windows * window_steps + 60, decode_graphs=2,
+                                     launch_thread=t) for v, (t, _) in variants.items()}
+        tokens: dict[str, dict[str, list[int]]] = {v: defaultdict(list) for v in engines}
+        row: dict = {f"{v}_step_ms": [] for v in engines}
 
-        def window(t: bool, n: int, engines=engines, tokens=tokens) -> float:
-            e = engines[t]
+        def window(v: str, n: int, engines=engines, tokens=tokens) -> float:
+            e, default_switch = engines[v], sys.getswitchinterval()
+            if variants[v][1] is not None:
+                sys.setswitchinterval(variants[v][1])
             t0 = time.perf_counter()
             for _ in range(n):
                 for o in e.step():
-                    tokens[t][o.request_id].extend(o.new_token_ids)
+                    tokens[v][o.request_id].extend(o.new_token_ids)
             wait_in_flight(e)
-            return 1e3 * (time.perf_counter() - t0) / n
+            took = 1e3 * (time.perf_counter() - t0) / n
+            sys.setswitchinterval(default_switch)
+            return took
 
-        for t in engines:
-            window(t, 10)
+        names = list(engines)
+        for v in names:
+            window(v, 10)
         for i in range(windows):
-            for t in ((False, True) if i % 2 == 0 else (True, False)):
-                row[f"thread_{'on' if t else 'off'}_step_ms"].append(round(window(t, window_steps), 3))
-        for t, e in engines.items():
+            for v in names[i % 3:] + names[:i % 3]:
+                row[f"{v}_step_ms"].append(round(window(v, window_steps), 3))
+        for v, e in engines.items():
             while e.has_unfinished():
-                window(t, 1)
-        off, on = (sum(row[f"thread_{k}_step_ms"]) for k in ("off", "on"))
-        row["off_over_on"] = round(off / on, 3)
-        row["tokens_equal"] = tokens[False] == tokens[True]
-        row["tokens"] = sum(map(len, tokens[True].values()))
+                window(v, 1)
+        off = sum(row["off_step_ms"])
+        for v in names[1:]:
+            row[f"off_over_{v}"] = round(off / sum(row[f"{v}_step_ms"]), 3)
+        row["tokens_equal"] = all(tokens[v] == tokens["off"] for v in names)
+        row["tokens"] = sum(map(len, tokens["off"].values()))
         out[f"b{b}"] = row
     return out
 
