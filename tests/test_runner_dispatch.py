@@ -116,10 +116,14 @@ def test_decode_graphs_automatic_is_two_only_for_async_on_a_gpu(monkeypatch):
     """None: two executables where a CUDA graph would be updated on every call (async scheduling on
     a GPU); one elsewhere (this CPU; synchronous steps reuse the same temporaries)."""
     assert EngineConfig().resolved_decode_graphs() == 1  # the CPU backend
+    assert not EngineConfig().resolved_launch_thread()
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert EngineConfig().resolved_decode_graphs() == 2
     assert EngineConfig(async_scheduling=False).resolved_decode_graphs() == 1
     assert EngineConfig(decode_graphs=1).resolved_decode_graphs() == 1
+    assert EngineConfig().resolved_launch_thread()  # the launch thread: the same rule
+    assert not EngineConfig(async_scheduling=False).resolved_launch_thread()
+    assert not EngineConfig(launch_thread=False).resolved_launch_thread()
 
 
 def _staggered(engine, threads: set[str] | None = None) -> dict[str, list[int]]:

@@ -37,8 +37,9 @@ class EngineConfig:
     # call (H200, benchmarks/ENGINE_NOTES.md); None: 2 with async scheduling on a GPU, else 1
     decode_graphs: int | None = None
     # the runner issues its device calls from a thread of its own (launcher.Launcher): the decode
-    # call's CUDA graph launch (~1.5 ms of host time on the H200) overlaps the engine's Python
-    launch_thread: bool = False
+    # call's CUDA graph launch (~1.5 ms of host time on the H200) overlaps the engine's Python;
+    # None: on with async scheduling on a GPU (nothing to overlap in synchronous steps or on the CPU)
+    launch_thread: bool | None = None
 
     def __post_init__(self) -> None:
         if self.preemption_mode not in ("recompute", "swap"):
@@ -52,14 +53,28 @@ class EngineConfig:
         if self.decode_graphs not in (None, 1, 2):
             raise ValueError(f"decode_graphs must be 1, 2 or None (automatic), got {self.decode_graphs}")
 
+    def runner_options(self) -> dict[str, Any]:
+        """ModelRunner's keyword arguments from this configuration (automatic choices resolved)."""
+        return dict(num_slots=self.num_slots, num_pages=self.num_pages, page_size=self.page_size,
+                    max_model_len=self.max_model_len, decode_steps=self.decode_steps_per_call,
+                    kv_dtype=self.dtype, impl=self.kernel_impl, tensor_parallel=self.tensor_parallel,
+                    prefill_buckets=self.prefill_buckets, max_prefill_tokens=self.max_prefill_tokens_per_step,
+                    decode_graphs=self.resolved_decode_graphs(), launch_thread=self.resolved_launch_thread())
+
     def resolved_decode_graphs(self) -> int:
         """decode_graphs, None resolved: two executables only where the graph would otherwise be
         updated on every call (async scheduling, CUDA graphs: a GPU backend)."""
         if self.decode_graphs is not None:
             return self.decode_graphs
+        return 2 if self._async_on_gpu() else 1
+
+    def resolved_launch_thread(self) -> bool:
+        return self.launch_thread if self.launch_thread is not None else self._async_on_gpu()
+
+    def _async_on_gpu(self) -> bool:
         import jax
 
-        return 2 if self.async_scheduling and jax.default_backend() == "gpu" else 1
+        return self.async_scheduling and jax.default_backend() == "gpu"
 
 
 def resolve_policy(policy: str | Policy) -> Policy:

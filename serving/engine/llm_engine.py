@@ -62,12 +62,7 @@ class LLMEngine:
         if runner is None:
             from .model_runner import ModelRunner  # JAX: imported only when a model is served
 
-            runner = ModelRunner(model, num_slots=cfg.num_slots, num_pages=cfg.num_pages,
-                                 page_size=cfg.page_size, max_model_len=cfg.max_model_len, kv_dtype=cfg.dtype,
-                                 decode_steps=cfg.decode_steps_per_call, impl=cfg.kernel_impl, probe=probe,
-                                 tensor_parallel=cfg.tensor_parallel, prefill_buckets=cfg.prefill_buckets,
-                                 max_prefill_tokens=cfg.max_prefill_tokens_per_step,
-                                 decode_graphs=cfg.resolved_decode_graphs(), launch_thread=cfg.launch_thread)
+            runner = ModelRunner(model, probe=probe, **cfg.runner_options())
         self.runner = runner
         self.model_cfg = model.cfg if model is not None else runner.cfg
         self.policy = resolve_policy(cfg.policy)
