@@ -29,6 +29,10 @@ class SamplingRows(NamedTuple):
     forced: Any
 
 
+# a row with no request (an empty slot, padding): greedy, top-p 1 (no vocabulary sort), nothing forced
+EMPTY_ROW = SamplingRows(temperature=0.0, top_p=1.0, top_k=0, seed=0, gen_index=0, forced=-1)
+
+
 @dataclass
 class PrefillChunk:
     """KV for `tokens` at positions [start, start + len(tokens)) of `seq`; the runner samples the

@@ -32,7 +32,7 @@ from ...models.sampling import needs_filter, sample_tokens
 from ...models.sharding import kv_sharding, make_mesh, shard_attention_fn, shard_model
 from ..paging import pages_for
 from . import swap
-from .batch import SamplingRows, StepBatch, StepOutput, prefill_layout
+from .batch import EMPTY_ROW, SamplingRows, StepBatch, StepOutput, prefill_layout
 from .launcher import Launcher
 from .slot_rows import SlotTables
 
@@ -302,9 +302,8 @@ def _fed_tokens(host_tokens, prev_decode, prev_prefill, src):
 
 def _pad_rows(samp: SamplingRows, r: int) -> SamplingRows:
     """Pad every field to r rows: greedy, top_p 1, nothing forced (pad rows' tokens are dropped)."""
-    fills = (0.0, 1.0, 0, 0, 0, -1)
     out = []
-    for a, fill in zip(samp, fills, strict=True):
+    for a, fill in zip(samp, EMPTY_ROW, strict=True):
         a = np.asarray(a)
         padded = np.full((r, *a.shape[1:]), fill, a.dtype)
         padded[:len(a)] = a

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..sequence import Sequence
-from .batch import Fed, SamplingRows, StepBatch
+from .batch import EMPTY_ROW, Fed, SamplingRows, StepBatch
 from .request_state import EngineRequest
 from .slot_rows import SlotSampling
 
@@ -34,15 +34,15 @@ def fill_sampling(batch: StepBatch, reqs: dict[str, EngineRequest], slots: SlotS
 def sampling_rows(seqs: list[Sequence | None], reqs: dict[str, EngineRequest],
                   steps: int = 1) -> SamplingRows:
     """One row per sequence (None: an empty row), each draw after the tokens generated so far."""
-    def col(f, dtype, empty=0):  # empty slots get harmless values (greedy, top_p 1)
+    def col(f, dtype, empty):  # empty slots get EMPTY_ROW's harmless values
         return np.array([f(s) if s is not None else empty for s in seqs], dtype)
 
-    gen = np.array([s.num_generated if s is not None else 0 for s in seqs], np.int32)
-    forced = np.full((len(seqs), steps), -1, np.int32)  # trace replay: the given tokens
+    gen = col(lambda s: s.num_generated, np.int32, EMPTY_ROW.gen_index)
+    forced = np.full((len(seqs), steps), EMPTY_ROW.forced, np.int32)  # trace replay: the given tokens
     for b, s in enumerate(seqs):
         if s is not None and s.params.forced_output_ids:
             forced[b] = [s.forced_token(int(gen[b]) + j) for j in range(steps)]
-    return SamplingRows(col(lambda s: s.params.temperature, np.float32),
-                        col(lambda s: s.params.top_p, np.float32, 1.0),
-                        col(lambda s: s.params.top_k, np.int32),
-                        col(lambda s: reqs[s.request_id].seed, np.uint32), gen, forced)
+    return SamplingRows(col(lambda s: s.params.temperature, np.float32, EMPTY_ROW.temperature),
+                        col(lambda s: s.params.top_p, np.float32, EMPTY_ROW.top_p),
+                        col(lambda s: s.params.top_k, np.int32, EMPTY_ROW.top_k),
+                        col(lambda s: reqs[s.request_id].seed, np.uint32, EMPTY_ROW.seed), gen, forced)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..sequence import Sequence
-from .batch import DecodeRow, SamplingRows
+from .batch import EMPTY_ROW, DecodeRow, SamplingRows
 from .block_manager import NULL_PAGE
 from .request_state import EngineRequest
 
@@ -54,17 +54,17 @@ class SlotSampling:
 
     def __init__(self, num_slots: int):
         self.seqs: list[Sequence | None] = [None] * num_slots
-        self.temperature = np.zeros(num_slots, np.float32)
-        self.top_p = np.ones(num_slots, np.float32)
-        self.top_k = np.zeros(num_slots, np.int32)
-        self.seed = np.zeros(num_slots, np.uint32)
+        self.temperature = np.full(num_slots, EMPTY_ROW.temperature, np.float32)
+        self.top_p = np.full(num_slots, EMPTY_ROW.top_p, np.float32)
+        self.top_k = np.full(num_slots, EMPTY_ROW.top_k, np.int32)
+        self.seed = np.full(num_slots, EMPTY_ROW.seed, np.uint32)
 
     def rows(self, decodes: list[DecodeRow], reqs: dict[str, EngineRequest], steps: int) -> SamplingRows:
         """`decodes`' rows, each draw after the row's tokens in flight (`ahead`). Arrays are the
         batch's own copies (the next step rewrites these)."""
         n = len(self.seqs)
         gen = np.zeros(n, np.int32)
-        forced = np.full((n, steps), -1, np.int32)  # trace replay: the given tokens
+        forced = np.full((n, steps), EMPTY_ROW.forced, np.int32)  # trace replay: the given tokens
         held = set()
         for r in decodes:
             b, seq = r.slot, r.seq
@@ -80,6 +80,6 @@ class SlotSampling:
         for b, seq in enumerate(self.seqs):
             if seq is not None and b not in held:
                 self.seqs[b] = None
-                self.temperature[b], self.top_p[b], self.top_k[b], self.seed[b] = 0.0, 1.0, 0, 0
+                self.temperature[b], self.top_p[b], self.top_k[b], self.seed[b] = EMPTY_ROW[:4]
         return SamplingRows(self.temperature.copy(), self.top_p.copy(), self.top_k.copy(), self.seed.copy(),
                             gen, forced)
