@@ -36,3 +36,19 @@ def test_device_work_counts_stream_ops_only(tmp_path):
     with gzip.open(run / "h.trace.json.gz", "wt") as f:
         json.dump({"traceEvents": meta + ops}, f)
     assert device_work(str(tmp_path), steps=2) == {"ops_per_step": 3.0, "busy_us_per_step": 30.0}
+
+
+def test_every_setting_names_real_config_fields_and_the_default_run_is_known():
+    """A typo in a setting would otherwise surface only on the GPU, after the machine's start-up."""
+    import dataclasses
+
+    from jtrail.serving.engine.config import EngineConfig
+
+    from jtrail.bench.graph_modes import DEFAULT_RUN, SETTINGS
+
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    for name, (flags, _env, config) in SETTINGS.items():
+        assert set(config) <= fields, name
+        assert flags == "" or flags.startswith("--xla_"), name
+        EngineConfig(**config)  # valid values
+    assert set(DEFAULT_RUN) <= set(SETTINGS)

@@ -1,24 +1,23 @@
-"""Does the decode step's CUDA graph get updated on every call, and what does each XLA setting do to
-the engine's step time and tokens (issue 16)?
+"""What each engine and XLA setting does to the decode step's CUDA graph, step time and tokens (issue 16).
 
     python -m jtrail.bench.graph_modes [SETTING,...] [--batches 32,128]
                                           # -> $OUT/graph_modes.json (or ./graph_modes.json)
 
-SmolLM2-135M shape, random bf16 weights, ctx 512, batch 32 (default), one token per call, async engine.
-Each setting (names of engine_subprocesses.COMMAND_BUFFERS: XLA flags and, for "vmm*", CUDA's
-virtual-memory allocator; "twin": XLA's defaults, the engine alternating two compiled copies of the
-decode step, EngineConfig.decode_graphs=2) runs in its own process: three timed windows of 150
-engine steps, then a profiler trace of 20 steps whose command-buffer spans (update, launch) are
-summarized, and a hash of every token the engine produced, which must equal the default setting's
-(a graph not updated when an address moved computes garbage). The file is rewritten after each
-setting.
+SmolLM2-135M shape, random bf16 weights, ctx 512, batch 32 (default), async engine. Each setting of
+SETTINGS (XLA flags, environment variables, EngineConfig fields) runs in its own process: three timed
+windows of engine steps (150 at one token per call), a profiler trace of 20 steps (the host spans of
+XLA's command buffers and graph launches; the GPU's ops and busy time per step), a synchronous window,
+and hashes of the tokens produced: every request's first 256 tokens must equal those of the run's first
+setting (a graph not updated after an address moved, or a wrong fusion, computes other tokens). The
+setting `thread_ab` instead times the runner's launch thread off and on in one process, interleaved.
+The file is rewritten after each setting.
 
-On the H200 (2026-12-03, jaxlib 0.11.2, default setting, batch 32) every decode call updated its
-graph (`command_buffer::update` medians 951 and 1,290 us of host time per call in two runs, then
-`cuGraphLaunch` 977 and 1,264 us; results/engine_dispatch.json, followup_2026_12_03) although the
-call's inputs and outputs keep their addresses (model_runner.DecodeIO): the step is host-bound on
-these two spans.
+On the H200 (2026-12-03, jaxlib 0.11.2; results/engine_dispatch.json, graph_modes_2026_12_03): with one
+decode executable every call updated its graph (`command_buffer::update` 1,737 us median); with two
+(`twin`, now the default on a GPU) no update is left and the tokens are the same; the launch itself
+(`cuGraphLaunch` 1.5-1.8 ms, also with the device idle) is what the launch thread overlaps (b32 1.13x).
 """
+
 
 from __future__ import annotations
 
@@ -37,11 +36,25 @@ from collections import defaultdict
 from jtrail.bench.engine_decode import wait_in_flight
 from jtrail.bench.engine_subprocesses import COMMAND_BUFFER_ENV, COMMAND_BUFFERS
 
-SETTINGS = ("thread_ab",)  # ~2 minutes each on a fresh H200
-# settings beyond XLA's flags: the engine's decode_graphs and environment variables of CUDA's driver
-# (CUDA_SCALE_LAUNCH_QUEUES: the host blocks in a launch when the driver's launch queue is full)
-TWIN_SETTINGS = {"twin": {}, "twin_queues4x": {"CUDA_SCALE_LAUNCH_QUEUES": "4x"}, "twin_thread": {}}
-THREAD_SETTINGS = ("twin_thread",)  # and the runner's launch thread (EngineConfig.launch_thread)
+# XLA's default command-buffer types plus loops and conditionals: a decode call of k > 1 tokens (a
+# fori_loop) becomes one graph instead of a loop whose body the host launches op by op
+WHILE_GRAPHS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+BEFORE = {"decode_graphs": 1, "launch_thread": False}  # the engine before 5c7ba84
+# name -> (XLA flags, environment variables, EngineConfig fields); {} = the engine's defaults
+SETTINGS: dict[str, tuple[str, dict, dict]] = {
+    "default": ("", {}, BEFORE),
+    "twin": ("", {}, {**BEFORE, "decode_graphs": 2}),
+    # the host blocks in a launch when the driver's launch queue is full
+    "twin_queues4x": ("", {"CUDA_SCALE_LAUNCH_QUEUES": "4x"}, {**BEFORE, "decode_graphs": 2}),
+    "engine": ("", {}, {}),
+    # GEMMs as XLA's Triton fusions only (no cuBLAS): producers and consumers may fuse into them
+    "triton_gemm": ("--xla_gpu_cublas_fallback=false", {}, {}),
+    "k8": ("", {}, {"decode_steps_per_call": 8}),
+    "k8_while": (WHILE_GRAPHS, {}, {"decode_steps_per_call": 8}),
+    **{name: (flags, COMMAND_BUFFER_ENV.get(name, {}), BEFORE) for name, flags in COMMAND_BUFFERS.items()},
+}
+DEFAULT_RUN = ("engine", "triton_gemm", "k8", "k8_while")  # ~2 minutes each on a fresh H200
+PREFIX = 256  # tokens per request compared between settings (k8 settings generate more per window)
 
 
 def graph_spans(trace_dir: str) -> dict[str, list[float]]:
@@ -75,25 +88,27 @@ def device_work(trace_dir: str, steps: int) -> dict[str, float]:
     return {"ops_per_step": round(n / steps, 1), "busy_us_per_step": round(busy / steps, 1)}
 
 
-def measure(batches: tuple[int, ...], decode_graphs: int = 1, windows: int = 3,
-            window_steps: int = 150, launch_thread: bool = False) -> dict:
-    """This process's setting: per batch, step ms per window, graph spans, token hash."""
+def measure(batches: tuple[int, ...], config: dict, windows: int = 3, window_steps: int = 150) -> dict:
+    """This process's setting (`config`: EngineConfig fields): per batch, step ms per window, graph
+    spans, token hashes."""
     import jax
 
     from jtrail.bench import step_breakdown as sb
 
     model = sb.random_model(sb.CFG, seed=0)
     out: dict = {"jax": jax.__version__, "device": jax.devices()[0].device_kind}
+    k = config.get("decode_steps_per_call", 1)
+    window_steps = max(20, window_steps // k)
     for b in batches:
         for asyn in (True, False):
-            out[f"b{b}" + ("" if asyn else "_sync")] = _measure_one(
-                sb.make_engine(model, b, asyn=asyn, steps=windows * window_steps + 60,
-                               decode_graphs=decode_graphs, launch_thread=launch_thread),
-                b, windows if asyn else 1, window_steps)
+            engine = sb.make_engine(model, b, asyn=asyn, steps=(windows * window_steps + 60) * k, **config)
+            row = _measure_one(engine, b, windows if asyn else 1, window_steps, k)
+            row["tokens_per_s"] = [round(b * k * 1e3 / ms) for ms in row["step_ms"]]
+            out[f"b{b}" + ("" if asyn else "_sync")] = row
     return out
 
 
-def _measure_one(engine, b: int, windows: int, window_steps: int) -> dict:
+def _measure_one(engine, b: int, windows: int, window_steps: int, k: int = 1) -> dict:
     import jax
 
     tokens: dict[str, list[int]] = defaultdict(list)
@@ -124,9 +139,12 @@ def _measure_one(engine, b: int, windows: int, window_steps: int) -> dict:
     row["spans"] = graph_spans(trace)
     row["device"] = device_work(trace, 20)
     shutil.rmtree(trace)
-    while engine.has_unfinished() and sum(map(len, tokens.values())) < b * (windows * window_steps + 30):
+    while engine.has_unfinished() and sum(map(len, tokens.values())) < b * (windows * window_steps + 30) * k:
         step()
     row["tokens_sha1"] = hashlib.sha1(json.dumps(sorted(tokens.items())).encode()).hexdigest()[:16]
+    # every request's first PREFIX tokens: comparable between settings of any tokens per call
+    first = sorted((r, t[:PREFIX]) for r, t in tokens.items())
+    row[f"first{PREFIX}_sha1"] = hashlib.sha1(json.dumps(first).encode()).hexdigest()[:16]
     row["tokens"] = sum(map(len, tokens.values()))
     return row
 
@@ -187,40 +205,40 @@ def main(argv: list[str]) -> None:
         print("RESULT " + json.dumps(measure_thread_ab(batches)), flush=True)
         return
     if argv[:1] == ["--child"]:
-        batches = tuple(int(x) for x in argv[1].split(","))
-        print("RESULT " + json.dumps(measure(batches, decode_graphs=int(argv[2]),
-                                             launch_thread=argv[3:] == ["thread"])), flush=True)
+        batches = tuple(int(x) for x in argv[2].split(","))
+        print("RESULT " + json.dumps(measure(batches, SETTINGS[argv[1]][2])), flush=True)
         return
     batches = "32"
     if "--batches" in argv:
         i = argv.index("--batches")
         batches, argv = argv[i + 1], argv[:i] + argv[i + 2:]
-    names = argv[0].split(",") if argv else list(SETTINGS)
+    names = argv[0].split(",") if argv else list(DEFAULT_RUN)
+    unknown = [n for n in names if n not in SETTINGS and n != "thread_ab"]
+    if unknown:
+        raise SystemExit(f"unknown setting(s) {unknown}; known: thread_ab, {', '.join(SETTINGS)}")
     path = os.path.join(os.environ.get("OUT") or ".", "graph_modes.json")
     res: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "git_commit": os.environ.get("GIT_COMMIT"), "settings": {}}
     for name in names:
-        flags = "" if name in ("default", "thread_ab") or name in TWIN_SETTINGS else COMMAND_BUFFERS[name]
-        extra = {**COMMAND_BUFFER_ENV.get(name, {}), **TWIN_SETTINGS.get(name, {})}
+        flags, extra, config = SETTINGS.get(name, ("", {}, {}))
         env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip(), **extra}
+        cmd = [sys.executable, "-m", "jtrail.bench.graph_modes",
+               *(["--child-ab", batches] if name == "thread_ab" else ["--child", name, batches])]
         t0 = time.time()
         try:
-            graphs = "2" if name in TWIN_SETTINGS else "1"
-            cmd = [sys.executable, "-m", "jtrail.bench.graph_modes", "--child", batches, graphs,
-                   *(["thread"] if name in THREAD_SETTINGS else [])]
-            if name == "thread_ab":
-                cmd = [sys.executable, "-m", "jtrail.bench.graph_modes", "--child-ab", batches]
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
             line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
             got = json.loads(line[0][7:]) if line else {"rc": p.returncode, "stderr_tail": p.stderr[-800:]}
         except subprocess.TimeoutExpired:
             got = {"error": "timed out after 300 s"}
-        got.update(xla_flags=env["XLA_FLAGS"], wall_s=round(time.time() - t0, 1), **extra)
+        got.update(xla_flags=env["XLA_FLAGS"], engine_config=config, **extra)
+        got["wall_s"] = round(time.time() - t0, 1)
+        first = next(iter(res["settings"].values()), {})  # tokens compared with the run's first setting
         res["settings"][name] = got
-        ref = res["settings"].get("default", {})
         for key in [f"b{b}{m}" for b in batches.split(",") for m in ("", "_sync")]:
-            if key in got and key in ref:
-                got[key]["tokens_equal_default"] = got[key]["tokens_sha1"] == ref[key]["tokens_sha1"]
+            if key in got and key in first and f"first{PREFIX}_sha1" in first[key]:
+                got[key]["tokens_equal_first_setting"] = (got[key][f"first{PREFIX}_sha1"]
+                                                          == first[key][f"first{PREFIX}_sha1"])
         print(name, json.dumps(got)[:600], flush=True)
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
