@@ -16,9 +16,9 @@ default run). With --baseline-worktree DIR (a checkout of the commit before the 
 in a subprocess that imports jtrail from DIR, and the result holds both and their ratios. Then, unless
 --command-buffers none, the SmolLM2 rows at one token per call run once more per XLA command-buffer
 (CUDA graph) setting, each in a subprocess with its XLA_FLAGS ("off": none; "all": every command
-type, loops included, graphs of any size; "vmm*": CUDA's virtual-memory allocator, alone or with an
-XLA graph update mode); the main run is XLA's default. All weights are random
-(the real GGUF is not needed). All subprocesses run before this process touches the GPU.
+type, loops included, graphs of any size; "min1": graphs of any size); the main run is XLA's default.
+All weights are random (the real GGUF is not needed). All subprocesses run before this process touches
+the GPU.
 
 Decode measurement: for each batch size B, B requests with `ctx`-token contexts are placed in the
 engine as already prefilled (pages allocated, lengths set; the KV pages hold zeros, which does not

@@ -24,7 +24,6 @@ def test_threaded_calls_run_in_order_on_the_launch_thread():
     assert [f.result() for f in futures] == [0, 1, 4, 9, 16]
     assert [i for i, _ in seen] == list(range(5))
     assert all(name.startswith("jtrail-launch") for _, name in seen)
-    launcher.close()
 
 
 def test_threaded_error_comes_from_its_future_and_drain_waits():
@@ -43,7 +42,6 @@ def test_threaded_error_comes_from_its_future_and_drain_waits():
     assert done.is_set()
     with pytest.raises(RuntimeError, match="device call failed"):
         bad.result()
-    launcher.close()
 
 
 def test_inline_runs_at_once_in_the_caller_and_raises_there():

@@ -206,7 +206,7 @@ def bench_decode(model, cfg, b: int, args, bw: float) -> dict:
     kv_bytes = b * avg_ctx * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 2
     roofline_tps = b / ((weight_bytes + kv_bytes) / bw)
     # the runner's resolved choices (an older commit's runner, timed as a baseline, has neither)
-    graphs, thread = getattr(r, "decode_graphs", 1), getattr(getattr(r, "_launcher", None), "threaded", False)
+    graphs, thread = getattr(r, "decode_graphs", 1), getattr(r, "launch_thread", False)
     del engine, r, out
     gc.collect()  # free this batch size's KV cache before the next one is allocated
     return {"batch": b, "ctx": args.ctx, "tokens_per_s": toks / wall, "roofline_tokens_per_s": roofline_tps,

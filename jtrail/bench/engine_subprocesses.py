@@ -61,22 +61,17 @@ def run_baseline(args) -> dict:
         return json.loads(out.read_text())
 
 
-# XLA command buffers (CUDA graphs) for the decode step; the main run keeps XLA's default.
+# every command type XLA has, loops and conditionals included (a fori_loop becomes one graph)
+ALL_COMMAND_TYPES = ("--xla_gpu_enable_command_buffer="
+                     "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL")
+# XLA command buffers (CUDA graphs) for the decode step; the main run keeps XLA's default. (XLA's graph
+# update modes with CUDA's virtual-memory allocator were tried: jaxlib 0.11.2 has no such flag.)
 COMMAND_BUFFERS = {
     "off": "--xla_gpu_enable_command_buffer=",
     # XLA's default command-buffer types, but graphs of any size (default minimum: 5 ops)
     "min1": "--xla_gpu_graph_min_graph_size=1",
-    "all": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL "
-           "--xla_gpu_graph_min_graph_size=1",
-    # CUDA's virtual-memory allocator, and with it XLA's update modes that keep the graph's addresses
-    # stable by remapping physical memory under a fixed virtual range instead of updating the graph
-    # (jaxlib 0.11.2 on the H200 rejects the mode SKIP_TEMP: not a value there)
-    "vmm": "",
-    "vmm_never": "--xla_gpu_command_buffer_update_mode=NEVER_UPDATE",
-    "vmm_capture_never": "--xla_gpu_command_buffer_update_mode=CAPTURE_CMD_NEVER_UPDATE",
+    "all": ALL_COMMAND_TYPES + " --xla_gpu_graph_min_graph_size=1",
 }
-COMMAND_BUFFER_ENV = {name: {"XLA_PYTHON_CLIENT_ALLOCATOR": "vmm"} for name in COMMAND_BUFFERS
-                      if name.startswith("vmm")}
 
 
 def run_command_buffer_variants(args) -> dict:
@@ -96,10 +91,10 @@ def run_command_buffer_variants(args) -> dict:
             try:
                 # a setting that hangs must not eat the whole run: two rows take well under a minute
                 _issue16_subprocess(args, path, ["--rows-only", "k1"],
-                                    {"XLA_FLAGS": flags, **COMMAND_BUFFER_ENV.get(name, {})}, timeout=240)
+                                    {"XLA_FLAGS": flags}, timeout=240)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
-                out[name] = {"xla_flags": flags, **COMMAND_BUFFER_ENV.get(name, {}), "error": str(e)}
+                out[name] = {"xla_flags": flags, "error": str(e)}
                 continue
             res = json.loads(path.read_text())
-        out[name] = {"xla_flags": flags, **COMMAND_BUFFER_ENV.get(name, {}), **k1_summary(res["rows"])}
+        out[name] = {"xla_flags": flags, **k1_summary(res["rows"])}
     return out

@@ -34,11 +34,8 @@ import time
 from collections import defaultdict
 
 from jtrail.bench.engine_decode import wait_in_flight
-from jtrail.bench.engine_subprocesses import COMMAND_BUFFER_ENV, COMMAND_BUFFERS
+from jtrail.bench.engine_subprocesses import ALL_COMMAND_TYPES, COMMAND_BUFFERS
 
-# XLA's default command-buffer types plus loops and conditionals: a decode call of k > 1 tokens (a
-# fori_loop) becomes one graph instead of a loop whose body the host launches op by op
-WHILE_GRAPHS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
 BEFORE = {"decode_graphs": 1, "launch_thread": False}  # the engine before 5c7ba84
 # name -> (XLA flags, environment variables, EngineConfig fields); {} = the engine's defaults
 SETTINGS: dict[str, tuple[str, dict, dict]] = {
@@ -50,8 +47,9 @@ SETTINGS: dict[str, tuple[str, dict, dict]] = {
     # GEMMs as XLA's Triton fusions only (no cuBLAS): producers and consumers may fuse into them
     "triton_gemm": ("--xla_gpu_cublas_fallback=false", {}, {}),
     "k8": ("", {}, {"decode_steps_per_call": 8}),
-    "k8_while": (WHILE_GRAPHS, {}, {"decode_steps_per_call": 8}),
-    **{name: (flags, COMMAND_BUFFER_ENV.get(name, {}), BEFORE) for name, flags in COMMAND_BUFFERS.items()},
+    # loops inside the graph: the k-token fori_loop is one graph, not a body launched op by op
+    "k8_while": (ALL_COMMAND_TYPES, {}, {"decode_steps_per_call": 8}),
+    **{name: (flags, {}, BEFORE) for name, flags in COMMAND_BUFFERS.items()},
 }
 DEFAULT_RUN = ("engine", "triton_gemm", "k8", "k8_while")  # ~2 minutes each on a fresh H200
 PREFIX = 256  # tokens per request compared between settings (k8 settings generate more per window)
@@ -117,24 +115,21 @@ def _measure_one(engine, b: int, windows: int, window_steps: int, k: int = 1) ->
         for o in engine.step():
             tokens[o.request_id].extend(o.new_token_ids)
 
-    def drain() -> None:
-        wait_in_flight(engine)
-
     for _ in range(10):
         step()
-    drain()
+    wait_in_flight(engine)
     row: dict = {"step_ms": []}
     for _ in range(windows):
         t0 = time.perf_counter()
         for _ in range(window_steps):
             step()
-        drain()
+        wait_in_flight(engine)
         row["step_ms"].append(round(1e3 * (time.perf_counter() - t0) / window_steps, 3))
     trace = tempfile.mkdtemp()
     jax.profiler.start_trace(trace)
     for _ in range(20):
         step()
-    drain()
+    wait_in_flight(engine)
     jax.profiler.stop_trace()
     row["spans"] = graph_spans(trace)
     row["device"] = device_work(trace, 20)

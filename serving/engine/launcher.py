@@ -43,7 +43,3 @@ class Launcher:
         last = self._last
         if last is not None:
             last.exception()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)

@@ -394,6 +394,11 @@ class ModelRunner:
         return len(self._ios)
 
     @property
+    def launch_thread(self) -> bool:
+        """Whether the device calls are issued from the launcher's thread."""
+        return self._launcher.threaded
+
+    @property
     def state(self) -> nnx.State:
         """The model's weights (the jitted steps take them as flat leaves)."""
         return jax.tree_util.tree_unflatten(self.statics.state_treedef, self._state_leaves)
