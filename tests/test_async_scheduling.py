@@ -166,14 +166,16 @@ def model_config(**kw) -> EngineConfig:
     return EngineConfig(**base)
 
 
-@pytest.mark.parametrize("mode,k,pages", [("recompute", 2, 26), ("swap", 1, 26), ("recompute", 2, 200)])
-def test_async_equals_sync_tiny_model(model, probe, mode, k, pages):
+@pytest.mark.parametrize("mode,k,pages,depth", [("recompute", 2, 26, 1), ("swap", 1, 26, 1), ("recompute", 2, 200, 1),
+                                                ("recompute", 1, 26, 2), ("swap", 2, 26, 2)])
+def test_async_equals_sync_tiny_model(model, probe, mode, k, pages, depth):
+    """depth: steps_in_flight (2: the host schedules two steps ahead)."""
     reqs = mixed_requests(16, seed=11, vocab=CFG.vocab_size)
     edges = np.linspace(0, 20, probe.cfg.num_bins + 1)
     results, engines, preds = [], [], []
     for async_on in (False, True):
         cfg = model_config(preemption_mode=mode, decode_steps_per_call=k, num_pages=pages,
-                           policy=make_policy("trail"), async_scheduling=async_on)
+                           policy=make_policy("trail"), async_scheduling=async_on, steps_in_flight=depth)
         pred = recording(TrailPredictor)(edges)
         engine = LLMEngine(model, HexTok(), cfg, probe=probe, predictor=pred)
         results.append(run(engine, reqs, late_from=10, preempt_rate=0.05 if mode == "swap" else 0.0))
@@ -194,12 +196,14 @@ def test_async_equals_sync_tiny_model(model, probe, mode, k, pages):
     assert_same_probe_outputs(*preds)
 
 
-def test_async_cancel_in_flight(model):
+@pytest.mark.parametrize("depth", [1, 2])
+def test_async_cancel_in_flight(model, depth):
     """A request cancelled while its step is in flight: its slot and pages come back, its late
     tokens are dropped, the others are unchanged."""
     reqs = mixed_requests(6, seed=5, vocab=CFG.vocab_size)
     want = run(LLMEngine(model, HexTok(), model_config(decode_steps_per_call=2)), reqs, late_from=6)
-    engine = LLMEngine(model, HexTok(), model_config(decode_steps_per_call=2, async_scheduling=True))
+    engine = LLMEngine(model, HexTok(), model_config(decode_steps_per_call=2, async_scheduling=True,
+                                                     steps_in_flight=depth))
     for i, (prompt, params) in enumerate(reqs):
         engine.add_request(f"r{i}", prompt, params)
     got = {f"r{i}": [] for i in range(len(reqs))}
@@ -208,9 +212,9 @@ def test_async_cancel_in_flight(model):
         for o in engine.step():
             got[o.request_id] += o.new_token_ids
 
-    step()
-    step()
-    assert engine._in_flight is not None
+    for _ in range(depth + 1):
+        step()
+    assert len(engine._in_flight) == depth
     victim = next(s.request_id for s in engine.running if not s.is_finished)
     out = engine.abort(victim)
     assert out is not None and out.finish_reason is FinishReason.CANCELLED
@@ -246,22 +250,23 @@ def test_async_step_stats_and_calls(model):
     assert total == prompt_tokens + 4 * 5
 
 
-def fake_engine(mode: str, k: int, async_on: bool) -> LLMEngine:
+def fake_engine(mode: str, k: int, async_on: bool, depth: int = 1) -> LLMEngine:
     cfg = EngineConfig(num_slots=5, page_size=4, num_pages=36, max_model_len=MAX_LEN,
                        prefill_buckets=(8, 16, 32), max_prefill_tokens_per_step=40, decode_steps_per_call=k,
-                       preemption_mode=mode, policy=make_policy("trail"), async_scheduling=async_on)
+                       preemption_mode=mode, policy=make_policy("trail"), async_scheduling=async_on,
+                       steps_in_flight=depth)
     runner = FakeRunner(cfg.num_slots, cfg.max_model_len, cfg.page_size, probe=True)
     return LLMEngine(None, ByteTokenizer(), cfg, predictor=recording(FakeLengthPredictor)(), runner=runner)
 
 
-@pytest.mark.parametrize("mode,k", [("recompute", 1), ("swap", 3)])
-def test_async_equals_sync_fake_runner(mode, k):
+@pytest.mark.parametrize("mode,k,depth", [("recompute", 1, 1), ("swap", 3, 1), ("recompute", 1, 2), ("swap", 3, 2)])
+def test_async_equals_sync_fake_runner(mode, k, depth):
     reqs = mixed_requests(24, seed=2, vocab=200)
     # the fake runner's letters: stop strings that occur, and an eos in a replayed answer
     reqs = [(p, SamplingParams(max_tokens=s.max_tokens, stop=("k", "qd"), ignore_eos=True))
             if s.stop else (p, s) for p, s in reqs]
     reqs.append((encode_text("hello"), SamplingParams(max_tokens=9, forced_output_ids=(70, 2, 71))))
-    engines = [fake_engine(mode, k, async_on) for async_on in (False, True)]
+    engines = [fake_engine(mode, k, async_on, depth) for async_on in (False, True)]
     sync, asyn = (run(e, reqs, late_from=14, preempt_rate=0.1) for e in engines)
     for e in engines:
         assert e.num_preemptions > 0 and e.probe_calls > 0
@@ -280,13 +285,14 @@ class FailingFetch(FakeRunner):
         return handle
 
 
-def test_async_failed_step_names_its_requests():
+@pytest.mark.parametrize("depth", [1, 2])
+def test_async_failed_step_names_its_requests(depth):
     """A step that fails loses its results and those of the step in flight: the engine names their
     requests (for the front end to fail), nothing stays counted in flight, and the rest is served
     as the synchronous engine serves it."""
     reqs = mixed_requests(12, seed=4, vocab=200)
     want = run(fake_engine("recompute", 2, False), reqs, late_from=12)
-    engine = fake_engine("recompute", 2, True)
+    engine = fake_engine("recompute", 2, True, depth)
     engine.runner.__class__ = FailingFetch
     got = {f"r{i}": [] for i in range(len(reqs))}
     for i, (prompt, params) in enumerate(reqs):
@@ -297,7 +303,7 @@ def test_async_failed_step_names_its_requests():
             outs = engine.step()
         except RuntimeError:
             lost = engine.pending_output_ids()
-            assert lost and engine._in_flight is None
+            assert lost and not engine._in_flight
             assert all(st.ahead == 0 and st.in_flight == 0 for st in engine._reqs.values())
             for rid in lost:
                 engine.abort(rid)

@@ -44,11 +44,15 @@ def test_every_setting_names_real_config_fields_and_the_default_run_is_known():
 
     from jtrail.serving.engine.config import EngineConfig
 
-    from jtrail.bench.graph_modes import DEFAULT_RUN, SETTINGS
+    from jtrail.bench.graph_modes import AB_SETS, DEFAULT_RUN, SETTINGS
 
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     for name, (flags, _env, config) in SETTINGS.items():
         assert set(config) <= fields, name
         assert flags == "" or flags.startswith("--xla_"), name
         EngineConfig(**config)  # valid values
+    for name, variants in AB_SETS.items():
+        for variant, (config, _switch) in variants.items():
+            assert set(config) <= fields, (name, variant)
+            EngineConfig(**config)
     assert set(DEFAULT_RUN) <= set(SETTINGS)

@@ -84,14 +84,15 @@ def test_decode_inputs_and_outputs_keep_their_device_buffers():
     assert tokens == _run(sync)[0] and [len(tokens[r]) for r in "ab"] == [7, 5]
 
 
-def test_two_decode_graphs_alternate_and_give_the_same_tokens():
-    """decode_graphs=2: consecutive decode calls alternate between two executables, each with its own
-    donated buffers that stay put; tokens equal the one-executable engine's."""
+@pytest.mark.parametrize("graphs", [2, 3])
+def test_decode_graphs_rotate_and_give_the_same_tokens(graphs):
+    """decode_graphs=2 or 3: consecutive decode calls rotate over that many executables, each with its
+    own donated buffers that stay put; tokens equal the one-executable engine's."""
     model = Llama(CFG, dtype=jnp.float32, rngs=nnx.Rngs(0))
     one = _engine(model)
-    twin = LLMEngine(model, config=dataclasses.replace(one.config, decode_graphs=2))
+    twin = LLMEngine(model, config=dataclasses.replace(one.config, decode_graphs=graphs))
     ios = [_addresses(io) for io in twin.runner._ios]
-    assert len(ios) == 2 and ios[0] != ios[1]
+    assert len(ios) == graphs and len({tuple(a) for a in ios}) == graphs
     turns = []
     real_decode = twin.runner._decode_call
 
@@ -102,14 +103,17 @@ def test_two_decode_graphs_alternate_and_give_the_same_tokens():
     twin.runner._decode_call = recording
     tokens, decodes = _run(twin)
     assert tokens == _run(one)[0] and decodes >= 4
-    assert turns[:4] == [0, 1, 0, 1]
+    assert turns[:4] == [i % graphs for i in range(4)]
     assert [_addresses(io) for io in twin.runner._ios] == ios
 
 
-def test_decode_graphs_outside_one_or_two_is_refused_before_any_model_work():
-    for bad in (0, 3):
+def test_decode_graphs_or_steps_in_flight_out_of_range_are_refused_before_any_model_work():
+    for bad in (0, 4):
         with pytest.raises(ValueError, match="decode_graphs"):
             EngineConfig(decode_graphs=bad)
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="steps_in_flight"):
+            EngineConfig(steps_in_flight=bad)
 
 
 def test_decode_graphs_automatic_is_two_only_for_async_on_a_gpu(monkeypatch):
@@ -119,6 +123,7 @@ def test_decode_graphs_automatic_is_two_only_for_async_on_a_gpu(monkeypatch):
     assert not EngineConfig().resolved_launch_thread()
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert EngineConfig().resolved_decode_graphs() == 2
+    assert EngineConfig(steps_in_flight=2).resolved_decode_graphs() == 3  # one per call in flight
     assert EngineConfig(async_scheduling=False).resolved_decode_graphs() == 1
     assert EngineConfig(decode_graphs=1).resolved_decode_graphs() == 1
     assert EngineConfig().resolved_launch_thread()  # the launch thread: the same rule
@@ -166,6 +171,9 @@ def test_launch_thread_gives_the_inline_engines_tokens(mode):
     threads: set[str] = set()
     want, got = _staggered(inline), _staggered(threaded, threads)
     assert got == want and all(len(t) == 9 for t in want.values())
+    # the GPU's deeper pipeline: two steps in flight, three decode executables, launch thread
+    deep = LLMEngine(model, config=dataclasses.replace(cfg, launch_thread=True, steps_in_flight=2, decode_graphs=3))
+    assert _staggered(deep) == want and deep.scheduler.blocks.num_used == 0
     assert threads and all(t.startswith("jtrail-launch") for t in threads)
     assert threaded.num_preemptions == inline.num_preemptions > 0
     assert threaded.scheduler.blocks.num_used == 0  # every page back

@@ -9,7 +9,8 @@ windows of engine steps (150 at one token per call), a profiler trace of 20 step
 XLA's command buffers and graph launches; the GPU's ops and busy time per step), a synchronous window,
 and hashes of the tokens produced: every request's first 256 tokens must equal those of the run's first
 setting (a graph not updated after an address moved, or a wrong fusion, computes other tokens). The
-setting `thread_ab` instead times the runner's launch thread off and on in one process, interleaved.
+sets of AB_SETS (`thread_ab`: the launch thread off and on; `depth_ab`: one or two steps in flight)
+instead time their variants in one process, interleaved.
 The file is rewritten after each setting.
 
 On the H200 (2026-12-03, jaxlib 0.11.2; results/engine_dispatch.json, graph_modes_2026_12_03): with one
@@ -144,22 +145,36 @@ def _measure_one(engine, b: int, windows: int, window_steps: int, k: int = 1) ->
     return row
 
 
-def measure_thread_ab(batches: tuple[int, ...], windows: int = 6, window_steps: int = 150) -> dict:
-    """One process, three engines (two decode executables each): the runner's launch thread off, on,
-    and on with Python's thread switch interval at 0.5 ms instead of 5 ms (the launcher waits for the
-    GIL after each call while the engine's thread runs Python), timed in windows of rotating order:
+# interleaved comparisons in one process: name -> {variant: (EngineConfig fields, thread switch interval)}
+AB_SETS: dict[str, dict[str, tuple[dict, float | None]]] = {
+    # the launcher's thread, and Python's thread switch interval at 0.5 ms instead of 5 ms (the
+    # launcher waits for the GIL after each call while the engine's thread runs Python)
+    "thread_ab": {"off": ({"decode_graphs": 2, "launch_thread": False}, None),
+                  "on": ({"decode_graphs": 2, "launch_thread": True}, None),
+                  "on_switch_0.5ms": ({"decode_graphs": 2, "launch_thread": True}, 0.0005)},
+    # steps in flight: 1 (vLLM's async scheduling) against 2 (the host two steps ahead) with one
+    # decode executable per call in flight (3) or two
+    "depth_ab": {"depth1": ({"steps_in_flight": 1}, None),
+                 "depth2": ({"steps_in_flight": 2}, None),
+                 "depth2_graphs2": ({"steps_in_flight": 2, "decode_graphs": 2}, None)},
+}
+
+
+def measure_ab(set_name: str, batches: tuple[int, ...], windows: int = 6, window_steps: int = 150) -> dict:
+    """One process, one engine per variant of AB_SETS[set_name], timed in windows of rotating order:
     the host's drift between processes and minutes cannot rank them, same-process interleaving can.
-    Tokens must be equal."""
+    Tokens must be equal. Ratios are the first variant's time over each other's."""
     import jax
 
     from jtrail.bench import step_breakdown as sb
 
     model = sb.random_model(sb.CFG, seed=0)
     out: dict = {"jax": jax.__version__, "device": jax.devices()[0].device_kind}
-    variants = {"off": (False, None), "on": (True, None), "on_switch_0.5ms": (True, 0.0005)}
+    variants = AB_SETS[set_name]
+    names = list(variants)
     for b in batches:
-        engines = {v: sb.make_engine(model, b, asyn=True, steps=windows * window_steps + 60, decode_graphs=2,
-                                     launch_thread=t) for v, (t, _) in variants.items()}
+        engines = {v: sb.make_engine(model, b, asyn=True, steps=windows * window_steps + 60, **config)
+                   for v, (config, _) in variants.items()}
         tokens: dict[str, dict[str, list[int]]] = {v: defaultdict(list) for v in engines}
         row: dict = {f"{v}_step_ms": [] for v in engines}
 
@@ -176,28 +191,27 @@ def measure_thread_ab(batches: tuple[int, ...], windows: int = 6, window_steps: 
             sys.setswitchinterval(default_switch)
             return took
 
-        names = list(engines)
         for v in names:
             window(v, 10)
         for i in range(windows):
-            for v in names[i % 3:] + names[:i % 3]:
+            for v in names[i % len(names):] + names[:i % len(names)]:
                 row[f"{v}_step_ms"].append(round(window(v, window_steps), 3))
         for v, e in engines.items():
             while e.has_unfinished():
                 window(v, 1)
-        off = sum(row["off_step_ms"])
+        first = sum(row[f"{names[0]}_step_ms"])
         for v in names[1:]:
-            row[f"off_over_{v}"] = round(off / sum(row[f"{v}_step_ms"]), 3)
-        row["tokens_equal"] = all(tokens[v] == tokens["off"] for v in names)
-        row["tokens"] = sum(map(len, tokens["off"].values()))
+            row[f"{names[0]}_over_{v}"] = round(first / sum(row[f"{v}_step_ms"]), 3)
+        row["tokens_equal"] = all(tokens[v] == tokens[names[0]] for v in names)
+        row["tokens"] = sum(map(len, tokens[names[0]].values()))
         out[f"b{b}"] = row
     return out
 
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--child-ab"]:
-        batches = tuple(int(x) for x in argv[1].split(","))
-        print("RESULT " + json.dumps(measure_thread_ab(batches)), flush=True)
+        batches = tuple(int(x) for x in argv[2].split(","))
+        print("RESULT " + json.dumps(measure_ab(argv[1], batches)), flush=True)
         return
     if argv[:1] == ["--child"]:
         batches = tuple(int(x) for x in argv[2].split(","))
@@ -208,9 +222,9 @@ def main(argv: list[str]) -> None:
         i = argv.index("--batches")
         batches, argv = argv[i + 1], argv[:i] + argv[i + 2:]
     names = argv[0].split(",") if argv else list(DEFAULT_RUN)
-    unknown = [n for n in names if n not in SETTINGS and n != "thread_ab"]
+    unknown = [n for n in names if n not in SETTINGS and n not in AB_SETS]
     if unknown:
-        raise SystemExit(f"unknown setting(s) {unknown}; known: thread_ab, {', '.join(SETTINGS)}")
+        raise SystemExit(f"unknown setting(s) {unknown}; known: {', '.join([*AB_SETS, *SETTINGS])}")
     path = os.path.join(os.environ.get("OUT") or ".", "graph_modes.json")
     res: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "git_commit": os.environ.get("GIT_COMMIT"), "settings": {}}
@@ -218,7 +232,7 @@ def main(argv: list[str]) -> None:
         flags, extra, config = SETTINGS.get(name, ("", {}, {}))
         env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip(), **extra}
         cmd = [sys.executable, "-m", "jtrail.bench.graph_modes",
-               *(["--child-ab", batches] if name == "thread_ab" else ["--child", name, batches])]
+               *(["--child-ab", name, batches] if name in AB_SETS else ["--child", name, batches])]
         t0 = time.time()
         try:
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -11,13 +11,16 @@ Per-request engine state lives in one record (request_state.EngineRequest).
 With `EngineConfig.async_scheduling` (vLLM v1's async scheduling) a step schedules and dispatches
 batch N+1 before it fetches and processes batch N, so the host's scheduling and input preparation
 run while the device computes N, and output processing while it computes N+1. Decode rows of N+1
-take N's sampled tokens on the device (batch.Fed); N's outputs arrive one step late. Every request's
-tokens, text and finish are the synchronous engine's (tests/test_async_scheduling.py).
+take N's sampled tokens on the device (batch.Fed); N's outputs arrive one step late. With
+`steps_in_flight` 2 the host runs two steps ahead (it processes N-1 after dispatching N+1), so the
+next launch never waits for the latest tokens. Every request's tokens, text and finish are the
+synchronous engine's (tests/test_async_scheduling.py).
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -78,7 +81,8 @@ class LLMEngine:
         self._slot_sampling = SlotSampling(cfg.num_slots)  # the decode rows' sampling, kept per slot
         self.steps = 0
         self.last_step = StepStats()
-        self._in_flight: tuple[StepBatch, Any] | None = None  # async: the dispatched, unprocessed step
+        # async: the dispatched, unprocessed steps (batch, runner handle), oldest first
+        self._in_flight: deque[tuple[StepBatch, Any]] = deque()
         self._lost: set[str] = set()  # requests whose step failed (see _lose_in_flight)
         # token counters for the throughput log and metrics (vLLM's: a prompt counts once, at its
         # first output token; every streamed output token counts)
@@ -170,18 +174,17 @@ class LLMEngine:
                 kv_tokens=sum(c.seq.num_tokens for c in batch.prefills if not c.probe_only)
                 + sum(r.position + 1 for r in batch.decodes),
                 prefill_chunks=len(batch.prefills), decode_rows=len(batch.decodes))
-            launched = None
             if not batch.empty:
-                if self._in_flight is not None:
-                    link_fed(batch, self._in_flight[0])
+                if self._in_flight:
+                    link_fed(batch, self._in_flight[-1][0])
                 fill_sampling(batch, self._reqs, self._slot_sampling, self.config.decode_steps_per_call)
-                launched = batch, self.runner.execute(batch)  # 2. run it (dispatched, not waited for)
+                self._in_flight.append((batch, self.runner.execute(batch)))  # 2. run it (not waited for)
                 self.scheduler.return_borrowed(batch)
-            if self.config.async_scheduling:  # the step before finishes on the device meanwhile
-                done, self._in_flight = self._in_flight, launched
-            else:
-                done = launched
-            if done is not None:
+            # async: the steps before finish on the device meanwhile; the oldest is processed once
+            # more than steps_in_flight are dispatched (or when nothing new was)
+            keep = self.config.steps_in_flight if self.config.async_scheduling and not batch.empty else 0
+            if len(self._in_flight) > keep:
+                done = self._in_flight.popleft()
                 result = self.runner.fetch(done[1])  # the step's one host sync
                 self.outputs.process(done[0], result, self._reqs, time.monotonic())  # 3. tokens out
         except Exception:
@@ -199,9 +202,8 @@ class LLMEngine:
         """A failed step: the results of its batch and of any still in flight are lost. Their
         requests (prompt-only probes aside) can no longer be trusted, so `pending_output_ids` names
         them for the front end to fail; every request's in-flight counts start again from zero."""
-        if self._in_flight is not None:
-            batches.append(self._in_flight[0])
-            self._in_flight = None
+        batches.extend(b for b, _ in self._in_flight)
+        self._in_flight.clear()
         for b in batches:
             if b is None:
                 continue

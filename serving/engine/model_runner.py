@@ -280,15 +280,22 @@ def _decode_program(st: StepStatics, state, caches, probe_state, io: DecodeIO, f
                                out_probs=io.out_probs.at[:].set(out_probs))
 
 
-def _decode_program_twin(st: StepStatics, state, caches, probe_state, io: DecodeIO, filtered: bool = True):
-    """The same program under another name, so XLA compiles it as a second executable (see
-    `ModelRunner(decode_graphs=2)`)."""
-    return _decode_program(st, state, caches, probe_state, io, filtered)
+def _decode_copy(i: int):
+    """The same program under another name, so XLA compiles it as executable i of its own (see
+    `ModelRunner(decode_graphs=...)`)."""
+    if i == 0:
+        return _decode_program
+
+    def program(st: StepStatics, state, caches, probe_state, io: DecodeIO, filtered: bool = True):
+        return _decode_program(st, state, caches, probe_state, io, filtered)
+
+    program.__name__ = program.__qualname__ = f"_decode_program_{i}"
+    return program
 
 
 _DECODE_JIT = {"static_argnames": ("st", "filtered"), "donate_argnames": ("caches", "io")}
 # the KV cache and the staged inputs/outputs are donated (updated in place); the statics are the jit key
-_DECODE_CALLS = (jax.jit(_decode_program, **_DECODE_JIT), jax.jit(_decode_program_twin, **_DECODE_JIT))
+_DECODE_CALLS = tuple(jax.jit(_decode_copy(i), **_DECODE_JIT) for i in range(3))
 
 
 @jax.jit
@@ -317,10 +324,11 @@ class ModelRunner:
                  probe: ProbeHead | None = None, tensor_parallel: int = 1,
                  prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512),
                  max_prefill_tokens: int | None = None, decode_graphs: int = 1, launch_thread: bool = False):
-        """`decode_graphs` 2: consecutive decode calls alternate between two compiled copies of the step,
-        each with its own DecodeIO. Under async scheduling call N is dispatched while N-1 runs, so XLA's
-        temporary buffers of one executable alternate between two addresses and its CUDA graph is
-        updated on every call; with two executables each may find its own at the same place again.
+        """`decode_graphs` 2 or 3: consecutive decode calls rotate over that many compiled copies of the
+        step, each with its own DecodeIO. Under async scheduling call N is dispatched while N-1 runs, so
+        XLA's temporary buffers of one executable alternate between two addresses and its CUDA graph is
+        updated on every call; with one executable per call in flight each may find its own at the same
+        place again.
         (EngineConfig checks the value.) `launch_thread`: the device calls are issued from a thread of
         their own (launcher.Launcher), so a call's launch overlaps the engine's host work."""
         cfg = model.cfg
@@ -390,7 +398,7 @@ class ModelRunner:
 
     @property
     def decode_graphs(self) -> int:
-        """How many compiled copies of the decode step the calls alternate between."""
+        """How many compiled copies of the decode step the calls rotate over."""
         return len(self._ios)
 
     @property
