@@ -166,8 +166,9 @@ def model_config(**kw) -> EngineConfig:
     return EngineConfig(**base)
 
 
-@pytest.mark.parametrize("mode,k,pages,depth", [("recompute", 2, 26, 1), ("swap", 1, 26, 1), ("recompute", 2, 200, 1),
-                                                ("recompute", 1, 26, 2), ("swap", 2, 26, 2)])
+@pytest.mark.parametrize("mode,k,pages,depth", [("recompute", 2, 26, 1), ("swap", 1, 26, 1),
+                                                ("recompute", 2, 200, 1), ("recompute", 1, 26, 2),
+                                                ("swap", 2, 26, 2)])
 def test_async_equals_sync_tiny_model(model, probe, mode, k, pages, depth):
     """depth: steps_in_flight (2: the host schedules two steps ahead)."""
     reqs = mixed_requests(16, seed=11, vocab=CFG.vocab_size)
@@ -259,7 +260,8 @@ def fake_engine(mode: str, k: int, async_on: bool, depth: int = 1) -> LLMEngine:
     return LLMEngine(None, ByteTokenizer(), cfg, predictor=recording(FakeLengthPredictor)(), runner=runner)
 
 
-@pytest.mark.parametrize("mode,k,depth", [("recompute", 1, 1), ("swap", 3, 1), ("recompute", 1, 2), ("swap", 3, 2)])
+@pytest.mark.parametrize("mode,k,depth", [("recompute", 1, 1), ("swap", 3, 1), ("recompute", 1, 2),
+                                          ("swap", 3, 2)])
 def test_async_equals_sync_fake_runner(mode, k, depth):
     reqs = mixed_requests(24, seed=2, vocab=200)
     # the fake runner's letters: stop strings that occur, and an eos in a replayed answer

@@ -120,10 +120,13 @@ def test_decode_graphs_automatic_is_two_only_for_async_on_a_gpu(monkeypatch):
     """None: two executables where a CUDA graph would be updated on every call (async scheduling on
     a GPU); one elsewhere (this CPU; synchronous steps reuse the same temporaries)."""
     assert EngineConfig().resolved_decode_graphs() == 1  # the CPU backend
+    assert EngineConfig().resolved_steps_in_flight() == 1
+    assert EngineConfig(async_scheduling=False, steps_in_flight=2).resolved_steps_in_flight() == 0
     assert not EngineConfig().resolved_launch_thread()
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert EngineConfig().resolved_decode_graphs() == 2
-    assert EngineConfig(steps_in_flight=2).resolved_decode_graphs() == 3  # one per call in flight
+    assert EngineConfig(steps_in_flight=2).resolved_decode_graphs() == 2  # 3 measured slower
+    assert EngineConfig().resolved_steps_in_flight() == 2  # the host two steps ahead: the same rule
     assert EngineConfig(async_scheduling=False).resolved_decode_graphs() == 1
     assert EngineConfig(decode_graphs=1).resolved_decode_graphs() == 1
     assert EngineConfig().resolved_launch_thread()  # the launch thread: the same rule
@@ -172,7 +175,8 @@ def test_launch_thread_gives_the_inline_engines_tokens(mode):
     want, got = _staggered(inline), _staggered(threaded, threads)
     assert got == want and all(len(t) == 9 for t in want.values())
     # the GPU's deeper pipeline: two steps in flight, three decode executables, launch thread
-    deep = LLMEngine(model, config=dataclasses.replace(cfg, launch_thread=True, steps_in_flight=2, decode_graphs=3))
+    deep = LLMEngine(model, config=dataclasses.replace(cfg, launch_thread=True, steps_in_flight=2,
+                                                       decode_graphs=2))
     assert _staggered(deep) == want and deep.scheduler.blocks.num_used == 0
     assert threads and all(t.startswith("jtrail-launch") for t in threads)
     assert threaded.num_preemptions == inline.num_preemptions > 0

@@ -207,13 +207,15 @@ def bench_decode(model, cfg, b: int, args, bw: float) -> dict:
     roofline_tps = b / ((weight_bytes + kv_bytes) / bw)
     # the runner's resolved choices (an older commit's runner, timed as a baseline, has neither)
     graphs, thread = getattr(r, "decode_graphs", 1), getattr(r, "launch_thread", False)
+    depth = getattr(engine, "_steps_in_flight", int(async_on))
     del engine, r, out
     gc.collect()  # free this batch size's KV cache before the next one is allocated
     return {"batch": b, "ctx": args.ctx, "tokens_per_s": toks / wall, "roofline_tokens_per_s": roofline_tps,
             "roofline_fraction": toks / wall / roofline_tps, "step_wall_ms": step_wall * 1e3,
             "device_call_ms": device * 1e3, "host_gap_fraction": max(0.0, 1 - device / step_wall),
             "compile_s": compile_s, "decode_steps_per_call": k, "timed_steps": steps,
-            "async_scheduling": async_on, "decode_graphs": graphs, "launch_thread": thread}
+            "async_scheduling": async_on, "decode_graphs": graphs, "launch_thread": thread,
+            "steps_in_flight": depth}
 
 
 def bench_smollm2(path: str, args) -> dict:

@@ -152,11 +152,11 @@ AB_SETS: dict[str, dict[str, tuple[dict, float | None]]] = {
     "thread_ab": {"off": ({"decode_graphs": 2, "launch_thread": False}, None),
                   "on": ({"decode_graphs": 2, "launch_thread": True}, None),
                   "on_switch_0.5ms": ({"decode_graphs": 2, "launch_thread": True}, 0.0005)},
-    # steps in flight: 1 (vLLM's async scheduling) against 2 (the host two steps ahead) with one
-    # decode executable per call in flight (3) or two
-    "depth_ab": {"depth1": ({"steps_in_flight": 1}, None),
-                 "depth2": ({"steps_in_flight": 2}, None),
-                 "depth2_graphs2": ({"steps_in_flight": 2, "decode_graphs": 2}, None)},
+    # steps in flight: 1 (vLLM's async scheduling) against 2 (the host two steps ahead) with two
+    # decode executables or one per call in flight (3)
+    "depth_ab": {"depth1": ({"steps_in_flight": 1, "decode_graphs": 2}, None),
+                 "depth2_graphs2": ({"steps_in_flight": 2, "decode_graphs": 2}, None),
+                 "depth2_graphs3": ({"steps_in_flight": 2, "decode_graphs": 3}, None)},
 }
 
 

@@ -33,14 +33,15 @@ class EngineConfig:
     # --no-async-scheduling`) makes every step wait for its own outputs.
     async_scheduling: bool = True
     # async scheduling: dispatched steps whose outputs the host has not yet processed when it schedules
-    # the next. 1 is vLLM's; with 2 the launch of step N+1 waits for step N-1's tokens, not N's, so on
-    # the H200 (graph launch ~1.3 ms of host time, device step ~1.6 ms at batch 32) the launch and the
-    # host's Python overlap the device fully. A stop is then found two steps late.
-    steps_in_flight: int = 1
+    # the next. 1 is vLLM's; with 2 the launch of step N+1 waits for step N-1's tokens, not N's, so the
+    # graph launch (~1.3 ms of host time on the H200) and the host's Python overlap the device's step
+    # (H200, SmolLM2-135M shape, one process interleaved: 1.17x at batch 32, 1.13x at 128; tokens equal).
+    # A stop is then found two steps late. None: 2 with async scheduling on a GPU, else 1.
+    steps_in_flight: int | None = None
     # 2 or 3: decode calls rotate over that many compiled copies of the step (ModelRunner's
     # decode_graphs), so each executable's CUDA graph finds its buffers where it left them and is not
-    # updated on every call (H200, benchmarks/ENGINE_NOTES.md); None: steps_in_flight + 1 with async
-    # scheduling on a GPU, else 1
+    # updated on every call (H200, benchmarks/ENGINE_NOTES.md); None: 2 with async scheduling on a GPU
+    # (also with two steps in flight: 3 measured slower), else 1
     decode_graphs: int | None = None
     # the runner issues its device calls from a thread of its own (launcher.Launcher): the decode
     # call's CUDA graph launch (~1.5 ms of host time on the H200) overlaps the engine's Python;
@@ -58,8 +59,8 @@ class EngineConfig:
             raise ValueError("max_prefill_tokens_per_step must be >= 1")
         if self.decode_graphs not in (None, 1, 2, 3):
             raise ValueError(f"decode_graphs must be 1, 2, 3 or None (automatic), got {self.decode_graphs}")
-        if self.steps_in_flight not in (1, 2):
-            raise ValueError(f"steps_in_flight must be 1 or 2, got {self.steps_in_flight}")
+        if self.steps_in_flight not in (None, 1, 2):
+            raise ValueError(f"steps_in_flight must be 1, 2 or None (automatic), got {self.steps_in_flight}")
 
     def runner_options(self) -> dict[str, Any]:
         """ModelRunner's keyword arguments from this configuration (automatic choices resolved)."""
@@ -70,11 +71,19 @@ class EngineConfig:
                     decode_graphs=self.resolved_decode_graphs(), launch_thread=self.resolved_launch_thread())
 
     def resolved_decode_graphs(self) -> int:
-        """decode_graphs, None resolved: one executable per call that may be in flight, only where the
-        graph would otherwise be updated on every call (async scheduling, CUDA graphs: a GPU backend)."""
+        """decode_graphs, None resolved: two executables only where the graph would otherwise be
+        updated on every call (async scheduling, CUDA graphs: a GPU backend)."""
         if self.decode_graphs is not None:
             return self.decode_graphs
-        return self.steps_in_flight + 1 if self._async_on_gpu() else 1
+        return 2 if self._async_on_gpu() else 1
+
+    def resolved_steps_in_flight(self) -> int:
+        """Steps the host may run ahead under async scheduling (0 without it)."""
+        if not self.async_scheduling:
+            return 0
+        if self.steps_in_flight is not None:
+            return self.steps_in_flight
+        return 2 if self._async_on_gpu() else 1
 
     def resolved_launch_thread(self) -> bool:
         return self.launch_thread if self.launch_thread is not None else self._async_on_gpu()

@@ -83,6 +83,7 @@ class LLMEngine:
         self.last_step = StepStats()
         # async: the dispatched, unprocessed steps (batch, runner handle), oldest first
         self._in_flight: deque[tuple[StepBatch, Any]] = deque()
+        self._steps_in_flight = cfg.resolved_steps_in_flight()
         self._lost: set[str] = set()  # requests whose step failed (see _lose_in_flight)
         # token counters for the throughput log and metrics (vLLM's: a prompt counts once, at its
         # first output token; every streamed output token counts)
@@ -182,7 +183,7 @@ class LLMEngine:
                 self.scheduler.return_borrowed(batch)
             # async: the steps before finish on the device meanwhile; the oldest is processed once
             # more than steps_in_flight are dispatched (or when nothing new was)
-            keep = self.config.steps_in_flight if self.config.async_scheduling and not batch.empty else 0
+            keep = self._steps_in_flight if not batch.empty else 0
             if len(self._in_flight) > keep:
                 done = self._in_flight.popleft()
                 result = self.runner.fetch(done[1])  # the step's one host sync
