@@ -68,14 +68,14 @@ class DecodeRow:
     ahead: int = 0
     fed: Fed | None = None  # where that input token is (set when ahead > 0)
     slot: int = field(init=False)  # the batch slot at scheduling (a preemption later clears seq.slot)
+    # position of the row's input token (the last token so far, counting those in flight), at
+    # scheduling: the step's outputs are appended only after its runner call
+    position: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.slot = self.seq.slot
-
-    @property
-    def position(self) -> int:
-        """Position of the row's input token (the last token so far, counting those in flight)."""
-        return self.seq.num_tokens - 1 + self.ahead
+        seq = self.seq
+        self.slot = seq.slot
+        self.position = len(seq.prompt_ids) + len(seq.output_ids) - 1 + self.ahead
 
 
 @dataclass

@@ -426,17 +426,20 @@ class ModelRunner:
         if batch.decodes:
             tokens, positions, n_valid = (np.zeros(self.num_slots, np.int32) for _ in range(3))
             src = np.full(self.num_slots, -1, np.int32)
+            fed_unsampled = False  # a row fed a token the previous call did not sample (a bug)
             for row in batch.decodes:
-                seq, b = row.seq, row.slot
+                seq, b, fed = row.seq, row.slot, row.fed
                 positions[b], n_valid[b] = row.position, row.steps
-                if row.fed is None:  # the last token so far (all_ids would copy the whole context)
+                if fed is None:  # the last token so far (all_ids would copy the whole context)
                     tokens[b] = seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1]
-                elif row.fed.prefill:  # after the decode tokens [n, S] in _fed_tokens' flat index
-                    src[b] = self.statics.decode_steps * self.num_slots + row.fed.index
+                elif fed.prefill:  # after the decode tokens [n, S] in _fed_tokens' flat index
+                    src[b] = self.statics.decode_steps * self.num_slots + fed.index
+                    fed_unsampled |= not had_pre
                 else:
-                    src[b] = row.fed.index * self.num_slots + b
+                    src[b] = fed.index * self.num_slots + b
+                    fed_unsampled |= not had_dec
             tables = self._tables.update(batch.decodes)
-            if any(r.fed is not None and not (had_pre if r.fed.prefill else had_dec) for r in batch.decodes):
+            if fed_unsampled:
                 raise RuntimeError("a decode row is fed a token the previous call did not sample")
             inputs = DecodeInputs(tokens=tokens, positions=positions, n_valid=n_valid,
                                   block_tables=tables, samp=batch.decode_sampling)

@@ -10,15 +10,21 @@ from .batch import EMPTY_ROW, Fed, SamplingRows, StepBatch
 from .request_state import EngineRequest
 from .slot_rows import SlotSampling
 
+_DECODE_FED = tuple(Fed(False, j) for j in range(64))  # shared: one per decode step index
+
 
 def link_fed(batch: StepBatch, prev: StepBatch) -> None:
     """Async: point each decode row with tokens in flight at its input token among `prev`'s sampled
     tokens (the device output of the call in flight: no host round trip for the token ids)."""
-    where = {id(ch.seq): Fed(True, c) for c, ch in enumerate(prev.prefills) if ch.completes}
-    where.update((id(r.seq), Fed(False, r.steps - 1)) for r in prev.decodes)
+    decoded = {id(r.seq): r.steps - 1 for r in prev.decodes}
+    prefilled = {id(ch.seq): c for c, ch in enumerate(prev.prefills) if ch.completes}
     for r in batch.decodes:
         if r.ahead:
-            r.fed = where[id(r.seq)]
+            j = decoded.get(id(r.seq))
+            if j is None:
+                r.fed = Fed(True, prefilled[id(r.seq)])
+            else:
+                r.fed = _DECODE_FED[j] if j < len(_DECODE_FED) else Fed(False, j)
 
 
 def fill_sampling(batch: StepBatch, reqs: dict[str, EngineRequest], slots: SlotSampling,
