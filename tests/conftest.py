@@ -23,7 +23,7 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAG
 # script a test starts (they inherit the environment) load what another process already compiled
 # instead of compiling it again. A fresh directory per run (made by the first process, removed by it
 # at the end), so nothing carries over between runs. JAX reports a load from it as a backend compile
-# too, so model_runner.BACKEND_COMPILES and the no-compile-under-traffic tests still see it
+# too, so step_programs.BACKEND_COMPILES and the no-compile-under-traffic tests still see it
 # (tests/test_warmup.py checks that).
 CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 _OWN_CACHE = CACHE_ENV not in os.environ

@@ -14,7 +14,7 @@ from jtrail.models.llama import Llama
 from jtrail.models.sampling import needs_filter, sample_tokens
 from jtrail.serving.engine.batch import SamplingRows
 from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
-from jtrail.serving.engine.model_runner import DecodeInputs, _unpack_decode_inputs, pack_decode_inputs
+from jtrail.serving.engine.step_programs import DecodeInputs, _unpack_decode_inputs, pack_decode_inputs
 from jtrail.serving.sequence import SamplingParams
 
 

@@ -10,7 +10,7 @@ from flax import nnx
 from jtrail.models.config import NAMED_CONFIGS
 from jtrail.models.probe import ProbeConfig, ProbeHead
 from jtrail.models.probe_io import save_probe
-from jtrail.serving.engine.model_runner import BACKEND_COMPILES
+from jtrail.serving.engine.step_programs import BACKEND_COMPILES
 from jtrail.serving.engine.warmup import _prompts_for
 from jtrail.serving.sequence import SamplingParams
 

@@ -32,7 +32,7 @@ MIXED_SLOTS = 128
 
 def _compiles() -> tuple[int, float]:
     """XLA backend compiles so far in this process (count, seconds)."""
-    from jtrail.serving.engine.model_runner import BACKEND_COMPILES
+    from jtrail.serving.engine.step_programs import BACKEND_COMPILES
 
     return BACKEND_COMPILES["n"], BACKEND_COMPILES["s"]
 

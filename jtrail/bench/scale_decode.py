@@ -17,7 +17,7 @@ from jtrail.models.attention import ContiguousMeta, contiguous_cache_attention
 from jtrail.models.config import named_config
 from jtrail.models.llama import Llama
 from jtrail.models.sharding import init_sharded, kv_sharding, make_mesh, shard_attention_fn
-from jtrail.serving.engine.model_runner import PagedMeta, make_paged_attention
+from jtrail.serving.engine.step_programs import PagedMeta, make_paged_attention
 
 ATTN_DESC = {"paged": "serving engine's make_paged_attention -> kernels.ops, Pallas on GPU",
              "contiguous": "models.attention.contiguous_cache_attention, plain jnp"}

@@ -31,7 +31,7 @@ from jtrail.bench.serving_report import clean_json, device_label
 from jtrail.provenance import git_commit
 from jtrail.serving.brain.capacity import capacity_req_s, full_batch_throughput, pauses
 from jtrail.serving.brain.predictor import RecordingPredictor
-from jtrail.serving.engine.model_runner import BACKEND_COMPILES, TRACE_COUNTS
+from jtrail.serving.engine.step_programs import BACKEND_COMPILES, TRACE_COUNTS
 from jtrail.serving.simulation.regimes import REGIMES, Regime, regime_arrivals, regime_resources
 from jtrail.serving.simulation.sim_vs_engine import sim_errors, simulate_policies
 from jtrail.serving.simulation.step_model import fit_step_model

@@ -18,7 +18,7 @@ from jtrail.bench.loadgen import Workload, arrival_times, drive_engine
 from jtrail.bench.metrics import summarize
 from jtrail.serving.brain.capacity import pauses
 from jtrail.serving.brain.predictor import RecordingPredictor
-from jtrail.serving.engine.model_runner import TRACE_COUNTS
+from jtrail.serving.engine.step_programs import TRACE_COUNTS
 from jtrail.serving.simulation.sim_vs_engine import sim_errors, simulate_policies
 from jtrail.serving.simulation.step_model import fit_step_model
 

@@ -36,7 +36,7 @@ from jtrail.kernels import ops
 from jtrail.kernels import paged_attention_gpu as pag
 from jtrail.models.config import named_config
 from jtrail.models.loader import random_model
-from jtrail.serving.engine import model_runner as mr
+from jtrail.serving.engine import step_programs as sp
 from jtrail.serving.engine.config import EngineConfig
 from jtrail.serving.engine.llm_engine import LLMEngine
 
@@ -68,13 +68,13 @@ def timed(f: Callable[[], object], n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def decode_inputs(engine: LLMEngine) -> mr.DecodeInputs:
+def decode_inputs(engine: LLMEngine) -> sp.DecodeInputs:
     b, r = engine.config.num_slots, engine.runner
     positions, tables = np.zeros(b, np.int32), np.zeros((b, r.max_pages_per_seq), np.int32)
     for q in engine.running:
         positions[q.slot] = q.num_tokens - 1
         tables[q.slot, :len(q.block_table)] = q.block_table
-    return mr.DecodeInputs(tokens=np.zeros(b, np.int32), positions=positions, n_valid=np.ones(b, np.int32),
+    return sp.DecodeInputs(tokens=np.zeros(b, np.int32), positions=positions, n_valid=np.ones(b, np.int32),
                            block_tables=tables, samp=engine._sampling_rows([None] * b, 1))
 
 
@@ -151,15 +151,15 @@ ABLATIONS: dict[str, dict] = {
 
 def device_ablations(engine: LLMEngine) -> dict[str, float | str]:
     r, x = engine.runner, decode_inputs(engine)
-    originals = ops.decode_attention, ops.write_kv, mr.sample_tokens
+    originals = ops.decode_attention, ops.write_kv, sp.sample_tokens
     out: dict[str, float | str] = {}
     for name, change in ABLATIONS.items():
         ops.decode_attention = change.get("attention", originals[0])
         ops.write_kv = change.get("write", originals[1])
-        mr.sample_tokens = change.get("sample", originals[2])
+        sp.sample_tokens = change.get("sample", originals[2])
         statics = r.statics
         if "impl" in change:
-            r.statics = mr.intern_statics(dataclasses.replace(statics, impl=change["impl"]))
+            r.statics = sp.intern_statics(dataclasses.replace(statics, impl=change["impl"]))
         jax.clear_caches()  # the jitted step traces again with the replaced part
         try:
             out[name] = timed(lambda: r.decode(x), 100) * 1e3
@@ -167,7 +167,7 @@ def device_ablations(engine: LLMEngine) -> dict[str, float | str]:
             out[name] = repr(e)[:300]
         finally:
             r.statics = statics
-            ops.decode_attention, ops.write_kv, mr.sample_tokens = originals
+            ops.decode_attention, ops.write_kv, sp.sample_tokens = originals
     jax.clear_caches()
     return out
 

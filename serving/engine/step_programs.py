@@ -1,0 +1,296 @@
+"""The engine's device programs: the jitted prefill and decode steps and their inputs.
+
+`ModelRunner` (model_runner.py) owns the state these take (weights as flat leaves, the paged KV cache,
+the decode call's fixed-address buffers) and calls them; here is what runs on the device. The steps
+are module-level functions keyed on `StepStatics` (static jit arguments), so engines share compiled
+code. Prefill runs every chunk of a step in one packed call; decode runs `decode_steps` tokens for
+every slot, its inputs staged into donated buffers that keep their addresses (CUDA graphs are not
+updated), rotating over up to three compiled copies of the step (`_DECODE_CALLS`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ...kernels import ops
+from ...models.sampling import sample_tokens
+from ...models.sharding import shard_attention_fn
+from .batch import SamplingRows
+
+__all__ = ["PagedMeta", "PrefillInputs", "DecodeInputs", "DecodeIO", "StepStatics", "make_paged_attention",
+           "pack_decode_inputs", "intern_statics", "TRACE_COUNTS", "BACKEND_COMPILES"]
+
+
+class PagedMeta(NamedTuple):
+    """What the paged attention fn needs besides q/k/v (all int32 device arrays)."""
+
+    slot_mapping: jax.Array  # [B*T] flat cache slot of each new token (page*page_size+offset), <0 skip
+    block_tables: jax.Array  # [B, max_pages_per_seq]
+    q_start: jax.Array  # [B] position of the first new token
+    q_lens: jax.Array  # [B] number of valid new tokens (0 = inactive row)
+
+
+def make_paged_attention(impl: str):
+    """attn_fn for models/attention.py's contract: write the step's K/V into the pages, then attend."""
+
+    def paged_attention(q, k, v, layer_cache, meta: PagedMeta):
+        k_pages, v_pages = layer_cache
+        b, t, hkv, d = k.shape
+        k_pages, v_pages = ops.write_kv(k_pages, v_pages, k.reshape(b * t, hkv, d),
+                                        v.reshape(b * t, hkv, d), meta.slot_mapping, impl=impl)
+        if t == 1:  # decode: one query per row attends to [0, pos]
+            lengths = jnp.where(meta.q_lens > 0, meta.q_start + 1, 0).astype(jnp.int32)
+            out = ops.decode_attention(q[:, 0], k_pages, v_pages, lengths, meta.block_tables,
+                                       impl=impl)[:, None]
+        else:
+            out = ops.prefill_attention(q, k_pages, v_pages, meta.q_start, meta.q_lens,
+                                        meta.block_tables, impl=impl)
+        return out, (k_pages, v_pages)
+
+    return paged_attention
+
+
+class PrefillInputs(NamedTuple):
+    """One packed prefill call's inputs: R rows of T tokens, and per chunk c (up to R) its results'
+    row and prompt (all int32 host arrays except tap_in and samp)."""
+
+    tokens: Any  # [R, T] the rows' tokens (consecutive T-token pieces of the step's chunks)
+    positions: Any  # [R, T] each token's position in its sequence
+    slot_mapping: Any  # [R*T] flat KV slot of each token (page*page_size+offset), -1 = pad
+    block_tables: Any  # [R, max_pages_per_seq] the row's sequence's pages
+    q_lens: Any  # [R] valid tokens in the row (0 = pad row)
+    row_chunk: Any  # [R] the chunk a row belongs to
+    last_row: Any  # [R] per chunk: the row holding its last token (the next token is sampled there)
+    n_prompt: Any  # [R] per chunk: its sequence's prompt length (the probe taps prompt tokens only)
+    chunk_end: Any  # [R] per chunk: the position after its last token
+    tap_in: Any  # [R, d_model] f32 per chunk: the running prompt-tap sum from its earlier chunks
+    samp: SamplingRows  # per chunk
+
+
+class DecodeInputs(NamedTuple):
+    """One decode call's inputs, one row per slot (int32 [S] unless noted)."""
+
+    tokens: Any  # the last token of each slot (a device array when fed from the call in flight)
+    positions: Any  # its position
+    n_valid: Any  # steps the slot may take (0 = empty slot; pages for them must be allocated)
+    block_tables: Any  # [S, max_pages_per_seq]
+    samp: SamplingRows
+
+
+def _sample(logits: jax.Array, s: SamplingRows, offset: jax.Array | int = 0,
+            filtered: bool = True) -> jax.Array:
+    keys = jax.vmap(lambda sd, i: jax.random.fold_in(jax.random.PRNGKey(sd), i))(s.seed, s.gen_index + offset)
+    sampled = sample_tokens(logits, keys, s.temperature, s.top_p, s.top_k, filtered=filtered)
+    forced = jax.lax.dynamic_index_in_dim(s.forced, offset, axis=1, keepdims=False)
+    return jnp.where(forced >= 0, forced, sampled)
+
+
+@dataclass(frozen=True)
+class StepStatics:
+    """Everything static about a step: the jit cache key. Engines with equal statics (and shapes)
+    share compiled code, so tests and benchmarks that build several engines compile once."""
+
+    graphdef: Any
+    probe_graphdef: Any
+    probe_layer: int | None
+    page_size: int
+    decode_steps: int
+    impl: str
+    num_bins: int
+    mesh: Any = None  # tensor-parallel jax.sharding.Mesh; None = one device
+    state_treedef: Any = None  # the weights' pytree structure: calls pass the flat leaves
+
+    # jit hashes its static arguments on every call: hashing the model's graphdef anew cost
+    # milliseconds of host time per step (more than a small model's device time), so it is cached
+    def __hash__(self) -> int:
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(tuple(getattr(self, f.name) for f in fields(self)))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+
+_INTERNED: dict[StepStatics, StepStatics] = {}
+
+
+def intern_statics(st: StepStatics) -> StepStatics:
+    """One instance per distinct statics: jit then finds its cache entry by identity, not by a deep
+    comparison of two equal graphdefs on every call."""
+    return _INTERNED.setdefault(st, st)
+
+
+TRACE_COUNTS: Counter = Counter()  # (kind, statics) -> number of traces = number of compilations
+# Every XLA backend compile in the process (count, seconds), whatever triggered it: TRACE_COUNTS sees
+# retraces of the two jitted steps only, and an eager jnp op on the host path compiles without one.
+BACKEND_COMPILES = {"n": 0, "s": 0.0}
+
+
+def _count_backend_compile(event: str, secs: float, **_kw: Any) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        BACKEND_COMPILES["n"] += 1
+        BACKEND_COMPILES["s"] += secs
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_backend_compile)
+
+
+def _attention(st: StepStatics):
+    """Under TP the paged kernels run once per kv-head shard (shard_map)."""
+    attn_fn = make_paged_attention(st.impl)
+    return attn_fn if st.mesh is None else shard_attention_fn(attn_fn, st.mesh, "paged")
+
+
+def _merge(st: StepStatics, leaves):
+    """The model from the flat weight leaves (flattening an nnx.State at every call is host time)."""
+    return nnx.merge(st.graphdef, jax.tree_util.tree_unflatten(st.state_treedef, leaves))
+
+
+def _probe_probs(st: StepStatics, probe_state, h: jax.Array) -> jax.Array:
+    return nnx.merge(st.probe_graphdef, probe_state).probs(h)
+
+
+# the KV cache is donated (updated in place); the statics are the jit cache key
+@partial(jax.jit, static_argnames=("st",), donate_argnames=("caches",))
+def _prefill_packed(st: StepStatics, state, caches, probe_state, inputs: PrefillInputs):
+    """Every prefill chunk of a step in one call. Rows [R, T] are consecutive T-token pieces of the
+    chunks (a chunk spans several rows; each layer writes all rows' K/V before attending, so a row
+    sees the rows before it). Per chunk c (up to R): the token after its last one is sampled from row
+    last_row[c]; the probe sees the running prompt-tap sum tap_in[c] plus this call's prompt tokens."""
+    TRACE_COUNTS["prefill", st] += 1
+    tokens, positions, q_lens, tap_in = inputs.tokens, inputs.positions, inputs.q_lens, inputs.tap_in
+    model = _merge(st, state)
+    meta = PagedMeta(inputs.slot_mapping, inputs.block_tables, positions[:, 0], q_lens)
+    out = model(tokens, positions, caches, _attention(st), meta, tap_layer=st.probe_layer,
+                logits_index=jnp.maximum(q_lens - 1, 0))
+    token = _sample(out.logits[inputs.last_row], inputs.samp)
+    probs, tap_acc = None, tap_in
+    if st.probe_layer is not None:
+        t = tokens.shape[1]
+        n_prompt = inputs.n_prompt
+        valid = (jnp.arange(t)[None, :] < q_lens[:, None]) & (positions < n_prompt[inputs.row_chunk][:, None])
+        rows = jnp.sum(jnp.where(valid[..., None], out.tap.astype(jnp.float32), 0.0), axis=1)
+        tap_acc = tap_in + jax.ops.segment_sum(rows, inputs.row_chunk, num_segments=tap_in.shape[0])
+        count = jnp.maximum(jnp.minimum(inputs.chunk_end, n_prompt), 1).astype(jnp.float32)
+        probs = _probe_probs(st, probe_state, tap_acc / count[:, None])
+    return out.caches, token, probs, tap_acc
+
+
+def pack_decode_inputs(inputs: DecodeInputs) -> np.ndarray:
+    """Every host input of the decode call but the tokens in one int32 [S, 7 + P + n] array (floats
+    bit-cast), so a step makes one host-to-device copy, not ten: on the H200 the ten small copies
+    cost 0.5 ms of host time per step at batch 32 and 2 ms at batch 128 (ENGINE_NOTES.md)."""
+    s = inputs.samp
+    cols = [np.asarray(inputs.positions, np.int32), np.asarray(inputs.n_valid, np.int32),
+            np.asarray(s.top_k, np.int32), np.asarray(s.seed, np.uint32).view(np.int32),
+            np.asarray(s.gen_index, np.int32), np.asarray(s.temperature, np.float32).view(np.int32),
+            np.asarray(s.top_p, np.float32).view(np.int32)]
+    return np.concatenate([np.stack(cols, axis=1), np.asarray(inputs.block_tables, np.int32),
+                           np.asarray(s.forced, np.int32)], axis=1)
+
+
+def _unpack_decode_inputs(tokens: jax.Array, packed: jax.Array, steps: int) -> DecodeInputs:
+    """pack_decode_inputs' inverse, inside the jitted step (static column slices: free)."""
+    col = [packed[:, i] for i in range(7)]
+    as_f32 = partial(jax.lax.bitcast_convert_type, new_dtype=jnp.float32)
+    samp = SamplingRows(temperature=as_f32(col[5]), top_p=as_f32(col[6]), top_k=col[2],
+                        seed=jax.lax.bitcast_convert_type(col[3], jnp.uint32), gen_index=col[4],
+                        forced=packed[:, packed.shape[1] - steps:])
+    return DecodeInputs(tokens=tokens, positions=col[0], n_valid=col[1],
+                        block_tables=packed[:, 7:packed.shape[1] - steps], samp=samp)
+
+
+class DecodeIO(NamedTuple):
+    """The decode call's per-step inputs and outputs, kept in device buffers whose addresses never
+    change: every call donates them and gets them back (`_stage_decode` writes the step's inputs into
+    them, the decode call its outputs). XLA runs the decode step as one CUDA graph; when a buffer it
+    touches moves, the graph is updated and the next launch uploads it again. With fresh input and
+    output arrays each step that cost ~1.1 ms of host time per call on the H200 for SmolLM2's ~400
+    kernels, more than the device's whole step (ENGINE_NOTES.md)."""
+
+    tokens: jax.Array  # [S] int32 the last token of each slot
+    packed: jax.Array  # [S, W] int32 pack_decode_inputs' array
+    out_tokens: jax.Array  # [n, S] int32 the call's sampled tokens
+    out_probs: jax.Array  # [n, S, max(K, 1)] f32 the probe's bin probabilities (zeros without a probe)
+
+
+@partial(jax.jit, donate_argnames=("io",))
+def _stage_decode(io: DecodeIO, tokens, packed) -> DecodeIO:
+    """Write a step's inputs into the donated buffers (a small graph of its own: its updates are cheap)."""
+    return io._replace(tokens=io.tokens.at[:].set(tokens.astype(jnp.int32)),
+                       packed=io.packed.at[:].set(packed))
+
+
+@jax.jit
+def _collect_decode(io: DecodeIO) -> tuple[jax.Array, jax.Array]:
+    """Copies of the call's outputs: the next call donates the buffers while the host may still read
+    these (async scheduling fetches a step's tokens after the next step is dispatched)."""
+    return io.out_tokens + 0, io.out_probs + 0
+
+
+def _decode_program(st: StepStatics, state, caches, probe_state, io: DecodeIO, filtered: bool = True):
+    """`io`: the staged inputs (DecodeIO); `filtered`: some row samples with top-p or top-k (static:
+    two compiled variants, both warmed up; without it the vocabulary is not sorted)."""
+    TRACE_COUNTS["decode", st] += 1
+    inputs = _unpack_decode_inputs(io.tokens, io.packed, st.decode_steps)
+    tokens, positions, n_valid = inputs.tokens, inputs.positions, inputs.n_valid
+    block_tables, samp = inputs.block_tables, inputs.samp
+    model = _merge(st, state)
+    attn_fn = _attention(st)
+    rows = jnp.arange(tokens.shape[0])
+    n, ps = st.decode_steps, st.page_size
+
+    def one_step(j, carry):
+        caches, tok, out_tokens, out_probs = carry
+        pos = positions + j
+        live = j < n_valid
+        page = block_tables[rows, jnp.minimum(pos // ps, block_tables.shape[1] - 1)]
+        slot = jnp.where(live, page * ps + pos % ps, -1)
+        meta = PagedMeta(slot, block_tables, pos, live.astype(jnp.int32))
+        out = model(tok[:, None], pos[:, None], caches, attn_fn, meta, tap_layer=st.probe_layer,
+                    logits_index=jnp.zeros_like(tok))
+        new = _sample(out.logits, samp, j, filtered)
+        out_tokens = out_tokens.at[j].set(new)
+        if st.probe_layer is not None:
+            out_probs = out_probs.at[j].set(_probe_probs(st, probe_state, out.tap[:, 0]))
+        return out.caches, new, out_tokens, out_probs
+
+    init = (caches, tokens, jnp.zeros_like(io.out_tokens), jnp.zeros_like(io.out_probs))
+    caches, _, out_tokens, out_probs = jax.lax.fori_loop(0, n, one_step, init)
+    # written into the donated buffers, so the outputs keep their addresses too
+    return caches, io._replace(out_tokens=io.out_tokens.at[:].set(out_tokens),
+                               out_probs=io.out_probs.at[:].set(out_probs))
+
+
+def _decode_copy(i: int):
+    """The same program under another name, so XLA compiles it as executable i of its own (see
+    `ModelRunner(decode_graphs=...)`)."""
+    if i == 0:
+        return _decode_program
+
+    def program(st: StepStatics, state, caches, probe_state, io: DecodeIO, filtered: bool = True):
+        return _decode_program(st, state, caches, probe_state, io, filtered)
+
+    program.__name__ = program.__qualname__ = f"_decode_program_{i}"
+    return program
+
+
+_DECODE_JIT = {"static_argnames": ("st", "filtered"), "donate_argnames": ("caches", "io")}
+# the KV cache and the staged inputs/outputs are donated (updated in place); the statics are the jit key
+_DECODE_CALLS = tuple(jax.jit(_decode_copy(i), **_DECODE_JIT) for i in range(3))
+
+
+@jax.jit
+def _fed_tokens(host_tokens, prev_decode, prev_prefill, src):
+    """Async scheduling: each decode row's input token, from the host (src < 0) or from the call in
+    flight's sampled tokens: flat index src into [decode tokens [n, S] raveled, prefill tokens [R]].
+    A small graph of its own (one compilation per prefill capacity), so the decode step keeps one."""
+    flat = jnp.concatenate([prev_decode.reshape(-1).astype(jnp.int32), prev_prefill.astype(jnp.int32)])
+    return jnp.where(src >= 0, flat[jnp.maximum(src, 0)], host_tokens)
