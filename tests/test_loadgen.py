@@ -91,15 +91,18 @@ def tiny():
     return model, probe
 
 
-def _engine(tiny, policy: str, slots: int = 4, pages: int = 12) -> LLMEngine:
+def _engine(tiny, policy: str, slots: int = 4, pages: int = 12, steps_in_flight: int | None = None
+            ) -> LLMEngine:
     model, probe = tiny
     cfg = EngineConfig(num_slots=slots, page_size=4, num_pages=pages, max_model_len=48,
                        prefill_buckets=(8, 16, 32), max_prefill_tokens_per_step=32,
-                       policy=make_policy(policy))
+                       policy=make_policy(policy), steps_in_flight=steps_in_flight)
     return LLMEngine(model, None, cfg, probe=probe, predictor=TrailPredictor(probe.cfg.bin_edges))
 
 
-def test_forced_lengths_identical_work_across_policies(tiny):
+@pytest.mark.parametrize("depth", [None, 2])
+def test_forced_lengths_identical_work_across_policies(tiny, depth):
+    """depth: the engine's steps in flight (None: this backend's default; 2: the GPU's)."""
     rng = np.random.default_rng(0)
     n = 70  # > 64 waiting requests turns on the policies' heap index (srpt-oracle ranks on arrival)
     prompts = [rng.integers(3, CFG.vocab_size, rng.integers(2, 20)).tolist() for _ in range(n)]
@@ -107,7 +110,7 @@ def test_forced_lengths_identical_work_across_policies(tiny):
     wl = Workload(prompts, np.zeros(n), lengths)  # everything at t=0: a full queue, preemptions
     seen = {}
     for policy in ("fcfs", "trail", "srpt-oracle"):
-        res = drive_engine(_engine(tiny, policy), wl, timeout_s=120)
+        res = drive_engine(_engine(tiny, policy, steps_in_flight=depth), wl, timeout_s=120)
         assert res.completed.all(), policy
         np.testing.assert_array_equal(res.output_tokens, lengths)  # exactly the forced length, no EOS stop
         assert np.all(res.first_token <= res.finish) and np.all(res.first_token >= res.arrival)

@@ -207,7 +207,7 @@ def bench_decode(model, cfg, b: int, args, bw: float) -> dict:
     roofline_tps = b / ((weight_bytes + kv_bytes) / bw)
     # the runner's resolved choices (an older commit's runner, timed as a baseline, has neither)
     graphs, thread = getattr(r, "decode_graphs", 1), getattr(r, "launch_thread", False)
-    depth = getattr(engine, "_steps_in_flight", int(async_on))
+    depth = getattr(engine, "steps_in_flight", int(async_on))
     del engine, r, out
     gc.collect()  # free this batch size's KV cache before the next one is allocated
     return {"batch": b, "ctx": args.ctx, "tokens_per_s": toks / wall, "roofline_tokens_per_s": roofline_tps,

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import gc
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,7 +146,8 @@ def drive_engine(engine: Any, wl: Workload, oracle: bool = True, timeout_s: floa
     Step records (the engine's `last_step`): batch tokens (prefill + decode tokens computed), KV
     tokens of the sequences that ran (their length before the step), seconds of `engine.step()`,
     prefill chunks (probe-only ones included), decode rows. Under async scheduling a row's counts (and
-    running, waiting) are those of the batch whose outputs the step fetched (dispatched a step earlier).
+    running, waiting) are those of the batch whose outputs the step fetched (dispatched
+    `engine.steps_in_flight` steps earlier).
     """
     # A full collection walks every object the process holds (a pause of up to seconds, seen mid-run
     # on the GPU): collect now and freeze what exists, as vLLM does after start-up.
@@ -172,8 +174,10 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float, ora
     # seconds are N-1's device time (or the host's, when that is longer). Each row pairs a step's
     # seconds with the batch whose outputs it fetched, as under synchronous steps, so the step model
     # fits the same quantity either way.
-    lagged = bool(getattr(getattr(engine, "config", None), "async_scheduling", False))
-    in_flight: tuple[int, ...] = (0,) * 6  # async: the dispatched batch's counts, running and waiting
+    # async: a step processes the batch dispatched `lag` steps before (an older engine has no field)
+    lag = getattr(engine, "steps_in_flight",
+                  int(bool(getattr(getattr(engine, "config", None), "async_scheduling", False))))
+    in_flight = deque([(0,) * 6] * lag)  # the dispatched batches' counts, running and waiting
     while done < n:
         now = time.perf_counter() - t0
         if now > timeout_s:
@@ -214,8 +218,9 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float, ora
         st = engine.last_step  # the engine's own accounting: no per-step walk over every request
         bt, kv, calls, dec = st.batch_tokens, st.kv_tokens, st.prefill_chunks, st.decode_rows
         n_run = max(n_run, len(engine.running))  # the batch it ran: before, or after its admissions
-        if lagged:
-            (bt, kv, calls, dec, n_run, n_wait), in_flight = in_flight, (bt, kv, calls, dec, n_run, n_wait)
+        if lag:
+            in_flight.append((bt, kv, calls, dec, n_run, n_wait))
+            bt, kv, calls, dec, n_run, n_wait = in_flight.popleft()
         steps.append((bt, kv, time.perf_counter() - ts, calls, dec, emitted, t_rel, n_run, n_wait))
     for s in seqs:
         npre[index[s.request_id]] = s.num_preemptions

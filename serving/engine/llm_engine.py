@@ -83,7 +83,8 @@ class LLMEngine:
         self.last_step = StepStats()
         # async: the dispatched, unprocessed steps (batch, runner handle), oldest first
         self._in_flight: deque[tuple[StepBatch, Any]] = deque()
-        self._steps_in_flight = cfg.resolved_steps_in_flight()
+        # async scheduling: how many steps run ahead of the one whose outputs a step processes (0: sync)
+        self.steps_in_flight = cfg.resolved_steps_in_flight()
         self._lost: set[str] = set()  # requests whose step failed (see _lose_in_flight)
         # token counters for the throughput log and metrics (vLLM's: a prompt counts once, at its
         # first output token; every streamed output token counts)
@@ -183,7 +184,7 @@ class LLMEngine:
                 self.scheduler.return_borrowed(batch)
             # async: the steps before finish on the device meanwhile; the oldest is processed once
             # more than steps_in_flight are dispatched (or when nothing new was)
-            keep = self._steps_in_flight if not batch.empty else 0
+            keep = self.steps_in_flight if not batch.empty else 0
             if len(self._in_flight) > keep:
                 done = self._in_flight.popleft()
                 result = self.runner.fetch(done[1])  # the step's one host sync
