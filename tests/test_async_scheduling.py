@@ -1,5 +1,6 @@
 """Async scheduling (EngineConfig.async_scheduling): step N+1 is scheduled and dispatched while step
-N runs, fed N's sampled tokens on the device, and N's outputs land one step late. The reference is
+N runs, fed N's sampled tokens on the device, and N's outputs land one step late (two with
+`steps_in_flight=2`, the GPU's default). The reference is
 the synchronous engine: on a mixed workload (prompt lengths over several prefill chunks, greedy and
 seeded sampling, stop strings, stop tokens, eos, replayed answers, arrivals mid-run, preemption
 under memory pressure in both modes, the probe with probe-only prefills) every request streams the
