@@ -19,7 +19,7 @@ from jtrail.serving.brain.predictor import TrailPredictor
 from jtrail.serving.brain.scheduler.registry import make_policy
 from jtrail.serving.engine.fake_runner import ByteTokenizer, FakeLengthPredictor, FakeRunner, encode_text
 from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
-from jtrail.serving.sequence import FinishReason, SamplingParams
+from jtrail.serving.sequence import FinishReason, RequestFailedError, SamplingParams
 
 CFG = NAMED_CONFIGS["tiny"].replace(tie_embeddings=False)  # eos 2: the greedy outputs do reach it
 MAX_LEN = 72
@@ -290,7 +290,7 @@ class FailingFetch(FakeRunner):
 
 @pytest.mark.parametrize("depth", [1, 2])
 def test_async_failed_step_names_its_requests(depth):
-    """A step that fails loses its results and those of the step in flight: the engine names their
+    """A step that fails loses its results and those of the steps in flight: the engine names their
     requests (for the front end to fail), nothing stays counted in flight, and the rest is served
     as the synchronous engine serves it."""
     reqs = mixed_requests(12, seed=4, vocab=200)
@@ -302,11 +302,16 @@ def test_async_failed_step_names_its_requests(depth):
         engine.add_request(f"r{i}", prompt, params)
     failed: set[str] = set()
     while engine.has_unfinished():
+        # the requests with work in the calls in flight (their results will be lost with the step's)
+        unfinished = {rid for rid, st in engine._reqs.items() if not st.seq.is_finished}
+        in_flight = unfinished & {s.request_id for b, _ in engine._in_flight for s in
+                                  [c.seq for c in b.prefills if not c.probe_only] + [r.seq for r in b.decodes]}
         try:
             outs = engine.step()
         except RuntimeError:
             lost = engine.pending_output_ids()
             assert lost and not engine._in_flight
+            assert in_flight <= lost  # every batch in flight is named, not only the newest
             assert all(st.ahead == 0 and st.in_flight == 0 for st in engine._reqs.values())
             for rid in lost:
                 engine.abort(rid)
@@ -319,3 +324,51 @@ def test_async_failed_step_names_its_requests(depth):
     assert engine.blocks.num_used == 0 and engine.runner.fetches > FailingFetch.fail_at
     served = [rid for rid in got if rid not in failed]
     assert served and all(got[rid] == want[rid]["ids"] for rid in served)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_requests_kept_after_a_failed_step_recompute_and_finish(depth):
+    """A step fails on one request (the server fails only that one): the others lost results of
+    the calls in flight. They restart as after a recompute preemption, so a later swap preemption
+    copies the pages their kept tokens need (it crashed at swap-in when their KV progress still
+    counted the lost calls), every page comes back, and their answers equal a clean run's."""
+    def engine() -> LLMEngine:
+        cfg = EngineConfig(num_slots=4, page_size=4, num_pages=40, max_model_len=64, prefill_buckets=(8, 16),
+                           max_prefill_tokens_per_step=16, async_scheduling=True, steps_in_flight=depth,
+                           decode_steps_per_call=2, preemption_mode="swap")
+        e = LLMEngine(None, ByteTokenizer(), cfg, runner=FakeRunner(4, 64, 4))
+        for r in "abc":
+            e.add_request(r, [5, 6, 7 + ord(r)], SamplingParams(max_tokens=30, ignore_eos=True))
+        return e
+
+    def collect(e: LLMEngine, got: dict[str, list[int]], steps: int | None = None) -> None:
+        n = 0
+        while e.has_unfinished() and (steps is None or n < steps):
+            for o in e.step():
+                got.setdefault(o.request_id, []).extend(o.new_token_ids)
+            n += 1
+
+    want: dict[str, list[int]] = {}
+    collect(engine(), want)
+    e, got, appended = engine(), {}, {"n": 0}
+    real_append = e.outputs.append
+
+    def append(st, tok, now, free=True):
+        appended["n"] += 1
+        if appended["n"] == 12:
+            raise RequestFailedError(st.seq.request_id, "boom")
+        return real_append(st, tok, now, free)
+
+    e.outputs.append = append
+    with pytest.raises(RequestFailedError) as failed:
+        collect(e, got, 20)
+    bad = failed.value.request_id
+    e.abort(bad)  # what AsyncLLMEngine._step does
+    kept = [s for s in e.running if s.request_id in e.pending_output_ids()]
+    assert kept and all(s.num_computed_tokens == 0 for s in kept)
+    for s in list(e.running):
+        e.preempt(s)  # by swap
+    collect(e, got)
+    assert e.blocks.num_used == 0 and not e.requests
+    for rid in set("abc") - {bad}:
+        assert got[rid] == want[rid] and len(want[rid]) == 30

@@ -125,6 +125,39 @@ def test_forced_lengths_identical_work_across_policies(tiny, depth):
     assert seen["srpt-oracle"]["mean_e2e"] < seen["fcfs"]["mean_e2e"]
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_step_records_pair_with_the_batch_each_step_processed(tiny, depth):
+    """Async scheduling: a step's record carries the counts of the batch whose outputs the step
+    processed, dispatched `steps_in_flight` steps before; a step that processed none (the pipeline
+    filling, or an empty step draining it) records zeros. Gaps between arrivals make empty steps."""
+    eng = _engine(tiny, "fcfs", steps_in_flight=depth)
+    processed_per_step: list[tuple[int, int, int]] = []
+    real_step, real_process = eng.step, eng.outputs.process
+    seen: list[tuple[int, int, int]] = []
+
+    def process(batch, *args):
+        seen.append((sum(len(c.tokens) for c in batch.prefills) + sum(r.steps for r in batch.decodes),
+                     len(batch.prefills), len(batch.decodes)))
+        return real_process(batch, *args)
+
+    def step():
+        seen.clear()
+        outs = real_step()
+        processed_per_step.append(seen[0] if seen else (0, 0, 0))
+        return outs
+
+    eng.outputs.process, eng.step = process, step
+    rng = np.random.default_rng(1)
+    n = 40
+    prompts = [rng.integers(3, CFG.vocab_size, rng.integers(2, 12)).tolist() for _ in range(n)]
+    wl = Workload(prompts, np.cumsum(rng.exponential(0.01, n)), rng.integers(1, 4, n))
+    res = drive_engine(eng, wl, timeout_s=120)
+    assert res.completed.all()
+    got = [tuple(int(x) for x in row[[0, 3, 4]]) for row in res.steps]
+    assert got == processed_per_step[:len(got)]
+    assert any(p == (0, 0, 0) for p in got) and sum(p[2] for p in got) > 0
+
+
 def test_replay_workload_emits_recorded_answers(tiny):
     """Replay: every request carries its recorded answer; every policy emits exactly those tokens (the
     same work), under a nominal max_tokens, and the steps say how many tokens each step emitted."""

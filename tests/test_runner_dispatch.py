@@ -174,10 +174,12 @@ def test_launch_thread_gives_the_inline_engines_tokens(mode):
     threads: set[str] = set()
     want, got = _staggered(inline), _staggered(threaded, threads)
     assert got == want and all(len(t) == 9 for t in want.values())
-    # the GPU's deeper pipeline: two steps in flight, three decode executables, launch thread
-    deep = LLMEngine(model, config=dataclasses.replace(cfg, launch_thread=True, steps_in_flight=2,
-                                                       decode_graphs=2))
-    assert _staggered(deep) == want and deep.scheduler.blocks.num_used == 0
+    # the GPU's deeper pipeline: two steps in flight, launch thread, two decode executables (the
+    # default) or three (one per call in flight)
+    for graphs in (2, 3):
+        deep = LLMEngine(model, config=dataclasses.replace(cfg, launch_thread=True, steps_in_flight=2,
+                                                           decode_graphs=graphs))
+        assert _staggered(deep) == want and deep.scheduler.blocks.num_used == 0
     assert threads and all(t.startswith("jtrail-launch") for t in threads)
     assert threaded.num_preemptions == inline.num_preemptions > 0
     assert threaded.scheduler.blocks.num_used == 0  # every page back

@@ -177,7 +177,7 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float, ora
     # async: a step processes the batch dispatched `lag` steps before (an older engine has no field)
     lag = getattr(engine, "steps_in_flight",
                   int(bool(getattr(getattr(engine, "config", None), "async_scheduling", False))))
-    in_flight = deque([(0,) * 6] * lag)  # the dispatched batches' counts, running and waiting
+    in_flight: deque[tuple[int, ...]] = deque()  # the dispatched batches' counts, running and waiting
     while done < n:
         now = time.perf_counter() - t0
         if now > timeout_s:
@@ -193,6 +193,7 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float, ora
             continue
         n_run, n_wait = len(engine.running), len(engine.waiting)
         ts = time.perf_counter()
+        processed = getattr(engine, "batches_processed", 0)
         outs = engine.step()
         te = time.perf_counter()
         t_rel = te - t0
@@ -218,9 +219,13 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float, ora
         st = engine.last_step  # the engine's own accounting: no per-step walk over every request
         bt, kv, calls, dec = st.batch_tokens, st.kv_tokens, st.prefill_chunks, st.decode_rows
         n_run = max(n_run, len(engine.running))  # the batch it ran: before, or after its admissions
-        if lag:
-            in_flight.append((bt, kv, calls, dec, n_run, n_wait))
-            bt, kv, calls, dec, n_run, n_wait = in_flight.popleft()
+        if lag:  # the record of the batch whose outputs this step processed (none: zeros)
+            if bt or calls or dec:  # it dispatched one
+                in_flight.append((bt, kv, calls, dec, n_run, n_wait))
+            # (an engine without the counter processes one batch per step once `lag` are out)
+            now_processed = getattr(engine, "batches_processed", None)
+            took = (now_processed > processed) if now_processed is not None else len(in_flight) > lag
+            bt, kv, calls, dec, n_run, n_wait = in_flight.popleft() if took and in_flight else (0,) * 6
         steps.append((bt, kv, time.perf_counter() - ts, calls, dec, emitted, t_rel, n_run, n_wait))
     for s in seqs:
         npre[index[s.request_id]] = s.num_preemptions

@@ -85,6 +85,7 @@ class LLMEngine:
         self._in_flight: deque[tuple[StepBatch, Any]] = deque()
         # async scheduling: how many steps run ahead of the one whose outputs a step processes (0: sync)
         self.steps_in_flight = cfg.resolved_steps_in_flight()
+        self.batches_processed = 0  # batches whose outputs a step has processed (benchmarks pair them)
         self._lost: set[str] = set()  # requests whose step failed (see _lose_in_flight)
         # token counters for the throughput log and metrics (vLLM's: a prompt counts once, at its
         # first output token; every streamed output token counts)
@@ -189,6 +190,7 @@ class LLMEngine:
                 done = self._in_flight.popleft()
                 result = self.runner.fetch(done[1])  # the step's one host sync
                 self.outputs.process(done[0], result, self._reqs, time.monotonic())  # 3. tokens out
+                self.batches_processed += 1
         except Exception:
             self._lose_in_flight([batch, done[0] if done is not None else None])
             raise
@@ -203,17 +205,29 @@ class LLMEngine:
     def _lose_in_flight(self, batches: list[StepBatch | None]) -> None:
         """A failed step: the results of its batch and of any still in flight are lost. Their
         requests (prompt-only probes aside) can no longer be trusted, so `pending_output_ids` names
-        them for the front end to fail; every request's in-flight counts start again from zero."""
+        them for the front end to fail; every request's in-flight counts start again from zero. One
+        the front end keeps (it may fail only the request the error names) restarts as after a
+        recompute preemption: its KV progress counted the lost calls, whose writes are unknown (a
+        swap copy or a page count made from that progress would not match the tokens kept)."""
         batches.extend(b for b, _ in self._in_flight)
         self._in_flight.clear()
+        lost = set()
         for b in batches:
             if b is None:
                 continue
             for seq in [c.seq for c in b.prefills if not c.probe_only] + [r.seq for r in b.decodes]:
                 if not seq.is_finished:
-                    self._lost.add(seq.request_id)
+                    lost.add(seq.request_id)
+        self._lost |= lost
         for st in self._reqs.values():
             st.ahead = st.in_flight = 0
+            seq = st.seq
+            if seq.request_id not in lost or seq.is_finished:
+                continue
+            seq.num_computed_tokens, st.prefilled, st.tap = 0, False, None
+            if st.swapped is not None:  # its host copy holds the lost calls' pages: recompute instead
+                st.swapped = None
+                seq.status = Status.WAITING
 
     def _sampling_rows(self, seqs: list[Sequence | None], steps: int = 1) -> SamplingRows:
         return sampling_rows(seqs, self._reqs, steps)
