@@ -304,8 +304,9 @@ def test_async_failed_step_names_its_requests(depth):
     while engine.has_unfinished():
         # the requests with work in the calls in flight (their results will be lost with the step's)
         unfinished = {rid for rid, st in engine._reqs.items() if not st.seq.is_finished}
-        in_flight = unfinished & {s.request_id for b, _ in engine._in_flight for s in
-                                  [c.seq for c in b.prefills if not c.probe_only] + [r.seq for r in b.decodes]}
+        in_flight = unfinished & {
+            s.request_id for b, _ in engine._in_flight
+            for s in [c.seq for c in b.prefills if not c.probe_only] + [r.seq for r in b.decodes]}
         try:
             outs = engine.step()
         except RuntimeError:
