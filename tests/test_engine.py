@@ -218,12 +218,13 @@ def test_sampling_independent_of_batch(model):
     assert alone.generate_batch([[5, 6, 7]], c_params, progress=False)[0].output_ids != a.output_ids
 
 
-@pytest.mark.parametrize("async_on", [False, True])
-def test_trail_probes_waiting_requests_before_admission(model, async_on):
+@pytest.mark.parametrize("async_on,depth", [(False, None), (True, 1), (True, 2)])
+def test_trail_probes_waiting_requests_before_admission(model, async_on, depth):
     """A request that must wait for a slot gets its length prediction from a probe-only prefill of
     its prompt (the same probe output as its real prefill later), so a length-aware policy can rank
     it without preempting anyone to learn it; the borrowed pages come back, outputs are unchanged.
-    Async scheduling processes a step's outputs in the next step: the predictions are read then."""
+    Async scheduling processes a step's outputs `steps_in_flight` steps later: the predictions are
+    read then (depth 2: the GPU's default)."""
     from jtrail.serving.brain.predictor import TrailPredictor
     from jtrail.serving.brain.scheduler.registry import make_policy
 
@@ -237,13 +238,13 @@ def test_trail_probes_waiting_requests_before_admission(model, async_on):
             super().on_prefill(seq, probs)
 
     cfg = small_config(num_slots=2, policy=make_policy("trail"), prefill_buckets=(8, 16, 32, 64),
-                       max_prefill_tokens_per_step=256, async_scheduling=async_on)
+                       max_prefill_tokens_per_step=256, async_scheduling=async_on, steps_in_flight=depth)
     engine = LLMEngine(model, config=cfg, probe=probe, predictor=Both(edges, (edges[1:] + edges[:-1]) / 2))
     prompts, max_tokens = workload(6, seed=4)
     seqs = [engine.add_request(f"r{i}", p, SamplingParams(max_tokens=m, ignore_eos=True))
             for i, (p, m) in enumerate(zip(prompts, max_tokens, strict=True))]
     engine.step()
-    if async_on:
+    for _ in range(engine.steps_in_flight):  # async: the probe outputs are read steps_in_flight later
         assert all(s.predicted_remaining is None for s in seqs[2:])  # dispatched, not yet processed
         engine.step()
     # 2 slots: the 2 oldest admitted (prefilled), the other 4 probed while they wait
