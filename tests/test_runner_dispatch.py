@@ -43,7 +43,8 @@ def test_decode_does_not_retrace():
     before = engine.runner.trace_counts["decode"]
     while engine.has_unfinished():
         engine.step()
-    assert engine.runner.trace_counts["decode"] - before <= 1  # one compile at most, five calls
+    # one compile at most per decode executable (1; the GPU default's 2), five calls
+    assert engine.runner.trace_counts["decode"] - before <= engine.runner.decode_graphs
 
 
 def _addresses(tree) -> list[int]:
