@@ -174,9 +174,7 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float, ora
     # seconds are N-1's device time (or the host's, when that is longer). Each row pairs a step's
     # seconds with the batch whose outputs it fetched, as under synchronous steps, so the step model
     # fits the same quantity either way.
-    # async: a step processes the batch dispatched `lag` steps before (an older engine has no field)
-    lag = getattr(engine, "steps_in_flight",
-                  int(bool(getattr(getattr(engine, "config", None), "async_scheduling", False))))
+    lag = engine.steps_in_flight  # async: a step processes a batch dispatched up to `lag` steps before
     in_flight: deque[tuple[int, ...]] = deque()  # the dispatched batches' counts, running and waiting
     while done < n:
         now = time.perf_counter() - t0
@@ -193,7 +191,7 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float, ora
             continue
         n_run, n_wait = len(engine.running), len(engine.waiting)
         ts = time.perf_counter()
-        processed = getattr(engine, "batches_processed", 0)
+        processed = engine.batches_processed
         outs = engine.step()
         te = time.perf_counter()
         t_rel = te - t0
@@ -222,9 +220,7 @@ def _drive(engine: Any, wl: Workload, timeout_s: float, idle_sleep_s: float, ora
         if lag:  # the record of the batch whose outputs this step processed (none: zeros)
             if bt or calls or dec:  # it dispatched one
                 in_flight.append((bt, kv, calls, dec, n_run, n_wait))
-            # (an engine without the counter processes one batch per step once `lag` are out)
-            now_processed = getattr(engine, "batches_processed", None)
-            took = (now_processed > processed) if now_processed is not None else len(in_flight) > lag
+            took = engine.batches_processed > processed
             bt, kv, calls, dec, n_run, n_wait = in_flight.popleft() if took and in_flight else (0,) * 6
         steps.append((bt, kv, time.perf_counter() - ts, calls, dec, emitted, t_rel, n_run, n_wait))
     for s in seqs:

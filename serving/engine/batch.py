@@ -73,9 +73,8 @@ class DecodeRow:
     position: int = field(init=False)
 
     def __post_init__(self) -> None:
-        seq = self.seq
-        self.slot = seq.slot
-        self.position = len(seq.prompt_ids) + len(seq.output_ids) - 1 + self.ahead
+        self.slot = self.seq.slot
+        self.position = self.seq.num_tokens - 1 + self.ahead
 
 
 @dataclass

@@ -92,9 +92,8 @@ class OutputProcessor:
         counts, rows = [], []
         tokens = out.decode_tokens.tolist() if batch.decodes else None  # Python ints: one conversion
         for row in batch.decodes:
-            seq = row.seq
-            st = reqs.get(seq.request_id)
-            if st is None or st.seq is not seq or seq.status is Status.FINISHED:  # _live, inline
+            seq, st = row.seq, _live(reqs, row.seq)
+            if st is None:
                 continue  # async: it finished in a step before (a stop found late)
             st.ahead -= row.steps
             st.in_flight -= 1
@@ -126,11 +125,9 @@ class OutputProcessor:
             seq.first_token_time = now
         out = self.output(seq)
         out.new_token_ids.append(tok)
-        if st.detok.tokenizer is not None:
-            out.new_text += st.detok.add([tok])
-        generated = len(seq.output_ids)
-        reason, by_string = stop_reason(seq.params, tok, st.detok.text, generated,
-                                        len(seq.prompt_ids) + generated, self.eos_ids, self.max_model_len)
+        out.new_text += st.detok.add([tok])
+        reason, by_string = stop_reason(seq.params, tok, st.detok.text, seq.num_generated, seq.num_tokens,
+                                        self.eos_ids, self.max_model_len)
         if reason is None:
             return False
         self.finish(st, reason, now, free=free)
@@ -145,7 +142,7 @@ class OutputProcessor:
         if out is None:
             out = self.pending[seq.request_id] = RequestOutput(seq.request_id, [], "", False, None,
                                                                seq.num_prompt_tokens, 0)
-        out.completion_tokens = len(seq.output_ids)
+        out.completion_tokens = seq.num_generated
         out.remaining_estimate = seq.predicted_remaining
         return out
 

@@ -10,8 +10,6 @@ from .batch import EMPTY_ROW, Fed, SamplingRows, StepBatch
 from .request_state import EngineRequest
 from .slot_rows import SlotSampling
 
-_DECODE_FED = tuple(Fed(False, j) for j in range(64))  # shared: one per decode step index
-
 
 def link_fed(batch: StepBatch, prev: StepBatch) -> None:
     """Async: point each decode row with tokens in flight at its input token among `prev`'s sampled
@@ -21,10 +19,7 @@ def link_fed(batch: StepBatch, prev: StepBatch) -> None:
     for r in batch.decodes:
         if r.ahead:
             j = decoded.get(id(r.seq))
-            if j is None:
-                r.fed = Fed(True, prefilled[id(r.seq)])
-            else:
-                r.fed = _DECODE_FED[j] if j < len(_DECODE_FED) else Fed(False, j)
+            r.fed = Fed(True, prefilled[id(r.seq)]) if j is None else Fed(False, j)
 
 
 def fill_sampling(batch: StepBatch, reqs: dict[str, EngineRequest], slots: SlotSampling,

@@ -136,34 +136,27 @@ class StepScheduler:
             self.waiting.remove(seq)
 
     def _decode_rows(self) -> list[DecodeRow]:
-        # one pass per running request: this loop runs for every slot on every step, on the host
-        # path that bounds a small model's step, so the Sequence properties are read inline
         cfg, reqs, rows = self.config, self.reqs, []
-        k, max_len, page_size = cfg.decode_steps_per_call, cfg.max_model_len, cfg.page_size
         for seq in list(self.running):
             st = reqs[seq.request_id]
             if seq.status is not Status.RUNNING or not st.prefilled:
                 continue  # preempted as a victim earlier in this loop, or still prefilling
             # async: `ahead` tokens are still in flight (assumed produced; a stop among them is
             # found late and this row's tokens are then dropped)
-            ahead, generated = st.ahead, len(seq.output_ids) + st.ahead
-            num_tokens = len(seq.prompt_ids) + generated
-            n = min(k, seq.params.max_tokens - generated, max_len - num_tokens)
-            forced = seq.params.forced_output_ids
-            if forced:
-                n = min(n, len(forced) - generated)
+            num_tokens = seq.num_tokens + st.ahead
+            n = min(cfg.decode_steps_per_call, seq.max_remaining - st.ahead, cfg.max_model_len - num_tokens)
+            if seq.forced_remaining is not None:
+                n = min(n, seq.forced_remaining - st.ahead)
             if n <= 0:
                 continue  # async: the tokens in flight reach its length limit; it finishes on arrival
             # KV for positions up to num_tokens - 1 + n - 1 is written by this call.
-            if num_tokens + n - 1 > len(seq.block_table) * page_size:
-                while not self.blocks.ensure_capacity(seq, num_tokens + n - 1):
-                    victim = self.policy.choose_victim(self.running, time.monotonic())
-                    self.preempt(victim)
-                    if victim is seq:
-                        break
-                if seq.status is not Status.RUNNING:
-                    continue
-            rows.append(DecodeRow(seq, n, ahead=ahead))
+            while not self.blocks.ensure_capacity(seq, num_tokens + n - 1):
+                victim = self.policy.choose_victim(self.running, time.monotonic())
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                rows.append(DecodeRow(seq, n, ahead=st.ahead))
         rows = [r for r in rows if r.seq.status is Status.RUNNING]  # later victims drop out
         for r in rows:  # the call writes KV for n more positions and samples n tokens
             st = reqs[r.seq.request_id]
