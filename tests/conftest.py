@@ -6,11 +6,18 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# The repository root off sys.path (`python -m pytest` puts the working directory first): its kernels/
+# directory (installed as jtrail.kernels) would otherwise shadow the `kernels` distribution (Hugging
+# Face's hub kernels), which transformers >= 5.25 requires and imports with the first Llama config.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT]
 
 # XLA's CPU backend without its expensive LLVM passes. Compiling is most of this suite's CPU time
 # (measured: tests/test_kernels.py 88 -> 66 CPU seconds, test_engine.py + test_llm.py 146 -> 120), and
