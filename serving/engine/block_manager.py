@@ -71,9 +71,10 @@ class BlockManager:
     def ensure_capacity(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow `seq`'s block table to hold `num_tokens` tokens. False (nothing changed) if not enough
         pages are free."""
-        need = self.pages_for(num_tokens) - len(seq.block_table)
-        if need <= 0:
+        have = len(seq.block_table)
+        if num_tokens <= have * self.page_size:  # the common case (every decode row, every step)
             return True
+        need = self.pages_for(num_tokens) - have
         if need > len(self._free):
             return False
         self.allocate(seq, need)

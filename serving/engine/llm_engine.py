@@ -139,7 +139,7 @@ class LLMEngine:
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids)
         if self._estimate_on_arrival:  # before the policy files it: it ranks by this estimate
             self.predictor.on_prefill(seq, self.prompt_estimator.probs(seq.prompt_ids))
-        self._reqs[request_id] = EngineRequest(seq, detok, seed)
+        self._reqs[request_id] = EngineRequest(seq, detok, seed, self.outputs.stop_rule(seq))
         self.scheduler.enqueue(seq)
         self.policy.on_arrival(seq, now)
         return seq

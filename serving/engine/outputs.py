@@ -1,11 +1,7 @@
-"""Token output: append sampled tokens, apply the stop rules, detokenize incrementally, trim stop
-strings, finish and free. The one place these rules live: the engine's output beat runs
-`OutputProcessor`, and the offline `LLM` path builds its final text with `final_text`.
-
-Stop rules (vLLM's): a replayed answer (`forced_output_ids`) ends after its last token and nothing
-else stops it early; otherwise a stop token id or eos (unless `ignore_eos`) ends with STOP and is
-counted but not shown, a stop string ends with STOP and the text ends before it; max_tokens or the
-context limit end with LENGTH.
+"""Token output: append sampled tokens, apply the stop rules (stop_rule.py), detokenize incrementally,
+trim stop strings, finish and free. The engine's output beat runs `OutputProcessor`, and the offline
+`LLM` path builds its final text with `final_text`: a stop token is counted but not shown, a stop
+string and what follows it are cut.
 """
 
 from __future__ import annotations
@@ -16,26 +12,10 @@ import numpy as np
 
 from ..brain.predictor import Predictor
 from ..brain.scheduler.base import Policy
-from ..sequence import FinishReason, RequestOutput, SamplingParams, Sequence, Status
+from ..sequence import FinishReason, RequestOutput, Sequence, Status
 from .batch import StepBatch, StepOutput
 from .request_state import EngineRequest
-
-
-def stop_reason(params: SamplingParams, token: int, text: str, num_generated: int, num_tokens: int,
-                eos_ids: tuple[int, ...], max_model_len: int) -> tuple[FinishReason | None, bool]:
-    """(reason to finish after appending `token`, or None; True if a stop string matched).
-    `text` is the output text so far (read only when the params have stop strings)."""
-    reason, by_string = None, False
-    if params.forced_output_ids:  # trace replay: the given answer ends the request, not eos or stops
-        if num_generated >= len(params.forced_output_ids):
-            reason = FinishReason.STOP
-    elif token in params.stop_token_ids or (not params.ignore_eos and token in eos_ids):
-        reason = FinishReason.STOP
-    elif params.stop and params.stop_index(text) is not None:
-        reason, by_string = FinishReason.STOP, True
-    if reason is None and (num_generated >= params.max_tokens or num_tokens >= max_model_len):
-        reason = FinishReason.LENGTH
-    return reason, by_string
+from .stop_rule import StopRule
 
 
 def final_text(seq: Sequence, decode: Callable[[list[int]], str], eos_ids: tuple[int, ...]) -> str:
@@ -61,6 +41,10 @@ class OutputProcessor:
         self.pending: dict[str, RequestOutput] = {}  # this step's outputs, one per request
         self.finished_by_reason: dict[str, int] = {}
         self.finished_tokens = self.finished_count = 0  # mean output length: the router forecast's prior
+
+    def stop_rule(self, seq: Sequence) -> StopRule:
+        """`seq`'s stop rules under this engine's eos ids and context limit (kept in its record)."""
+        return StopRule.of(seq.params, seq.num_prompt_tokens, self.eos_ids, self.max_model_len)
 
     def take(self) -> list[RequestOutput]:
         outs, self.pending = list(self.pending.values()), {}
@@ -126,8 +110,7 @@ class OutputProcessor:
         out = self.output(seq)
         out.new_token_ids.append(tok)
         out.new_text += st.detok.add([tok])
-        reason, by_string = stop_reason(seq.params, tok, st.detok.text, seq.num_generated, seq.num_tokens,
-                                        self.eos_ids, self.max_model_len)
+        reason, by_string = st.stop.check(tok, seq.num_generated, st.detok.text)
         if reason is None:
             return False
         self.finish(st, reason, now, free=free)

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..sequence import Sequence
 from .detokenizer import IncrementalDetokenizer
+from .stop_rule import StopRule
 
 
 @dataclass(eq=False)
@@ -15,6 +16,7 @@ class EngineRequest:
     seq: Sequence
     detok: IncrementalDetokenizer
     seed: int  # the request's sampling seed (its own, or drawn from the engine's generator)
+    stop: StopRule  # its stop rules, resolved once
     prefilled: bool = False  # KV covers all but the last token: the request decodes
     tap: Any = None  # running prompt-tap sum while its prefill is split over steps (runner value)
     swapped: Any = None  # host copy of its KV while preempted by swap (runner value)

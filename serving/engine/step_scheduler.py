@@ -136,33 +136,41 @@ class StepScheduler:
             self.waiting.remove(seq)
 
     def _decode_rows(self) -> list[DecodeRow]:
-        cfg, reqs, rows = self.config, self.reqs, []
+        cfg, reqs, blocks, rows, states = self.config, self.reqs, self.blocks, [], []
+        preempted = False
         for seq in list(self.running):
             st = reqs[seq.request_id]
             if seq.status is not Status.RUNNING or not st.prefilled:
                 continue  # preempted as a victim earlier in this loop, or still prefilling
             # async: `ahead` tokens are still in flight (assumed produced; a stop among them is
             # found late and this row's tokens are then dropped)
-            num_tokens = seq.num_tokens + st.ahead
-            n = min(cfg.decode_steps_per_call, seq.max_remaining - st.ahead, cfg.max_model_len - num_tokens)
-            if seq.forced_remaining is not None:
-                n = min(n, seq.forced_remaining - st.ahead)
+            ahead, stop = st.ahead, st.stop
+            generated = seq.num_generated + ahead
+            num_tokens = seq.num_prompt_tokens + generated
+            # at most up to the request's length limit (max_tokens, the context, a replayed answer's end)
+            n = min(cfg.decode_steps_per_call, stop.max_generated - generated)
+            if stop.forced_len:
+                n = min(n, stop.forced_len - generated)
             if n <= 0:
                 continue  # async: the tokens in flight reach its length limit; it finishes on arrival
             # KV for positions up to num_tokens - 1 + n - 1 is written by this call.
-            while not self.blocks.ensure_capacity(seq, num_tokens + n - 1):
+            while not blocks.ensure_capacity(seq, num_tokens + n - 1):
                 victim = self.policy.choose_victim(self.running, time.monotonic())
                 self.preempt(victim)
+                preempted = True
                 if victim is seq:
                     break
             if seq.status is Status.RUNNING:
-                rows.append(DecodeRow(seq, n, ahead=st.ahead))
-        rows = [r for r in rows if r.seq.status is Status.RUNNING]  # later victims drop out
-        for r in rows:  # the call writes KV for n more positions and samples n tokens
-            st = reqs[r.seq.request_id]
+                rows.append(DecodeRow(seq, n, ahead=ahead))
+                states.append(st)
+        for r, st in zip(rows, states, strict=True):  # the call writes KV for n more positions
+            if preempted and r.seq.status is not Status.RUNNING:
+                continue  # a victim of a later row's pages: it does not run
             r.seq.num_computed_tokens += r.steps
             st.ahead += r.steps
             st.in_flight += 1
+        if preempted:
+            rows = [r for r in rows if r.seq.status is Status.RUNNING]
         return rows
 
     def _prefill_chunks(self, budget: int) -> tuple[list[PrefillChunk], int]:
