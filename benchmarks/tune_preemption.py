@@ -55,8 +55,17 @@ def main(argv: list[str] | None = None) -> int:
                    "(jtrail.bench.order_tuning; writes results/tune_order.json unless --out)")
     p.add_argument("--arrival-costs", action="store_true", help="trail with and without the probe-only "
                    "prefills' device cost (writes results/tune_arrival.json unless --out)")
+    p.add_argument("--memory", action="store_true", help="search trail's memory-aware admission instead "
+                   "(jtrail.bench.memory_tuning; writes results/tune_memory.json unless --out)")
+    p.add_argument("--heldout", type=int, default=11, help="--memory: the seed the choice is confirmed on")
     a = p.parse_args(argv)
     command = " ".join(["python benchmarks/tune_preemption.py", *(sys.argv[1:] if argv is None else argv)])
+    if a.memory:
+        from jtrail.bench.memory_tuning import write_memory_results
+        write_memory_results([int(s) for s in a.seeds.split(",")], a.requests,
+                             a.out if a.out != str(OUT) else str(OUT.with_name("tune_memory.json")), command,
+                             a.heldout)
+        return 0
     if a.arrival_costs or a.order:  # the other searches (jtrail.bench.order_tuning), each its own file
         from jtrail.bench.order_tuning import arrival_cost_check, write_order_results
         run, name = ((arrival_cost_check, "tune_arrival.json") if a.arrival_costs

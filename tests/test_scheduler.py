@@ -116,6 +116,40 @@ def test_memory_watermark_admission():
     assert plain.schedule(st).admit == w
 
 
+def test_peak_pages_bounds_the_exact_timeline():
+    """PeakGate.peak_pages against a step-by-step count: request j holds ceil((n_j + t) / page) pages at
+    step t <= r_j. The gate counts each request's last page as one more whole page, so it is >= the
+    exact peak and at most the requests alive at that peak above it."""
+    rng = np.random.default_rng(0)
+    gate = MemoryGuard(mode="peak").gate(SchedulerState([], [], 1, 0, 10_000, 16, 0.0))
+    for _ in range(200):
+        k = int(rng.integers(1, 8))
+        r, n = rng.integers(0, 300, k), rng.integers(1, 500, k)
+        exact = max(sum(-(-(n[j] + t) // 16) for j in range(k) if r[j] >= t) for t in range(int(r.max()) + 1))
+        got = gate.peak_pages([(float(a), int(b)) for a, b in zip(r, n, strict=True)])
+        assert exact <= got <= exact + k
+
+
+def test_peak_admission_counts_finishes_reserve_does_not():
+    # 100 pages of 1 token, no watermark. Running: 10 tokens, predicted 80 more (it peaks at 91 + its
+    # next token). A short request (5 tokens, 20 more) ends long before: peak admits it (at t = 20 the
+    # two hold 11 + 20 and 6 + 20 tokens, +1 page each for the next token: 59; at t = 80, 92), while
+    # reserve holds the running request's 80 pages of growth and has 90 - 80 = 10 free: it refuses.
+    run_ = mk(0, 10, 80, status=Status.RUNNING)
+    short, long_ = mk(1, 5, 20), mk(2, 5, 100)
+    st = SchedulerState([short], [run_], free_slots=4, free_pages=90, total_pages=100, page_size=1, now=5.0)
+    assert make_policy("trail", watermark=0.0, memory_mode="peak").schedule(st).admit == [short]
+    assert make_policy("trail", watermark=0.0).schedule(st).admit == []
+    # a long one (5 + 100 tokens) would exceed 100 pages on its own: peak refuses it
+    st.waiting = [long_]
+    assert make_policy("trail", watermark=0.0, memory_mode="peak").schedule(st).admit == []
+    # with nothing running, the first in line is admitted whatever it needs (no deadlock)
+    st.running = []
+    assert make_policy("trail", watermark=0.0, memory_mode="peak").schedule(st).admit == [long_]
+    with pytest.raises(InvalidRequestError, match="mode"):
+        make_policy("trail", memory_mode="half")
+
+
 def test_victim_least_work_and_longest():
     a, b, c = mk(0, 100, 5, gen=50), mk(1, 10, 300, gen=2), mk(2, 40, 50, gen=1)
     assert make_policy("trail", memory=True, victim="least_work").choose_victim([a, b, c], 0.0) is b
@@ -203,3 +237,23 @@ def test_trail_defaults_are_the_ones_tuned_on_the_simulator():
     assert pol.c == tuned.get("c", 0.0)
     assert (pol.aging.rate, pol.aging.form) == (tuned.get("aging", 0.0), tuned.get("aging_form", "linear"))
     assert pol.max_preemptions == tuned.get("max_preemptions") and pol.cost is None
+
+
+def test_memory_search_candidates_and_rule():
+    """benchmarks/tune_preemption.py --memory: every candidate is a valid policy, and the rule takes the
+    largest R3 gain among trail rows under the preemption limit whose p99 is no worse anywhere."""
+    from jtrail.bench.memory_tuning import PREEMPTION_LIMIT, choose, memory_candidates
+
+    for name, kw in memory_candidates().values():
+        make_policy(name, **kw)
+
+    def row(gain, p99, pre=0.0):
+        return {"fcfs_over_x_mean_e2e": gain, "p99_e2e": p99, "preemptions_per_request": pre}
+
+    r1 = {lab: row(1.0, 5.0) for lab in ("trail, no guard", "trail peak 0.1", "trail peak 1")}
+    r3 = {"trail, no guard": row(1.40, 9.0, 0.7), "trail peak 0.1": row(1.45, 8.0, PREEMPTION_LIMIT),
+          "trail peak 1": row(1.50, 9.5, 0.0), "srpt-oracle": row(2.0, 5.0)}
+    table = {"R1": r1, "R3": r3}
+    assert choose(table) == "trail peak 0.1"  # peak 1 gains more but its p99 is worse than no guard's
+    table["R3"]["trail peak 0.1"]["preemptions_per_request"] = 0.4
+    assert choose(table) == "trail, no guard"  # none qualifies

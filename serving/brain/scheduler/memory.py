@@ -1,9 +1,15 @@
-"""Memory-aware admission and victim choice (Kossmann et al., "half-full" scheduling).
+"""Memory-aware admission and victim choice.
 
-Admission: admit a waiting request only if, after reserving for every running request the pages its
-*predicted* remaining tokens will still need, the request's own current and predicted pages fit and
-a watermark of free pages stays untouched. This trades a little batch size for fewer forced
-preemptions. `reserve` scales the predicted lengths (0: only current pages, vLLM-like).
+Two admission rules (`mode`), both from the predicted remaining lengths (scaled by `reserve`; 0: only
+the pages held now, vLLM-like) and both keeping a watermark of pages untouched:
+- "reserve" (Kossmann et al., "half-full" scheduling): admit a waiting request only if, after
+  reserving for every running request all the pages its predicted remaining tokens will still need,
+  the request's own current and predicted pages fit in the free pages. Every reservation is held at
+  once, although short requests finish and free their pages long before long ones peak.
+- "peak" (LightLLM's past-future scheduler): admit only if the pages in use stay under the limit at
+  every future moment when each request runs to its predicted end, one token per step. Request j holds
+  n_j + t tokens at step t <= r_j, so usage peaks just before a finish: at t = r_k it is the sum of
+  n_j + r_k over the requests with r_j >= r_k; the peak is the largest of these.
 Victim choice: preempt the request that loses the least work (fewest tokens to recompute).
 """
 
@@ -14,18 +20,31 @@ from dataclasses import dataclass
 
 from ...paging import pages_for
 from ...sequence import InvalidRequestError, Sequence
+from .base import SchedulerState
+
+MODES = ("reserve", "peak")
 
 
 @dataclass(frozen=True)
 class MemoryGuard:
     watermark: float = 0.01  # fraction of all pages kept free
     reserve: float = 1.0  # fraction of predicted remaining tokens to reserve pages for
+    mode: str = "reserve"  # "reserve" or "peak" (module docstring)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.watermark < 1.0:
             raise InvalidRequestError("watermark", f"must be in [0, 1), got {self.watermark!r}")
         if not self.reserve >= 0.0:
             raise InvalidRequestError("reserve", f"must be >= 0, got {self.reserve!r}")
+        if self.mode not in MODES:
+            raise InvalidRequestError("mode", f"must be one of {MODES}, got {self.mode!r}")
+
+    def gate(self, state: SchedulerState) -> ReserveGate | PeakGate:
+        """This step's admission check over `state`'s running requests (`fits`, then `take`)."""
+        if self.mode == "peak":
+            return PeakGate(self, state.running, state.total_pages, state.page_size)
+        return ReserveGate(self, self.budget(state.running, state.free_pages, state.total_pages,
+                                             state.page_size), state.page_size)
 
     def _predicted(self, seq: Sequence) -> float:
         p = seq.predicted_remaining
@@ -47,6 +66,47 @@ class MemoryGuard:
         """Pages available to new admissions after the watermark and the running requests' growth."""
         growth = sum(self.future_pages(s, page_size) for s in running)
         return free_pages - self.watermark * total_pages - growth
+
+
+class ReserveGate:
+    """"reserve": the free pages less the watermark and the running requests' predicted growth."""
+
+    def __init__(self, guard: MemoryGuard, budget: float, page_size: int):
+        self.guard, self.budget, self.page_size = guard, budget, page_size
+
+    def fits(self, seq: Sequence) -> bool:
+        return self.guard.admission_pages(seq, self.page_size) <= self.budget
+
+    def take(self, seq: Sequence) -> None:
+        self.budget -= self.guard.admission_pages(seq, self.page_size)
+
+
+class PeakGate:
+    """"peak": the running (and admitted) requests' future peak of pages stays under the limit."""
+
+    def __init__(self, guard: MemoryGuard, running: list[Sequence], total_pages: int, page_size: int):
+        self.guard, self.page_size = guard, page_size
+        self.limit = (1.0 - guard.watermark) * total_pages
+        self.items = [self._item(s) for s in running]  # (predicted remaining tokens, tokens now)
+
+    def _item(self, seq: Sequence) -> tuple[float, int]:
+        return self.guard.reserve * self.guard._predicted(seq), seq.num_tokens + 1
+
+    def peak_pages(self, items: list[tuple[float, int]]) -> float:
+        """The largest page count in use before any of `items` finishes (each request's partly filled
+        last page counted whole)."""
+        peak = tokens = alive = 0.0
+        for r, n in sorted(items, reverse=True):  # longest first: at t = r the alive set is those so far
+            alive += 1
+            tokens += n
+            peak = max(peak, (tokens + alive * r) / self.page_size + alive)
+        return peak
+
+    def fits(self, seq: Sequence) -> bool:
+        return self.peak_pages([*self.items, self._item(seq)]) <= self.limit
+
+    def take(self, seq: Sequence) -> None:
+        self.items.append(self._item(seq))
 
 
 def least_work_victim(running: list[Sequence]) -> Sequence:

@@ -105,19 +105,16 @@ class RankedPolicy(Policy):
         ordered = self._ordered(state.waiting, state.now)
         admit: list[Sequence] = []
         free = state.free_slots
-        budget = None
-        if self.memory is not None and state.waiting:
-            budget = self.memory.budget(state.running, state.free_pages, state.total_pages, state.page_size)
+        gate = self.memory.gate(state) if self.memory is not None and state.waiting else None
         nxt = None
         for w in ordered:
             if free <= 0:
                 nxt = w
                 break
-            if budget is not None:
-                need = self.memory.admission_pages(w, state.page_size)
-                if need > budget and (state.running or admit):
+            if gate is not None:
+                if not gate.fits(w) and (state.running or admit):
                     break  # keep the order: nothing jumps a request that does not fit yet
-                budget -= need
+                gate.take(w)
             admit.append(w)
             free -= 1
         preempt: list[Sequence] = []

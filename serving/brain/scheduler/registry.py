@@ -4,9 +4,9 @@ Preemption knobs of the rank-ordered policies (ranked.py): `c` (TRAIL's cutoff),
 `max_preemptions` (cap per request; None: none) and `preempt_cost` (cost-aware preemption,
 preemption_cost.py: True for the H200 step model, a dict of `RecomputeCost` fields, or a StepModel).
 
-`memory` may be True (default MemoryGuard), a MemoryGuard, or a dict of its fields; `watermark` and
-`reserve` keywords also turn it on. `fcfs` lives in fcfs.py (the engine's baseline) and takes only
-`watermark` (vLLM's free-page admission watermark).
+`memory` may be True (default MemoryGuard), a MemoryGuard, or a dict of its fields; `watermark`,
+`reserve` and `memory_mode` (its `mode`) keywords also turn it on. `fcfs` lives in fcfs.py (the
+engine's baseline) and takes only `watermark` (vLLM's free-page admission watermark).
 """
 
 from __future__ import annotations
@@ -21,16 +21,21 @@ POLICY_NAMES = ("fcfs", "priority", "srpt-oracle", "trail", "gittins")
 
 
 def _memory(kw: dict[str, Any]) -> None:
+    """Resolve the memory keywords into `memory`: a MemoryGuard, or None for `memory=False` (off); left
+    out when none is given, so the policy keeps its own default."""
+    fields = {k: kw.pop(k) for k in ("watermark", "reserve", "memory_mode") if k in kw}
+    if "memory_mode" in fields:
+        fields["mode"] = fields.pop("memory_mode")
+    if "memory" not in kw and not fields:
+        return
     mem = kw.pop("memory", None)
-    fields = {k: kw.pop(k) for k in ("watermark", "reserve") if k in kw}
     if mem is True or (mem is None and fields):
         mem = MemoryGuard(**fields)
     elif isinstance(mem, dict):
         mem = MemoryGuard(**{**mem, **fields})
     elif mem is False:
         mem = None
-    if mem is not None:
-        kw["memory"] = mem
+    kw["memory"] = mem
 
 
 def make_policy(name: str, **kw: Any) -> Policy:
