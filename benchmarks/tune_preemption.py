@@ -4,7 +4,7 @@
 
 Workload: ShareGPT prompts of at most 1,024 tokens with their recorded first answers' lengths
 (capped at 1,024: mean ~291), sent with max_tokens 1,024 (policies do not learn the true length from
-the cap). Step model: the H200 SmolLM2 fit (serving.json `simulator.R2.step_model`). Predictor: a
+the cap). Step model: the newest H200 SmolLM2 engine fit (`preemption_tuning.STEP_MODEL`). Predictor: a
 synthetic probe (`ProbeLikePredictor`, 16 equal bins over 0-1,024) whose refined MAE is ~0.4x its
 prompt-only MAE (measured and recorded). Capacity per regime: serving/brain/capacity.py on a saturated fcfs
 run (2,000 requests at t=0) on the regime's resources. Every policy runs the same trace per seed.
@@ -15,7 +15,8 @@ evaluated on the simulator, the preemption bars included, the oracle bars left o
 largest geometric mean of fcfs/trail mean E2E over the regimes. (Memory-aware admission with
 watermark 0.01 and pages reserved for the predicted length was tried in a first run: in R3 it
 made trail c=0 3x slower than fcfs, mean E2E 9.9 s against 4.7 s: the vague prefill estimates
-reserve too much.) Tuning seeds
+reserve too much; `--memory` searches that rule and the past-future "peak" rule: results/tune_memory.json.)
+Tuning seeds
 are not the GPU benchmark's. Writes benchmarks/results/tune_preemption.json.
 """
 
