@@ -43,6 +43,10 @@ class TrailPolicy(RankedPolicy):
     # Multiplicative aging at 0.15 / s looked better on the simulator (results/tune_order.json: worst-
     # case gain 1.17x vs 1.14x) but did not hold on the engine: replay R2 on the H200 (serving.json's
     # other_runs, 5ff8f43) gave 0.93x fcfs mean E2E with p99 1.44x fcfs, over the 1.3x bar.
+    # Re-run with the newest engine step model (results/tune_preemption_fdf5eac_step_model.json: a
+    # recompute ~9x cheaper than the tuning above assumed), the search picks c = 0.5, cost-aware, at most
+    # two preemptions; with the realistic probe it gains in R2 but raises R1's p99 to 1.38x fcfs, so c = 0
+    # stays until the engine runs both. Memory-aware admission (results/tune_memory.json): none by default.
     DEFAULT_AGING = 100.0
     DEFAULT_AGING_FORM = "linear"
 
