@@ -21,7 +21,7 @@ from pathlib import Path
 def wait_in_flight(engine) -> None:
     """Wait until the engine's steps in flight (async scheduling) have run on the device. A handle is
     the runner's: a future of the launched calls where the runner issues them from a thread."""
-    handle = engine._in_flight[-1][1] if engine._in_flight else None
+    handle = engine.newest_in_flight()
     if handle is not None:
         import jax  # this module imports JAX late (the CLI's argument errors come first)
 

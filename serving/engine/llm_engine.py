@@ -158,6 +158,11 @@ class LLMEngine:
         self.outputs.finish(st, FinishReason.CANCELLED, time.monotonic())
         return self.outputs.pending.pop(request_id)
 
+    def newest_in_flight(self) -> Any:
+        """The runner's handle of the newest step dispatched and not yet processed (None if none is):
+        benchmarks wait on it to time the device alone."""
+        return self._in_flight[-1][1] if self._in_flight else None
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self._in_flight)
 
