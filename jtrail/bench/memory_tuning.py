@@ -19,17 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from jtrail.bench.order_tuning import CALIBRATIONS, length_prior, order_candidates
-from jtrail.bench.preemption_tuning import (
-    PROBE,
-    REGIMES,
-    STEP_MODEL,
-    StepModel,
-    mean_over_seeds,
-    regime_setup,
-    run,
-    workload_lengths,
-)
+from jtrail.bench.order_tuning import CALIBRATIONS, order_candidates, realistic_table
+from jtrail.bench.preemption_tuning import STEP_MODEL
 
 # the engine's preemption bar (issue 15), with half of it kept as margin for the engine's probe, whose
 # estimates are worse than the simulator's rank-matched one in MAE
@@ -58,28 +49,8 @@ def memory_candidates() -> dict[str, tuple[str, dict[str, Any]]]:
 
 def table_for(seeds: list[int], n: int | None, cands: dict[str, tuple[str, dict[str, Any]]]
               ) -> dict[str, dict[str, dict[str, float]]]:
-    """regime -> label -> seed means, with ratios to the regime's fcfs (same traces per seed)."""
-    prm, out = workload_lengths()
-    sm = StepModel(**STEP_MODEL)
-    sigma0, prior = CALIBRATIONS["rank-matched"]
-    probe = {**PROBE, "sigma0": sigma0, "prior": length_prior(out) if prior else None}
-    table: dict[str, dict[str, dict[str, float]]] = {}
-    for reg in REGIMES:
-        per: dict[str, list[dict[str, float]]] = {}
-        for s in seeds:
-            tr, res, _ = regime_setup(reg, prm, out, s, sm, n)
-            per.setdefault("fcfs", []).append(run(tr, "fcfs", REGIMES[reg].fcfs_kwargs, sm, res, s, probe))
-            for lab, (name, kw) in cands.items():
-                per.setdefault(lab, []).append(run(tr, name, kw, sm, res, s, probe, predict_at_arrival=False))
-        table[reg] = {lab: mean_over_seeds(rows) for lab, rows in per.items()}
-        f = table[reg]["fcfs"]
-        for lab, m in table[reg].items():
-            m["fcfs_over_x_mean_e2e"] = f["mean_e2e"] / m["mean_e2e"]
-            m["x_over_fcfs_p99_e2e"] = m["p99_e2e"] / f["p99_e2e"]
-            print(f"{reg} {lab:22s} fcfs/x {m['fcfs_over_x_mean_e2e']:.3f}  p99/fcfs "
-                  f"{m['x_over_fcfs_p99_e2e']:.3f}  preemptions {m['preemptions_per_request']:.2f}",
-                  flush=True)
-    return table
+    """regime -> label -> seed means and ratios to fcfs, every first estimate charged."""
+    return realistic_table(seeds, n, {lab: (name, kw, False) for lab, (name, kw) in cands.items()})
 
 
 def choose(table: dict[str, dict[str, dict[str, float]]]) -> str:

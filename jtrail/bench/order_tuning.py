@@ -177,6 +177,35 @@ def write_order_results(seeds: list[int], n: int | None, path: str, command: str
     return doc
 
 
+def realistic_table(seeds: list[int], n: int | None, rows: dict[str, tuple[str, dict[str, Any], bool]]
+                    ) -> dict[str, dict[str, dict[str, float]]]:
+    """regime -> label -> seed means, with ratios to the regime's fcfs on the same traces, under the
+    rank-matched synthetic probe. `rows`: label -> (policy, options, free first estimate): False charges
+    each waiting request's estimate as the engine pays for it (a probe-only prefill,
+    `predict_at_arrival=False`)."""
+    prm, out = workload_lengths()
+    sm = StepModel(**STEP_MODEL)
+    sigma0, prior = CALIBRATIONS["rank-matched"]
+    probe = {**PROBE, "sigma0": sigma0, "prior": length_prior(out) if prior else None}
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for reg in REGIMES:
+        per: dict[str, list[dict[str, float]]] = {}
+        for s in seeds:
+            tr, res, _ = regime_setup(reg, prm, out, s, sm, n)
+            per.setdefault("fcfs", []).append(run(tr, "fcfs", REGIMES[reg].fcfs_kwargs, sm, res, s, probe))
+            for lab, (name, kw, free) in rows.items():
+                per.setdefault(lab, []).append(run(tr, name, kw, sm, res, s, probe, predict_at_arrival=free))
+        table[reg] = {lab: mean_over_seeds(r) for lab, r in per.items()}
+        f = table[reg]["fcfs"]
+        for lab, m in table[reg].items():
+            m["fcfs_over_x_mean_e2e"] = f["mean_e2e"] / m["mean_e2e"]
+            m["x_over_fcfs_p99_e2e"] = m["p99_e2e"] / f["p99_e2e"]
+            print(f"{reg} {lab:44s} fcfs/x {m['fcfs_over_x_mean_e2e']:.3f}  p99/fcfs "
+                  f"{m['x_over_fcfs_p99_e2e']:.3f}  preemptions {m['preemptions_per_request']:.2f}",
+                  flush=True)
+    return table
+
+
 def arrival_cost_check(seeds: list[int], n: int | None, path: str, command: str) -> dict[str, Any]:
     """What the first estimate's device cost does to trail (`tune_preemption.py --arrival-costs`).
     The searches above give every request its estimate at arrival for free; the engine buys it with a
@@ -189,31 +218,14 @@ def arrival_cost_check(seeds: list[int], n: int | None, path: str, command: str)
 
     from jtrail.provenance import git_commit
 
-    prm, out = workload_lengths()
-    sm = StepModel(**STEP_MODEL)
     sigma0, prior = CALIBRATIONS["rank-matched"]
-    probe = {**PROBE, "sigma0": sigma0, "prior": length_prior(out) if prior else None}
     cands = order_candidates()
-    rows = {"trail default, probe-only prefills": (cands["trail default (linear aging 100)"], False),
-            "trail default, free estimate": (cands["trail default (linear aging 100)"], True),
-            "trail exp aging 0.15, probe-only prefills": (cands["trail exp aging 0.15"], False),
-            "trail exp aging 0.15, free estimate": (cands["trail exp aging 0.15"], True),
-            "srpt-oracle": (cands["srpt-oracle"], True)}
-    table: dict[str, dict[str, dict[str, float]]] = {}
-    for reg in REGIMES:
-        per: dict[str, list[dict[str, float]]] = {}
-        for s in seeds:
-            tr, res, _ = regime_setup(reg, prm, out, s, sm, n)
-            per.setdefault("fcfs", []).append(run(tr, "fcfs", REGIMES[reg].fcfs_kwargs, sm, res, s, probe))
-            for lab, ((name, kw), free) in rows.items():
-                per.setdefault(lab, []).append(run(tr, name, kw, sm, res, s, probe, predict_at_arrival=free))
-        table[reg] = {lab: mean_over_seeds(r) for lab, r in per.items()}
-        f = table[reg]["fcfs"]
-        for lab, m in table[reg].items():
-            m["fcfs_over_x_mean_e2e"] = f["mean_e2e"] / m["mean_e2e"]
-            m["x_over_fcfs_p99_e2e"] = m["p99_e2e"] / f["p99_e2e"]
-            print(f"{reg} {lab:44s} fcfs/x {m['fcfs_over_x_mean_e2e']:.3f}  p99/fcfs "
-                  f"{m['x_over_fcfs_p99_e2e']:.3f}", flush=True)
+    rows = {"trail default, probe-only prefills": (*cands["trail default (linear aging 100)"], False),
+            "trail default, free estimate": (*cands["trail default (linear aging 100)"], True),
+            "trail exp aging 0.15, probe-only prefills": (*cands["trail exp aging 0.15"], False),
+            "trail exp aging 0.15, free estimate": (*cands["trail exp aging 0.15"], True),
+            "srpt-oracle": (*cands["srpt-oracle"], True)}
+    table = realistic_table(seeds, n, rows)
     doc = {"command": command, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
            "git_commit": git_commit(), "seeds": seeds, "step_model": STEP_MODEL,
            "probe": {"calibration": "rank-matched", "sigma0": sigma0, "prior": prior},
