@@ -29,7 +29,7 @@ import numpy as np
 
 from jtrail.bench.engine_setup import load
 from jtrail.bench.loadgen import load_prompt_ids
-from jtrail.bench.serving_regimes import merge_docs, run_replay_workload, write_doc
+from jtrail.bench.serving_regimes import REPLAY_POLICIES, merge_docs, run_replay_workload, write_doc
 from jtrail.bench.serving_report import analyse, write_outputs
 from jtrail.bench.serving_sweep import log, measure_capacity, profile_lengths, run_sim, save_raw, sweep
 
@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         write_doc(merge_docs([json.loads(Path(p).read_text()) for p in args.merge]), Path(args.out))
         return 0
+    unknown = sorted(set(args.policies.split(",")) - set(REPLAY_POLICIES))
+    if args.workload == "replay" and unknown:  # before the model loads
+        raise SystemExit(f"--policies: unknown {', '.join(unknown)}; "
+                         f"choose from {', '.join(REPLAY_POLICIES)}")
     su = load(args)
     log(f"model loaded ({args.dtype_used}); probe {args.probe_used}")
     if args.workload == "replay":

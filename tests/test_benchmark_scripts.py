@@ -37,3 +37,10 @@ def test_every_benchmark_script_imports_and_parses_its_arguments() -> None:
     r = subprocess.run([sys.executable, "-c", RUNNER, *map(str, SCRIPTS)], capture_output=True, text=True,
                        timeout=300, cwd=ROOT)
     assert r.returncode == 0 and "ALL OK" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
+def test_serving_replay_names_an_unknown_policy_before_loading_the_model() -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--workload", "replay",
+                        "--replay", "missing.npz", "--model", "missing.gguf", "--policies", "fcfs,trial"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode != 0 and "--policies: unknown trial" in r.stderr, r.stderr[-2000:]

@@ -560,6 +560,12 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# the replay workload's policy names (`--policies`), in run_replay_workload's order
+REPLAY_POLICIES = ("fcfs", "trail", "trail-no-aging", "trail-exp-aging", "trail-host", "trail-host-exp-aging",
+                   "trail-preempt", "trail-host-preempt", "trail-host-preempt-aging200", "gittins",
+                   "srpt-oracle")
+
+
 def run_replay_workload(su: Setup, args: argparse.Namespace) -> int:
     """`benchmarks/serving.py --workload replay`: the pool from the replay split, every policy in each
     requested regime on fresh engines of the regime's size (`run_replay`)."""
@@ -580,8 +586,18 @@ def run_replay_workload(su: Setup, args: argparse.Namespace) -> int:
              # which is what the host estimate does (the probe-only prefills it was tried with are not)
              "trail-host-exp-aging": ("trail", {"arrival_estimate": "host", "aging": 0.15,
                                                 "aging_form": "exp"}),
+             # the simulator's candidates with the newest step model (results/tune_realistic.json):
+             # TRAIL's limited preemption, cost-aware, at most two per request, with the probe's or
+             # the host's first estimate
+             "trail-preempt": ("trail", {"c": 0.5, "preempt_cost": True, "max_preemptions": 2}),
+             "trail-host-preempt": ("trail", {"arrival_estimate": "host", "c": 0.5, "preempt_cost": True,
+                                              "max_preemptions": 2}),
+             "trail-host-preempt-aging200": ("trail", {"arrival_estimate": "host", "c": 0.5,
+                                                       "preempt_cost": True, "max_preemptions": 2,
+                                                       "aging": 200.0}),
              "gittins": ("gittins", {"bin_edges": edges, "midpoints": mids, "c": 0.0}),
              "srpt-oracle": ("srpt-oracle", {"c": 0.0})}
+    assert tuple(specs) == REPLAY_POLICIES  # the names serving.py checks before loading the model
     specs = {k: v for k, v in specs.items() if k in args.policies.split(",")}
     host = [k for k, (_, kw) in specs.items() if kw.get("arrival_estimate") == "host"]
     if host and su.prompt_estimator is None:

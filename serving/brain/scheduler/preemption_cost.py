@@ -38,9 +38,12 @@ from typing import Any
 
 from ...sequence import InvalidRequestError, Sequence
 
-# SmolLM2-135M bf16 on one H200 (benchmarks/results/serving.json `simulator.step_model`): the
-# default when cost-aware preemption is switched on without a step model of its own.
-H200_SMOLLM2 = {"a": 5.24e-3, "b": 1.0e-6, "c": 3.6e-7, "d": 5.47e-3}
+# SmolLM2-135M bf16 on one H200, the newest engine fit (serving.json other_runs['fdf5eac-R2-repeats']
+# .simulator.R2.step_model, 2026-12-02; a step's prefill chunks share one packed call, d per chunk):
+# the default when cost-aware preemption is switched on without a step model of its own, and the
+# simulator searches' step model (jtrail.bench.preemption_tuning.STEP_MODEL). The fit before packing
+# was {"a": 5.24e-3, "b": 1.0e-6, "c": 3.6e-7, "d": 5.47e-3}.
+H200_SMOLLM2 = {"a": 3.09e-3, "b": 4.74e-7, "c": 8.54e-8, "d": 2.88e-4}
 
 
 @dataclass(frozen=True)
