@@ -215,12 +215,6 @@ class Sequence:
         return forced[index] if index < len(forced) else -1
 
     @property
-    def forced_remaining(self) -> int | None:
-        """Tokens left of a replayed answer (None when the request samples freely)."""
-        forced = self.params.forced_output_ids
-        return len(forced) - self.num_generated if forced else None
-
-    @property
     def oracle_remaining(self) -> int | None:
         if self.oracle_remaining_at_start is None:
             return None
