@@ -65,8 +65,8 @@ class EngineBackend:
     def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
                  progress: bool = True) -> list[GenerationResult]:
         seqs = generate_batch(self.engine, [list(p) for p in prompts], list(params), progress=progress)
-        eos = tuple(self.engine.model_cfg.eos_ids)
-        return [GenerationResult(list(s.output_ids), final_text(s, self.tokenizer.decode, eos),
+        rule = self.engine.outputs.stop_rule
+        return [GenerationResult(list(s.output_ids), final_text(s, self.tokenizer.decode, rule(s)),
                                  s.finish_reason.value if s.finish_reason else "length", s.num_prompt_tokens)
                 for s in seqs]
 

@@ -560,10 +560,36 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# the replay workload's policy names (`--policies`), in run_replay_workload's order
-REPLAY_POLICIES = ("fcfs", "trail", "trail-no-aging", "trail-exp-aging", "trail-host", "trail-host-exp-aging",
-                   "trail-preempt", "trail-host-preempt", "trail-host-preempt-aging200", "gittins",
-                   "srpt-oracle")
+def replay_policy_specs(edges: list[float], mids: list[float]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The replay workload's policies (`--policies` names -> policy, options); `edges`, `mids`: the
+    probe's bins (gittins ranks by its posterior)."""
+    # trail's defaults (c = 0, aging 100 tok/s, chosen on the simulator: results/tune_preemption.json),
+    # and trail without aging beside it; gittins and the oracle at c = 0 without aging, so the oracle is
+    # pure SRPT on true lengths (the mean's lower reference). trail-exp-aging: multiplicative aging at
+    # 0.15 / s, results/tune_order.json's choice on the simulator (not confirmed on the engine in R2)
+    return {"fcfs": ("fcfs", {}), "trail": ("trail", {}), "trail-no-aging": ("trail", {"aging": 0.0}),
+            "trail-exp-aging": ("trail", {"aging": 0.15, "aging_form": "exp"}),
+            # trail ranking arrivals by the host-side prompt estimator (no probe-only prefills)
+            "trail-host": ("trail", {"arrival_estimate": "host"}),
+            # and with tune_order.json's order: that search gave every estimate at arrival for free,
+            # which is what the host estimate does (the probe-only prefills it was tried with are not)
+            "trail-host-exp-aging": ("trail", {"arrival_estimate": "host", "aging": 0.15,
+                                               "aging_form": "exp"}),
+            # the simulator's candidates with the newest step model (results/tune_realistic.json):
+            # TRAIL's limited preemption, cost-aware, at most two per request, with the probe's or
+            # the host's first estimate
+            "trail-preempt": ("trail", {"c": 0.5, "preempt_cost": True, "max_preemptions": 2}),
+            "trail-host-preempt": ("trail", {"arrival_estimate": "host", "c": 0.5, "preempt_cost": True,
+                                             "max_preemptions": 2}),
+            "trail-host-preempt-aging200": ("trail", {"arrival_estimate": "host", "c": 0.5,
+                                                      "preempt_cost": True, "max_preemptions": 2,
+                                                      "aging": 200.0}),
+            "gittins": ("gittins", {"bin_edges": edges, "midpoints": mids, "c": 0.0}),
+            "srpt-oracle": ("srpt-oracle", {"c": 0.0})}
+
+
+# the names serving.py checks before it loads the model
+REPLAY_POLICIES = tuple(replay_policy_specs([], []))
 
 
 def run_replay_workload(su: Setup, args: argparse.Namespace) -> int:
@@ -574,30 +600,7 @@ def run_replay_workload(su: Setup, args: argparse.Namespace) -> int:
     pool = Pool(args.replay, args.split, args.max_model_len, args.seed, args.max_answer_tokens)
     su.warm_prompts = pool.prompts[:32]
     edges, mids = list(su.refiner.bin_edges), [float(m) for m in su.refiner.midpoints]
-    # trail's defaults (c = 0, aging 100 tok/s, chosen on the simulator: results/tune_preemption.json),
-    # and trail without aging beside it; gittins and the oracle at c = 0 without aging, so the oracle is
-    # pure SRPT on true lengths (the mean's lower reference). trail-exp-aging: multiplicative aging at
-    # 0.15 / s, results/tune_order.json's choice on the simulator (not confirmed on the engine in R2)
-    specs = {"fcfs": ("fcfs", {}), "trail": ("trail", {}), "trail-no-aging": ("trail", {"aging": 0.0}),
-             "trail-exp-aging": ("trail", {"aging": 0.15, "aging_form": "exp"}),
-             # trail ranking arrivals by the host-side prompt estimator (no probe-only prefills)
-             "trail-host": ("trail", {"arrival_estimate": "host"}),
-             # and with tune_order.json's order: that search gave every estimate at arrival for free,
-             # which is what the host estimate does (the probe-only prefills it was tried with are not)
-             "trail-host-exp-aging": ("trail", {"arrival_estimate": "host", "aging": 0.15,
-                                                "aging_form": "exp"}),
-             # the simulator's candidates with the newest step model (results/tune_realistic.json):
-             # TRAIL's limited preemption, cost-aware, at most two per request, with the probe's or
-             # the host's first estimate
-             "trail-preempt": ("trail", {"c": 0.5, "preempt_cost": True, "max_preemptions": 2}),
-             "trail-host-preempt": ("trail", {"arrival_estimate": "host", "c": 0.5, "preempt_cost": True,
-                                              "max_preemptions": 2}),
-             "trail-host-preempt-aging200": ("trail", {"arrival_estimate": "host", "c": 0.5,
-                                                       "preempt_cost": True, "max_preemptions": 2,
-                                                       "aging": 200.0}),
-             "gittins": ("gittins", {"bin_edges": edges, "midpoints": mids, "c": 0.0}),
-             "srpt-oracle": ("srpt-oracle", {"c": 0.0})}
-    assert tuple(specs) == REPLAY_POLICIES  # the names serving.py checks before loading the model
+    specs = replay_policy_specs(edges, mids)
     specs = {k: v for k, v in specs.items() if k in args.policies.split(",")}
     host = [k for k, (_, kw) in specs.items() if kw.get("arrival_estimate") == "host"]
     if host and su.prompt_estimator is None:

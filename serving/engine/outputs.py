@@ -18,12 +18,11 @@ from .request_state import EngineRequest
 from .stop_rule import StopRule
 
 
-def final_text(seq: Sequence, decode: Callable[[list[int]], str], eos_ids: tuple[int, ...]) -> str:
-    """A finished request's answer text: a stop token is not shown, a stop string and what follows
-    it are cut (the same text the stream delivered)."""
+def final_text(seq: Sequence, decode: Callable[[list[int]], str], rule: StopRule) -> str:
+    """A finished request's answer text: a stop token (of its `rule`) is not shown, a stop string and
+    what follows it are cut (the same text the stream delivered)."""
     shown = seq.output_ids
-    if (seq.finish_reason is FinishReason.STOP and shown
-            and (shown[-1] in seq.params.stop_token_ids or shown[-1] in eos_ids)):
+    if seq.finish_reason is FinishReason.STOP and shown and shown[-1] in rule.stop_ids:
         shown = shown[:-1]
     text = decode(shown)
     cut = seq.params.stop_index(text)

@@ -136,7 +136,8 @@ class StepScheduler:
             self.waiting.remove(seq)
 
     def _decode_rows(self) -> list[DecodeRow]:
-        cfg, reqs, blocks, rows, states = self.config, self.reqs, self.blocks, [], []
+        cfg, reqs, blocks = self.config, self.reqs, self.blocks
+        rows: list[tuple[DecodeRow, EngineRequest]] = []
         preempted = False
         for seq in list(self.running):
             st = reqs[seq.request_id]
@@ -161,17 +162,14 @@ class StepScheduler:
                 if victim is seq:
                     break
             if seq.status is Status.RUNNING:
-                rows.append(DecodeRow(seq, n, ahead=ahead))
-                states.append(st)
-        for r, st in zip(rows, states, strict=True):  # the call writes KV for n more positions
-            if preempted and r.seq.status is not Status.RUNNING:
-                continue  # a victim of a later row's pages: it does not run
+                rows.append((DecodeRow(seq, n, ahead=ahead), st))
+        if preempted:  # victims of a later row's pages do not run
+            rows = [(r, st) for r, st in rows if r.seq.status is Status.RUNNING]
+        for r, st in rows:  # the call writes KV for n more positions and samples n tokens
             r.seq.num_computed_tokens += r.steps
             st.ahead += r.steps
             st.in_flight += 1
-        if preempted:
-            rows = [r for r in rows if r.seq.status is Status.RUNNING]
-        return rows
+        return [r for r, _ in rows]
 
     def _prefill_chunks(self, budget: int) -> tuple[list[PrefillChunk], int]:
         """Chunks of requests still prefilling, in admission order, under the token budget (counted

@@ -15,9 +15,8 @@ from ..sequence import FinishReason, SamplingParams
 
 @dataclass(frozen=True, slots=True)
 class StopRule:
-    """One request's stop rules, resolved once at `add_request` from its params, the model's eos ids
-    and the context limit: the output beat checks every token of every running request, so what the
-    rules need per token is a set lookup and one comparison."""
+    """One request's stop rules, from its params, the model's eos ids and the context limit
+    (`OutputProcessor.stop_rule` builds it; the engine keeps it in the request's record)."""
 
     params: SamplingParams
     stop_ids: frozenset[int]  # end with STOP: stop_token_ids, and eos unless ignore_eos

@@ -40,26 +40,27 @@ class MemoryGuard:
             raise InvalidRequestError("mode", f"must be one of {MODES}, got {self.mode!r}")
 
     def gate(self, state: SchedulerState) -> ReserveGate | PeakGate:
-        """This step's admission check over `state`'s running requests (`fits`, then `take`)."""
+        """This step's admission check over `state`'s running requests (`admit` per candidate)."""
         if self.mode == "peak":
             return PeakGate(self, state.running, state.total_pages, state.page_size)
         return ReserveGate(self, self.budget(state.running, state.free_pages, state.total_pages,
                                              state.page_size), state.page_size)
 
-    def _predicted(self, seq: Sequence) -> float:
+    def predicted(self, seq: Sequence) -> float:
+        """Its predicted remaining tokens (max_tokens left while it has no estimate), at most those."""
         p = seq.predicted_remaining
         return float(seq.max_remaining) if p is None else min(float(p), float(seq.max_remaining))
 
     def future_pages(self, seq: Sequence, page_size: int) -> int:
         """Pages the sequence will still need beyond what it holds now, by its prediction."""
         n = seq.num_tokens
-        extra = math.ceil(self.reserve * self._predicted(seq))
+        extra = math.ceil(self.reserve * self.predicted(seq))
         return pages_for(n + max(extra, 1), page_size) - pages_for(n, page_size)
 
     def admission_pages(self, seq: Sequence, page_size: int) -> int:
         """Pages to admit the sequence now (its tokens + 1) plus its predicted growth."""
         n = seq.num_tokens
-        extra = max(math.ceil(self.reserve * self._predicted(seq)), 1)
+        extra = max(math.ceil(self.reserve * self.predicted(seq)), 1)
         return pages_for(n + extra, page_size)
 
     def budget(self, running: list[Sequence], free_pages: int, total_pages: int, page_size: int) -> float:
@@ -74,11 +75,13 @@ class ReserveGate:
     def __init__(self, guard: MemoryGuard, budget: float, page_size: int):
         self.guard, self.budget, self.page_size = guard, budget, page_size
 
-    def fits(self, seq: Sequence) -> bool:
-        return self.guard.admission_pages(seq, self.page_size) <= self.budget
-
-    def take(self, seq: Sequence) -> None:
-        self.budget -= self.guard.admission_pages(seq, self.page_size)
+    def admit(self, seq: Sequence, force: bool = False) -> bool:
+        """Take `seq`'s pages from the budget if they fit (or `force`); False (nothing taken) if not."""
+        need = self.guard.admission_pages(seq, self.page_size)
+        if need > self.budget and not force:
+            return False
+        self.budget -= need
+        return True
 
 
 class PeakGate:
@@ -90,7 +93,7 @@ class PeakGate:
         self.items = [self._item(s) for s in running]  # (predicted remaining tokens, tokens now)
 
     def _item(self, seq: Sequence) -> tuple[float, int]:
-        return self.guard.reserve * self.guard._predicted(seq), seq.num_tokens + 1
+        return self.guard.reserve * self.guard.predicted(seq), seq.num_tokens + 1
 
     def peak_pages(self, items: list[tuple[float, int]]) -> float:
         """The largest page count in use before any of `items` finishes (each request's partly filled
@@ -102,11 +105,13 @@ class PeakGate:
             peak = max(peak, (tokens + alive * r) / self.page_size + alive)
         return peak
 
-    def fits(self, seq: Sequence) -> bool:
-        return self.peak_pages([*self.items, self._item(seq)]) <= self.limit
-
-    def take(self, seq: Sequence) -> None:
-        self.items.append(self._item(seq))
+    def admit(self, seq: Sequence, force: bool = False) -> bool:
+        """Count `seq` in if the peak stays under the limit with it (or `force`); False if not."""
+        item = self._item(seq)
+        if not force and self.peak_pages([*self.items, item]) > self.limit:
+            return False
+        self.items.append(item)
+        return True
 
 
 def least_work_victim(running: list[Sequence]) -> Sequence:

@@ -111,10 +111,9 @@ class RankedPolicy(Policy):
             if free <= 0:
                 nxt = w
                 break
-            if gate is not None:
-                if not gate.fits(w) and (state.running or admit):
-                    break  # keep the order: nothing jumps a request that does not fit yet
-                gate.take(w)
+            # keep the order: nothing jumps a request that does not fit yet (alone, it always fits)
+            if gate is not None and not gate.admit(w, force=not (state.running or admit)):
+                break
             admit.append(w)
             free -= 1
         preempt: list[Sequence] = []
