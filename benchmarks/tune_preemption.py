@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout", type=int, default=11, help="--memory: the seed the choice is confirmed on")
     p.add_argument("--realistic-grid", action="store_true", help="trail's arrival estimate x preemption x "
                    "aging under the realistic probe (writes results/tune_realistic.json unless --out)")
+    p.add_argument("--probe-hold", action="store_true", help="trail's probe_hold_s under the realistic "
+                   "probe, probe-only prefills charged (writes results/tune_probe_hold.json unless --out)")
     a = p.parse_args(argv)
     command = " ".join(["python benchmarks/tune_preemption.py", *(sys.argv[1:] if argv is None else argv)])
     if a.memory:
@@ -69,10 +71,16 @@ def main(argv: list[str] | None = None) -> int:
                              a.out if a.out != str(OUT) else str(OUT.with_name("tune_memory.json")), command,
                              a.heldout)
         return 0
-    if a.arrival_costs or a.order or a.realistic_grid:  # jtrail.bench.order_tuning, each its own file
-        from jtrail.bench.order_tuning import arrival_cost_check, realistic_grid, write_order_results
+    if a.arrival_costs or a.order or a.realistic_grid or a.probe_hold:  # order_tuning, each its own file
+        from jtrail.bench.order_tuning import (
+            arrival_cost_check,
+            probe_hold_grid,
+            realistic_grid,
+            write_order_results,
+        )
         run, name = ((arrival_cost_check, "tune_arrival.json") if a.arrival_costs
                      else (realistic_grid, "tune_realistic.json") if a.realistic_grid
+                     else (probe_hold_grid, "tune_probe_hold.json") if a.probe_hold
                      else (write_order_results, "tune_order.json"))
         run([int(s) for s in a.seeds.split(",")], a.requests,
             a.out if a.out != str(OUT) else str(OUT.with_name(name)), command)

@@ -62,6 +62,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="trail: where a waiting request's first length estimate comes from: 'probe' "
                         "(default: a probe-only prefill, device time) or 'host' (the prompt estimator "
                         "shipped beside the probe, prompt_estimator.npz: no device time)")
+    p.add_argument("--probe-hold-s", type=float, default=None,
+                   help="trail with --arrival-estimate probe: seconds a waiting request's probe-only prefill "
+                        "may wait for a step that prefills an admitted prompt anyway, sharing its device "
+                        "call (default 0: the next step, a call of its own; benchmarks/results/"
+                        "tune_probe_hold.json)")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode tokens per jitted call (higher: less host overhead, chunkier streams)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
@@ -94,6 +99,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     opts = {k: v for k, v in given.items() if v is not None} if ranked else {}
     if args.policy == "trail" and getattr(args, "arrival_estimate", None) is not None:
         opts["arrival_estimate"] = args.arrival_estimate
+    if args.policy == "trail" and getattr(args, "probe_hold_s", None) is not None:
+        opts["probe_hold_s"] = args.probe_hold_s
     return EngineConfig(num_slots=args.num_slots, num_pages=args.pages, page_size=args.page_size,
                         max_model_len=args.max_model_len, policy=make_policy(args.policy, **opts),
                         max_queue=args.max_queue, decode_steps_per_call=args.decode_steps,

@@ -40,15 +40,15 @@ def test_front_door_summary_counts_finished_requests_only() -> None:
     assert row["p99_e2e"] == pytest.approx(2.0 + 0.99 * 2.0)
 
 
-def test_step_model_fit_recovers_the_coefficients_and_leaves_out_pauses() -> None:
+def test_step_model_fit_recovers_the_coefficients_one_call_per_prefill_step_no_pauses() -> None:
     rng = np.random.default_rng(0)
     bt = rng.integers(1, 512, 400).astype(float)
     kv = rng.integers(100, 20_000, 400).astype(float)
-    calls = rng.integers(0, 3, 400).astype(float)
-    secs = 4e-3 + 2e-6 * bt + 1e-7 * kv + 3e-3 * calls  # exact: no noise
+    chunks = rng.integers(0, 3, 400).astype(float)  # recorded per step; the engine packs them in one call
+    secs = 4e-3 + 2e-6 * bt + 1e-7 * kv + 3e-3 * (chunks > 0)  # exact: no noise
     secs[7] = 5.0  # a compile: a pause, not the steady cost
     idle = np.zeros((3, 9))  # steps that computed nothing are dropped
-    steps = np.vstack([np.column_stack([bt, kv, secs, calls, np.zeros((400, 5))]), idle])
+    steps = np.vstack([np.column_stack([bt, kv, secs, chunks, np.zeros((400, 5))]), idle])
     sm, info = fit_step_model(steps)
     assert (sm.a, sm.b, sm.c, sm.d) == pytest.approx((4e-3, 2e-6, 1e-7, 3e-3), rel=1e-6)
     assert info["stalls_excluded"] == 1 and info["steps"] == 399

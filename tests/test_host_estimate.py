@@ -103,11 +103,16 @@ def test_host_needs_an_estimator_a_predictor_and_the_same_bins():
     assert e.value.field == "prompt_estimator"
 
 
-def test_arrival_estimate_is_validated_and_defaults_to_probe():
+def test_arrival_estimate_and_probe_hold_are_validated_and_default_to_probe_at_once():
     assert make_policy("trail").arrival_estimate == "probe"
     with pytest.raises(InvalidRequestError) as e:
         make_policy("trail", arrival_estimate="guess")
     assert e.value.field == "arrival_estimate"
+    assert make_policy("trail").probe_hold_s == 0.0 and make_policy("fcfs").probe_hold_s == 0.0
+    for bad in (-0.1, float("nan"), float("inf"), "soon"):
+        with pytest.raises(InvalidRequestError) as e:
+            make_policy("trail", probe_hold_s=bad)
+        assert e.value.field == "probe_hold_s"
 
 
 @pytest.mark.parametrize(("flags", "want"), [([], "probe"), (["--arrival-estimate", "host"], "host"),
@@ -118,6 +123,18 @@ def test_serve_flag_reaches_trail(flags, want):
 
     args = build_parser().parse_args(["serve", "--mock", "--policy", "trail", *flags])
     assert engine_config(args).policy.arrival_estimate == want
+
+
+def test_serve_probe_hold_flag_reaches_trail_and_bad_values_name_the_field():
+    from jtrail.cli import build_parser
+    from jtrail.serve import engine_config
+
+    args = build_parser().parse_args(["serve", "--mock", "--policy", "trail", "--probe-hold-s", "0.2"])
+    assert engine_config(args).policy.probe_hold_s == 0.2
+    args = build_parser().parse_args(["serve", "--mock", "--policy", "trail", "--probe-hold-s", "-1"])
+    with pytest.raises(InvalidRequestError) as e:
+        engine_config(args)
+    assert e.value.field == "probe_hold_s"
 
 
 def test_simulator_runs_host_specs_with_free_arrival_estimates(monkeypatch):

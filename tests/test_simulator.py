@@ -148,12 +148,13 @@ def test_bad_inputs():
         simulate(tr, "fcfs", StepModel(a=1), Resources(num_slots=1, num_pages=100), num_replicas=2)
 
 
-def test_probe_on_arrival_is_charged_one_prefill_call_each():
-    """trail predicts a request that must wait by a probe-only prefill (as the engine does): one
-    prefill call per such request, priced by the step model's per-call term. Identical requests keep
-    FCFS's order under trail, so the makespans differ by exactly that cost."""
-    n, d = 4, 10.0
-    tr = Trace(np.array([0.0, 0.5, 0.5, 0.5]), np.full(n, 8), np.full(n, 5))
+def test_probe_on_arrival_is_charged_one_prefill_call_per_step():
+    """trail predicts a request that must wait by a probe-only prefill (as the engine does). The engine
+    packs a step's prefill chunks into one call, so a step with probes costs the step model's per-call
+    term once, however many it holds. Identical requests keep FCFS's order under trail, so the
+    makespans differ by exactly the probe steps' calls."""
+    n, d = 5, 10.0
+    tr = Trace(np.array([0.0, 0.5, 0.5, 0.5, 12.5]), np.full(n, 8), np.full(n, 5))
     sm = StepModel(a=1.0, d=d)
     edges = np.linspace(0, 16, 5)
     recs = {f"r{i}": np.full((6, 4), 0.25) for i in range(n)}
@@ -162,8 +163,18 @@ def test_probe_on_arrival_is_charged_one_prefill_call_each():
                      predict_at_arrival=False)
     fcfs = simulate(tr, "fcfs", sm, res)
     assert trail.preemptions.sum() == 0
-    # r0 finds the slot free (its real prefill predicts it); r1-r3 wait: 3 probe calls
-    assert trail.makespan == pytest.approx(fcfs.makespan + 3 * d)
+    # r0 finds the slot free (its real prefill predicts it); r1-r3 wait and arrive together: one
+    # step probes all three (one call); r4 arrives during r0's decode steps, later: a second call
+    assert trail.makespan == pytest.approx(fcfs.makespan + 2 * d)
+    # probe_hold_s: the probes wait for a step that prefills anyway (an admission's), at no extra call
+    held = simulate(tr, "trail", sm, res, policy_kwargs={"probe_hold_s": 1000.0},
+                    predictor=RecordedPredictor(TrailPredictor(edges), recs), predict_at_arrival=False)
+    assert held.makespan == pytest.approx(fcfs.makespan)
+    # ... unless the oldest unprobed request has waited that long: 12 s after r1-r3's arrival, during
+    # r0's decode, one step probes all four waiting (r4 arrived at 12.5): one call
+    short = simulate(tr, "trail", sm, res, policy_kwargs={"probe_hold_s": 12.0},
+                     predictor=RecordedPredictor(TrailPredictor(edges), recs), predict_at_arrival=False)
+    assert short.makespan == pytest.approx(fcfs.makespan + d)
     free = simulate(tr, "trail", sm, res, predictor=RecordedPredictor(TrailPredictor(edges), recs),
                     predict_at_arrival=True)  # predictions given at arrival for free: no probe calls
     assert free.makespan == pytest.approx(fcfs.makespan)

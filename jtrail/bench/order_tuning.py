@@ -267,3 +267,39 @@ def realistic_grid(seeds: list[int], n: int | None, path: str, command: str) -> 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(doc, indent=1, default=float) + "\n")
     return doc
+
+
+PROBE_HOLDS = (0.0, 0.005, 0.02, 0.05, 0.2, 1.0)
+
+
+def probe_hold_grid(seeds: list[int], n: int | None, path: str, command: str) -> dict[str, Any]:
+    """trail's `probe_hold_s` (how long probe-only prefills wait for a step that prefills anyway) under
+    the realistic settings (`realistic_table`, estimates charged as the engine pays for them), beside
+    the same trail with free estimates (the bound) and srpt-oracle; `tune_preemption.py --probe-hold`
+    -> results/tune_probe_hold.json."""
+    import datetime
+    import json
+    from pathlib import Path
+
+    from jtrail.provenance import git_commit
+
+    rows: dict[str, tuple[str, dict[str, Any], bool]] = {
+        f"trail probe_hold_s={h:g}": ("trail", {"probe_hold_s": h}, False) for h in PROBE_HOLDS}
+    preempt = {"c": 0.5, "max_preemptions": 2, "aging": 200.0, "preempt_cost": dict(STEP_MODEL)}
+    for h in (0.0, 0.2):
+        label = f"trail c=0.5 cost cap 2 aging 200 probe_hold_s={h:g}"
+        rows[label] = ("trail", {**preempt, "probe_hold_s": h}, False)
+    rows["trail, free estimate"] = ("trail", {}, True)
+    rows["trail c=0.5 cost cap 2 aging 200, free estimate"] = ("trail", preempt, True)
+    rows["srpt-oracle"] = ("srpt-oracle", {"c": 0.0}, True)
+    table = realistic_table(seeds, n, rows)
+    sigma0, prior = CALIBRATIONS["rank-matched"]
+    doc = {"command": command, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+           "git_commit": git_commit(), "seeds": seeds, "step_model": STEP_MODEL,
+           "probe": {"calibration": "rank-matched", "sigma0": sigma0, "prior": prior},
+           "rows": {lab: {"policy": p, "options": kw, "free_first_estimate": f}
+                    for lab, (p, kw, f) in rows.items()},
+           "table": table}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(doc, indent=1, default=float) + "\n")
+    return doc

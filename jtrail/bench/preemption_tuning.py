@@ -18,10 +18,10 @@ from jtrail.serving.simulation.regimes import REGIMES, regime_arrivals, regime_r
 from jtrail.serving.simulation.simulator import Resources, Trace, simulate
 from jtrail.serving.simulation.step_model import StepModel
 
-# The newest engine fit (the library's H200 SmolLM2 default, preemption_cost.py). The searches before
-# 2026-12-03 used an older fit, {"a": 3.71e-3, "b": 3.31e-6, "c": 1.01e-7, "d": 2.74e-3}, made when
-# every prefill chunk was its own device call; since the engine packs a step's chunks (probe-only
-# prefills included) into one call, a chunk costs ~0.3 ms, not 2.7 ms (d), and a computed token ~5x less.
+# The newest engine fit (the library's H200 SmolLM2 default, preemption_cost.py): d per step that makes
+# a prefill call (~2 ms; a further chunk in the same call costs almost nothing). Searches before
+# 2026-12-03 evening charged d per chunk: {"a": 3.09e-3, "b": 4.74e-7, "c": 8.54e-8, "d": 2.88e-4}
+# and, before the engine packed chunks, {"a": 3.71e-3, "b": 3.31e-6, "c": 1.01e-7, "d": 2.74e-3}.
 STEP_MODEL = dict(H200_SMOLLM2)
 EDGES = tuple(float(x) for x in np.linspace(0.0, 1024.0, 17))
 PROBE = {"sigma0": 1.0, "sigma": 0.45, "refine_every": 16, "max_tokens": 1024}

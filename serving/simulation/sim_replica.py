@@ -99,6 +99,10 @@ class SimReplica:
         self._probes: list[int] = []  # prompt tokens of probe-only prefills due in the next step
         self.probe_on_arrival = (policy.probe_on_arrival and policy.arrival_estimate == "probe"
                                  and predictor is not None)
+        # the policy's probe_hold_s (step_scheduler.py): probes wait for a step that prefills anyway
+        self.probe_hold_s = policy.probe_hold_s
+        self._unprobed: list[SimSequence] = []
+        self._unprobed_since: float | None = None
         self.planned: tuple | None = None  # ("wake",) or (t0, steps, n, kv0)
         self.preemptions = 0
         # finished requests' output tokens: the mean is the slot forecast's prior, as in the engine
@@ -137,8 +141,13 @@ class SimReplica:
         # is predicted from its prompt at once, for one prefill call in the next step.
         if (self.probe_on_arrival and s._pv is None and s._plen <= self.prefill_chunk
                 and len(self.waiting) + 1 > self.num_slots - len(self.running)):
-            self.predictor.sim_prefill(s)
-            self._probes.append(s._plen)
+            if self.probe_hold_s > 0:
+                self._unprobed.append(s)
+                if self._unprobed_since is None:
+                    self._unprobed_since = t
+            else:
+                self.predictor.sim_prefill(s)
+                self._probes.append(s._plen)
         self.waiting.append(s)
         self.waiting_tokens += self._wtok(s)
         self.policy.on_arrival(s, t)
@@ -255,17 +264,27 @@ class SimReplica:
         if n == 0:
             self._prefill.clear()
             self._probes.clear()
+            self._unprobed.clear()  # nothing runs: whoever waits is admitted and predicted at its prefill
+            self._unprobed_since = None
             self._changed = False
             return None
         kv0 = sum(self.offs) + n * self.steps
         self._plan_waiting = len(self.waiting)
+        if self._unprobed and (any(tok > 0 for _, tok in self._prefill)
+                               or self.time - self._unprobed_since >= self.probe_hold_s):
+            for s in self._unprobed:  # they join this step's prefill call
+                if s.status is Status.WAITING and s._pv is None:
+                    self.predictor.sim_prefill(s)
+                    self._probes.append(s._plen)
+            self._unprobed.clear()
+            self._unprobed_since = None
         if any(tok > 0 for _, tok in self._prefill) or self._probes:
             self._changed = False
             bt = n - len(self._prefill) + sum(max(tok, 1) for _, tok in self._prefill) + sum(self._probes)
-            calls = sum(-(-tok // self.prefill_chunk) for _, tok in self._prefill) + len(self._probes)
             self._probes.clear()
             self.planned = (self.time, 1, n, kv0)
-            return self.time + self.sm.step_time(bt, kv0, calls)
+            # the engine packs the step's chunks (probe-only prefills included) into one prefill call
+            return self.time + self.sm.step_time(bt, kv0, 1)
         # after a change, one step: the engine's next `schedule` call sees the new state; after that
         # nothing the policy looks at improves until the next event, so its answer cannot change
         m = 1 if self._changed else self.max_jump
@@ -275,6 +294,8 @@ class SimReplica:
             m = min(m, fin[0] - self.steps)
         if self.refine_every and (ref := self._valid_top(self._ref)) is not None:
             m = min(m, ref[0] - self.steps)
+        if self._unprobed:  # re-plan when the oldest unprobed request's hold runs out
+            m = min(m, self.sm.steps_until(n, kv0, self._unprobed_since + self.probe_hold_s - self.time))
         m = max(m, 1)
         if not self.fits(self.steps + m):  # largest run that fits (>= 1 step)
             lo, hi = 1, m

@@ -1,12 +1,15 @@
 """Step-time model of an engine step: t = a + b * batch_tokens + c * kv_tokens + d * prefill_calls (s).
 
 batch_tokens: tokens computed in the step (1 per decoding sequence + prefill tokens); kv_tokens: tokens
-of context attended (sum of the running sequences' lengths); prefill_calls: prefill chunks run in the
-step (the engine prefills each admitted sequence in its own jitted call, so on a small model a call's
-fixed cost dwarfs its per-token cost). Fitted by least squares from measured engine steps.
+of context attended (sum of the running sequences' lengths); prefill_calls: prefill device calls in the
+step. The engine packs every prefill chunk of a step (probe-only prefills included) into one call, so
+this is 1 for a step that prefills anything and 0 otherwise: on the H200 such a step costs ~2 ms more
+than a decode-only one, while a further chunk in the same call costs almost nothing (least squares on
+the engine's steps, 2026-12-03: +1.9-2.3 ms per step with any prefill, < 0.2 ms per further chunk).
+Fitted by least squares from measured engine steps.
 `decode_run_time` is the closed-form time of n decode steps of a fixed batch, which is what lets
 the simulator jump over steps where nothing changes. `fit_step_model` fits it on a run's recorded
-steps (the load generator's step rows), leaving out pauses.
+steps (the load generator's step rows, which count chunks), leaving out pauses.
 """
 
 from __future__ import annotations
@@ -86,16 +89,18 @@ class StepModel:
 
 
 def fit_step_model(steps: np.ndarray) -> tuple[StepModel, dict[str, float]]:
-    """Least squares over measured steps, rows of (batch tokens, kv tokens, seconds, prefill calls, ...)
-    as `jtrail.bench.loadgen` records them; returns the model and its fit quality (relative error of the
-    summed time, R^2). Steps that computed nothing are left out, and so are pauses."""
+    """Least squares over measured steps, rows of (batch tokens, kv tokens, seconds, prefill chunks, ...)
+    as `jtrail.bench.loadgen` records them (a step with any chunk makes one prefill call); returns the
+    model and its fit quality (relative error of the summed time, R^2). Steps that computed nothing
+    are left out, and so are pauses."""
     s = steps[steps[:, 0] > 0]
     # Pauses (a compile: seconds, not milliseconds) are not part of the steady-state cost; least
     # squares would smear them over every step of their kind.
     stall = pauses(s[:, 2])
     s = s[~stall]
-    sm = StepModel.fit(s[:, 0], s[:, 1], s[:, 2], s[:, 3])
-    pred = np.array([sm.step_time(b, k, c) for b, k, c in zip(s[:, 0], s[:, 1], s[:, 3], strict=True)])
+    calls = (s[:, 3] > 0).astype(float)
+    sm = StepModel.fit(s[:, 0], s[:, 1], s[:, 2], calls)
+    pred = np.array([sm.step_time(b, k, c) for b, k, c in zip(s[:, 0], s[:, 1], calls, strict=True)])
     ss_res = float(np.sum((s[:, 2] - pred) ** 2))
     ss_tot = float(np.sum((s[:, 2] - s[:, 2].mean()) ** 2)) or 1.0
     info = {"a": sm.a, "b": sm.b, "c": sm.c, "d": sm.d, "steps": float(len(s)),

@@ -54,6 +54,11 @@ class Policy(ABC):
     # Where that first estimate comes from: "probe" (the probe-only prefill) or "host" (the engine's
     # prompt estimator at add_request, no device time; `trail`'s option).
     arrival_estimate: str = "probe"
+    # How long (s) probe-only prefills may wait for a step that already makes a prefill call (an
+    # admitted prompt's), where they ride almost free: on the H200 a step with a prefill call costs ~2 ms
+    # more than a decode-only step, a further chunk in it almost nothing. 0: each waiting request is
+    # probed in the next step (one extra prefill call per such step). `trail`'s option.
+    probe_hold_s: float = 0.0
     # Ranks by remaining length, which falls one per generated token (the router's slot forecast
     # then drops long queued requests from what a new arrival waits behind).
     counts_down: bool = False

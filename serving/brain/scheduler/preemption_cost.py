@@ -38,12 +38,14 @@ from typing import Any
 
 from ...sequence import InvalidRequestError, Sequence
 
-# SmolLM2-135M bf16 on one H200, the newest engine fit (serving.json other_runs['fdf5eac-R2-repeats']
-# .simulator.R2.step_model, 2026-12-02; a step's prefill chunks share one packed call, d per chunk):
+# SmolLM2-135M bf16 on one H200, the newest engine fit (serving.json, R2 fcfs run at 4fb5136, 2026-12-03;
+# d per step that makes a prefill call, which is how the engine runs a step's chunks: one packed call):
 # the default when cost-aware preemption is switched on without a step model of its own, and the
-# simulator searches' step model (jtrail.bench.preemption_tuning.STEP_MODEL). The fit before packing
-# was {"a": 5.24e-3, "b": 1.0e-6, "c": 3.6e-7, "d": 5.47e-3}.
-H200_SMOLLM2 = {"a": 3.09e-3, "b": 4.74e-7, "c": 8.54e-8, "d": 2.88e-4}
+# simulator searches' step model (jtrail.bench.preemption_tuning.STEP_MODEL). Earlier fits charged d
+# per chunk: {"a": 3.09e-3, "b": 4.74e-7, "c": 8.54e-8, "d": 2.88e-4} (2026-12-02, packed calls, which
+# spread a prefill step's ~2 ms over a + d) and {"a": 5.24e-3, "b": 1.0e-6, "c": 3.6e-7, "d": 5.47e-3}
+# (one call per chunk).
+H200_SMOLLM2 = {"a": 1.88e-3, "b": 5.42e-7, "c": 6.63e-8, "d": 2.07e-3}
 
 
 @dataclass(frozen=True)

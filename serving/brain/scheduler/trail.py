@@ -11,7 +11,8 @@ prefill it first to learn it).
 `arrival_estimate`: where a waiting request's first estimate comes from. "probe" (default): a
 probe-only prefill of its prompt (device time, step_scheduler.py). "host": the engine's
 PromptLengthEstimator (brain/prompt_estimator.py) at `add_request`, no device time; the probe's output
-replaces it at the real prefill.
+replaces it at the real prefill. `probe_hold_s`: how long those probe-only prefills may wait for a step
+that already prefills an admitted prompt, so they share its device call (0: the next step).
 
 Beyond the paper (ranked.py): `max_preemptions` caps preemptions per request, `preempt_cost` makes a
 preemption pass only when its SRPT exchange saving beats the victim's recompute time
@@ -52,9 +53,12 @@ class TrailPolicy(RankedPolicy):
 
     def __init__(self, *, c: float = 0.0, margin: float = 0.0, victim: str = "longest",
                  aging: float = DEFAULT_AGING, aging_form: str = DEFAULT_AGING_FORM,
-                 arrival_estimate: str = "probe", **kw: Any):
+                 arrival_estimate: str = "probe", probe_hold_s: float = 0.0, **kw: Any):
         if arrival_estimate not in ARRIVAL_ESTIMATES:
             raise InvalidRequestError("arrival_estimate",
                                       f"must be one of {ARRIVAL_ESTIMATES}, got {arrival_estimate!r}")
+        if not (isinstance(probe_hold_s, int | float) and 0 <= probe_hold_s < float("inf")):
+            raise InvalidRequestError("probe_hold_s", f"must be a finite number >= 0, got {probe_hold_s!r}")
         super().__init__(c=c, margin=margin, victim=victim, aging=aging, aging_form=aging_form, **kw)
         self.arrival_estimate = arrival_estimate
+        self.probe_hold_s = float(probe_hold_s)
