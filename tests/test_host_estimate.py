@@ -108,7 +108,7 @@ def test_arrival_estimate_and_probe_hold_are_validated_and_default_to_probe_at_o
     with pytest.raises(InvalidRequestError) as e:
         make_policy("trail", arrival_estimate="guess")
     assert e.value.field == "arrival_estimate"
-    assert make_policy("trail").probe_hold_s == 0.0 and make_policy("fcfs").probe_hold_s == 0.0
+    assert make_policy("trail").probe_hold_s == 0.2 and make_policy("fcfs").probe_hold_s == 0.0
     for bad in (-0.1, float("nan"), float("inf"), "soon"):
         with pytest.raises(InvalidRequestError) as e:
             make_policy("trail", probe_hold_s=bad)
@@ -212,8 +212,10 @@ def test_sim_replica_makes_no_probe_prefills_for_host():
             rep.arrive(s, 0.0)
         return list(rep._probes)
 
-    assert probes_after_arrivals() == [20, 20]  # the default: two probe-only prefills of 20 tokens
-    assert probes_after_arrivals(arrival_estimate="host") == []
+    # probing at once: two probe-only prefills of 20 tokens in the next step
+    assert probes_after_arrivals(probe_hold_s=0.0) == [20, 20]
+    assert probes_after_arrivals() == []  # the default holds them for an admission's prefill call
+    assert probes_after_arrivals(arrival_estimate="host", probe_hold_s=0.0) == []
 
 
 @pytest.mark.parametrize(("flags", "says"), [

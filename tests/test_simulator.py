@@ -160,7 +160,7 @@ def test_probe_on_arrival_is_charged_one_prefill_call_per_step():
     recs = {f"r{i}": np.full((6, 4), 0.25) for i in range(n)}
     res = Resources(num_slots=1, num_pages=64)
     trail = simulate(tr, "trail", sm, res, predictor=RecordedPredictor(TrailPredictor(edges), recs),
-                     predict_at_arrival=False)
+                     predict_at_arrival=False, policy_kwargs={"probe_hold_s": 0.0})
     fcfs = simulate(tr, "fcfs", sm, res)
     assert trail.preemptions.sum() == 0
     # r0 finds the slot free (its real prefill predicts it); r1-r3 wait and arrive together: one

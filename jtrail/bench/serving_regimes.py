@@ -568,6 +568,7 @@ def replay_policy_specs(edges: list[float], mids: list[float]) -> dict[str, tupl
     # pure SRPT on true lengths (the mean's lower reference). trail-exp-aging: multiplicative aging at
     # 0.15 / s, results/tune_order.json's choice on the simulator (not confirmed on the engine in R2)
     return {"fcfs": ("fcfs", {}), "trail": ("trail", {}), "trail-no-aging": ("trail", {"aging": 0.0}),
+            "trail-probe-at-once": ("trail", {"probe_hold_s": 0.0}),
             "trail-exp-aging": ("trail", {"aging": 0.15, "aging_form": "exp"}),
             # trail ranking arrivals by the host-side prompt estimator (no probe-only prefills)
             "trail-host": ("trail", {"arrival_estimate": "host"}),
