@@ -17,7 +17,9 @@ watermark 0.01 and pages reserved for the predicted length was tried in a first 
 made trail c=0 3x slower than fcfs, mean E2E 9.9 s against 4.7 s: the vague prefill estimates
 reserve too much; `--memory` searches that rule and the past-future "peak" rule: results/tune_memory.json.)
 Tuning seeds
-are not the GPU benchmark's. Writes benchmarks/results/tune_preemption.json.
+are not the GPU benchmark's. Writes benchmarks/results/tune_preemption.json. Other searches, each its own
+file: --order (tune_order.json), --arrival-costs (tune_arrival.json), --memory (tune_memory.json),
+--realistic-grid (tune_realistic.json), --probe-hold (trail's probe_hold_s: tune_probe_hold.json).
 """
 
 from __future__ import annotations
