@@ -237,25 +237,17 @@ def arrival_cost_check(seeds: list[int], n: int | None, path: str, command: str)
     return doc
 
 
-def realistic_grid(seeds: list[int], n: int | None, path: str, command: str) -> dict[str, Any]:
-    """trail's arrival estimate (charged probe-only prefill, or free as the host estimator's) x
-    preemption (c = 0, or c = 0.5 cost-aware capped at 1 or 2) x linear aging 100 / 200, under the
-    realistic settings (`realistic_table`); `tune_preemption.py --realistic-grid` ->
-    results/tune_realistic.json: the candidates for the engine to confirm."""
+Rows = dict[str, tuple[str, dict[str, Any], bool]]
+
+
+def write_realistic(seeds: list[int], n: int | None, rows: Rows, path: str, command: str) -> dict[str, Any]:
+    """`realistic_table` over `rows`, written with its provenance to `path`."""
     import datetime
     import json
     from pathlib import Path
 
     from jtrail.provenance import git_commit
 
-    rows: dict[str, tuple[str, dict[str, Any], bool]] = {}
-    for free in (False, True):
-        tag = "free estimate" if free else "probe-only prefill"
-        for aging in (100.0, 200.0):
-            rows[f"trail c=0 aging {aging:g}, {tag}"] = ("trail", {"c": 0.0, "aging": aging}, free)
-            for cap in (1, 2):
-                kw = {"c": 0.5, "max_preemptions": cap, "aging": aging, "preempt_cost": dict(STEP_MODEL)}
-                rows[f"trail c=0.5 cost cap {cap} aging {aging:g}, {tag}"] = ("trail", kw, free)
     table = realistic_table(seeds, n, rows)
     sigma0, prior = CALIBRATIONS["rank-matched"]
     doc = {"command": command, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -267,6 +259,22 @@ def realistic_grid(seeds: list[int], n: int | None, path: str, command: str) -> 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(doc, indent=1, default=float) + "\n")
     return doc
+
+
+def realistic_grid(seeds: list[int], n: int | None, path: str, command: str) -> dict[str, Any]:
+    """trail's arrival estimate (charged probe-only prefill, or free as the host estimator's) x
+    preemption (c = 0, or c = 0.5 cost-aware capped at 1 or 2) x linear aging 100 / 200, under the
+    realistic settings (`realistic_table`); `tune_preemption.py --realistic-grid` ->
+    results/tune_realistic.json: the candidates for the engine to confirm."""
+    rows: Rows = {}
+    for free in (False, True):
+        tag = "free estimate" if free else "probe-only prefill"
+        for aging in (100.0, 200.0):
+            rows[f"trail c=0 aging {aging:g}, {tag}"] = ("trail", {"c": 0.0, "aging": aging}, free)
+            for cap in (1, 2):
+                kw = {"c": 0.5, "max_preemptions": cap, "aging": aging, "preempt_cost": dict(STEP_MODEL)}
+                rows[f"trail c=0.5 cost cap {cap} aging {aging:g}, {tag}"] = ("trail", kw, free)
+    return write_realistic(seeds, n, rows, path, command)
 
 
 PROBE_HOLDS = (0.0, 0.005, 0.02, 0.05, 0.2, 1.0)
@@ -277,14 +285,7 @@ def probe_hold_grid(seeds: list[int], n: int | None, path: str, command: str) ->
     the realistic settings (`realistic_table`, estimates charged as the engine pays for them), beside
     the same trail with free estimates (the bound) and srpt-oracle; `tune_preemption.py --probe-hold`
     -> results/tune_probe_hold.json."""
-    import datetime
-    import json
-    from pathlib import Path
-
-    from jtrail.provenance import git_commit
-
-    rows: dict[str, tuple[str, dict[str, Any], bool]] = {
-        f"trail probe_hold_s={h:g}": ("trail", {"probe_hold_s": h}, False) for h in PROBE_HOLDS}
+    rows: Rows = {f"trail probe_hold_s={h:g}": ("trail", {"probe_hold_s": h}, False) for h in PROBE_HOLDS}
     preempt = {"c": 0.5, "max_preemptions": 2, "aging": 200.0, "preempt_cost": dict(STEP_MODEL)}
     for h in (0.0, 0.2):
         label = f"trail c=0.5 cost cap 2 aging 200 probe_hold_s={h:g}"
@@ -292,14 +293,4 @@ def probe_hold_grid(seeds: list[int], n: int | None, path: str, command: str) ->
     rows["trail, free estimate"] = ("trail", {}, True)
     rows["trail c=0.5 cost cap 2 aging 200, free estimate"] = ("trail", preempt, True)
     rows["srpt-oracle"] = ("srpt-oracle", {"c": 0.0}, True)
-    table = realistic_table(seeds, n, rows)
-    sigma0, prior = CALIBRATIONS["rank-matched"]
-    doc = {"command": command, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-           "git_commit": git_commit(), "seeds": seeds, "step_model": STEP_MODEL,
-           "probe": {"calibration": "rank-matched", "sigma0": sigma0, "prior": prior},
-           "rows": {lab: {"policy": p, "options": kw, "free_first_estimate": f}
-                    for lab, (p, kw, f) in rows.items()},
-           "table": table}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(doc, indent=1, default=float) + "\n")
-    return doc
+    return write_realistic(seeds, n, rows, path, command)
