@@ -44,7 +44,7 @@ from .batch import SamplingRows, StepBatch
 from .config import EngineConfig, StepStats, resolve_policy
 from .detokenizer import IncrementalDetokenizer, Tokenizer
 from .outputs import OutputProcessor
-from .request_state import EngineRequest
+from .request_state import EngineRequest, lose_results
 from .runner import Runner
 from .sampling import SlotSampling, fill_sampling, link_fed, sampling_rows
 from .step_scheduler import StepScheduler
@@ -86,7 +86,7 @@ class LLMEngine:
         # async scheduling: how many steps run ahead of the one whose outputs a step processes (0: sync)
         self.steps_in_flight = cfg.resolved_steps_in_flight()
         self.batches_processed = 0  # batches whose outputs a step has processed (benchmarks pair them)
-        self._lost: set[str] = set()  # requests whose step failed (see _lose_in_flight)
+        self._lost: set[str] = set()  # requests whose step failed (request_state.lose_results)
         # token counters for the throughput log and metrics (vLLM's: a prompt counts once, at its
         # first output token; every streamed output token counts)
         self.prompt_tokens_total = self.generation_tokens_total = 0
@@ -197,7 +197,9 @@ class LLMEngine:
                 self.outputs.process(done[0], result, self._reqs, time.monotonic())  # 3. tokens out
                 self.batches_processed += 1
         except Exception:
-            self._lose_in_flight([batch, done[0] if done is not None else None])
+            failed = [batch, done[0] if done is not None else None, *(b for b, _ in self._in_flight)]
+            self._in_flight.clear()
+            self._lost |= lose_results(failed, self._reqs)
             raise
         outs = self.outputs.take()
         self.last_step = self.last_step._replace(seconds=time.perf_counter() - t0)
@@ -206,33 +208,6 @@ class LLMEngine:
             if o.new_token_ids and o.completion_tokens == len(o.new_token_ids):  # its first tokens
                 self.prompt_tokens_total += o.prompt_tokens
         return outs
-
-    def _lose_in_flight(self, batches: list[StepBatch | None]) -> None:
-        """A failed step: the results of its batch and of any still in flight are lost. Their
-        requests (prompt-only probes aside) can no longer be trusted, so `pending_output_ids` names
-        them for the front end to fail; every request's in-flight counts start again from zero. One
-        the front end keeps (it may fail only the request the error names) restarts as after a
-        recompute preemption: its KV progress counted the lost calls, whose writes are unknown (a
-        swap copy or a page count made from that progress would not match the tokens kept)."""
-        batches.extend(b for b, _ in self._in_flight)
-        self._in_flight.clear()
-        lost = set()
-        for b in batches:
-            if b is None:
-                continue
-            for seq in [c.seq for c in b.prefills if not c.probe_only] + [r.seq for r in b.decodes]:
-                if not seq.is_finished:
-                    lost.add(seq.request_id)
-        self._lost |= lost
-        for st in self._reqs.values():
-            st.ahead = st.in_flight = 0
-            seq = st.seq
-            if seq.request_id not in lost or seq.is_finished:
-                continue
-            seq.num_computed_tokens, st.prefilled, st.tap = 0, False, None
-            if st.swapped is not None:  # its host copy holds the lost calls' pages: recompute instead
-                st.swapped = None
-                seq.status = Status.WAITING
 
     def _sampling_rows(self, seqs: list[Sequence | None], steps: int = 1) -> SamplingRows:
         return sampling_rows(seqs, self._reqs, steps)

@@ -3,10 +3,12 @@ scheduler-visible `Sequence` (which the policies, the simulator and the predicto
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..sequence import Sequence
+from ..sequence import Sequence, Status
+from .batch import StepBatch
 from .detokenizer import IncrementalDetokenizer
 from .stop_rule import StopRule
 
@@ -26,3 +28,29 @@ class EngineRequest:
     # next chunk (its prompt-tap sum) or another probe needs first. Both are 0 after a synchronous step.
     ahead: int = 0
     in_flight: int = 0
+
+
+def lose_results(batches: Iterable[StepBatch | None], reqs: dict[str, EngineRequest]) -> set[str]:
+    """A failed step: the results of its batch and of every batch still in flight are lost. Returns
+    the requests (prompt-only probes aside) that can no longer be trusted, for the front end to fail;
+    every request's in-flight counts start again from zero. One the front end keeps (it may fail only
+    the request the error names) restarts as after a recompute preemption: its KV progress counted the
+    lost calls, whose writes are unknown (a swap copy or a page count made from that progress would
+    not match the tokens kept)."""
+    lost = set()
+    for b in batches:
+        if b is None:
+            continue
+        for seq in [c.seq for c in b.prefills if not c.probe_only] + [r.seq for r in b.decodes]:
+            if not seq.is_finished:
+                lost.add(seq.request_id)
+    for st in reqs.values():
+        st.ahead = st.in_flight = 0
+        seq = st.seq
+        if seq.request_id not in lost or seq.is_finished:
+            continue
+        seq.num_computed_tokens, st.prefilled, st.tap = 0, False, None
+        if st.swapped is not None:  # its host copy holds the lost calls' pages: recompute instead
+            st.swapped = None
+            seq.status = Status.WAITING
+    return lost
