@@ -21,7 +21,7 @@ from ..brain.router import Router
 from ..engine_api import EngineStats, ModelInfo
 from .proto import jtrail_v1_pb2 as pb
 from .proto import jtrail_v1_pb2_grpc as pb_grpc
-from .servicer import stats_to_pb
+from .servicer import info_to_pb, stats_to_pb
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +130,7 @@ class RouterServicer(pb_grpc.JtrailServicer):
 
     async def ServerInfo(self, request: pb.ServerInfoRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> pb.ServerInfoResponse:
-        i = self.replicas.info()
-        return pb.ServerInfoResponse(model=i.model_name, max_model_len=i.max_model_len,
-                                     vocab_size=i.vocab_size,
-                                     policy=i.policy, num_slots=i.num_slots, num_pages=i.num_pages,
-                                     page_size=i.page_size, probe=i.probe or "",
-                                     stats=stats_to_pb(self.replicas.stats()))
+        return info_to_pb(self.replicas.info(), self.replicas.stats())
 
     async def Stats(self, request: pb.StatsRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> pb.StatsResponse:

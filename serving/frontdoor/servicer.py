@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from ..engine_api import AsyncEngine, EngineStats
+from ..engine_api import AsyncEngine, EngineStats, ModelInfo
 from ..sequence import EngineDeadError, FinishReason, InvalidRequestError, QueueFullError, SamplingParams
 from .chat import check_messages, check_text_size
 from .metrics import RequestTiming, ServerMetrics
@@ -40,6 +40,13 @@ def stats_to_pb(s: EngineStats) -> pb.StatsResponse:
                             outstanding_tokens=s.outstanding_tokens, steps=s.steps,
                             finished_by_reason=s.finished_by_reason,
                             slot_free_tokens=list(s.slot_free_tokens))
+
+
+def info_to_pb(i: ModelInfo, stats: EngineStats, max_queue: int = 0) -> pb.ServerInfoResponse:
+    return pb.ServerInfoResponse(model=i.model_name, max_model_len=i.max_model_len, vocab_size=i.vocab_size,
+                                 policy=i.policy, num_slots=i.num_slots, num_pages=i.num_pages,
+                                 page_size=i.page_size, probe=i.probe or "", max_queue=max_queue,
+                                 stats=stats_to_pb(stats))
 
 
 def sampling_from_pb(req: pb.GenerateRequest, default_max_tokens: int) -> SamplingParams:
@@ -179,12 +186,7 @@ class JtrailServicer(pb_grpc.JtrailServicer):
 
     async def ServerInfo(self, request: pb.ServerInfoRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> pb.ServerInfoResponse:
-        i = self.engine.info()
-        return pb.ServerInfoResponse(model=i.model_name, max_model_len=i.max_model_len,
-                                     vocab_size=i.vocab_size,
-                                     policy=i.policy, num_slots=i.num_slots, num_pages=i.num_pages,
-                                     page_size=i.page_size, probe=i.probe or "", max_queue=self.max_queue,
-                                     stats=stats_to_pb(self.engine.stats()))
+        return info_to_pb(self.engine.info(), self.engine.stats(), self.max_queue)
 
     async def Stats(self, request: pb.StatsRequest,  # noqa: N802
                     context: grpc.aio.ServicerContext) -> pb.StatsResponse:
