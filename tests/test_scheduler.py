@@ -257,3 +257,39 @@ def test_memory_search_candidates_and_rule():
     assert choose(table) == "trail peak 0.1"  # peak 1 gains more but its p99 is worse than no guard's
     table["R3"]["trail peak 0.1"]["preemptions_per_request"] = 0.4
     assert choose(table) == "trail, no guard"  # none qualifies
+
+
+def test_trail_probe_hold_default_is_the_simulator_choice():
+    # results/tune_probe_hold.json: the hold with the best geometric mean of fcfs/trail mean E2E over R1
+    # and R2 (the regimes where requests wait for slots and get probed); the smallest of those within
+    # 0.5% of the best (a shorter hold delays a newcomer's estimate less; 0.2 s and 1 s differ by 0.01%)
+    import json
+    from pathlib import Path
+
+    doc = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+                      / "tune_probe_hold.json").read_text())
+    holds = {lab: row["options"]["probe_hold_s"] for lab, row in doc["rows"].items()
+             if row["options"].keys() == {"probe_hold_s"} and not row["free_first_estimate"]}
+    table = doc["table"]
+    gain = {h: math.sqrt(table["R1"][lab]["fcfs_over_x_mean_e2e"] * table["R2"][lab]["fcfs_over_x_mean_e2e"])
+            for lab, h in holds.items()}
+    best = min(h for h, g in gain.items() if g >= 0.995 * max(gain.values()))
+    assert make_policy("trail").probe_hold_s == best
+
+
+def test_an_estimate_that_arrives_while_waiting_refiles_the_request():
+    """A waiting request ranks as `unknown_rank` until its probe-only prefill's estimate arrives; the
+    policy then re-files it under the estimate (on_estimate). On the heap path (a long queue) a stale
+    key that ranks worse than the fresh one would otherwise keep it behind requests it should pass."""
+    pol = make_policy("trail", unknown_rank=1000.0, aging=0.0)
+    waiting = [Sequence(f"w{i}", [1] * 8, SamplingParams(max_tokens=1000), float(i)) for i in range(100)]
+    for s in waiting:
+        pol.on_arrival(s, s.arrival_time)
+    state = SchedulerState(waiting, [], free_slots=0, free_pages=10_000, total_pages=10_000, page_size=16,
+                           now=200.0)
+    pol.schedule(state)  # builds the index (over SMALL waiting: the heap path)
+    late = waiting[-1]
+    late.predicted_remaining = late.initial_prediction = 5.0  # its probe said: short
+    pol.on_estimate(late)
+    state.free_slots = 1
+    assert pol.schedule(state).admit == [late]

@@ -62,6 +62,8 @@ class OutputProcessor:
             if ch.probe_only or st is None:
                 if pred is not None and probs is not None:
                     pred.on_prefill(seq, probs)
+                    if st is not None and seq.status is Status.WAITING:
+                        self.policy.on_estimate(seq)
                 continue
             if not ch.completes:  # more chunks to come: keep the prompt-tap sum
                 # unless a recompute preemption since dropped the KV it sums

@@ -275,6 +275,7 @@ class SimReplica:
             for s in self._unprobed:  # they join this step's prefill call
                 if s.status is Status.WAITING and s._pv is None:
                     self.predictor.sim_prefill(s)
+                    self.policy.on_estimate(s)
                     self._probes.append(s._plen)
             self._unprobed.clear()
             self._unprobed_since = None

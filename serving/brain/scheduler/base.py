@@ -77,3 +77,6 @@ class Policy(ABC):
 
     def on_finish(self, seq: Sequence, now: float) -> None:  # noqa: B027 - optional hook
         """Called once when a request finishes or is cancelled."""
+
+    def on_estimate(self, seq: Sequence) -> None:  # noqa: B027 - optional hook
+        """Called when a waiting request's length estimate arrives (its probe-only prefill's)."""

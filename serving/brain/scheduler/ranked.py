@@ -227,6 +227,11 @@ class RankedPolicy(Policy):
     def on_arrival(self, seq: Sequence, now: float) -> None:
         self._index.add(seq)
 
+    def on_estimate(self, seq: Sequence) -> None:
+        # its rank moved from unknown_rank to the estimate: re-file it (the index re-files a stale key
+        # only when it surfaces, which is too late when the stale key ranks worse than the fresh one)
+        self._index.add(seq)
+
     def on_finish(self, seq: Sequence, now: float) -> None:
         if self.guard is not None:
             self.guard.on_finish(seq, now)
