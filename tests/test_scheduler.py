@@ -146,8 +146,9 @@ def test_peak_admission_counts_finishes_reserve_does_not():
     # with nothing running, the first in line is admitted whatever it needs (no deadlock)
     st.running = []
     assert make_policy("trail", watermark=0.0, memory_mode="peak").schedule(st).admit == [long_]
-    with pytest.raises(InvalidRequestError, match="mode"):
+    with pytest.raises(InvalidRequestError, match="mode") as e:
         make_policy("trail", memory_mode="half")
+    assert e.value.field == "memory_mode"
 
 
 def test_victim_least_work_and_longest():

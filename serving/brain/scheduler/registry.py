@@ -15,6 +15,7 @@ from typing import Any
 
 from ...sequence import InvalidRequestError
 from .base import Policy
+from .memory import MODES as MEMORY_MODES
 from .memory import MemoryGuard
 
 POLICY_NAMES = ("fcfs", "priority", "srpt-oracle", "trail", "gittins")
@@ -26,6 +27,8 @@ def _memory(kw: dict[str, Any]) -> None:
     fields = {k: kw.pop(k) for k in ("watermark", "reserve", "memory_mode") if k in kw}
     if "memory_mode" in fields:
         fields["mode"] = fields.pop("memory_mode")
+        if fields["mode"] not in MEMORY_MODES:  # named as the caller spelled it, not MemoryGuard's "mode"
+            raise InvalidRequestError("memory_mode", f"must be one of {MEMORY_MODES}, got {fields['mode']!r}")
     if "memory" not in kw and not fields:
         return
     mem = kw.pop("memory", None)
