@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 
+from jtrail.serving.brain.scheduler.trail import TrailPolicy
 from jtrail.serving.engine.llm_engine import EngineConfig  # plain Python: no JAX until a model loads
 from jtrail.serving.engine_api import AsyncEngine
 
@@ -65,8 +66,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-hold-s", type=float, default=None,
                    help="trail with --arrival-estimate probe: seconds a waiting request's probe-only prefill "
                         "may wait for a step that prefills an admitted prompt anyway, sharing its device "
-                        "call (default: trail's own, 0.2 s; 0: the next step, a call of its own; "
-                        "benchmarks/results/tune_probe_hold.json)")
+                        f"call (default: trail's own, {TrailPolicy.DEFAULT_PROBE_HOLD_S:g} s; 0: the next "
+                        "step, a call of its own; benchmarks/results/tune_probe_hold.json)")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode tokens per jitted call (higher: less host overhead, chunkier streams)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
