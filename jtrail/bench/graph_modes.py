@@ -70,10 +70,12 @@ def graph_spans(trace_dir: str) -> dict[str, list[float]]:
     return {k: [len(v), round(float(np.median(v)), 1)] for k, v in agg.items()}
 
 
-def device_work(trace_dir: str, steps: int) -> dict[str, float]:
+def device_work(trace_dir: str, steps: int, top: int = 40) -> dict:
     """Per engine step: the GPU's ops (kernels, copies: events on a GPU's stream lines, not on the
-    trace's derived lines such as "XLA Ops") and their summed microseconds."""
+    trace's derived lines such as "XLA Ops") and their summed microseconds; `ops_by_name`: the `top`
+    names by time, each [ops per step, microseconds per step] (which ops a fusion would remove)."""
     n, busy = 0, 0.0
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for path in glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True):
         events = json.load(gzip.open(path))["traceEvents"]
         meta = [e for e in events if e.get("ph") == "M"]
@@ -84,7 +86,11 @@ def device_work(trace_dir: str, steps: int) -> dict[str, float]:
         for e in events:
             if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams and "dur" in e:
                 n, busy = n + 1, busy + e["dur"]
-    return {"ops_per_step": round(n / steps, 1), "busy_us_per_step": round(busy / steps, 1)}
+                agg = by_name[e.get("name", "?")[:120]]
+                agg[0], agg[1] = agg[0] + 1, agg[1] + e["dur"]
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"ops_per_step": round(n / steps, 1), "busy_us_per_step": round(busy / steps, 1),
+            "ops_by_name": {k: [round(c / steps, 2), round(us / steps, 1)] for k, (c, us) in ranked}}
 
 
 def measure(batches: tuple[int, ...], config: dict, windows: int = 3, window_steps: int = 150) -> dict:
