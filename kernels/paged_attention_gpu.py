@@ -38,7 +38,7 @@ _LOG2E = 1.4426950408889634
 
 
 def _kernel(qstart_ref, qlen_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *ml_refs, g: int, rows_n: int,
-            ntb: int, ppb: int, num_splits: int, pages_per_split: int, scale: float,
+            ntb: int, ppb: int, num_splits: int, pages_per_split: int, strided: bool, scale: float,
             softcap: float | None):
     b = pl.program_id(0)
     i = pl.program_id(2)
@@ -54,16 +54,21 @@ def _kernel(qstart_ref, qlen_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *ml_refs, 
     t = tb * block_t + rows // g
     row_ok = in_blk & (t < q_len)
     qpos = jnp.where(row_ok, q_start + t, -1)  # a row attends to keys at positions <= qpos
-    # Keys this query block needs: [0, kv_end); this split owns pages [p_lo, p_hi).
+    # Keys this query block needs: [0, kv_end), in blocks of ppb pages. Blocks ending at or before the
+    # first row's position + 1 are visible to every row: they skip all masking (the common case: all
+    # but the last block in decode and below the diagonal).
     has_rows = tb * block_t < q_len
     kv_end = jnp.where(has_rows, jnp.maximum(q_start + jnp.minimum((tb + 1) * block_t, q_len), 0), 0)
-    p_lo = s * pages_per_split
-    p_hi = jnp.minimum(p_lo + pages_per_split, pl.cdiv(kv_end, page_size))
-    n_blocks = pl.cdiv(jnp.maximum(p_hi - p_lo, 0), ppb)
-    # Blocks ending at or before the first row's position + 1 are visible to every row: they skip
-    # all masking (the common case: all but the last block in decode and below the diagonal).
-    full_end = jnp.minimum(q_start + tb * block_t + 1, kv_end)
-    n_full = jnp.clip(full_end // blk - p_lo // ppb, 0, n_blocks)
+    n_all = pl.cdiv(kv_end, blk)
+    n_all_full = jnp.minimum(q_start + tb * block_t + 1, kv_end) // blk
+    if strided:  # split s owns blocks s, s + S, s + 2S, ...: every split has work whatever the length
+        first, stride = s, num_splits
+        n_blocks = pl.cdiv(jnp.maximum(n_all - s, 0), num_splits)
+        n_full = jnp.minimum(pl.cdiv(jnp.maximum(n_all_full - s, 0), num_splits), n_blocks)
+    else:  # split s owns a contiguous range of the table's blocks (empty past the sequence's end)
+        first, stride = s * (pages_per_split // ppb), 1
+        n_blocks = jnp.clip(n_all - first, 0, pages_per_split // ppb)
+        n_full = jnp.clip(n_all_full - first, 0, n_blocks)
     t_idx, g_idx = jnp.minimum(rows // g, block_t - 1), rows % g
     q = q_ref[t_idx, g_idx]  # [rows_n, d]; padding rows repeat a real one and are never stored
     qk_scale = scale * _LOG2E if softcap is None else scale  # exp2 domain, folded into one multiply
@@ -74,10 +79,10 @@ def _kernel(qstart_ref, qlen_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *ml_refs, 
 
     def step(j, carry, masked: bool):
         o, m, den, idx = carry
-        page0 = p_lo + j * ppb
+        page0 = (first + j * stride) * ppb
         # (Also prefetching K/V one block ahead in registers ran 2x slower: spills.)
         k, v = k_ref[idx].reshape(blk, d), v_ref[idx].reshape(blk, d)
-        nxt = fetch(page0 + ppb)
+        nxt = fetch(page0 + stride * ppb)
         if masked:
             kpos = page0 * page_size + jnp.arange(blk, dtype=jnp.int32)
             kv_ok = kpos < kv_end
@@ -100,7 +105,7 @@ def _kernel(qstart_ref, qlen_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *ml_refs, 
         return alpha[:, None] * o + pv, m_new, den, nxt
 
     carry = (jnp.zeros((rows_n, d), jnp.float32), jnp.full((rows_n,), _NEG, jnp.float32),
-             jnp.zeros((rows_n,), jnp.float32), fetch(p_lo))
+             jnp.zeros((rows_n,), jnp.float32), fetch(first * ppb))
     carry = jax.lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
     o, m, den, _ = jax.lax.fori_loop(n_full, n_blocks, functools.partial(step, masked=True), carry)
     # Rows that are padding or past q_len may have summed unmasked blocks: zero them here.
@@ -126,7 +131,7 @@ def _kernel(qstart_ref, qlen_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *ml_refs, 
 
 def paged_attention_gpu(q, k_pages, v_pages, q_start, q_lens, block_tables, *, block_t: int,
                         scale: float, softcap: float | None, pages_per_block: int, num_splits: int,
-                        num_warps: int, num_stages: int, interpret: bool):
+                        num_warps: int, num_stages: int, interpret: bool, strided_splits: bool = True):
     """q [B, T, Hq, D] -> [B, T, Hq, D] (see reference.prefill_attention)."""
     b, t, hq, d = q.shape
     hkv, num_pages, page_size, _ = k_pages.shape
@@ -137,7 +142,8 @@ def paged_attention_gpu(q, k_pages, v_pages, q_start, q_lens, block_tables, *, b
     pages_per_split = pl.cdiv(pl.cdiv(block_tables.shape[1], ns), ppb) * ppb
     kernel = functools.partial(
         _kernel, g=g, rows_n=max(16, pl.next_power_of_2(block_t * g)), ntb=ntb, ppb=ppb,
-        num_splits=ns, pages_per_split=pages_per_split, scale=scale, softcap=softcap)
+        num_splits=ns, pages_per_split=pages_per_split, strided=strided_splits, scale=scale,
+        softcap=softcap)
     # Scalars and block tables: the whole (small) array in every program, indexed by program id.
     whole1 = pl.BlockSpec((b,), lambda i, h, j: (0,))
     whole2 = pl.BlockSpec(block_tables.shape, lambda i, h, j: (0, 0))
@@ -183,13 +189,13 @@ def _auto_splits(batch: int, hkv: int, max_pages: int, page_size: int) -> int:
 
 
 _STATIC = ("scale", "softcap", "pages_per_block", "num_splits", "num_warps", "num_stages",
-           "interpret")
+           "interpret", "strided_splits")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def decode_attention_pallas(q, k_pages, v_pages, lengths, block_tables, *, scale=None,
                             softcap=None, pages_per_block=None, num_splits=None, num_warps=None,
-                            num_stages=1, interpret=False):
+                            num_stages=1, interpret=False, strided_splits=True):
     """Decode: q [B, Hq, D] -> [B, Hq, D] (see reference.decode_attention)."""
     check_inputs(q[:, None], k_pages, v_pages, block_tables)
     lengths = lengths.astype(jnp.int32)
@@ -205,14 +211,15 @@ def decode_attention_pallas(q, k_pages, v_pages, lengths, block_tables, *, scale
                               block_tables, block_t=1, scale=d**-0.5 if scale is None else scale,
                               softcap=softcap, pages_per_block=ppb, num_splits=splits,
                               num_warps=num_warps or warps, num_stages=num_stages,
-                              interpret=interpret)
+                              interpret=interpret, strided_splits=strided_splits)
     return out[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("block_t",) + _STATIC)
 def prefill_attention_pallas_gpu(q, k_pages, v_pages, q_start, q_lens, block_tables, *,
                                  scale=None, softcap=None, block_t=None, pages_per_block=None,
-                                 num_splits=1, num_warps=4, num_stages=2, interpret=False):
+                                 num_splits=1, num_warps=4, num_stages=2, interpret=False,
+                                 strided_splits=True):
     """Prefill: q [B, T, Hq, D] -> [B, T, Hq, D] (see reference.prefill_attention)."""
     check_inputs(q, k_pages, v_pages, block_tables)
     _, _, page_size, d = k_pages.shape
@@ -223,4 +230,5 @@ def prefill_attention_pallas_gpu(q, k_pages, v_pages, q_start, q_lens, block_tab
     return paged_attention_gpu(q, k_pages, v_pages, q_start.astype(jnp.int32), q_lens.astype(jnp.int32),
                                block_tables, block_t=bt_tok, scale=d**-0.5 if scale is None else scale,
                                softcap=softcap, pages_per_block=ppb, num_splits=num_splits,
-                               num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+                               num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                               strided_splits=strided_splits)

@@ -88,8 +88,9 @@ def _lens(page: int) -> st.SearchStrategy:
 @settings(max_examples=4, deadline=None)
 @given(data=st.data(), ratio=st.sampled_from([1, 3, 4, 8]),
        dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), d=st.sampled_from([64, 128]),
-       softcap=st.sampled_from([None, 5.0]), splits=st.sampled_from([1, 2]))
-def test_decode_gpu_kernel_interpret(data, ratio, dtype, d, softcap, splits):
+       softcap=st.sampled_from([None, 5.0]), splits=st.sampled_from([1, 2, 3]),
+       strided=st.booleans())
+def test_decode_gpu_kernel_interpret(data, ratio, dtype, d, softcap, splits, strided):
     page = 8
     lens = data.draw(_lens(page))
     rng = np.random.default_rng(len(lens) * 1000 + ratio)
@@ -98,7 +99,7 @@ def test_decode_gpu_kernel_interpret(data, ratio, dtype, d, softcap, splits):
     lj = jnp.asarray(lens, jnp.int32)
     want = reference.decode_attention(q, k, v, lj, tables, softcap=softcap)
     got = ops.decode_attention(q, k, v, lj, tables, softcap=softcap, impl="pallas_interpret",
-                               num_splits=splits, pages_per_block=2)
+                               num_splits=splits, pages_per_block=2, strided_splits=strided)
     assert got.shape == q.shape and got.dtype == q.dtype
     assert rel_err(got, want) < TOL[dtype]
 
@@ -131,18 +132,19 @@ def test_gpu_kernel_interpret_packing_edges():
     q = jnp.asarray(rng.standard_normal((3, 32, 32)), jnp.float32)
     lj = jnp.asarray(lens, jnp.int32)
     want = reference.decode_attention(q, k, v, lj, tables)
-    for splits in (1, 3):
+    for splits, strided in ((1, True), (3, True), (3, False), (8, True)):
         got = ops.decode_attention(q, k, v, lj, tables, impl="pallas_interpret", num_splits=splits,
-                                   pages_per_block=1)
-        assert rel_err(got, want) < 1e-5
+                                   pages_per_block=1, strided_splits=strided)
+        assert rel_err(got, want) < 1e-5, (splits, strided)
     qp = jnp.asarray(rng.standard_normal((3, 11, 6, 32)), jnp.float32)
     q_lens = np.array([1, 9, 11])
     args = (qp, k, v, jnp.asarray(np.array(lens) - q_lens, jnp.int32), jnp.asarray(q_lens, jnp.int32),
             tables)
-    got = ops.prefill_attention(*args, impl="pallas_interpret", block_t=4, pages_per_block=2,
-                                num_splits=2)
-    assert rel_err(got, reference.prefill_attention(*args)) < 1e-5
-    assert not np.asarray(got[0, 1:]).any()
+    for strided in (True, False):
+        got = ops.prefill_attention(*args, impl="pallas_interpret", block_t=4, pages_per_block=2,
+                                    num_splits=2, strided_splits=strided)
+        assert rel_err(got, reference.prefill_attention(*args)) < 1e-5
+        assert not np.asarray(got[0, 1:]).any()
 
 
 def test_gpu_defaults_are_the_measured_variants():
