@@ -178,12 +178,13 @@ def paged_attention_gpu(q, k_pages, v_pages, q_start, q_lens, block_tables, *, b
 
 
 def _auto_splits(batch: int, hkv: int, max_pages: int, page_size: int) -> int:
-    """Split-K: split while the grid has fewer than ~8 programs per SM (1024 on a 132-SM H100/H200)
-    and each split keeps >= 512 tokens. H200 (benchmarks/KERNEL_NOTES.md): b128/1k ran best unsplit
-    (8 splits: 15% slower), b32/2k the same with 4 or 8 splits, b64/512 9% slower with 2."""
+    """Split-K (strided: every split has work at any length) while the split grid stays under 1,024
+    programs (~8 per SM of a 132-SM H100/H200), at most 4 splits and >= 128 table tokens each.
+    H200, SmolLM2 heads (results/decode_splits.json): b32 at ctx 512 4 splits of 64-token blocks,
+    1.54-1.75x the contiguous rule's time; b128 2 splits 1.24-1.34x. Llama shapes (KERNEL_NOTES): b64/512
+    and b128/1k stay unsplit (b64/512 with 2 splits: 9% slower), b32/2k runs the same with 2-8."""
     splits = 1
-    while (splits < 16 and batch * hkv * splits < 1024
-           and max_pages * page_size // (splits * 2) >= 512):
+    while splits < 4 and batch * hkv * splits * 2 < 1024 and max_pages * page_size // (splits * 2) >= 128:
         splits *= 2
     return splits
 
