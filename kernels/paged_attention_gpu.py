@@ -11,7 +11,9 @@ The program loops over its pages `pages_per_block` at a time (gathering them thr
 table, e.g. 4 pages of 16 = 64 tokens per step) with an online softmax. The block-table entries of
 the next step are loaded one step ahead, so a step waits for one memory round trip, not two. With
 num_splits > 1 the context is split across programs (split-K, for long contexts and small batches)
-and a tiny jnp epilogue merges the partial (o, m, den) -- flash-decoding.
+and a tiny jnp epilogue merges the partial (o, m, den) -- flash-decoding. Splits take the blocks
+round-robin (split s: blocks s, s + S, ...; `strided_splits`), so a table far wider than the sequence
+(a serving engine's is max_model_len wide) still gives every split work.
 
 No program reads K/V at positions it may not attend to: loads of pages past the sequence's end
 are masked off (V is zeroed, logits forced to -inf) so pages of other sequences, NaN or not,
@@ -178,13 +180,18 @@ def paged_attention_gpu(q, k_pages, v_pages, q_start, q_lens, block_tables, *, b
 
 
 def _auto_splits(batch: int, hkv: int, max_pages: int, page_size: int) -> int:
-    """Split-K (strided: every split has work at any length) while the split grid stays under 1,024
-    programs (~8 per SM of a 132-SM H100/H200), at most 4 splits and >= 128 table tokens each.
-    H200, SmolLM2 heads (results/decode_splits.json): b32 at ctx 512 4 splits of 64-token blocks,
-    1.54-1.75x the contiguous rule's time; b128 2 splits 1.24-1.34x. Llama shapes (KERNEL_NOTES): b64/512
-    and b128/1k stay unsplit (b64/512 with 2 splits: 9% slower), b32/2k runs the same with 2-8."""
+    """Split-K (strided: every split has work at any length) while the grid has fewer than 1,024
+    programs (~8 per SM of a 132-SM H100/H200) and either each split keeps >= 512 table tokens (long
+    contexts; KERNEL_NOTES: b32/2k 4 splits, b64/512 and b128/1k unsplit, b64/512 9% slower with 2) or
+    the grid is small (< 512 programs, at most 4 splits, >= 128 tokens each: latency-bound, as SmolLM2's
+    3 kv heads at b32-b128; results/decode_splits.json: b32/512 4 splits 1.54-1.75x, b128/512 2 splits
+    1.24-1.34x the contiguous rule's time)."""
     splits = 1
-    while splits < 4 and batch * hkv * splits * 2 < 1024 and max_pages * page_size // (splits * 2) >= 128:
+    while splits < 16 and batch * hkv * splits < 1024:
+        tokens = max_pages * page_size // (splits * 2)  # per split after doubling
+        small_grid = splits < 4 and batch * hkv * splits < 512 and tokens >= 128
+        if not (small_grid or tokens >= 512):
+            break
         splits *= 2
     return splits
 

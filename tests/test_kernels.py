@@ -262,3 +262,13 @@ def test_bad_inputs_raise_clear_errors():
         with pytest.raises(ValueError, match="pallas_interpret"):
             ops.decode_attention(jnp.zeros((2, 3, 64)), k, k, jnp.ones(2, jnp.int32), tables,
                                  impl="pallas")
+
+
+def test_decode_auto_splits_are_the_measured_choices():
+    """The split-K rule picks what the H200 measurements chose (results/decode_splits.json for SmolLM2's
+    3 kv heads, KERNEL_NOTES for Llama's 8): (batch, kv heads, table pages of 16 tokens) -> splits."""
+    from jtrail.kernels.paged_attention_gpu import _auto_splits
+
+    measured = {(32, 3, 52): 4, (32, 3, 128): 4, (128, 3, 52): 2,  # SmolLM2, ctx 512
+                (64, 8, 32): 1, (128, 8, 64): 1, (32, 8, 128): 4}  # Llama: b64/512, b128/1k, b32/2k
+    assert {k: _auto_splits(*k, 16) for k in measured} == measured
