@@ -9,7 +9,8 @@ victim's prompt + generated tokens again when it resumes. The rule (`RecomputeCo
 - tau = a + b N + c KV: the time of one decode step of the current batch (N running sequences, KV
   tokens of context), i.e. the time one slot takes to produce one token.
 - delta_V = b L_V + d ceil(L_V / chunk): the extra step time of re-prefilling V's L_V = prompt +
-  generated tokens (per-token cost b, per-prefill-call cost d, one call per chunk of `prefill_chunk`).
+  generated tokens (per-token cost b; d per step that makes a prefill call, and the engine prefills at
+  most `prefill_chunk` tokens a step: EngineConfig.max_prefill_tokens_per_step, 512 by default).
 - M = running + waiting: the requests in the system, each of which that longer step delays.
 
 Derivation (SRPT exchange argument in the slot model: each slot makes one token per step). Within
@@ -53,8 +54,8 @@ class RecomputeCost:
     a: float = H200_SMOLLM2["a"]  # seconds per step (fixed)
     b: float = H200_SMOLLM2["b"]  # seconds per computed token
     c: float = H200_SMOLLM2["c"]  # seconds per token of KV context read
-    d: float = H200_SMOLLM2["d"]  # seconds per prefill call
-    prefill_chunk: int = 512  # tokens per prefill call
+    d: float = H200_SMOLLM2["d"]  # seconds per step that makes a prefill call
+    prefill_chunk: int = 512  # prefill tokens per step (the engine's max_prefill_tokens_per_step)
     weight: float = 1.0  # multiplies the cost side
 
     def __post_init__(self) -> None:
