@@ -87,6 +87,9 @@ def test_regime_arrival_shapes():
     assert second == pytest.approx(0.6 * cap * 45, rel=0.15)
     assert r2[-1] < 90.0
     assert len(regime_arrivals("R2", cap, seed=0, n_max=500)) == 500
+    # by default R2's two 45 s phases set the count (not a cap sized for one engine's capacity)
+    assert np.array_equal(regime_arrivals("R2", cap, seed=0), r2)
+    assert len(regime_arrivals("R2", 2 * cap, seed=0)) == pytest.approx(2 * len(r2), rel=0.05)
     assert np.array_equal(regime_arrivals("R2", cap, 3, 100), regime_arrivals("R2", cap, 3, 100))
     res = regime_resources("R3", mean_prompt=108, mean_output=292)
     assert res == {"num_slots": 64, "num_pages": 400, "page_size": 16}  # 16 x 400 tokens / 16
