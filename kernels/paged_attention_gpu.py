@@ -61,7 +61,7 @@ def _kernel(qstart_ref, qlen_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *ml_refs, 
     # but the last block in decode and below the diagonal).
     has_rows = tb * block_t < q_len
     kv_end = jnp.where(has_rows, jnp.maximum(q_start + jnp.minimum((tb + 1) * block_t, q_len), 0), 0)
-    n_all = pl.cdiv(kv_end, blk)
+    n_all = jnp.minimum(pl.cdiv(kv_end, blk), pl.cdiv(max_pages, ppb))  # never past the table's end
     n_all_full = jnp.minimum(q_start + tb * block_t + 1, kv_end) // blk
     if strided:  # split s owns blocks s, s + S, s + 2S, ...: every split has work whatever the length
         first, stride = s, num_splits
