@@ -182,3 +182,16 @@ def test_kernel_benchmark_smoke_runs_on_cpu(tmp_path: Path) -> None:
                       else ["us", "time_vs_dense", "dense_us"])
     assert_finite(doc["bars"], ["decode_speedup_vs_jax", "decode_bw_fraction_long",
                                 "prefill_time_vs_dense_flash"])
+
+
+def test_decode_splits_smoke_runs_on_cpu(tmp_path: Path, monkeypatch) -> None:
+    """`python -m jtrail.bench.decode_splits --smoke`: the split-K sweep in interpret mode; every variant
+    (old rule, unsplit, contiguous and strided splits) within bf16 tolerance of the jnp reference."""
+    from jtrail.bench import decode_splits
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    decode_splits.main(["--smoke"])
+    rows = load(tmp_path / "decode_splits.json")["shapes"]["b2_ctx32_w6"]
+    assert sorted(rows) == sorted(decode_splits.SMOKE_VARIANTS)
+    for name, r in rows.items():
+        assert r["rel_err"] < 1e-2 and r["us_per_call"] > 0, (name, r)

@@ -26,9 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtrail.bench.kernel_timing import DT, KernelRun, bench_group, rel_err
+from jtrail.bench.kernel_timing import DT, KernelRun, bench_group, decode_variants
 from jtrail.kernels import reference
-from jtrail.kernels.paged_attention_gpu import decode_attention_pallas
 
 SMOL = KernelRun(hq=9, hkv=3, d=64, decode_timing=(30, 15))
 SHAPES = ((32, 512, 52), (32, 512, 128), (128, 512, 52), (128, 512, 128), (32, 1024, 128))
@@ -45,7 +44,8 @@ VARIANTS: dict[str, dict] = {
     "s4_p4w2": dict(num_splits=4, pages_per_block=4, num_warps=2),
     "s4_p1w1": dict(num_splits=4, pages_per_block=1, num_warps=1),
 }
-SMOKE_SHAPES = ((2, 32, 6),)
+SMOKE_SHAPES = ((2, 32, 6),)  # interpret mode: the old rule, unsplit, contiguous and strided splits
+SMOKE_VARIANTS = ("auto_contiguous", "s1_p2w1", "c2_p2w1", "s4_p1w1")
 SMOKE = KernelRun(hq=9, hkv=3, d=64, interpret=True, decode_timing=(2, 2))
 
 
@@ -63,15 +63,7 @@ def shape_rows(b: int, ctx: int, width: int, run: KernelRun, variants: dict[str,
     lengths = jnp.asarray(rng.integers(ctx // 2, ctx + 1, b), jnp.int32)
     q = jax.random.normal(jax.random.fold_in(key, 2), (b, run.hq, run.d), DT)
     want = reference.decode_attention(q, k, v, lengths, tables[0])
-    fns, errs = {}, {}
-    for name, var in variants.items():
-        f = lambda q, t, k, v, n, var=var: decode_attention_pallas(q, k, v, n, t, interpret=run.interpret,
-                                                                   **var)
-        try:
-            errs[name] = rel_err(f(q, tables[0], k, v, lengths), want)
-            fns[name] = f
-        except Exception as e:  # a variant that fails to compile is reported, not fatal
-            print(f"b{b} ctx{ctx} w{width} {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+    fns, errs = decode_variants(variants, (q, tables[0], k, v, lengths), want, run, f"b{b} ctx{ctx} w{width}")
     iters, reps = run.decode_timing
     ts = bench_group(fns, (q, tables, k, v, lengths), iters=iters, reps=reps)
     base = ts.get("auto_contiguous")
@@ -87,13 +79,14 @@ def shape_rows(b: int, ctx: int, width: int, run: KernelRun, variants: dict[str,
 def main(argv: list[str]) -> None:
     smoke = "--smoke" in argv
     run, shapes = (SMOKE, SMOKE_SHAPES) if smoke else (SMOL, SHAPES)
+    variants = {k: VARIANTS[k] for k in SMOKE_VARIANTS} if smoke else VARIANTS
     res = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "git_commit": os.environ.get("GIT_COMMIT"),
            "device": jax.devices()[0].device_kind, "heads": [run.hq, run.hkv, run.d], "page": run.page,
            "calls_chained": run.decode_timing[0], "reps": run.decode_timing[1], "shapes": {}}
     path = os.path.join(os.environ.get("OUT") or ".", "decode_splits.json")
     for b, ctx, width in shapes:
-        res["shapes"][f"b{b}_ctx{ctx}_w{width}"] = shape_rows(b, ctx, width, run, VARIANTS)
+        res["shapes"][f"b{b}_ctx{ctx}_w{width}"] = shape_rows(b, ctx, width, run, variants)
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
 

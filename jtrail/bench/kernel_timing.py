@@ -110,6 +110,22 @@ def rel_err(out, ref) -> float:
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
+def decode_variants(variants: dict, args: tuple, ref, run: KernelRun, tag: str) -> tuple[dict, dict]:
+    """Our decode kernel under each variant (kwargs), as fn(q, tables, k, v, lengths), and its error
+    against `ref` on `args` = (q, tables, k, v, lengths): -> ({key: fn}, {key: rel_err}). A variant
+    that fails to compile is reported and left out."""
+    fns, errs = {}, {}
+    for key, var in variants.items():
+        f = lambda q, t, k, v, n, var=var: decode_attention_pallas(q, k, v, n, t, interpret=run.interpret,
+                                                                   **var)
+        try:
+            errs[key] = rel_err(f(*args), ref)
+            fns[key] = f
+        except Exception as e:  # a variant that fails to compile is reported, not fatal
+            print(f"{tag} {var}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+    return fns, errs
+
+
 def decode_rows(b: int, ctx: int, variants: list[dict], run: KernelRun = GPU) -> list[dict]:
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
@@ -122,15 +138,9 @@ def decode_rows(b: int, ctx: int, variants: list[dict], run: KernelRun = GPU) ->
     fns = {"jax": lambda q, t, k, v, n: paged_attention(q * scale, k, v, t, n, interpret=run.interpret,
                                                                   **dict(run.jax_kernel)),
            "ref": lambda q, t, k, v, n: reference.decode_attention(q, k, v, n, t)}
-    errs = {}
-    for i, var in enumerate(variants):
-        f = lambda q, t, k, v, n, var=var: decode_attention_pallas(q, k, v, n, t, interpret=run.interpret,
-                                                                   **var)
-        try:
-            errs[i] = rel_err(f(q, tables[0], k, v, lengths), ref)
-            fns[i] = f
-        except Exception as e:  # a variant that fails to compile is reported, not fatal
-            print(f"decode b{b} ctx{ctx} {var}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+    ours, errs = decode_variants(dict(enumerate(variants)), (q, tables[0], k, v, lengths), ref, run,
+                                 f"decode b{b} ctx{ctx}")
+    fns.update(ours)
     iters, reps = run.decode_timing
     ts = bench_group(fns, (q, tables, k, v, lengths), iters=iters, reps=reps)
     rows = []
