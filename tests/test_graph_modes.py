@@ -35,7 +35,9 @@ def test_device_work_counts_stream_ops_only(tmp_path):
     run.mkdir(parents=True)
     with gzip.open(run / "h.trace.json.gz", "wt") as f:
         json.dump({"traceEvents": meta + ops}, f)
-    assert device_work(str(tmp_path), steps=2) == {"ops_per_step": 3.0, "busy_us_per_step": 30.0}
+    got = device_work(str(tmp_path), steps=2, top=4)
+    assert (got["ops_per_step"], got["busy_us_per_step"]) == (3.0, 30.0)
+    assert got["ops_by_name"] == {f"k{i}": [0.5, 5.0] for i in range(4)}  # per step; the top 4 by time
 
 
 def test_every_setting_names_real_config_fields_and_the_default_run_is_known():
