@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtrail.bench.kernel_timing import DT, KernelRun, bench_group, decode_variants
+from jtrail.bench.kernel_timing import DT, KernelRun, bench_group, decode_variants, make_cache
 from jtrail.kernels import reference
 
 SMOL = KernelRun(hq=9, hkv=3, d=64, decode_timing=(30, 15))
@@ -50,16 +50,11 @@ SMOKE = KernelRun(hq=9, hkv=3, d=64, interpret=True, decode_timing=(2, 2))
 
 
 def shape_rows(b: int, ctx: int, width: int, run: KernelRun, variants: dict[str, dict]) -> dict:
+    # kernel_timing's cache (two disjoint table sets, page 0 null), its tables widened with null pages
+    key = jax.random.key(b * ctx + width)
+    k, v, tables = make_cache(key, b, ctx, run)
+    tables = jnp.pad(tables, ((0, 0), (0, 0), (0, width - tables.shape[2])))
     rng = np.random.default_rng(b * ctx + width)
-    p = ctx // run.page
-    num_pages = 2 * b * p + 1
-    key = jax.random.key(b + ctx)
-    k = jax.random.normal(key, (run.hkv, num_pages, run.page, run.d), DT)
-    v = jax.random.normal(jax.random.fold_in(key, 1), (run.hkv, num_pages, run.page, run.d), DT)
-    perm = rng.permutation(num_pages - 1)[: 2 * b * p] + 1  # two disjoint table sets; page 0 null
-    tables = np.zeros((2, b, width), np.int32)
-    tables[:, :, :p] = perm.reshape(2, b, p)
-    tables = jnp.asarray(tables)
     lengths = jnp.asarray(rng.integers(ctx // 2, ctx + 1, b), jnp.int32)
     q = jax.random.normal(jax.random.fold_in(key, 2), (b, run.hq, run.d), DT)
     want = reference.decode_attention(q, k, v, lengths, tables[0])
