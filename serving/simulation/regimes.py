@@ -6,8 +6,8 @@
 - R2 overload: Poisson at 1.3x capacity for 45 s, then 0.6x for 45 s, then drained (the phases set the
   request count: ~86 x capacity, wrapping the pool if it is smaller; `n_max` caps it), 32 slots, 2,048
   pages. Until 2026-12-03 R2 stopped at 1,400 requests, sized for a 24 req/s engine: at 40 req/s that
-  cut the overload to 26 s and left out the 0.6x phase (simulator, 38.75 req/s: srpt-oracle 2.29x fcfs
-  mean E2E with the cut, 2.64x as specified).
+  cut the overload to 26 s and left out the 0.6x phase (simulator, results/sim_r2_full.json: srpt-oracle
+  2.27x fcfs mean E2E with the cut, 2.55x as specified).
 - R3 memory-bound: 64 slots, KV pages for about 16 average requests ((mean prompt + mean answer)
   tokens / page size x 16), Poisson at 0.9 of capacity. Baseline: fcfs with vLLM's free-page
   watermark on admission (`make_policy("fcfs", watermark=0.01)`).
