@@ -15,7 +15,6 @@ from typing import Any
 
 from ...sequence import InvalidRequestError
 from .base import Policy
-from .memory import MODES as MEMORY_MODES
 from .memory import MemoryGuard
 
 POLICY_NAMES = ("fcfs", "priority", "srpt-oracle", "trail", "gittins")
@@ -25,18 +24,22 @@ def _memory(kw: dict[str, Any]) -> None:
     """Resolve the memory keywords into `memory`: a MemoryGuard, or None for `memory=False` (off); left
     out when none is given, so the policy keeps its own default."""
     fields = {k: kw.pop(k) for k in ("watermark", "reserve", "memory_mode") if k in kw}
-    if "memory_mode" in fields:
+    renamed = "memory_mode" in fields
+    if renamed:
         fields["mode"] = fields.pop("memory_mode")
-        if fields["mode"] not in MEMORY_MODES:  # named as the caller spelled it, not MemoryGuard's "mode"
-            raise InvalidRequestError("memory_mode", f"must be one of {MEMORY_MODES}, got {fields['mode']!r}")
     if "memory" not in kw and not fields:
         return
     mem = kw.pop("memory", None)
-    if mem is True or (mem is None and fields):
-        mem = MemoryGuard(**fields)
-    elif isinstance(mem, dict):
-        mem = MemoryGuard(**{**mem, **fields})
-    elif mem is False:
+    try:
+        if mem is True or (mem is None and fields):
+            mem = MemoryGuard(**fields)
+        elif isinstance(mem, dict):
+            mem = MemoryGuard(**{**mem, **fields})
+    except InvalidRequestError as e:
+        if renamed and e.field == "mode":  # named as the caller spelled it, not MemoryGuard's "mode"
+            raise InvalidRequestError("memory_mode", e.message) from None
+        raise
+    if mem is False:
         mem = None
     kw["memory"] = mem
 
