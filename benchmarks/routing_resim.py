@@ -58,7 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     refiner = TrailPredictor(pcfg.bin_edges, pcfg.midpoints)
     steps = [raw["capacity_steps"], *(r["steps"] for r in raw["runs"].values())]
     sm, fit = fit_step_model(np.concatenate(steps))
-    capacity = a.replicas * a.slots / (float(np.mean(raw["workload"].output_len)) * sm.a + sm.d)  # req/s
+    # req/s: each slot of each replica serves a mean answer in that many full-batch decode steps (plus
+    # one prefill call); the step priced at a full batch and the mean context (a, b and c, not a alone:
+    # a fit on a noisy run can put all of a step's time in b)
+    wl = raw["workload"]
+    out_len, prompt_len = float(np.mean(wl.output_len)), float(np.mean([len(q) for q in wl.prompts]))
+    step = sm.step_time(a.slots, a.slots * (prompt_len + out_len / 2))
+    capacity = a.replicas * a.slots / (out_len * step + sm.d)
     rows = resim_rows(raw, refiner, sm, capacity, a)
     args = " ".join(sys.argv[1:] if argv is None else argv)
     out = {"command": f"python benchmarks/routing_resim.py {args}", "device": "cpu (simulator)",
