@@ -30,30 +30,59 @@ def _kernel(slot_ref, kn_ref, vn_ref, _k_in, _v_in, k_ref, v_ref):
         v_ref[slot // page_size, slot % page_size, :] = vn_ref[...].astype(v_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("backend", "interpret"), donate_argnums=(0, 1))
-def write_kv_pallas(k_pages, v_pages, k_new, v_new, slot_mapping, *, backend: str = "gpu",
-                    interpret: bool = False):
-    """write_kv (see reference.write_kv) on donated page buffers."""
+def _check(k_pages, n_new: int, new_rows: tuple[int, ...], slot_mapping, name: str) -> None:
+    hkv, _, _, d = k_pages.shape
+    if new_rows != (hkv, d):
+        raise ValueError(f"{name} must be [N, {hkv}, {d}], got [N, {', '.join(map(str, new_rows))}]")
+    if slot_mapping.shape != (n_new,):
+        raise ValueError(f"slot_mapping must be [{n_new}], got {slot_mapping.shape}")
+
+
+def _write(k_pages, v_pages, slot_mapping, k_src, v_src, k_spec, v_spec, n: int, interpret: bool):
     hkv, num_pages, page_size, d = k_pages.shape
-    if k_new.ndim != 3 or k_new.shape != v_new.shape or k_new.shape[1:] != (hkv, d):
-        raise ValueError(f"k_new/v_new must be [N, {hkv}, {d}], got {k_new.shape}, {v_new.shape}")
-    if slot_mapping.shape != (k_new.shape[0],):
-        raise ValueError(f"slot_mapping must be [{k_new.shape[0]}], got {slot_mapping.shape}")
-    if backend == "tpu":
-        return reference.write_kv(k_pages, v_pages, k_new, v_new, slot_mapping)
-    n = k_new.shape[0]
-    if n == 0:
-        return k_pages, v_pages
     page_spec = pl.BlockSpec((None, num_pages, page_size, d), lambda i, h: (h, 0, 0, 0))
-    new_spec = pl.BlockSpec((None, None, d), lambda i, h: (i, h, 0))
     return pl.pallas_call(
         _kernel,
         grid=(n, hkv),
-        in_specs=[pl.BlockSpec((n,), lambda i, h: (0,)), new_spec, new_spec, page_spec, page_spec],
+        in_specs=[pl.BlockSpec((n,), lambda i, h: (0,)), k_spec, v_spec, page_spec, page_spec],
         out_specs=(page_spec, page_spec),
         out_shape=(jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
                    jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)),
         input_output_aliases={3: 0, 4: 1},
         interpret=interpret,
         name="jtrail_write_kv",
-    )(slot_mapping.astype(jnp.int32), k_new, v_new, k_pages, v_pages)
+    )(slot_mapping.astype(jnp.int32), k_src, v_src, k_pages, v_pages)
+
+
+@functools.partial(jax.jit, static_argnames=("backend", "interpret"), donate_argnums=(0, 1))
+def write_kv_pallas(k_pages, v_pages, k_new, v_new, slot_mapping, *, backend: str = "gpu",
+                    interpret: bool = False):
+    """write_kv (see reference.write_kv) on donated page buffers."""
+    if k_new.ndim != 3 or k_new.shape != v_new.shape:
+        raise ValueError(f"k_new/v_new must be equal [N, Hkv, D], got {k_new.shape}, {v_new.shape}")
+    _check(k_pages, k_new.shape[0], k_new.shape[1:], slot_mapping, "k_new/v_new")
+    if backend == "tpu":
+        return reference.write_kv(k_pages, v_pages, k_new, v_new, slot_mapping)
+    n, d = k_new.shape[0], k_new.shape[2]
+    if n == 0:
+        return k_pages, v_pages
+    new_spec = pl.BlockSpec((None, None, d), lambda i, h: (i, h, 0))
+    return _write(k_pages, v_pages, slot_mapping, k_new, v_new, new_spec, new_spec, n, interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("backend", "interpret"), donate_argnums=(0, 1))
+def write_kv_from_qkv_pallas(k_pages, v_pages, qkv, slot_mapping, *, backend: str = "gpu",
+                             interpret: bool = False):
+    """write_kv of k = qkv[:, :, G] and v = qkv[:, :, G + 1] (qkv [N, Hkv, G + 2, D], the fused
+    projection's layout): the kernel reads both rows in place, so XLA makes no copy of either."""
+    if qkv.ndim != 4 or qkv.shape[2] < 3:
+        raise ValueError(f"qkv must be [N, Hkv, G + 2, D], got {qkv.shape}")
+    n, _, g2, d = qkv.shape
+    _check(k_pages, n, (qkv.shape[1], d), slot_mapping, "qkv's k and v rows")
+    if backend == "tpu":
+        return reference.write_kv(k_pages, v_pages, qkv[:, :, g2 - 2], qkv[:, :, g2 - 1], slot_mapping)
+    if n == 0:
+        return k_pages, v_pages
+    k_spec = pl.BlockSpec((None, None, None, d), lambda i, h: (i, h, g2 - 2, 0))
+    v_spec = pl.BlockSpec((None, None, None, d), lambda i, h: (i, h, g2 - 1, 0))
+    return _write(k_pages, v_pages, slot_mapping, qkv, qkv, k_spec, v_spec, n, interpret)

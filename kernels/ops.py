@@ -46,6 +46,32 @@ def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, *, impl: str = "auto"
                            backend=fam, interpret=interpret)
 
 
+def write_kv_from_qkv(k_pages, v_pages, qkv, slot_mapping, *, impl: str = "auto"):
+    """write_kv of the k and v rows of the fused projection's output qkv [N, Hkv, G + 2, D] (k at G,
+    v at G + 1), read in place by the GPU kernel."""
+    fam, interpret = _resolve(impl)
+    if fam == "reference":
+        return reference.write_kv(k_pages, v_pages, qkv[:, :, -2], qkv[:, :, -1], slot_mapping)
+    from .kv_write import write_kv_from_qkv_pallas
+
+    return write_kv_from_qkv_pallas(k_pages, v_pages, qkv, slot_mapping, backend=fam, interpret=interpret)
+
+
+def decode_attention_from_qkv(qkv, k_pages, v_pages, lengths, block_tables, *, scale=None, softcap=None,
+                              impl: str = "auto", **tuning):
+    """decode_attention of the queries in the fused projection's output qkv [B, Hkv, G + 2, D] (the
+    first G rows of each kv head) -> [B, Hkv * G, D]; the GPU kernel reads them in place."""
+    fam, interpret = _resolve(impl)
+    if fam == "gpu":
+        from .paged_attention_gpu import decode_attention_from_qkv_pallas
+
+        return decode_attention_from_qkv_pallas(qkv, k_pages, v_pages, lengths, block_tables, scale=scale,
+                                                softcap=softcap, interpret=interpret, **tuning)
+    b, hkv, g2, d = qkv.shape
+    return decode_attention(qkv[:, :, :g2 - 2].reshape(b, hkv * (g2 - 2), d), k_pages, v_pages, lengths,
+                            block_tables, scale=scale, softcap=softcap, impl=impl, **tuning)
+
+
 def decode_attention(q, k_pages, v_pages, lengths, block_tables, *, scale=None, softcap=None,
                      impl: str = "auto", **tuning):
     """One query token per sequence over its pages (see reference.decode_attention)."""

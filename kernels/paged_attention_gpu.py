@@ -131,15 +131,19 @@ def _kernel(qstart_ref, qlen_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *ml_refs, 
         store(ml_refs[1], den)
 
 
-def paged_attention_gpu(q, k_pages, v_pages, q_start, q_lens, block_tables, *, block_t: int,
+def paged_attention_gpu(qg, k_pages, v_pages, q_start, q_lens, block_tables, *, g: int, block_t: int,
                         scale: float, softcap: float | None, pages_per_block: int, num_splits: int,
                         num_warps: int, num_stages: int, interpret: bool, strided_splits: bool = True):
-    """q [B, T, Hq, D] -> [B, T, Hq, D] (see reference.prefill_attention)."""
-    b, t, hq, d = q.shape
-    hkv, num_pages, page_size, _ = k_pages.shape
-    g, ppb, ns = hq // hkv, pages_per_block, num_splits
+    """qg [B, T, Hkv, Gq, D] -> [B, T, Hkv * g, D] (see reference.prefill_attention): the queries of kv
+    head h are qg[:, :, h, :g]. Gq = g is q reshaped (free); Gq = g + 2 is the fused qkv projection's
+    output (its k and v rows follow each head's queries), read in place."""
+    b, t, hkv, gq, d = qg.shape
+    _, num_pages, page_size, _ = k_pages.shape
+    ppb, ns = pages_per_block, num_splits
     ntb = pl.cdiv(t, block_t)
-    q5 = jnp.pad(q, ((0, 0), (0, ntb * block_t - t), (0, 0), (0, 0))).reshape(b, -1, hkv, g, d)
+    if ntb * block_t != t:
+        qg = jnp.pad(qg, ((0, 0), (0, ntb * block_t - t), (0, 0), (0, 0), (0, 0)))
+    out5 = (b, ntb * block_t, hkv, g, d)
     # Split boundaries fall on block boundaries.
     pages_per_split = pl.cdiv(pl.cdiv(block_tables.shape[1], ns), ppb) * ppb
     kernel = functools.partial(
@@ -150,18 +154,19 @@ def paged_attention_gpu(q, k_pages, v_pages, q_start, q_lens, block_tables, *, b
     whole1 = pl.BlockSpec((b,), lambda i, h, j: (0,))
     whole2 = pl.BlockSpec(block_tables.shape, lambda i, h, j: (0, 0))
     kv_spec = pl.BlockSpec((None, num_pages, page_size, d), lambda i, h, j: (h, 0, 0, 0))
-    q_spec = pl.BlockSpec((None, block_t, None, g, d),
+    q_spec = pl.BlockSpec((None, block_t, None, gq, d),
                           lambda i, h, j: (i, ntb - 1 - j // ns, h, 0, 0))
     if ns == 1:
-        out_shape, out_specs = jax.ShapeDtypeStruct(q5.shape, q.dtype), q_spec
+        out_shape = jax.ShapeDtypeStruct(out5, qg.dtype)
+        out_specs = pl.BlockSpec((None, block_t, None, g, d), lambda i, h, j: (i, ntb - 1 - j // ns, h, 0, 0))
     else:
         ospec = pl.BlockSpec((None, None, block_t, None, g, d),
                              lambda i, h, j: (j % ns, i, ntb - 1 - j // ns, h, 0, 0))
         mspec = pl.BlockSpec((None, None, block_t, None, g),
                              lambda i, h, j: (j % ns, i, ntb - 1 - j // ns, h, 0))
-        out_shape = (jax.ShapeDtypeStruct((ns, *q5.shape), jnp.float32),
-                     jax.ShapeDtypeStruct((ns, *q5.shape[:-1]), jnp.float32),
-                     jax.ShapeDtypeStruct((ns, *q5.shape[:-1]), jnp.float32))
+        out_shape = (jax.ShapeDtypeStruct((ns, *out5), jnp.float32),
+                     jax.ShapeDtypeStruct((ns, *out5[:-1]), jnp.float32),
+                     jax.ShapeDtypeStruct((ns, *out5[:-1]), jnp.float32))
         out_specs = (ospec, mspec, mspec)
     out = pl.pallas_call(
         kernel,
@@ -172,11 +177,11 @@ def paged_attention_gpu(q, k_pages, v_pages, q_start, q_lens, block_tables, *, b
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="jtrail_paged_attention",
-    )(q_start.astype(jnp.int32), q_lens.astype(jnp.int32), block_tables.astype(jnp.int32), q5,
+    )(q_start.astype(jnp.int32), q_lens.astype(jnp.int32), block_tables.astype(jnp.int32), qg,
       k_pages, v_pages)
     if ns > 1:
-        out = merge_splits(*out).astype(q.dtype)
-    return out.reshape(b, -1, hq, d)[:, :t]
+        out = merge_splits(*out).astype(qg.dtype)
+    return out.reshape(b, -1, hkv * g, d)[:, :t]
 
 
 def _auto_splits(batch: int, hkv: int, max_pages: int, page_size: int) -> int:
@@ -206,17 +211,44 @@ def decode_attention_pallas(q, k_pages, v_pages, lengths, block_tables, *, scale
                             num_stages=1, interpret=False, strided_splits=True):
     """Decode: q [B, Hq, D] -> [B, Hq, D] (see reference.decode_attention)."""
     check_inputs(q[:, None], k_pages, v_pages, block_tables)
+    b, hq, d = q.shape
+    hkv = k_pages.shape[0]
+    return _decode(q.reshape(b, hkv, hq // hkv, d), hq // hkv, k_pages, v_pages, lengths, block_tables,
+                   scale=scale, softcap=softcap, pages_per_block=pages_per_block, num_splits=num_splits,
+                   num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                   strided_splits=strided_splits)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def decode_attention_from_qkv_pallas(qkv, k_pages, v_pages, lengths, block_tables, *, scale=None,
+                                     softcap=None, pages_per_block=None, num_splits=None,
+                                     num_warps=None, num_stages=1, interpret=False,
+                                     strided_splits=True):
+    """Decode with the queries read in place from the fused projection: qkv [B, Hkv, G + 2, D]
+    (per kv head its G query heads, then k, then v) -> [B, Hkv * G, D]."""
+    b, hkv, g2, d = qkv.shape
+    if g2 < 3:
+        raise ValueError(f"qkv must be [B, Hkv, G + 2, D], got {qkv.shape}")
+    check_inputs(qkv[:, None, :, 0], k_pages, v_pages, block_tables)
+    return _decode(qkv, g2 - 2, k_pages, v_pages, lengths, block_tables, scale=scale, softcap=softcap,
+                   pages_per_block=pages_per_block, num_splits=num_splits, num_warps=num_warps,
+                   num_stages=num_stages, interpret=interpret, strided_splits=strided_splits)
+
+
+def _decode(qg, g: int, k_pages, v_pages, lengths, block_tables, *, scale, softcap, pages_per_block,
+            num_splits, num_warps, num_stages, interpret, strided_splits):
+    """qg [B, Hkv, Gq, D] (queries: the first g rows per kv head) -> [B, Hkv * g, D]."""
     lengths = lengths.astype(jnp.int32)
     hkv, _, page_size, d = k_pages.shape
     max_pages = block_tables.shape[1]
-    splits = num_splits or _auto_splits(q.shape[0], hkv, max_pages, page_size)
+    splits = num_splits or _auto_splits(qg.shape[0], hkv, max_pages, page_size)
     # KERNEL_NOTES run 6 (stages 1; 2 stages 1.5x slower): unsplit tables < 1024 tokens best at 32 tokens,
     # 1 warp (b64/512: 2.18x JAX vs 1.99x); split or longer (b128/1k is unsplit) best at 64 tokens, 2 warps.
     short = splits == 1 and max_pages * page_size < 1024
     tokens_per_step, warps = (32, 1) if short else (64, 2)
     ppb = min(pages_per_block or max(1, tokens_per_step // page_size), pl.next_power_of_2(max_pages))
-    out = paged_attention_gpu(q[:, None], k_pages, v_pages, lengths - 1, (lengths > 0).astype(jnp.int32),
-                              block_tables, block_t=1, scale=d**-0.5 if scale is None else scale,
+    out = paged_attention_gpu(qg[:, None], k_pages, v_pages, lengths - 1, (lengths > 0).astype(jnp.int32),
+                              block_tables, g=g, block_t=1, scale=d**-0.5 if scale is None else scale,
                               softcap=softcap, pages_per_block=ppb, num_splits=splits,
                               num_warps=num_warps or warps, num_stages=num_stages,
                               interpret=interpret, strided_splits=strided_splits)
@@ -230,13 +262,15 @@ def prefill_attention_pallas_gpu(q, k_pages, v_pages, q_start, q_lens, block_tab
                                  strided_splits=True):
     """Prefill: q [B, T, Hq, D] -> [B, T, Hq, D] (see reference.prefill_attention)."""
     check_inputs(q, k_pages, v_pages, block_tables)
-    _, _, page_size, d = k_pages.shape
-    g = q.shape[2] // k_pages.shape[0]
+    hkv, _, page_size, d = k_pages.shape
+    b, t, hq, _ = q.shape
+    g = hq // hkv
     # KERNEL_NOTES run 6: ~128 packed rows x 64 keys, 4 warps, 2 stages: 1.40x cuDNN (64 rows: 1.62x).
-    bt_tok = block_t or max(1, min(pl.next_power_of_2(q.shape[1]), 128 // pl.next_power_of_2(g)))
+    bt_tok = block_t or max(1, min(pl.next_power_of_2(t), 128 // pl.next_power_of_2(g)))
     ppb = min(pages_per_block or max(1, 64 // page_size), pl.next_power_of_2(block_tables.shape[1]))
-    return paged_attention_gpu(q, k_pages, v_pages, q_start.astype(jnp.int32), q_lens.astype(jnp.int32),
-                               block_tables, block_t=bt_tok, scale=d**-0.5 if scale is None else scale,
+    return paged_attention_gpu(q.reshape(b, t, hkv, g, d), k_pages, v_pages, q_start.astype(jnp.int32),
+                               q_lens.astype(jnp.int32), block_tables, g=g, block_t=bt_tok,
+                               scale=d**-0.5 if scale is None else scale,
                                softcap=softcap, pages_per_block=ppb, num_splits=num_splits,
                                num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                                strided_splits=strided_splits)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import AttentionFn, dense_causal_attention
+from .attention import AttentionFn, dense_causal_attention, unpack_qkv
 from .config import ModelConfig, RopeScaling
 from .fused import fuse_gate_up, fuse_qkv, split_gate_up, split_qkv
 
@@ -124,10 +124,14 @@ class Block(nnx.Module):
         hkv, g = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
         # one GEMM for q, k and v; per kv head: its G query heads, then k, then v (fused.py)
         qkv = self._proj(h, self.qkv_proj, "qkv_bias").reshape(b, t, hkv, g + 2, cfg.head_dim)
-        qk = apply_rope(qkv[:, :, :, :g + 1], positions, inv_freq)  # q and k rotated in one pass
-        q = qk[:, :, :, :g].reshape(b, t, cfg.n_heads, cfg.head_dim)
-        k, v = qk[:, :, :, g], qkv[:, :, :, g + 1]
-        attn, layer_cache = attn_fn(q, k, v, layer_cache, meta)
+        # q and k rotated in one pass that copies v through: one array (and one fusion) for all three
+        is_v = (jnp.arange(g + 2) == g + 1)[:, None]
+        qkv = jnp.where(is_v, qkv, apply_rope(qkv, positions, inv_freq))
+        packed = getattr(attn_fn, "packed_qkv", None)  # reads q, k, v in place (attention.py)
+        if packed is not None:
+            attn, layer_cache = packed(qkv, layer_cache, meta)
+        else:
+            attn, layer_cache = attn_fn(*unpack_qkv(qkv), layer_cache, meta)
         x = x + self._proj(attn.reshape(b, t, cfg.n_heads * cfg.head_dim), self.o_proj)
         h = self.mlp_norm(x)
         gate_up = self._proj(h, self.gate_up_proj).reshape(b, t, cfg.ffn_dim, 2)  # one GEMM

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .attention import unpack_qkv
 from .config import ModelConfig
 from .errors import JtrailError
 
@@ -205,4 +206,15 @@ def shard_attention_fn(attn_fn: Callable, mesh: Mesh, layout: str) -> Callable:
         f = _shard_map(attn_fn, mesh, (head, head, head, cache_spec, P()), (head, cache_spec))
         return f(q, k, v, layer_cache, meta)
 
+    packed = getattr(attn_fn, "packed_qkv", None)
+    if packed is not None:  # the fused qkv [B, T, Hkv, G + 2, D] splits on its kv-head axis
+        qkv_head = P(None, None, TP_AXIS, None, None)
+
+        def wrapped_packed(qkv, layer_cache, meta):
+            if layer_cache is None:
+                return wrapped(*unpack_qkv(qkv), None, meta)
+            f = _shard_map(packed, mesh, (qkv_head, cache_spec, P()), (head, cache_spec))
+            return f(qkv, layer_cache, meta)
+
+        wrapped.packed_qkv = wrapped_packed
     return wrapped

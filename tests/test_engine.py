@@ -104,6 +104,16 @@ def test_batched_equals_alone(model, reference, mode, rate, pages):
         assert len(s.token_times) == len(exp) and s.first_token_time <= s.finish_time
 
 
+def test_pallas_kernels_in_the_engine_equal_alone(model, reference):
+    """The GPU kernels (interpret mode) in the engine's steps: decode reads q, k and v in place from the
+    fused projection (write_kv_from_qkv, decode_attention_from_qkv), prefill from its slices."""
+    prompts, max_tokens, expected = reference
+    engine = LLMEngine(model, config=small_config(kernel_impl="pallas_interpret", decode_steps_per_call=1))
+    seqs = run_engine(engine, prompts[:6], max_tokens[:6])
+    for s, exp in zip(seqs, expected[:6], strict=True):
+        assert s.output_ids == exp, s.request_id
+
+
 def test_compilations_bounded(model):
     # decode_steps_per_call=3 is used by no other test: its compile counters start at 0 here
     cfg = small_config(preemption_mode="swap", num_pages=60, num_slots=6, decode_steps_per_call=3)

@@ -207,6 +207,31 @@ def test_write_kv_then_attend():
 
 
 @pytest.mark.parametrize("impl", ["pallas_interpret", "tpu_interpret", "reference"])
+@pytest.mark.parametrize("ratio,splits", [(3, 1), (3, 4), (1, 2)])
+def test_from_qkv_reads_the_fused_projection_in_place(impl, ratio, splits):
+    """write_kv_from_qkv / decode_attention_from_qkv take qkv [B, Hkv, G + 2, D] whole (G query heads,
+    then k, then v per kv head) and give what write_kv / decode_attention give on its slices."""
+    rng = np.random.default_rng(11 + ratio)
+    hkv, d, page, lens = 2, 64, 8, [9, 1, 26]
+    k, v, tables = make_cache(rng, lens, hkv, d, page, jnp.float32)
+    tb = np.asarray(tables)  # each sequence's new token (over)writes its last position, n - 1
+    slots = jnp.asarray([tb[i, (n - 1) // page] * page + (n - 1) % page for i, n in enumerate(lens)],
+                        jnp.int32)
+    qkv = jnp.asarray(rng.standard_normal((len(lens), hkv, ratio + 2, d)), jnp.float32)
+    lj = jnp.asarray(lens, jnp.int32)
+    want_kv = reference.write_kv(k, v, qkv[:, :, ratio], qkv[:, :, ratio + 1], slots)
+    got_kv = ops.write_kv_from_qkv(jnp.array(k), jnp.array(v), qkv, slots, impl=impl)
+    for w, g in zip(want_kv, got_kv, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    q = qkv[:, :, :ratio].reshape(len(lens), hkv * ratio, d)
+    want = reference.decode_attention(q, *want_kv, lj, tables)
+    tuning = {"num_splits": splits} if impl == "pallas_interpret" else {}
+    got = ops.decode_attention_from_qkv(qkv, *got_kv, lj, tables, impl=impl, **tuning)
+    assert got.shape == q.shape
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["pallas_interpret", "tpu_interpret", "reference"])
 def test_zero_length_gives_zeros(impl):
     rng = np.random.default_rng(2)
     k, v, tables = make_cache(rng, [0, 9], hkv=1, d=64, page=8, dtype=jnp.float32)

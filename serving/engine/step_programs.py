@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from ...kernels import ops
+from ...models.attention import unpack_qkv
 from ...models.sampling import sample_tokens
 from ...models.sharding import shard_attention_fn
 from .batch import SamplingRows
@@ -38,23 +39,39 @@ class PagedMeta(NamedTuple):
     q_lens: jax.Array  # [B] number of valid new tokens (0 = inactive row)
 
 
+def _decode_lengths(meta: PagedMeta) -> jax.Array:
+    """Decode: one query per row attends to [0, pos]; inactive rows (q_lens 0) to nothing."""
+    return jnp.where(meta.q_lens > 0, meta.q_start + 1, 0).astype(jnp.int32)
+
+
 def make_paged_attention(impl: str):
-    """attn_fn for models/attention.py's contract: write the step's K/V into the pages, then attend."""
+    """attn_fn for models/attention.py's contract: write the step's K/V into the pages, then attend.
+    Its `packed_qkv` takes the fused projection's output whole: the kernels read q, k and v in place."""
 
     def paged_attention(q, k, v, layer_cache, meta: PagedMeta):
         k_pages, v_pages = layer_cache
         b, t, hkv, d = k.shape
         k_pages, v_pages = ops.write_kv(k_pages, v_pages, k.reshape(b * t, hkv, d),
                                         v.reshape(b * t, hkv, d), meta.slot_mapping, impl=impl)
-        if t == 1:  # decode: one query per row attends to [0, pos]
-            lengths = jnp.where(meta.q_lens > 0, meta.q_start + 1, 0).astype(jnp.int32)
-            out = ops.decode_attention(q[:, 0], k_pages, v_pages, lengths, meta.block_tables,
+        if t == 1:
+            out = ops.decode_attention(q[:, 0], k_pages, v_pages, _decode_lengths(meta), meta.block_tables,
                                        impl=impl)[:, None]
         else:
             out = ops.prefill_attention(q, k_pages, v_pages, meta.q_start, meta.q_lens,
                                         meta.block_tables, impl=impl)
         return out, (k_pages, v_pages)
 
+    def packed_qkv(qkv, layer_cache, meta: PagedMeta):  # qkv [B, T, Hkv, G + 2, D]
+        b, t, hkv, g2, d = qkv.shape
+        if t != 1:  # prefill: the query rows go to the kernel as their own array (a copy, as before)
+            return paged_attention(*unpack_qkv(qkv), layer_cache, meta)
+        rows = qkv.reshape(b, hkv, g2, d)  # free: T = 1
+        k_pages, v_pages = ops.write_kv_from_qkv(*layer_cache, rows, meta.slot_mapping, impl=impl)
+        out = ops.decode_attention_from_qkv(rows, k_pages, v_pages, _decode_lengths(meta), meta.block_tables,
+                                            impl=impl)
+        return out[:, None], (k_pages, v_pages)
+
+    paged_attention.packed_qkv = packed_qkv
     return paged_attention
 
 
