@@ -9,7 +9,8 @@ windows of engine steps (150 at one token per call), a profiler trace of 20 step
 XLA's command buffers and graph launches; the GPU's ops and busy time per step), a synchronous window,
 and hashes of the tokens produced: every request's first 256 tokens must equal those of the run's first
 setting (a graph not updated after an address moved, or a wrong fusion, computes other tokens). The
-sets of AB_SETS (`thread_ab`: the launch thread off and on; `depth_ab`: one or two steps in flight)
+sets of AB_SETS (`thread_ab`: the launch thread off and on; `depth_ab`: one or two steps in flight;
+`fetch_ab`: a blocking fetch or a polled one)
 instead time their variants in one process, interleaved.
 The file is rewritten after each setting.
 
@@ -163,6 +164,8 @@ AB_SETS: dict[str, dict[str, tuple[dict, float | None]]] = {
     "depth_ab": {"depth1": ({"steps_in_flight": 1, "decode_graphs": 2}, None),
                  "depth2_graphs2": ({"steps_in_flight": 2, "decode_graphs": 2}, None),
                  "depth2_graphs3": ({"steps_in_flight": 2, "decode_graphs": 3}, None)},
+    # the fetch blocks in the transfer, or polls readiness with the copy to host enqueued at launch
+    "fetch_ab": {"block": ({"poll_fetch": False}, None), "poll": ({"poll_fetch": True}, None)},
 }
 
 

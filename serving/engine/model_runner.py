@@ -14,6 +14,7 @@ None and the probe code is not traced at all.
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import Any
 
@@ -66,14 +67,17 @@ class ModelRunner:
                  max_model_len: int, decode_steps: int = 1, kv_dtype: Any = None, impl: str = "auto",
                  probe: ProbeHead | None = None, tensor_parallel: int = 1,
                  prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512),
-                 max_prefill_tokens: int | None = None, decode_graphs: int = 1, launch_thread: bool = False):
+                 max_prefill_tokens: int | None = None, decode_graphs: int = 1, launch_thread: bool = False,
+                 poll_fetch: bool = False):
         """`decode_graphs` 2 or 3: consecutive decode calls rotate over that many compiled copies of the
         step, each with its own DecodeIO. Under async scheduling call N is dispatched while N-1 runs, so
         XLA's temporary buffers of one executable alternate between two addresses and its CUDA graph is
         updated on every call; with one executable per call in flight each may find its own at the same
         place again.
         (EngineConfig checks the value.) `launch_thread`: the device calls are issued from a thread of
-        their own (launcher.Launcher), so a call's launch overlaps the engine's host work."""
+        their own (launcher.Launcher), so a call's launch overlaps the engine's host work. `poll_fetch`:
+        a step's outputs start their copy to the host as soon as the step is launched, and `fetch`
+        polls their readiness instead of blocking in the transfer (see EngineConfig.poll_fetch)."""
         cfg = model.cfg
         self.prefill_buckets = tuple(prefill_buckets)
         # the packed prefill call: rows of prefill_row_tokens, total padded tokens one of these
@@ -104,6 +108,7 @@ class ModelRunner:
         self._no_tokens = (jax.device_put(np.zeros((decode_steps, num_slots), np.int32), tokens_on),
                            jax.device_put(np.zeros(1, np.int32), tokens_on))
         self._launcher = Launcher(launch_thread)
+        self.poll_fetch = poll_fetch
         self._caches = [(jnp.zeros(shape, kv_dtype, device=kv_dev), jnp.zeros(shape, kv_dtype, device=kv_dev))
                        for _ in range(cfg.n_layers)]
         graphdef, state = nnx.split(model)
@@ -206,10 +211,17 @@ class ModelRunner:
                                      last_pre if last_pre is not None else no_pre, src)
             dec_out = self._decode_call(tokens, packed, filtered)
         self._last = tuple(out[0] if out is not None else None for out in (pre_out, dec_out))
+        if self.poll_fetch:  # the device copies the outputs to the host right after the step
+            for out in jax.tree_util.tree_leaves((pre_out, dec_out)):
+                out.copy_to_host_async()
         return pre_out, dec_out
 
     def fetch(self, handle) -> StepOutput:
         pre, dec = handle.result()  # issued (an error of the launch is raised here)
+        if self.poll_fetch:
+            outs = jax.tree_util.tree_leaves((pre, dec))
+            while not all(out.is_ready() for out in outs):
+                time.sleep(0)  # let the launcher's thread run
         host_pre, host_dec = jax.device_get((pre, dec))  # one sync per step
         out = StepOutput()
         if host_pre is not None:
