@@ -48,6 +48,10 @@ SETTINGS: dict[str, tuple[str, dict, dict]] = {
     "engine": ("", {}, {}),
     # GEMMs as XLA's Triton fusions only (no cuBLAS): producers and consumers may fuse into them
     "triton_gemm": ("--xla_gpu_cublas_fallback=false", {}, {}),
+    # how XLA orders a command buffer's commands: SERIALIZE (each after the one before), CONCURRENT
+    # (dependencies from buffer conflicts); the launch's host time may depend on the graph's shape
+    "serialize": ("--xla_gpu_command_buffer_scheduling_mode=SERIALIZE", {}, {}),
+    "concurrent": ("--xla_gpu_command_buffer_scheduling_mode=CONCURRENT", {}, {}),
     "k8": ("", {}, {"decode_steps_per_call": 8}),
     # loops inside the graph: the k-token fori_loop is one graph, not a body launched op by op
     "k8_while": (ALL_COMMAND_TYPES, {}, {"decode_steps_per_call": 8}),
