@@ -46,30 +46,31 @@ def _decode_lengths(meta: PagedMeta) -> jax.Array:
 
 def make_paged_attention(impl: str):
     """attn_fn for models/attention.py's contract: write the step's K/V into the pages, then attend.
-    Its `packed_qkv` takes the fused projection's output whole: the kernels read q, k and v in place."""
+    Its `packed_qkv` takes the fused projection's output whole: the kernels read k and v (and, in
+    decode, q) in place."""
+
+    def attend(q, caches, meta: PagedMeta):
+        if q.shape[1] == 1:
+            return ops.decode_attention(q[:, 0], *caches, _decode_lengths(meta), meta.block_tables,
+                                        impl=impl)[:, None]
+        return ops.prefill_attention(q, *caches, meta.q_start, meta.q_lens, meta.block_tables, impl=impl)
 
     def paged_attention(q, k, v, layer_cache, meta: PagedMeta):
-        k_pages, v_pages = layer_cache
         b, t, hkv, d = k.shape
-        k_pages, v_pages = ops.write_kv(k_pages, v_pages, k.reshape(b * t, hkv, d),
-                                        v.reshape(b * t, hkv, d), meta.slot_mapping, impl=impl)
-        if t == 1:
-            out = ops.decode_attention(q[:, 0], k_pages, v_pages, _decode_lengths(meta), meta.block_tables,
-                                       impl=impl)[:, None]
-        else:
-            out = ops.prefill_attention(q, k_pages, v_pages, meta.q_start, meta.q_lens,
-                                        meta.block_tables, impl=impl)
-        return out, (k_pages, v_pages)
+        caches = tuple(ops.write_kv(*layer_cache, k.reshape(b * t, hkv, d), v.reshape(b * t, hkv, d),
+                                    meta.slot_mapping, impl=impl))
+        return attend(q, caches, meta), caches
 
     def packed_qkv(qkv, layer_cache, meta: PagedMeta):  # qkv [B, T, Hkv, G + 2, D]
         b, t, hkv, g2, d = qkv.shape
-        if t != 1:  # prefill: the query rows go to the kernel as their own array (a copy, as before)
-            return paged_attention(*unpack_qkv(qkv), layer_cache, meta)
-        rows = qkv.reshape(b, hkv, g2, d)  # free: T = 1
-        k_pages, v_pages = ops.write_kv_from_qkv(*layer_cache, rows, meta.slot_mapping, impl=impl)
-        out = ops.decode_attention_from_qkv(rows, k_pages, v_pages, _decode_lengths(meta), meta.block_tables,
-                                            impl=impl)
-        return out[:, None], (k_pages, v_pages)
+        rows = qkv.reshape(b * t, hkv, g2, d)  # free
+        caches = tuple(ops.write_kv_from_qkv(*layer_cache, rows, meta.slot_mapping, impl=impl))
+        if t == 1:
+            out = ops.decode_attention_from_qkv(rows, *caches, _decode_lengths(meta), meta.block_tables,
+                                                impl=impl)[:, None]
+        else:  # prefill: the query rows go to the kernel as their own array (one copy)
+            out = attend(unpack_qkv(qkv)[0], caches, meta)
+        return out, caches
 
     paged_attention.packed_qkv = packed_qkv
     return paged_attention
