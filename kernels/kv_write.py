@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import reference
+from .layout import qkv_parts
 
 
 def _kernel(slot_ref, kn_ref, vn_ref, _k_in, _v_in, k_ref, v_ref):
@@ -80,7 +81,8 @@ def write_kv_from_qkv_pallas(k_pages, v_pages, qkv, slot_mapping, *, backend: st
     n, _, g2, d = qkv.shape
     _check(k_pages, n, (qkv.shape[1], d), slot_mapping, "qkv's k and v rows")
     if backend == "tpu":
-        return reference.write_kv(k_pages, v_pages, qkv[:, :, g2 - 2], qkv[:, :, g2 - 1], slot_mapping)
+        _, k_new, v_new = qkv_parts(qkv)
+        return reference.write_kv(k_pages, v_pages, k_new, v_new, slot_mapping)
     if n == 0:
         return k_pages, v_pages
     k_spec = pl.BlockSpec((None, None, None, d), lambda i, h: (i, h, g2 - 2, 0))

@@ -27,6 +27,13 @@ class PackedQ:
     block_t: int = 1
 
 
+def qkv_parts(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The fused projection's rows qkv [N, Hkv, G + 2, D] (per kv head: G query heads, then k, then v)
+    -> q [N, Hkv * G, D], k and v [N, Hkv, D]: copies, for the paths that do not read it in place."""
+    n, hkv, g2, d = qkv.shape
+    return qkv[:, :, :g2 - 2].reshape(n, hkv * (g2 - 2), d), qkv[:, :, g2 - 2], qkv[:, :, g2 - 1]
+
+
 def check_inputs(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array) -> None:
     """Shape checks with clear errors (q is [B, T, Hq, D])."""
     if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:

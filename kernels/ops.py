@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 
 from . import reference
+from .layout import qkv_parts
 
 IMPLS = ("auto", "pallas", "pallas_interpret", "tpu_interpret", "reference")
 
@@ -51,7 +52,8 @@ def write_kv_from_qkv(k_pages, v_pages, qkv, slot_mapping, *, impl: str = "auto"
     v at G + 1), read in place by the GPU kernel."""
     fam, interpret = _resolve(impl)
     if fam == "reference":
-        return reference.write_kv(k_pages, v_pages, qkv[:, :, -2], qkv[:, :, -1], slot_mapping)
+        _, k_new, v_new = qkv_parts(qkv)
+        return reference.write_kv(k_pages, v_pages, k_new, v_new, slot_mapping)
     from .kv_write import write_kv_from_qkv_pallas
 
     return write_kv_from_qkv_pallas(k_pages, v_pages, qkv, slot_mapping, backend=fam, interpret=interpret)
@@ -67,9 +69,8 @@ def decode_attention_from_qkv(qkv, k_pages, v_pages, lengths, block_tables, *, s
 
         return decode_attention_from_qkv_pallas(qkv, k_pages, v_pages, lengths, block_tables, scale=scale,
                                                 softcap=softcap, interpret=interpret, **tuning)
-    b, hkv, g2, d = qkv.shape
-    return decode_attention(qkv[:, :, :g2 - 2].reshape(b, hkv * (g2 - 2), d), k_pages, v_pages, lengths,
-                            block_tables, scale=scale, softcap=softcap, impl=impl, **tuning)
+    return decode_attention(qkv_parts(qkv)[0], k_pages, v_pages, lengths, block_tables, scale=scale,
+                            softcap=softcap, impl=impl, **tuning)
 
 
 def decode_attention(q, k_pages, v_pages, lengths, block_tables, *, scale=None, softcap=None,

@@ -229,7 +229,7 @@ def decode_attention_from_qkv_pallas(qkv, k_pages, v_pages, lengths, block_table
     b, hkv, g2, d = qkv.shape
     if g2 < 3:
         raise ValueError(f"qkv must be [B, Hkv, G + 2, D], got {qkv.shape}")
-    check_inputs(qkv[:, None, :, 0], k_pages, v_pages, block_tables)
+    check_inputs(jax.ShapeDtypeStruct((b, 1, hkv * (g2 - 2), d), qkv.dtype), k_pages, v_pages, block_tables)
     return _decode(qkv, g2 - 2, k_pages, v_pages, lengths, block_tables, scale=scale, softcap=softcap,
                    pages_per_block=pages_per_block, num_splits=num_splits, num_warps=num_warps,
                    num_stages=num_stages, interpret=interpret, strided_splits=strided_splits)

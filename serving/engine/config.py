@@ -74,7 +74,7 @@ class EngineConfig:
                     kv_dtype=self.dtype, impl=self.kernel_impl, tensor_parallel=self.tensor_parallel,
                     prefill_buckets=self.prefill_buckets, max_prefill_tokens=self.max_prefill_tokens_per_step,
                     decode_graphs=self.resolved_decode_graphs(), launch_thread=self.resolved_launch_thread(),
-                    poll_fetch=self.resolved_launch_thread() if self.poll_fetch is None else self.poll_fetch)
+                    poll_fetch=self.resolved_poll_fetch())
 
     def resolved_decode_graphs(self) -> int:
         """decode_graphs, None resolved: two executables only where the graph would otherwise be
@@ -93,6 +93,9 @@ class EngineConfig:
 
     def resolved_launch_thread(self) -> bool:
         return self.launch_thread if self.launch_thread is not None else self._async_on_gpu()
+
+    def resolved_poll_fetch(self) -> bool:
+        return self.poll_fetch if self.poll_fetch is not None else self.resolved_launch_thread()
 
     def _async_on_gpu(self) -> bool:
         import jax
