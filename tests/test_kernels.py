@@ -283,6 +283,19 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="k_new/v_new"):
         ops.write_kv(k, k, jnp.zeros((2, 3, 32)), jnp.zeros((2, 3, 32)), jnp.zeros(2, jnp.int32),
                      impl="pallas_interpret")
+    # the fused-qkv entry points: [N, Hkv, G + 2, D] with G >= 1, k/v rows matching the pages
+    with pytest.raises(ValueError, match="G \\+ 2"):
+        ops.write_kv_from_qkv(k, k, jnp.zeros((2, 3, 2, 64)), jnp.zeros(2, jnp.int32),
+                              impl="pallas_interpret")
+    with pytest.raises(ValueError, match="qkv's k and v rows"):
+        ops.write_kv_from_qkv(k, k, jnp.zeros((2, 3, 3, 32)), jnp.zeros(2, jnp.int32),
+                              impl="pallas_interpret")
+    with pytest.raises(ValueError, match="G \\+ 2"):
+        ops.decode_attention_from_qkv(jnp.zeros((2, 3, 2, 64)), k, k, jnp.ones(2, jnp.int32), tables,
+                                      impl="pallas_interpret")
+    with pytest.raises(ValueError, match="head_dim"):
+        ops.decode_attention_from_qkv(jnp.zeros((2, 3, 3, 32)), k, k, jnp.ones(2, jnp.int32), tables,
+                                      impl="pallas_interpret")
     if jax.default_backend() == "cpu":
         with pytest.raises(ValueError, match="pallas_interpret"):
             ops.decode_attention(jnp.zeros((2, 3, 64)), k, k, jnp.ones(2, jnp.int32), tables,
