@@ -8,13 +8,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from jtrail.models.config import NAMED_CONFIGS
 from jtrail.models.llama import Llama
 from jtrail.models.sampling import needs_filter, sample_tokens
 from jtrail.serving.engine.batch import SamplingRows
 from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
-from jtrail.serving.engine.step_programs import DecodeInputs, _unpack_decode_inputs, pack_decode_inputs
+from jtrail.serving.engine.step_programs import (
+    DecodeInputs,
+    PrefillInputs,
+    PrefillLayout,
+    _prefill_slots,
+    _unpack_decode_inputs,
+    _unpack_prefill_inputs,
+    pack_decode_inputs,
+    pack_prefill_inputs,
+)
 from jtrail.serving.sequence import SamplingParams
 
 
@@ -63,6 +73,47 @@ def test_packed_decode_inputs_round_trip():
         got, want = np.asarray(getattr(back.samp, name)), getattr(samp, name)
         assert got.dtype == want.dtype, name
         np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+@pytest.mark.parametrize("tap_width", [0, 6])
+def test_packed_prefill_inputs_round_trip_and_slots_match_the_host_formula(tap_width):
+    """The prefill call's one packed array gives back every field bit for bit, and the positions and KV
+    slots the graph derives from (start, q_len, block table) are the ones the host used to compute."""
+    rng = np.random.default_rng(1)
+    r, t, pages, page_size = 6, 8, 5, 4
+    samp = SamplingRows(temperature=rng.random(r).astype(np.float32), top_p=rng.random(r).astype(np.float32),
+                        top_k=rng.integers(0, 50, r).astype(np.int32),
+                        seed=np.array([0, 1, 2**31, 2**32 - 1, 12345, 7], np.uint32),
+                        gen_index=rng.integers(0, 900, r).astype(np.int32),
+                        forced=rng.integers(-1, 49152, (r, 1)).astype(np.int32))
+    q_lens = np.array([8, 8, 3, 5, 0, 0], np.int32)  # two pad rows
+    start = np.array([0, 8, 16, 4, 0, 0], np.int32)
+    inputs = PrefillInputs(tokens=rng.integers(0, 100, (r, t)).astype(np.int32), start=start, q_lens=q_lens,
+                           row_chunk=np.array([0, 0, 0, 1, 0, 0], np.int32),
+                           last_row=np.array([2, 3, 0, 0, 0, 0], np.int32),
+                           n_prompt=rng.integers(1, 40, r).astype(np.int32),
+                           chunk_end=rng.integers(1, 40, r).astype(np.int32),
+                           block_tables=rng.integers(0, 2048, (r, pages)).astype(np.int32),
+                           tap_in=rng.standard_normal((r, tap_width)).astype(np.float32), samp=samp)
+    layout = PrefillLayout(t, pages, tap_width)
+    packed = pack_prefill_inputs(inputs)
+    assert packed.dtype == np.int32 and packed.shape == (r, t + 12 + pages + tap_width)
+    back = jax.jit(_unpack_prefill_inputs, static_argnums=1)(jnp.asarray(packed), layout)
+    for name in PrefillInputs._fields[:-1]:
+        got, want = np.asarray(getattr(back, name)), getattr(inputs, name)
+        assert got.dtype == want.dtype, name
+        np.testing.assert_array_equal(got, want, err_msg=name)
+    for name in SamplingRows._fields:
+        got, want = np.asarray(getattr(back.samp, name)), getattr(samp, name)
+        assert got.dtype == want.dtype, name
+        np.testing.assert_array_equal(got, want, err_msg=name)
+    positions, slots = jax.jit(_prefill_slots, static_argnums=1)(back, page_size)
+    want_slots = np.full((r, t), -1, np.int32)
+    for i in range(r):  # the host's formula before the packing
+        p = np.arange(start[i], start[i] + q_lens[i])
+        want_slots[i, :q_lens[i]] = inputs.block_tables[i, p // page_size] * page_size + p % page_size
+        np.testing.assert_array_equal(np.asarray(positions)[i], np.arange(start[i], start[i] + t))
+    np.testing.assert_array_equal(np.asarray(slots), want_slots.reshape(-1))
 
 
 def test_a_top_p_neighbour_leaves_a_temperature_only_request_unchanged(monkeypatch):

@@ -39,6 +39,7 @@ from .step_programs import (
     DecodeInputs,
     DecodeIO,
     PrefillInputs,
+    PrefillLayout,
     StepStatics,
     _collect_decode,
     _fed_tokens,
@@ -46,6 +47,7 @@ from .step_programs import (
     _stage_decode,
     intern_statics,
     pack_decode_inputs,
+    pack_prefill_inputs,
 )
 
 __all__ = ["ModelRunner"]
@@ -123,6 +125,8 @@ class ModelRunner:
             # the probe head is small: replicated on a mesh
             self.probe_state = jax.device_put(self.probe_state, tokens_on)
         layer, bins = (probe.cfg.layer, probe.cfg.num_bins) if probe is not None else (None, 0)
+        self._prefill_layout = PrefillLayout(self.prefill_row_tokens, self.max_pages_per_seq,
+                                             cfg.d_model if probe is not None else 0)
         self._last: tuple[Any, Any] = (None, None)  # the last call's sampled tokens (prefill, decode)
         self._issued = (False, False)  # whether the last execute had prefill chunks, decode rows
         width = 7 + self.max_pages_per_seq + decode_steps  # pack_decode_inputs' columns
@@ -232,7 +236,9 @@ class ModelRunner:
             out.decode_probs = np.asarray(host_dec[1]) if host_dec[1] is not None else None
         return out
 
-    def _prefill_inputs(self, batch: StepBatch) -> tuple[PrefillInputs, bool]:
+    def _prefill_inputs(self, batch: StepBatch) -> tuple[np.ndarray, PrefillLayout, bool]:
+        """The packed prefill call's one host array (pack_prefill_inputs), its layout, and whether the
+        running prompt-tap sums come back (a probe, and a prompt with chunks to come)."""
         t_row = self.prefill_row_tokens
         pieces = []  # (chunk index, start position, tokens)
         for c, ch in enumerate(batch.prefills):
@@ -243,39 +249,32 @@ class ModelRunner:
         if cap is None:
             raise ValueError(f"{need} padded prefill tokens exceed the packed call's "
                              f"{self.prefill_capacities[-1]}")
-        r, ps = cap // t_row, self.page_size
-        tokens, positions = np.zeros((r, t_row), np.int32), np.zeros((r, t_row), np.int32)
-        slots = np.full((r, t_row), -1, np.int32)
-        tables = np.zeros((r, self.max_pages_per_seq), np.int32)
-        q_lens, row_chunk = np.zeros(r, np.int32), np.zeros(r, np.int32)
-        last_row, n_prompt, chunk_end = (np.zeros(r, np.int32) for _ in range(3))
-        for i, (c, start, toks) in enumerate(pieces):
+        r = cap // t_row
+        layout = self._prefill_layout
+        tokens, tables = np.zeros((r, t_row), np.int32), np.zeros((r, layout.table_width), np.int32)
+        start, q_lens, row_chunk, last_row, n_prompt, chunk_end = (np.zeros(r, np.int32) for _ in range(6))
+        for i, (c, first, toks) in enumerate(pieces):
             bt = batch.prefills[c].seq.block_table
-            n = len(toks)
-            tokens[i, :n], positions[i] = toks, np.arange(start, start + t_row)
-            tables[i, :len(bt)] = bt
-            p = np.arange(start, start + n)
-            slots[i, :n] = tables[i, p // ps] * ps + p % ps
-            q_lens[i], row_chunk[i], last_row[c] = n, c, i
+            tokens[i, :len(toks)], tables[i, :len(bt)] = toks, bt
+            start[i], q_lens[i], row_chunk[i], last_row[c] = first, len(toks), c, i
+        tap_in = np.zeros((r, layout.tap_width), np.float32)
         for c, ch in enumerate(batch.prefills):
             n_prompt[c], chunk_end[c] = ch.seq.num_prompt_tokens, ch.start + len(ch.tokens)
+            if ch.tap is not None and layout.tap_width:
+                tap_in[c] = ch.tap
         # Host arrays only: an eager jnp op here (stack, slice, index) compiles once per new shape,
         # measured as ~4 s pauses mid-run on the H200 that no warm-up reaches.
-        tap_in = np.zeros((r, self.cfg.d_model), np.float32)
-        for c, ch in enumerate(batch.prefills):
-            if ch.tap is not None:
-                tap_in[c] = ch.tap
-        samp = _pad_rows(batch.prefill_sampling, r)
-        inputs = PrefillInputs(tokens=tokens, positions=positions, slot_mapping=slots.reshape(-1),
-                               block_tables=tables, q_lens=q_lens, row_chunk=row_chunk, last_row=last_row,
-                               n_prompt=n_prompt, chunk_end=chunk_end, tap_in=tap_in, samp=samp)
-        # the running prompt-tap sums come back only when a prompt has chunks to come
-        return inputs, any(not ch.completes for ch in batch.prefills)
+        inputs = PrefillInputs(tokens=tokens, start=start, q_lens=q_lens, row_chunk=row_chunk,
+                               last_row=last_row, n_prompt=n_prompt, chunk_end=chunk_end,
+                               block_tables=tables, tap_in=tap_in,
+                               samp=_pad_rows(batch.prefill_sampling, r))
+        keep_taps = self.has_probe and any(not ch.completes for ch in batch.prefills)
+        return pack_prefill_inputs(inputs), layout, keep_taps
 
-    def _prefill_call(self, inputs: PrefillInputs, keep_taps: bool):
+    def _prefill_call(self, packed: np.ndarray, layout: PrefillLayout, keep_taps: bool):
         self._caches, token, probs, tap_acc = _prefill_packed(
             self.statics, state=self._state_leaves, caches=self._caches, probe_state=self.probe_state,
-            inputs=inputs)
+            packed=packed, layout=layout)
         return token, probs, (tap_acc if keep_taps else None)
 
     def swap_out(self, pages: list[int]) -> swap.SwappedKV:

@@ -26,8 +26,9 @@ from ...models.sampling import sample_tokens
 from ...models.sharding import shard_attention_fn
 from .batch import SamplingRows
 
-__all__ = ["PagedMeta", "PrefillInputs", "DecodeInputs", "DecodeIO", "StepStatics", "make_paged_attention",
-           "pack_decode_inputs", "intern_statics", "TRACE_COUNTS", "BACKEND_COMPILES"]
+__all__ = ["PagedMeta", "PrefillInputs", "PrefillLayout", "DecodeInputs", "DecodeIO", "StepStatics",
+           "make_paged_attention", "pack_decode_inputs", "pack_prefill_inputs", "intern_statics",
+           "TRACE_COUNTS", "BACKEND_COMPILES"]
 
 
 class PagedMeta(NamedTuple):
@@ -78,19 +79,72 @@ def make_paged_attention(impl: str):
 
 class PrefillInputs(NamedTuple):
     """One packed prefill call's inputs: R rows of T tokens, and per chunk c (up to R) its results'
-    row and prompt (all int32 host arrays except tap_in and samp)."""
+    row and prompt (int32 host arrays except tap_in and samp). They travel to the device as one int32
+    array (pack_prefill_inputs); the tokens' positions and KV slots are derived in the graph."""
 
     tokens: Any  # [R, T] the rows' tokens (consecutive T-token pieces of the step's chunks)
-    positions: Any  # [R, T] each token's position in its sequence
-    slot_mapping: Any  # [R*T] flat KV slot of each token (page*page_size+offset), -1 = pad
-    block_tables: Any  # [R, max_pages_per_seq] the row's sequence's pages
+    start: Any  # [R] position of the row's first token (its tokens are at start, start + 1, ...)
     q_lens: Any  # [R] valid tokens in the row (0 = pad row)
     row_chunk: Any  # [R] the chunk a row belongs to
     last_row: Any  # [R] per chunk: the row holding its last token (the next token is sampled there)
     n_prompt: Any  # [R] per chunk: its sequence's prompt length (the probe taps prompt tokens only)
     chunk_end: Any  # [R] per chunk: the position after its last token
-    tap_in: Any  # [R, d_model] f32 per chunk: the running prompt-tap sum from its earlier chunks
+    block_tables: Any  # [R, max_pages_per_seq] the row's sequence's pages
+    tap_in: Any  # [R, d_model] f32 per chunk: the running prompt-tap sum from its earlier chunks ([R, 0]
+    # without a probe)
     samp: SamplingRows  # per chunk
+
+
+class PrefillLayout(NamedTuple):
+    """The widths of pack_prefill_inputs' column groups (static: a jit argument)."""
+
+    row_tokens: int  # T
+    table_width: int  # max_pages_per_seq
+    tap_width: int  # d_model with a probe, else 0
+
+
+_PREFILL_SCALARS = 12  # start, q_lens, row_chunk, last_row, n_prompt, chunk_end, six sampling columns
+
+
+def pack_prefill_inputs(inputs: PrefillInputs) -> np.ndarray:
+    """Every host input of the packed prefill call in one int32 [R, T + 12 + P + d] array (floats
+    bit-cast): one host-to-device copy where there were sixteen (as pack_decode_inputs; positions and
+    KV slots are derived in the graph, _prefill_slots)."""
+    s = inputs.samp
+    ints = [inputs.start, inputs.q_lens, inputs.row_chunk, inputs.last_row, inputs.n_prompt, inputs.chunk_end]
+    cols = [np.asarray(c, np.int32) for c in ints]
+    as_bits = [np.asarray(x, np.float32).view(np.int32) for x in (s.temperature, s.top_p)]
+    cols += [*as_bits, np.asarray(s.top_k, np.int32), np.asarray(s.seed, np.uint32).view(np.int32),
+             np.asarray(s.gen_index, np.int32), np.asarray(s.forced, np.int32).reshape(-1)]
+    return np.concatenate([np.asarray(inputs.tokens, np.int32), np.stack(cols, axis=1),
+                           np.asarray(inputs.block_tables, np.int32),
+                           np.asarray(inputs.tap_in, np.float32).view(np.int32)], axis=1)
+
+
+def _unpack_prefill_inputs(packed: jax.Array, layout: PrefillLayout) -> PrefillInputs:
+    """pack_prefill_inputs' inverse, inside the jitted step (static column slices)."""
+    t, p = layout.row_tokens, layout.table_width
+    col = [packed[:, t + i] for i in range(_PREFILL_SCALARS)]
+    as_f32 = partial(jax.lax.bitcast_convert_type, new_dtype=jnp.float32)
+    samp = SamplingRows(temperature=as_f32(col[6]), top_p=as_f32(col[7]), top_k=col[8],
+                        seed=jax.lax.bitcast_convert_type(col[9], jnp.uint32), gen_index=col[10],
+                        forced=col[11][:, None])
+    tables_at = t + _PREFILL_SCALARS
+    return PrefillInputs(tokens=packed[:, :t], start=col[0], q_lens=col[1], row_chunk=col[2], last_row=col[3],
+                         n_prompt=col[4], chunk_end=col[5], block_tables=packed[:, tables_at:tables_at + p],
+                         tap_in=as_f32(packed[:, tables_at + p:]), samp=samp)
+
+
+def _prefill_slots(inputs: PrefillInputs, page_size: int) -> tuple[jax.Array, jax.Array]:
+    """Each token's position [R, T] and flat KV slot [R * T] (page * page_size + offset; -1 past the
+    row's valid tokens), from the row's start and block table."""
+    r, t = inputs.tokens.shape
+    positions = inputs.start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    valid = jnp.arange(t)[None, :] < inputs.q_lens[:, None]
+    page_col = jnp.minimum(positions // page_size, inputs.block_tables.shape[1] - 1)
+    pages = jnp.take_along_axis(inputs.block_tables, page_col, axis=1)
+    slots = jnp.where(valid, pages * page_size + positions % page_size, -1)
+    return positions, slots.reshape(r * t)
 
 
 class DecodeInputs(NamedTuple):
@@ -175,17 +229,20 @@ def _probe_probs(st: StepStatics, probe_state, h: jax.Array) -> jax.Array:
     return nnx.merge(st.probe_graphdef, probe_state).probs(h)
 
 
-# the KV cache is donated (updated in place); the statics are the jit cache key
-@partial(jax.jit, static_argnames=("st",), donate_argnames=("caches",))
-def _prefill_packed(st: StepStatics, state, caches, probe_state, inputs: PrefillInputs):
-    """Every prefill chunk of a step in one call. Rows [R, T] are consecutive T-token pieces of the
-    chunks (a chunk spans several rows; each layer writes all rows' K/V before attending, so a row
-    sees the rows before it). Per chunk c (up to R): the token after its last one is sampled from row
-    last_row[c]; the probe sees the running prompt-tap sum tap_in[c] plus this call's prompt tokens."""
+# the KV cache is donated (updated in place); the statics and the packing's layout are the jit cache key
+@partial(jax.jit, static_argnames=("st", "layout"), donate_argnames=("caches",))
+def _prefill_packed(st: StepStatics, state, caches, probe_state, packed: jax.Array, layout: PrefillLayout):
+    """Every prefill chunk of a step in one call; `packed`: pack_prefill_inputs' array. Rows [R, T] are
+    consecutive T-token pieces of the chunks (a chunk spans several rows; each layer writes all rows'
+    K/V before attending, so a row sees the rows before it). Per chunk c (up to R): the token after its
+    last one is sampled from row last_row[c]; the probe sees the running prompt-tap sum tap_in[c] plus
+    this call's prompt tokens."""
     TRACE_COUNTS["prefill", st] += 1
-    tokens, positions, q_lens, tap_in = inputs.tokens, inputs.positions, inputs.q_lens, inputs.tap_in
+    inputs = _unpack_prefill_inputs(packed, layout)
+    tokens, q_lens, tap_in = inputs.tokens, inputs.q_lens, inputs.tap_in
+    positions, slot_mapping = _prefill_slots(inputs, st.page_size)
     model = _merge(st, state)
-    meta = PagedMeta(inputs.slot_mapping, inputs.block_tables, positions[:, 0], q_lens)
+    meta = PagedMeta(slot_mapping, inputs.block_tables, inputs.start, q_lens)
     out = model(tokens, positions, caches, _attention(st), meta, tap_layer=st.probe_layer,
                 logits_index=jnp.maximum(q_lens - 1, 0))
     token = _sample(out.logits[inputs.last_row], inputs.samp)
