@@ -108,10 +108,51 @@ def test_decode_graphs_rotate_and_give_the_same_tokens(graphs):
     assert [_addresses(io) for io in twin.runner._ios] == ios
 
 
+@pytest.mark.parametrize("graphs", [1, 2])
+def test_prefill_buffers_stay_put_and_rotate_per_capacity(graphs):
+    """The packed prefill call stages its inputs into and writes its outputs to donated buffers that
+    never move (its CUDA graph is not updated per call), one set per capacity and compiled copy, the
+    copies taken in turn per capacity; tokens equal the synchronous engine's, whose prefill is the same
+    program."""
+    model = Llama(CFG, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    engine = LLMEngine(model, config=dataclasses.replace(_engine(model).config, prefill_graphs=graphs,
+                                                         prefill_buckets=(8, 16)))
+    runner = engine.runner
+    assert runner.prefill_graphs == graphs and sorted(runner._prefill_ios) == [1, 2]  # 8 and 16 tokens
+    before = {rows: [_addresses(io) for io in ios] for rows, ios in runner._prefill_ios.items()}
+    turns: list[tuple[int, int]] = []
+    real = runner._prefill_call
+
+    def recording(packed, *args):
+        turns.append((packed.shape[0], runner._prefill_turn[packed.shape[0]]))
+        return real(packed, *args)
+
+    runner._prefill_call = recording
+    tokens: dict[str, list[int]] = {}
+    prompts = {"a": [5, 6, 7], "b": list(range(3, 14)), "c": [8, 9], "d": list(range(20, 31))}
+    for rid, ids in prompts.items():  # one at a time: four prefill calls, two per capacity
+        engine.add_request(rid, ids, SamplingParams(max_tokens=4, ignore_eos=True))
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert turns == [(1, 0), (2, 0), (1, 1 % graphs), (2, 1 % graphs)]
+    assert {rows: [_addresses(io) for io in ios] for rows, ios in runner._prefill_ios.items()} == before
+    sync = LLMEngine(model, config=dataclasses.replace(engine.config, async_scheduling=False))
+    want = {}
+    for rid, ids in prompts.items():
+        sync.add_request(rid, ids, SamplingParams(max_tokens=4, ignore_eos=True))
+        while sync.has_unfinished():
+            for out in sync.step():
+                want.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert tokens == want and all(len(t) == 4 for t in tokens.values())
+
+
 def test_decode_graphs_or_steps_in_flight_out_of_range_are_refused_before_any_model_work():
     for bad in (0, 4):
         with pytest.raises(ValueError, match="decode_graphs"):
             EngineConfig(decode_graphs=bad)
+        with pytest.raises(ValueError, match="prefill_graphs"):
+            EngineConfig(prefill_graphs=bad)
     for bad in (0, 3):
         with pytest.raises(ValueError, match="steps_in_flight"):
             EngineConfig(steps_in_flight=bad)
@@ -130,6 +171,9 @@ def test_decode_graphs_automatic_is_two_only_for_async_on_a_gpu(monkeypatch):
     assert EngineConfig().resolved_steps_in_flight() == 2  # the host two steps ahead: the same rule
     assert EngineConfig(async_scheduling=False).resolved_decode_graphs() == 1
     assert EngineConfig(decode_graphs=1).resolved_decode_graphs() == 1
+    assert EngineConfig().resolved_prefill_graphs() == 2  # as decode_graphs unless given
+    assert EngineConfig(decode_graphs=1).resolved_prefill_graphs() == 1
+    assert EngineConfig(prefill_graphs=1).resolved_prefill_graphs() == 1
     assert EngineConfig().resolved_launch_thread()  # the launch thread: the same rule
     assert not EngineConfig(async_scheduling=False).resolved_launch_thread()
     assert not EngineConfig(launch_thread=False).resolved_launch_thread()

@@ -124,7 +124,8 @@ def main(argv: list[str]) -> None:
         print(f"{label}: {key}: {np.mean(r['step_ms']):.3f} ms/step, "
               f"{np.mean(r['prefill_calls_per_step']):.2f} prefill calls/step, "
               f"+{r['marginal_ms_per_prefill_call']:.3f} ms per prefill call; "
-              f"ops/step {r['device'].get('ops_per_step')}, busy us/step {r['device'].get('busy_us_per_step')}")
+              f"ops/step {r['device'].get('ops_per_step')}, "
+              f"busy us/step {r['device'].get('busy_us_per_step')}")
 
 
 if __name__ == "__main__":

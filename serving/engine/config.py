@@ -43,6 +43,9 @@ class EngineConfig:
     # updated on every call (H200, benchmarks/ENGINE_NOTES.md); None: 2 with async scheduling on a GPU
     # (also with two steps in flight: 3 measured slower), else 1
     decode_graphs: int | None = None
+    # likewise for the packed prefill call, per capacity (its fixed-address buffers, step_programs.PrefillIO,
+    # stop the per-call update only where each executable has one call in flight); None: as decode_graphs
+    prefill_graphs: int | None = None
     # the runner issues its device calls from a thread of its own (launcher.Launcher): the decode
     # call's CUDA graph launch (~1.5 ms of host time on the H200) overlaps the engine's Python;
     # None: on with async scheduling on a GPU (nothing to overlap in synchronous steps or on the CPU)
@@ -64,6 +67,8 @@ class EngineConfig:
             raise ValueError("max_prefill_tokens_per_step must be >= 1")
         if self.decode_graphs not in (None, 1, 2, 3):
             raise ValueError(f"decode_graphs must be 1, 2, 3 or None (automatic), got {self.decode_graphs}")
+        if self.prefill_graphs not in (None, 1, 2, 3):
+            raise ValueError(f"prefill_graphs must be 1, 2, 3 or None (automatic), got {self.prefill_graphs}")
         if self.steps_in_flight not in (None, 1, 2):
             raise ValueError(f"steps_in_flight must be 1, 2 or None (automatic), got {self.steps_in_flight}")
 
@@ -74,7 +79,7 @@ class EngineConfig:
                     kv_dtype=self.dtype, impl=self.kernel_impl, tensor_parallel=self.tensor_parallel,
                     prefill_buckets=self.prefill_buckets, max_prefill_tokens=self.max_prefill_tokens_per_step,
                     decode_graphs=self.resolved_decode_graphs(), launch_thread=self.resolved_launch_thread(),
-                    poll_fetch=self.resolved_poll_fetch())
+                    prefill_graphs=self.resolved_prefill_graphs(), poll_fetch=self.resolved_poll_fetch())
 
     def resolved_decode_graphs(self) -> int:
         """decode_graphs, None resolved: two executables only where the graph would otherwise be
@@ -82,6 +87,9 @@ class EngineConfig:
         if self.decode_graphs is not None:
             return self.decode_graphs
         return 2 if self._async_on_gpu() else 1
+
+    def resolved_prefill_graphs(self) -> int:
+        return self.prefill_graphs if self.prefill_graphs is not None else self.resolved_decode_graphs()
 
     def resolved_steps_in_flight(self) -> int:
         """Steps the host may run ahead under async scheduling (0 without it)."""

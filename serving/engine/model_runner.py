@@ -35,16 +35,19 @@ from .launcher import Launcher
 from .slot_rows import SlotTables
 from .step_programs import (
     _DECODE_CALLS,
+    _PREFILL_CALLS,
     TRACE_COUNTS,
     DecodeInputs,
     DecodeIO,
     PrefillInputs,
+    PrefillIO,
     PrefillLayout,
     StepStatics,
     _collect_decode,
+    _collect_prefill,
     _fed_tokens,
-    _prefill_packed,
     _stage_decode,
+    _stage_prefill,
     intern_statics,
     pack_decode_inputs,
     pack_prefill_inputs,
@@ -69,14 +72,14 @@ class ModelRunner:
                  max_model_len: int, decode_steps: int = 1, kv_dtype: Any = None, impl: str = "auto",
                  probe: ProbeHead | None = None, tensor_parallel: int = 1,
                  prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512),
-                 max_prefill_tokens: int | None = None, decode_graphs: int = 1, launch_thread: bool = False,
-                 poll_fetch: bool = False):
+                 max_prefill_tokens: int | None = None, decode_graphs: int = 1, prefill_graphs: int = 1,
+                 launch_thread: bool = False, poll_fetch: bool = False):
         """`decode_graphs` 2 or 3: consecutive decode calls rotate over that many compiled copies of the
         step, each with its own DecodeIO. Under async scheduling call N is dispatched while N-1 runs, so
         XLA's temporary buffers of one executable alternate between two addresses and its CUDA graph is
         updated on every call; with one executable per call in flight each may find its own at the same
-        place again.
-        (EngineConfig checks the value.) `launch_thread`: the device calls are issued from a thread of
+        place again. `prefill_graphs`: likewise for each capacity of the packed prefill call.
+        (EngineConfig checks the values.) `launch_thread`: the device calls are issued from a thread of
         their own (launcher.Launcher), so a call's launch overlaps the engine's host work. `poll_fetch`:
         a step's outputs start their copy to the host as soon as the step is launched, and `fetch`
         polls their readiness instead of blocking in the transfer (see EngineConfig.poll_fetch)."""
@@ -139,6 +142,15 @@ class ModelRunner:
             out_probs=jnp.zeros((decode_steps, num_slots, max(bins, 1)), jnp.float32, device=tokens_on))
             for _ in range(decode_graphs)]
         self._turn = 0  # which decode executable (and its DecodeIO) the next call uses
+        # the packed prefill call's fixed-address buffers: per capacity (rows), one set per compiled copy
+        t_row, tap_width = self.prefill_row_tokens, self._prefill_layout.tap_width
+        self._prefill_ios = {cap // t_row: [PrefillIO(
+            packed=jnp.zeros((cap // t_row, self._prefill_layout.width), jnp.int32, device=tokens_on),
+            out_tokens=jnp.zeros(cap // t_row, jnp.int32, device=tokens_on),
+            out_probs=jnp.zeros((cap // t_row, max(bins, 1)), jnp.float32, device=tokens_on),
+            out_taps=jnp.zeros((cap // t_row, tap_width), jnp.float32, device=tokens_on))
+            for _ in range(prefill_graphs)] for cap in self.prefill_capacities}
+        self._prefill_turn = dict.fromkeys(self._prefill_ios, 0)
         self.statics = intern_statics(StepStatics(graphdef, probe_graphdef, layer, page_size, decode_steps,
                                                   impl, bins, mesh, treedef))
 
@@ -152,6 +164,11 @@ class ModelRunner:
     def decode_graphs(self) -> int:
         """How many compiled copies of the decode step the calls rotate over."""
         return len(self._ios)
+
+    @property
+    def prefill_graphs(self) -> int:
+        """How many compiled copies of the prefill step (per capacity) the calls rotate over."""
+        return len(next(iter(self._prefill_ios.values())))
 
     @property
     def launch_thread(self) -> bool:
@@ -272,10 +289,14 @@ class ModelRunner:
         return pack_prefill_inputs(inputs), layout, keep_taps
 
     def _prefill_call(self, packed: np.ndarray, layout: PrefillLayout, keep_taps: bool):
-        self._caches, token, probs, tap_acc = _prefill_packed(
+        rows = packed.shape[0]
+        ios, k = self._prefill_ios[rows], self._prefill_turn[rows]
+        self._prefill_turn[rows] = (k + 1) % len(ios)
+        io = _stage_prefill(ios[k], packed)
+        self._caches, ios[k] = _PREFILL_CALLS[k](
             self.statics, state=self._state_leaves, caches=self._caches, probe_state=self.probe_state,
-            packed=packed, layout=layout)
-        return token, probs, (tap_acc if keep_taps else None)
+            io=io, layout=layout)
+        return _collect_prefill(ios[k], probs=self.has_probe, taps=keep_taps)
 
     def swap_out(self, pages: list[int]) -> swap.SwappedKV:
         return swap.swap_out(self.caches, pages)

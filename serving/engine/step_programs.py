@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, fields
-from functools import partial
+from functools import partial, wraps
 from typing import Any, NamedTuple
 
 import jax
@@ -26,9 +26,9 @@ from ...models.sampling import sample_tokens
 from ...models.sharding import shard_attention_fn
 from .batch import SamplingRows
 
-__all__ = ["PagedMeta", "PrefillInputs", "PrefillLayout", "DecodeInputs", "DecodeIO", "StepStatics",
-           "make_paged_attention", "pack_decode_inputs", "pack_prefill_inputs", "intern_statics",
-           "TRACE_COUNTS", "BACKEND_COMPILES"]
+__all__ = ["PagedMeta", "PrefillInputs", "PrefillLayout", "PrefillIO", "DecodeInputs", "DecodeIO",
+           "StepStatics", "make_paged_attention", "pack_decode_inputs", "pack_prefill_inputs",
+           "intern_statics", "TRACE_COUNTS", "BACKEND_COMPILES"]
 
 
 class PagedMeta(NamedTuple):
@@ -101,6 +101,11 @@ class PrefillLayout(NamedTuple):
     row_tokens: int  # T
     table_width: int  # max_pages_per_seq
     tap_width: int  # d_model with a probe, else 0
+
+    @property
+    def width(self) -> int:
+        """Columns of the packed array."""
+        return self.row_tokens + _PREFILL_SCALARS + self.table_width + self.tap_width
 
 
 _PREFILL_SCALARS = 12  # start, q_lens, row_chunk, last_row, n_prompt, chunk_end, six sampling columns
@@ -229,24 +234,45 @@ def _probe_probs(st: StepStatics, probe_state, h: jax.Array) -> jax.Array:
     return nnx.merge(st.probe_graphdef, probe_state).probs(h)
 
 
-# the KV cache is donated (updated in place); the statics and the packing's layout are the jit cache key
-@partial(jax.jit, static_argnames=("st", "layout"), donate_argnames=("caches",))
-def _prefill_packed(st: StepStatics, state, caches, probe_state, packed: jax.Array, layout: PrefillLayout):
-    """Every prefill chunk of a step in one call; `packed`: pack_prefill_inputs' array. Rows [R, T] are
-    consecutive T-token pieces of the chunks (a chunk spans several rows; each layer writes all rows'
-    K/V before attending, so a row sees the rows before it). Per chunk c (up to R): the token after its
-    last one is sampled from row last_row[c]; the probe sees the running prompt-tap sum tap_in[c] plus
-    this call's prompt tokens."""
+class PrefillIO(NamedTuple):
+    """A packed prefill call's input and outputs in device buffers that keep their addresses (as
+    DecodeIO), one set per capacity and compiled copy: with fresh arrays every call the prefill
+    executable's CUDA graph was updated on each call (H200: ~1.0 ms of host time, ENGINE_NOTES.md)."""
+
+    packed: jax.Array  # [R, W] int32 pack_prefill_inputs' array
+    out_tokens: jax.Array  # [R] int32 per chunk: the token sampled after its last one
+    out_probs: jax.Array  # [R, max(K, 1)] f32 per chunk: the probe's bin probabilities (zeros without one)
+    out_taps: jax.Array  # [R, tap_width] f32 per chunk: the running prompt-tap sums
+
+
+@partial(jax.jit, donate_argnames=("io",))
+def _stage_prefill(io: PrefillIO, packed) -> PrefillIO:
+    """Write a prefill call's packed inputs into its donated buffer."""
+    return io._replace(packed=io.packed.at[:].set(packed))
+
+
+@partial(jax.jit, static_argnames=("probs", "taps"))
+def _collect_prefill(io: PrefillIO, probs: bool, taps: bool):
+    """Copies of the call's outputs (None where not wanted): a later call donates the buffers while the
+    host may still read these."""
+    return io.out_tokens + 0, (io.out_probs + 0 if probs else None), (io.out_taps + 0 if taps else None)
+
+
+def _prefill_program(st: StepStatics, state, caches, probe_state, io: PrefillIO, layout: PrefillLayout):
+    """Every prefill chunk of a step in one call; `io.packed`: pack_prefill_inputs' array. Rows [R, T]
+    are consecutive T-token pieces of the chunks (a chunk spans several rows; each layer writes all
+    rows' K/V before attending, so a row sees the rows before it). Per chunk c (up to R): the token
+    after its last one is sampled from row last_row[c]; the probe sees the running prompt-tap sum
+    tap_in[c] plus this call's prompt tokens. Outputs are written into io's buffers."""
     TRACE_COUNTS["prefill", st] += 1
-    inputs = _unpack_prefill_inputs(packed, layout)
+    inputs = _unpack_prefill_inputs(io.packed, layout)
     tokens, q_lens, tap_in = inputs.tokens, inputs.q_lens, inputs.tap_in
     positions, slot_mapping = _prefill_slots(inputs, st.page_size)
     model = _merge(st, state)
     meta = PagedMeta(slot_mapping, inputs.block_tables, inputs.start, q_lens)
     out = model(tokens, positions, caches, _attention(st), meta, tap_layer=st.probe_layer,
                 logits_index=jnp.maximum(q_lens - 1, 0))
-    token = _sample(out.logits[inputs.last_row], inputs.samp)
-    probs, tap_acc = None, tap_in
+    io = io._replace(out_tokens=io.out_tokens.at[:].set(_sample(out.logits[inputs.last_row], inputs.samp)))
     if st.probe_layer is not None:
         t = tokens.shape[1]
         n_prompt = inputs.n_prompt
@@ -255,7 +281,8 @@ def _prefill_packed(st: StepStatics, state, caches, probe_state, packed: jax.Arr
         tap_acc = tap_in + jax.ops.segment_sum(rows, inputs.row_chunk, num_segments=tap_in.shape[0])
         count = jnp.maximum(jnp.minimum(inputs.chunk_end, n_prompt), 1).astype(jnp.float32)
         probs = _probe_probs(st, probe_state, tap_acc / count[:, None])
-    return out.caches, token, probs, tap_acc
+        io = io._replace(out_probs=io.out_probs.at[:].set(probs), out_taps=io.out_taps.at[:].set(tap_acc))
+    return out.caches, io
 
 
 def pack_decode_inputs(inputs: DecodeInputs) -> np.ndarray:
@@ -344,22 +371,26 @@ def _decode_program(st: StepStatics, state, caches, probe_state, io: DecodeIO, f
                                out_probs=io.out_probs.at[:].set(out_probs))
 
 
-def _decode_copy(i: int):
+def _program_copy(program, i: int):
     """The same program under another name, so XLA compiles it as executable i of its own (see
-    `ModelRunner(decode_graphs=...)`)."""
+    `ModelRunner(decode_graphs=..., prefill_graphs=...)`)."""
     if i == 0:
-        return _decode_program
+        return program
 
-    def program(st: StepStatics, state, caches, probe_state, io: DecodeIO, filtered: bool = True):
-        return _decode_program(st, state, caches, probe_state, io, filtered)
+    @wraps(program)  # (its signature too: jit finds the static and donated arguments by name)
+    def copy(*args, **kwargs):
+        return program(*args, **kwargs)
 
-    program.__name__ = program.__qualname__ = f"_decode_program_{i}"
-    return program
+    copy.__name__ = copy.__qualname__ = f"{program.__name__}_{i}"
+    return copy
 
 
-_DECODE_JIT = {"static_argnames": ("st", "filtered"), "donate_argnames": ("caches", "io")}
-# the KV cache and the staged inputs/outputs are donated (updated in place); the statics are the jit key
-_DECODE_CALLS = tuple(jax.jit(_decode_copy(i), **_DECODE_JIT) for i in range(3))
+# the KV cache and the staged inputs/outputs are donated (updated in place); the statics (and the
+# prefill packing's layout, the decode step's sampling variant) are the jit key
+_DECODE_CALLS = tuple(jax.jit(_program_copy(_decode_program, i), static_argnames=("st", "filtered"),
+                              donate_argnames=("caches", "io")) for i in range(3))
+_PREFILL_CALLS = tuple(jax.jit(_program_copy(_prefill_program, i), static_argnames=("st", "layout"),
+                               donate_argnames=("caches", "io")) for i in range(3))
 
 
 @jax.jit

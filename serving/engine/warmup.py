@@ -39,6 +39,9 @@ def warm_up(engine: LLMEngine, report: Callable[[str], None] = log.info) -> floa
     plans = [p for p in (_prompts_for(c, prev, limit, row, cfg, new)
                          for prev, c in zip(prevs, caps, strict=True)) if p]
     vocab = int(engine.model_cfg.vocab_size)
+    shapes = len(plans)
+    # each prefill capacity once per compiled copy of the prefill step (prefill_graphs)
+    plans = [p for p in plans for _ in range(int(getattr(runner, "prefill_graphs", 1)))]
     for i, lengths in enumerate(plans, 1):
         report(f"warm-up {i}/{len(plans)}: compiling prefill of {sum(lengths)} tokens "
                f"({len(lengths)} prompt{'s' if len(lengths) > 1 else ''}) and the decode step")
@@ -50,7 +53,7 @@ def warm_up(engine: LLMEngine, report: Callable[[str], None] = log.info) -> floa
         while engine.has_unfinished():
             engine.step()
     took = time.perf_counter() - t0
-    report(f"warm-up done in {took:.1f}s ({len(plans)} prefill shapes)")
+    report(f"warm-up done in {took:.1f}s ({shapes} prefill shapes)")
     return took
 
 
