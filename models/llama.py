@@ -140,7 +140,7 @@ class Block(nnx.Module):
 
 
 class ModelOutput(NamedTuple):
-    logits: jax.Array  # [B, T, V], or [B, V] when logits_index is given
+    logits: jax.Array  # [B, T, V], or [B, V] / [B, K, V] when logits_index [B] / [B, K] is given
     caches: Any  # the updated per-layer caches (same structure as given)
     tap: jax.Array | None  # hidden state after layer `tap_layer`: [B, T, d_model]
     # (a tuple of layers gives them stacked: [n_taps, B, T, d_model])
@@ -167,7 +167,8 @@ class Llama(nnx.Module):
                  logits_index: jax.Array | None = None) -> ModelOutput:
         """tokens/positions [B, T]. `tap_layer` L returns the hidden state after layer L (0-based:
         L = 0 is the output of the first block). `logits_index` [B] picks one position per row before
-        the LM head, so prefill does not compute logits for every prompt token."""
+        the LM head, so prefill does not compute logits for every prompt token ([B, K]: K positions per
+        row, logits [B, K, V])."""
         cfg = self.cfg
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
@@ -186,7 +187,9 @@ class Llama(nnx.Module):
             if missing:
                 raise ValueError(f"tap layers {missing} out of range for {cfg.n_layers} layers")
             tap = jnp.stack([taps[t] for t in tap_layer])
-        if logits_index is not None:
+        if logits_index is not None and logits_index.ndim == 2:
+            x = jnp.take_along_axis(x, logits_index[:, :, None], axis=1)
+        elif logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
         x = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]

@@ -198,6 +198,44 @@ def test_async_equals_sync_tiny_model(model, probe, mode, k, pages, depth):
     assert_same_probe_outputs(*preds)
 
 
+@pytest.mark.parametrize("mode,pages,async_on,depth", [("recompute", 200, True, 2), ("swap", 26, True, 1),
+                                                       ("recompute", 200, False, 1)])
+def test_mixed_steps_equal_separate_prefill_and_decode_calls(model, probe, mode, pages, async_on, depth):
+    """EngineConfig.mixed_steps: a step's prefill chunks (probe-only prefills of waiting requests
+    included) and decode rows in one forward give every request the same tokens, text, finish reason,
+    remaining-length estimates and probe outputs as a prefill call then a decode call, and a step
+    makes one device call."""
+    reqs = mixed_requests(16, seed=13, vocab=CFG.vocab_size)
+    edges = np.linspace(0, 20, probe.cfg.num_bins + 1)
+    results, preds, engines = [], [], []
+    for mixed in (False, True):
+        cfg = model_config(preemption_mode=mode, num_pages=pages, policy=make_policy("trail"),
+                           mixed_steps=mixed, async_scheduling=async_on, steps_in_flight=depth)
+        pred = recording(TrailPredictor)(edges)
+        engine = LLMEngine(model, HexTok(), cfg, probe=probe, predictor=pred)
+        calls = []
+        real_execute = engine.runner.execute
+
+        def counting(batch, engine=engine, calls=calls, real_execute=real_execute):
+            before = engine.runner.calls
+            handle = real_execute(batch)
+            calls.append((bool(batch.prefills), bool(batch.decodes), engine.runner.calls - before))
+            return handle
+
+        engine.runner.execute = counting
+        results.append(run(engine, reqs, late_from=10, preempt_rate=0.05 if mode == "swap" else 0.0))
+        preds.append(pred.seen)
+        engines.append((engine, calls))
+    (two, two_calls), (one, one_calls) = engines
+    assert one.runner.mixed_steps and not two.runner.mixed_steps and one.probe_calls > 0
+    assert any(p and d for p, d, _ in one_calls)  # steps that prefill and decode together
+    assert all(n == 1 for _, _, n in one_calls)
+    assert any(n == 2 for _, _, n in two_calls)
+    assert one.runner.trace_counts["mixed"] > 0
+    assert_same(results[0], results[1], estimates=True)
+    assert_same_probe_outputs(*preds)
+
+
 @pytest.mark.parametrize("depth", [1, 2])
 def test_async_cancel_in_flight(model, depth):
     """A request cancelled while its step is in flight: its slot and pages come back, its late

@@ -108,26 +108,35 @@ def test_decode_graphs_rotate_and_give_the_same_tokens(graphs):
     assert [_addresses(io) for io in twin.runner._ios] == ios
 
 
+def _buffers(runner) -> dict:
+    return {rows: [_addresses(io) for io in ios] for rows, ios in [*runner._prefill_ios.items(),
+                                                                   *runner._mixed_ios.items()]}
+
+
+@pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize("graphs", [1, 2])
-def test_prefill_buffers_stay_put_and_rotate_per_capacity(graphs):
-    """The packed prefill call stages its inputs into and writes its outputs to donated buffers that
-    never move (its CUDA graph is not updated per call), one set per capacity and compiled copy, the
-    copies taken in turn per capacity; tokens equal the synchronous engine's, whose prefill is the same
-    program."""
+def test_prefill_buffers_stay_put_and_rotate_per_capacity(graphs, mixed):
+    """The packed prefill call (alone, or mixed with the decode rows) stages its inputs into and writes
+    its outputs to donated buffers that never move (its CUDA graph is not updated per call), one set
+    per capacity and compiled copy, the copies taken in turn per capacity; tokens equal the synchronous
+    engine's."""
     model = Llama(CFG, dtype=jnp.float32, rngs=nnx.Rngs(0))
     engine = LLMEngine(model, config=dataclasses.replace(_engine(model).config, prefill_graphs=graphs,
-                                                         prefill_buckets=(8, 16)))
+                                                         prefill_buckets=(8, 16), mixed_steps=mixed))
     runner = engine.runner
     assert runner.prefill_graphs == graphs and sorted(runner._prefill_ios) == [1, 2]  # 8 and 16 tokens
-    before = {rows: [_addresses(io) for io in ios] for rows, ios in runner._prefill_ios.items()}
+    assert runner.mixed_steps == mixed and len(runner._mixed_ios) == (2 if mixed else 0)
+    before = _buffers(runner)
     turns: list[tuple[int, int]] = []
-    real = runner._prefill_call
+    name = "_mixed_call" if mixed else "_prefill_call"
+    real = getattr(runner, name)
 
-    def recording(packed, *args):
-        turns.append((packed.shape[0], runner._prefill_turn[packed.shape[0]]))
-        return real(packed, *args)
+    def recording(pre, *args):
+        rows = (pre[0] if mixed else pre).shape[0]
+        turns.append((rows, runner._prefill_turn[rows]))
+        return real(pre, *args)
 
-    runner._prefill_call = recording
+    setattr(runner, name, recording)
     tokens: dict[str, list[int]] = {}
     prompts = {"a": [5, 6, 7], "b": list(range(3, 14)), "c": [8, 9], "d": list(range(20, 31))}
     for rid, ids in prompts.items():  # one at a time: four prefill calls, two per capacity
@@ -136,7 +145,7 @@ def test_prefill_buffers_stay_put_and_rotate_per_capacity(graphs):
             for out in engine.step():
                 tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
     assert turns == [(1, 0), (2, 0), (1, 1 % graphs), (2, 1 % graphs)]
-    assert {rows: [_addresses(io) for io in ios] for rows, ios in runner._prefill_ios.items()} == before
+    assert _buffers(runner) == before
     sync = LLMEngine(model, config=dataclasses.replace(engine.config, async_scheduling=False))
     want = {}
     for rid, ids in prompts.items():

@@ -46,6 +46,11 @@ class EngineConfig:
     # likewise for the packed prefill call, per capacity (its fixed-address buffers, step_programs.PrefillIO,
     # stop the per-call update only where each executable has one call in flight); None: as decode_graphs
     prefill_graphs: int | None = None
+    # a step's prefill chunks (probe-only prefills included) and its decode rows run in one forward
+    # (vLLM v1's unified batch) instead of a prefill call then a decode call: a small model's layers
+    # are ~400 latency-bound kernels, so the second call cost about a decode step of its own (H200,
+    # ENGINE_NOTES.md). One token per decode call only (decode_steps_per_call 1); False: two calls.
+    mixed_steps: bool = True
     # the runner issues its device calls from a thread of its own (launcher.Launcher): the decode
     # call's CUDA graph launch (~1.5 ms of host time on the H200) overlaps the engine's Python;
     # None: on with async scheduling on a GPU (nothing to overlap in synchronous steps or on the CPU)
@@ -79,7 +84,8 @@ class EngineConfig:
                     kv_dtype=self.dtype, impl=self.kernel_impl, tensor_parallel=self.tensor_parallel,
                     prefill_buckets=self.prefill_buckets, max_prefill_tokens=self.max_prefill_tokens_per_step,
                     decode_graphs=self.resolved_decode_graphs(), launch_thread=self.resolved_launch_thread(),
-                    prefill_graphs=self.resolved_prefill_graphs(), poll_fetch=self.resolved_poll_fetch())
+                    prefill_graphs=self.resolved_prefill_graphs(), poll_fetch=self.resolved_poll_fetch(),
+                    mixed_steps=self.mixed_steps)
 
     def resolved_decode_graphs(self) -> int:
         """decode_graphs, None resolved: two executables only where the graph would otherwise be

@@ -35,6 +35,7 @@ from .launcher import Launcher
 from .slot_rows import SlotTables
 from .step_programs import (
     _DECODE_CALLS,
+    _MIXED_CALLS,
     _PREFILL_CALLS,
     TRACE_COUNTS,
     DecodeInputs,
@@ -44,9 +45,11 @@ from .step_programs import (
     PrefillLayout,
     StepStatics,
     _collect_decode,
+    _collect_mixed,
     _collect_prefill,
     _fed_tokens,
     _stage_decode,
+    _stage_mixed,
     _stage_prefill,
     intern_statics,
     pack_decode_inputs,
@@ -73,7 +76,7 @@ class ModelRunner:
                  probe: ProbeHead | None = None, tensor_parallel: int = 1,
                  prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512),
                  max_prefill_tokens: int | None = None, decode_graphs: int = 1, prefill_graphs: int = 1,
-                 launch_thread: bool = False, poll_fetch: bool = False):
+                 launch_thread: bool = False, poll_fetch: bool = False, mixed_steps: bool = False):
         """`decode_graphs` 2 or 3: consecutive decode calls rotate over that many compiled copies of the
         step, each with its own DecodeIO. Under async scheduling call N is dispatched while N-1 runs, so
         XLA's temporary buffers of one executable alternate between two addresses and its CUDA graph is
@@ -82,7 +85,9 @@ class ModelRunner:
         (EngineConfig checks the values.) `launch_thread`: the device calls are issued from a thread of
         their own (launcher.Launcher), so a call's launch overlaps the engine's host work. `poll_fetch`:
         a step's outputs start their copy to the host as soon as the step is launched, and `fetch`
-        polls their readiness instead of blocking in the transfer (see EngineConfig.poll_fetch)."""
+        polls their readiness instead of blocking in the transfer (see EngineConfig.poll_fetch).
+        `mixed_steps` (one token per decode call only): a step with prefill chunks runs them and its
+        decode rows in one forward (see EngineConfig.mixed_steps)."""
         cfg = model.cfg
         self.prefill_buckets = tuple(prefill_buckets)
         # the packed prefill call: rows of prefill_row_tokens, total padded tokens one of these
@@ -112,6 +117,7 @@ class ModelRunner:
         # outputs are (an uncommitted stand-in is another compile of _fed_tokens); made once, here
         self._no_tokens = (jax.device_put(np.zeros((decode_steps, num_slots), np.int32), tokens_on),
                            jax.device_put(np.zeros(1, np.int32), tokens_on))
+        self._tokens_on = tokens_on
         self._launcher = Launcher(launch_thread)
         self.poll_fetch = poll_fetch
         self._caches = [(jnp.zeros(shape, kv_dtype, device=kv_dev), jnp.zeros(shape, kv_dtype, device=kv_dev))
@@ -151,6 +157,22 @@ class ModelRunner:
             out_taps=jnp.zeros((cap // t_row, tap_width), jnp.float32, device=tokens_on))
             for _ in range(prefill_graphs)] for cap in self.prefill_capacities}
         self._prefill_turn = dict.fromkeys(self._prefill_ios, 0)
+        # mixed steps (a step's prefill chunks and decode rows in one forward; one token per decode
+        # call only): each prefill buffer set gets decode buffers of its own, so every compiled copy of
+        # the mixed step always finds the same buffers
+        self.mixed_steps = mixed_steps and decode_steps == 1
+        self._mixed_ios = {rows: [DecodeIO(
+            tokens=jnp.zeros(num_slots, jnp.int32, device=tokens_on),
+            packed=jnp.zeros((num_slots, width), jnp.int32, device=tokens_on),
+            out_tokens=jnp.zeros((1, num_slots), jnp.int32, device=tokens_on),
+            out_probs=jnp.zeros((1, num_slots, max(bins, 1)), jnp.float32, device=tokens_on))
+            for _ in ios] for rows, ios in self._prefill_ios.items()} if self.mixed_steps else {}
+        empty = np.zeros(num_slots, np.int32)  # a mixed step with no decode rows: every row empty
+        samp = SamplingRows(np.zeros(num_slots, np.float32), np.ones(num_slots, np.float32), empty,
+                            empty.astype(np.uint32), empty, np.full((num_slots, 1), -1, np.int32))
+        tables = np.zeros((num_slots, self.max_pages_per_seq), np.int32)
+        no_rows = DecodeInputs(tokens=empty, positions=empty, n_valid=empty, block_tables=tables, samp=samp)
+        self._no_decode_rows = (jax.device_put(empty, tokens_on), pack_decode_inputs(no_rows), False, None)
         self.statics = intern_statics(StepStatics(graphdef, probe_graphdef, layer, page_size, decode_steps,
                                                   impl, bins, mesh, treedef))
 
@@ -183,7 +205,7 @@ class ModelRunner:
     @property
     def trace_counts(self) -> dict[str, int]:
         """Compilations of this runner's steps (shared with runners of equal statics)."""
-        return {k: TRACE_COUNTS[k, self.statics] for k in ("prefill", "decode")}
+        return {k: TRACE_COUNTS[k, self.statics] for k in ("prefill", "decode", "mixed")}
 
     # ---- the Runner interface (runner.py) ---------------------------------------------------
     def execute(self, batch: StepBatch):
@@ -215,22 +237,28 @@ class ModelRunner:
             # packed now: the launcher's thread may run while the next step rewrites the tables
             dec = (tokens, pack_decode_inputs(inputs), needs_filter(inputs.samp.temperature,
                    inputs.samp.top_p, inputs.samp.top_k), src if (src >= 0).any() else None)
-        self.calls += (pre is not None) + (dec is not None)
+        mixed = self.mixed_steps and pre is not None
+        self.calls += 1 if mixed else (pre is not None) + (dec is not None)
         self._issued = (pre is not None, dec is not None)
-        return self._launcher.submit(partial(self._launch, pre, dec))
+        return self._launcher.submit(partial(self._launch, pre, dec, mixed))
 
-    def _launch(self, pre, dec):
+    def _launch(self, pre, dec, mixed: bool = False):
         """The step's device calls, in order (on the launcher's thread when it has one)."""
         last_pre, last_dec = self._last
-        pre_out = self._prefill_call(*pre) if pre is not None else None
-        dec_out = None
         if dec is not None:
             tokens, packed, filtered, src = dec
-            if src is not None:
+            if src is not None:  # rows fed tokens of the call in flight
                 no_dec, no_pre = self._no_tokens
                 tokens = _fed_tokens(tokens, last_dec if last_dec is not None else no_dec,
                                      last_pre if last_pre is not None else no_pre, src)
-            dec_out = self._decode_call(tokens, packed, filtered)
+            else:  # committed, as _fed_tokens' output is: one compiled staging program, not two
+                tokens = jax.device_put(tokens, self._tokens_on)
+            dec = (tokens, packed, filtered, src)
+        if mixed:
+            pre_out, dec_out = self._mixed_call(pre, dec)
+        else:
+            pre_out = self._prefill_call(*pre[:3]) if pre is not None else None
+            dec_out = self._decode_call(*dec[:3]) if dec is not None else None
         self._last = tuple(out[0] if out is not None else None for out in (pre_out, dec_out))
         if self.poll_fetch:  # the device copies the outputs to the host right after the step
             for out in jax.tree_util.tree_leaves((pre_out, dec_out)):
@@ -253,9 +281,10 @@ class ModelRunner:
             out.decode_probs = np.asarray(host_dec[1]) if host_dec[1] is not None else None
         return out
 
-    def _prefill_inputs(self, batch: StepBatch) -> tuple[np.ndarray, PrefillLayout, bool]:
-        """The packed prefill call's one host array (pack_prefill_inputs), its layout, and whether the
-        running prompt-tap sums come back (a probe, and a prompt with chunks to come)."""
+    def _prefill_inputs(self, batch: StepBatch) -> tuple[np.ndarray, PrefillLayout, bool, bool]:
+        """The packed prefill call's one host array (pack_prefill_inputs), its layout, whether the
+        running prompt-tap sums come back (a probe, and a prompt with chunks to come), and whether some
+        chunk samples with top-p or top-k."""
         t_row = self.prefill_row_tokens
         pieces = []  # (chunk index, start position, tokens)
         for c, ch in enumerate(batch.prefills):
@@ -286,7 +315,9 @@ class ModelRunner:
                                block_tables=tables, tap_in=tap_in,
                                samp=_pad_rows(batch.prefill_sampling, r))
         keep_taps = self.has_probe and any(not ch.completes for ch in batch.prefills)
-        return pack_prefill_inputs(inputs), layout, keep_taps
+        samp = batch.prefill_sampling
+        return pack_prefill_inputs(inputs), layout, keep_taps, needs_filter(samp.temperature, samp.top_p,
+                                                                             samp.top_k)
 
     def _prefill_call(self, packed: np.ndarray, layout: PrefillLayout, keep_taps: bool):
         rows = packed.shape[0]
@@ -297,6 +328,24 @@ class ModelRunner:
             self.statics, state=self._state_leaves, caches=self._caches, probe_state=self.probe_state,
             io=io, layout=layout)
         return _collect_prefill(ios[k], probs=self.has_probe, taps=keep_taps)
+
+    def _mixed_call(self, pre, dec):
+        """A step's prefill chunks and decode rows in one forward (_mixed_program): per capacity its
+        compiled copies in turn, each with its own fixed-address buffers. -> (prefill, decode) outputs
+        as _prefill_call's and _decode_call's (decode None when the step has no decode rows)."""
+        packed, layout, keep_taps, pre_filtered = pre
+        tokens, dec_packed, dec_filtered, _ = dec if dec is not None else self._no_decode_rows
+        rows = packed.shape[0]
+        k = self._prefill_turn[rows]
+        self._prefill_turn[rows] = (k + 1) % len(self._prefill_ios[rows])
+        io, pio = _stage_mixed(self._mixed_ios[rows][k], self._prefill_ios[rows][k], tokens, dec_packed,
+                               packed)
+        self._caches, io, pio = _MIXED_CALLS[k](
+            self.statics, state=self._state_leaves, caches=self._caches, probe_state=self.probe_state,
+            io=io, pio=pio, layout=layout, filtered=bool(pre_filtered or dec_filtered))
+        self._mixed_ios[rows][k], self._prefill_ios[rows][k] = io, pio
+        pre_out, (out_tokens, out_probs) = _collect_mixed(io, pio, probs=self.has_probe, taps=keep_taps)
+        return pre_out, ((out_tokens, out_probs if self.has_probe else None) if dec is not None else None)
 
     def swap_out(self, pages: list[int]) -> swap.SwappedKV:
         return swap.swap_out(self.caches, pages)

@@ -40,6 +40,15 @@ class PagedMeta(NamedTuple):
     q_lens: jax.Array  # [B] number of valid new tokens (0 = inactive row)
 
 
+class MixedMeta(NamedTuple):
+    """A mixed step's attention metadata: S decode rows of one token, then R prefill rows of T tokens,
+    flattened into one [1, S + R * T] token batch (vLLM v1's unified batch)."""
+
+    slot_mapping: jax.Array  # [S + R * T] flat cache slot of every token, <0 skip
+    decode: PagedMeta  # the S decode rows (its slot_mapping: theirs)
+    prefill: PagedMeta  # the R prefill rows
+
+
 def _decode_lengths(meta: PagedMeta) -> jax.Array:
     """Decode: one query per row attends to [0, pos]; inactive rows (q_lens 0) to nothing."""
     return jnp.where(meta.q_lens > 0, meta.q_start + 1, 0).astype(jnp.int32)
@@ -57,15 +66,25 @@ def make_paged_attention(impl: str):
         return ops.prefill_attention(q, *caches, meta.q_start, meta.q_lens, meta.block_tables, impl=impl)
 
     def paged_attention(q, k, v, layer_cache, meta: PagedMeta):
+        if isinstance(meta, MixedMeta):
+            raise TypeError("a mixed step's attention takes the fused qkv (packed_qkv)")
         b, t, hkv, d = k.shape
         caches = tuple(ops.write_kv(*layer_cache, k.reshape(b * t, hkv, d), v.reshape(b * t, hkv, d),
                                     meta.slot_mapping, impl=impl))
         return attend(q, caches, meta), caches
 
-    def packed_qkv(qkv, layer_cache, meta: PagedMeta):  # qkv [B, T, Hkv, G + 2, D]
+    def packed_qkv(qkv, layer_cache, meta: PagedMeta | MixedMeta):  # qkv [B, T, Hkv, G + 2, D]
         b, t, hkv, g2, d = qkv.shape
         rows = qkv.reshape(b * t, hkv, g2, d)  # free
         caches = tuple(ops.write_kv_from_qkv(*layer_cache, rows, meta.slot_mapping, impl=impl))
+        if isinstance(meta, MixedMeta):  # every token's K/V written first: a prefill row sees the rows before
+            s, r = meta.decode.block_tables.shape[0], meta.prefill.block_tables.shape[0]
+            dec = ops.decode_attention_from_qkv(rows[:s], *caches, _decode_lengths(meta.decode),
+                                                meta.decode.block_tables, impl=impl)
+            q = unpack_qkv(rows[s:].reshape(r, (b * t - s) // r, hkv, g2, d))[0]
+            pre = attend(q, caches, meta.prefill)
+            out = jnp.concatenate([dec, pre.reshape(-1, *dec.shape[1:])])
+            return out.reshape(b, t, *dec.shape[1:]), caches
         if t == 1:
             out = ops.decode_attention_from_qkv(rows, *caches, _decode_lengths(meta), meta.block_tables,
                                                 impl=impl)[:, None]
@@ -266,7 +285,7 @@ def _prefill_program(st: StepStatics, state, caches, probe_state, io: PrefillIO,
     tap_in[c] plus this call's prompt tokens. Outputs are written into io's buffers."""
     TRACE_COUNTS["prefill", st] += 1
     inputs = _unpack_prefill_inputs(io.packed, layout)
-    tokens, q_lens, tap_in = inputs.tokens, inputs.q_lens, inputs.tap_in
+    tokens, q_lens = inputs.tokens, inputs.q_lens
     positions, slot_mapping = _prefill_slots(inputs, st.page_size)
     model = _merge(st, state)
     meta = PagedMeta(slot_mapping, inputs.block_tables, inputs.start, q_lens)
@@ -274,15 +293,71 @@ def _prefill_program(st: StepStatics, state, caches, probe_state, io: PrefillIO,
                 logits_index=jnp.maximum(q_lens - 1, 0))
     io = io._replace(out_tokens=io.out_tokens.at[:].set(_sample(out.logits[inputs.last_row], inputs.samp)))
     if st.probe_layer is not None:
-        t = tokens.shape[1]
-        n_prompt = inputs.n_prompt
-        valid = (jnp.arange(t)[None, :] < q_lens[:, None]) & (positions < n_prompt[inputs.row_chunk][:, None])
-        rows = jnp.sum(jnp.where(valid[..., None], out.tap.astype(jnp.float32), 0.0), axis=1)
-        tap_acc = tap_in + jax.ops.segment_sum(rows, inputs.row_chunk, num_segments=tap_in.shape[0])
-        count = jnp.maximum(jnp.minimum(inputs.chunk_end, n_prompt), 1).astype(jnp.float32)
-        probs = _probe_probs(st, probe_state, tap_acc / count[:, None])
+        tap_acc, probs = _prefill_probe(st, probe_state, inputs, positions, out.tap)
         io = io._replace(out_probs=io.out_probs.at[:].set(probs), out_taps=io.out_taps.at[:].set(tap_acc))
     return out.caches, io
+
+
+def _prefill_probe(st: StepStatics, probe_state, inputs: PrefillInputs, positions, tap) -> tuple:
+    """Per chunk: the running prompt-tap sum (tap_in plus this call's prompt tokens) and the probe's
+    bin probabilities on its mean. tap [R, T, d]: the rows' hidden states at the probe's layer."""
+    t = inputs.tokens.shape[1]
+    valid = ((jnp.arange(t)[None, :] < inputs.q_lens[:, None])
+             & (positions < inputs.n_prompt[inputs.row_chunk][:, None]))
+    rows = jnp.sum(jnp.where(valid[..., None], tap.astype(jnp.float32), 0.0), axis=1)
+    tap_acc = inputs.tap_in + jax.ops.segment_sum(rows, inputs.row_chunk, num_segments=inputs.tap_in.shape[0])
+    count = jnp.maximum(jnp.minimum(inputs.chunk_end, inputs.n_prompt), 1).astype(jnp.float32)
+    return tap_acc, _probe_probs(st, probe_state, tap_acc / count[:, None])
+
+
+def _mixed_program(st: StepStatics, state, caches, probe_state, io: DecodeIO, pio: PrefillIO,
+                   layout: PrefillLayout, filtered: bool = True):
+    """One forward for a step's decode rows and prefill chunks (one token per decode call only): the
+    S decode rows and the R x T prefill tokens go through every layer as one [1, S + R * T] batch, so
+    the layers' small kernels run (and launch) once; attention splits them (MixedMeta). The decode
+    rows' results go to `io`, the chunks' to `pio`, as _decode_program's and _prefill_program's."""
+    TRACE_COUNTS["mixed", st] += 1
+    dec = _unpack_decode_inputs(io.tokens, io.packed, 1)
+    pre = _unpack_prefill_inputs(pio.packed, layout)
+    s, (r, t) = dec.tokens.shape[0], pre.tokens.shape
+    ps, rows = st.page_size, jnp.arange(dec.tokens.shape[0])
+    live = dec.n_valid > 0
+    page = dec.block_tables[rows, jnp.minimum(dec.positions // ps, dec.block_tables.shape[1] - 1)]
+    dec_slots = jnp.where(live, page * ps + dec.positions % ps, -1)
+    pre_positions, pre_slots = _prefill_slots(pre, ps)
+    meta = MixedMeta(jnp.concatenate([dec_slots, pre_slots]),
+                     PagedMeta(dec_slots, dec.block_tables, dec.positions, live.astype(jnp.int32)),
+                     PagedMeta(pre_slots, pre.block_tables, pre.start, pre.q_lens))
+    tokens = jnp.concatenate([dec.tokens, pre.tokens.reshape(-1)])[None]
+    positions = jnp.concatenate([dec.positions, pre_positions.reshape(-1)])[None]
+    # logits for every decode row and, per chunk, its last token (row last_row[c], its q_len - 1)
+    last = s + pre.last_row * t + jnp.maximum(pre.q_lens[pre.last_row] - 1, 0)
+    out = _merge(st, state)(tokens, positions, caches, _attention(st), meta, tap_layer=st.probe_layer,
+                            logits_index=jnp.concatenate([rows, last])[None])
+    samp = SamplingRows(*(jnp.concatenate([a, b]) for a, b in zip(dec.samp, pre.samp, strict=True)))
+    new = _sample(out.logits[0], samp, 0, filtered)
+    io = io._replace(out_tokens=io.out_tokens.at[:].set(new[None, :s]))
+    pio = pio._replace(out_tokens=pio.out_tokens.at[:].set(new[s:]))
+    if st.probe_layer is not None:
+        tap = out.tap[0]
+        io = io._replace(out_probs=io.out_probs.at[:].set(_probe_probs(st, probe_state, tap[:s])[None]))
+        tap_acc, probs = _prefill_probe(st, probe_state, pre, pre_positions, tap[s:].reshape(r, t, -1))
+        pio = pio._replace(out_probs=pio.out_probs.at[:].set(probs), out_taps=pio.out_taps.at[:].set(tap_acc))
+    return out.caches, io, pio
+
+
+@partial(jax.jit, donate_argnames=("io", "pio"))
+def _stage_mixed(io: DecodeIO, pio: PrefillIO, tokens, packed, prefill_packed) -> tuple[DecodeIO, PrefillIO]:
+    """_stage_decode and _stage_prefill in one dispatch."""
+    io = io._replace(tokens=io.tokens.at[:].set(tokens.astype(jnp.int32)), packed=io.packed.at[:].set(packed))
+    return io, pio._replace(packed=pio.packed.at[:].set(prefill_packed))
+
+
+@partial(jax.jit, static_argnames=("probs", "taps"))
+def _collect_mixed(io: DecodeIO, pio: PrefillIO, probs: bool, taps: bool):
+    """_collect_prefill's and _collect_decode's copies in one dispatch."""
+    pre = (pio.out_tokens + 0, (pio.out_probs + 0 if probs else None), (pio.out_taps + 0 if taps else None))
+    return pre, (io.out_tokens + 0, io.out_probs + 0)
 
 
 def pack_decode_inputs(inputs: DecodeInputs) -> np.ndarray:
@@ -391,6 +466,8 @@ _DECODE_CALLS = tuple(jax.jit(_program_copy(_decode_program, i), static_argnames
                               donate_argnames=("caches", "io")) for i in range(3))
 _PREFILL_CALLS = tuple(jax.jit(_program_copy(_prefill_program, i), static_argnames=("st", "layout"),
                                donate_argnames=("caches", "io")) for i in range(3))
+_MIXED_CALLS = tuple(jax.jit(_program_copy(_mixed_program, i), static_argnames=("st", "layout", "filtered"),
+                             donate_argnames=("caches", "io", "pio")) for i in range(3))
 
 
 @jax.jit
