@@ -327,7 +327,8 @@ class ModelRunner:
         self._caches, ios[k] = _PREFILL_CALLS[k](
             self.statics, state=self._state_leaves, caches=self._caches, probe_state=self.probe_state,
             io=io, layout=layout)
-        return _collect_prefill(ios[k], probs=self.has_probe, taps=keep_taps)
+        token, probs, taps = _collect_prefill(ios[k], probs=self.has_probe)
+        return token, probs, (taps if keep_taps else None)
 
     def _mixed_call(self, pre, dec):
         """A step's prefill chunks and decode rows in one forward (_mixed_program): per capacity its
@@ -344,7 +345,8 @@ class ModelRunner:
             self.statics, state=self._state_leaves, caches=self._caches, probe_state=self.probe_state,
             io=io, pio=pio, layout=layout, filtered=bool(pre_filtered or dec_filtered))
         self._mixed_ios[rows][k], self._prefill_ios[rows][k] = io, pio
-        pre_out, (out_tokens, out_probs) = _collect_mixed(io, pio, probs=self.has_probe, taps=keep_taps)
+        (token, probs, taps), (out_tokens, out_probs) = _collect_mixed(io, pio, probs=self.has_probe)
+        pre_out = (token, probs, taps if keep_taps else None)
         return pre_out, ((out_tokens, out_probs if self.has_probe else None) if dec is not None else None)
 
     def swap_out(self, pages: list[int]) -> swap.SwappedKV:

@@ -270,11 +270,12 @@ def _stage_prefill(io: PrefillIO, packed) -> PrefillIO:
     return io._replace(packed=io.packed.at[:].set(packed))
 
 
-@partial(jax.jit, static_argnames=("probs", "taps"))
-def _collect_prefill(io: PrefillIO, probs: bool, taps: bool):
-    """Copies of the call's outputs (None where not wanted): a later call donates the buffers while the
-    host may still read these."""
-    return io.out_tokens + 0, (io.out_probs + 0 if probs else None), (io.out_taps + 0 if taps else None)
+@partial(jax.jit, static_argnames=("probs",))
+def _collect_prefill(io: PrefillIO, probs: bool):
+    """Copies of the call's outputs (probs None without a probe): a later call donates the buffers
+    while the host may still read these. The taps are always copied (a few KB), so whether a step
+    keeps them is no second compiled variant met first under traffic."""
+    return io.out_tokens + 0, (io.out_probs + 0 if probs else None), io.out_taps + 0
 
 
 def _prefill_program(st: StepStatics, state, caches, probe_state, io: PrefillIO, layout: PrefillLayout):
@@ -353,11 +354,10 @@ def _stage_mixed(io: DecodeIO, pio: PrefillIO, tokens, packed, prefill_packed) -
     return io, pio._replace(packed=pio.packed.at[:].set(prefill_packed))
 
 
-@partial(jax.jit, static_argnames=("probs", "taps"))
-def _collect_mixed(io: DecodeIO, pio: PrefillIO, probs: bool, taps: bool):
+@partial(jax.jit, static_argnames=("probs",))
+def _collect_mixed(io: DecodeIO, pio: PrefillIO, probs: bool):
     """_collect_prefill's and _collect_decode's copies in one dispatch."""
-    pre = (pio.out_tokens + 0, (pio.out_probs + 0 if probs else None), (pio.out_taps + 0 if taps else None))
-    return pre, (io.out_tokens + 0, io.out_probs + 0)
+    return _collect_prefill(pio, probs), (io.out_tokens + 0, io.out_probs + 0)
 
 
 def pack_decode_inputs(inputs: DecodeInputs) -> np.ndarray:

@@ -40,16 +40,22 @@ def warm_up(engine: LLMEngine, report: Callable[[str], None] = log.info) -> floa
                          for prev, c in zip(prevs, caps, strict=True)) if p]
     vocab = int(engine.model_cfg.vocab_size)
     shapes = len(plans)
-    # each prefill capacity once per compiled copy of the prefill step (prefill_graphs)
-    plans = [p for p in plans for _ in range(int(getattr(runner, "prefill_graphs", 1)))]
-    for i, lengths in enumerate(plans, 1):
+    # each prefill capacity once per compiled copy of the prefill step (prefill_graphs); a mixed step
+    # (prefill and decode rows in one forward) also has a variant that sorts the vocabulary for top-p
+    # or top-k: both, or the first such request would compile it under traffic
+    copies = int(getattr(runner, "prefill_graphs", 1))
+    top_ps = (1.0, 0.9) if getattr(runner, "mixed_steps", False) else (1.0,)
+    # (copies innermost: consecutive calls of a capacity take its copies in turn)
+    plans = [(p, top_p) for p in plans for top_p in top_ps for _ in range(copies)]
+    for i, (lengths, top_p) in enumerate(plans, 1):
         report(f"warm-up {i}/{len(plans)}: compiling prefill of {sum(lengths)} tokens "
                f"({len(lengths)} prompt{'s' if len(lengths) > 1 else ''}) and the decode step")
+        params = SamplingParams(max_tokens=new, ignore_eos=True, temperature=1.0 if top_p < 1 else 0.0,
+                                top_p=top_p, seed=0)
         for j, n in enumerate(lengths):  # added together: one step packs them into one call
             ids = (np.arange(n) % max(1, vocab - 3) + 3).tolist()  # any valid ids: only shapes matter
             # its length is known (ignore_eos): srpt-oracle engines warm up too
-            engine.add_request(f"__warmup-{i}-{j}", ids, SamplingParams(max_tokens=new, ignore_eos=True),
-                               oracle_length=new)
+            engine.add_request(f"__warmup-{i}-{j}", ids, params, oracle_length=new)
         while engine.has_unfinished():
             engine.step()
     took = time.perf_counter() - t0
