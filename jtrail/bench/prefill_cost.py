@@ -8,14 +8,16 @@ decode-only step (4.7 against 2.4-2.5 ms medians in the replay benchmark's step 
 much as a whole decode step, and in overload that extra time queues every later arrival.
 
 Method: random SmolLM2-135M weights (the tiny shape on a CPU, to check the script), batch 32 slots, the
-engine's defaults. `decode_rows` requests run as already prefilled at ctx 512 and never finish in the
-run; the other slots take the arrivals. Windows alternate, in one engine: a decode-only window
-(nothing added) and, per prompt length P, a window where every step adds one request of P random
-tokens and max_tokens 1 (it prefills, samples its one token and leaves). Per window: wall ms per step
-and prefill calls per step (the runner's call count). The marginal cost of a prefill call is
-(prefill window's ms - decode window's ms) / prefill calls per step. Then one profiled window per P:
-the host spans of the graph launches and updates and the GPU's ops by name (graph_modes' helpers).
-Run it from two trees (two processes, alternating) to compare them; the figures are this machine's.
+engine's defaults but for three prefill capacities. One engine per variant (VARIANTS: a step's prefill
+as a call of its own, `mixed_steps=False`, or in one forward with the decode rows), in one process.
+In each, DECODE_ROWS requests run as already prefilled at ctx 512 and never finish in the run; the
+other slots take the arrivals. Windows in rotating order over (variant, P): P = 0 adds nothing (decode
+only); otherwise every step adds one request of P random tokens and max_tokens 1 (it prefills, samples
+its one token and leaves), so every step prefills. Per window: wall ms per step and device calls per
+step (the runner's count). What a prefill adds to a step: the P window's ms - the decode-only
+window's, same engine. Then one profiled window per (variant, P): the host spans of the graph
+launches and updates and the GPU's ops by name (graph_modes' helpers). A tree without `mixed_steps`
+(an older commit) runs the first variant only.
 """
 
 from __future__ import annotations
@@ -33,35 +35,44 @@ from jtrail.bench.engine_decode import place_prefilled, wait_in_flight
 from jtrail.bench.graph_modes import device_work, graph_spans
 
 SLOTS, DECODE_ROWS, CTX = 32, 28, 512
+# engine variants measured in one process (EngineConfig fields); a tree without a field is measured
+# with "two_calls" only
+VARIANTS = {"two_calls": {"mixed_steps": False}, "mixed": {"mixed_steps": True}}
 
 
-def _engine(model, cpu: bool):
+def _engine(model, cpu: bool, config: dict):
     from jtrail.serving.engine.config import EngineConfig
     from jtrail.serving.engine.llm_engine import LLMEngine
 
     ctx = 32 if cpu else CTX
     max_len = ctx + 4000
+    # three prefill capacities (16, 32, 256 tokens): the ones the windows use, few compilations
     cfg = EngineConfig(kernel_impl="reference" if cpu else "auto", num_slots=SLOTS, page_size=16,
-                       num_pages=SLOTS * (max_len // 16 + 2) + 1, max_model_len=max_len, max_queue=4096)
+                       num_pages=SLOTS * (max_len // 16 + 2) + 1, max_model_len=max_len, max_queue=4096,
+                       prefill_buckets=(16, 32, 256), max_prefill_tokens_per_step=256, **config)
     engine = LLMEngine(model, config=cfg)
-    engine.warmup()
     place_prefilled(engine, DECODE_ROWS, ctx, 3900, np.random.default_rng(0))
     return engine
 
 
 def run(label: str, prompt_lens: tuple[int, ...], windows: int, steps: int) -> dict:
+    import dataclasses
+
     import jax
 
     from jtrail.bench import step_breakdown as sb
+    from jtrail.serving.engine.config import EngineConfig
 
     cpu = jax.default_backend() == "cpu"
     model = sb.random_model(sb.CFG, seed=0)
-    engine = _engine(model, cpu)
-    vocab = int(engine.model_cfg.vocab_size)
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    engines = {v: _engine(model, cpu, {k: x for k, x in c.items() if k in fields})
+               for v, c in VARIANTS.items() if set(c) <= fields or v == "two_calls"}
+    vocab = int(model.cfg.vocab_size)
     rng = np.random.default_rng(1)
     added = [0]
 
-    def window(plen: int, n: int) -> tuple[float, float]:
+    def window(engine, plen: int, n: int) -> tuple[float, float]:
         calls0 = engine.runner.calls
         t0 = time.perf_counter()
         for _ in range(n):
@@ -72,34 +83,35 @@ def run(label: str, prompt_lens: tuple[int, ...], windows: int, steps: int) -> d
             engine.step()
         wait_in_flight(engine)
         ms = 1e3 * (time.perf_counter() - t0) / n
-        return ms, (engine.runner.calls - calls0) / n - 1.0  # the decode call is one a step
+        return ms, (engine.runner.calls - calls0) / n
 
-    variants = (0, *prompt_lens)
-    for v in variants:
-        window(v, 10)
-    rows: dict = {v: {"step_ms": [], "prefill_calls_per_step": []} for v in variants}
+    cells = [(v, p) for v in engines for p in (0, *prompt_lens)]
+    for v, p in cells:  # untimed: compiles what the windows use (each compiled copy)
+        window(engines[v], p, 10)
+    rows: dict = {cell: {"step_ms": [], "calls_per_step": []} for cell in cells}
     for i in range(windows):
-        order = variants[i % len(variants):] + variants[:i % len(variants)]
-        for v in order:
-            ms, pre = window(v, steps)
-            rows[v]["step_ms"].append(round(ms, 3))
-            rows[v]["prefill_calls_per_step"].append(round(pre, 3))
-    decode_ms = float(np.mean(rows[0]["step_ms"]))
+        for v, p in cells[i % len(cells):] + cells[:i % len(cells)]:
+            ms, calls = window(engines[v], p, steps)
+            rows[v, p]["step_ms"].append(round(ms, 3))
+            rows[v, p]["calls_per_step"].append(round(calls, 3))
     out: dict = {"label": label, "jax": jax.__version__, "device": jax.devices()[0].device_kind,
                  "slots": SLOTS, "decode_rows": DECODE_ROWS, "ctx": 32 if cpu else CTX,
-                 "windows": windows, "steps_per_window": steps, "decode_only": rows[0]}
-    for plen in prompt_lens:
-        r = rows[plen]
-        ms, calls = float(np.mean(r["step_ms"])), float(np.mean(r["prefill_calls_per_step"]))
-        r["marginal_ms_per_prefill_call"] = round((ms - decode_ms) / max(calls, 1e-9), 3)
-        trace = tempfile.mkdtemp()
-        jax.profiler.start_trace(trace)
-        window(plen, 20)
-        jax.profiler.stop_trace()
-        r["spans"] = graph_spans(trace)
-        r["device"] = device_work(trace, 20)
-        shutil.rmtree(trace)
-        out[f"prompt_{plen}"] = r
+                 "windows": windows, "steps_per_window": steps, "variants": {}}
+    for v, engine in engines.items():
+        decode_ms = float(np.mean(rows[v, 0]["step_ms"]))
+        res: dict = {"config": VARIANTS[v], "decode_only": rows[v, 0]}
+        for plen in prompt_lens:
+            r = rows[v, plen]
+            r["added_ms_per_step"] = round(float(np.mean(r["step_ms"])) - decode_ms, 3)
+            trace = tempfile.mkdtemp()
+            jax.profiler.start_trace(trace)
+            window(engine, plen, 20)
+            jax.profiler.stop_trace()
+            r["spans"] = graph_spans(trace)
+            r["device"] = device_work(trace, 20)
+            shutil.rmtree(trace)
+            res[f"prompt_{plen}"] = r
+        out["variants"][v] = res
     return out
 
 
@@ -114,18 +126,19 @@ def main(argv: list[str]) -> None:
     import jax
 
     cpu = jax.default_backend() == "cpu"
-    res = run(label, (16, 256) if cpu else (32, 256), windows=2 if cpu else 6, steps=8 if cpu else 100)
+    res = run(label, (16, 256) if cpu else (32, 256), windows=2 if cpu else 4, steps=8 if cpu else 100)
     path = os.path.join(os.environ.get("OUT") or ".", f"prefill_cost_{label}.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
-    print(f"{label}: decode-only {np.mean(res['decode_only']['step_ms']):.3f} ms/step")
-    for key in [k for k in res if k.startswith("prompt_")]:
-        r = res[key]
-        print(f"{label}: {key}: {np.mean(r['step_ms']):.3f} ms/step, "
-              f"{np.mean(r['prefill_calls_per_step']):.2f} prefill calls/step, "
-              f"+{r['marginal_ms_per_prefill_call']:.3f} ms per prefill call; "
-              f"ops/step {r['device'].get('ops_per_step')}, "
-              f"busy us/step {r['device'].get('busy_us_per_step')}")
+    for v, r in res["variants"].items():
+        print(f"{label} {v}: decode-only {np.mean(r['decode_only']['step_ms']):.3f} ms/step")
+        for key in [k for k in r if k.startswith("prompt_")]:
+            p = r[key]
+            print(f"{label} {v}: {key}: {np.mean(p['step_ms']):.3f} ms/step "
+                  f"(+{p['added_ms_per_step']:.3f} over decode-only), "
+                  f"{np.mean(p['calls_per_step']):.2f} device calls/step; "
+                  f"ops/step {p['device'].get('ops_per_step')}, "
+                  f"busy us/step {p['device'].get('busy_us_per_step')}")
 
 
 if __name__ == "__main__":
