@@ -4,8 +4,11 @@
 The cache is a list (one per layer) of (k_pages, v_pages), each [Hkv, num_pages, page_size, D],
 donated through every jitted call so XLA updates it in place. Shapes are static: decode always runs
 all `num_slots` rows for `decode_steps` steps; prefill runs every chunk of the step in one packed
-call padded to one of at most len(prefill_buckets) capacities (batch.prefill_layout), so the number
-of compilations is 1 + len(prefill_buckets) (+ swap buckets, see swap.py).
+call padded to one of at most len(prefill_buckets) capacities (batch.prefill_layout). With mixed steps
+(one token per decode call) a step that prefills runs its chunks and its decode rows in that one call
+(step_programs._mixed_program); otherwise a prefill call, then a decode call. Compilations: per
+capacity and compiled copy (prefill_graphs) the prefill or mixed step (mixed: also a variant that
+sorts the vocabulary), and the decode step per copy (decode_graphs) and variant (+ swap buckets).
 
 Each call returns sampled tokens and, when a probe is loaded, the probe's bin probabilities computed
 in the same graph from the tap (hidden state after `probe.cfg.layer`). With no probe, tap_layer is

@@ -12,9 +12,10 @@ or preempt a running request to learn it (measured on the H200: 4 preemptions pe
 waiting request gets one probe-only prefill: its prompt runs into pages borrowed for the step and
 returned right after the runner's call (the sampled token and the KV are dropped; the real prefill on
 admission gives the same probe output). Its prediction ranks it from the next step on. Prompts
-longer than the budget left, or with no pages free, stay unknown (and never preempt). A step with a
-prefill call costs ~2 ms more than a decode-only one on the H200, while further chunks in that call cost
-little, so a policy's `probe_hold_s` lets the probes wait that long for a step that prefills anyway.
+longer than the budget left, or with no pages free, stay unknown (and never preempt). A step that
+prefills costs more than a decode-only one while further chunks in it cost little (H200: ~2 ms with a
+prefill call of its own; ~1 ms since prefill chunks ride in the decode rows' forward, mixed steps), so
+a policy's `probe_hold_s` lets the probes wait that long for a step that prefills anyway.
 A policy with `arrival_estimate="host"` gets none: the engine gives each request a prompt estimator's estimate
 when it arrives (LLMEngine.add_request).
 
