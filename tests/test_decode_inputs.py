@@ -15,7 +15,7 @@ from jtrail.models.llama import Llama
 from jtrail.models.sampling import needs_filter, sample_tokens
 from jtrail.serving.engine.batch import SamplingRows
 from jtrail.serving.engine.llm_engine import EngineConfig, LLMEngine
-from jtrail.serving.engine.step_programs import (
+from jtrail.serving.engine.step_inputs import (
     DecodeInputs,
     PrefillInputs,
     PrefillLayout,

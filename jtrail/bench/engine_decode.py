@@ -92,7 +92,7 @@ def decode_call(runner, tokens, positions, n_valid, tables, samp):
     """A no-argument function making one jitted decode call with these inputs: named inputs today,
     positional arrays in the baseline tree (resolved once, outside the timed loop)."""
     try:
-        from jtrail.serving.engine.step_programs import DecodeInputs
+        from jtrail.serving.engine.step_inputs import DecodeInputs
     except ModuleNotFoundError:
         return lambda: runner.decode(tokens, positions, n_valid, tables, samp)
     inputs = DecodeInputs(tokens=tokens, positions=positions, n_valid=n_valid, block_tables=tables, samp=samp)

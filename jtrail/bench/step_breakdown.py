@@ -36,6 +36,7 @@ from jtrail.kernels import ops
 from jtrail.kernels import paged_attention_gpu as pag
 from jtrail.models.config import named_config
 from jtrail.models.loader import random_model
+from jtrail.serving.engine import step_inputs
 from jtrail.serving.engine import step_programs as sp
 from jtrail.serving.engine.config import EngineConfig
 from jtrail.serving.engine.llm_engine import LLMEngine
@@ -68,14 +69,15 @@ def timed(f: Callable[[], object], n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def decode_inputs(engine: LLMEngine) -> sp.DecodeInputs:
+def decode_inputs(engine: LLMEngine) -> step_inputs.DecodeInputs:
     b, r = engine.config.num_slots, engine.runner
     positions, tables = np.zeros(b, np.int32), np.zeros((b, r.max_pages_per_seq), np.int32)
     for q in engine.running:
         positions[q.slot] = q.num_tokens - 1
         tables[q.slot, :len(q.block_table)] = q.block_table
-    return sp.DecodeInputs(tokens=np.zeros(b, np.int32), positions=positions, n_valid=np.ones(b, np.int32),
-                           block_tables=tables, samp=engine._sampling_rows([None] * b, 1))
+    return step_inputs.DecodeInputs(tokens=np.zeros(b, np.int32), positions=positions,
+                                    n_valid=np.ones(b, np.int32), block_tables=tables,
+                                    samp=engine._sampling_rows([None] * b, 1))
 
 
 def host_breakdown(model, b: int, asyn: bool, n: int = 150) -> dict:

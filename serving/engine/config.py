@@ -43,7 +43,7 @@ class EngineConfig:
     # updated on every call (H200, benchmarks/ENGINE_NOTES.md); None: 2 with async scheduling on a GPU
     # (also with two steps in flight: 3 measured slower), else 1
     decode_graphs: int | None = None
-    # likewise for the packed prefill call, per capacity (its fixed-address buffers, step_programs.PrefillIO,
+    # likewise for the packed prefill call, per capacity (its fixed-address buffers, step_buffers.PrefillIO,
     # stop the per-call update only where each executable has one call in flight); None: as decode_graphs
     prefill_graphs: int | None = None
     # a step's prefill chunks (probe-only prefills included) and its decode rows run in one forward

@@ -36,27 +36,25 @@ from . import swap
 from .batch import EMPTY_ROW, SamplingRows, StepBatch, StepOutput, prefill_layout
 from .launcher import Launcher
 from .slot_rows import SlotTables
+from .step_buffers import (
+    DecodeIO,
+    PrefillIO,
+    _collect_decode,
+    _collect_mixed,
+    _collect_prefill,
+    _stage_decode,
+    _stage_mixed,
+    _stage_prefill,
+)
+from .step_inputs import DecodeInputs, PrefillInputs, PrefillLayout, pack_decode_inputs, pack_prefill_inputs
 from .step_programs import (
     _DECODE_CALLS,
     _MIXED_CALLS,
     _PREFILL_CALLS,
     TRACE_COUNTS,
-    DecodeInputs,
-    DecodeIO,
-    PrefillInputs,
-    PrefillIO,
-    PrefillLayout,
     StepStatics,
-    _collect_decode,
-    _collect_mixed,
-    _collect_prefill,
     _fed_tokens,
-    _stage_decode,
-    _stage_mixed,
-    _stage_prefill,
     intern_statics,
-    pack_decode_inputs,
-    pack_prefill_inputs,
 )
 
 __all__ = ["ModelRunner"]

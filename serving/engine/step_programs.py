@@ -1,23 +1,23 @@
-"""The engine's device programs: the jitted prefill and decode steps and their inputs.
+"""The engine's device programs: the jitted prefill, decode and mixed steps.
 
 `ModelRunner` (model_runner.py) owns the state these take (weights as flat leaves, the paged KV cache,
-the decode call's fixed-address buffers) and calls them; here is what runs on the device. The steps
-are module-level functions keyed on `StepStatics` (static jit arguments), so engines share compiled
-code. Prefill runs every chunk of a step in one packed call; decode runs `decode_steps` tokens for
-every slot, its inputs staged into donated buffers that keep their addresses (CUDA graphs are not
-updated), rotating over up to three compiled copies of the step (`_DECODE_CALLS`).
+the fixed-address buffers of step_buffers.py) and calls them; here is what runs on the device. Their
+inputs come packed (step_inputs.py). The steps are module-level functions keyed on `StepStatics`
+(static jit arguments), so engines share compiled code. Prefill runs every chunk of a step in one
+packed call; decode runs `decode_steps` tokens for every slot; a mixed step runs a step's chunks and
+decode rows in one forward. Each rotates over up to three compiled copies (`_DECODE_CALLS`, ...), so a
+copy's CUDA graph finds its buffers where it left them.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, fields
-from functools import partial, wraps
+from functools import wraps
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from ...kernels import ops
@@ -25,10 +25,17 @@ from ...models.attention import unpack_qkv
 from ...models.sampling import sample_tokens
 from ...models.sharding import shard_attention_fn
 from .batch import SamplingRows
+from .step_buffers import DecodeIO, PrefillIO
+from .step_inputs import (
+    PrefillInputs,
+    PrefillLayout,
+    _prefill_slots,
+    _unpack_decode_inputs,
+    _unpack_prefill_inputs,
+)
 
-__all__ = ["PagedMeta", "PrefillInputs", "PrefillLayout", "PrefillIO", "DecodeInputs", "DecodeIO",
-           "StepStatics", "make_paged_attention", "pack_decode_inputs", "pack_prefill_inputs",
-           "intern_statics", "TRACE_COUNTS", "BACKEND_COMPILES"]
+__all__ = ["PagedMeta", "MixedMeta", "StepStatics", "make_paged_attention", "intern_statics", "TRACE_COUNTS",
+           "BACKEND_COMPILES"]
 
 
 class PagedMeta(NamedTuple):
@@ -94,91 +101,6 @@ def make_paged_attention(impl: str):
 
     paged_attention.packed_qkv = packed_qkv
     return paged_attention
-
-
-class PrefillInputs(NamedTuple):
-    """One packed prefill call's inputs: R rows of T tokens, and per chunk c (up to R) its results'
-    row and prompt (int32 host arrays except tap_in and samp). They travel to the device as one int32
-    array (pack_prefill_inputs); the tokens' positions and KV slots are derived in the graph."""
-
-    tokens: Any  # [R, T] the rows' tokens (consecutive T-token pieces of the step's chunks)
-    start: Any  # [R] position of the row's first token (its tokens are at start, start + 1, ...)
-    q_lens: Any  # [R] valid tokens in the row (0 = pad row)
-    row_chunk: Any  # [R] the chunk a row belongs to
-    last_row: Any  # [R] per chunk: the row holding its last token (the next token is sampled there)
-    n_prompt: Any  # [R] per chunk: its sequence's prompt length (the probe taps prompt tokens only)
-    chunk_end: Any  # [R] per chunk: the position after its last token
-    block_tables: Any  # [R, max_pages_per_seq] the row's sequence's pages
-    tap_in: Any  # [R, d_model] f32 per chunk: the running prompt-tap sum from its earlier chunks ([R, 0]
-    # without a probe)
-    samp: SamplingRows  # per chunk
-
-
-class PrefillLayout(NamedTuple):
-    """The widths of pack_prefill_inputs' column groups (static: a jit argument)."""
-
-    row_tokens: int  # T
-    table_width: int  # max_pages_per_seq
-    tap_width: int  # d_model with a probe, else 0
-
-    @property
-    def width(self) -> int:
-        """Columns of the packed array."""
-        return self.row_tokens + _PREFILL_SCALARS + self.table_width + self.tap_width
-
-
-_PREFILL_SCALARS = 12  # start, q_lens, row_chunk, last_row, n_prompt, chunk_end, six sampling columns
-
-
-def pack_prefill_inputs(inputs: PrefillInputs) -> np.ndarray:
-    """Every host input of the packed prefill call in one int32 [R, T + 12 + P + d] array (floats
-    bit-cast): one host-to-device copy where there were sixteen (as pack_decode_inputs; positions and
-    KV slots are derived in the graph, _prefill_slots)."""
-    s = inputs.samp
-    ints = [inputs.start, inputs.q_lens, inputs.row_chunk, inputs.last_row, inputs.n_prompt, inputs.chunk_end]
-    cols = [np.asarray(c, np.int32) for c in ints]
-    as_bits = [np.asarray(x, np.float32).view(np.int32) for x in (s.temperature, s.top_p)]
-    cols += [*as_bits, np.asarray(s.top_k, np.int32), np.asarray(s.seed, np.uint32).view(np.int32),
-             np.asarray(s.gen_index, np.int32), np.asarray(s.forced, np.int32).reshape(-1)]
-    return np.concatenate([np.asarray(inputs.tokens, np.int32), np.stack(cols, axis=1),
-                           np.asarray(inputs.block_tables, np.int32),
-                           np.asarray(inputs.tap_in, np.float32).view(np.int32)], axis=1)
-
-
-def _unpack_prefill_inputs(packed: jax.Array, layout: PrefillLayout) -> PrefillInputs:
-    """pack_prefill_inputs' inverse, inside the jitted step (static column slices)."""
-    t, p = layout.row_tokens, layout.table_width
-    col = [packed[:, t + i] for i in range(_PREFILL_SCALARS)]
-    as_f32 = partial(jax.lax.bitcast_convert_type, new_dtype=jnp.float32)
-    samp = SamplingRows(temperature=as_f32(col[6]), top_p=as_f32(col[7]), top_k=col[8],
-                        seed=jax.lax.bitcast_convert_type(col[9], jnp.uint32), gen_index=col[10],
-                        forced=col[11][:, None])
-    tables_at = t + _PREFILL_SCALARS
-    return PrefillInputs(tokens=packed[:, :t], start=col[0], q_lens=col[1], row_chunk=col[2], last_row=col[3],
-                         n_prompt=col[4], chunk_end=col[5], block_tables=packed[:, tables_at:tables_at + p],
-                         tap_in=as_f32(packed[:, tables_at + p:]), samp=samp)
-
-
-def _prefill_slots(inputs: PrefillInputs, page_size: int) -> tuple[jax.Array, jax.Array]:
-    """Each token's position [R, T] and flat KV slot [R * T] (page * page_size + offset; -1 past the
-    row's valid tokens), from the row's start and block table."""
-    r, t = inputs.tokens.shape
-    positions = inputs.start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    valid = jnp.arange(t)[None, :] < inputs.q_lens[:, None]
-    page_col = jnp.minimum(positions // page_size, inputs.block_tables.shape[1] - 1)
-    pages = jnp.take_along_axis(inputs.block_tables, page_col, axis=1)
-    slots = jnp.where(valid, pages * page_size + positions % page_size, -1)
-    return positions, slots.reshape(r * t)
-
-
-class DecodeInputs(NamedTuple):
-    """One decode call's inputs, one row per slot (int32 [S] unless noted)."""
-
-    tokens: Any  # the last token of each slot (a device array when fed from the call in flight)
-    positions: Any  # its position
-    n_valid: Any  # steps the slot may take (0 = empty slot; pages for them must be allocated)
-    block_tables: Any  # [S, max_pages_per_seq]
-    samp: SamplingRows
 
 
 def _sample(logits: jax.Array, s: SamplingRows, offset: jax.Array | int = 0,
@@ -253,31 +175,6 @@ def _probe_probs(st: StepStatics, probe_state, h: jax.Array) -> jax.Array:
     return nnx.merge(st.probe_graphdef, probe_state).probs(h)
 
 
-class PrefillIO(NamedTuple):
-    """A packed prefill call's input and outputs in device buffers that keep their addresses (as
-    DecodeIO), one set per capacity and compiled copy: with fresh arrays every call the prefill
-    executable's CUDA graph was updated on each call (H200: ~1.0 ms of host time, ENGINE_NOTES.md)."""
-
-    packed: jax.Array  # [R, W] int32 pack_prefill_inputs' array
-    out_tokens: jax.Array  # [R] int32 per chunk: the token sampled after its last one
-    out_probs: jax.Array  # [R, max(K, 1)] f32 per chunk: the probe's bin probabilities (zeros without one)
-    out_taps: jax.Array  # [R, tap_width] f32 per chunk: the running prompt-tap sums
-
-
-@partial(jax.jit, donate_argnames=("io",))
-def _stage_prefill(io: PrefillIO, packed) -> PrefillIO:
-    """Write a prefill call's packed inputs into its donated buffer."""
-    return io._replace(packed=io.packed.at[:].set(packed))
-
-
-@partial(jax.jit, static_argnames=("probs",))
-def _collect_prefill(io: PrefillIO, probs: bool):
-    """Copies of the call's outputs (probs None without a probe): a later call donates the buffers
-    while the host may still read these. The taps are always copied (a few KB), so whether a step
-    keeps them is no second compiled variant met first under traffic."""
-    return io.out_tokens + 0, (io.out_probs + 0 if probs else None), io.out_taps + 0
-
-
 def _prefill_program(st: StepStatics, state, caches, probe_state, io: PrefillIO, layout: PrefillLayout):
     """Every prefill chunk of a step in one call; `io.packed`: pack_prefill_inputs' array. Rows [R, T]
     are consecutive T-token pieces of the chunks (a chunk spans several rows; each layer writes all
@@ -345,71 +242,6 @@ def _mixed_program(st: StepStatics, state, caches, probe_state, io: DecodeIO, pi
         tap_acc, probs = _prefill_probe(st, probe_state, pre, pre_positions, tap[s:].reshape(r, t, -1))
         pio = pio._replace(out_probs=pio.out_probs.at[:].set(probs), out_taps=pio.out_taps.at[:].set(tap_acc))
     return out.caches, io, pio
-
-
-@partial(jax.jit, donate_argnames=("io", "pio"))
-def _stage_mixed(io: DecodeIO, pio: PrefillIO, tokens, packed, prefill_packed) -> tuple[DecodeIO, PrefillIO]:
-    """_stage_decode and _stage_prefill in one dispatch."""
-    io = io._replace(tokens=io.tokens.at[:].set(tokens.astype(jnp.int32)), packed=io.packed.at[:].set(packed))
-    return io, pio._replace(packed=pio.packed.at[:].set(prefill_packed))
-
-
-@partial(jax.jit, static_argnames=("probs",))
-def _collect_mixed(io: DecodeIO, pio: PrefillIO, probs: bool):
-    """_collect_prefill's and _collect_decode's copies in one dispatch."""
-    return _collect_prefill(pio, probs), (io.out_tokens + 0, io.out_probs + 0)
-
-
-def pack_decode_inputs(inputs: DecodeInputs) -> np.ndarray:
-    """Every host input of the decode call but the tokens in one int32 [S, 7 + P + n] array (floats
-    bit-cast), so a step makes one host-to-device copy, not ten: on the H200 the ten small copies
-    cost 0.5 ms of host time per step at batch 32 and 2 ms at batch 128 (ENGINE_NOTES.md)."""
-    s = inputs.samp
-    cols = [np.asarray(inputs.positions, np.int32), np.asarray(inputs.n_valid, np.int32),
-            np.asarray(s.top_k, np.int32), np.asarray(s.seed, np.uint32).view(np.int32),
-            np.asarray(s.gen_index, np.int32), np.asarray(s.temperature, np.float32).view(np.int32),
-            np.asarray(s.top_p, np.float32).view(np.int32)]
-    return np.concatenate([np.stack(cols, axis=1), np.asarray(inputs.block_tables, np.int32),
-                           np.asarray(s.forced, np.int32)], axis=1)
-
-
-def _unpack_decode_inputs(tokens: jax.Array, packed: jax.Array, steps: int) -> DecodeInputs:
-    """pack_decode_inputs' inverse, inside the jitted step (static column slices: free)."""
-    col = [packed[:, i] for i in range(7)]
-    as_f32 = partial(jax.lax.bitcast_convert_type, new_dtype=jnp.float32)
-    samp = SamplingRows(temperature=as_f32(col[5]), top_p=as_f32(col[6]), top_k=col[2],
-                        seed=jax.lax.bitcast_convert_type(col[3], jnp.uint32), gen_index=col[4],
-                        forced=packed[:, packed.shape[1] - steps:])
-    return DecodeInputs(tokens=tokens, positions=col[0], n_valid=col[1],
-                        block_tables=packed[:, 7:packed.shape[1] - steps], samp=samp)
-
-
-class DecodeIO(NamedTuple):
-    """The decode call's per-step inputs and outputs, kept in device buffers whose addresses never
-    change: every call donates them and gets them back (`_stage_decode` writes the step's inputs into
-    them, the decode call its outputs). XLA runs the decode step as one CUDA graph; when a buffer it
-    touches moves, the graph is updated and the next launch uploads it again. With fresh input and
-    output arrays each step that cost ~1.1 ms of host time per call on the H200 for SmolLM2's ~400
-    kernels, more than the device's whole step (ENGINE_NOTES.md)."""
-
-    tokens: jax.Array  # [S] int32 the last token of each slot
-    packed: jax.Array  # [S, W] int32 pack_decode_inputs' array
-    out_tokens: jax.Array  # [n, S] int32 the call's sampled tokens
-    out_probs: jax.Array  # [n, S, max(K, 1)] f32 the probe's bin probabilities (zeros without a probe)
-
-
-@partial(jax.jit, donate_argnames=("io",))
-def _stage_decode(io: DecodeIO, tokens, packed) -> DecodeIO:
-    """Write a step's inputs into the donated buffers (a small graph of its own: its updates are cheap)."""
-    return io._replace(tokens=io.tokens.at[:].set(tokens.astype(jnp.int32)),
-                       packed=io.packed.at[:].set(packed))
-
-
-@jax.jit
-def _collect_decode(io: DecodeIO) -> tuple[jax.Array, jax.Array]:
-    """Copies of the call's outputs: the next call donates the buffers while the host may still read
-    these (async scheduling fetches a step's tokens after the next step is dispatched)."""
-    return io.out_tokens + 0, io.out_probs + 0
 
 
 def _decode_program(st: StepStatics, state, caches, probe_state, io: DecodeIO, filtered: bool = True):
