@@ -33,20 +33,20 @@ from ...models.sampling import needs_filter
 from ...models.sharding import kv_sharding, make_mesh, shard_model
 from ..paging import pages_for
 from . import swap
-from .batch import EMPTY_ROW, SamplingRows, StepBatch, StepOutput, prefill_layout
+from .batch import SamplingRows, StepBatch, StepOutput, prefill_layout
 from .launcher import Launcher
 from .slot_rows import SlotTables
 from .step_buffers import (
-    DecodeIO,
-    PrefillIO,
     _collect_decode,
     _collect_mixed,
     _collect_prefill,
     _stage_decode,
     _stage_mixed,
     _stage_prefill,
+    decode_buffers,
+    prefill_buffers,
 )
-from .step_inputs import DecodeInputs, PrefillInputs, PrefillLayout, pack_decode_inputs, pack_prefill_inputs
+from .step_inputs import DecodeInputs, PrefillLayout, pack_decode_inputs, prefill_call_inputs
 from .step_programs import (
     _DECODE_CALLS,
     _MIXED_CALLS,
@@ -58,17 +58,6 @@ from .step_programs import (
 )
 
 __all__ = ["ModelRunner"]
-
-
-def _pad_rows(samp: SamplingRows, r: int) -> SamplingRows:
-    """Pad every field to r rows: greedy, top_p 1, nothing forced (pad rows' tokens are dropped)."""
-    out = []
-    for a, fill in zip(samp, EMPTY_ROW, strict=True):
-        a = np.asarray(a)
-        padded = np.full((r, *a.shape[1:]), fill, a.dtype)
-        padded[:len(a)] = a
-        out.append(padded)
-    return SamplingRows(*out)
 
 
 class ModelRunner:
@@ -140,34 +129,21 @@ class ModelRunner:
         self._last: tuple[Any, Any] = (None, None)  # the last call's sampled tokens (prefill, decode)
         self._issued = (False, False)  # whether the last execute had prefill chunks, decode rows
         width = 7 + self.max_pages_per_seq + decode_steps  # pack_decode_inputs' columns
-        # the decode call's fixed-address inputs and outputs (made on the device: a CPU device_put of
-        # numpy may share the host memory, which a call cannot take over, so the first call moved them)
-        self._ios = [DecodeIO(
-            tokens=jnp.zeros(num_slots, jnp.int32, device=tokens_on),
-            packed=jnp.zeros((num_slots, width), jnp.int32, device=tokens_on),
-            out_tokens=jnp.zeros((decode_steps, num_slots), jnp.int32, device=tokens_on),
-            out_probs=jnp.zeros((decode_steps, num_slots, max(bins, 1)), jnp.float32, device=tokens_on))
-            for _ in range(decode_graphs)]
+        # the calls' fixed-address inputs and outputs (step_buffers.py): per decode copy; per prefill
+        # capacity (rows) and copy; with mixed steps (a step's prefill chunks and decode rows in one
+        # forward; one token per decode call only) decode buffers of their own per prefill set, so every
+        # compiled copy of every step always finds the same buffers
+        self._ios = [decode_buffers(num_slots, width, decode_steps, bins, tokens_on)
+                     for _ in range(decode_graphs)]
         self._turn = 0  # which decode executable (and its DecodeIO) the next call uses
-        # the packed prefill call's fixed-address buffers: per capacity (rows), one set per compiled copy
-        t_row, tap_width = self.prefill_row_tokens, self._prefill_layout.tap_width
-        self._prefill_ios = {cap // t_row: [PrefillIO(
-            packed=jnp.zeros((cap // t_row, self._prefill_layout.width), jnp.int32, device=tokens_on),
-            out_tokens=jnp.zeros(cap // t_row, jnp.int32, device=tokens_on),
-            out_probs=jnp.zeros((cap // t_row, max(bins, 1)), jnp.float32, device=tokens_on),
-            out_taps=jnp.zeros((cap // t_row, tap_width), jnp.float32, device=tokens_on))
+        layout = self._prefill_layout
+        self._prefill_ios = {cap // layout.row_tokens: [
+            prefill_buffers(cap // layout.row_tokens, layout.width, layout.tap_width, bins, tokens_on)
             for _ in range(prefill_graphs)] for cap in self.prefill_capacities}
         self._prefill_turn = dict.fromkeys(self._prefill_ios, 0)
-        # mixed steps (a step's prefill chunks and decode rows in one forward; one token per decode
-        # call only): each prefill buffer set gets decode buffers of its own, so every compiled copy of
-        # the mixed step always finds the same buffers
         self.mixed_steps = mixed_steps and decode_steps == 1
-        self._mixed_ios = {rows: [DecodeIO(
-            tokens=jnp.zeros(num_slots, jnp.int32, device=tokens_on),
-            packed=jnp.zeros((num_slots, width), jnp.int32, device=tokens_on),
-            out_tokens=jnp.zeros((1, num_slots), jnp.int32, device=tokens_on),
-            out_probs=jnp.zeros((1, num_slots, max(bins, 1)), jnp.float32, device=tokens_on))
-            for _ in ios] for rows, ios in self._prefill_ios.items()} if self.mixed_steps else {}
+        self._mixed_ios = {rows: [decode_buffers(num_slots, width, 1, bins, tokens_on) for _ in ios]
+                           for rows, ios in self._prefill_ios.items()} if self.mixed_steps else {}
         empty = np.zeros(num_slots, np.int32)  # a mixed step with no decode rows: every row empty
         samp = SamplingRows(np.zeros(num_slots, np.float32), np.ones(num_slots, np.float32), empty,
                             empty.astype(np.uint32), empty, np.full((num_slots, 1), -1, np.int32))
@@ -283,42 +259,7 @@ class ModelRunner:
         return out
 
     def _prefill_inputs(self, batch: StepBatch) -> tuple[np.ndarray, PrefillLayout, bool, bool]:
-        """The packed prefill call's one host array (pack_prefill_inputs), its layout, whether the
-        running prompt-tap sums come back (a probe, and a prompt with chunks to come), and whether some
-        chunk samples with top-p or top-k."""
-        t_row = self.prefill_row_tokens
-        pieces = []  # (chunk index, start position, tokens)
-        for c, ch in enumerate(batch.prefills):
-            for k in range(0, len(ch.tokens), t_row):
-                pieces.append((c, ch.start + k, ch.tokens[k:k + t_row]))
-        need = len(pieces) * t_row
-        cap = next((b for b in self.prefill_capacities if b >= need), None)
-        if cap is None:
-            raise ValueError(f"{need} padded prefill tokens exceed the packed call's "
-                             f"{self.prefill_capacities[-1]}")
-        r = cap // t_row
-        layout = self._prefill_layout
-        tokens, tables = np.zeros((r, t_row), np.int32), np.zeros((r, layout.table_width), np.int32)
-        start, q_lens, row_chunk, last_row, n_prompt, chunk_end = (np.zeros(r, np.int32) for _ in range(6))
-        for i, (c, first, toks) in enumerate(pieces):
-            bt = batch.prefills[c].seq.block_table
-            tokens[i, :len(toks)], tables[i, :len(bt)] = toks, bt
-            start[i], q_lens[i], row_chunk[i], last_row[c] = first, len(toks), c, i
-        tap_in = np.zeros((r, layout.tap_width), np.float32)
-        for c, ch in enumerate(batch.prefills):
-            n_prompt[c], chunk_end[c] = ch.seq.num_prompt_tokens, ch.start + len(ch.tokens)
-            if ch.tap is not None and layout.tap_width:
-                tap_in[c] = ch.tap
-        # Host arrays only: an eager jnp op here (stack, slice, index) compiles once per new shape,
-        # measured as ~4 s pauses mid-run on the H200 that no warm-up reaches.
-        inputs = PrefillInputs(tokens=tokens, start=start, q_lens=q_lens, row_chunk=row_chunk,
-                               last_row=last_row, n_prompt=n_prompt, chunk_end=chunk_end,
-                               block_tables=tables, tap_in=tap_in,
-                               samp=_pad_rows(batch.prefill_sampling, r))
-        keep_taps = self.has_probe and any(not ch.completes for ch in batch.prefills)
-        samp = batch.prefill_sampling
-        return pack_prefill_inputs(inputs), layout, keep_taps, needs_filter(samp.temperature, samp.top_p,
-                                                                             samp.top_k)
+        return prefill_call_inputs(batch, self._prefill_layout, self.prefill_capacities, self.has_probe)
 
     def _prefill_call(self, packed: np.ndarray, layout: PrefillLayout, keep_taps: bool):
         rows = packed.shape[0]

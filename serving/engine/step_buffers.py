@@ -10,12 +10,12 @@ later call donates the buffers while the host may still read the step's results 
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["DecodeIO", "PrefillIO"]
+__all__ = ["DecodeIO", "PrefillIO", "decode_buffers", "prefill_buffers"]
 
 
 class DecodeIO(NamedTuple):
@@ -82,3 +82,22 @@ def _stage_mixed(io: DecodeIO, pio: PrefillIO, tokens, packed, prefill_packed) -
 def _collect_mixed(io: DecodeIO, pio: PrefillIO, probs: bool):
     """_collect_prefill's and _collect_decode's copies in one dispatch."""
     return _collect_prefill(pio, probs), (io.out_tokens + 0, io.out_probs + 0)
+
+
+# Made on the device: a CPU device_put of numpy may share the host memory, which a call cannot take
+# over (donate), so the first call would have moved them.
+def decode_buffers(slots: int, width: int, steps: int, bins: int, on: Any) -> DecodeIO:
+    """A decode (or mixed) call's buffers: `width` columns of pack_decode_inputs, `steps` tokens per
+    call, `bins` probe bins (0: no probe), on sharding `on`."""
+    return DecodeIO(tokens=jnp.zeros(slots, jnp.int32, device=on),
+                    packed=jnp.zeros((slots, width), jnp.int32, device=on),
+                    out_tokens=jnp.zeros((steps, slots), jnp.int32, device=on),
+                    out_probs=jnp.zeros((steps, slots, max(bins, 1)), jnp.float32, device=on))
+
+
+def prefill_buffers(rows: int, width: int, tap_width: int, bins: int, on: Any) -> PrefillIO:
+    """A packed prefill (or mixed) call's buffers for `rows` rows of `width` packed columns."""
+    return PrefillIO(packed=jnp.zeros((rows, width), jnp.int32, device=on),
+                     out_tokens=jnp.zeros(rows, jnp.int32, device=on),
+                     out_probs=jnp.zeros((rows, max(bins, 1)), jnp.float32, device=on),
+                     out_taps=jnp.zeros((rows, tap_width), jnp.float32, device=on))

@@ -10,9 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .batch import SamplingRows
+from ...models.sampling import needs_filter
+from .batch import EMPTY_ROW, SamplingRows, StepBatch
 
-__all__ = ["PrefillInputs", "PrefillLayout", "DecodeInputs", "pack_prefill_inputs", "pack_decode_inputs"]
+__all__ = ["PrefillInputs", "PrefillLayout", "DecodeInputs", "pack_prefill_inputs", "pack_decode_inputs",
+           "prefill_call_inputs"]
 
 
 class PrefillInputs(NamedTuple):
@@ -122,3 +124,52 @@ def _unpack_decode_inputs(tokens: jax.Array, packed: jax.Array, steps: int) -> D
                         forced=packed[:, packed.shape[1] - steps:])
     return DecodeInputs(tokens=tokens, positions=col[0], n_valid=col[1],
                         block_tables=packed[:, 7:packed.shape[1] - steps], samp=samp)
+
+
+def _pad_rows(samp: SamplingRows, r: int) -> SamplingRows:
+    """Pad every field to r rows: greedy, top_p 1, nothing forced (pad rows' tokens are dropped)."""
+    out = []
+    for a, fill in zip(samp, EMPTY_ROW, strict=True):
+        a = np.asarray(a)
+        padded = np.full((r, *a.shape[1:]), fill, a.dtype)
+        padded[:len(a)] = a
+        out.append(padded)
+    return SamplingRows(*out)
+
+
+def prefill_call_inputs(batch: StepBatch, layout: PrefillLayout, capacities: tuple[int, ...],
+                        has_probe: bool) -> tuple[np.ndarray, PrefillLayout, bool, bool]:
+    """The packed prefill call's one host array (pack_prefill_inputs), its layout, whether the
+    running prompt-tap sums come back (a probe, and a prompt with chunks to come), and whether some
+    chunk samples with top-p or top-k."""
+    t_row = layout.row_tokens
+    pieces = []  # (chunk index, start position, tokens)
+    for c, ch in enumerate(batch.prefills):
+        for k in range(0, len(ch.tokens), t_row):
+            pieces.append((c, ch.start + k, ch.tokens[k:k + t_row]))
+    need = len(pieces) * t_row
+    cap = next((b for b in capacities if b >= need), None)
+    if cap is None:
+        raise ValueError(f"{need} padded prefill tokens exceed the packed call's {capacities[-1]}")
+    r = cap // t_row
+    tokens, tables = np.zeros((r, t_row), np.int32), np.zeros((r, layout.table_width), np.int32)
+    start, q_lens, row_chunk, last_row, n_prompt, chunk_end = (np.zeros(r, np.int32) for _ in range(6))
+    for i, (c, first, toks) in enumerate(pieces):
+        bt = batch.prefills[c].seq.block_table
+        tokens[i, :len(toks)], tables[i, :len(bt)] = toks, bt
+        start[i], q_lens[i], row_chunk[i], last_row[c] = first, len(toks), c, i
+    tap_in = np.zeros((r, layout.tap_width), np.float32)
+    for c, ch in enumerate(batch.prefills):
+        n_prompt[c], chunk_end[c] = ch.seq.num_prompt_tokens, ch.start + len(ch.tokens)
+        if ch.tap is not None and layout.tap_width:
+            tap_in[c] = ch.tap
+    # Host arrays only: an eager jnp op here (stack, slice, index) compiles once per new shape,
+    # measured as ~4 s pauses mid-run on the H200 that no warm-up reaches.
+    inputs = PrefillInputs(tokens=tokens, start=start, q_lens=q_lens, row_chunk=row_chunk,
+                           last_row=last_row, n_prompt=n_prompt, chunk_end=chunk_end,
+                           block_tables=tables, tap_in=tap_in,
+                           samp=_pad_rows(batch.prefill_sampling, r))
+    keep_taps = has_probe and any(not ch.completes for ch in batch.prefills)
+    samp = batch.prefill_sampling
+    filtered = needs_filter(samp.temperature, samp.top_p, samp.top_k)
+    return pack_prefill_inputs(inputs), layout, keep_taps, filtered
