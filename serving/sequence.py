@@ -227,7 +227,7 @@ class Sequence:
 
 
 
-@dataclass
+@dataclass(slots=True)  # one per request per step
 class RequestOutput:
     """One streamed update for a request."""
 

@@ -59,7 +59,7 @@ class Fed(NamedTuple):
     index: int
 
 
-@dataclass
+@dataclass(slots=True)  # one per running request per step: slots make it cheap to build
 class DecodeRow:
     seq: Sequence  # runs in its batch slot, seq.slot
     steps: int  # decode steps this row may take in the call (1..decode_steps_per_call)

@@ -140,26 +140,36 @@ class StepScheduler:
             self.waiting.remove(seq)
 
     def _decode_rows(self) -> list[DecodeRow]:
-        cfg, reqs, blocks = self.config, self.reqs, self.blocks
+        # runs for every running request on every step (the host path that bounds a small model's
+        # step at large batches): locals and direct list lengths instead of properties
+        reqs, blocks, per_call = self.reqs, self.blocks, self.config.decode_steps_per_call
+        room = blocks.page_size
         rows: list[tuple[DecodeRow, EngineRequest]] = []
         preempted = False
+        running = Status.RUNNING
         for seq in list(self.running):
             st = reqs[seq.request_id]
-            if seq.status is not Status.RUNNING or not st.prefilled:
+            if seq.status is not running or not st.prefilled:
                 continue  # preempted as a victim earlier in this loop, or still prefilling
             # async: `ahead` tokens are still in flight (assumed produced; a stop among them is
             # found late and this row's tokens are then dropped)
             ahead, stop = st.ahead, st.stop
-            generated = seq.num_generated + ahead
-            num_tokens = seq.num_prompt_tokens + generated
+            generated = len(seq.output_ids) + ahead
+            num_tokens = len(seq.prompt_ids) + generated
             # at most up to the request's length limit (max_tokens, the context, a replayed answer's end)
-            n = min(cfg.decode_steps_per_call, stop.max_generated - generated)
-            if stop.forced_len:
-                n = min(n, stop.forced_len - generated)
+            n = stop.max_generated - generated
+            if n > per_call:
+                n = per_call
+            if stop.forced_len and stop.forced_len - generated < n:
+                n = stop.forced_len - generated
             if n <= 0:
                 continue  # async: the tokens in flight reach its length limit; it finishes on arrival
             # KV for positions up to num_tokens - 1 + n - 1 is written by this call.
-            while not blocks.ensure_capacity(seq, num_tokens + n - 1):
+            last = num_tokens + n - 1
+            if last <= len(seq.block_table) * room:  # the common case: its pages hold it
+                rows.append((DecodeRow(seq, n, ahead), st))
+                continue
+            while not blocks.ensure_capacity(seq, last):
                 victim = self.policy.choose_victim(self.running, time.monotonic())
                 self.preempt(victim)
                 preempted = True
