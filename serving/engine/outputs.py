@@ -76,18 +76,16 @@ class OutputProcessor:
             self.append(st, int(out.prefill_tokens[i]), now)
         counts, rows = [], []
         tokens = out.decode_tokens.tolist() if batch.decodes else None  # Python ints: one conversion
-        finished, append = Status.FINISHED, self.append
-        for row in batch.decodes:  # every running request, every step: _live inlined
-            seq = row.seq
-            st = reqs.get(seq.request_id)
-            if st is None or st.seq is not seq or seq.status is finished:
-                continue  # async: it finished in a step before (a stop found late), or was cancelled
+        for row in batch.decodes:
+            seq, st = row.seq, _live(reqs, row.seq)
+            if st is None:
+                continue  # async: it finished in a step before (a stop found late)
             st.ahead -= row.steps
             st.in_flight -= 1
             k = 0
             for j in range(row.steps):
                 k += 1
-                if append(st, tokens[j][row.slot], now, free=False):
+                if self.append(st, tokens[j][row.slot], now, free=False):
                     break
             counts.append(k)
             rows.append(row)
@@ -100,7 +98,7 @@ class OutputProcessor:
                 for seq, q, k in zip(seqs, latest, counts, strict=True):
                     pred.on_decode(seq, q, k)
         for row in rows:
-            if row.seq.status is finished:
+            if row.seq.is_finished:
                 self.release(row.seq)
 
     def append(self, st: EngineRequest, tok: int, now: float, free: bool = True) -> bool:
@@ -112,10 +110,8 @@ class OutputProcessor:
             seq.first_token_time = now
         out = self.output(seq)
         out.new_token_ids.append(tok)
-        detok = st.detok
-        if detok.tokenizer is not None:
-            out.new_text += detok.add([tok])
-        reason, by_string = st.stop.check(tok, out.completion_tokens, detok.text)
+        out.new_text += st.detok.add([tok])
+        reason, by_string = st.stop.check(tok, seq.num_generated, st.detok.text)
         if reason is None:
             return False
         self.finish(st, reason, now, free=free)

@@ -141,9 +141,8 @@ class StepScheduler:
 
     def _decode_rows(self) -> list[DecodeRow]:
         # runs for every running request on every step (the host path that bounds a small model's
-        # step at large batches): locals and direct list lengths instead of properties
+        # step at large batches): locals and list lengths instead of property calls
         reqs, blocks, per_call = self.reqs, self.blocks, self.config.decode_steps_per_call
-        room = blocks.page_size
         rows: list[tuple[DecodeRow, EngineRequest]] = []
         preempted = False
         running = Status.RUNNING
@@ -157,19 +156,13 @@ class StepScheduler:
             generated = len(seq.output_ids) + ahead
             num_tokens = len(seq.prompt_ids) + generated
             # at most up to the request's length limit (max_tokens, the context, a replayed answer's end)
-            n = stop.max_generated - generated
-            if n > per_call:
-                n = per_call
-            if stop.forced_len and stop.forced_len - generated < n:
-                n = stop.forced_len - generated
+            n = min(per_call, stop.max_generated - generated)
+            if stop.forced_len:
+                n = min(n, stop.forced_len - generated)
             if n <= 0:
                 continue  # async: the tokens in flight reach its length limit; it finishes on arrival
             # KV for positions up to num_tokens - 1 + n - 1 is written by this call.
-            last = num_tokens + n - 1
-            if last <= len(seq.block_table) * room:  # the common case: its pages hold it
-                rows.append((DecodeRow(seq, n, ahead), st))
-                continue
-            while not blocks.ensure_capacity(seq, last):
+            while not blocks.ensure_capacity(seq, num_tokens + n - 1):
                 victim = self.policy.choose_victim(self.running, time.monotonic())
                 self.preempt(victim)
                 preempted = True
