@@ -29,7 +29,13 @@ import numpy as np
 
 from jtrail.bench.engine_setup import load
 from jtrail.bench.loadgen import load_prompt_ids
-from jtrail.bench.serving_regimes import REPLAY_POLICIES, merge_docs, run_replay_workload, write_doc
+from jtrail.bench.serving_regimes import (
+    REPLAY_POLICIES,
+    STEP_DRIFT_LIMIT,
+    merge_docs,
+    run_replay_workload,
+    write_doc,
+)
 from jtrail.bench.serving_report import analyse, write_outputs
 from jtrail.bench.serving_sweep import log, measure_capacity, profile_lengths, run_sim, save_raw, sweep
 
@@ -74,6 +80,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--capacity-requests", type=int, default=128)
     p.add_argument("--rates", default="0.5,0.8,0.95", help="fractions of measured capacity")
     p.add_argument("--policies", default="fcfs,trail,srpt-oracle,gittins")
+    p.add_argument("--step-drift-limit", type=float, default=STEP_DRIFT_LIMIT,
+                   help="replay: a regime's ratio bars are NaN when its runs' median full-batch decode "
+                        "steps differ by more than this factor (the host's drift, not the policy's; 0: "
+                        "no check)")
+    p.add_argument("--sim-common-step", action="store_true",
+                   help="replay: also simulate every policy under the capacity run's step model alone "
+                        "(simulator.<regime>.drift_free: ratios without the step-time drift between runs)")
+    p.add_argument("--trail-label", default="trail",
+                   help="replay: the policy label whose run the bars (r*_fcfs_over_trail_*), the recorded "
+                        "probe outputs and the simulator's comparison take as trail, e.g. trail-host-preempt")
     p.add_argument("--aging", default="0.03,0.1,0.3,1", help="trail aging rates, x per-request tok/s")
     p.add_argument("--deadline-s", type=float, default=420.0,
                    help="wall budget of the whole run: the sweep sizes its traces to fit")
@@ -103,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.workload == "replay" and unknown:  # before the model loads
         raise SystemExit(f"--policies: unknown {', '.join(unknown)}; "
                          f"choose from {', '.join(REPLAY_POLICIES)}")
+    if args.workload == "replay" and args.trail_label not in args.policies.split(","):
+        raise SystemExit(f"--trail-label {args.trail_label!r} is not among --policies ({args.policies})")
     su = load(args)
     log(f"model loaded ({args.dtype_used}); probe {args.probe_used}")
     if args.workload == "replay":

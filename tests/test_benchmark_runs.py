@@ -117,7 +117,9 @@ def test_model_benchmarks_run_end_to_end_on_cpu(tmp_path: Path) -> None:
         ["serving.py", "--workload", "replay", "--replay", "replay.npz", *tiny, "--max-prompt-tokens", "24",
          "--max-output", "16", "--regimes", "R1", "--sim-regimes", "R1", "--regime-slots", "2",
          "--regime-requests", "R1=8", "--capacity-requests", "8", "--warm-requests", "2", "--repeats", "2",
-         "--policies", "fcfs,trail", "--out", "serving_replay"],
+         "--policies", "fcfs,trail-preempt", "--trail-label", "trail-preempt", "--out", "serving_replay",
+         # a shared 2-core CPU's step times drift: the drift check is tested in test_serving_bars
+         "--step-drift-limit", "0", "--sim-common-step"],
     ], tmp_path, {**_env(tmp_path), "XLA_FLAGS": XLA_FLAGS}, prelude=PROBE_PRELUDE)
 
     scale = load(tmp_path / "benchmarks" / "results" / "scale_smoke.json")
@@ -150,14 +152,25 @@ def test_model_benchmarks_run_end_to_end_on_cpu(tmp_path: Path) -> None:
     assert cap["capacity_req_s"] > 0
 
     rep = load(tmp_path / "serving_replay" / "serving.json")
-    assert rep["workload"]["split"] == "bench" and [r["policy"] for r in rep["table"]] == ["fcfs", "trail"]
+    assert rep["workload"]["split"] == "bench"
+    assert [r["policy"] for r in rep["table"]] == ["fcfs", "trail-preempt"]
     for r in rep["table"]:  # the mean of two repeats, each kept, every request of both finished
         assert r["repeats"] == 2 and r["completed"] == r["requests"] == 16
         assert np.mean(r["mean_e2e_per_repeat"]) == pytest.approx(r["mean_e2e"])
         assert len(r["median_decode_step_ms_per_repeat"]) == 2
     order = [(x["policy"], x["repeat"]) for x in load(tmp_path / "out" / "serving_partial.json")]
-    assert order == [("fcfs", 0), ("trail", 0), ("trail", 1), ("fcfs", 1)]
+    assert order == [("fcfs", 0), ("trail-preempt", 0), ("trail-preempt", 1), ("fcfs", 1)]
+    # --trail-label: the bars, the recorded probe outputs and the simulator take trail-preempt as trail
     assert_finite(rep["bars"], ["r1_fcfs_over_trail_mean_e2e", "sim_vs_engine_mean_e2e_error"])
+    fcfs_row, trail_row = rep["table"]
+    ratio = fcfs_row["mean_e2e"] / trail_row["mean_e2e"]
+    assert rep["bars"]["r1_fcfs_over_trail_mean_e2e"] == pytest.approx(ratio)
+    assert rep["bars"]["r1_trail_preemptions_per_request"] == trail_row["preemptions_per_request"]
+    assert math.isfinite(rep["bars"]["r1_step_time_spread"])
+    # --sim-common-step: both policies simulated under the capacity run's step model alone
+    free = rep["simulator"]["R1"]["drift_free"]
+    assert free["fcfs"]["fcfs_over_mean_e2e"] == 1.0
+    assert math.isfinite(free["trail-preempt"]["fcfs_over_mean_e2e"])
 
 
 def test_kernel_benchmark_smoke_runs_on_cpu(tmp_path: Path) -> None:

@@ -194,7 +194,8 @@ def run_regime(
         pname, kw = specs[label][0], kwargs[label]
         if rep == 0:
             warm_run(make(pname, kw, regime, None), wl, getattr(args, "warm_requests", 0), args.run_timeout)
-        rec = RecordingPredictor(refiner) if label == "trail" and rep == 0 else None
+        trail_label = getattr(args, "trail_label", "trail")
+        rec = RecordingPredictor(refiner) if label == trail_label and rep == 0 else None
         eng = make(pname, kw, regime, rec)
         s, res = _measured_run(eng, wl, args.run_timeout)
         rows[label].append(s)
@@ -255,23 +256,51 @@ RATIO_BARS = (("fcfs_over_trail_mean_e2e", ("fcfs", "mean_e2e"), ("trail", "mean
               ("trail_over_oracle_mean_e2e", ("trail", "mean_e2e"), ("srpt-oracle", "mean_e2e")))
 
 
-def bars_of(name: str, runs: dict[str, dict]) -> dict[str, float]:
-    """The regime's bars; a ratio only when every run finished every request (NaN otherwise)."""
-    g = lambda pk: runs[pk[0]][pk[1]] if pk[0] in runs else float("nan")
+# The engine's step time is mostly host time, and the host's speed drifts within a device call: on the
+# H200 (2026-12-04) the same decode-only full-batch step took 2.58 ms in the first run of a call and 2.17
+# in the last, and 3.18 -> 3.76 ms in another call. In overload a 5% slower step grows the backlog by
+# about a sixth, so a ratio between runs whose steps differ by more than this is the host's, not the
+# policy's (results/serving.json other_runs['e0b8fcd-drift']).
+STEP_DRIFT_LIMIT = 1.05
+
+
+def step_time_spread(runs: dict[str, dict]) -> float:
+    """Slowest over fastest median decode-only full-batch step among a regime's runs (the mean over
+    repeats where a policy ran more than once). NaN, i.e. not checked, unless at least two runs had
+    such steps (a memory-bound regime may never fill its slots)."""
+    ms = [r.get("median_decode_step_ms", float("nan")) for r in runs.values()]
+    ms = [m for m in ms if np.isfinite(m) and m > 0]
+    return max(ms) / min(ms) if len(ms) >= 2 else float("nan")
+
+
+def bars_of(name: str, runs: dict[str, dict], trail_label: str = "trail",
+            drift_limit: float = STEP_DRIFT_LIMIT) -> dict[str, float]:
+    """The regime's bars; a ratio only when every run finished every request and the runs' step times
+    agree within `drift_limit` (NaN otherwise; `<regime>_step_time_spread` says by how much; a limit
+    of 0 turns the check off). `trail_label`: the policy label whose run stands for trail
+    (`--trail-label`)."""
+    labels = {"trail": trail_label}
+    g = lambda pk: runs[labels.get(pk[0], pk[0])][pk[1]] if labels.get(pk[0], pk[0]) in runs else float("nan")
     complete = all(r["completed"] == r["requests"] for r in runs.values())
+    spread = step_time_spread(runs)
+    valid = complete and not (drift_limit > 0 and spread > drift_limit)
     prefix = name.lower()
-    bars = {f"{prefix}_{key}": ratio(g(num), g(den)) if complete else float("nan")
+    bars = {f"{prefix}_{key}": ratio(g(num), g(den)) if valid else float("nan")
             for key, num, den in RATIO_BARS}
+    bars[f"{prefix}_step_time_spread"] = spread
     bars[f"{prefix}_trail_preemptions_per_request"] = g(("trail", "preemptions_per_request"))
     return bars
 
 
 def simulate_regime(
     out: dict[str, Any], specs: dict, steps: np.ndarray, refiner: Any, pool: Pool, page_size: int,
-    prompt_estimator: Any = None,
+    prompt_estimator: Any = None, common_steps: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The simulator on the regime's trace: same policies, the recorded probe outputs (replay makes
-    them the same under every policy: the tokens are given), the step model fitted on engine steps."""
+    them the same under every policy: the tokens are given), the step model fitted on engine steps.
+    `common_steps` (the capacity run's steps; `--sim-common-step`): every policy once more under the
+    step model fitted on them alone, so the ratios between policies carry no step-time drift between
+    their engine runs (`drift_free`: fcfs/x mean E2E and x/fcfs p99 E2E)."""
     from jtrail.serving.simulation.simulator import Resources
 
     rec = out["_recorder"]
@@ -284,7 +313,16 @@ def simulate_regime(
     keep = {k: v for k, v in specs.items() if k in out["_runs"]}
     sim = simulate_policies(wl, keep, sm, res, refiner, records, prompt_estimator)
     eng = {k: r for k, r in out["_runs"].items()}
-    return {"step_model": fit, "sim": sim, "errors": sim_errors(sim, eng)}
+    doc = {"step_model": fit, "sim": sim, "errors": sim_errors(sim, eng)}
+    if common_steps is not None and "fcfs" in keep:
+        common, common_fit = fit_step_model(common_steps)
+        same = simulate_policies(wl, keep, common, res, refiner, records, prompt_estimator)
+        f = same["fcfs"]
+        doc["drift_free"] = {"step_model": common_fit, **{
+            k: {"mean_e2e": v["mean_e2e"], "p99_e2e": v["p99_e2e"],
+                "fcfs_over_mean_e2e": ratio(f["mean_e2e"], v["mean_e2e"]),
+                "p99_e2e_over_fcfs": ratio(v["p99_e2e"], f["p99_e2e"])} for k, v in same.items()}}
+    return doc
 
 
 def prediction_trajectories(rec: Any, wl: Workload, sample: int = 12) -> dict[str, Any]:
@@ -497,10 +535,13 @@ def run_replay(
         out = run_regime(make, pool, name, specs, cap, args, refiner, partial)
         _save_steps(name, cap["steps"], out["_runs"])
         regimes[name] = out
-        bars.update(bars_of(name, out["_runs"]))
+        bars.update(bars_of(name, out["_runs"], getattr(args, "trail_label", "trail"),
+                            getattr(args, "step_drift_limit", STEP_DRIFT_LIMIT)))
         steps = np.concatenate([cap["steps"], *(r["_res"].steps for r in out["_runs"].values())])
         if name in args.sim_regimes.split(","):
-            sims[name] = simulate_regime(out, specs, steps, refiner, pool, args.page_size, prompt_estimator)
+            common = cap["steps"] if getattr(args, "sim_common_step", False) and len(cap["steps"]) else None
+            sims[name] = simulate_regime(out, specs, steps, refiner, pool, args.page_size, prompt_estimator,
+                                         common)
             print(f"{name}: sim vs engine mean E2E {sims[name].get('errors')}", flush=True)
         if out["_recorder"] is not None and not traj:
             traj = prediction_trajectories(out["_recorder"], out["_wl"])
