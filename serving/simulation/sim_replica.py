@@ -29,7 +29,7 @@ from ..brain.predictor import SimPredictor
 from ..brain.scheduler.base import Policy, SchedulerState
 from ..paging import pages_for
 from ..sequence import Sequence, Status
-from .step_model import StepModel
+from .step_model import StepModel, TimedStepModel
 
 _WAITING = (Status.WAITING, Status.SWAPPED)
 
@@ -74,7 +74,7 @@ class SimSequence(Sequence):
 
 
 class SimReplica:
-    def __init__(self, policy: Policy, step_model: StepModel, num_slots: int, num_pages: int,
+    def __init__(self, policy: Policy, step_model: StepModel | TimedStepModel, num_slots: int, num_pages: int,
                  page_size: int, swap: bool, predictor: SimPredictor | None,
                  on_finish: Callable[[SimSequence], None],
                  max_jump_steps: int | None = None, prefill_chunk: int = 512):
@@ -285,7 +285,7 @@ class SimReplica:
             self._probes.clear()
             self.planned = (self.time, 1, n, kv0)
             # the engine packs the step's chunks (probe-only prefills included) into one prefill call
-            return self.time + self.sm.step_time(bt, kv0, 1)
+            return self.time + self._model(self.time).step_time(bt, kv0, 1)
         # after a change, one step: the engine's next `schedule` call sees the new state; after that
         # nothing the policy looks at improves until the next event, so its answer cannot change
         m = 1 if self._changed else self.max_jump
@@ -296,7 +296,8 @@ class SimReplica:
         if self.refine_every and (ref := self._valid_top(self._ref)) is not None:
             m = min(m, ref[0] - self.steps)
         if self._unprobed:  # re-plan when the oldest unprobed request's hold runs out
-            m = min(m, self.sm.steps_until(n, kv0, self._unprobed_since + self.probe_hold_s - self.time))
+            m = min(m, self._model(self.time).steps_until(n, kv0, self._unprobed_since + self.probe_hold_s
+                                                          - self.time))
         m = max(m, 1)
         if not self.fits(self.steps + m):  # largest run that fits (>= 1 step)
             lo, hi = 1, m
@@ -305,7 +306,11 @@ class SimReplica:
                 lo, hi = (mid, hi) if self.fits(self.steps + mid) else (lo, mid)
             m = lo
         self.planned = (self.time, m, n, kv0)
-        return self.time + self.sm.decode_run_time(n, kv0, m)
+        return self.time + self._model(self.time).decode_run_time(n, kv0, m)
+
+    def _model(self, t: float) -> StepModel:
+        """The step model in force at time t (a TimedStepModel: the run's speed then)."""
+        return self.sm.at(t) if isinstance(self.sm, TimedStepModel) else self.sm
 
     def truncate(self, ta: float) -> float | None:
         """An arrival at ta: end the current run after the step in progress; new end time if earlier."""
@@ -313,8 +318,8 @@ class SimReplica:
         if p is None or p[0] == "wake" or p[1] <= 1:
             return None
         t0, m_plan, n, kv0 = p
-        m = self.sm.steps_until(n, kv0, ta - t0)
+        m = self._model(t0).steps_until(n, kv0, ta - t0)
         if m >= m_plan:
             return None
         self.planned = (t0, m, n, kv0)
-        return t0 + self.sm.decode_run_time(n, kv0, m)
+        return t0 + self._model(t0).decode_run_time(n, kv0, m)

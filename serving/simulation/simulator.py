@@ -33,7 +33,7 @@ from ..engine_api import EngineStats
 from ..latency_summary import summarize_requests
 from ..sequence import InvalidRequestError, SamplingParams
 from .sim_replica import SimReplica, SimSequence
-from .step_model import StepModel
+from .step_model import StepModel, TimedStepModel
 
 if TYPE_CHECKING:
     from ..engine.llm_engine import EngineConfig
@@ -143,8 +143,9 @@ def _progress_bar(n: int, progress: bool | None) -> Any:
     return tqdm(total=n, desc="simulate", unit="req", disable=None, mininterval=0.5)  # None: tty only
 
 
-def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel, resources: Resources, *,
-             predictor: SimPredictor | None = None, num_replicas: int = 1, router: Any = None,
+def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel | TimedStepModel,
+             resources: Resources, *, predictor: SimPredictor | None = None, num_replicas: int = 1,
+             router: Any = None,
              policy_kwargs: dict[str, Any] | None = None, predict_at_arrival: bool = True,
              max_jump_steps: int | None = None, record_steps: bool = False, router_poll_s: float = 0.0,
              router_sees_estimate: bool = True, progress: bool | None = None,

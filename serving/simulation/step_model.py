@@ -10,11 +10,17 @@ Fitted by least squares from measured engine steps.
 `decode_run_time` is the closed-form time of n decode steps of a fixed batch, which is what lets
 the simulator jump over steps where nothing changes. `fit_step_model` fits it on a run's recorded
 steps (the load generator's step rows, which count chunks), leaving out pauses.
+
+`TimedStepModel` adds the host's speed over the run: the engine's step is mostly host time, and on the
+H200 the same step drifted by +-15% within one run (2026-12-04: 2.98 ms a decode step in a run's first
+quarter, 2.19 in its last), which one linear model averages away; in overload that drift decides mean
+E2E. `fit_speed_profile` measures it per window of the run (recorded seconds over modelled seconds), so
+the simulator can replay a run as it went; policies are compared under a constant model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -107,3 +113,44 @@ def fit_step_model(steps: np.ndarray) -> tuple[StepModel, dict[str, float]]:
             "stalls_excluded": float(stall.sum()), "r2": 1.0 - ss_res / ss_tot,
             "total_time_rel_error": float(pred.sum() / s[:, 2].sum() - 1.0)}
     return sm, info
+
+
+@dataclass(frozen=True)
+class TimedStepModel:
+    """`base` with its every coefficient scaled by `scale[i]` during window i (`window_s` seconds of
+    run time each; past the last window the last scale holds): the step model of one run as it went."""
+    base: StepModel
+    window_s: float
+    scale: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.window_s) and self.window_s > 0):
+            raise InvalidRequestError("window_s", f"must be a finite number > 0, got {self.window_s!r}")
+        if not self.scale or not all(np.isfinite(x) and x > 0 for x in self.scale):
+            raise InvalidRequestError("scale", "needs at least one finite scale > 0")
+        object.__setattr__(self, "_models", tuple(
+            replace(self.base, a=self.base.a * x, b=self.base.b * x, c=self.base.c * x, d=self.base.d * x)
+            for x in self.scale))
+
+    def at(self, t: float) -> StepModel:
+        """The step model in force at run time t (s)."""
+        i = min(max(int(t // self.window_s), 0), len(self.scale) - 1)
+        return self._models[i]
+
+
+def fit_speed_profile(steps: np.ndarray, sm: StepModel, window_s: float = 5.0) -> TimedStepModel:
+    """The run's speed per window: recorded step seconds over `sm`'s for the same steps, by the step's
+    start time (loadgen's column 6; pauses left out as in `fit_step_model`). A window without steps
+    takes the one before's scale (1.0 at the start)."""
+    s = steps[steps[:, 0] > 0]
+    s = s[~pauses(s[:, 2])]
+    calls = (s[:, 3] > 0).astype(float)
+    model = sm.a + sm.b * s[:, 0] + sm.c * s[:, 1] + sm.d * calls
+    n = max(int(s[:, 6].max() // window_s) + 1, 1) if len(s) else 1
+    win = np.minimum((s[:, 6] // window_s).astype(int), n - 1) if len(s) else np.zeros(0, int)
+    actual, modelled = np.bincount(win, s[:, 2], n), np.bincount(win, model, n)
+    scale, last = [], 1.0
+    for a, m in zip(actual, modelled, strict=True):
+        last = float(a / m) if m > 0 else last
+        scale.append(last)
+    return TimedStepModel(sm, window_s, tuple(scale))
