@@ -118,7 +118,9 @@ def fit_step_model(steps: np.ndarray) -> tuple[StepModel, dict[str, float]]:
 @dataclass(frozen=True)
 class TimedStepModel:
     """`base` with its every coefficient scaled by `scale[i]` during window i (`window_s` seconds of
-    run time each; past the last window the last scale holds): the step model of one run as it went."""
+    run time each; past the last window the last scale holds): the step model of one run as it went.
+    A run of decode steps the simulator plans at once takes the speed of its first step's window (an
+    arrival or a finish ends such a run: tens of milliseconds under load)."""
     base: StepModel
     window_s: float
     scale: tuple[float, ...]
