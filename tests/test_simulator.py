@@ -188,3 +188,15 @@ def test_resources_from_an_engine_config():
     r = Resources.from_engine_config(cfg)
     # the engine's allocator keeps page 0 as its null page: 64 usable
     assert (r.num_slots, r.num_pages, r.page_size, r.preemption, r.prefill_chunk) == (3, 64, 4, "swap", 128)
+
+
+def test_finish_lag_keeps_the_slot_as_the_async_engine_does():
+    # one slot, two requests of 10 tokens at t=0, 10 ms a step: the second starts when the first's slot
+    # is freed, 10 steps in (0.1 s) without a lag, 12 (0.12 s) with the engine's two steps in flight
+    tr = Trace(np.zeros(2), np.array([1, 1]), np.array([10, 10]))
+    res = Resources(num_slots=1, num_pages=10)
+    for lag, (first, second) in ((0, (0.10, 0.20)), (2, (0.12, 0.24))):
+        r = simulate(tr, "fcfs", StepModel(a=0.01), res, finish_lag_steps=lag)
+        assert sorted(r.e2e) == pytest.approx([first, second])
+    with pytest.raises(InvalidRequestError, match="finish_lag_steps"):
+        simulate(tr, "fcfs", StepModel(a=0.01), res, finish_lag_steps=-1)

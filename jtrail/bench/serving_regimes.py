@@ -197,6 +197,7 @@ def run_regime(
         trail_label = getattr(args, "trail_label", "trail")
         rec = RecordingPredictor(refiner) if label == trail_label and rep == 0 else None
         eng = make(pname, kw, regime, rec)
+        lag = int(getattr(eng, "steps_in_flight", 0))  # the simulator frees a finished slot as late
         s, res = _measured_run(eng, wl, args.run_timeout)
         rows[label].append(s)
         results[label].append(res)
@@ -227,6 +228,7 @@ def run_regime(
         "load": regime.description,
         "requests": len(wl),
         "arrival_span_s": float(arrival[-1]),
+        "steps_in_flight": lag,
         "_wl": wl,
         "_runs": runs,
         "_recorder": recorder,
@@ -311,6 +313,7 @@ def simulate_regime(
     if rec is None:
         return {}
     sm, fit = fit_step_model(steps)
+    lag = out.get("steps_in_flight", 0)  # a finished request's slot is freed this many steps late
     wl = out["_wl"]
     records = rec.records(list(wl.request_ids), len(refiner.midpoints))
     res = Resources(num_slots=out["slots"], num_pages=out["pages"], page_size=page_size)
@@ -319,12 +322,13 @@ def simulate_regime(
     for label, spec in keep.items():
         own = out["_runs"][label]["_res"].steps
         timed = fit_speed_profile(own, fit_step_model(own)[0]) if len(own) else sm
-        sim.update(simulate_policies(wl, {label: spec}, timed, res, refiner, records, prompt_estimator))
+        sim.update(simulate_policies(wl, {label: spec}, timed, res, refiner, records, prompt_estimator,
+                                     lag))
     eng = {k: r for k, r in out["_runs"].items()}
     doc = {"step_model": fit, "sim": sim, "errors": sim_errors(sim, eng)}
     if common_steps is not None and "fcfs" in keep:
         common, common_fit = fit_step_model(common_steps)
-        same = simulate_policies(wl, keep, common, res, refiner, records, prompt_estimator)
+        same = simulate_policies(wl, keep, common, res, refiner, records, prompt_estimator, lag)
         f = same["fcfs"]
         doc["drift_free"] = {"step_model": common_fit, **{
             k: {"mean_e2e": v["mean_e2e"], "p99_e2e": v["p99_e2e"],

@@ -77,8 +77,11 @@ class SimReplica:
     def __init__(self, policy: Policy, step_model: StepModel | TimedStepModel, num_slots: int, num_pages: int,
                  page_size: int, swap: bool, predictor: SimPredictor | None,
                  on_finish: Callable[[SimSequence], None],
-                 max_jump_steps: int | None = None, prefill_chunk: int = 512):
+                 max_jump_steps: int | None = None, prefill_chunk: int = 512, finish_lag_steps: int = 0):
         self.policy, self.sm, self.num_slots = policy, step_model, num_slots
+        # the engine under async scheduling processes a step's outputs `steps_in_flight` steps after it
+        # dispatched it, so a finished request keeps its slot (and its pages) that much longer
+        self.finish_lag = finish_lag_steps
         self.num_pages, self.ps = num_pages, page_size
         self.swap, self.predictor, self._on_finish = swap, predictor, on_finish
         aging = getattr(getattr(policy, "aging", None), "rate", 0.0)
@@ -166,7 +169,8 @@ class SimReplica:
         self.running.append(s)
         self.offs.append(s._plen + s._gen0 - self.steps)
         self._prefill.append((s, tokens))
-        fin = self.steps + s.oracle_remaining_at_start - s._gen0  # forced length: ends at this step
+        # forced length: ends at this step, and is freed finish_lag steps later
+        fin = self.steps + s.oracle_remaining_at_start - s._gen0 + self.finish_lag
         heapq.heappush(self._fin, (fin, next(self._tick), s._epoch, s))
         if self.refine_every:
             due = max(self.refine_every - (s._gen0 - s._ref_gen), 1)

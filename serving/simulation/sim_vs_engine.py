@@ -19,11 +19,12 @@ from .step_model import StepModel
 
 def simulate_policies(wl: Any, specs: dict[str, tuple[str, dict]], sm: StepModel, res: Resources,
                       refiner: TrailPredictor, records: dict[str, np.ndarray],
-                      prompt_estimator: Any = None) -> dict[str, dict[str, float]]:
+                      prompt_estimator: Any = None, finish_lag_steps: int = 0) -> dict[str, dict[str, float]]:
     """Run the simulator on the workload for each (label -> (policy, kwargs)); summaries per label.
     `wl`: anything with `arrival`, `prompts`, `output_len`, `request_ids` (and optionally `max_tokens`),
     as `jtrail.bench.loadgen.Workload`. `prompt_estimator` (a PromptLengthEstimator): the arrival
-    estimates of specs with `arrival_estimate="host"`, from the workload's prompts."""
+    estimates of specs with `arrival_estimate="host"`, from the workload's prompts. `finish_lag_steps`:
+    the engine's steps in flight (`simulate`)."""
     trace = Trace(wl.arrival, np.array([len(p) for p in wl.prompts]), wl.output_len,
                   request_ids=list(wl.request_ids), max_tokens=getattr(wl, "max_tokens", None))
     out = {}
@@ -40,7 +41,8 @@ def simulate_policies(wl: Any, specs: dict[str, tuple[str, dict]], sm: StepModel
                     for rid, p in zip(wl.request_ids, wl.prompts, strict=True)}
             arrival = RecordedPredictor(refiner, rows)
         r = simulate(trace, name, sm, res, predictor=pred, policy_kwargs=dict(kw), predict_at_arrival=host,
-                     arrival_predictor=arrival, max_jump_steps=8 if aging else None)
+                     arrival_predictor=arrival, max_jump_steps=8 if aging else None,
+                     finish_lag_steps=finish_lag_steps)
         s = r.summary()
         s["sim_wall_s"] = r.wall_seconds
         out[label] = s

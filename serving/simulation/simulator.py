@@ -149,7 +149,7 @@ def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel | TimedStep
              policy_kwargs: dict[str, Any] | None = None, predict_at_arrival: bool = True,
              max_jump_steps: int | None = None, record_steps: bool = False, router_poll_s: float = 0.0,
              router_sees_estimate: bool = True, progress: bool | None = None,
-             arrival_predictor: SimPredictor | None = None) -> SimResult:
+             arrival_predictor: SimPredictor | None = None, finish_lag_steps: int = 0) -> SimResult:
     """Run the trace to completion; returns per-request metrics (seconds).
 
     `progress`: a bar of requests arrived on stderr (tqdm; shown only on a terminal); None: for traces
@@ -163,11 +163,15 @@ def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel | TimedStep
     length estimate (as `jtrail route`, which runs no probe), though the replica that gets it is.
     `arrival_predictor`: another first estimate, made at arrival at no cost (trail's host-side prompt
     estimate); `predictor`'s prefill estimate replaces it when the request's prefill is scheduled, as
-    the engine's real prefill does (overrides `predict_at_arrival`)."""
+    the engine's real prefill does (overrides `predict_at_arrival`). `finish_lag_steps`: steps a finished
+    request keeps its slot and pages (the engine's `steps_in_flight` under async scheduling: its outputs
+    are processed that many steps late); its E2E ends then too, as the engine reports it."""
     if num_replicas < 1:
         raise InvalidRequestError("num_replicas", f"must be >= 1, got {num_replicas}")
     if num_replicas > 1 and router is None:
         raise InvalidRequestError("router", "several replicas need a router")
+    if not (isinstance(finish_lag_steps, int) and finish_lag_steps >= 0):
+        raise InvalidRequestError("finish_lag_steps", f"must be an int >= 0, got {finish_lag_steps!r}")
     if not router_poll_s >= 0:
         raise InvalidRequestError("router_poll_s", f"must be >= 0 seconds, got {router_poll_s!r}")
     cap = resources.num_pages * resources.page_size
@@ -187,7 +191,7 @@ def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel | TimedStep
 
     reps = [SimReplica(make(), step_model, resources.num_slots, resources.num_pages, resources.page_size,
                        resources.preemption == "swap", predictor, done, max_jump_steps,
-                       resources.prefill_chunk)
+                       resources.prefill_chunk, finish_lag_steps)
             for _ in range(num_replicas)]
     stats = [EngineStats(pages_total=resources.num_pages) for _ in reps]
     if record_steps:
