@@ -302,8 +302,8 @@ def simulate_regime(
     them the same under every policy: the tokens are given), and per policy the step model fitted on
     its own run's steps with that run's host speed over time (`fit_speed_profile`: the engine's step
     drifted +-15% within a run on the H200, which one model for all steps left to the simulator's
-    error: -39% on fcfs's mean E2E in R2 against -8% with the run's speed; `step_model`: the one model
-    fitted on every step of the regime, reported).
+    error: -39% on fcfs's mean E2E in R2 against -5% with the run's speed and the engine's finish lag;
+    `step_model`: the one model fitted on every step of the regime, reported).
     `common_steps` (the capacity run's steps; `--sim-common-step`): every policy once more under the
     step model fitted on them alone, so the ratios between policies carry no step-time drift between
     their engine runs (`drift_free`: fcfs/x mean E2E and x/fcfs p99 E2E)."""
