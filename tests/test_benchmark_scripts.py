@@ -44,3 +44,12 @@ def test_serving_replay_names_an_unknown_policy_before_loading_the_model() -> No
                         "--replay", "missing.npz", "--model", "missing.gguf", "--policies", "fcfs,trial"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode != 0 and "--policies: unknown trial" in r.stderr, r.stderr[-2000:]
+
+
+def test_serving_replay_names_a_trail_label_outside_the_policies_before_loading_the_model() -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--workload", "replay",
+                        "--replay", "missing.npz", "--model", "missing.gguf", "--policies", "fcfs,trail-host",
+                        "--trail-label", "trail-host-preempt"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode != 0 and "--trail-label 'trail-host-preempt' is not among --policies" in r.stderr, \
+        r.stderr[-2000:]
