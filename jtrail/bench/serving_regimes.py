@@ -190,11 +190,11 @@ def run_regime(
     # fcfs is the regime's baseline (R3: vLLM's free-page watermark)
     kwargs = {label: {**kw, **regime.fcfs_kwargs} if label == "fcfs" else kw
               for label, (_, kw) in specs.items()}
+    trail_label = getattr(args, "trail_label", "trail")
     for label, rep in mirrored_order(list(specs), repeats, reverse):
         pname, kw = specs[label][0], kwargs[label]
         if rep == 0:
             warm_run(make(pname, kw, regime, None), wl, getattr(args, "warm_requests", 0), args.run_timeout)
-        trail_label = getattr(args, "trail_label", "trail")
         rec = RecordingPredictor(refiner) if label == trail_label and rep == 0 else None
         eng = make(pname, kw, regime, rec)
         lag = int(getattr(eng, "steps_in_flight", 0))  # the simulator frees a finished slot as late
@@ -281,8 +281,10 @@ def bars_of(name: str, runs: dict[str, dict], trail_label: str = "trail",
     agree within `drift_limit` (NaN otherwise; `<regime>_step_time_spread` says by how much; a limit
     of 0 turns the check off). `trail_label`: the policy label whose run stands for trail
     (`--trail-label`)."""
-    labels = {"trail": trail_label}
-    g = lambda pk: runs[labels.get(pk[0], pk[0])][pk[1]] if labels.get(pk[0], pk[0]) in runs else float("nan")
+    def g(pk: tuple[str, str]) -> float:
+        label = trail_label if pk[0] == "trail" else pk[0]
+        return runs[label][pk[1]] if label in runs else float("nan")
+
     complete = all(r["completed"] == r["requests"] for r in runs.values())
     spread = step_time_spread(runs)
     valid = complete and not (drift_limit > 0 and spread > drift_limit)

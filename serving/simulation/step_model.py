@@ -12,10 +12,11 @@ the simulator jump over steps where nothing changes. `fit_step_model` fits it on
 steps (the load generator's step rows, which count chunks), leaving out pauses.
 
 `TimedStepModel` adds the host's speed over the run: the engine's step is mostly host time, and on the
-H200 the same step drifted by +-15% within one run (2026-12-04: 2.98 ms a decode step in a run's first
-quarter, 2.19 in its last), which one linear model averages away; in overload that drift decides mean
-E2E. `fit_speed_profile` measures it per window of the run (recorded seconds over modelled seconds), so
-the simulator can replay a run as it went; policies are compared under a constant model.
+H200 its speed ranged 0.67-1.24x of a run's mean over 5 s windows (2026-12-04, R2;
+benchmarks/results/serving_drift_resim.json), which one linear model averages away; in overload that
+drift decides mean E2E. `fit_speed_profile` measures it per window of the run (recorded seconds over
+modelled seconds), so the simulator can replay a run as it went; policies are compared under a constant
+model.
 """
 
 from __future__ import annotations
@@ -94,23 +95,28 @@ class StepModel:
         return cls(a=max(got["a"], 0.0), b=got.get("b", 0.0), c=got.get("c", 0.0), d=got.get("d", 0.0))
 
 
+def _steady_steps(steps: np.ndarray) -> tuple[np.ndarray, int]:
+    """The step rows that computed something, without pauses (a compile: seconds, not milliseconds, is
+    not part of the steady-state cost; least squares would smear it over every step of its kind); and
+    how many pauses were left out."""
+    s = steps[steps[:, 0] > 0]
+    stall = pauses(s[:, 2])
+    return s[~stall], int(stall.sum())
+
+
 def fit_step_model(steps: np.ndarray) -> tuple[StepModel, dict[str, float]]:
     """Least squares over measured steps, rows of (batch tokens, kv tokens, seconds, prefill chunks, ...)
     as `jtrail.bench.loadgen` records them (a step with any chunk makes one prefill call); returns the
     model and its fit quality (relative error of the summed time, R^2). Steps that computed nothing
     are left out, and so are pauses."""
-    s = steps[steps[:, 0] > 0]
-    # Pauses (a compile: seconds, not milliseconds) are not part of the steady-state cost; least
-    # squares would smear them over every step of their kind.
-    stall = pauses(s[:, 2])
-    s = s[~stall]
+    s, stalls = _steady_steps(steps)
     calls = (s[:, 3] > 0).astype(float)
     sm = StepModel.fit(s[:, 0], s[:, 1], s[:, 2], calls)
-    pred = np.array([sm.step_time(b, k, c) for b, k, c in zip(s[:, 0], s[:, 1], calls, strict=True)])
+    pred = sm.step_time(s[:, 0], s[:, 1], calls)
     ss_res = float(np.sum((s[:, 2] - pred) ** 2))
     ss_tot = float(np.sum((s[:, 2] - s[:, 2].mean()) ** 2)) or 1.0
     info = {"a": sm.a, "b": sm.b, "c": sm.c, "d": sm.d, "steps": float(len(s)),
-            "stalls_excluded": float(stall.sum()), "r2": 1.0 - ss_res / ss_tot,
+            "stalls_excluded": float(stalls), "r2": 1.0 - ss_res / ss_tot,
             "total_time_rel_error": float(pred.sum() / s[:, 2].sum() - 1.0)}
     return sm, info
 
@@ -144,10 +150,8 @@ def fit_speed_profile(steps: np.ndarray, sm: StepModel, window_s: float = 5.0) -
     """The run's speed per window: recorded step seconds over `sm`'s for the same steps, by the step's
     start time (loadgen's column 6; pauses left out as in `fit_step_model`). A window without steps
     takes the one before's scale (1.0 at the start)."""
-    s = steps[steps[:, 0] > 0]
-    s = s[~pauses(s[:, 2])]
-    calls = (s[:, 3] > 0).astype(float)
-    model = sm.a + sm.b * s[:, 0] + sm.c * s[:, 1] + sm.d * calls
+    s, _ = _steady_steps(steps)
+    model = sm.step_time(s[:, 0], s[:, 1], (s[:, 3] > 0).astype(float))
     n = max(int(s[:, 6].max() // window_s) + 1, 1) if len(s) else 1
     win = np.minimum((s[:, 6] // window_s).astype(int), n - 1) if len(s) else np.zeros(0, int)
     actual, modelled = np.bincount(win, s[:, 2], n), np.bincount(win, model, n)
