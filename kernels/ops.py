@@ -73,6 +73,28 @@ def decode_attention_from_qkv(qkv, k_pages, v_pages, lengths, block_tables, *, s
                             softcap=softcap, impl=impl, **tuning)
 
 
+def decode_rope_write(qkv, k_pages, v_pages, lengths, block_tables, slot_mapping, rope_rows, *, scale=None,
+                      softcap=None, impl: str = "auto", **tuning):
+    """A decode step's RoPE, K/V write and attention from the fused projection's raw rows qkv
+    [B, Hkv, G + 2, D] (see reference.decode_rope_write) -> (out, k_pages, v_pages). On the GPU one
+    kernel does all three (the rotation and the write ride on the attention's loads); elsewhere the
+    reference composes them (the engine offers this path on the GPU only: `rope_in_kernel`)."""
+    fam, interpret = _resolve(impl)
+    if fam == "gpu":
+        from .paged_attention_gpu import decode_rope_write_pallas
+
+        return decode_rope_write_pallas(qkv, k_pages, v_pages, lengths, block_tables, slot_mapping, rope_rows,
+                                        scale=scale, softcap=softcap, interpret=interpret, **tuning)
+    return reference.decode_rope_write(qkv, k_pages, v_pages, lengths, block_tables, slot_mapping, rope_rows,
+                                       scale=scale, softcap=softcap)
+
+
+def family(impl: str) -> str:
+    """The kernel family `impl` resolves to here: "gpu" (Triton, or its interpret mode), "tpu" or
+    "reference"."""
+    return _resolve(impl)[0]
+
+
 def decode_attention(q, k_pages, v_pages, lengths, block_tables, *, scale=None, softcap=None,
                      impl: str = "auto", **tuning):
     """One query token per sequence over its pages (see reference.decode_attention)."""

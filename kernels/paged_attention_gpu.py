@@ -39,9 +39,12 @@ _NEG = -1e30
 _LOG2E = 1.4426950408889634
 
 
-def _kernel(qstart_ref, qlen_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *ml_refs, g: int, rows_n: int,
-            ntb: int, ppb: int, num_splits: int, pages_per_split: int, strided: bool, scale: float,
-            softcap: float | None):
+def _kernel(qstart_ref, qlen_ref, bt_ref, *refs, g: int, rows_n: int, ntb: int, ppb: int, num_splits: int,
+            pages_per_split: int, strided: bool, scale: float, softcap: float | None, rope: bool):
+    if rope:  # decode of the fused projection's raw rows: RoPE, the new token's K/V write and attention
+        slot_ref, rot_ref, q_ref, k_ref, v_ref, o_ref, *ml_refs, k_out, v_out = refs
+    else:
+        q_ref, k_ref, v_ref, o_ref, *ml_refs = refs
     b = pl.program_id(0)
     i = pl.program_id(2)
     tb, s = ntb - 1 - i // num_splits, i % num_splits  # causal prefill: longest query blocks first
@@ -74,6 +77,16 @@ def _kernel(qstart_ref, qlen_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *ml_refs, 
     t_idx, g_idx = jnp.minimum(rows // g, block_t - 1), rows % g
     q = q_ref[t_idx, g_idx]  # [rows_n, d]; padding rows repeat a real one and are never stored
     qk_scale = scale * _LOG2E if softcap is None else scale  # exp2 domain, folded into one multiply
+    if rope:  # rotate q and the new k here (rope_rows: x * [cos, cos] + x[(i + D/2) % D] * [-sin, sin])
+        cols = jnp.arange(d, dtype=jnp.int32)
+        half = (cols + d // 2) % d
+        cos, sin = rot_ref[b, 0, :], rot_ref[b, 1, :]
+        q_half = plgpu.load(q_ref.at[t_idx[:, None], g_idx[:, None], half[None, :]])
+        q = (q.astype(jnp.float32) * cos[None, :] + q_half.astype(jnp.float32) * sin[None, :]).astype(q.dtype)
+        k_new = q_ref[0, g, :]
+        k_new = (k_new.astype(jnp.float32) * cos
+                 + plgpu.load(q_ref.at[0, g, half]).astype(jnp.float32) * sin).astype(k_new.dtype)
+        v_new = q_ref[0, g + 1, :]
 
     def fetch(page0):  # physical pages of the block at logical page0 (clamped: always in bounds)
         cols = jnp.minimum(page0 + jnp.arange(ppb, dtype=jnp.int32), max_pages - 1)
@@ -110,6 +123,24 @@ def _kernel(qstart_ref, qlen_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *ml_refs, 
              jnp.zeros((rows_n,), jnp.float32), fetch(first * ppb))
     carry = jax.lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
     o, m, den, _ = jax.lax.fori_loop(n_full, n_blocks, functools.partial(step, masked=True), carry)
+    if rope:  # the new token (position q_start + 1, not yet in the pages): split 0 adds it from registers
+        take = row_ok & (s == 0)
+        logit = jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :], axis=1) * qk_scale
+        if softcap is not None:
+            logit = (softcap * _LOG2E) * jnp.tanh(logit / softcap)
+        logit = jnp.where(take, logit, _NEG)
+        m_new = jnp.maximum(m, logit)
+        p = jnp.where(take, jnp.exp2(logit - m_new), 0.0)
+        alpha = jnp.exp2(m - m_new)
+        den = alpha * den + p
+        o = alpha[:, None] * o + p[:, None] * v_new.astype(jnp.float32)[None, :]
+        m = m_new
+        slot = slot_ref[b]
+
+        @pl.when((s == 0) & (slot >= 0) & (slot < num_pages * page_size))
+        def _():  # no program reads this slot unmasked: every one attends to positions <= q_start only
+            k_out[slot // page_size, slot % page_size, :] = k_new.astype(k_out.dtype)
+            v_out[slot // page_size, slot % page_size, :] = v_new.astype(v_out.dtype)
     # Rows that are padding or past q_len may have summed unmasked blocks: zero them here.
     den = jnp.where(row_ok, den, 0.0)
     o = jnp.where(row_ok[:, None], o, 0.0)
@@ -133,11 +164,18 @@ def _kernel(qstart_ref, qlen_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, *ml_refs, 
 
 def paged_attention_gpu(qg, k_pages, v_pages, q_start, q_lens, block_tables, *, g: int, block_t: int,
                         scale: float, softcap: float | None, pages_per_block: int, num_splits: int,
-                        num_warps: int, num_stages: int, interpret: bool, strided_splits: bool = True):
+                        num_warps: int, num_stages: int, interpret: bool, strided_splits: bool = True,
+                        rope_rows=None, slot_mapping=None):
     """qg [B, T, Hkv, Gq, D] -> [B, T, Hkv * g, D] (see reference.prefill_attention): the queries of kv
     head h are qg[:, :, h, :g]. Gq = g is q reshaped (free); Gq = g + 2 is the fused qkv projection's
-    output (its k and v rows follow each head's queries), read in place."""
+    output (its k and v rows follow each head's queries), read in place.
+
+    With `rope_rows` [B, 2, D] and `slot_mapping` [B] (decode of raw qkv rows, T = 1, Gq = g + 2): the
+    kernel rotates q and k (rope_rows), writes the new k and v at slot_mapping and attends to the
+    pages' positions <= q_start plus the new token; returns (out, k_pages, v_pages), the pages updated
+    in place (aliased)."""
     b, t, hkv, gq, d = qg.shape
+    rope = rope_rows is not None
     _, num_pages, page_size, _ = k_pages.shape
     ppb, ns = pages_per_block, num_splits
     ntb = pl.cdiv(t, block_t)
@@ -149,7 +187,7 @@ def paged_attention_gpu(qg, k_pages, v_pages, q_start, q_lens, block_tables, *, 
     kernel = functools.partial(
         _kernel, g=g, rows_n=max(16, pl.next_power_of_2(block_t * g)), ntb=ntb, ppb=ppb,
         num_splits=ns, pages_per_split=pages_per_split, strided=strided_splits, scale=scale,
-        softcap=softcap)
+        softcap=softcap, rope=rope)
     # Scalars and block tables: the whole (small) array in every program, indexed by program id.
     whole1 = pl.BlockSpec((b,), lambda i, h, j: (0,))
     whole2 = pl.BlockSpec(block_tables.shape, lambda i, h, j: (0, 0))
@@ -168,6 +206,28 @@ def paged_attention_gpu(qg, k_pages, v_pages, q_start, q_lens, block_tables, *, 
                      jax.ShapeDtypeStruct((ns, *out5[:-1]), jnp.float32),
                      jax.ShapeDtypeStruct((ns, *out5[:-1]), jnp.float32))
         out_specs = (ospec, mspec, mspec)
+    scalars = (q_start.astype(jnp.int32), q_lens.astype(jnp.int32), block_tables.astype(jnp.int32))
+    if rope:
+        if t != 1 or gq != g + 2:
+            raise ValueError(f"rope_rows needs decode rows of the fused projection, got qg {qg.shape}")
+        n_out = 1 if ns == 1 else 3
+        pages = jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype)
+        out = pl.pallas_call(
+            kernel,
+            grid=(b, hkv, ns),
+            in_specs=[whole1, whole1, whole2, whole1, pl.BlockSpec((b, 2, d), lambda i, h, j: (0, 0, 0)),
+                      q_spec, kv_spec, kv_spec],
+            out_specs=(*(out_specs if ns > 1 else (out_specs,)), kv_spec, kv_spec),
+            out_shape=(*(out_shape if ns > 1 else (out_shape,)), pages, pages),
+            input_output_aliases={6: n_out, 7: n_out + 1},
+            interpret=interpret,
+            compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+            name="jtrail_paged_attention_rope_write",
+        )(*scalars, slot_mapping.astype(jnp.int32), rope_rows.astype(jnp.float32), qg, k_pages, v_pages)
+        out, (k_pages, v_pages) = (out[0] if ns == 1 else out[:3]), out[n_out:]
+        if ns > 1:
+            out = merge_splits(*out).astype(qg.dtype)
+        return out.reshape(b, -1, hkv * g, d)[:, :t], k_pages, v_pages
     out = pl.pallas_call(
         kernel,
         grid=(b, hkv, ntb * ns),
@@ -177,8 +237,7 @@ def paged_attention_gpu(qg, k_pages, v_pages, q_start, q_lens, block_tables, *, 
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="jtrail_paged_attention",
-    )(q_start.astype(jnp.int32), q_lens.astype(jnp.int32), block_tables.astype(jnp.int32), qg,
-      k_pages, v_pages)
+    )(*scalars, qg, k_pages, v_pages)
     if ns > 1:
         out = merge_splits(*out).astype(qg.dtype)
     return out.reshape(b, -1, hkv * g, d)[:, :t]
@@ -235,9 +294,32 @@ def decode_attention_from_qkv_pallas(qkv, k_pages, v_pages, lengths, block_table
                    num_stages=num_stages, interpret=interpret, strided_splits=strided_splits)
 
 
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def decode_rope_write_pallas(qkv, k_pages, v_pages, lengths, block_tables, slot_mapping, rope_rows, *,
+                             scale=None, softcap=None, pages_per_block=None, num_splits=None,
+                             num_warps=None, num_stages=1, interpret=False, strided_splits=True):
+    """One decode step's attention from the fused projection's raw (unrotated) rows qkv [B, Hkv, G + 2,
+    D], in one kernel: RoPE on q and k (rope_rows [B, 2, D]: models.llama.rope_rows), the new k and v
+    written at slot_mapping [B] (< 0: skip), attention over positions [0, lengths) of which the last
+    is the new token. -> (out [B, Hkv * G, D], k_pages, v_pages). See reference.decode_rope_write."""
+    b, hkv, g2, d = qkv.shape
+    if g2 < 3:
+        raise ValueError(f"qkv must be [B, Hkv, G + 2, D], got {qkv.shape}")
+    check_inputs(jax.ShapeDtypeStruct((b, 1, hkv * (g2 - 2), d), qkv.dtype), k_pages, v_pages, block_tables)
+    if rope_rows.shape != (b, 2, d) or slot_mapping.shape != (b,):
+        raise ValueError(f"rope_rows must be [{b}, 2, {d}] and slot_mapping [{b}], got {rope_rows.shape} "
+                         f"and {slot_mapping.shape}")
+    return _decode(qkv, g2 - 2, k_pages, v_pages, lengths, block_tables, scale=scale, softcap=softcap,
+                   pages_per_block=pages_per_block, num_splits=num_splits, num_warps=num_warps,
+                   num_stages=num_stages, interpret=interpret, strided_splits=strided_splits,
+                   rope_rows=rope_rows, slot_mapping=slot_mapping)
+
+
 def _decode(qg, g: int, k_pages, v_pages, lengths, block_tables, *, scale, softcap, pages_per_block,
-            num_splits, num_warps, num_stages, interpret, strided_splits):
-    """qg [B, Hkv, Gq, D] (queries: the first g rows per kv head) -> [B, Hkv * g, D]."""
+            num_splits, num_warps, num_stages, interpret, strided_splits, rope_rows=None,
+            slot_mapping=None):
+    """qg [B, Hkv, Gq, D] (queries: the first g rows per kv head) -> [B, Hkv * g, D]; with rope_rows,
+    (out, k_pages, v_pages) of decode_rope_write_pallas."""
     lengths = lengths.astype(jnp.int32)
     hkv, _, page_size, d = k_pages.shape
     max_pages = block_tables.shape[1]
@@ -247,11 +329,16 @@ def _decode(qg, g: int, k_pages, v_pages, lengths, block_tables, *, scale, softc
     short = splits == 1 and max_pages * page_size < 1024
     tokens_per_step, warps = (32, 1) if short else (64, 2)
     ppb = min(pages_per_block or max(1, tokens_per_step // page_size), pl.next_power_of_2(max_pages))
-    out = paged_attention_gpu(qg[:, None], k_pages, v_pages, lengths - 1, (lengths > 0).astype(jnp.int32),
+    # with the new token from registers the pages hold positions <= lengths - 2: attend to those
+    q_start = lengths - (1 if rope_rows is None else 2)
+    out = paged_attention_gpu(qg[:, None], k_pages, v_pages, q_start, (lengths > 0).astype(jnp.int32),
                               block_tables, g=g, block_t=1, scale=d**-0.5 if scale is None else scale,
                               softcap=softcap, pages_per_block=ppb, num_splits=splits,
                               num_warps=num_warps or warps, num_stages=num_stages,
-                              interpret=interpret, strided_splits=strided_splits)
+                              interpret=interpret, strided_splits=strided_splits, rope_rows=rope_rows,
+                              slot_mapping=slot_mapping)
+    if rope_rows is not None:
+        return out[0][:, 0], out[1], out[2]
     return out[:, 0]
 
 

@@ -118,3 +118,37 @@ def decode_attention(
         softcap=softcap,
     )
     return out[:, 0]
+
+
+def rotate_rows(x: jax.Array, rope_rows: jax.Array) -> jax.Array:
+    """RoPE (rotate-half) of x [B, ..., D] by rope_rows [B, 2, D] (models.llama.rope_rows: [cos, cos]
+    and [-sin, sin] per row): x * cos + x[(i + D/2) % D] * sin, in float32, back in x's dtype."""
+    b, d = x.shape[0], x.shape[-1]
+    shape = (b,) + (1,) * (x.ndim - 2) + (d,)
+    xf = x.astype(jnp.float32)
+    cos, sin = rope_rows[:, 0].reshape(shape), rope_rows[:, 1].reshape(shape)
+    return (xf * cos + jnp.roll(xf, d // 2, axis=-1) * sin).astype(x.dtype)
+
+
+def decode_rope_write(
+    qkv: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    lengths: jax.Array,
+    block_tables: jax.Array,
+    slot_mapping: jax.Array,
+    rope_rows: jax.Array,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decode step from the fused projection's raw rows qkv [B, Hkv, G + 2, D] (per kv head: G query
+    heads, k, v): rotate q and k, write k and v at slot_mapping [B] (the slot of position lengths - 1;
+    < 0 skips), attend to [0, lengths). -> (out [B, Hkv * G, D], k_pages, v_pages)."""
+    b, hkv, g2, d = qkv.shape
+    g = g2 - 2
+    rotated = rotate_rows(qkv[:, :, :g + 1], rope_rows)
+    k_pages, v_pages = write_kv(k_pages, v_pages, rotated[:, :, g], qkv[:, :, g + 1], slot_mapping)
+    out = decode_attention(rotated[:, :, :g].reshape(b, hkv * g, d), k_pages, v_pages, lengths, block_tables,
+                           scale=scale, softcap=softcap)
+    return out, k_pages, v_pages

@@ -12,6 +12,9 @@ in the one array the fused projection makes, [B, T, Hkv, G + 2, D] (per kv head:
 then k, then v; RoPE applied): it sets an attribute `packed_qkv(qkv, layer_cache, meta)` and the
 model calls that instead. The GPU kernels read q, k and v in place there; three separate arrays cost
 XLA three copies a layer (a slice fusion each), about a fifth of a small model's decode step.
+It may also set `rotary_qkv(qkv, positions, inv_freq, layer_cache, meta)`, taking the same array before
+RoPE (the kernel rotates q and k itself: one fusion a layer fewer); it returns None for a call it does
+not take, and the model then rotates and calls `packed_qkv`.
 
 Three implementations live here: no cache (one
 causal pass, for parity tests and teacher-forced probe features), and a contiguous per-sequence cache

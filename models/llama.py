@@ -47,6 +47,15 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return out.astype(x.dtype)
 
 
+def rope_rows(positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """positions [B] -> [B, 2, D] float32: [cos, cos] and [-sin, sin] of apply_rope's angles, so that
+    x * rows[:, 0] + x[(i + D/2) % D] * rows[:, 1] is apply_rope(x) (the form a kernel applies per row:
+    kernels.reference.rotate_rows)."""
+    angles = positions[:, None].astype(jnp.float32) * inv_freq  # [B, D/2]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    return jnp.stack([jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([-sin, sin], axis=-1)], axis=1)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, param_dtype):
         self.eps = eps
@@ -124,14 +133,20 @@ class Block(nnx.Module):
         hkv, g = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
         # one GEMM for q, k and v; per kv head: its G query heads, then k, then v (fused.py)
         qkv = self._proj(h, self.qkv_proj, "qkv_bias").reshape(b, t, hkv, g + 2, cfg.head_dim)
-        # q and k rotated in one pass that copies v through: one array (and one fusion) for all three
-        is_v = (jnp.arange(g + 2) == g + 1)[:, None]
-        qkv = jnp.where(is_v, qkv, apply_rope(qkv, positions, inv_freq))
-        packed = getattr(attn_fn, "packed_qkv", None)  # reads q, k, v in place (attention.py)
-        if packed is not None:
-            attn, layer_cache = packed(qkv, layer_cache, meta)
+        # an attention fn that rotates q and k itself takes the raw rows (None: not this call)
+        rotary = getattr(attn_fn, "rotary_qkv", None)
+        done = rotary(qkv, positions, inv_freq, layer_cache, meta) if rotary is not None else None
+        if done is not None:
+            attn, layer_cache = done
         else:
-            attn, layer_cache = attn_fn(*unpack_qkv(qkv), layer_cache, meta)
+            # q and k rotated in one pass that copies v through: one array (and one fusion) for all three
+            is_v = (jnp.arange(g + 2) == g + 1)[:, None]
+            qkv = jnp.where(is_v, qkv, apply_rope(qkv, positions, inv_freq))
+            packed = getattr(attn_fn, "packed_qkv", None)  # reads q, k, v in place (attention.py)
+            if packed is not None:
+                attn, layer_cache = packed(qkv, layer_cache, meta)
+            else:
+                attn, layer_cache = attn_fn(*unpack_qkv(qkv), layer_cache, meta)
         x = x + self._proj(attn.reshape(b, t, cfg.n_heads * cfg.head_dim), self.o_proj)
         h = self.mlp_norm(x)
         gate_up = self._proj(h, self.gate_up_proj).reshape(b, t, cfg.ffn_dim, 2)  # one GEMM

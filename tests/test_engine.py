@@ -104,11 +104,17 @@ def test_batched_equals_alone(model, reference, mode, rate, pages):
         assert len(s.token_times) == len(exp) and s.first_token_time <= s.finish_time
 
 
-def test_pallas_kernels_in_the_engine_equal_alone(model, reference):
+@pytest.mark.parametrize("rope_in_kernel,decode_steps", [(False, 1), (True, 1), (True, 3)])
+def test_pallas_kernels_in_the_engine_equal_alone(model, reference, rope_in_kernel, decode_steps):
     """The GPU kernels (interpret mode) in the engine's steps: decode reads q, k and v in place from the
-    fused projection (write_kv_from_qkv, decode_attention_from_qkv), prefill from its slices."""
+    fused projection (write_kv_from_qkv, decode_attention_from_qkv), prefill from its slices. With
+    rope_in_kernel a decode step's layer rotates, writes and attends in one kernel (decode_rope_write),
+    inside the multi-token decode loop too (3 tokens per call), and mixed steps keep the model's RoPE."""
     prompts, max_tokens, expected = reference
-    engine = LLMEngine(model, config=small_config(kernel_impl="pallas_interpret", decode_steps_per_call=1))
+    cfg = small_config(kernel_impl="pallas_interpret", decode_steps_per_call=decode_steps,
+                       rope_in_kernel=rope_in_kernel)
+    engine = LLMEngine(model, config=cfg)
+    assert engine.runner.statics.rope_in_kernel is rope_in_kernel
     seqs = run_engine(engine, prompts[:6], max_tokens[:6])
     for s, exp in zip(seqs, expected[:6], strict=True):
         assert s.output_ids == exp, s.request_id

@@ -231,6 +231,41 @@ def test_from_qkv_reads_the_fused_projection_in_place(impl, ratio, splits):
     assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("dtype,splits", [(jnp.float32, 1), (jnp.float32, 4), (jnp.bfloat16, 2)])
+def test_decode_rope_write_is_rope_then_write_then_attend(dtype, splits):
+    """decode_rope_write (one GPU kernel, interpret mode) from the fused projection's raw rows: the
+    model's apply_rope on q and k, then write_kv, then decode_attention (reference, on those). The
+    new token's K/V reach the pages; an inactive row (length 0, slot -1) writes and returns nothing."""
+    from jtrail.models.llama import apply_rope, rope_inv_freq, rope_rows
+
+    rng = np.random.default_rng(5 + splits)
+    hkv, g, d, page, lens = 2, 3, 64, 8, [9, 1, 26, 0]
+    k, v, tables = make_cache(rng, lens, hkv, d, page, dtype)
+    tb = np.asarray(tables)  # each new token lands at position n - 1, its sequence's last
+    slots = jnp.asarray([tb[i, (n - 1) // page] * page + (n - 1) % page if n else -1
+                         for i, n in enumerate(lens)], jnp.int32)
+    qkv = jnp.asarray(rng.standard_normal((len(lens), hkv, g + 2, d)), dtype)
+    pos, lj = jnp.asarray([max(n - 1, 0) for n in lens]), jnp.asarray(lens, jnp.int32)
+    inv_freq = rope_inv_freq(d, 10000.0, None)
+    rotated = apply_rope(qkv[:, None, :, :g + 1], pos[:, None], inv_freq)[:, 0]  # the model's RoPE
+    want_kv = reference.write_kv(k, v, rotated[:, :, g], qkv[:, :, g + 1], slots)
+    want = reference.decode_attention(rotated[:, :, :g].reshape(len(lens), hkv * g, d), *want_kv, lj, tables)
+    rows = rope_rows(pos, inv_freq)
+    got, *got_kv = ops.decode_rope_write(qkv, jnp.array(k), jnp.array(v), lj, tables, slots, rows,
+                                         impl="pallas_interpret", num_splits=splits)
+    ref_out, *ref_kv = ops.decode_rope_write(qkv, jnp.array(k), jnp.array(v), lj, tables, slots, rows,
+                                             impl="reference")
+    assert got.shape == (len(lens), hkv * g, d)
+    assert rel_err(got, want) < TOL[dtype] and rel_err(ref_out, want) < TOL[dtype]
+    assert not np.asarray(got[3], np.float32).any()
+    for w, gk, rk in zip(want_kv, got_kv, ref_kv, strict=True):  # (f32 rounding of the rotation may differ)
+        np.testing.assert_allclose(np.asarray(gk, np.float32), np.asarray(w, np.float32),
+                                   rtol=1e-6 if dtype == jnp.float32 else 1e-2, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(rk, np.float32), np.asarray(w, np.float32))
+    np.testing.assert_array_equal(np.asarray(got_kv[1][:, tb[0, 1], 0], np.float32),
+                                  np.asarray(qkv[0, :, g + 1], np.float32))  # seq 0's v, position 8
+
+
 @pytest.mark.parametrize("impl", ["pallas_interpret", "tpu_interpret", "reference"])
 def test_zero_length_gives_zeros(impl):
     rng = np.random.default_rng(2)

@@ -55,6 +55,7 @@ SETTINGS: dict[str, tuple[str, dict, dict]] = {
     "k8": ("", {}, {"decode_steps_per_call": 8}),
     # loops inside the graph: the k-token fori_loop is one graph, not a body launched op by op
     "k8_while": (ALL_COMMAND_TYPES, {}, {"decode_steps_per_call": 8}),
+    "xla_rope": ("", {}, {"rope_in_kernel": False}),  # the engine before decode_rope_write
     **{name: (flags, {}, BEFORE) for name, flags in COMMAND_BUFFERS.items()},
 }
 DEFAULT_RUN = ("engine", "triton_gemm", "k8", "k8_while")  # ~2 minutes each on a fresh H200
@@ -170,6 +171,12 @@ AB_SETS: dict[str, dict[str, tuple[dict, float | None]]] = {
                  "depth2_graphs3": ({"steps_in_flight": 2, "decode_graphs": 3}, None)},
     # the fetch blocks in the transfer, or polls readiness with the copy to host enqueued at launch
     "fetch_ab": {"block": ({"poll_fetch": False}, None), "poll": ({"poll_fetch": True}, None)},
+    # a decode step's RoPE as XLA's fusion before the write and attention kernels, or inside one kernel
+    # that rotates, writes the new K/V and attends (ops.decode_rope_write); one and eight tokens per call
+    "rope_ab": {"xla_rope": ({"rope_in_kernel": False}, None),
+                "kernel_rope": ({"rope_in_kernel": True}, None)},
+    "rope_k8_ab": {"xla_rope": ({"rope_in_kernel": False, "decode_steps_per_call": 8}, None),
+                   "kernel_rope": ({"rope_in_kernel": True, "decode_steps_per_call": 8}, None)},
 }
 
 
@@ -185,8 +192,10 @@ def measure_ab(set_name: str, batches: tuple[int, ...], windows: int = 6, window
     out: dict = {"jax": jax.__version__, "device": jax.devices()[0].device_kind}
     variants = AB_SETS[set_name]
     names = list(variants)
+    k = max(config.get("decode_steps_per_call", 1) for config, _ in variants.values())
+    window_steps = max(20, window_steps // k)  # tokens per window as at one token per call
     for b in batches:
-        engines = {v: sb.make_engine(model, b, asyn=True, steps=windows * window_steps + 60, **config)
+        engines = {v: sb.make_engine(model, b, asyn=True, steps=(windows * window_steps + 60) * k, **config)
                    for v, (config, _) in variants.items()}
         tokens: dict[str, dict[str, list[int]]] = {v: defaultdict(list) for v in engines}
         row: dict = {f"{v}_step_ms": [] for v in engines}

@@ -60,6 +60,11 @@ class EngineConfig:
     # cuGraphLaunch took 2.9 ms under async scheduling at batch 128 against 1.35 ms in synchronous
     # steps, as if held up while the engine's thread blocked in the fetch. None: on with the launch thread
     poll_fetch: bool | None = None
+    # decode steps rotate q and k, write the new K/V and attend in one Pallas kernel a layer
+    # (ops.decode_rope_write) instead of XLA's RoPE fusion, the write kernel and the attention kernel:
+    # two of a small model's ~15 latency-bound kernels a layer fewer. GPU kernels only, one device;
+    # None: on where the kernels are the GPU's compiled ones (kernel_impl "pallas" or "auto" on a GPU)
+    rope_in_kernel: bool | None = None
 
     def __post_init__(self) -> None:
         if self.preemption_mode not in ("recompute", "swap"):
@@ -85,7 +90,14 @@ class EngineConfig:
                     prefill_buckets=self.prefill_buckets, max_prefill_tokens=self.max_prefill_tokens_per_step,
                     decode_graphs=self.resolved_decode_graphs(), launch_thread=self.resolved_launch_thread(),
                     prefill_graphs=self.resolved_prefill_graphs(), poll_fetch=self.resolved_poll_fetch(),
-                    mixed_steps=self.mixed_steps)
+                    mixed_steps=self.mixed_steps, rope_in_kernel=self.resolved_rope_in_kernel())
+
+    def resolved_rope_in_kernel(self) -> bool:
+        if self.rope_in_kernel is not None:
+            return self.rope_in_kernel
+        import jax  # (the config is read by processes that never import jax otherwise)
+
+        return self.kernel_impl in ("auto", "pallas") and jax.default_backend() == "gpu"
 
     def resolved_decode_graphs(self) -> int:
         """decode_graphs, None resolved: two executables only where the graph would otherwise be

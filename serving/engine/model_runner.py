@@ -66,7 +66,8 @@ class ModelRunner:
                  probe: ProbeHead | None = None, tensor_parallel: int = 1,
                  prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512),
                  max_prefill_tokens: int | None = None, decode_graphs: int = 1, prefill_graphs: int = 1,
-                 launch_thread: bool = False, poll_fetch: bool = False, mixed_steps: bool = False):
+                 launch_thread: bool = False, poll_fetch: bool = False, mixed_steps: bool = False,
+                 rope_in_kernel: bool = False):
         """`decode_graphs` 2 or 3: consecutive decode calls rotate over that many compiled copies of the
         step, each with its own DecodeIO. Under async scheduling call N is dispatched while N-1 runs, so
         XLA's temporary buffers of one executable alternate between two addresses and its CUDA graph is
@@ -77,7 +78,8 @@ class ModelRunner:
         a step's outputs start their copy to the host as soon as the step is launched, and `fetch`
         polls their readiness instead of blocking in the transfer (see EngineConfig.poll_fetch).
         `mixed_steps` (one token per decode call only): a step with prefill chunks runs them and its
-        decode rows in one forward (see EngineConfig.mixed_steps)."""
+        decode rows in one forward (see EngineConfig.mixed_steps). `rope_in_kernel`: decode steps rotate,
+        write K/V and attend in one kernel a layer (see EngineConfig.rope_in_kernel)."""
         cfg = model.cfg
         self.prefill_buckets = tuple(prefill_buckets)
         # the packed prefill call: rows of prefill_row_tokens, total padded tokens one of these
@@ -151,7 +153,8 @@ class ModelRunner:
         no_rows = DecodeInputs(tokens=empty, positions=empty, n_valid=empty, block_tables=tables, samp=samp)
         self._no_decode_rows = (jax.device_put(empty, tokens_on), pack_decode_inputs(no_rows), False, None)
         self.statics = intern_statics(StepStatics(graphdef, probe_graphdef, layer, page_size, decode_steps,
-                                                  impl, bins, mesh, treedef))
+                                                  impl, bins, mesh, treedef,
+                                                  rope_in_kernel=rope_in_kernel and mesh is None))
 
     @property
     def caches(self) -> list[tuple[jax.Array, jax.Array]]:

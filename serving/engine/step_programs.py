@@ -22,6 +22,7 @@ from flax import nnx
 
 from ...kernels import ops
 from ...models.attention import unpack_qkv
+from ...models.llama import rope_rows
 from ...models.sampling import sample_tokens
 from ...models.sharding import shard_attention_fn
 from .batch import SamplingRows
@@ -61,10 +62,11 @@ def _decode_lengths(meta: PagedMeta) -> jax.Array:
     return jnp.where(meta.q_lens > 0, meta.q_start + 1, 0).astype(jnp.int32)
 
 
-def make_paged_attention(impl: str):
+def make_paged_attention(impl: str, rope_in_kernel: bool = False):
     """attn_fn for models/attention.py's contract: write the step's K/V into the pages, then attend.
     Its `packed_qkv` takes the fused projection's output whole: the kernels read k and v (and, in
-    decode, q) in place."""
+    decode, q) in place. With `rope_in_kernel` (GPU kernels only) a decode-only step's layer is one
+    kernel from the raw projection (`rotary_qkv`: RoPE, K/V write and attention; ops.decode_rope_write)."""
 
     def attend(q, caches, meta: PagedMeta):
         if q.shape[1] == 1:
@@ -99,7 +101,21 @@ def make_paged_attention(impl: str):
             out = attend(unpack_qkv(qkv)[0], caches, meta)
         return out, caches
 
+    def rotary_qkv(qkv, positions, inv_freq, layer_cache, meta: PagedMeta | MixedMeta):
+        b, t, hkv, g2, d = qkv.shape
+        if t != 1 or isinstance(meta, MixedMeta):  # decode rows only (prefill and mixed: the model's RoPE)
+            return None
+        out, *caches = ops.decode_rope_write(qkv.reshape(b, hkv, g2, d), *layer_cache, _decode_lengths(meta),
+                                             meta.block_tables, meta.slot_mapping,
+                                             rope_rows(positions[:, 0], inv_freq), impl=impl)
+        return out[:, None], tuple(caches)
+
     paged_attention.packed_qkv = packed_qkv
+    if rope_in_kernel:
+        if ops.family(impl) != "gpu":
+            raise ValueError(f"rope_in_kernel needs the GPU kernels (impl 'pallas' on a GPU or "
+                             f"'pallas_interpret'), got impl {impl!r} on {jax.default_backend()}")
+        paged_attention.rotary_qkv = rotary_qkv
     return paged_attention
 
 
@@ -125,6 +141,7 @@ class StepStatics:
     num_bins: int
     mesh: Any = None  # tensor-parallel jax.sharding.Mesh; None = one device
     state_treedef: Any = None  # the weights' pytree structure: calls pass the flat leaves
+    rope_in_kernel: bool = False  # decode steps: RoPE + K/V write + attention in one kernel a layer
 
     # jit hashes its static arguments on every call: hashing the model's graphdef anew cost
     # milliseconds of host time per step (more than a small model's device time), so it is cached
@@ -162,7 +179,7 @@ jax.monitoring.register_event_duration_secs_listener(_count_backend_compile)
 
 def _attention(st: StepStatics):
     """Under TP the paged kernels run once per kv-head shard (shard_map)."""
-    attn_fn = make_paged_attention(st.impl)
+    attn_fn = make_paged_attention(st.impl, st.rope_in_kernel)
     return attn_fn if st.mesh is None else shard_attention_fn(attn_fn, st.mesh, "paged")
 
 
