@@ -133,7 +133,9 @@ def _kernel(qstart_ref, qlen_ref, bt_ref, *refs, g: int, rows_n: int, ntb: int, 
         p = jnp.where(take, jnp.exp2(logit - m_new), 0.0)
         alpha = jnp.exp2(m - m_new)
         den = alpha * den + p
-        o = alpha[:, None] * o + p[:, None] * v_new.astype(jnp.float32)[None, :]
+        # p rounded to V's dtype as the blocks' p @ V rounds it (bf16 products are exact in f32)
+        p_v = p.astype(v_new.dtype).astype(jnp.float32)
+        o = alpha[:, None] * o + p_v[:, None] * v_new.astype(jnp.float32)[None, :]
         m = m_new
         slot = slot_ref[b]
 
