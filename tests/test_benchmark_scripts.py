@@ -53,3 +53,14 @@ def test_serving_replay_names_a_trail_label_outside_the_policies_before_loading_
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode != 0 and "--trail-label 'trail-host-preempt' is not among --policies" in r.stderr, \
         r.stderr[-2000:]
+
+
+def test_greedy_parity_compares_each_variant_with_the_first():
+    """Identical requests and first divergence positions, counted by hand: a token differs at 2, one
+    output is a prefix of the other (diverges at its end), one is equal."""
+    from jtrail.bench.greedy_parity import compare
+
+    got = compare({"a": [[1, 2, 3], [4, 5], [6]], "b": [[1, 2, 9], [4, 5, 7], [6]],
+                   "c": [[1, 2, 3], [4, 5], [6]]})
+    assert got["b"] == {"identical_requests": 1, "requests": 3, "first_divergence_positions": [2, 2]}
+    assert got["c"]["identical_requests"] == 3 and got["c"]["first_divergence_positions"] == []
