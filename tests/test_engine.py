@@ -120,6 +120,11 @@ def test_pallas_kernels_in_the_engine_equal_alone(model, reference, rope_in_kern
         assert s.output_ids == exp, s.request_id
 
 
+def test_rope_in_kernel_without_the_gpu_kernels_fails_before_any_step(model):
+    with pytest.raises(ValueError, match="rope_in_kernel"):
+        LLMEngine(model, config=small_config(kernel_impl="reference", rope_in_kernel=True))
+
+
 def test_compilations_bounded(model):
     # decode_steps_per_call=3 is used by no other test: its compile counters start at 0 here
     cfg = small_config(preemption_mode="swap", num_pages=60, num_slots=6, decode_steps_per_call=3)

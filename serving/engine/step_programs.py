@@ -113,8 +113,8 @@ def make_paged_attention(impl: str, rope_in_kernel: bool = False):
     paged_attention.packed_qkv = packed_qkv
     if rope_in_kernel:
         if ops.family(impl) != "gpu":
-            raise ValueError(f"rope_in_kernel needs the GPU kernels (impl 'pallas' on a GPU or "
-                             f"'pallas_interpret'), got impl {impl!r} on {jax.default_backend()}")
+            raise ValueError(f"rope_in_kernel: needs the GPU kernels (kernel_impl 'pallas' on a GPU or "
+                             f"'pallas_interpret'), got kernel_impl {impl!r} on {jax.default_backend()}")
         paged_attention.rotary_qkv = rotary_qkv
     return paged_attention
 
