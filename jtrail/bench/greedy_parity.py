@@ -18,9 +18,11 @@ import os
 import sys
 import time
 
-# name -> EngineConfig fields: the engine before decode_rope_write, the engine now, plain-jnp attention
+# name -> EngineConfig fields: the engine before decode_rope_write, the same again (a control: each engine
+# compiles, and autotunes its GEMMs, on its own), the engine now, plain-jnp attention
 VARIANTS: dict[str, dict] = {
     "xla_rope": {"kernel_impl": "auto", "rope_in_kernel": False},
+    "xla_rope_again": {"kernel_impl": "auto", "rope_in_kernel": False},
     "kernel_rope": {"kernel_impl": "auto", "rope_in_kernel": True},
     "reference_attention": {"kernel_impl": "reference", "rope_in_kernel": False},
 }
