@@ -130,18 +130,10 @@ def rotate_rows(x: jax.Array, rope_rows: jax.Array) -> jax.Array:
     return (xf * cos + jnp.roll(xf, d // 2, axis=-1) * sin).astype(x.dtype)
 
 
-def decode_rope_write(
-    qkv: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
-    lengths: jax.Array,
-    block_tables: jax.Array,
-    slot_mapping: jax.Array,
-    rope_rows: jax.Array,
-    *,
-    scale: float | None = None,
-    softcap: float | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+def decode_rope_write(qkv: jax.Array, k_pages: jax.Array, v_pages: jax.Array, lengths: jax.Array,
+                      block_tables: jax.Array, slot_mapping: jax.Array, rope_rows: jax.Array, *,
+                      scale: float | None = None, softcap: float | None = None
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode step from the fused projection's raw rows qkv [B, Hkv, G + 2, D] (per kv head: G query
     heads, k, v): rotate q and k, write k and v at slot_mapping [B] (the slot of position lengths - 1;
     < 0 skips), attend to [0, lengths). -> (out [B, Hkv * G, D], k_pages, v_pages)."""
