@@ -18,8 +18,8 @@ import os
 import sys
 import time
 
-# name -> EngineConfig fields: the engine before decode_rope_write, the same again (a control: each engine
-# compiles, and autotunes its GEMMs, on its own), the engine now, plain-jnp attention
+# name -> EngineConfig fields: the engine before decode_rope_write, the same again (a control: whether one
+# engine's greedy tokens repeat from run to run), the engine now, plain-jnp attention
 VARIANTS: dict[str, dict] = {
     "xla_rope": {"kernel_impl": "auto", "rope_in_kernel": False},
     "xla_rope_again": {"kernel_impl": "auto", "rope_in_kernel": False},
