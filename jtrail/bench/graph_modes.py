@@ -171,7 +171,7 @@ AB_SETS: dict[str, dict[str, tuple[dict, float | None]]] = {
                  "depth2_graphs3": ({"steps_in_flight": 2, "decode_graphs": 3}, None)},
     # the fetch blocks in the transfer, or polls readiness with the copy to host enqueued at launch
     "fetch_ab": {"block": ({"poll_fetch": False}, None), "poll": ({"poll_fetch": True}, None)},
-    # a decode step's RoPE as XLA's fusion before the write and attention kernels, or inside one kernel
+    # a decode step's RoPE by the model (XLA) before the write and attention kernels, or inside one kernel
     # that rotates, writes the new K/V and attends (ops.decode_rope_write); one and eight tokens per call
     "rope_ab": {"xla_rope": ({"rope_in_kernel": False}, None),
                 "kernel_rope": ({"rope_in_kernel": True}, None)},

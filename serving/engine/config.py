@@ -61,8 +61,9 @@ class EngineConfig:
     # steps, as if held up while the engine's thread blocked in the fetch. None: on with the launch thread
     poll_fetch: bool | None = None
     # decode steps rotate q and k, write the new K/V and attend in one Pallas kernel a layer
-    # (ops.decode_rope_write) instead of XLA's RoPE fusion, the write kernel and the attention kernel:
-    # two of a small model's ~15 latency-bound kernels a layer fewer. GPU kernels only, one device;
+    # (ops.decode_rope_write) instead of the model's RoPE, the write kernel and the attention kernel: one
+    # of a small model's ~13 latency-bound kernels a layer fewer (H200: 1.03-1.05x a step; ENGINE_NOTES.md).
+    # GPU kernels only, one device;
     # None: on where the kernels are the GPU's compiled ones (kernel_impl "pallas" or "auto" on a GPU)
     rope_in_kernel: bool | None = None
 
