@@ -96,9 +96,7 @@ class EngineConfig:
     def resolved_rope_in_kernel(self) -> bool:
         if self.rope_in_kernel is not None:
             return self.rope_in_kernel
-        import jax  # (the config is read by processes that never import jax otherwise)
-
-        return self.kernel_impl in ("auto", "pallas") and jax.default_backend() == "gpu"
+        return self.kernel_impl in ("auto", "pallas") and _on_gpu()
 
     def resolved_decode_graphs(self) -> int:
         """decode_graphs, None resolved: two executables only where the graph would otherwise be
@@ -125,9 +123,13 @@ class EngineConfig:
         return self.poll_fetch if self.poll_fetch is not None else self.resolved_launch_thread()
 
     def _async_on_gpu(self) -> bool:
-        import jax
+        return self.async_scheduling and _on_gpu()
 
-        return self.async_scheduling and jax.default_backend() == "gpu"
+
+def _on_gpu() -> bool:
+    import jax  # here: the config is read by processes that never import jax otherwise
+
+    return jax.default_backend() == "gpu"
 
 
 def resolve_policy(policy: str | Policy) -> Policy:

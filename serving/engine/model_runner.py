@@ -54,8 +54,8 @@ from .step_programs import (
     TRACE_COUNTS,
     StepStatics,
     _fed_tokens,
+    check_rope_in_kernel,
     intern_statics,
-    make_paged_attention,
 )
 
 __all__ = ["ModelRunner"]
@@ -82,7 +82,7 @@ class ModelRunner:
         decode rows in one forward (see EngineConfig.mixed_steps). `rope_in_kernel`: decode steps rotate,
         write K/V and attend in one kernel a layer (see EngineConfig.rope_in_kernel)."""
         cfg = model.cfg
-        make_paged_attention(impl, rope_in_kernel)  # a bad impl or rope_in_kernel fails here, not mid-step
+        check_rope_in_kernel(impl, rope_in_kernel)  # here, not at the first step's trace
         self.prefill_buckets = tuple(prefill_buckets)
         # the packed prefill call: rows of prefill_row_tokens, total padded tokens one of these
         self.prefill_row_tokens, self.prefill_capacities = prefill_layout(prefill_buckets, max_prefill_tokens)

@@ -111,12 +111,17 @@ def make_paged_attention(impl: str, rope_in_kernel: bool = False):
         return out[:, None], tuple(caches)
 
     paged_attention.packed_qkv = packed_qkv
+    check_rope_in_kernel(impl, rope_in_kernel)
     if rope_in_kernel:
-        if ops.family(impl) != "gpu":
-            raise ValueError(f"rope_in_kernel: needs the GPU kernels (kernel_impl 'pallas' on a GPU or "
-                             f"'pallas_interpret'), got kernel_impl {impl!r} on {jax.default_backend()}")
         paged_attention.rotary_qkv = rotary_qkv
     return paged_attention
+
+
+def check_rope_in_kernel(impl: str, rope_in_kernel: bool) -> None:
+    """ValueError unless `impl` has the kernel that rope_in_kernel needs (the GPU family's)."""
+    if rope_in_kernel and ops.family(impl) != "gpu":
+        raise ValueError(f"rope_in_kernel: needs the GPU kernels (kernel_impl 'pallas' on a GPU or "
+                         f"'pallas_interpret'), got kernel_impl {impl!r} on {jax.default_backend()}")
 
 
 def _sample(logits: jax.Array, s: SamplingRows, offset: jax.Array | int = 0,
