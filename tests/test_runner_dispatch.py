@@ -237,3 +237,33 @@ def test_launch_thread_gives_the_inline_engines_tokens(mode):
     assert threads and all(t.startswith("jtrail-launch") for t in threads)
     assert threaded.num_preemptions == inline.num_preemptions > 0
     assert threaded.scheduler.blocks.num_used == 0  # every page back
+
+
+def test_decode_gemms_choice_and_its_compiled_calls(monkeypatch):
+    """decode_gemms: cuBLAS GEMMs (XLA's Triton GEMMs off for that compilation) for multi-token decode
+    calls on a GPU, XLA's choice elsewhere; a bad value is refused naming the field. The cuBLAS variant
+    runs the same program (here on the CPU, where the option changes nothing): same tokens."""
+    with pytest.raises(ValueError, match="decode_gemms"):
+        EngineConfig(decode_gemms="triton")
+    assert EngineConfig(decode_steps_per_call=8).resolved_decode_gemms() == "xla"  # the CPU backend
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert EngineConfig(decode_steps_per_call=8).resolved_decode_gemms() == "cublas"
+    assert EngineConfig().resolved_decode_gemms() == "xla"  # one token per call: its step was slower
+    assert EngineConfig(decode_steps_per_call=8, decode_gemms="xla").resolved_decode_gemms() == "xla"
+    monkeypatch.undo()
+    from jtrail.serving.engine.step_programs import _DECODE_CALLS, _DECODE_CALLS_CUBLAS
+
+    model = Llama(CFG, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    base = dataclasses.replace(_engine(model).config, decode_steps_per_call=3, async_scheduling=False)
+    tokens = {}
+    for gemms in ("xla", "cublas"):
+        engine = LLMEngine(model, config=dataclasses.replace(base, decode_gemms=gemms))
+        assert engine.runner._decode_calls is (_DECODE_CALLS_CUBLAS if gemms == "cublas" else _DECODE_CALLS)
+        for i in range(2):
+            engine.add_request(f"r{i}", [5 + i, 9, 11], SamplingParams(max_tokens=7, ignore_eos=True))
+        got = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                got.setdefault(out.request_id, []).extend(out.new_token_ids)
+        tokens[gemms] = got
+    assert tokens["xla"] == tokens["cublas"] and all(len(t) == 7 for t in tokens["xla"].values())

@@ -56,6 +56,12 @@ SETTINGS: dict[str, tuple[str, dict, dict]] = {
     # loops inside the graph: the k-token fori_loop is one graph, not a body launched op by op
     "k8_while": (ALL_COMMAND_TYPES, {}, {"decode_steps_per_call": 8}),
     "xla_rope": ("", {}, {"rope_in_kernel": False}),  # the engine before decode_rope_write
+    # XLA's Triton GEMMs pick split-K at SmolLM2's 32-128 rows (4, 8, 2 and 8 splits at b32): each GEMM's
+    # partial sums need a reduction, fused into the next elementwise op, but the qkv GEMM's is an op of
+    # its own (its consumer is the attention kernel). Unsplit GEMMs: one op a layer fewer, slower GEMMs?
+    "no_split_k": ("--xla_gpu_experimental_force_split_k=1", {}, {}),
+    "cublas_gemm": ("--xla_gpu_enable_triton_gemm=false", {}, {}),  # GEMMs as cuBLAS calls
+    "k8_cublas": ("--xla_gpu_enable_triton_gemm=false", {}, {"decode_steps_per_call": 8}),
     **{name: (flags, {}, BEFORE) for name, flags in COMMAND_BUFFERS.items()},
 }
 DEFAULT_RUN = ("engine", "triton_gemm", "k8", "k8_while")  # ~2 minutes each on a fresh H200

@@ -66,6 +66,12 @@ class EngineConfig:
     # GPU kernels only, one device;
     # None: on where the kernels are the GPU's compiled ones (kernel_impl "pallas" or "auto" on a GPU)
     rope_in_kernel: bool | None = None
+    # GEMMs of the multi-token decode call (decode_steps_per_call > 1): "xla" (XLA's Triton GEMM fusions,
+    # with split-K at a few rows and its reductions as extra ops) or "cublas" (XLA compiles that call with
+    # xla_gpu_enable_triton_gemm off). H200, SmolLM2-135M shape, b128 x 8: 290 GPU ops a token step against
+    # 350, busy 15.2 ms a call against 17.6 (ENGINE_NOTES.md); the one-token step keeps XLA's (its step
+    # was slower with cuBLAS). None: "cublas" for multi-token calls on a GPU, else "xla"
+    decode_gemms: str | None = None
 
     def __post_init__(self) -> None:
         if self.preemption_mode not in ("recompute", "swap"):
@@ -80,6 +86,9 @@ class EngineConfig:
             raise ValueError(f"decode_graphs must be 1, 2, 3 or None (automatic), got {self.decode_graphs}")
         if self.prefill_graphs not in (None, 1, 2, 3):
             raise ValueError(f"prefill_graphs must be 1, 2, 3 or None (automatic), got {self.prefill_graphs}")
+        if self.decode_gemms not in (None, "xla", "cublas"):
+            raise ValueError(f"decode_gemms must be 'xla', 'cublas' or None (automatic), "
+                             f"got {self.decode_gemms!r}")
         if self.steps_in_flight not in (None, 1, 2):
             raise ValueError(f"steps_in_flight must be 1, 2 or None (automatic), got {self.steps_in_flight}")
 
@@ -91,7 +100,13 @@ class EngineConfig:
                     prefill_buckets=self.prefill_buckets, max_prefill_tokens=self.max_prefill_tokens_per_step,
                     decode_graphs=self.resolved_decode_graphs(), launch_thread=self.resolved_launch_thread(),
                     prefill_graphs=self.resolved_prefill_graphs(), poll_fetch=self.resolved_poll_fetch(),
-                    mixed_steps=self.mixed_steps, rope_in_kernel=self.resolved_rope_in_kernel())
+                    mixed_steps=self.mixed_steps, rope_in_kernel=self.resolved_rope_in_kernel(),
+                    decode_gemms=self.resolved_decode_gemms())
+
+    def resolved_decode_gemms(self) -> str:
+        if self.decode_gemms is not None:
+            return self.decode_gemms
+        return "cublas" if self.decode_steps_per_call > 1 and _on_gpu() else "xla"
 
     def resolved_rope_in_kernel(self) -> bool:
         if self.rope_in_kernel is not None:

@@ -49,6 +49,7 @@ from .step_buffers import (
 from .step_inputs import DecodeInputs, PrefillLayout, pack_decode_inputs, prefill_call_inputs
 from .step_programs import (
     _DECODE_CALLS,
+    _DECODE_CALLS_CUBLAS,
     _MIXED_CALLS,
     _PREFILL_CALLS,
     TRACE_COUNTS,
@@ -68,7 +69,7 @@ class ModelRunner:
                  prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512),
                  max_prefill_tokens: int | None = None, decode_graphs: int = 1, prefill_graphs: int = 1,
                  launch_thread: bool = False, poll_fetch: bool = False, mixed_steps: bool = False,
-                 rope_in_kernel: bool = False):
+                 rope_in_kernel: bool = False, decode_gemms: str = "xla"):
         """`decode_graphs` 2 or 3: consecutive decode calls rotate over that many compiled copies of the
         step, each with its own DecodeIO. Under async scheduling call N is dispatched while N-1 runs, so
         XLA's temporary buffers of one executable alternate between two addresses and its CUDA graph is
@@ -80,7 +81,8 @@ class ModelRunner:
         polls their readiness instead of blocking in the transfer (see EngineConfig.poll_fetch).
         `mixed_steps` (one token per decode call only): a step with prefill chunks runs them and its
         decode rows in one forward (see EngineConfig.mixed_steps). `rope_in_kernel`: decode steps rotate,
-        write K/V and attend in one kernel a layer (see EngineConfig.rope_in_kernel)."""
+        write K/V and attend in one kernel a layer (see EngineConfig.rope_in_kernel). `decode_gemms`
+        "cublas": the decode call is compiled with XLA's Triton GEMMs off (see EngineConfig.decode_gemms)."""
         cfg = model.cfg
         check_rope_in_kernel(impl, rope_in_kernel)  # here, not at the first step's trace
         self.prefill_buckets = tuple(prefill_buckets)
@@ -140,6 +142,7 @@ class ModelRunner:
         self._ios = [decode_buffers(num_slots, width, decode_steps, bins, tokens_on)
                      for _ in range(decode_graphs)]
         self._turn = 0  # which decode executable (and its DecodeIO) the next call uses
+        self._decode_calls = _DECODE_CALLS_CUBLAS if decode_gemms == "cublas" else _DECODE_CALLS
         layout = self._prefill_layout
         self._prefill_ios = {cap // layout.row_tokens: [
             prefill_buffers(cap // layout.row_tokens, layout.width, layout.tap_width, bins, tokens_on)
@@ -329,7 +332,7 @@ class ModelRunner:
         k = self._turn
         self._turn = (k + 1) % len(self._ios)
         io = _stage_decode(self._ios[k], tokens=tokens, packed=packed)
-        self._caches, io = _DECODE_CALLS[k](
+        self._caches, io = self._decode_calls[k](
             self.statics, state=self._state_leaves, caches=self._caches, probe_state=self.probe_state,
             io=io, filtered=filtered)
         self._ios[k] = io

@@ -300,17 +300,17 @@ def _decode_program(st: StepStatics, state, caches, probe_state, io: DecodeIO, f
                                out_probs=io.out_probs.at[:].set(out_probs))
 
 
-def _program_copy(program, i: int):
+def _program_copy(program, i: int, prefix: str = ""):
     """The same program under another name, so XLA compiles it as executable i of its own (see
     `ModelRunner(decode_graphs=..., prefill_graphs=...)`)."""
-    if i == 0:
+    if i == 0 and not prefix:
         return program
 
     @wraps(program)  # (its signature too: jit finds the static and donated arguments by name)
     def copy(*args, **kwargs):
         return program(*args, **kwargs)
 
-    copy.__name__ = copy.__qualname__ = f"{program.__name__}_{i}"
+    copy.__name__ = copy.__qualname__ = f"{program.__name__}_{prefix}{i}"
     return copy
 
 
@@ -318,6 +318,12 @@ def _program_copy(program, i: int):
 # prefill packing's layout, the decode step's sampling variant) are the jit key
 _DECODE_CALLS = tuple(jax.jit(_program_copy(_decode_program, i), static_argnames=("st", "filtered"),
                               donate_argnames=("caches", "io")) for i in range(3))
+# the decode step with GEMMs as cuBLAS calls (EngineConfig.decode_gemms): its own function objects, so
+# its compilations are cached apart from _DECODE_CALLS'
+_CUBLAS = {"xla_gpu_enable_triton_gemm": False}
+_DECODE_CALLS_CUBLAS = tuple(jax.jit(_program_copy(_decode_program, i, "cublas_"),
+                                     static_argnames=("st", "filtered"), donate_argnames=("caches", "io"),
+                                     compiler_options=_CUBLAS) for i in range(3))
 _PREFILL_CALLS = tuple(jax.jit(_program_copy(_prefill_program, i), static_argnames=("st", "layout"),
                                donate_argnames=("caches", "io")) for i in range(3))
 _MIXED_CALLS = tuple(jax.jit(_program_copy(_mixed_program, i), static_argnames=("st", "layout", "filtered"),
