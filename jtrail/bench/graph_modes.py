@@ -183,6 +183,9 @@ AB_SETS: dict[str, dict[str, tuple[dict, float | None]]] = {
                 "kernel_rope": ({"rope_in_kernel": True}, None)},
     "rope_k8_ab": {"xla_rope": ({"rope_in_kernel": False, "decode_steps_per_call": 8}, None),
                    "kernel_rope": ({"rope_in_kernel": True, "decode_steps_per_call": 8}, None)},
+    # the eight-token decode call's GEMMs: XLA's Triton fusions (split-K, its reductions extra ops) or cuBLAS
+    "gemm_k8_ab": {"xla": ({"decode_gemms": "xla", "decode_steps_per_call": 8}, None),
+                   "cublas": ({"decode_gemms": "cublas", "decode_steps_per_call": 8}, None)},
 }
 
 
