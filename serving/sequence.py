@@ -144,7 +144,7 @@ class SamplingParams:
 class Status(enum.Enum):
     WAITING = "waiting"  # never run, or preempted and waiting to resume
     RUNNING = "running"  # holds a batch slot and KV pages
-    SWAPPED = "swapped"  # preempted by swap: its pages live in host memory
+    SWAPPED = "swapped"  # preempted with its KV kept: in host memory (swap) or its own device pages (keep)
     FINISHED = "finished"
 
 

@@ -169,7 +169,7 @@ def model_config(**kw) -> EngineConfig:
 
 @pytest.mark.parametrize("mode,k,pages,depth", [("recompute", 2, 26, 1), ("swap", 1, 26, 1),
                                                 ("recompute", 2, 200, 1), ("recompute", 1, 26, 2),
-                                                ("swap", 2, 26, 2)])
+                                                ("swap", 2, 26, 2), ("keep", 1, 26, 2)])
 def test_async_equals_sync_tiny_model(model, probe, mode, k, pages, depth):
     """depth: steps_in_flight (2: the host schedules two steps ahead)."""
     reqs = mixed_requests(16, seed=11, vocab=CFG.vocab_size)
@@ -180,7 +180,7 @@ def test_async_equals_sync_tiny_model(model, probe, mode, k, pages, depth):
                            policy=make_policy("trail"), async_scheduling=async_on, steps_in_flight=depth)
         pred = recording(TrailPredictor)(edges)
         engine = LLMEngine(model, HexTok(), cfg, probe=probe, predictor=pred)
-        results.append(run(engine, reqs, late_from=10, preempt_rate=0.05 if mode == "swap" else 0.0))
+        results.append(run(engine, reqs, late_from=10, preempt_rate=0.05 if mode != "recompute" else 0.0))
         engines.append(engine)
         preds.append(pred.seen)
     sync, asyn = results
@@ -199,7 +199,7 @@ def test_async_equals_sync_tiny_model(model, probe, mode, k, pages, depth):
 
 
 @pytest.mark.parametrize("mode,pages,async_on,depth", [("recompute", 200, True, 2), ("swap", 26, True, 1),
-                                                       ("recompute", 200, False, 1)])
+                                                       ("recompute", 200, False, 1), ("keep", 26, True, 2)])
 def test_mixed_steps_equal_separate_prefill_and_decode_calls(model, probe, mode, pages, async_on, depth):
     """EngineConfig.mixed_steps: a step's prefill chunks (probe-only prefills of waiting requests
     included) and decode rows in one forward give every request the same tokens, text, finish reason,
@@ -223,7 +223,7 @@ def test_mixed_steps_equal_separate_prefill_and_decode_calls(model, probe, mode,
             return handle
 
         engine.runner.execute = counting
-        results.append(run(engine, reqs, late_from=10, preempt_rate=0.05 if mode == "swap" else 0.0))
+        results.append(run(engine, reqs, late_from=10, preempt_rate=0.05 if mode != "recompute" else 0.0))
         preds.append(pred.seen)
         engines.append((engine, calls))
     (two, two_calls), (one, one_calls) = engines

@@ -91,7 +91,8 @@ def reference(model):
 
 
 @pytest.mark.parametrize("mode,rate,pages", [("recompute", 0.0, 160), ("recompute", 0.15, 48),
-                                             ("swap", 0.15, 48), ("swap", 0.0, 48)])
+                                             ("swap", 0.15, 48), ("swap", 0.0, 48), ("keep", 0.15, 160),
+                                             ("keep", 0.15, 48)])
 def test_batched_equals_alone(model, reference, mode, rate, pages):
     prompts, max_tokens, expected = reference
     engine = LLMEngine(model, config=small_config(preemption_mode=mode, num_pages=pages))
@@ -102,6 +103,65 @@ def test_batched_equals_alone(model, reference, mode, rate, pages):
         assert s.output_ids == exp, s.request_id
         assert s.finish_reason is FinishReason.LENGTH
         assert len(s.token_times) == len(exp) and s.first_token_time <= s.finish_time
+    engine.blocks.check_invariants()
+    assert engine.blocks.num_used == 0  # every page back, kept ones included
+
+
+def test_keep_preemption_keeps_the_pages_and_resumes_without_prefill(model, reference):
+    """preemption_mode "keep": a preempted request frees its slot only; its KV stays in its own pages and
+    it resumes as a decode row (no prefill chunk, no new pages but the next one); tokens stay the dense
+    reference's."""
+    prompts, max_tokens, expected = reference
+    engine = LLMEngine(model, config=small_config(preemption_mode="keep", num_slots=2, num_pages=17,
+                                                  async_scheduling=False))
+    seqs = [engine.add_request(f"r{i}", prompts[i], SamplingParams(max_tokens=max_tokens[i], ignore_eos=True))
+            for i in range(3)]
+    while not (seqs[0].num_generated >= 2 and seqs[0].status is Status.RUNNING):
+        engine.step()
+    victim = seqs[0]
+    pages, computed = list(victim.block_table), victim.num_computed_tokens
+    engine.preempt(victim)
+    assert victim.status is Status.SWAPPED and victim.slot is None and victim.block_table == pages
+    assert all(engine.blocks.owner_of(p) == victim.request_id for p in pages)
+    resumed = False
+    while engine.has_unfinished():
+        if victim.status is Status.SWAPPED and not victim.block_table:
+            raise AssertionError("a kept request lost its pages without a recompute")
+        was_kept = victim.status is Status.SWAPPED
+        engine.step()
+        batch_rows = engine.last_step
+        if was_kept and victim.status is Status.RUNNING:  # resumed this step: a decode row, no prefill
+            resumed = True
+            assert batch_rows.prefill_chunks == 0 and victim.num_computed_tokens > computed
+            assert victim.block_table[:len(pages)] == pages
+        engine.blocks.check_invariants()
+    assert resumed
+    for s, exp in zip(seqs, expected[:3], strict=True):
+        assert s.output_ids == exp, s.request_id
+    assert engine.blocks.num_used == 0
+
+
+def test_kept_pages_go_first_when_an_admission_needs_them(model):
+    """Under "keep", a request that needs pages only kept requests hold gets them: the kept request with
+    the longest estimated remaining loses its KV (waiting, to recompute) and no running one is touched."""
+    engine = LLMEngine(model, config=small_config(preemption_mode="keep", num_slots=2, num_pages=9,
+                                                  async_scheduling=False))
+    long_ = engine.add_request("long", list(range(3, 15)), SamplingParams(max_tokens=20, ignore_eos=True))
+    short = engine.add_request("short", [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True))
+    while long_.num_generated < 2:
+        engine.step()
+    engine.preempt(long_)
+    held = len(long_.block_table)
+    assert long_.status is Status.SWAPPED and held >= 4 and engine.blocks.num_free < 4
+    big = engine.add_request("big", list(range(20, 36)), SamplingParams(max_tokens=2, ignore_eos=True))
+    assert engine.scheduler._admit(big, 0.0)  # the admission a policy ranking "big" first makes
+    engine.blocks.check_invariants()
+    assert big.status is Status.RUNNING and short.status is Status.RUNNING
+    assert long_.status is Status.WAITING and long_.block_table == [] and long_.num_computed_tokens == 0
+    assert engine.num_preemptions == 1  # the kept request's KV went; no running request was preempted
+    while engine.has_unfinished():
+        engine.step()
+    assert long_.num_generated == 20 and short.num_generated == 4 and engine.blocks.num_used == 0
 
 
 @pytest.mark.parametrize("rope_in_kernel,decode_steps", [(False, 1), (True, 1), (True, 3)])

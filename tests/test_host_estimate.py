@@ -204,7 +204,7 @@ def test_sim_replica_makes_no_probe_prefills_for_host():
     from jtrail.serving.simulation.step_model import StepModel
 
     def probes_after_arrivals(**policy_kw) -> list[int]:
-        rep = SimReplica(make_policy("trail", **policy_kw), StepModel(a=1e-3), 1, 400, 16, False,
+        rep = SimReplica(make_policy("trail", **policy_kw), StepModel(a=1e-3), 1, 400, 16, "recompute",
                          OraclePredictor(), lambda s: None, None, 512)
         for i in range(3):  # one slot: the second and third must wait
             s = SimSequence(f"r{i}", [], SamplingParams(max_tokens=9), 0.0, oracle_remaining_at_start=9)

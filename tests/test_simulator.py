@@ -51,25 +51,55 @@ def random_trace(n=400, seed=0, load=0.9, slots=8):
     return Trace(arr, prompt, out), sm
 
 
-@pytest.mark.parametrize("policy,kw,swap", [
-    ("fcfs", None, False), ("trail", {"c": 0.8, "margin": 5}, False),
+@pytest.mark.parametrize("policy,kw,mode", [
+    ("fcfs", None, "recompute"), ("trail", {"c": 0.8, "margin": 5}, "recompute"),
     ("trail", {"c": 0.8, "max_preemptions": 1, "preempt_cost": {"a": 0.01, "b": 1e-4, "c": 2e-6, "d": 0.002}},
-     False),
-    ("gittins", None, True), ("srpt-oracle", {"memory": True}, False)])
-def test_event_jumps_equal_step_by_step(policy, kw, swap):
+     "recompute"),
+    ("gittins", None, "swap"), ("srpt-oracle", {"memory": True}, "recompute"),
+    ("trail", {"c": 0.8, "max_preemptions": 2}, "keep")])
+def test_event_jumps_equal_step_by_step(policy, kw, mode):
     # tight memory (forces victim preemptions) and several slots: jumping over steps must give exactly
     # the per-step simulation's results
     tr, sm = random_trace()
-    res = Resources(num_slots=8, num_pages=120, page_size=16, preemption="swap" if swap else "recompute")
+    res = Resources(num_slots=8, num_pages=120, page_size=16, preemption=mode)
     jump = simulate(tr, policy, sm, res, policy_kwargs=kw)
     step = simulate(tr, policy, sm, res, policy_kwargs=kw, max_jump_steps=1)
     np.testing.assert_allclose(jump.e2e, step.e2e, rtol=1e-9)
     np.testing.assert_allclose(jump.ttft, step.ttft, rtol=1e-9)
     np.testing.assert_array_equal(jump.preemptions, step.preemptions)
     assert np.all(np.isfinite(jump.e2e)) and np.all(jump.e2e >= jump.ttft) and np.all(jump.ttft > 0)
-    if policy != "fcfs" or swap:
+    if policy != "fcfs" or mode != "recompute":
         return
     assert jump.preemptions.sum() > 0  # memory was tight enough to matter
+
+
+def test_keep_resumes_free_and_holds_its_pages(monkeypatch):
+    """"keep": with pages to spare a kept request resumes at no cost, as the simulator's swap (whose
+    transfer is not priced) does: the same latencies. With pages tight, kept requests' pages count: the
+    run differs from swap (their pages go first, then they recompute), and never uses more pages than
+    there are."""
+    tr, sm = random_trace(load=1.1)
+    kw = {"c": 0.8, "max_preemptions": 2}
+    ample = {m: simulate(tr, "trail", sm, Resources(num_slots=8, num_pages=100_000, preemption=m),
+                         policy_kwargs=kw) for m in ("swap", "keep", "recompute")}
+    np.testing.assert_allclose(ample["keep"].e2e, ample["swap"].e2e, rtol=1e-12)
+    assert ample["keep"].preemptions.sum() > 0
+    assert ample["recompute"].e2e.mean() > ample["keep"].e2e.mean()  # the recompute it saves
+    from jtrail.serving.simulation.sim_replica import SimReplica
+
+    peaks, kept_seen = [], []
+    boundary = SimReplica.boundary
+
+    def checked(self, t):  # after each boundary: the running and the kept requests' pages fit
+        boundary(self, t)
+        peaks.append(self.used_at(self.steps))
+        kept_seen.append(len(self.kept))
+
+    monkeypatch.setattr(SimReplica, "boundary", checked)
+    tight = {m: simulate(tr, "trail", sm, Resources(num_slots=8, num_pages=120, preemption=m),
+                         policy_kwargs=kw) for m in ("swap", "keep")}
+    assert not np.allclose(tight["keep"].e2e, tight["swap"].e2e)
+    assert max(peaks) <= 120 and max(kept_seen) > 0
 
 
 def test_metrics_follow_vllm_definitions_on_a_hand_trace():

@@ -7,6 +7,8 @@ from typing import Any, NamedTuple
 
 from ..brain.scheduler.base import Policy
 
+PREEMPTION_MODES = ("recompute", "swap", "keep")
+
 
 @dataclass
 class EngineConfig:
@@ -19,7 +21,11 @@ class EngineConfig:
     prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
     max_prefill_tokens_per_step: int = 512  # prefill tokens per step, counted in whole rows
     decode_steps_per_call: int = 1
-    preemption_mode: str = "recompute"  # or "swap"
+    # what a preempted request's KV becomes: "recompute" drops it (vLLM's default), "swap" copies it to host
+    # memory, "keep" leaves it in its device pages and frees only the batch slot, so a length-aware policy's
+    # preemption (a shorter request takes the slot) costs no recompute. Under "keep" a preemption for pages
+    # drops KV (as recompute), first that of kept requests.
+    preemption_mode: str = "recompute"
     policy: str | Policy = "fcfs"
     dtype: Any = None  # KV cache dtype; None = the model's compute dtype
     kernel_impl: str = "auto"
@@ -74,8 +80,9 @@ class EngineConfig:
     decode_gemms: str | None = None
 
     def __post_init__(self) -> None:
-        if self.preemption_mode not in ("recompute", "swap"):
-            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, "
+                             f"got {self.preemption_mode!r}")
         if min(self.num_slots, self.page_size, self.decode_steps_per_call, self.max_queue) < 1:
             raise ValueError("num_slots, page_size, decode_steps_per_call and max_queue must be >= 1")
         if not self.prefill_buckets or list(self.prefill_buckets) != sorted(set(self.prefill_buckets)):

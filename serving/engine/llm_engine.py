@@ -221,7 +221,7 @@ class LLMEngine:
         seqs = self.waiting + self.running
         return EngineStats(
             waiting=sum(s.status is Status.WAITING for s in self.waiting), running=len(self.running),
-            swapped=sum(st.swapped is not None for st in self._reqs.values()),
+            swapped=sum(st.seq.status is Status.SWAPPED for st in self._reqs.values()),
             pages_used=self.blocks.num_used, pages_total=self.blocks.num_usable,
             preemptions=self.num_preemptions,
             outstanding_tokens=float(sum(s.num_prompt_tokens + (s.predicted_remaining if s.predicted_remaining

@@ -50,7 +50,7 @@ def lose_results(batches: Iterable[StepBatch | None], reqs: dict[str, EngineRequ
         if seq.request_id not in lost or seq.is_finished:
             continue
         seq.num_computed_tokens, st.prefilled, st.tap = 0, False, None
-        if st.swapped is not None:  # its host copy holds the lost calls' pages: recompute instead
-            st.swapped = None
+        st.swapped = None  # a host copy holds the lost calls' pages: recompute instead
+        if seq.status is Status.SWAPPED:  # (under "keep" it keeps its pages, rewritten from the start)
             seq.status = Status.WAITING
     return lost

@@ -34,7 +34,7 @@ import bisect
 import time
 from operator import attrgetter
 
-from ..brain.scheduler.base import Policy, SchedulerState
+from ..brain.scheduler.base import Policy, SchedulerState, kept_victim
 from ..sequence import Sequence, Status
 from .batch import DecodeRow, PrefillChunk, StepBatch, padded_tokens, prefill_layout
 from .block_manager import BlockManager
@@ -89,9 +89,12 @@ class StepScheduler:
         st = self.reqs[seq.request_id]
         if st.in_flight:  # async: a call in flight still has its tokens or its probe output: a later
             return True  # step (skipped, not blocking: new arrivals are probed in flight every step)
-        # Pages for every token so far (a request swapped mid-prefill still has chunks to write).
-        need = self.blocks.pages_for(seq.num_tokens)
-        if not self.free_slots or not self.blocks.can_allocate(need):
+        # Pages for every token so far (a request swapped mid-prefill still has chunks to write); a
+        # request preempted under "keep" holds its own and may need one more.
+        need = max(self.blocks.pages_for(seq.num_tokens) - len(seq.block_table), 0)
+        if not self.free_slots:
+            return False
+        if not self.blocks.can_allocate(need) and not self._drop_kept(need, spare=seq):
             return False
         self.waiting.remove(seq)
         pages = self.blocks.allocate(seq, need)
@@ -106,24 +109,51 @@ class StepScheduler:
         self.running.append(seq)
         return True
 
-    def preempt(self, seq: Sequence) -> None:
-        """Running -> waiting (recompute: drop the KV) or swapped (swap: KV to host memory)."""
+    def preempt(self, seq: Sequence, for_pages: bool = False) -> None:
+        """Running -> waiting (recompute: drop the KV) or swapped (swap: KV to host memory; keep: KV
+        left in its pages, only the slot freed, unless the preemption is `for_pages`)."""
         if seq.status is not Status.RUNNING:
             raise ValueError(f"{seq.request_id!r} is not running")
         st = self.reqs[seq.request_id]
-        if self.config.preemption_mode == "swap":
+        mode = self.config.preemption_mode
+        if mode == "keep" and not for_pages:
+            seq.status = Status.SWAPPED  # its tokens in flight still write its own pages
+        elif mode == "swap":
             keep = self.blocks.pages_for(seq.num_computed_tokens)
             st.swapped = self.runner.swap_out(seq.block_table[:keep])
             seq.status = Status.SWAPPED
         else:
-            seq.num_computed_tokens = 0
-            st.prefilled, st.tap = False, None
-            seq.status = Status.WAITING
-        self.blocks.free(seq)
+            self._drop_kv(seq)
+        if seq.status is not Status.SWAPPED or mode == "swap":
+            self.blocks.free(seq)
         self.release_slot(seq)
         self.enqueue(seq)
         seq.num_preemptions += 1
         self.num_preemptions += 1
+
+    def _drop_kv(self, seq: Sequence) -> None:
+        """Recompute from the start when admitted again (the caller frees the pages)."""
+        st = self.reqs[seq.request_id]
+        seq.num_computed_tokens = 0
+        st.prefilled, st.tap = False, None
+        seq.status = Status.WAITING
+
+    def kept(self) -> list[Sequence]:
+        """Requests preempted under "keep" that hold device pages."""
+        return [s for s in self.waiting if s.status is Status.SWAPPED and s.block_table]
+
+    def _drop_kept(self, need: int, spare: Sequence | None = None) -> bool:
+        """Free pages held by kept requests (`kept_victim` first) until `need` pages are free;
+        those requests recompute when admitted again. False if that is not enough (nothing dropped)."""
+        kept = [s for s in self.kept() if s is not spare]
+        if self.blocks.num_free + sum(len(s.block_table) for s in kept) < need:
+            return False
+        while not self.blocks.can_allocate(need):
+            victim = kept_victim(kept)
+            kept.remove(victim)
+            self._drop_kv(victim)
+            self.blocks.free(victim)
+        return True
 
     def release_slot(self, seq: Sequence) -> None:
         if seq.slot is not None:
@@ -163,8 +193,10 @@ class StepScheduler:
                 continue  # async: the tokens in flight reach its length limit; it finishes on arrival
             # KV for positions up to num_tokens - 1 + n - 1 is written by this call.
             while not blocks.ensure_capacity(seq, num_tokens + n - 1):
+                if self._drop_kept(blocks.pages_for(num_tokens + n - 1) - len(seq.block_table)):
+                    continue  # kept requests' pages were enough
                 victim = self.policy.choose_victim(self.running, time.monotonic())
-                self.preempt(victim)
+                self.preempt(victim, for_pages=True)
                 preempted = True
                 if victim is seq:
                     break

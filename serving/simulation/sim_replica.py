@@ -12,7 +12,10 @@ newly admitted sequence first prefills its prompt (plus generated tokens after a
 preemption) in that same step, which yields its first token; each prefill chunk of up to
 `prefill_chunk` tokens is one call, priced by the step model's per-call term. Before a step every
 running sequence must hold ceil((tokens + 1) / page_size) pages; if they do not fit,
-`choose_victim` preempts.
+`choose_victim` preempts. Preemption as the engine's modes (EngineConfig.preemption_mode): recompute
+(prefill prompt + generated again on readmission), swap (resume at no cost: the transfer is not
+priced) or keep (resume at no cost, the pages held meanwhile; pages short: kept requests' KV goes
+first, `kept_victim`'s choice, then preemptions drop KV as recompute does).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..brain.predictor import SimPredictor
-from ..brain.scheduler.base import Policy, SchedulerState
+from ..brain.scheduler.base import Policy, SchedulerState, kept_victim
 from ..paging import pages_for
 from ..sequence import Sequence, Status
 from .step_model import StepModel, TimedStepModel
@@ -75,7 +78,7 @@ class SimSequence(Sequence):
 
 class SimReplica:
     def __init__(self, policy: Policy, step_model: StepModel | TimedStepModel, num_slots: int, num_pages: int,
-                 page_size: int, swap: bool, predictor: SimPredictor | None,
+                 page_size: int, preemption: str, predictor: SimPredictor | None,
                  on_finish: Callable[[SimSequence], None],
                  max_jump_steps: int | None = None, prefill_chunk: int = 512, finish_lag_steps: int = 0):
         self.policy, self.sm, self.num_slots = policy, step_model, num_slots
@@ -83,7 +86,9 @@ class SimReplica:
         # dispatched it, so a finished request keeps its slot (and its pages) that much longer
         self.finish_lag = finish_lag_steps
         self.num_pages, self.ps = num_pages, page_size
-        self.swap, self.predictor, self._on_finish = swap, predictor, on_finish
+        self.preemption, self.predictor, self._on_finish = preemption, predictor, on_finish
+        self.kept: dict[SimSequence, int] = {}  # "keep": preempted requests -> the pages they hold
+        self.kept_pages = 0
         aging = getattr(getattr(policy, "aging", None), "rate", 0.0)
         if max_jump_steps is None and aging > 0 and getattr(policy, "preempt", False):
             max_jump_steps = 8  # aged ranks move between events and may trigger a preemption: look often
@@ -118,18 +123,23 @@ class SimReplica:
 
     # --- resources -------------------------------------------------------------------------------------
     def used_at(self, step: int) -> int:
-        """Pages held by the running sequences once they have `step - steps` more tokens."""
+        """Pages held once the running sequences have `step - steps` more tokens (kept ones' included)."""
         if not self.offs:
-            return 0
+            return self.kept_pages
         a = np.asarray(self.offs) + (step + self.ps - 1)
-        return int((a // self.ps).sum())
+        return int((a // self.ps).sum()) + self.kept_pages
 
     def fits(self, step: int) -> bool:
         """used_at(step) <= num_pages, with a cheap upper bound first (ceil adds < 1 page each)."""
         n = len(self.offs)
-        if (sum(self.offs) + n * step) // self.ps + n <= self.num_pages:
+        if (sum(self.offs) + n * step) // self.ps + n + self.kept_pages <= self.num_pages:
             return True
         return self.used_at(step) <= self.num_pages
+
+    def _drop_kept(self, s: SimSequence) -> None:
+        """A kept request loses its pages: it recomputes when admitted again."""
+        self.kept_pages -= self.kept.pop(s)
+        s.status = Status.WAITING
 
     def outstanding_tokens(self) -> float:
         run = sum(s._plen + (s.predicted_remaining or 0.0) for s in self.running)
@@ -163,6 +173,8 @@ class SimReplica:
             tokens = s._plen
         else:
             tokens = 0 if s.status is Status.SWAPPED else s._plen + s._gen0
+        if s in self.kept:  # its pages count as the running ones' again
+            self.kept_pages -= self.kept.pop(s)
         s.status, s.admitted_time = Status.RUNNING, t
         s._clock, s._s0 = self, self.steps
         self._changed = True
@@ -188,9 +200,13 @@ class SimReplica:
             s._pv, s._pg = pv, s._gen0
         s._epoch += 1
 
-    def preempt(self, s: SimSequence, t: float) -> None:
+    def preempt(self, s: SimSequence, t: float, for_pages: bool = False) -> None:
         self._remove(s)
-        s.status = Status.SWAPPED if self.swap else Status.WAITING
+        keep = self.preemption == "keep" and not for_pages
+        s.status = Status.SWAPPED if self.preemption == "swap" or keep else Status.WAITING
+        if keep:
+            self.kept[s] = pages_for(s.num_tokens, self.ps)
+            self.kept_pages += self.kept[s]
         s.num_preemptions += 1
         self.preemptions += 1
         self._changed = True
@@ -241,7 +257,10 @@ class SimReplica:
         if self.waiting:
             self._schedule(t)
         while self.running and not self.fits(self.steps + 1):
-            self.preempt(self.policy.choose_victim(self.running, t), t)
+            if self.kept:
+                self._drop_kept(kept_victim(list(self.kept)))
+            else:
+                self.preempt(self.policy.choose_victim(self.running, t), t, for_pages=True)
 
     def _schedule(self, t: float) -> None:
         free_pages = self.num_pages - self.used_at(self.steps)
@@ -256,8 +275,17 @@ class SimReplica:
         for w in dec.admit:
             if w.status not in _WAITING:
                 continue  # stale or duplicate entry from the policy
-            need = pages_for(w._plen + w._gen0 + 1, self.ps)
-            if len(self.running) >= self.num_slots or need > free_pages:
+            need = pages_for(w._plen + w._gen0 + 1, self.ps) - self.kept.get(w, 0)
+            if len(self.running) >= self.num_slots:
+                break
+            others = [k for k in self.kept if k is not w]
+            if need > free_pages and need <= free_pages + sum(self.kept[k] for k in others):
+                while need > free_pages:  # the engine's _admit: kept requests' pages first
+                    v = kept_victim(others)
+                    others.remove(v)
+                    free_pages += self.kept[v]
+                    self._drop_kept(v)
+            if need > free_pages:
                 break  # keep the policy's order: nothing jumps a request that does not fit yet
             self._admit(w, t)
             free_pages -= need

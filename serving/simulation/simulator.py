@@ -29,6 +29,7 @@ from ..brain.forecast import FORECAST_PRIOR_TOKENS, count_routed, replica_foreca
 from ..brain.predictor import OraclePredictor, SimPredictor
 from ..brain.scheduler.base import Policy, PolicyStats
 from ..brain.scheduler.registry import make_policy
+from ..engine.config import PREEMPTION_MODES
 from ..engine_api import EngineStats
 from ..latency_summary import summarize_requests
 from ..sequence import InvalidRequestError, SamplingParams
@@ -77,14 +78,14 @@ class Resources:
     num_slots: int
     num_pages: int
     page_size: int = 16
-    preemption: str = "recompute"  # or "swap"
+    preemption: str = "recompute"  # or "swap" / "keep" (EngineConfig.preemption_mode)
     prefill_chunk: int = 512  # tokens per prefill call (the engine's largest prefill bucket)
 
     def __post_init__(self) -> None:
         if min(self.num_slots, self.num_pages, self.page_size, self.prefill_chunk) < 1:
             raise InvalidRequestError("resources", f"slots, pages and page size must be >= 1: {self}")
-        if self.preemption not in ("recompute", "swap"):
-            raise InvalidRequestError("preemption", f"'recompute' or 'swap', got {self.preemption!r}")
+        if self.preemption not in PREEMPTION_MODES:
+            raise InvalidRequestError("preemption", f"one of {PREEMPTION_MODES}, got {self.preemption!r}")
 
     @classmethod
     def from_engine_config(cls, cfg: EngineConfig) -> Resources:
@@ -190,7 +191,7 @@ def simulate(trace: Trace, policy: PolicySpec, step_model: StepModel | TimedStep
         npre[i] = s.num_preemptions
 
     reps = [SimReplica(make(), step_model, resources.num_slots, resources.num_pages, resources.page_size,
-                       resources.preemption == "swap", predictor, done, max_jump_steps,
+                       resources.preemption, predictor, done, max_jump_steps,
                        resources.prefill_chunk, finish_lag_steps)
             for _ in range(num_replicas)]
     stats = [EngineStats(pages_total=resources.num_pages) for _ in reps]

@@ -80,3 +80,10 @@ class Policy(ABC):
 
     def on_estimate(self, seq: Sequence) -> None:  # noqa: B027 - optional hook
         """Called when a waiting request's length estimate arrives (its probe-only prefill's)."""
+
+
+def kept_victim(kept: list[Sequence]) -> Sequence:
+    """Of the requests preempted with their KV kept in device pages ("keep"), the one whose pages go first
+    when pages run out: the longest estimated remaining (it would resume last), then the latest arrival."""
+    return max(kept, key=lambda s: (s.predicted_remaining if s.predicted_remaining is not None
+                                    else s.max_remaining, s.arrival_time))
