@@ -19,7 +19,8 @@ reserve too much; `--memory` searches that rule and the past-future "peak" rule:
 Tuning seeds
 are not the GPU benchmark's. Writes benchmarks/results/tune_preemption.json. Other searches, each its own
 file: --order (tune_order.json), --arrival-costs (tune_arrival.json), --memory (tune_memory.json),
---realistic-grid (tune_realistic.json), --probe-hold (trail's probe_hold_s: tune_probe_hold.json).
+--realistic-grid (tune_realistic.json), --probe-hold (trail's probe_hold_s: tune_probe_hold.json),
+--keep-grid (preemption that keeps the KV against recompute: tune_keep.json).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout", type=int, default=11, help="--memory: the seed the choice is confirmed on")
     p.add_argument("--realistic-grid", action="store_true", help="trail's arrival estimate x preemption x "
                    "aging under the realistic probe (writes results/tune_realistic.json unless --out)")
+    p.add_argument("--keep-grid", action="store_true", help="trail's preemption settings under preemption "
+                   "that keeps the KV in its pages against recompute (writes results/tune_keep.json unless --out)")
     p.add_argument("--probe-hold", action="store_true", help="trail's probe_hold_s under the realistic "
                    "probe, probe-only prefills charged (writes results/tune_probe_hold.json unless --out)")
     a = p.parse_args(argv)
@@ -73,14 +76,16 @@ def main(argv: list[str] | None = None) -> int:
                              a.out if a.out != str(OUT) else str(OUT.with_name("tune_memory.json")), command,
                              a.heldout)
         return 0
-    if a.arrival_costs or a.order or a.realistic_grid or a.probe_hold:  # order_tuning, each its own file
+    if a.arrival_costs or a.order or a.realistic_grid or a.probe_hold or a.keep_grid:  # order_tuning
         from jtrail.bench.order_tuning import (
             arrival_cost_check,
+            keep_grid,
             probe_hold_grid,
             realistic_grid,
             write_order_results,
         )
         run, name = ((arrival_cost_check, "tune_arrival.json") if a.arrival_costs
+                     else (keep_grid, "tune_keep.json") if a.keep_grid
                      else (realistic_grid, "tune_realistic.json") if a.realistic_grid
                      else (probe_hold_grid, "tune_probe_hold.json") if a.probe_hold
                      else (write_order_results, "tune_order.json"))

@@ -7,6 +7,8 @@ quality (`calibrate_sigma0`), not by MAE: at c = 0 the order is all a policy tak
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import time
 from typing import Any
@@ -177,12 +179,12 @@ def write_order_results(seeds: list[int], n: int | None, path: str, command: str
     return doc
 
 
-def realistic_table(seeds: list[int], n: int | None, rows: dict[str, tuple[str, dict[str, Any], bool]]
-                    ) -> dict[str, dict[str, dict[str, float]]]:
+def realistic_table(seeds: list[int], n: int | None, rows: dict[str, tuple[str, dict[str, Any], bool]],
+                    preemption: str | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """regime -> label -> seed means, with ratios to the regime's fcfs on the same traces, under the
     rank-matched synthetic probe. `rows`: label -> (policy, options, free first estimate): False charges
     each waiting request's estimate as the engine pays for it (a probe-only prefill,
-    `predict_at_arrival=False`)."""
+    `predict_at_arrival=False`). `preemption`: the replicas' preemption mode (None: Resources' default)."""
     prm, out = workload_lengths()
     sm = StepModel(**STEP_MODEL)
     sigma0, prior = CALIBRATIONS["rank-matched"]
@@ -192,6 +194,8 @@ def realistic_table(seeds: list[int], n: int | None, rows: dict[str, tuple[str, 
         per: dict[str, list[dict[str, float]]] = {}
         for s in seeds:
             tr, res, _ = regime_setup(reg, prm, out, s, sm, n)
+            if preemption is not None:
+                res = dataclasses.replace(res, preemption=preemption)
             per.setdefault("fcfs", []).append(run(tr, "fcfs", REGIMES[reg].fcfs_kwargs, sm, res, s, probe))
             for lab, (name, kw, free) in rows.items():
                 per.setdefault(lab, []).append(run(tr, name, kw, sm, res, s, probe, predict_at_arrival=free))
@@ -200,7 +204,7 @@ def realistic_table(seeds: list[int], n: int | None, rows: dict[str, tuple[str, 
         for lab, m in table[reg].items():
             m["fcfs_over_x_mean_e2e"] = f["mean_e2e"] / m["mean_e2e"]
             m["x_over_fcfs_p99_e2e"] = m["p99_e2e"] / f["p99_e2e"]
-            print(f"{reg} {lab:44s} fcfs/x {m['fcfs_over_x_mean_e2e']:.3f}  p99/fcfs "
+            print(f"{reg} {preemption or ''} {lab:44s} fcfs/x {m['fcfs_over_x_mean_e2e']:.3f}  p99/fcfs "
                   f"{m['x_over_fcfs_p99_e2e']:.3f}  preemptions {m['preemptions_per_request']:.2f}",
                   flush=True)
     return table
@@ -275,6 +279,64 @@ def realistic_grid(seeds: list[int], n: int | None, path: str, command: str) -> 
                 kw = {"c": 0.5, "max_preemptions": cap, "aging": aging, "preempt_cost": dict(STEP_MODEL)}
                 rows[f"trail c=0.5 cost cap {cap} aging {aging:g}, {tag}"] = ("trail", kw, free)
     return write_realistic(seeds, n, rows, path, command)
+
+
+def keep_grid(seeds: list[int], n: int | None, path: str, command: str) -> dict[str, Any]:
+    """Preemption that keeps the KV in its pages ("keep": a preempted request resumes without recompute)
+    against recompute, for trail's preemption settings under the realistic settings (`realistic_table`;
+    probe-only prefills charged as the engine pays for them, and free estimates as the host estimator's);
+    `tune_preemption.py --keep-grid` -> results/tune_keep.json. Choice: every R1 bar of issue 15 and R2's
+    p99 and preemption bars met on the simulator under "keep", then the largest geometric mean of fcfs/x
+    mean E2E over R1 and R2."""
+    import datetime
+    import json
+    from pathlib import Path
+
+    from jtrail.provenance import git_commit
+
+    rows: Rows = {"trail c=0 aging 100 (the default before), probe-only prefill": ("trail", {"c": 0.0}, False)}
+    for free in (False, True):
+        tag = "free estimate" if free else "probe-only prefill"
+        for aging in (100.0, 200.0):
+            for cap in (1, 2):
+                for cost in (False, True):
+                    kw: dict[str, Any] = {"c": 0.5, "max_preemptions": cap, "aging": aging}
+                    if cost:
+                        kw["preempt_cost"] = dict(STEP_MODEL)
+                    rows[f"trail c=0.5 {'cost ' if cost else ''}cap {cap} aging {aging:g}, {tag}"] = (
+                        "trail", kw, free)
+    rows["srpt-oracle"] = ("srpt-oracle", {"c": 0.0}, True)
+    tables = {mode: realistic_table(seeds, n, rows, preemption=mode) for mode in ("recompute", "keep")}
+    keep = tables["keep"]
+    choice, best = None, -1.0
+    for lab in rows:
+        if not lab.startswith("trail c=0.5"):
+            continue
+        r1, r2, o1 = keep["R1"][lab], keep["R2"][lab], keep["R1"]["srpt-oracle"]
+        f1 = keep["R1"]["fcfs"]
+        ok = (r1["fcfs_over_x_mean_e2e"] >= 1.05 and f1["mean_ttft"] / r1["mean_ttft"] >= 3.0
+              and r1["x_over_fcfs_p99_e2e"] <= 1.25 and r1["mean_e2e"] / o1["mean_e2e"] <= 1.3
+              and r2["x_over_fcfs_p99_e2e"] <= 1.3
+              and max(r1["preemptions_per_request"], r2["preemptions_per_request"]) <= 0.5)
+        gain = float(np.sqrt(r1["fcfs_over_x_mean_e2e"] * r2["fcfs_over_x_mean_e2e"]))
+        if ok and gain > best:
+            choice, best = lab, gain
+    sigma0, prior = CALIBRATIONS["rank-matched"]
+    doc = {"command": command, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+           "git_commit": git_commit(), "seeds": seeds, "step_model": STEP_MODEL,
+           "probe": {"calibration": "rank-matched", "sigma0": sigma0, "prior": prior},
+           "rule": "under keep: R1 fcfs/x mean E2E >= 1.05, mean TTFT >= 3, p99 <= 1.25, x/srpt-oracle <= 1.3; "
+                   "R2 p99 <= 1.3; preemptions per request <= 0.5 in R1 and R2; then the largest geometric "
+                   "mean of fcfs/x mean E2E over R1 and R2",
+           "choice": choice, "choice_options": rows[choice][1] if choice else None,
+           "choice_free_first_estimate": rows[choice][2] if choice else None,
+           "rows": {lab: {"policy": p, "options": kw, "free_first_estimate": f}
+                    for lab, (p, kw, f) in rows.items()},
+           "tables": tables}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(doc, indent=1, default=float) + "\n")
+    print("choice:", choice)
+    return doc
 
 
 PROBE_HOLDS = (0.0, 0.005, 0.02, 0.05, 0.2, 1.0)
