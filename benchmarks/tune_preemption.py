@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--realistic-grid", action="store_true", help="trail's arrival estimate x preemption x "
                    "aging under the realistic probe (writes results/tune_realistic.json unless --out)")
     p.add_argument("--keep-grid", action="store_true", help="trail's preemption settings under preemption "
-                   "that keeps the KV in its pages against recompute (writes results/tune_keep.json unless --out)")
+                   "that keeps the KV in its pages against recompute (writes results/tune_keep.json unless "
+                   "--out)")
     p.add_argument("--probe-hold", action="store_true", help="trail's probe_hold_s under the realistic "
                    "probe, probe-only prefills charged (writes results/tune_probe_hold.json unless --out)")
     a = p.parse_args(argv)

@@ -8,7 +8,6 @@ quality (`calibrate_sigma0`), not by MAE: at c = 0 the order is all a policy tak
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import time
 from typing import Any
@@ -294,7 +293,8 @@ def keep_grid(seeds: list[int], n: int | None, path: str, command: str) -> dict[
 
     from jtrail.provenance import git_commit
 
-    rows: Rows = {"trail c=0 aging 100 (the default before), probe-only prefill": ("trail", {"c": 0.0}, False)}
+    rows: Rows = {"trail c=0 aging 100 (the default before), probe-only prefill":
+                  ("trail", {"c": 0.0}, False)}
     for free in (False, True):
         tag = "free estimate" if free else "probe-only prefill"
         for aging in (100.0, 200.0):
@@ -325,9 +325,9 @@ def keep_grid(seeds: list[int], n: int | None, path: str, command: str) -> dict[
     doc = {"command": command, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
            "git_commit": git_commit(), "seeds": seeds, "step_model": STEP_MODEL,
            "probe": {"calibration": "rank-matched", "sigma0": sigma0, "prior": prior},
-           "rule": "under keep: R1 fcfs/x mean E2E >= 1.05, mean TTFT >= 3, p99 <= 1.25, x/srpt-oracle <= 1.3; "
-                   "R2 p99 <= 1.3; preemptions per request <= 0.5 in R1 and R2; then the largest geometric "
-                   "mean of fcfs/x mean E2E over R1 and R2",
+           "rule": "under keep: R1 fcfs/x mean E2E >= 1.05, mean TTFT >= 3, p99 <= 1.25, x/srpt-oracle "
+                   "<= 1.3; R2 p99 <= 1.3; preemptions per request <= 0.5 in R1 and R2; then the largest "
+                   "geometric mean of fcfs/x mean E2E over R1 and R2",
            "choice": choice, "choice_options": rows[choice][1] if choice else None,
            "choice_free_first_estimate": rows[choice][2] if choice else None,
            "rows": {lab: {"policy": p, "options": kw, "free_first_estimate": f}
