@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from jtrail.serving.engine.config import DEFAULT_PREEMPTION_MODE, PREEMPTION_MODES
 
 from jtrail.bench.engine_setup import load
 from jtrail.bench.loadgen import load_prompt_ids
@@ -72,6 +73,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pages", type=int, default=384, help="KV pages (limited so memory matters)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--decode-steps", type=int, default=1)
+    p.add_argument("--preemption-mode", choices=PREEMPTION_MODES, default=DEFAULT_PREEMPTION_MODE,
+                   help="the engines' (and the simulator's) preemption mode: recompute, swap or keep")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="the engines' async scheduling (the engine's default: on); recorded in config")
     p.add_argument("--max-prompt-tokens", type=int, default=512)

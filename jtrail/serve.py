@@ -15,6 +15,7 @@ import signal
 import sys
 
 from jtrail.serving.brain.scheduler.trail import TrailPolicy
+from jtrail.serving.engine.config import PREEMPTION_MODES
 from jtrail.serving.engine.llm_engine import EngineConfig  # plain Python: no JAX until a model loads
 from jtrail.serving.engine_api import AsyncEngine
 
@@ -68,6 +69,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "may wait for a step that prefills an admitted prompt anyway, sharing its device "
                         f"call (default: trail's own, {TrailPolicy.DEFAULT_PROBE_HOLD_S:g} s; 0: the next "
                         "step, a call of its own; benchmarks/results/tune_probe_hold.json)")
+    p.add_argument("--preemption-mode", choices=PREEMPTION_MODES, default=EngineConfig.preemption_mode,
+                   help="what a preempted request's KV becomes: recompute (dropped), swap (to host memory) "
+                        "or keep (left in its pages, only the batch slot freed: a length-aware policy's "
+                        "preemption costs no recompute; pages short, kept KV goes first)")
     p.add_argument("--decode-steps", type=int, default=1,
                    help="decode tokens per jitted call (higher: less host overhead, chunkier streams)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
@@ -105,7 +110,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(num_slots=args.num_slots, num_pages=args.pages, page_size=args.page_size,
                         max_model_len=args.max_model_len, policy=make_policy(args.policy, **opts),
                         max_queue=args.max_queue, decode_steps_per_call=args.decode_steps,
-                        tensor_parallel=args.tensor_parallel, async_scheduling=args.async_scheduling)
+                        tensor_parallel=args.tensor_parallel, async_scheduling=args.async_scheduling,
+                        preemption_mode=args.preemption_mode)
 
 
 def build_engine(args: argparse.Namespace) -> AsyncEngine:

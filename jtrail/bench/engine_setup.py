@@ -59,7 +59,8 @@ def make_engine(su: Setup, policy: str, kw: dict, predictor: Any = None, slots: 
     cfg = EngineConfig(num_slots=slots or a.slots, page_size=a.page_size, num_pages=pages or a.pages,
                        max_model_len=a.max_model_len,
                        decode_steps_per_call=a.decode_steps, policy=make_policy(policy, **kw), seed=a.seed,
-                       async_scheduling=getattr(a, "async_scheduling", EngineConfig.async_scheduling))
+                       async_scheduling=getattr(a, "async_scheduling", EngineConfig.async_scheduling),
+                       preemption_mode=getattr(a, "preemption_mode", EngineConfig.preemption_mode))
     eng = LLMEngine(su.model, su.tokenizer, cfg, probe=su.probe, predictor=predictor or su.refiner,
                     prompt_estimator=su.prompt_estimator)
     # the server's own warm-up: every packed prefill shape the slots can reach and the decode step

@@ -31,6 +31,7 @@ from jtrail.bench.serving_report import clean_json, device_label
 from jtrail.provenance import git_commit
 from jtrail.serving.brain.capacity import capacity_req_s, full_batch_throughput, pauses
 from jtrail.serving.brain.predictor import RecordingPredictor
+from jtrail.serving.engine.config import DEFAULT_PREEMPTION_MODE
 from jtrail.serving.engine.step_programs import BACKEND_COMPILES, TRACE_COUNTS
 from jtrail.serving.simulation.regimes import REGIMES, Regime, regime_arrivals, regime_resources
 from jtrail.serving.simulation.sim_vs_engine import sim_errors, simulate_policies
@@ -229,6 +230,7 @@ def run_regime(
         "requests": len(wl),
         "arrival_span_s": float(arrival[-1]),
         "steps_in_flight": lag,
+        "preemption_mode": getattr(args, "preemption_mode", DEFAULT_PREEMPTION_MODE),
         "_wl": wl,
         "_runs": runs,
         "_recorder": recorder,
@@ -318,7 +320,8 @@ def simulate_regime(
     lag = out.get("steps_in_flight", 0)  # a finished request's slot is freed this many steps late
     wl = out["_wl"]
     records = rec.records(list(wl.request_ids), len(refiner.midpoints))
-    res = Resources(num_slots=out["slots"], num_pages=out["pages"], page_size=page_size)
+    res = Resources(num_slots=out["slots"], num_pages=out["pages"], page_size=page_size,
+                    preemption=out["preemption_mode"])
     keep = {k: v for k, v in specs.items() if k in out["_runs"]}
     sim = {}
     for label, spec in keep.items():

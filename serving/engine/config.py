@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 from ..brain.scheduler.base import Policy
 
 PREEMPTION_MODES = ("recompute", "swap", "keep")
+DEFAULT_PREEMPTION_MODE = "recompute"  # EngineConfig's and the simulator's Resources' default
 
 
 @dataclass
@@ -25,7 +26,7 @@ class EngineConfig:
     # memory, "keep" leaves it in its device pages and frees only the batch slot, so a length-aware policy's
     # preemption (a shorter request takes the slot) costs no recompute. Under "keep" a preemption for pages
     # drops KV (as recompute), first that of kept requests.
-    preemption_mode: str = "recompute"
+    preemption_mode: str = DEFAULT_PREEMPTION_MODE
     policy: str | Policy = "fcfs"
     dtype: Any = None  # KV cache dtype; None = the model's compute dtype
     kernel_impl: str = "auto"

@@ -29,7 +29,7 @@ from ..brain.forecast import FORECAST_PRIOR_TOKENS, count_routed, replica_foreca
 from ..brain.predictor import OraclePredictor, SimPredictor
 from ..brain.scheduler.base import Policy, PolicyStats
 from ..brain.scheduler.registry import make_policy
-from ..engine.config import PREEMPTION_MODES
+from ..engine.config import DEFAULT_PREEMPTION_MODE, PREEMPTION_MODES
 from ..engine_api import EngineStats
 from ..latency_summary import summarize_requests
 from ..sequence import InvalidRequestError, SamplingParams
@@ -78,7 +78,7 @@ class Resources:
     num_slots: int
     num_pages: int
     page_size: int = 16
-    preemption: str = "recompute"  # or "swap" / "keep" (EngineConfig.preemption_mode)
+    preemption: str = DEFAULT_PREEMPTION_MODE  # recompute, swap or keep (EngineConfig.preemption_mode)
     prefill_chunk: int = 512  # tokens per prefill call (the engine's largest prefill bucket)
 
     def __post_init__(self) -> None:
