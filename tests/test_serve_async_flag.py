@@ -20,3 +20,16 @@ def test_serve_flag_sets_engine_async_scheduling(flags: list[str], want: bool) -
 
 def test_engine_default_is_async() -> None:
     assert EngineConfig().async_scheduling is True
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap", "keep"])
+def test_serve_preemption_mode_reaches_the_engine(mode: str) -> None:
+    args = build_parser().parse_args(["serve", "--mock", "--preemption-mode", mode])
+    assert engine_config(args).preemption_mode == mode
+    assert build_parser().parse_args(["serve", "--mock"]).preemption_mode == EngineConfig().preemption_mode
+
+
+def test_serve_refuses_an_unknown_preemption_mode(capsys) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--mock", "--preemption-mode", "drop"])
+    assert "--preemption-mode" in capsys.readouterr().err
