@@ -621,11 +621,14 @@ def markdown(table: list[dict]) -> str:
 def replay_policy_specs(edges: list[float], mids: list[float]) -> dict[str, tuple[str, dict[str, Any]]]:
     """The replay workload's policies (`--policies` names -> policy, options); `edges`, `mids`: the
     probe's bins (gittins ranks by its posterior)."""
-    # trail's defaults (c = 0, aging 100 tok/s, chosen on the simulator: results/tune_preemption.json),
+    # trail's defaults (c = 0.5, at most two preemptions, aging 100 tok/s, chosen on the simulator with the
+    # engine's "keep" preemption: results/tune_keep.json),
     # and trail without aging beside it; gittins and the oracle at c = 0 without aging, so the oracle is
     # pure SRPT on true lengths (the mean's lower reference). trail-exp-aging: multiplicative aging at
     # 0.15 / s, results/tune_order.json's choice on the simulator (not confirmed on the engine in R2)
     return {"fcfs": ("fcfs", {}), "trail": ("trail", {}), "trail-no-aging": ("trail", {"aging": 0.0}),
+            # the default before 2026-12-04 (no preemption; the engine then dropped a preempted request's KV)
+            "trail-c0": ("trail", {"c": 0.0, "max_preemptions": None}),
             "trail-probe-at-once": ("trail", {"probe_hold_s": 0.0}),
             "trail-exp-aging": ("trail", {"aging": 0.15, "aging_form": "exp"}),
             # trail ranking arrivals by the host-side prompt estimator (no probe-only prefills)

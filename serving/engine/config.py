@@ -8,7 +8,10 @@ from typing import Any, NamedTuple
 from ..brain.scheduler.base import Policy
 
 PREEMPTION_MODES = ("recompute", "swap", "keep")
-DEFAULT_PREEMPTION_MODE = "recompute"  # EngineConfig's and the simulator's Resources' default
+# EngineConfig's and the simulator's Resources' default: "keep", chosen with trail's limited preemption on
+# the simulator (benchmarks/results/tune_keep.json: R1 1.13x fcfs mean E2E, p99 1.24x; recompute 1.05x, p99
+# 1.49x); under memory pressure it preempts as recompute does (R3 the same in both modes)
+DEFAULT_PREEMPTION_MODE = "keep"
 
 
 @dataclass

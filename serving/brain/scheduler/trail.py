@@ -2,8 +2,9 @@
 
 Waiting queue ordered by predicted remaining length (ties: arrival). When the batch is full the best
 waiting request may preempt the running request with the largest predicted remaining length among
-those still preemptible: generated <= c x initial prediction (paper: c = 0.8; c = 0, the default
-here: never) and only if its prediction exceeds the waiting one's by more than `margin` tokens.
+those still preemptible: generated <= c x initial prediction (paper: c = 0.8; here 0.5, at most two
+preemptions per request, see below) and only if its prediction exceeds the waiting one's by more than
+`margin` tokens.
 Past the cutoff a request is never preempted (it has sunk too much work to be worth restarting).
 A request not yet predicted (the engine predicts at prefill) ranks as `unknown_rank` (default 0:
 prefill it first to learn it).
@@ -35,19 +36,17 @@ class TrailPolicy(RankedPolicy):
     name = "trail"
     probe_on_arrival = True
 
-    # c = 0 (no preemption in `schedule`): chosen by benchmarks/tune_preemption.py on the simulator
-    # (ShareGPT answer lengths, the H200 step model, a probe at 0.35x prompt-only MAE, tuning seeds).
-    # Preempting buys TTFT, but the preempted long requests wait behind every shorter arrival (R1 p99
-    # E2E 1.6x fcfs at c = 0.5). Without aging trail starves the requests it predicts long in overload
-    # (R2 p99 E2E 3.2x fcfs); linear aging at 100 tokens/s keeps p99 within 1.2x of fcfs in R1 and R2
-    # for 1.1-1.2x fcfs's mean E2E (tune_preemption.json has the whole trade-off).
-    # Multiplicative aging at 0.15 / s looked better on the simulator (results/tune_order.json: worst-
-    # case gain 1.17x vs 1.14x) but did not hold on the engine: replay R2 on the H200 (serving.json's
-    # other_runs, 5ff8f43) gave 0.93x fcfs mean E2E with p99 1.44x fcfs, over the 1.3x bar.
-    # Re-run with the newest engine step model (results/tune_preemption_fdf5eac_step_model.json: a
-    # recompute ~9x cheaper than the tuning above assumed), the search picks c = 0.5, cost-aware, at most
-    # two preemptions; with the realistic probe it gains in R2 but raises R1's p99 to 1.38x fcfs, so c = 0
-    # stays until the engine runs both. Memory-aware admission (results/tune_memory.json): none by default.
+    # c = 0.5, max_preemptions = 2 (since 2026-12-04): with the engine's preemption that keeps the KV in
+    # its pages (EngineConfig.preemption_mode "keep", the default) a preemption costs no recompute, and on
+    # the simulator (benchmarks/tune_preemption.py --keep-grid, results/tune_keep.json; rank-matched probe,
+    # probe-only prefills charged, tuning seeds) this is the choice that meets issue 15's R1 bars (1.13x
+    # fcfs mean E2E, 6.5x TTFT, p99 1.24x, 0.31 preemptions per request) and R2's p99 and preemption bars
+    # (1.17x, p99 1.19x); R3 (memory-bound) 1.25x against c = 0's 1.35x. Under recompute or swap the same
+    # search keeps c = 0 (R1 p99 1.49x fcfs at c = 0.5), the default before (tune_preemption.json,
+    # tune_realistic.json): pass c=0 with those modes (`jtrail serve --preemption-mode recompute` does).
+    # Aging: linear 100 tokens/s keeps p99 within ~1.2x of fcfs in R1 and R2 (without it trail starves the
+    # requests it predicts long: R2 p99 3.2x fcfs); multiplicative aging (tune_order.json) did not hold on
+    # the engine (5ff8f43: R2 0.93x fcfs, p99 1.44x). Memory-aware admission (tune_memory.json): none.
     DEFAULT_AGING = 100.0
     DEFAULT_AGING_FORM = "linear"
     # probe_hold_s 0.2 (results/tune_probe_hold.json, simulator with the step model that charges ~2 ms
@@ -59,7 +58,11 @@ class TrailPolicy(RankedPolicy):
     # the old default, for that run).
     DEFAULT_PROBE_HOLD_S = 0.2
 
-    def __init__(self, *, c: float = 0.0, margin: float = 0.0, victim: str = "longest",
+    DEFAULT_C = 0.5
+    DEFAULT_MAX_PREEMPTIONS = 2
+
+    def __init__(self, *, c: float = DEFAULT_C, max_preemptions: int | None = DEFAULT_MAX_PREEMPTIONS,
+                 margin: float = 0.0, victim: str = "longest",
                  aging: float = DEFAULT_AGING, aging_form: str = DEFAULT_AGING_FORM,
                  arrival_estimate: str = "probe", probe_hold_s: float = DEFAULT_PROBE_HOLD_S, **kw: Any):
         if arrival_estimate not in ARRIVAL_ESTIMATES:
@@ -67,6 +70,7 @@ class TrailPolicy(RankedPolicy):
                                       f"must be one of {ARRIVAL_ESTIMATES}, got {arrival_estimate!r}")
         if not (isinstance(probe_hold_s, int | float) and 0 <= probe_hold_s < float("inf")):
             raise InvalidRequestError("probe_hold_s", f"must be a finite number >= 0, got {probe_hold_s!r}")
-        super().__init__(c=c, margin=margin, victim=victim, aging=aging, aging_form=aging_form, **kw)
+        super().__init__(c=c, max_preemptions=max_preemptions, margin=margin, victim=victim, aging=aging,
+                         aging_form=aging_form, **kw)
         self.arrival_estimate = arrival_estimate
         self.probe_hold_s = float(probe_hold_s)
