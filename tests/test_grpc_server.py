@@ -147,12 +147,16 @@ def test_graceful_shutdown_drains_in_flight_stream() -> None:
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("policy,want", [("fcfs", ["long", "l20", "l10", "l5"]),
-                                         ("trail", ["long", "l5", "l10", "l20"])])
-def test_serve_mock_runs_the_named_policy(policy, want) -> None:
+@pytest.mark.parametrize("policy,mode,want", [("fcfs", "keep", ["long", "l40", "l20", "l10"]),
+                                              ("trail", "keep", ["l10", "l20", "l40", "long"]),
+                                              ("trail", "recompute", ["long", "l10", "l20", "l40"])])
+def test_serve_mock_runs_the_named_policy(policy, mode, want) -> None:
     """`jtrail serve --mock --policy trail` schedules with trail: one slot, a long request running,
-    three shorter ones queued behind it run shortest first once it is done (trail's default c = 0
-    never preempts it); fcfs finishes them in arrival order."""
+    three shorter ones arriving behind it, each 4 steps after the one before. Under the default "keep"
+    preemption each shorter arrival preempts the running request (trail's c = 0.5: it has generated
+    well under half its estimate), so they finish shortest first and the long one last; under
+    recompute `jtrail serve` runs trail without preemption (the long one keeps its slot, the queue
+    runs shortest first); fcfs finishes them in arrival order."""
     import argparse
 
     from jtrail.serve import add_serve_args, build_engine
@@ -160,7 +164,7 @@ def test_serve_mock_runs_the_named_policy(policy, want) -> None:
     p = argparse.ArgumentParser()
     add_serve_args(p)
     engine = build_engine(p.parse_args(["--mock", "--policy", policy, "--slots", "1",
-                                        "--mock-step-delay", "0.005"]))
+                                        "--preemption-mode", mode, "--mock-step-delay", "0.005"]))
     assert engine.info().policy == policy
 
     async def main() -> None:
@@ -177,7 +181,7 @@ def test_serve_mock_runs_the_named_policy(policy, want) -> None:
             while (await c.stats()).running == 0:
                 await asyncio.sleep(0.005)
             tasks = []
-            for name, n in (("l20", 20), ("l10", 10), ("l5", 5)):
+            for name, n in (("l40", 40), ("l20", 20), ("l10", 10)):
                 tasks.append(asyncio.create_task(run(name, n)))
                 await asyncio.sleep(0.02)  # arrival order fixed
             await asyncio.gather(long, *tasks)

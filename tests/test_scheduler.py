@@ -228,16 +228,23 @@ def test_registry_and_errors():
 
 
 def test_trail_defaults_are_the_ones_tuned_on_the_simulator():
-    # benchmarks/tune_preemption.py records its choice; the shipped policy must be that choice
+    # benchmarks/tune_preemption.py --keep-grid records its choice (under the engine's default preemption
+    # mode, keep); the shipped policy and the engine's default mode must be that choice
     import json
     from pathlib import Path
 
-    tuned = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-                        / "tune_preemption.json").read_text())["chosen"]["trail_kwargs"]
+    from jtrail.serving.engine.config import EngineConfig
+    from jtrail.serving.simulation.simulator import Resources
+
+    doc = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+                      / "tune_keep.json").read_text())
+    tuned = doc["choice_options"]
     pol = make_policy("trail")
     assert pol.c == tuned.get("c", 0.0)
     assert (pol.aging.rate, pol.aging.form) == (tuned.get("aging", 0.0), tuned.get("aging_form", "linear"))
     assert pol.max_preemptions == tuned.get("max_preemptions") and pol.cost is None
+    assert pol.arrival_estimate == ("host" if doc["choice_free_first_estimate"] else "probe")
+    assert EngineConfig().preemption_mode == Resources(num_slots=1, num_pages=2).preemption == "keep"
 
 
 def test_memory_search_candidates_and_rule():
