@@ -5,8 +5,9 @@
 
 Lengths: the 'bench' split of the replay set (jtrail.replay.ReplaySet; prompt and recorded answer
 lengths, drawn with replacement). Replicas as in the serving benchmark (8 slots, 256 KV pages of 16
-tokens, the GPU-fitted step model of simulate.py), trail with its defaults (c = 0: no preemption by
-the policy; memory can still preempt). Arrivals: seeded Poisson at --load x the measured capacity.
+tokens, the GPU-fitted step model of simulate.py), trail with its defaults (c = 0 until 472b9be; since
+then c = 0.5, at most two preemptions, the KV kept: routing_sim8_replay_keep_defaults.json). Arrivals:
+seeded Poisson at --load x the measured capacity.
 
 What each side knows, as in `jtrail serve` + `jtrail route`:
 - a replica's requests carry the TRAIL probe's estimates: the prompt-probe estimate of a waiting
