@@ -164,6 +164,29 @@ def test_kept_pages_go_first_when_an_admission_needs_them(model):
     assert long_.num_generated == 20 and short.num_generated == 4 and engine.blocks.num_used == 0
 
 
+def test_cancelling_a_kept_request_frees_its_pages(model):
+    """A request preempted under "keep" holds pages while it waits; cancelling it returns them at once
+    and the others finish as before."""
+    engine = LLMEngine(model, config=small_config(preemption_mode="keep", num_slots=2, num_pages=40))
+    a = engine.add_request("a", list(range(3, 15)), SamplingParams(max_tokens=12, ignore_eos=True))
+    b = engine.add_request("b", [5, 6, 7], SamplingParams(max_tokens=6, ignore_eos=True))
+    while a.num_generated < 2:
+        engine.step()
+    engine.preempt(a)
+    held = list(a.block_table)
+    assert held and all(engine.blocks.owner_of(p) == "a" for p in held)
+    free_before = engine.blocks.num_free
+    out = engine.abort("a")
+    assert out is not None and out.finished
+    # its pages come back (a step in flight may still be writing them: reused only by later calls)
+    assert engine.blocks.num_free == free_before + len(held) and a not in engine.scheduler.waiting
+    assert all(engine.blocks.owner_of(p) is None for p in held)
+    while engine.has_unfinished():
+        engine.step()
+    engine.blocks.check_invariants()
+    assert b.num_generated == 6 and engine.blocks.num_used == 0
+
+
 @pytest.mark.parametrize("rope_in_kernel,decode_steps", [(False, 1), (True, 1), (True, 3)])
 def test_pallas_kernels_in_the_engine_equal_alone(model, reference, rope_in_kernel, decode_steps):
     """The GPU kernels (interpret mode) in the engine's steps: decode reads q, k and v in place from the
