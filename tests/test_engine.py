@@ -141,16 +141,24 @@ def test_keep_preemption_keeps_the_pages_and_resumes_without_prefill(model, refe
     assert engine.blocks.num_used == 0
 
 
+def kept_pair(model, num_pages: int, max_tokens: tuple[int, int], **kw):
+    """Two slots under "keep": a 12-token prompt and a 3-token one; the first, once it has two tokens, is
+    preempted (its KV kept). -> (engine, first, second)."""
+    cfg = small_config(preemption_mode="keep", num_slots=2, num_pages=num_pages, **kw)
+    engine = LLMEngine(model, config=cfg)
+    first, second = (engine.add_request(rid, prompt, SamplingParams(max_tokens=n, ignore_eos=True))
+                     for rid, prompt, n in (("first", list(range(3, 15)), max_tokens[0]),
+                                            ("second", [5, 6, 7], max_tokens[1])))
+    while first.num_generated < 2:
+        engine.step()
+    engine.preempt(first)
+    return engine, first, second
+
+
 def test_kept_pages_go_first_when_an_admission_needs_them(model):
     """Under "keep", a request that needs pages only kept requests hold gets them: the kept request with
     the longest estimated remaining loses its KV (waiting, to recompute) and no running one is touched."""
-    engine = LLMEngine(model, config=small_config(preemption_mode="keep", num_slots=2, num_pages=9,
-                                                  async_scheduling=False))
-    long_ = engine.add_request("long", list(range(3, 15)), SamplingParams(max_tokens=20, ignore_eos=True))
-    short = engine.add_request("short", [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True))
-    while long_.num_generated < 2:
-        engine.step()
-    engine.preempt(long_)
+    engine, long_, short = kept_pair(model, num_pages=9, max_tokens=(20, 4), async_scheduling=False)
     held = len(long_.block_table)
     assert long_.status is Status.SWAPPED and held >= 4 and engine.blocks.num_free < 4
     big = engine.add_request("big", list(range(20, 36)), SamplingParams(max_tokens=2, ignore_eos=True))
@@ -167,16 +175,11 @@ def test_kept_pages_go_first_when_an_admission_needs_them(model):
 def test_cancelling_a_kept_request_frees_its_pages(model):
     """A request preempted under "keep" holds pages while it waits; cancelling it returns them at once
     and the others finish as before."""
-    engine = LLMEngine(model, config=small_config(preemption_mode="keep", num_slots=2, num_pages=40))
-    a = engine.add_request("a", list(range(3, 15)), SamplingParams(max_tokens=12, ignore_eos=True))
-    b = engine.add_request("b", [5, 6, 7], SamplingParams(max_tokens=6, ignore_eos=True))
-    while a.num_generated < 2:
-        engine.step()
-    engine.preempt(a)
+    engine, a, b = kept_pair(model, num_pages=40, max_tokens=(12, 6))
     held = list(a.block_table)
-    assert held and all(engine.blocks.owner_of(p) == "a" for p in held)
+    assert held and all(engine.blocks.owner_of(p) == a.request_id for p in held)
     free_before = engine.blocks.num_free
-    out = engine.abort("a")
+    out = engine.abort(a.request_id)
     assert out is not None and out.finished
     # its pages come back (a step in flight may still be writing them: reused only by later calls)
     assert engine.blocks.num_free == free_before + len(held) and a not in engine.scheduler.waiting
@@ -233,7 +236,7 @@ def test_cancel_frees_slot_and_pages(model):
     assert a.status is Status.RUNNING and a.block_table
     used = engine.blocks.num_used
     n_a = len(a.block_table)
-    out = engine.abort("a")
+    out = engine.abort(a.request_id)
     assert out.finished and out.finish_reason is FinishReason.CANCELLED
     assert engine.blocks.num_used == used - n_a and a.block_table == [] and a.slot is None
     assert len(engine.free_slots) == engine.config.num_slots - 1
