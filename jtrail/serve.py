@@ -107,8 +107,6 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         opts["arrival_estimate"] = args.arrival_estimate
     if args.policy == "trail" and getattr(args, "probe_hold_s", None) is not None:
         opts["probe_hold_s"] = args.probe_hold_s
-    if args.policy == "trail" and args.preemption_mode != "keep":
-        opts["c"] = 0.0  # trail preempts where a preemption keeps the KV; elsewhere not (trail.py, tuned)
     return EngineConfig(num_slots=args.num_slots, num_pages=args.pages, page_size=args.page_size,
                         max_model_len=args.max_model_len, policy=make_policy(args.policy, **opts),
                         max_queue=args.max_queue, decode_steps_per_call=args.decode_steps,

@@ -160,11 +160,6 @@ def assert_same_probe_outputs(sync: dict[tuple, np.ndarray], asyn: dict[tuple, n
         np.testing.assert_allclose(asyn[key], sync[key], atol=1e-5, err_msg=str(key))
 
 
-def trail_for(mode: str):
-    """trail as `jtrail serve` runs it under `mode`: preempting by rank only where the KV is kept."""
-    return make_policy("trail") if mode == "keep" else make_policy("trail", c=0.0)
-
-
 def model_config(**kw) -> EngineConfig:
     base = dict(num_slots=6, page_size=4, num_pages=40, max_model_len=MAX_LEN, prefill_buckets=(8, 16, 32),
                 max_prefill_tokens_per_step=40, kernel_impl="reference")
@@ -182,7 +177,7 @@ def test_async_equals_sync_tiny_model(model, probe, mode, k, pages, depth):
     results, engines, preds = [], [], []
     for async_on in (False, True):
         cfg = model_config(preemption_mode=mode, decode_steps_per_call=k, num_pages=pages,
-                           policy=trail_for(mode), async_scheduling=async_on, steps_in_flight=depth)
+                           policy=make_policy("trail"), async_scheduling=async_on, steps_in_flight=depth)
         pred = recording(TrailPredictor)(edges)
         engine = LLMEngine(model, HexTok(), cfg, probe=probe, predictor=pred)
         results.append(run(engine, reqs, late_from=10, preempt_rate=0.05 if mode != "recompute" else 0.0))
@@ -214,7 +209,7 @@ def test_mixed_steps_equal_separate_prefill_and_decode_calls(model, probe, mode,
     edges = np.linspace(0, 20, probe.cfg.num_bins + 1)
     results, preds, engines = [], [], []
     for mixed in (False, True):
-        cfg = model_config(preemption_mode=mode, num_pages=pages, policy=trail_for(mode),
+        cfg = model_config(preemption_mode=mode, num_pages=pages, policy=make_policy("trail"),
                            mixed_steps=mixed, async_scheduling=async_on, steps_in_flight=depth)
         pred = recording(TrailPredictor)(edges)
         engine = LLMEngine(model, HexTok(), cfg, probe=probe, predictor=pred)
@@ -299,7 +294,7 @@ def test_async_step_stats_and_calls(model):
 def fake_engine(mode: str, k: int, async_on: bool, depth: int = 1) -> LLMEngine:
     cfg = EngineConfig(num_slots=5, page_size=4, num_pages=36, max_model_len=MAX_LEN,
                        prefill_buckets=(8, 16, 32), max_prefill_tokens_per_step=40, decode_steps_per_call=k,
-                       preemption_mode=mode, policy=trail_for(mode), async_scheduling=async_on,
+                       preemption_mode=mode, policy=make_policy("trail"), async_scheduling=async_on,
                        steps_in_flight=depth)
     runner = FakeRunner(cfg.num_slots, cfg.max_model_len, cfg.page_size, probe=True)
     return LLMEngine(None, ByteTokenizer(), cfg, predictor=recording(FakeLengthPredictor)(), runner=runner)

@@ -155,8 +155,8 @@ def test_serve_mock_runs_the_named_policy(policy, mode, want) -> None:
     three shorter ones arriving behind it, each 4 steps after the one before. Under the default "keep"
     preemption each shorter arrival preempts the running request (trail's c = 0.5: it has generated
     well under half its estimate), so they finish shortest first and the long one last; under
-    recompute `jtrail serve` runs trail without preemption (the long one keeps its slot, the queue
-    runs shortest first); fcfs finishes them in arrival order."""
+    recompute trail runs without preemption (the engine tells it the mode; the long one keeps its slot,
+    the queue runs shortest first); fcfs finishes them in arrival order."""
     import argparse
 
     from jtrail.serve import add_serve_args, build_engine

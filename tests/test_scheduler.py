@@ -301,3 +301,29 @@ def test_an_estimate_that_arrives_while_waiting_refiles_the_request():
     pol.on_estimate(late)
     state.free_slots = 1
     assert pol.schedule(state).admit == [late]
+
+
+def test_trail_preempts_by_rank_only_where_the_engine_keeps_the_kv():
+    """c left unset: 0.5 under "keep" (the tuned choice), 0 under recompute and swap (a preemption costs a
+    recompute or a copy); the engine and a simulated replica tell the policy their mode. A c given is
+    kept. A mode the engine does not know is refused by name, in the engine and the simulator."""
+    from jtrail.serving.engine.config import EngineConfig
+    from jtrail.serving.engine.fake_runner import ByteTokenizer, FakeRunner
+    from jtrail.serving.engine.llm_engine import LLMEngine
+    from jtrail.serving.simulation.sim_replica import SimReplica
+    from jtrail.serving.simulation.step_model import StepModel
+
+    for mode, want in (("keep", 0.5), ("recompute", 0.0), ("swap", 0.0)):
+        cfg = EngineConfig(num_slots=2, num_pages=40, page_size=4, max_model_len=64, prefill_buckets=(8, 16),
+                           max_prefill_tokens_per_step=16, preemption_mode=mode, policy=make_policy("trail"))
+        engine = LLMEngine(None, ByteTokenizer(), cfg, runner=FakeRunner(2, 64, 4))
+        assert engine.policy.c == want and engine.policy.preempt == (want > 0), mode
+        rep = SimReplica(make_policy("trail"), StepModel(a=1e-3), 2, 40, 4, mode, None, lambda s: None)
+        assert rep.policy.c == want and rep.policy.preempt == (want > 0), mode
+        given = make_policy("trail", c=0.8)
+        given.on_preemption_mode(mode)
+        assert given.c == 0.8 and given.preempt
+    with pytest.raises(ValueError, match="preemption_mode"):
+        EngineConfig(preemption_mode="drop")
+    with pytest.raises(InvalidRequestError, match="preemption"):
+        Resources(num_slots=1, num_pages=2, preemption="drop")

@@ -69,6 +69,7 @@ class LLMEngine:
         self.runner = runner
         self.model_cfg = model.cfg if model is not None else runner.cfg
         self.policy = resolve_policy(cfg.policy)
+        self.policy.on_preemption_mode(cfg.preemption_mode)
         self._estimate_on_arrival = self.policy.arrival_estimate == "host"
         if self._estimate_on_arrival:
             check_host_estimate(prompt_estimator, predictor)

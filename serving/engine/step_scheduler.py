@@ -116,7 +116,8 @@ class StepScheduler:
             raise ValueError(f"{seq.request_id!r} is not running")
         st = self.reqs[seq.request_id]
         mode = self.config.preemption_mode
-        if mode == "keep" and not for_pages:
+        keep_pages = mode == "keep" and not for_pages
+        if keep_pages:
             seq.status = Status.SWAPPED  # its tokens in flight still write its own pages
         elif mode == "swap":
             keep = self.blocks.pages_for(seq.num_computed_tokens)
@@ -124,7 +125,7 @@ class StepScheduler:
             seq.status = Status.SWAPPED
         else:
             self._drop_kv(seq)
-        if seq.status is not Status.SWAPPED or mode == "swap":
+        if not keep_pages:
             self.blocks.free(seq)
         self.release_slot(seq)
         self.enqueue(seq)
@@ -138,14 +139,11 @@ class StepScheduler:
         st.prefilled, st.tap = False, None
         seq.status = Status.WAITING
 
-    def kept(self) -> list[Sequence]:
-        """Requests preempted under "keep" that hold device pages."""
-        return [s for s in self.waiting if s.status is Status.SWAPPED and s.block_table]
-
     def _drop_kept(self, need: int, spare: Sequence | None = None) -> bool:
-        """Free pages held by kept requests (`kept_victim` first) until `need` pages are free;
-        those requests recompute when admitted again. False if that is not enough (nothing dropped)."""
-        kept = [s for s in self.kept() if s is not spare]
+        """Free pages held by requests preempted under "keep" (`kept_victim` first) until `need` pages
+        are free; those requests recompute when admitted again. False if that is not enough (nothing
+        dropped)."""
+        kept = [s for s in self.waiting if s.status is Status.SWAPPED and s.block_table and s is not spare]
         if self.blocks.num_free + sum(len(s.block_table) for s in kept) < need:
             return False
         while not self.blocks.can_allocate(need):

@@ -82,6 +82,7 @@ class SimReplica:
                  on_finish: Callable[[SimSequence], None],
                  max_jump_steps: int | None = None, prefill_chunk: int = 512, finish_lag_steps: int = 0):
         self.policy, self.sm, self.num_slots = policy, step_model, num_slots
+        policy.on_preemption_mode(preemption)  # as the engine tells it
         # the engine under async scheduling processes a step's outputs `steps_in_flight` steps after it
         # dispatched it, so a finished request keeps its slot (and its pages) that much longer
         self.finish_lag = finish_lag_steps
@@ -136,10 +137,25 @@ class SimReplica:
             return True
         return self.used_at(step) <= self.num_pages
 
-    def _drop_kept(self, s: SimSequence) -> None:
-        """A kept request loses its pages: it recomputes when admitted again."""
-        self.kept_pages -= self.kept.pop(s)
+    def _drop_kept(self, s: SimSequence) -> int:
+        """A kept request loses its pages (returned): it recomputes when admitted again."""
+        n = self.kept.pop(s)
+        self.kept_pages -= n
         s.status = Status.WAITING
+        return n
+
+    def _free_kept(self, need: int, spare: SimSequence) -> int:
+        """Drop kept requests' pages (`kept_victim` first, not `spare`'s) until `need` are freed: the
+        pages freed, 0 if all of them would not be enough (StepScheduler._drop_kept)."""
+        others = [k for k in self.kept if k is not spare]
+        if sum(self.kept[k] for k in others) < need:
+            return 0
+        freed = 0
+        while freed < need:
+            v = kept_victim(others)
+            others.remove(v)
+            freed += self._drop_kept(v)
+        return freed
 
     def outstanding_tokens(self) -> float:
         run = sum(s._plen + (s.predicted_remaining or 0.0) for s in self.running)
@@ -278,13 +294,8 @@ class SimReplica:
             need = pages_for(w._plen + w._gen0 + 1, self.ps) - self.kept.get(w, 0)
             if len(self.running) >= self.num_slots:
                 break
-            others = [k for k in self.kept if k is not w]
-            if need > free_pages and need <= free_pages + sum(self.kept[k] for k in others):
-                while need > free_pages:  # the engine's _admit: kept requests' pages first
-                    v = kept_victim(others)
-                    others.remove(v)
-                    free_pages += self.kept[v]
-                    self._drop_kept(v)
+            if need > free_pages:  # the engine's _admit: kept requests' pages first, if they are enough
+                free_pages += self._free_kept(need - free_pages, spare=w)
             if need > free_pages:
                 break  # keep the policy's order: nothing jumps a request that does not fit yet
             self._admit(w, t)

@@ -81,6 +81,10 @@ class Policy(ABC):
     def on_estimate(self, seq: Sequence) -> None:  # noqa: B027 - optional hook
         """Called when a waiting request's length estimate arrives (its probe-only prefill's)."""
 
+    def on_preemption_mode(self, mode: str) -> None:  # noqa: B027 - optional hook
+        """Called once by the engine (or a simulated replica) that runs this policy, with what its
+        preemptions do to the KV (EngineConfig.preemption_mode): a policy may tune itself to it."""
+
 
 def kept_victim(kept: list[Sequence]) -> Sequence:
     """Of the requests preempted with their KV kept in device pages ("keep"), the one whose pages go first

@@ -70,6 +70,7 @@ class RankedPolicy(Policy):
         self.memory = memory
         self.unknown_rank = float(unknown_rank)
         self.max_preemptions = max_preemptions
+        self._preempt_asked = preempt
         self.preempt = preempt and self.c > 0 and max_preemptions != 0
         self.cost = RecomputeCost.coerce(preempt_cost)
         self.stats = PolicyStats()

@@ -43,7 +43,7 @@ class TrailPolicy(RankedPolicy):
     # fcfs mean E2E, 6.5x TTFT, p99 1.24x, 0.31 preemptions per request) and R2's p99 and preemption bars
     # (1.17x, p99 1.19x); R3 (memory-bound) 1.25x against c = 0's 1.35x. Under recompute or swap the same
     # search keeps c = 0 (R1 p99 1.49x fcfs at c = 0.5), the default before (tune_preemption.json,
-    # tune_realistic.json): pass c=0 with those modes (`jtrail serve --preemption-mode recompute` does).
+    # tune_realistic.json): so c left unset is 0.5 under keep and 0 otherwise (on_preemption_mode).
     # Aging: linear 100 tokens/s keeps p99 within ~1.2x of fcfs in R1 and R2 (without it trail starves the
     # requests it predicts long: R2 p99 3.2x fcfs); multiplicative aging (tune_order.json) did not hold on
     # the engine (5ff8f43: R2 0.93x fcfs, p99 1.44x). Memory-aware admission (tune_memory.json): none.
@@ -61,7 +61,7 @@ class TrailPolicy(RankedPolicy):
     DEFAULT_C = 0.5
     DEFAULT_MAX_PREEMPTIONS = 2
 
-    def __init__(self, *, c: float = DEFAULT_C, max_preemptions: int | None = DEFAULT_MAX_PREEMPTIONS,
+    def __init__(self, *, c: float | None = None, max_preemptions: int | None = DEFAULT_MAX_PREEMPTIONS,
                  margin: float = 0.0, victim: str = "longest",
                  aging: float = DEFAULT_AGING, aging_form: str = DEFAULT_AGING_FORM,
                  arrival_estimate: str = "probe", probe_hold_s: float = DEFAULT_PROBE_HOLD_S, **kw: Any):
@@ -70,7 +70,15 @@ class TrailPolicy(RankedPolicy):
                                       f"must be one of {ARRIVAL_ESTIMATES}, got {arrival_estimate!r}")
         if not (isinstance(probe_hold_s, int | float) and 0 <= probe_hold_s < float("inf")):
             raise InvalidRequestError("probe_hold_s", f"must be a finite number >= 0, got {probe_hold_s!r}")
-        super().__init__(c=c, max_preemptions=max_preemptions, margin=margin, victim=victim, aging=aging,
-                         aging_form=aging_form, **kw)
+        super().__init__(c=self.DEFAULT_C if c is None else c, max_preemptions=max_preemptions, margin=margin,
+                         victim=victim, aging=aging, aging_form=aging_form, **kw)
+        self._c_given = c is not None
         self.arrival_estimate = arrival_estimate
         self.probe_hold_s = float(probe_hold_s)
+
+    def on_preemption_mode(self, mode: str) -> None:
+        """c not given: DEFAULT_C where a preemption keeps the KV ("keep"), else 0 (no preemption by rank:
+        the tuned choice when a preemption costs a recompute or a copy; see the comment above)."""
+        if not self._c_given:
+            self.c = self.DEFAULT_C if mode == "keep" else 0.0
+            self.preempt = self._preempt_asked and self.c > 0 and self.max_preemptions != 0
