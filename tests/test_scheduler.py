@@ -228,23 +228,55 @@ def test_registry_and_errors():
 
 
 def test_trail_defaults_are_the_ones_tuned_on_the_simulator():
-    # benchmarks/tune_preemption.py --keep-grid records its choice (under the engine's default preemption
-    # mode, keep); the shipped policy and the engine's default mode must be that choice
+    # benchmarks/tune_recorded.py (the simulator fed the probe's outputs recorded on the tuning split,
+    # under the engine's default preemption mode, keep) records its choice; the shipped policy and the
+    # engine's default mode must be that choice
     import json
     from pathlib import Path
 
+    from jtrail.serving.brain.scheduler.preemption_cost import RecomputeCost
     from jtrail.serving.engine.config import EngineConfig
     from jtrail.serving.simulation.simulator import Resources
 
     doc = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-                      / "tune_keep.json").read_text())
+                      / "tune_recorded.json").read_text())
+    assert doc["split"] == "tune"
     tuned = doc["choice_options"]
     pol = make_policy("trail")
-    assert pol.c == tuned.get("c", 0.0)
-    assert (pol.aging.rate, pol.aging.form) == (tuned.get("aging", 0.0), tuned.get("aging_form", "linear"))
-    assert pol.max_preemptions == tuned.get("max_preemptions") and pol.cost is None
-    assert pol.arrival_estimate == ("host" if doc["choice_free_first_estimate"] else "probe")
+    pol.on_preemption_mode("keep")
+    assert pol.c == tuned["c"]
+    assert (pol.aging.rate, pol.aging.form) == (tuned["aging"], tuned.get("aging_form", "linear"))
+    assert pol.max_preemptions == tuned["max_preemptions"]
+    assert pol.cost == RecomputeCost.coerce(tuned["preempt_cost"]) and pol.cost is not None
+    assert pol.arrival_estimate == "probe"
     assert EngineConfig().preemption_mode == Resources(num_slots=1, num_pages=2).preemption == "keep"
+
+
+def test_recorded_search_rule() -> None:
+    """benchmarks/tune_recorded.py's rule: trail settings that meet R1's bars, R2's p99 and the
+    preemption limit everywhere and keep TTFT >= 3x at the heavier R1 load; the smallest worst p99."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "tune_recorded", Path(__file__).resolve().parents[1] / "benchmarks" / "tune_recorded.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def row(gain=1.1, ttft=4.0, p99=1.1, oracle=1.0, pre=0.2):
+        return {"fcfs_over_x_mean_e2e": gain, "fcfs_over_x_mean_ttft": ttft, "x_over_fcfs_p99_e2e": p99,
+                "x_over_oracle_mean_e2e": oracle, "preemptions_per_request": pre}
+
+    a, b, c = "trail cost", "trail cap 1", "trail c=0.8"
+    table = {"R1": {a: row(p99=1.2), b: row(p99=1.1), c: row(p99=1.0)},
+             "R1-0.97": {a: row(p99=1.24), b: row(p99=1.3), c: row(ttft=2.9)},  # c: TTFT too small here
+             "R2": {a: row(p99=1.1), b: row(p99=1.1), c: row(p99=1.0)}}
+    assert mod.choose(table) == (a, 1.24)  # b's worst p99 (1.3, at R1-0.97) is larger
+    table["R2"][a]["preemptions_per_request"] = 0.6
+    assert mod.choose(table) == (b, 1.3)
+    table["R1"][b]["fcfs_over_x_mean_e2e"] = 1.04
+    assert mod.choose(table) == (None, None)
+    assert mod.choose({"R1": table["R1"]}) == (None, None)  # not every setting: no choice
 
 
 def test_memory_search_candidates_and_rule():

@@ -407,6 +407,20 @@ def _save_steps(name: str, cap_steps: np.ndarray, runs: dict[str, dict]) -> None
         np.savez_compressed(Path(os.environ["OUT"], f"steps_{name}.npz"), **arrays)
 
 
+def _save_trace(name: str, out: dict[str, Any], num_bins: int, page_size: int, split: str) -> None:
+    """The regime's trace with the probe outputs recorded along every answer into $OUT
+    (`trace_<regime>.npz`, read by `jtrail.bench.recorded_trace`): the simulator can then replay it
+    offline under any policy settings (`benchmarks/tune_recorded.py`)."""
+    if os.environ.get("OUT") and out["_recorder"] is not None:
+        from jtrail.bench.recorded_trace import save_recorded_trace
+
+        save_recorded_trace(Path(os.environ["OUT"], f"trace_{name}.npz"), out["_wl"],
+                            out["_recorder"].records(list(out["_wl"].request_ids), num_bins),
+                            slots=out["slots"], pages=out["pages"], page_size=page_size,
+                            preemption_mode=out["preemption_mode"], steps_in_flight=out["steps_in_flight"],
+                            split=split)
+
+
 def cdfs(runs: dict[str, dict]) -> dict[str, Any]:
     out = {}
     for label, r in runs.items():
@@ -551,6 +565,7 @@ def run_replay(
         )
         out = run_regime(make, pool, name, specs, cap, args, refiner, partial)
         _save_steps(name, cap["steps"], out["_runs"])
+        _save_trace(name, out, len(refiner.midpoints), args.page_size, pool.split)
         regimes[name] = out
         bars.update(bars_of(name, out["_runs"], getattr(args, "trail_label", "trail"),
                             getattr(args, "step_drift_limit", STEP_DRIFT_LIMIT)))
@@ -621,12 +636,17 @@ def markdown(table: list[dict]) -> str:
 def replay_policy_specs(edges: list[float], mids: list[float]) -> dict[str, tuple[str, dict[str, Any]]]:
     """The replay workload's policies (`--policies` names -> policy, options); `edges`, `mids`: the
     probe's bins (gittins ranks by its posterior)."""
-    # trail's defaults (c = 0.5, at most two preemptions, aging 100 tok/s, chosen on the simulator with the
-    # engine's "keep" preemption: results/tune_keep.json),
+    # trail's defaults (c = 0.5 under "keep", at most one preemption, the recompute-cost rule, aging 200
+    # tok/s: results/tune_recorded.json), "trail-twin" the same policy under another label (with
+    # --trail-label trail-twin the probe recorder rides on its run, not on trail's: the recorder's host cost),
     # and trail without aging beside it; gittins and the oracle at c = 0 without aging, so the oracle is
     # pure SRPT on true lengths (the mean's lower reference). trail-exp-aging: multiplicative aging at
     # 0.15 / s, results/tune_order.json's choice on the simulator (not confirmed on the engine in R2)
-    return {"fcfs": ("fcfs", {}), "trail": ("trail", {}), "trail-no-aging": ("trail", {"aging": 0.0}),
+    return {"fcfs": ("fcfs", {}), "trail": ("trail", {}),
+            "trail-twin": ("trail", {}),
+            "trail-keep-defaults-before": ("trail", {"max_preemptions": 2, "aging": 100.0,
+                                                     "preempt_cost": None}),
+            "trail-no-aging": ("trail", {"aging": 0.0}),
             # the default before 2026-12-04 (no preemption; the engine then dropped a preempted request's KV)
             "trail-c0": ("trail", {"c": 0.0, "max_preemptions": None}),
             "trail-probe-at-once": ("trail", {"probe_hold_s": 0.0}),

@@ -147,9 +147,14 @@ class RankedPolicy(Policy):
                      admit: list[Sequence]) -> list[Sequence]:
         # pairs (best waiting, largest-rank preemptible running) while the waiting one beats it;
         # waiting ranks only get worse down the queue, so one failed comparison ends the search
+        if self.probe_on_arrival and first.predicted_remaining is None:
+            return []  # it beats no one (_beats), so the search ends at once: skip building the victims
         if state.step is None:  # the engine: a sort of the (short) running list
-            victims = iter(sorted((r for r in state.running if self.preemptible(r)),
-                                  key=lambda r: (-self.rank(r), -r.arrival_time, r.request_id)))
+            cands = [r for r in state.running if self.preemptible(r)]
+            key = lambda r: (-self.rank(r), -r.arrival_time, r.request_id)  # noqa: E731
+            if not cands or not self._beats(first, min(cands, key=key), state.now):
+                return []  # the largest-rank victim is not beaten: most steps end here, unsorted
+            victims = iter(sorted(cands, key=key))
         else:  # the simulator: incremental (runindex.py)
             victims = self._run.ordered(state.running, state.step)
         try:
@@ -177,7 +182,7 @@ class RankedPolicy(Policy):
         # positive net saving. A later waiting request has a larger rank, so a smaller saving against
         # every candidate: the first one that finds none ends the search.
         assert self.cost is not None
-        tau = self.cost.step_time(state.running)
+        tau: float | None = None  # one decode step's time: a sum over the batch, only when a pair is priced
         in_system = len(state.running) + len(state.waiting)
         pool: list[Sequence] = []
         out: list[Sequence] = []
@@ -192,6 +197,8 @@ class RankedPolicy(Policy):
             for r in pool:
                 if not self._beats(w, r, state.now):
                     continue
+                if tau is None:
+                    tau = self.cost.step_time(state.running)
                 g = self.cost.net_gain(self.rank(r), rw, r, tau, in_system)
                 if g > best_gain:
                     best, best_gain = r, g

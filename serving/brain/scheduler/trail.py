@@ -2,9 +2,9 @@
 
 Waiting queue ordered by predicted remaining length (ties: arrival). When the batch is full the best
 waiting request may preempt the running request with the largest predicted remaining length among
-those still preemptible: generated <= c x initial prediction (paper: c = 0.8; here 0.5, at most two
-preemptions per request, see below) and only if its prediction exceeds the waiting one's by more than
-`margin` tokens.
+those still preemptible: generated <= c x initial prediction (paper: c = 0.8; here 0.5, at most one
+preemption per request, only when it beats the victim's recompute cost: see below) and only if its
+prediction exceeds the waiting one's by more than `margin` tokens.
 Past the cutoff a request is never preempted (it has sunk too much work to be worth restarting).
 A request not yet predicted (the engine predicts at prefill) ranks as `unknown_rank` (default 0:
 prefill it first to learn it).
@@ -36,18 +36,23 @@ class TrailPolicy(RankedPolicy):
     name = "trail"
     probe_on_arrival = True
 
-    # c = 0.5, max_preemptions = 2 (since 2026-12-04): with the engine's preemption that keeps the KV in
-    # its pages (EngineConfig.preemption_mode "keep", the default) a preemption costs no recompute, and on
-    # the simulator (benchmarks/tune_preemption.py --keep-grid, results/tune_keep.json; rank-matched probe,
-    # probe-only prefills charged, tuning seeds) this is the choice that meets issue 15's R1 bars (1.13x
-    # fcfs mean E2E, 6.5x TTFT, p99 1.24x, 0.31 preemptions per request) and R2's p99 and preemption bars
-    # (1.17x, p99 1.19x); R3 (memory-bound) 1.25x against c = 0's 1.35x. Under recompute or swap the same
-    # search keeps c = 0 (R1 p99 1.49x fcfs at c = 0.5), the default before (tune_preemption.json,
-    # tune_realistic.json): so c left unset is 0.5 under keep and 0 otherwise (on_preemption_mode).
-    # Aging: linear 100 tokens/s keeps p99 within ~1.2x of fcfs in R1 and R2 (without it trail starves the
-    # requests it predicts long: R2 p99 3.2x fcfs); multiplicative aging (tune_order.json) did not hold on
-    # the engine (5ff8f43: R2 0.93x fcfs, p99 1.44x). Memory-aware admission (tune_memory.json): none.
-    DEFAULT_AGING = 100.0
+    # c = 0.5 under "keep" (EngineConfig.preemption_mode, the default: a preempted request keeps its KV
+    # in its pages), at most one preemption per request, the recompute-cost rule (preemption_cost.py:
+    # a preemption passes only when its SRPT exchange saving beats re-prefilling the victim, priced by
+    # the H200 step model), linear aging 200 tokens/s. Chosen 2026-12-04 on the simulator fed the probe's
+    # real outputs along 600 tuning-split answers, recorded on the H200 (benchmarks/tune_recorded.py,
+    # results/tune_recorded.json; the synthetic probe of the searches before ranked trail 1.17x fcfs in
+    # R2 where the engine gave 0.45x). Rule: issue 15's R1 bars and R2's p99 and preemption bars met at
+    # the regimes' loads, TTFT >= 3x fcfs with R1 also at 0.97 of capacity (a capacity measured a few
+    # percent high), then the smallest worst-case p99/fcfs: R1 1.05x fcfs mean E2E, TTFT 3.4x, p99 1.11x,
+    # 0.17 preemptions per request; at 0.97 load 1.11x, 3.3x, p99 1.27x; R2 1.04x, p99 1.05x, 0.23.
+    # Before: c = 0.5, two preemptions, no cost rule, aging 100 (R1 at 0.97: p99 1.34x; R2 0.74
+    # preemptions per request; on the H200's benchmark split R1 p99 1.77x fcfs). Under recompute or swap
+    # the searches kept c = 0 (tune_keep.json): so c left unset is 0.5 under keep and 0 otherwise
+    # (on_preemption_mode). Without aging trail starves the requests it predicts long (R2 p99 3.2x fcfs);
+    # multiplicative aging (tune_order.json) did not hold on the engine (5ff8f43: R2 0.93x fcfs, p99
+    # 1.44x). Memory-aware admission (tune_memory.json): none.
+    DEFAULT_AGING = 200.0
     DEFAULT_AGING_FORM = "linear"
     # probe_hold_s 0.2 (results/tune_probe_hold.json, simulator with the step model that charges ~2 ms
     # per step with a prefill call, which reproduces the engine's measured loss of probing at once:
@@ -59,19 +64,21 @@ class TrailPolicy(RankedPolicy):
     DEFAULT_PROBE_HOLD_S = 0.2
 
     DEFAULT_C = 0.5
-    DEFAULT_MAX_PREEMPTIONS = 2
+    DEFAULT_MAX_PREEMPTIONS = 1
+    DEFAULT_PREEMPT_COST = True  # RecomputeCost() with the H200 SmolLM2 step model
 
     def __init__(self, *, c: float | None = None, max_preemptions: int | None = DEFAULT_MAX_PREEMPTIONS,
                  margin: float = 0.0, victim: str = "longest",
                  aging: float = DEFAULT_AGING, aging_form: str = DEFAULT_AGING_FORM,
-                 arrival_estimate: str = "probe", probe_hold_s: float = DEFAULT_PROBE_HOLD_S, **kw: Any):
+                 preempt_cost: Any = DEFAULT_PREEMPT_COST, arrival_estimate: str = "probe",
+                 probe_hold_s: float = DEFAULT_PROBE_HOLD_S, **kw: Any):
         if arrival_estimate not in ARRIVAL_ESTIMATES:
             raise InvalidRequestError("arrival_estimate",
                                       f"must be one of {ARRIVAL_ESTIMATES}, got {arrival_estimate!r}")
         if not (isinstance(probe_hold_s, int | float) and 0 <= probe_hold_s < float("inf")):
             raise InvalidRequestError("probe_hold_s", f"must be a finite number >= 0, got {probe_hold_s!r}")
         super().__init__(c=self.DEFAULT_C if c is None else c, max_preemptions=max_preemptions, margin=margin,
-                         victim=victim, aging=aging, aging_form=aging_form, **kw)
+                         victim=victim, aging=aging, aging_form=aging_form, preempt_cost=preempt_cost, **kw)
         self._c_given = c is not None
         self.arrival_estimate = arrival_estimate
         self.probe_hold_s = float(probe_hold_s)
