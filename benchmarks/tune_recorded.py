@@ -60,6 +60,12 @@ KEYS = ("mean_e2e", "p99_e2e", "mean_ttft", "p99_ttft", "preemptions_per_request
 _STATE: dict[str, Any] = {}
 
 
+def _sha256(path: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def _setup(trace_path: str, steps_path: str) -> None:
     from jtrail.models.probe_io import load_probe
     from jtrail.serving.brain.predictor import TrailPredictor
@@ -189,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
            "git_commit": git_commit(),
            "split": _STATE["rt"].split, "requests_recorded": len(_STATE["rt"].request_ids), "seeds": seeds,
+           "inputs_sha256": {Path(f).name: _sha256(f) for f in (a.trace, a.steps)},
            "step_model": _STATE["fit"], "sim_capacity_req_s": cap,
            "settings": {k: {"regime": r, "load_scale": s} for k, (r, s) in SETTINGS.items()},
            "specs": {k: {"policy": n, "options": kw, "free_first_estimate": fr}
