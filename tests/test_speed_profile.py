@@ -50,3 +50,18 @@ def test_bad_profiles() -> None:
         TimedStepModel(StepModel(a=0.001), 5.0, (1.0, float("nan")))
     with pytest.raises(InvalidRequestError, match="scale"):
         TimedStepModel(StepModel(a=0.001), 5.0, ())
+
+
+def test_speed_against_a_reference_reads_a_policys_own_step_cost() -> None:
+    from jtrail.serving.simulation.step_model import speed_against
+
+    sm = StepModel(a=0.001, b=1e-5, c=1e-7)
+    rng = np.random.default_rng(0)
+    kv = rng.uniform(1e3, 2e4, 600)
+    own = step_rows(np.zeros(600), np.arange(600) * 0.003, running=32)
+    own[:, 1] = kv
+    own[:, 2] = 1.1 * sm.step_time(own[:, 0], kv, np.zeros(600))  # 10% slower, batch for batch
+    own[::10, 3], own[::10, 2] = 1, 0.02  # prefill steps: left out whatever they cost
+    own[5, 2] = 3.0  # a pause (a compile): left out
+    assert speed_against(own, sm) == pytest.approx(1.1)
+    assert np.isnan(speed_against(own[::10], sm))  # no decode-only step

@@ -35,7 +35,7 @@ from jtrail.serving.engine.config import DEFAULT_PREEMPTION_MODE
 from jtrail.serving.engine.step_programs import BACKEND_COMPILES, TRACE_COUNTS
 from jtrail.serving.simulation.regimes import REGIMES, Regime, regime_arrivals, regime_resources
 from jtrail.serving.simulation.sim_vs_engine import sim_errors, simulate_policies
-from jtrail.serving.simulation.step_model import fit_speed_profile, fit_step_model
+from jtrail.serving.simulation.step_model import fit_speed_profile, fit_step_model, speed_against
 
 BAR_KEYS = (
     "fcfs_over_trail_mean_e2e",
@@ -564,6 +564,10 @@ def run_replay(
             flush=True,
         )
         out = run_regime(make, pool, name, specs, cap, args, refiner, partial)
+        if len(cap["steps"]):  # each run's step time against the capacity run's, batch for batch
+            ref = fit_step_model(cap["steps"])[0]
+            for r in out["_runs"].values():
+                r["step_speed_vs_capacity_run"] = speed_against(r["_res"].steps, ref)
         _save_steps(name, cap["steps"], out["_runs"])
         _save_trace(name, out, len(refiner.midpoints), args.page_size, pool.split)
         regimes[name] = out
@@ -622,6 +626,7 @@ def markdown(table: list[dict]) -> str:
         ("fcfs_over_mean_ttft", "fcfs/x TTFT"),
         ("p99_e2e_over_fcfs", "p99/fcfs"),
         ("over_oracle_mean_e2e", "x/oracle E2E"),
+        ("step_speed_vs_capacity_run", "step time / capacity run's"),
     ]
     lines = ["| regime | policy | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for r in table:

@@ -146,6 +146,18 @@ class TimedStepModel:
         return self._models[i]
 
 
+def speed_against(steps: np.ndarray, sm: StepModel) -> float:
+    """A run's decode-only step seconds over what `sm` gives the same steps (median; pauses left out):
+    1.0 is the reference's speed, 1.1 a run whose steps took 10% longer for the same batch and context.
+    Fitted on another run (a regime's capacity run), it tells a policy's own cost per step apart from
+    what its batches hold. NaN without decode-only steps."""
+    s, _ = _steady_steps(steps)
+    s = s[s[:, 3] == 0]
+    if not len(s):
+        return float("nan")
+    return float(np.median(s[:, 2] / sm.step_time(s[:, 0], s[:, 1], np.zeros(len(s)))))
+
+
 def fit_speed_profile(steps: np.ndarray, sm: StepModel, window_s: float = 5.0) -> TimedStepModel:
     """The run's speed per window: recorded step seconds over `sm`'s for the same steps, by the step's
     start time (loadgen's column 6; pauses left out as in `fit_step_model`). A window without steps
