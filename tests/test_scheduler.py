@@ -272,6 +272,8 @@ def test_recorded_search_rule() -> None:
              "R1-0.97": {a: row(p99=1.24), b: row(p99=1.3), c: row(ttft=2.9)},  # c: TTFT too small here
              "R2": {a: row(p99=1.1), b: row(p99=1.1), c: row(p99=1.0)}}
     assert mod.choose(table) == (a, 1.24)  # b's worst p99 (1.3, at R1-0.97) is larger
+    r3 = {"R3": {lab: row(p99=2.0, pre=0.9) for lab in (a, b, c)}}  # reported, not part of the rule
+    assert mod.choose({**table, **r3}) == (a, 1.24)
     table["R2"][a]["preemptions_per_request"] = 0.6
     assert mod.choose(table) == (b, 1.3)
     table["R1"][b]["fcfs_over_x_mean_e2e"] = 1.04

@@ -41,11 +41,12 @@ class TrailPolicy(RankedPolicy):
     # a preemption passes only when its SRPT exchange saving beats re-prefilling the victim, priced by
     # the H200 step model), linear aging 200 tokens/s. Chosen 2026-12-04 on the simulator fed the probe's
     # real outputs along 600 tuning-split answers, recorded on the H200 (benchmarks/tune_recorded.py,
-    # results/tune_recorded.json; the synthetic probe of the searches before ranked trail 1.17x fcfs in
-    # R2 where the engine gave 0.45x). Rule: issue 15's R1 bars and R2's p99 and preemption bars met at
-    # the regimes' loads, TTFT >= 3x fcfs with R1 also at 0.97 of capacity (a capacity measured a few
-    # percent high), then the smallest worst-case p99/fcfs: R1 1.05x fcfs mean E2E, TTFT 3.4x, p99 1.11x,
-    # 0.17 preemptions per request; at 0.97 load 1.11x, 3.3x, p99 1.27x; R2 1.04x, p99 1.05x, 0.23.
+    # results/tune_recorded.json; the synthetic probe of the searches before put the old defaults at
+    # 0.44 preemptions per request in R2, the real probe's outputs at 0.74). Rule: issue 15's R1 bars
+    # and R2's p99 and preemption bars met at the regimes' loads, TTFT >= 3x fcfs with R1 also at 0.97 of
+    # capacity (a capacity measured a few percent high), then the smallest worst-case p99/fcfs: R1 1.05x
+    # fcfs mean E2E, TTFT 3.4x, p99 1.11x, 0.17 preemptions per request; at 0.97 load 1.11x, 3.3x, p99
+    # 1.27x; R2 1.04x, p99 1.05x, 0.23.
     # Before: c = 0.5, two preemptions, no cost rule, aging 100 (R1 at 0.97: p99 1.34x; R2 0.74
     # preemptions per request; on the H200's benchmark split R1 p99 1.77x fcfs). Under recompute or swap
     # the searches kept c = 0 (tune_keep.json): so c left unset is 0.5 under keep and 0 otherwise
