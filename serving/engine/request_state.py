@@ -9,14 +9,14 @@ from typing import Any
 
 from ..sequence import Sequence, Status
 from .batch import StepBatch
-from .detokenizer import IncrementalDetokenizer
+from .detokenizer import ByteLevelDetokenizer, IncrementalDetokenizer
 from .stop_rule import StopRule
 
 
 @dataclass(eq=False)
 class EngineRequest:
     seq: Sequence
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | ByteLevelDetokenizer
     seed: int  # the request's sampling seed (its own, or drawn from the engine's generator)
     stop: StopRule  # its stop rules, resolved once
     prefilled: bool = False  # KV covers all but the last token: the request decodes
