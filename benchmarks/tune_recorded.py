@@ -99,19 +99,13 @@ def _resources(regime: str) -> Any:
 
 
 def _capacity(regime: str) -> float:
-    """A saturated fcfs run (1,200 requests at t=0) on the regime's resources, as the benchmark measures."""
-    from jtrail.serving.brain.capacity import capacity_req_s
-    from jtrail.serving.simulation.regimes import REGIMES
-    from jtrail.serving.simulation.simulator import Trace, simulate
+    """The regime's capacity on the simulator: 1,200 recorded requests (cycled) at t=0."""
+    from jtrail.bench.preemption_tuning import saturated_capacity
 
-    rt, k, reg = _STATE["rt"], 1200, REGIMES[regime]
-    res = _resources(regime)
+    rt, k = _STATE["rt"], 1200
     idx = np.arange(k) % len(rt.request_ids)
-    sat = simulate(Trace(np.zeros(k), rt.prompt_len[idx], rt.output_len[idx],
-                         request_ids=[f"s{i}" for i in range(k)], max_tokens=np.full(k, 1024)),
-                   "fcfs", _STATE["sm"], res, policy_kwargs=dict(reg.fcfs_kwargs), record_steps=True)
-    return capacity_req_s(sat.steps[0], res.num_slots, float(rt.output_len.mean()),
-                          backlog=reg.backlog_capacity)
+    return saturated_capacity(regime, rt.prompt_len[idx], rt.output_len[idx], _STATE["sm"],
+                              _resources(regime), float(rt.output_len.mean()))
 
 
 def _trace(setting: str, seed: int, cap: float) -> tuple[Any, dict[str, np.ndarray]]:

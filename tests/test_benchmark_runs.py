@@ -171,6 +171,15 @@ def test_model_benchmarks_run_end_to_end_on_cpu(tmp_path: Path) -> None:
     free = rep["simulator"]["R1"]["drift_free"]
     assert free["fcfs"]["fcfs_over_mean_e2e"] == 1.0
     assert math.isfinite(free["trail-preempt"]["fcfs_over_mean_e2e"])
+    # every run's step time against the capacity run's step model; the trace with the recorded probe
+    # outputs saved for offline tuning (benchmarks/tune_recorded.py), one row per generated token
+    assert all(math.isfinite(r["step_speed_vs_capacity_run"]) and r["step_speed_vs_capacity_run"] > 0
+               for r in rep["table"])
+    from jtrail.bench.recorded_trace import load_recorded_trace
+
+    rt = load_recorded_trace(tmp_path / "out" / "trace_R1.npz")
+    assert rt.split == "bench" and len(rt.request_ids) == 8 and rt.resources.num_slots == 2
+    assert all(len(rt.records[r]) >= n for r, n in zip(rt.request_ids, rt.output_len, strict=True))
 
 
 def test_kernel_benchmark_smoke_runs_on_cpu(tmp_path: Path) -> None:

@@ -156,7 +156,8 @@ def test_gguf_ids_match_transformers_any_text(tok, ref_tok, text):
 # (serving/engine/detokenizer.py): the stream must be `decode` of the whole answer, whatever the ids
 # (random ids split multi-byte characters anywhere; control tokens are skipped as `decode` skips them).
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(0, 49151), min_size=1, max_size=40), st.integers(1, 4))
+@given(st.lists(st.integers(0, 49151 + 64), min_size=1, max_size=40), st.integers(1, 4))  # ids past the
+# tokenizer's vocabulary too (a model's padded embedding rows): `decode` skips them, so must the stream
 def test_byte_level_stream_is_the_whole_decode(tok, ids, chunk):
     from jtrail.serving.engine.detokenizer import ByteLevelDetokenizer, detokenizer_for
 
@@ -194,3 +195,11 @@ def test_no_byte_table_for_other_decoders(tok, tmp_path):
     user.backend.add_tokens([AddedToken("<my-token>", special=False)])
     assert user.byte_table is None
     assert Tokenizer.from_hf_dir(tmp_path).byte_table == tok.byte_table
+
+
+def test_byte_level_stream_skips_ids_past_the_vocabulary(tok):
+    from jtrail.serving.engine.detokenizer import detokenizer_for
+
+    ids = [*tok.encode("The cat"), tok.vocab_size + 7, *tok.encode(" sat")]
+    d = detokenizer_for(tok, [])
+    assert "".join(d.add([i]) for i in ids) + d.flush() == tok.decode(ids) == "The cat sat"

@@ -85,16 +85,22 @@ def run(tr: Trace, name: str, kw: dict[str, Any], sm: StepModel, res: Resources,
     return {k: s[k] for k in KEYS}
 
 
+def saturated_capacity(regime: str, prompt_len: np.ndarray, output_len: np.ndarray, sm: StepModel,
+                       res: Resources, mean_output: float) -> float:
+    """A regime's capacity on the simulator as the benchmark measures it on the engine: these requests all
+    at t=0 under the regime's fcfs baseline, full-batch output tokens/s over `mean_output`."""
+    R, k = REGIMES[regime], len(prompt_len)
+    sat = simulate(Trace(np.zeros(k), prompt_len, output_len, max_tokens=np.full(k, MAX_TOKENS)), "fcfs", sm,
+                   res, policy_kwargs=R.fcfs_kwargs, record_steps=True)
+    return capacity_req_s(sat.steps[0], res.num_slots, mean_output, backlog=R.backlog_capacity)
+
+
 def regime_setup(regime: str, prm: np.ndarray, out: np.ndarray, seed: int, sm: StepModel,
                  n: int | None, saturation_requests: int = 2000) -> tuple[Trace, Resources, float]:
-    R = REGIMES[regime]
     res = Resources(**regime_resources(regime, float(prm.mean()), float(out.mean())))
     rng = np.random.default_rng(1000 + seed)
-    k = saturation_requests  # saturated fcfs run for capacity
-    idx = rng.integers(0, len(out), k)
-    sat = simulate(Trace(np.zeros(k), prm[idx], out[idx], max_tokens=np.full(k, MAX_TOKENS)), "fcfs", sm, res,
-                   policy_kwargs=R.fcfs_kwargs, record_steps=True)
-    cap = capacity_req_s(sat.steps[0], res.num_slots, float(out.mean()), backlog=R.backlog_capacity)
+    idx = rng.integers(0, len(out), saturation_requests)
+    cap = saturated_capacity(regime, prm[idx], out[idx], sm, res, float(out.mean()))
     arr = regime_arrivals(regime, cap, seed, n)
     idx = rng.integers(0, len(out), len(arr))
     return Trace(arr, prm[idx], out[idx], max_tokens=np.full(len(arr), MAX_TOKENS)), res, cap

@@ -234,6 +234,9 @@ def run_regime(
         "_wl": wl,
         "_runs": runs,
         "_recorder": recorder,
+        # the probe outputs per request and token count, built once for the simulator and the saved trace
+        "_records": (None if recorder is None
+                     else recorder.records(list(wl.request_ids), len(refiner.midpoints))),
     }
     return out
 
@@ -313,13 +316,12 @@ def simulate_regime(
     their engine runs (`drift_free`: fcfs/x mean E2E and x/fcfs p99 E2E)."""
     from jtrail.serving.simulation.simulator import Resources
 
-    rec = out["_recorder"]
-    if rec is None:
+    records = out["_records"]
+    if records is None:
         return {}
     sm, fit = fit_step_model(steps)
     lag = out.get("steps_in_flight", 0)  # a finished request's slot is freed this many steps late
     wl = out["_wl"]
-    records = rec.records(list(wl.request_ids), len(refiner.midpoints))
     res = Resources(num_slots=out["slots"], num_pages=out["pages"], page_size=page_size,
                     preemption=out["preemption_mode"])
     keep = {k: v for k, v in specs.items() if k in out["_runs"]}
@@ -407,15 +409,15 @@ def _save_steps(name: str, cap_steps: np.ndarray, runs: dict[str, dict]) -> None
         np.savez_compressed(Path(os.environ["OUT"], f"steps_{name}.npz"), **arrays)
 
 
-def _save_trace(name: str, out: dict[str, Any], num_bins: int, page_size: int, split: str) -> None:
+def _save_trace(name: str, out: dict[str, Any], page_size: int, split: str) -> None:
     """The regime's trace with the probe outputs recorded along every answer into $OUT
     (`trace_<regime>.npz`, read by `jtrail.bench.recorded_trace`): the simulator can then replay it
     offline under any policy settings (`benchmarks/tune_recorded.py`)."""
-    if os.environ.get("OUT") and out["_recorder"] is not None:
+    if os.environ.get("OUT") and out["_records"] is not None:
         from jtrail.bench.recorded_trace import save_recorded_trace
 
         save_recorded_trace(Path(os.environ["OUT"], f"trace_{name}.npz"), out["_wl"],
-                            out["_recorder"].records(list(out["_wl"].request_ids), num_bins),
+                            out["_records"],
                             slots=out["slots"], pages=out["pages"], page_size=page_size,
                             preemption_mode=out["preemption_mode"], steps_in_flight=out["steps_in_flight"],
                             split=split)
@@ -569,7 +571,7 @@ def run_replay(
             for r in out["_runs"].values():
                 r["step_speed_vs_capacity_run"] = speed_against(r["_res"].steps, ref)
         _save_steps(name, cap["steps"], out["_runs"])
-        _save_trace(name, out, len(refiner.midpoints), args.page_size, pool.split)
+        _save_trace(name, out, args.page_size, pool.split)
         regimes[name] = out
         bars.update(bars_of(name, out["_runs"], getattr(args, "trail_label", "trail"),
                             getattr(args, "step_drift_limit", STEP_DRIFT_LIMIT)))
